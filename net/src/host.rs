@@ -1,0 +1,840 @@
+//! The node's libp2p host: one task owns the swarm (the event loop); the
+//! rest of the node talks to it through the cloneable [`NetHandle`].
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, kad, noise, request_response, tcp, yamux};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::compat::FuturesAsyncReadCompatExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use xe_store::{AccountAddress, Applied, DirectoryEntry, LeaseEvent, LeaseHash, Store, StoreError, Wallet};
+
+use crate::NetError;
+use crate::behaviour::{Behaviour, BehaviourEvent};
+use crate::replication::{DIRECTORY_TOPIC, GossipMessage, LEASE_TOPIC, SYNC_PAGE, SyncRequest, SyncResponse};
+use crate::tunnel::{
+    self, DEFAULT_HANDSHAKE_TIMEOUT, TUNNEL_PROTOCOL, TunnelError, TunnelRegistry, TunnelServerConfig, TunnelStream,
+    TunnelValidator,
+};
+
+/// How a node joins the overlay.
+pub struct NetConfig {
+    /// Identity (see [`crate::load_or_create_keypair`]).
+    pub keypair: libp2p::identity::Keypair,
+    /// Addresses to listen on (`/ip4/0.0.0.0/tcp/0`, `/ip4/…/udp/0/quic-v1`).
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start (each must end in `/p2p/<peer id>`).
+    pub bootstrap: Vec<Multiaddr>,
+    /// If set, sign and publish this account's directory entry.
+    pub announce: Option<Arc<Wallet>>,
+    /// How often the directory entry is re-published.
+    pub announce_interval: Duration,
+    /// Validity of a published directory entry.
+    pub directory_ttl: Duration,
+    /// How often to re-sync with one connected peer (anti-entropy).
+    pub resync_interval: Duration,
+    /// Provider role: validates and serves inbound tunnels.
+    pub validator: Option<Arc<dyn TunnelValidator>>,
+    /// Provider-side tunnel limits.
+    pub tunnel: TunnelServerConfig,
+    /// Client-side handshake deadline.
+    pub client_handshake_timeout: Duration,
+    /// Deadline for connecting to a provider.
+    pub dial_timeout: Duration,
+}
+
+impl NetConfig {
+    /// Defaults for `keypair`: loopback TCP+QUIC on random ports.
+    pub fn new(keypair: libp2p::identity::Keypair) -> Self {
+        NetConfig {
+            keypair,
+            listen: vec![
+                "/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr"),
+                "/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("valid multiaddr"),
+            ],
+            bootstrap: Vec::new(),
+            announce: None,
+            announce_interval: Duration::from_secs(300),
+            directory_ttl: Duration::from_secs(1800),
+            resync_interval: Duration::from_secs(60),
+            validator: None,
+            tunnel: TunnelServerConfig::default(),
+            client_handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            dial_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct NetStats {
+    /// Gossip messages rejected by validation.
+    pub invalid_messages: AtomicU64,
+    /// Lease events applied from the network (gossip or sync).
+    pub events_applied: AtomicU64,
+    /// Seconds between an applied event's own timestamp and its arrival.
+    pub last_replication_lag_secs: AtomicU64,
+}
+
+/// Information about one connected peer.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PeerInfo {
+    /// The peer.
+    pub peer_id: String,
+    /// Remote address of each connection.
+    pub addrs: Vec<String>,
+    /// Whether any connection is relayed (`/p2p-circuit`).
+    pub relayed: bool,
+}
+
+type Reply<T> = oneshot::Sender<T>;
+
+enum Command {
+    ListenAddrs(Reply<Vec<Multiaddr>>),
+    Peers(Reply<Vec<PeerInfo>>),
+    DialAddr(Multiaddr, Reply<Result<PeerId, String>>),
+    DialPeer(PeerId, Vec<Multiaddr>, Reply<Result<(), TunnelError>>),
+    Publish(GossipMessage),
+    Announce,
+}
+
+/// Cloneable handle to the running host.
+#[derive(Clone)]
+pub struct NetHandle {
+    cmd: mpsc::Sender<Command>,
+    peer_id: PeerId,
+    control: libp2p_stream::Control,
+    registry: TunnelRegistry,
+    store: Store,
+    stats: Arc<NetStats>,
+    peer_count: watch::Receiver<usize>,
+    client_handshake_timeout: Duration,
+    dial_timeout: Duration,
+}
+
+impl NetHandle {
+    /// This node's PeerId.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Active tunnels served by this node.
+    pub fn registry(&self) -> &TunnelRegistry {
+        &self.registry
+    }
+
+    /// The raw stream control (for protocols other than the tunnel).
+    pub fn control(&self) -> libp2p_stream::Control {
+        self.control.clone()
+    }
+
+    /// Gossip a message without applying it locally first. Only for tests
+    /// that check how peers treat invalid messages.
+    #[doc(hidden)]
+    pub async fn publish_unchecked(&self, msg: GossipMessage) -> Result<(), NetError> {
+        self.cmd.send(Command::Publish(msg)).await.map_err(|_| NetError::Shutdown)
+    }
+
+    /// Metrics counters.
+    pub fn stats(&self) -> &NetStats {
+        &self.stats
+    }
+
+    /// The store this host replicates into.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    async fn ask<T>(&self, f: impl FnOnce(Reply<T>) -> Command) -> Result<T, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd.send(f(tx)).await.map_err(|_| NetError::Shutdown)?;
+        rx.await.map_err(|_| NetError::Shutdown)
+    }
+
+    /// Concrete listen addresses (without `/p2p`).
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
+        self.ask(Command::ListenAddrs).await
+    }
+
+    /// Listen addresses ending in `/p2p/<peer id>`, ready to give to `--bootstrap`.
+    pub async fn p2p_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
+        let id = self.peer_id;
+        Ok(self
+            .listen_addrs()
+            .await?
+            .into_iter()
+            .map(|a| a.with(Protocol::P2p(id)))
+            .collect())
+    }
+
+    /// Connected peers.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NetError> {
+        self.ask(Command::Peers).await
+    }
+
+    /// A watch of how many peers are connected (await changes, no polling).
+    pub fn peer_count(&self) -> watch::Receiver<usize> {
+        self.peer_count.clone()
+    }
+
+    /// Connect to `addr`; returns the peer once the connection is up.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, NetError> {
+        self.ask(|r| Command::DialAddr(addr, r))
+            .await?
+            .map_err(NetError::Dial)
+    }
+
+    /// Apply a lease event locally, then gossip it.
+    pub async fn publish_event(&self, event: LeaseEvent) -> Result<Applied, NetError> {
+        let store = self.store.clone();
+        let ev = event.clone();
+        let applied = tokio::task::spawn_blocking(move || store.apply_event(&ev))
+            .await
+            .map_err(|_| NetError::Shutdown)??;
+        self.cmd
+            .send(Command::Publish(GossipMessage::Event { event }))
+            .await
+            .map_err(|_| NetError::Shutdown)?;
+        Ok(applied)
+    }
+
+    /// Store a directory entry locally, then gossip it.
+    pub async fn publish_directory(&self, entry: DirectoryEntry) -> Result<(), NetError> {
+        self.store.put_directory(&entry)?;
+        self.cmd
+            .send(Command::Publish(GossipMessage::Directory { entry }))
+            .await
+            .map_err(|_| NetError::Shutdown)
+    }
+
+    /// Re-sign and publish this node's directory entry now.
+    pub async fn announce(&self) -> Result<(), NetError> {
+        self.cmd.send(Command::Announce).await.map_err(|_| NetError::Shutdown)
+    }
+
+    /// Open a tunnel to `lease`'s VM on `provider`, dialling `addrs` (or
+    /// looking the peer up in the DHT) if not connected.
+    pub async fn open_tunnel(
+        &self,
+        provider: PeerId,
+        addrs: Vec<Multiaddr>,
+        lease: &LeaseHash,
+    ) -> Result<TunnelStream, TunnelError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Command::DialPeer(provider, addrs, tx))
+            .await
+            .map_err(|_| TunnelError::Shutdown)?;
+        match tokio::time::timeout(self.dial_timeout, rx).await {
+            Ok(Ok(r)) => r?,
+            Ok(Err(_)) => return Err(TunnelError::Shutdown),
+            Err(_) => {
+                return Err(TunnelError::DialFailed {
+                    peer: provider,
+                    detail: format!("timed out after {:?}", self.dial_timeout),
+                });
+            }
+        }
+        let mut control = self.control.clone();
+        // open_stream can hang forever when a dial is dropped (libp2p #6157).
+        let opened = tokio::time::timeout(self.client_handshake_timeout, control.open_stream(provider, TUNNEL_PROTOCOL))
+            .await
+            .map_err(|_| TunnelError::HandshakeTimeout(self.client_handshake_timeout))?;
+        let stream = match opened {
+            Ok(s) => s,
+            Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_)) => {
+                return Err(TunnelError::Unsupported(provider));
+            }
+            Err(e) => {
+                return Err(TunnelError::DialFailed {
+                    peer: provider,
+                    detail: e.to_string(),
+                });
+            }
+        };
+        let mut stream = stream.compat();
+        tunnel::client_handshake(&mut stream, lease, self.client_handshake_timeout).await?;
+        Ok(stream)
+    }
+
+    /// Find a lease provider in the directory and open a tunnel to it.
+    pub async fn open_tunnel_to_account(
+        &self,
+        provider: &AccountAddress,
+        lease: &LeaseHash,
+    ) -> Result<TunnelStream, TunnelError> {
+        let entry = self
+            .store
+            .peer_for_account(provider)
+            .ok()
+            .flatten()
+            .ok_or_else(|| TunnelError::Refused(format!("provider {} is not in the directory (not announced, or its entry expired)", provider.short())))?;
+        let peer: PeerId = entry.peer_id.parse().map_err(|_| TunnelError::Refused(format!(
+            "provider {} announced an invalid peer id",
+            provider.short()
+        )))?;
+        let addrs = entry.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        self.open_tunnel(peer, addrs, lease).await
+    }
+}
+
+/// A running host.
+pub struct Net {
+    /// Handle for the rest of the node.
+    pub handle: NetHandle,
+    /// The event loop and tunnel server; end when the token is cancelled.
+    pub tasks: tokio::task::JoinSet<()>,
+}
+
+/// Build the swarm, start listening and dialling, and spawn the event loop.
+/// Returns once every listen address is bound.
+pub async fn start(config: NetConfig, store: Store, cancel: CancellationToken) -> Result<Net, NetError> {
+    let peer_id = config.keypair.public().to_peer_id();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_quic()
+        .with_dns()
+        .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_behaviour(|key| Behaviour::new(key))
+        .map_err(|e| NetError::Transport(e.to_string()))?
+        // Tunnels and gossip keep connections busy; an idle one is cheap to keep.
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        .build();
+    let mut listeners = HashSet::new();
+    for addr in &config.listen {
+        let id = swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen(addr.clone(), e.to_string()))?;
+        listeners.insert(id);
+    }
+    // Wait until each listener has an address, so callers can read ports.
+    let mut addrs = Vec::new();
+    let deadline = tokio::time::sleep(Duration::from_secs(10));
+    tokio::pin!(deadline);
+    while !listeners.is_empty() {
+        tokio::select! {
+            ev = swarm.select_next_some() => match ev {
+                SwarmEvent::NewListenAddr { listener_id, address } => {
+                    listeners.remove(&listener_id);
+                    addrs.push(address);
+                }
+                SwarmEvent::ListenerClosed { addresses, reason, .. } => {
+                    return Err(NetError::Listen(addresses.first().cloned().unwrap_or(Multiaddr::empty()), format!("{reason:?}")));
+                }
+                SwarmEvent::ListenerError { error, .. } => return Err(NetError::Listen(Multiaddr::empty(), error.to_string())),
+                _ => {}
+            },
+            () = &mut deadline => return Err(NetError::Listen(Multiaddr::empty(), "no listen address after 10 s".into())),
+        }
+    }
+    let control = swarm.behaviour().stream.new_control();
+    let (cmd_tx, cmd_rx) = mpsc::channel(256);
+    let (peer_tx, peer_rx) = watch::channel(0);
+    let (internal_tx, internal_rx) = mpsc::channel(1024);
+    let stats = Arc::new(NetStats::default());
+    let registry = TunnelRegistry::default();
+    let handle = NetHandle {
+        cmd: cmd_tx,
+        peer_id,
+        control: control.clone(),
+        registry: registry.clone(),
+        store: store.clone(),
+        stats: stats.clone(),
+        peer_count: peer_rx,
+        client_handshake_timeout: config.client_handshake_timeout,
+        dial_timeout: config.dial_timeout,
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(validator) = config.validator.clone() {
+        tasks.spawn(tunnel::serve(control, validator, registry, config.tunnel.clone(), cancel.clone()));
+    }
+    for addr in &config.bootstrap {
+        if let Err(e) = swarm.dial(addr.clone()) {
+            warn!(%addr, "bootstrap dial failed: {e}");
+        }
+    }
+    info!(%peer_id, addrs = ?addrs, "p2p host listening");
+    let lp = EventLoop {
+        swarm,
+        store,
+        listen_addrs: addrs,
+        cmd_rx,
+        internal_tx,
+        internal_rx,
+        peer_tx,
+        stats,
+        connections: HashMap::new(),
+        addr_dials: HashMap::new(),
+        peer_dials: HashMap::new(),
+        lookups: HashMap::new(),
+        sync_requests: HashMap::new(),
+        unsent: VecDeque::new(),
+        announce: config.announce,
+        announce_interval: config.announce_interval,
+        directory_ttl: config.directory_ttl,
+        resync_interval: config.resync_interval,
+        bootstrap: config.bootstrap,
+    };
+    tasks.spawn(lp.run(cancel));
+    Ok(Net { handle, tasks })
+}
+
+/// Results that background work hands back to the event loop.
+enum Internal {
+    Validated(gossipsub::MessageId, PeerId, gossipsub::MessageAcceptance),
+    SyncNext(PeerId, xe_store::EventId),
+}
+
+/// Most messages kept for re-publishing when no peer was subscribed yet.
+const MAX_UNSENT: usize = 1024;
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    store: Store,
+    listen_addrs: Vec<Multiaddr>,
+    cmd_rx: mpsc::Receiver<Command>,
+    internal_tx: mpsc::Sender<Internal>,
+    internal_rx: mpsc::Receiver<Internal>,
+    peer_tx: watch::Sender<usize>,
+    stats: Arc<NetStats>,
+    /// Open connections per peer, with their remote addresses.
+    connections: HashMap<PeerId, HashMap<ConnectionId, Multiaddr>>,
+    addr_dials: HashMap<ConnectionId, Reply<Result<PeerId, String>>>,
+    peer_dials: HashMap<PeerId, Vec<Reply<Result<(), TunnelError>>>>,
+    lookups: HashMap<kad::QueryId, PeerId>,
+    sync_requests: HashMap<request_response::OutboundRequestId, PeerId>,
+    /// Gossip that found no subscribed peer; re-sent when one subscribes.
+    unsent: VecDeque<Vec<u8>>,
+    announce: Option<Arc<Wallet>>,
+    announce_interval: Duration,
+    directory_ttl: Duration,
+    resync_interval: Duration,
+    bootstrap: Vec<Multiaddr>,
+}
+
+fn topic_for(msg: &GossipMessage) -> gossipsub::IdentTopic {
+    gossipsub::IdentTopic::new(match msg {
+        GossipMessage::Event { .. } => LEASE_TOPIC,
+        GossipMessage::Directory { .. } => DIRECTORY_TOPIC,
+    })
+}
+
+impl EventLoop {
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut announce = tokio::time::interval(self.announce_interval);
+        let mut resync = tokio::time::interval(self.resync_interval);
+        resync.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                Some(cmd) = self.cmd_rx.recv() => self.on_command(cmd),
+                Some(msg) = self.internal_rx.recv() => self.on_internal(msg),
+                ev = self.swarm.select_next_some() => self.on_swarm(ev),
+                _ = announce.tick(), if self.announce.is_some() => self.announce_self(),
+                _ = resync.tick() => self.resync_random(),
+            }
+        }
+        for (_, replies) in self.peer_dials.drain() {
+            for r in replies {
+                let _ = r.send(Err(TunnelError::Shutdown));
+            }
+        }
+        debug!("p2p event loop stopped");
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::ListenAddrs(r) => {
+                let _ = r.send(self.listen_addrs.clone());
+            }
+            Command::Peers(r) => {
+                let peers = self
+                    .connections
+                    .iter()
+                    .map(|(p, conns)| PeerInfo {
+                        peer_id: p.to_string(),
+                        addrs: conns.values().map(ToString::to_string).collect(),
+                        relayed: conns.values().any(|a| a.iter().any(|p| p == Protocol::P2pCircuit)),
+                    })
+                    .collect();
+                let _ = r.send(peers);
+            }
+            Command::DialAddr(addr, r) => {
+                let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.addr_dials.insert(id, r);
+                    }
+                    Err(e) => {
+                        let _ = r.send(Err(e.to_string()));
+                    }
+                }
+            }
+            Command::DialPeer(peer, addrs, r) => self.dial_peer(peer, addrs, r),
+            Command::Publish(msg) => self.publish(&msg),
+            Command::Announce => self.announce_self(),
+        }
+    }
+
+    fn dial_peer(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, r: Reply<Result<(), TunnelError>>) {
+        if self.swarm.is_connected(&peer) {
+            let _ = r.send(Ok(()));
+            return;
+        }
+        for a in &addrs {
+            self.swarm.add_peer_address(peer, a.clone());
+        }
+        let first = !self.peer_dials.contains_key(&peer);
+        self.peer_dials.entry(peer).or_default().push(r);
+        if !first {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .addresses(addrs)
+            .extend_addresses_through_behaviour()
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            match e {
+                libp2p::swarm::DialError::NoAddresses => {
+                    debug!(%peer, "no known address; asking the DHT");
+                    let q = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                    self.lookups.insert(q, peer);
+                }
+                e => self.finish_dial(peer, Err(TunnelError::DialFailed { peer, detail: e.to_string() })),
+            }
+        }
+    }
+
+    fn finish_dial(&mut self, peer: PeerId, result: Result<(), TunnelError>) {
+        for r in self.peer_dials.remove(&peer).unwrap_or_default() {
+            let _ = r.send(match &result {
+                Ok(()) => Ok(()),
+                Err(TunnelError::PeerNotFound(p)) => Err(TunnelError::PeerNotFound(*p)),
+                Err(e) => Err(TunnelError::DialFailed { peer, detail: e.to_string() }),
+            });
+        }
+    }
+
+    fn publish(&mut self, msg: &GossipMessage) {
+        let data = serde_json::to_vec(msg).expect("gossip messages serialise");
+        let topic = topic_for(msg);
+        match self.swarm.behaviour_mut().gossipsub.publish(topic, data.clone()) {
+            Ok(_) | Err(gossipsub::PublishError::Duplicate) => {}
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) | Err(gossipsub::PublishError::AllQueuesFull(_)) => {
+                // Not lost: peers pull it by sync on connect, and we re-send
+                // as soon as one subscribes.
+                if self.unsent.len() >= MAX_UNSENT {
+                    self.unsent.pop_front();
+                }
+                self.unsent.push_back(data);
+            }
+            Err(e) => warn!("gossip publish failed: {e}"),
+        }
+    }
+
+    fn flush_unsent(&mut self) {
+        let pending: Vec<Vec<u8>> = self.unsent.drain(..).collect();
+        for data in pending {
+            let Ok(msg) = serde_json::from_slice::<GossipMessage>(&data) else { continue };
+            self.publish(&msg);
+        }
+    }
+
+    fn announce_self(&mut self) {
+        let Some(wallet) = self.announce.clone() else { return };
+        let mut addrs: Vec<String> = self.swarm.external_addresses().map(ToString::to_string).collect();
+        addrs.extend(self.listen_addrs.iter().map(ToString::to_string));
+        addrs.dedup();
+        addrs.truncate(xe_store::directory::MAX_ADDRS);
+        let entry = DirectoryEntry::sign(
+            &wallet,
+            self.swarm.local_peer_id().to_string(),
+            addrs,
+            xe_store::now_secs(),
+            self.directory_ttl.as_secs(),
+        );
+        match self.store.put_directory(&entry) {
+            Ok(_) => self.publish(&GossipMessage::Directory { entry }),
+            Err(e) => warn!("could not store own directory entry: {e}"),
+        }
+    }
+
+    fn resync_random(&mut self) {
+        let peers: Vec<PeerId> = self.connections.keys().copied().collect();
+        if peers.is_empty() {
+            return;
+        }
+        let p = peers[rand::random::<usize>() % peers.len()];
+        self.request_sync(p, None);
+    }
+
+    fn request_sync(&mut self, peer: PeerId, after: Option<xe_store::EventId>) {
+        let id = self.swarm.behaviour_mut().sync.send_request(&peer, SyncRequest::Events { after });
+        self.sync_requests.insert(id, peer);
+        if after.is_none() {
+            let id = self.swarm.behaviour_mut().sync.send_request(&peer, SyncRequest::Directory);
+            self.sync_requests.insert(id, peer);
+        }
+    }
+
+    fn on_internal(&mut self, msg: Internal) {
+        match msg {
+            Internal::Validated(id, peer, acceptance) => {
+                if matches!(acceptance, gossipsub::MessageAcceptance::Reject) {
+                    self.stats.invalid_messages.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&id, &peer, acceptance);
+            }
+            Internal::SyncNext(peer, after) => {
+                if self.swarm.is_connected(&peer) {
+                    self.request_sync(peer, Some(after));
+                }
+            }
+        }
+    }
+
+    fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.on_gossip(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(e)) => self.on_sync(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                for a in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, .. })) => {
+                if let Some(peer) = self.lookups.remove(&id) {
+                    let found = match result {
+                        kad::QueryResult::GetClosestPeers(Ok(ok)) => ok.peers.into_iter().find(|p| p.peer_id == peer),
+                        _ => None,
+                    };
+                    match found {
+                        Some(info) if !info.addrs.is_empty() => {
+                            let opts = DialOpts::peer_id(peer).addresses(info.addrs).build();
+                            if let Err(e) = self.swarm.dial(opts) {
+                                self.finish_dial(peer, Err(TunnelError::DialFailed { peer, detail: e.to_string() }));
+                            }
+                        }
+                        _ => self.finish_dial(peer, Err(TunnelError::PeerNotFound(peer))),
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(_) => {}
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let remote = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => address.clone(),
+                    ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
+                };
+                debug!(peer = %peer_id, %remote, "connected");
+                self.connections.entry(peer_id).or_default().insert(connection_id, remote.clone());
+                self.peer_tx.send_replace(self.connections.len());
+                if let Some(r) = self.addr_dials.remove(&connection_id) {
+                    let _ = r.send(Ok(peer_id));
+                }
+                if endpoint.is_dialer() && self.bootstrap.iter().any(|b| b.iter().any(|p| p == Protocol::P2p(peer_id))) {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, remote);
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
+                self.finish_dial(peer_id, Ok(()));
+                if num_established.get() == 1 {
+                    self.request_sync(peer_id, None);
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, connection_id, .. } => {
+                if let Some(conns) = self.connections.get_mut(&peer_id) {
+                    conns.remove(&connection_id);
+                    if conns.is_empty() {
+                        self.connections.remove(&peer_id);
+                    }
+                }
+                self.peer_tx.send_replace(self.connections.len());
+            }
+            SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {
+                if let Some(r) = self.addr_dials.remove(&connection_id) {
+                    let _ = r.send(Err(error.to_string()));
+                }
+                if let Some(peer) = peer_id {
+                    if !self.swarm.is_connected(&peer) {
+                        self.finish_dial(peer, Err(TunnelError::DialFailed { peer, detail: error.to_string() }));
+                    }
+                }
+            }
+            SwarmEvent::NewListenAddr { address, .. } => {
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => self.listen_addrs.retain(|a| a != &address),
+            other => debug!(?other, "swarm event"),
+        }
+    }
+
+    fn on_gossip(&mut self, ev: gossipsub::Event) {
+        match ev {
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => {
+                let store = self.store.clone();
+                let tx = self.internal_tx.clone();
+                let stats = self.stats.clone();
+                // Applying flushes to disk: keep it off the event loop.
+                tokio::task::spawn_blocking(move || {
+                    let acceptance = validate_gossip(&store, &stats, &message.data, &propagation_source);
+                    let _ = tx.blocking_send(Internal::Validated(message_id, propagation_source, acceptance));
+                });
+            }
+            gossipsub::Event::Subscribed { .. } => {
+                if !self.unsent.is_empty() {
+                    self.flush_unsent();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_sync(&mut self, ev: request_response::Event<SyncRequest, SyncResponse>) {
+        match ev {
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Request { request, channel, .. },
+                ..
+            } => {
+                let response = match request {
+                    SyncRequest::Events { after } => match self.store.events_after(after, SYNC_PAGE + 1) {
+                        Ok(mut events) => {
+                            let more = events.len() > SYNC_PAGE;
+                            events.truncate(SYNC_PAGE);
+                            SyncResponse::Events { events, more }
+                        }
+                        Err(e) => SyncResponse::Error { message: e.to_string() },
+                    },
+                    SyncRequest::Directory => match self.store.directory() {
+                        Ok(mut entries) => {
+                            entries.truncate(1024);
+                            SyncResponse::Directory { entries }
+                        }
+                        Err(e) => SyncResponse::Error { message: e.to_string() },
+                    },
+                };
+                if self.swarm.behaviour_mut().sync.send_response(channel, response).is_err() {
+                    debug!(%peer, "sync requester went away");
+                }
+            }
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Response { request_id, response },
+                ..
+            } => {
+                self.sync_requests.remove(&request_id);
+                let store = self.store.clone();
+                let tx = self.internal_tx.clone();
+                let stats = self.stats.clone();
+                tokio::task::spawn_blocking(move || apply_sync(&store, &stats, peer, response, &tx));
+            }
+            request_response::Event::OutboundFailure { peer, error, request_id, .. } => {
+                self.sync_requests.remove(&request_id);
+                debug!(%peer, "sync request failed: {error}");
+            }
+            _ => {}
+        }
+    }
+}
+
+fn note_applied(stats: &NetStats, ev: &LeaseEvent) {
+    stats.events_applied.fetch_add(1, Ordering::Relaxed);
+    let lag = xe_store::now_secs().saturating_sub(ev.timestamp());
+    stats.last_replication_lag_secs.store(lag, Ordering::Relaxed);
+}
+
+fn validate_gossip(store: &Store, stats: &NetStats, data: &[u8], from: &PeerId) -> gossipsub::MessageAcceptance {
+    use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
+    let msg: GossipMessage = match serde_json::from_slice(data) {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(peer = %from, "undecodable gossip: {e}");
+            return Reject;
+        }
+    };
+    match msg {
+        GossipMessage::Event { event } => match store.apply_event(&event) {
+            Ok(Applied::Changed(_)) | Ok(Applied::Pending) => {
+                note_applied(stats, &event);
+                Accept
+            }
+            Ok(Applied::Duplicate) => Ignore,
+            Err(StoreError::Rejected(e)) => {
+                warn!(peer = %from, lease = %event.lease_hash().short(), "invalid lease event dropped: {e}");
+                Reject
+            }
+            Err(e) => {
+                warn!("store error applying gossip: {e}");
+                Ignore
+            }
+        },
+        GossipMessage::Directory { entry } => match store.put_directory(&entry) {
+            Ok(true) => Accept,
+            Ok(false) => Ignore,
+            Err(StoreError::Directory(xe_store::DirectoryError::Expired(_))) => Ignore,
+            Err(StoreError::Directory(e)) => {
+                warn!(peer = %from, "invalid directory entry dropped: {e}");
+                Reject
+            }
+            Err(e) => {
+                warn!("store error applying directory entry: {e}");
+                Ignore
+            }
+        },
+    }
+}
+
+fn apply_sync(store: &Store, stats: &NetStats, peer: PeerId, response: SyncResponse, tx: &mpsc::Sender<Internal>) {
+    match response {
+        SyncResponse::Events { events, more } => {
+            let last = events.last().map(LeaseEvent::id);
+            for ev in &events {
+                match store.apply_event(ev) {
+                    Ok(Applied::Changed(_)) | Ok(Applied::Pending) => note_applied(stats, ev),
+                    Ok(Applied::Duplicate) => {}
+                    Err(e) => warn!(%peer, lease = %ev.lease_hash().short(), "sync: event refused: {e}"),
+                }
+            }
+            if let (true, Some(last)) = (more, last) {
+                let _ = tx.blocking_send(Internal::SyncNext(peer, last));
+            }
+        }
+        SyncResponse::Directory { entries } => {
+            for e in &entries {
+                if let Err(err) = store.put_directory(e) {
+                    debug!(%peer, "sync: directory entry refused: {err}");
+                }
+            }
+        }
+        SyncResponse::Error { message } => warn!(%peer, "peer could not answer sync: {message}"),
+    }
+}

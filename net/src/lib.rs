@@ -1,0 +1,55 @@
+//! xe-net: the libp2p overlay.
+//!
+//! # Layout
+//! - [`host`]: the swarm's event loop and the cloneable [`NetHandle`]
+//!   (dial, publish, open tunnels, peers).
+//! - [`behaviour`]: identify, ping, Kademlia, gossipsub, sync, raw streams.
+//! - [`replication`]: gossip topics and the paged sync protocol that carry
+//!   lease events and directory entries into the store.
+//! - [`tunnel`]: the `/xe/tunnel/2.0.0` protocol — handshake, provider
+//!   handler, [`TunnelRegistry`], byte pipe.
+//! - [`identity`]: the persistent `p2p_key`.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+// The NetworkBehaviour derive generates an undocumented event enum.
+#[allow(missing_docs)]
+pub mod behaviour;
+pub mod host;
+pub mod identity;
+pub mod replication;
+pub mod tunnel;
+
+pub use host::{Net, NetConfig, NetHandle, NetStats, PeerInfo, start};
+pub use identity::load_or_create_keypair;
+pub use libp2p::{Multiaddr, PeerId};
+pub use tunnel::{TunnelError, TunnelRegistry, TunnelStream, TunnelValidator, VmConn};
+
+/// Errors of the network layer.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The identity file could not be used.
+    #[error("p2p identity {path}: {detail}")]
+    Identity {
+        /// File.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
+    /// Building transports failed.
+    #[error("p2p transport: {0}")]
+    Transport(String),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {0}: {1}")]
+    Listen(Multiaddr, String),
+    /// A dial failed.
+    #[error("dial failed: {0}")]
+    Dial(String),
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] xe_store::StoreError),
+    /// The host has stopped.
+    #[error("p2p host is shut down")]
+    Shutdown,
+}

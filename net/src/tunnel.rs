@@ -1,0 +1,341 @@
+//! The `/xe/tunnel/2.0.0` protocol, byte for byte as the seed specifies:
+//!
+//! | step | direction | data |
+//! |---|---|---|
+//! | 1 | client → provider | 32 bytes: the lease hash, raw |
+//! | 2 | provider → client | 1 byte: `0x00` ok, `0x01` error |
+//! | 3 | provider → client | if error: up to 4 KiB of UTF-8 message, then EOF |
+//!
+//! After `0x00` the stream is a byte pipe to the VM's sshd. Both sides
+//! enforce a handshake deadline; the data phase has none.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::{PeerId, StreamProtocol};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Semaphore;
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, warn};
+use xe_store::LeaseHash;
+
+/// The protocol id.
+pub const TUNNEL_PROTOCOL: StreamProtocol = StreamProtocol::new("/xe/tunnel/2.0.0");
+/// Status byte: tunnel established.
+pub const STATUS_OK: u8 = 0x00;
+/// Status byte: refused, a message follows.
+pub const STATUS_ERR: u8 = 0x01;
+/// Longest error message either side will send or read (the seed's 4 KB).
+pub const MAX_ERROR_LEN: usize = 4096;
+/// The seed's handshake deadline.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Copy buffer per direction. Larger than tokio's 8 KiB default so one
+/// read fills most of a yamux frame / SSH packet; measured in BENCHMARKS.md.
+pub const PIPE_BUFFER: usize = 64 * 1024;
+
+/// A tunnel stream usable from tokio.
+pub type TunnelStream = Compat<libp2p::Stream>;
+
+/// Why a tunnel could not be opened (client side).
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// Neither the directory nor the DHT knows where the peer is.
+    #[error("provider peer {0} not found (no known addresses and the DHT lookup failed)")]
+    PeerNotFound(PeerId),
+    /// Dialling failed.
+    #[error("could not connect to provider peer {peer}: {detail}")]
+    DialFailed {
+        /// Peer.
+        peer: PeerId,
+        /// Reason.
+        detail: String,
+    },
+    /// The peer does not speak the tunnel protocol.
+    #[error("provider peer {0} does not support {TUNNEL_PROTOCOL}")]
+    Unsupported(PeerId),
+    /// The provider answered 0x01.
+    #[error("provider refused: {0}")]
+    Refused(String),
+    /// The handshake did not complete in time.
+    #[error("tunnel handshake timed out after {0:?}")]
+    HandshakeTimeout(Duration),
+    /// The provider answered with a byte other than 0x00 or 0x01.
+    #[error("unexpected tunnel status byte 0x{0:02x}")]
+    UnexpectedStatus(u8),
+    /// Stream I/O failed during the handshake.
+    #[error("tunnel I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// The network task is gone.
+    #[error("network is shutting down")]
+    Shutdown,
+}
+
+/// Run the client half of the handshake on an opened stream.
+pub async fn client_handshake<S>(stream: &mut S, lease: &LeaseHash, timeout: Duration) -> Result<(), TunnelError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let work = async {
+        stream.write_all(lease.as_bytes()).await?;
+        stream.flush().await?;
+        let mut status = [0u8; 1];
+        stream.read_exact(&mut status).await?;
+        match status[0] {
+            STATUS_OK => Ok(()),
+            STATUS_ERR => {
+                // Read at most MAX_ERROR_LEN, however much the provider sends.
+                let mut msg = Vec::new();
+                (&mut *stream).take(MAX_ERROR_LEN as u64).read_to_end(&mut msg).await?;
+                Err(TunnelError::Refused(String::from_utf8_lossy(&msg).into_owned()))
+            }
+            other => Err(TunnelError::UnexpectedStatus(other)),
+        }
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| TunnelError::HandshakeTimeout(timeout))?
+}
+
+/// A boxed byte stream to the VM's sshd.
+pub trait VmConn: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> VmConn for T {}
+
+/// What the provider handler needs from the node (the seed's
+/// `TunnelValidator`). Errors are one-line messages sent to the client.
+#[async_trait::async_trait]
+pub trait TunnelValidator: Send + Sync + 'static {
+    /// The lease exists, is active, and this node is its provider.
+    async fn validate_tunnel_lease(&self, lease: &LeaseHash, peer: &PeerId) -> Result<(), String>;
+    /// A connection to the lease VM's sshd.
+    async fn dial_ssh(&self, lease: &LeaseHash) -> Result<Box<dyn VmConn>, String>;
+}
+
+/// Active tunnels per lease, so settlement can tear them down.
+#[derive(Default, Clone)]
+pub struct TunnelRegistry {
+    inner: Arc<Mutex<HashMap<LeaseHash, HashMap<u64, CancellationToken>>>>,
+    next: Arc<AtomicU64>,
+}
+
+/// Removes a tunnel from the registry when dropped.
+pub struct TunnelGuard {
+    registry: TunnelRegistry,
+    lease: LeaseHash,
+    id: u64,
+    /// Cancelled when the tunnel must close.
+    pub token: CancellationToken,
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        let mut m = self.registry.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(set) = m.get_mut(&self.lease) {
+            set.remove(&self.id);
+            if set.is_empty() {
+                m.remove(&self.lease);
+            }
+        }
+    }
+}
+
+impl TunnelRegistry {
+    /// Register a tunnel for `lease`, as a child of `parent`.
+    pub fn register(&self, lease: LeaseHash, parent: &CancellationToken) -> TunnelGuard {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let token = parent.child_token();
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(lease)
+            .or_default()
+            .insert(id, token.clone());
+        TunnelGuard {
+            registry: self.clone(),
+            lease,
+            id,
+            token,
+        }
+    }
+
+    /// Close every tunnel of `lease`; returns how many were open.
+    pub fn close_tunnels_for_lease(&self, lease: &LeaseHash) -> usize {
+        let set = self.inner.lock().unwrap_or_else(|p| p.into_inner()).remove(lease);
+        let n = set.as_ref().map_or(0, HashMap::len);
+        for t in set.into_iter().flat_map(HashMap::into_values) {
+            t.cancel();
+        }
+        n
+    }
+
+    /// Open tunnels for one lease.
+    pub fn count_for(&self, lease: &LeaseHash) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(lease)
+            .map_or(0, HashMap::len)
+    }
+
+    /// Open tunnels in total.
+    pub fn active(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(HashMap::len)
+            .sum()
+    }
+}
+
+/// Provider-side settings.
+#[derive(Debug, Clone)]
+pub struct TunnelServerConfig {
+    /// Deadline for reading the lease hash and answering.
+    pub handshake_timeout: Duration,
+    /// Concurrent tunnels; beyond this a stream is refused at once.
+    pub max_tunnels: usize,
+}
+
+impl Default for TunnelServerConfig {
+    fn default() -> Self {
+        TunnelServerConfig {
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_tunnels: 1024,
+        }
+    }
+}
+
+/// Copy both ways until both directions finished (half-closes are
+/// propagated) or either side fails, or `cancel` fires. Returns bytes
+/// (a → b, b → a).
+pub async fn pipe<A, B>(a: &mut A, b: &mut B, cancel: &CancellationToken) -> std::io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::select! {
+        r = tokio::io::copy_bidirectional_with_sizes(a, b, PIPE_BUFFER, PIPE_BUFFER) => r,
+        () = cancel.cancelled() => Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "tunnel closed by provider")),
+    }
+}
+
+/// Serve inbound tunnel streams until `cancel` fires.
+pub async fn serve(
+    mut control: libp2p_stream::Control,
+    validator: Arc<dyn TunnelValidator>,
+    registry: TunnelRegistry,
+    config: TunnelServerConfig,
+    cancel: CancellationToken,
+) {
+    let mut incoming = match control.accept(TUNNEL_PROTOCOL) {
+        Ok(i) => i,
+        Err(e) => {
+            warn!("tunnel protocol already registered: {e}");
+            return;
+        }
+    };
+    let slots = Arc::new(Semaphore::new(config.max_tunnels));
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        // The inbound queue has no capacity: only spawn here, never work.
+        let next = tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            n = incoming.next() => n,
+        };
+        let Some((peer, stream)) = next else { break };
+        let mut stream = stream.compat();
+        let permit = slots.clone().try_acquire_owned();
+        let validator = validator.clone();
+        let registry = registry.clone();
+        let cfg = config.clone();
+        let cancel = cancel.clone();
+        tasks.spawn(
+            async move {
+                let Ok(_permit) = permit else {
+                    warn!("refused: too many tunnels");
+                    refuse(&mut stream, "provider is at its tunnel limit; try again later").await;
+                    return;
+                };
+                handle_stream(stream, peer, validator, registry, cfg, cancel).await;
+            }
+            .instrument(tracing::info_span!("tunnel", %peer)),
+        );
+    }
+    tasks.shutdown().await;
+}
+
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, msg: &str) {
+    let mut out = Vec::with_capacity(1 + msg.len().min(MAX_ERROR_LEN));
+    out.push(STATUS_ERR);
+    let mut end = msg.len().min(MAX_ERROR_LEN);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.extend_from_slice(&msg.as_bytes()[..end]);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        stream.write_all(&out).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+async fn handle_stream(
+    mut stream: TunnelStream,
+    peer: PeerId,
+    validator: Arc<dyn TunnelValidator>,
+    registry: TunnelRegistry,
+    cfg: TunnelServerConfig,
+    cancel: CancellationToken,
+) {
+    let handshake = async {
+        let mut raw = [0u8; 32];
+        stream
+            .read_exact(&mut raw)
+            .await
+            .map_err(|e| format!("reading the 32-byte lease hash: {e}"))?;
+        let lease = LeaseHash(raw);
+        validator.validate_tunnel_lease(&lease, &peer).await?;
+        let vm = validator.dial_ssh(&lease).await?;
+        Ok::<_, String>((lease, vm))
+    };
+    let (lease, mut vm) = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(msg)) => {
+            warn!(error = %msg, "tunnel refused");
+            refuse(&mut stream, &msg).await;
+            return;
+        }
+        Err(_) => {
+            warn!(timeout = ?cfg.handshake_timeout, "tunnel handshake timed out");
+            refuse(&mut stream, "handshake timed out").await;
+            return;
+        }
+    };
+    let span = tracing::info_span!("lease", lease = %lease.short());
+    async move {
+        if let Err(e) = stream.write_all(&[STATUS_OK]).await {
+            debug!("client went away before OK: {e}");
+            return;
+        }
+        let guard = registry.register(lease, &cancel);
+        info!("tunnel open");
+        let r = pipe(&mut stream, &mut vm, &guard.token).await;
+        if guard.token.is_cancelled() {
+            // Closed by settlement or shutdown: end the stream cleanly so the
+            // client sees EOF rather than a reset.
+            let _ = tokio::time::timeout(Duration::from_secs(2), stream.shutdown()).await;
+        }
+        match r {
+            Ok((up, down)) => info!(bytes_to_vm = up, bytes_from_vm = down, "tunnel closed"),
+            Err(e) => info!("tunnel ended: {e}"),
+        }
+    }
+    .instrument(span)
+    .await;
+}

@@ -1,0 +1,301 @@
+//! `/xe/tunnel/2.0.0` between real libp2p hosts on loopback.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use xe_net::tunnel::{MAX_ERROR_LEN, STATUS_ERR, TUNNEL_PROTOCOL};
+use xe_net::{PeerId, TunnelError, TunnelValidator, VmConn};
+use xe_store::{LeaseHash, LeaseState, Store, Wallet};
+
+/// A provider validator backed by a real store and a real TCP backend.
+struct Provider {
+    store: Store,
+    me: xe_store::AccountAddress,
+    backend: std::net::SocketAddr,
+}
+
+#[async_trait::async_trait]
+impl TunnelValidator for Provider {
+    async fn validate_tunnel_lease(&self, lease: &LeaseHash, _peer: &PeerId) -> Result<(), String> {
+        let rec = self
+            .store
+            .lease(lease)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("unknown lease {}", lease.short()))?;
+        if rec.lease.provider != self.me {
+            return Err("this node is not the lease's provider".into());
+        }
+        match rec.state() {
+            LeaseState::Accepted => Ok(()),
+            s => Err(format!("lease is {s}")),
+        }
+    }
+    async fn dial_ssh(&self, _lease: &LeaseHash) -> Result<Box<dyn VmConn>, String> {
+        let s = tokio::net::TcpStream::connect(self.backend).await.map_err(|e| e.to_string())?;
+        Ok(Box::new(s))
+    }
+}
+
+/// A TCP echo backend standing in for a VM's sshd.
+async fn echo_backend() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A backend that hashes everything it receives, then answers with the
+/// 32-byte digest and closes.
+async fn hashing_backend() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut h = Sha256::new();
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => h.update(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(&h.finalize()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+struct Pair {
+    provider: TestNode,
+    client: TestNode,
+    provider_wallet: Wallet,
+    consumer: Wallet,
+}
+
+async fn pair(backend: std::net::SocketAddr, handshake: Duration) -> Pair {
+    let provider_wallet = Wallet::from_seed([2; 32]);
+    let consumer = Wallet::from_seed([1; 32]);
+    let store = Store::temporary().expect("store");
+    let validator = Arc::new(Provider {
+        store: store.clone(),
+        me: provider_wallet.address(),
+        backend,
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = xe_net::load_or_create_keypair(&dir.path().join("k")).expect("key");
+    let mut cfg = xe_net::NetConfig::new(key);
+    cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
+    cfg.validator = Some(validator);
+    cfg.tunnel.handshake_timeout = handshake;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let net = xe_net::start(cfg, store.clone(), cancel.clone()).await.expect("start");
+    let provider = TestNode {
+        net: net.handle,
+        store,
+        cancel,
+        tasks: net.tasks,
+        _dir: dir,
+    };
+    let client = node(provider.net.p2p_addrs().await.expect("addrs")).await;
+    wait_peers(&client, 1).await;
+    Pair {
+        provider,
+        client,
+        provider_wallet,
+        consumer,
+    }
+}
+
+impl Pair {
+    async fn open(&self, lease: &LeaseHash) -> Result<xe_net::TunnelStream, TunnelError> {
+        self.client
+            .net
+            .open_tunnel(self.provider.net.peer_id(), vec![], lease)
+            .await
+    }
+}
+
+#[tokio::test]
+async fn handshake_ok_then_bytes_flow_and_half_close_propagates() {
+    let p = pair(echo_backend().await, Duration::from_secs(30)).await;
+    let lease = accepted_lease(&p.provider.store, &p.consumer, &p.provider_wallet, 1);
+    let mut t = p.open(&lease).await.expect("tunnel");
+    t.write_all(b"hello through the overlay").await.expect("write");
+    // Half-close our side: the echo backend sees EOF, finishes, closes.
+    t.shutdown().await.expect("shutdown");
+    let mut back = Vec::new();
+    t.read_to_end(&mut back).await.expect("read to EOF");
+    assert_eq!(back, b"hello through the overlay");
+    assert_eq!(p.provider.net.registry().count_for(&lease), 0, "registry cleaned up");
+}
+
+#[tokio::test]
+async fn each_refusal_surfaces_the_providers_message() {
+    let p = pair(echo_backend().await, Duration::from_secs(30)).await;
+    // Unknown lease.
+    let e = p.open(&LeaseHash([9; 32])).await.unwrap_err();
+    assert!(matches!(&e, TunnelError::Refused(m) if m.contains("unknown lease")), "{e}");
+    // Settled lease.
+    let lease = accepted_lease(&p.provider.store, &p.consumer, &p.provider_wallet, 2);
+    p.provider
+        .store
+        .apply_event(&xe_store::LeaseEvent::settle(&p.consumer, lease, xe_store::now_secs()))
+        .expect("settle");
+    let e = p.open(&lease).await.unwrap_err();
+    assert!(matches!(&e, TunnelError::Refused(m) if m == "lease is settled"), "{e}");
+    // A lease for another provider.
+    let other = Wallet::from_seed([8; 32]);
+    let foreign = accepted_lease(&p.provider.store, &p.consumer, &other, 3);
+    let e = p.open(&foreign).await.unwrap_err();
+    assert!(matches!(&e, TunnelError::Refused(m) if m.contains("not the lease's provider")), "{e}");
+    // Backend down: the dial error is reported.
+    let dead = {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let p2 = pair(dead, Duration::from_secs(30)).await;
+    let lease = accepted_lease(&p2.provider.store, &p2.consumer, &p2.provider_wallet, 4);
+    let e = p2.open(&lease).await.unwrap_err();
+    assert!(matches!(&e, TunnelError::Refused(m) if m.contains("refused")), "{e}");
+}
+
+#[tokio::test]
+async fn peer_without_the_protocol_is_reported_unsupported() {
+    let a = node(vec![]).await;
+    let b = node(a.net.p2p_addrs().await.expect("addrs")).await;
+    wait_peers(&b, 1).await;
+    let e = b.net.open_tunnel(a.net.peer_id(), vec![], &LeaseHash([1; 32])).await.unwrap_err();
+    assert!(matches!(e, TunnelError::Unsupported(_)), "{e}");
+}
+
+#[tokio::test]
+async fn unknown_peer_is_not_found() {
+    let a = node(vec![]).await;
+    let stranger = libp2p_identity_peer();
+    let e = a.net.open_tunnel(stranger, vec![], &LeaseHash([1; 32])).await.unwrap_err();
+    assert!(matches!(e, TunnelError::PeerNotFound(_) | TunnelError::DialFailed { .. }), "{e}");
+}
+
+fn libp2p_identity_peer() -> PeerId {
+    libp2p::identity::Keypair::generate_ed25519().public().to_peer_id()
+}
+
+#[tokio::test]
+async fn error_message_is_capped_at_4k_on_the_client() {
+    // A hostile "provider" that answers 0x01 and then 64 KiB of text.
+    let hostile = node(vec![]).await;
+    let mut incoming = hostile.net.control().accept(TUNNEL_PROTOCOL).expect("accept");
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        while let Some((_, s)) = incoming.next().await {
+            tokio::spawn(async move {
+                let mut s = tokio_util::compat::FuturesAsyncReadCompatExt::compat(s);
+                let mut h = [0u8; 32];
+                let _ = s.read_exact(&mut h).await;
+                let mut out = vec![STATUS_ERR];
+                out.extend(std::iter::repeat_n(b'x', 64 * 1024));
+                let _ = s.write_all(&out).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let c = node(hostile.net.p2p_addrs().await.expect("addrs")).await;
+    wait_peers(&c, 1).await;
+    let e = c.net.open_tunnel(hostile.net.peer_id(), vec![], &LeaseHash([1; 32])).await.unwrap_err();
+    match e {
+        TunnelError::Refused(m) => assert_eq!(m.len(), MAX_ERROR_LEN),
+        e => panic!("unexpected {e}"),
+    }
+}
+
+async fn raw_stream(p: &Pair) -> tokio_util::compat::Compat<libp2p::Stream> {
+    let mut control = p.client.net.control();
+    let s = control
+        .open_stream(p.provider.net.peer_id(), TUNNEL_PROTOCOL)
+        .await
+        .expect("open raw stream");
+    tokio_util::compat::FuturesAsyncReadCompatExt::compat(s)
+}
+
+#[tokio::test]
+async fn silent_and_short_handshakes_are_cut_at_the_deadline() {
+    let p = pair(echo_backend().await, Duration::from_millis(300)).await;
+    for prefix in [&[][..], &[7u8; 31][..]] {
+        let mut s = raw_stream(&p).await;
+        s.write_all(prefix).await.expect("write");
+        s.flush().await.expect("flush");
+        let mut answer = Vec::new();
+        // The provider answers on its own once the deadline passes; the
+        // outer timeout only bounds a broken implementation.
+        tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer))
+            .await
+            .expect("provider cut the stream")
+            .expect("read");
+        assert_eq!(answer[0], STATUS_ERR, "prefix len {}", prefix.len());
+        assert_eq!(&answer[1..], b"handshake timed out");
+    }
+}
+
+#[tokio::test]
+async fn close_tunnels_for_lease_gives_the_client_eof() {
+    let p = pair(echo_backend().await, Duration::from_secs(30)).await;
+    let lease = accepted_lease(&p.provider.store, &p.consumer, &p.provider_wallet, 5);
+    let mut t = p.open(&lease).await.expect("tunnel");
+    t.write_all(b"ping").await.expect("write");
+    let mut buf = [0u8; 4];
+    t.read_exact(&mut buf).await.expect("echo");
+    assert_eq!(p.provider.net.registry().count_for(&lease), 1);
+    assert_eq!(p.provider.net.registry().close_tunnels_for_lease(&lease), 1);
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(10), t.read_to_end(&mut rest))
+        .await
+        .expect("EOF arrives")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "no more data after close");
+}
+
+#[tokio::test]
+async fn one_gib_arrives_byte_exact() {
+    let p = pair(hashing_backend().await, Duration::from_secs(30)).await;
+    let lease = accepted_lease(&p.provider.store, &p.consumer, &p.provider_wallet, 6);
+    let t = p.open(&lease).await.expect("tunnel");
+    let (mut r, mut w) = tokio::io::split(t);
+    let writer = tokio::spawn(async move {
+        let mut h = Sha256::new();
+        let mut block = vec![0u8; 1024 * 1024];
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        for _ in 0..1024 {
+            for chunk in block.chunks_mut(8) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                chunk.copy_from_slice(&seed.to_le_bytes()[..chunk.len()]);
+            }
+            h.update(&block);
+            w.write_all(&block).await.expect("write");
+        }
+        w.shutdown().await.expect("half-close");
+        h.finalize().to_vec()
+    });
+    let mut remote = Vec::new();
+    r.read_to_end(&mut remote).await.expect("digest");
+    let local = writer.await.expect("writer");
+    assert_eq!(hex::encode(remote), hex::encode(local));
+}

@@ -1,0 +1,313 @@
+//! Per-channel tasks. Every accepted channel is owned by exactly one task
+//! that reads it until it closes: russh's session loop blocks when a
+//! channel's buffer is full, so an unread channel would stall the whole
+//! connection (keepalives included).
+//!
+//! - `direct-tcpip` ([`direct_tcpip`]): open the tunnel, accept the channel
+//!   only once it is up, copy bytes. End to end with the VM's sshd.
+//! - `session` ([`session`]): collect the requests up to `shell`/`exec`,
+//!   then either copy raw bytes (no PTY: the gateway used as a
+//!   `ProxyCommand`), join an SSH session to the VM (PTY and a forwarded
+//!   agent), or explain how to connect (PTY, no agent).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use russh::server::{ChannelOpenHandle, Msg};
+use russh::{Channel, ChannelMsg, ChannelOpenFailure, ChannelWriteHalf, Pty};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use xe_store::LeaseRecord;
+
+use super::Shared;
+use super::pump::{Prelude, PumpEnd, pump};
+use super::stats::ActiveGuard;
+use super::tunnel::TunnelStream;
+
+/// Most `env` requests kept per session; more are ignored.
+const MAX_ENV_VARS: usize = 64;
+
+/// Holds one of a connection's channel slots; frees it when dropped.
+pub(crate) struct ChannelSlot(Arc<AtomicUsize>);
+
+impl ChannelSlot {
+    /// Take a slot if fewer than `max` are in use.
+    pub(crate) fn try_take(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| ChannelSlot(count.clone()))
+    }
+}
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a channel task needs.
+pub(crate) struct ChannelCtx {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) lease: LeaseRecord,
+    /// The server session, for requests outside the channel (agent
+    /// channel, exit-signal).
+    pub(crate) handle: russh::server::Handle,
+    /// Cancelled when the connection closes.
+    pub(crate) token: CancellationToken,
+    /// The gateway address this client connected to (for the hints).
+    pub(crate) local: SocketAddr,
+    pub(crate) _slot: ChannelSlot,
+}
+
+impl ChannelCtx {
+    pub(crate) fn short(&self) -> String {
+        self.lease.hash.short()
+    }
+}
+
+/// Open the lease's tunnel, bounded by the configured timeout. The error is
+/// the one-line reason.
+pub(crate) async fn open_tunnel(ctx: &ChannelCtx) -> Result<(TunnelStream, ActiveGuard), String> {
+    let limit = ctx.shared.config.tunnel_open_timeout;
+    let res = tokio::time::timeout(limit, ctx.shared.dialer.open(&ctx.lease)).await;
+    let reason = match res {
+        Ok(Ok(stream)) => {
+            info!("tunnel to the VM open");
+            return Ok((stream, ctx.shared.stats.tunnel_opened()));
+        }
+        Ok(Err(e)) => e.reason().to_string(),
+        Err(_) => format!("the provider did not answer within {} s", limit.as_secs()),
+    };
+    ctx.shared.stats.record_tunnel_failure();
+    warn!(%reason, "tunnel to the VM failed");
+    Err(reason)
+}
+
+/// Serve a `direct-tcpip` channel. The requested destination was only
+/// logged: the lease decides where bytes go.
+pub(crate) async fn direct_tcpip(channel: Channel<Msg>, reply: ChannelOpenHandle, ctx: ChannelCtx) {
+    let opened = tokio::select! {
+        // Dropping `reply` rejects the channel.
+        _ = ctx.token.cancelled() => return,
+        r = open_tunnel(&ctx) => r,
+    };
+    let (tunnel, _active) = match opened {
+        Ok(t) => t,
+        Err(reason) => {
+            // Code 2 (connect failed) with our reason as its description:
+            // OpenSSH prints "channel 0: open failed: connect failed: …".
+            reply
+                .reject(ChannelOpenFailure::Other {
+                    code: ChannelOpenFailure::ConnectFailed.code(),
+                    reason: format!("xe gateway: cannot reach the VM of lease {}: {reason}", ctx.short()),
+                })
+                .await;
+            return;
+        }
+    };
+    reply.accept().await;
+    let (end, wr) = pump(channel, tunnel, Prelude::default(), ctx.shared.stats.clone(), &ctx.token).await;
+    info!(end = ?end, "direct-tcpip channel finished");
+    if end != PumpEnd::Cancelled {
+        let _ = wr.close().await;
+    }
+}
+
+/// A `pty-req`, as last updated by `window-change`.
+#[derive(Debug, Clone)]
+pub(crate) struct PtyRequest {
+    pub(crate) term: String,
+    pub(crate) cols: u32,
+    pub(crate) rows: u32,
+    pub(crate) pix_width: u32,
+    pub(crate) pix_height: u32,
+    pub(crate) modes: Vec<(Pty, u32)>,
+}
+
+/// Everything a session channel asked for before `shell`/`exec`.
+#[derive(Debug, Default)]
+pub(crate) struct SessionSetup {
+    pub(crate) pty: Option<PtyRequest>,
+    pub(crate) agent: bool,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) prelude: Prelude,
+}
+
+impl SessionSetup {
+    /// Take in a message that may arrive while the session is being set up.
+    fn absorb(&mut self, msg: ChannelMsg) {
+        match msg {
+            ChannelMsg::RequestPty {
+                term,
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+                terminal_modes,
+                ..
+            } => {
+                self.pty = Some(PtyRequest {
+                    term,
+                    cols: col_width,
+                    rows: row_height,
+                    pix_width,
+                    pix_height,
+                    modes: terminal_modes,
+                });
+            }
+            ChannelMsg::WindowChange {
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+            } => {
+                if let Some(p) = &mut self.pty {
+                    p.cols = col_width;
+                    p.rows = row_height;
+                    p.pix_width = pix_width;
+                    p.pix_height = pix_height;
+                }
+            }
+            ChannelMsg::SetEnv {
+                variable_name,
+                variable_value,
+                ..
+            } => {
+                if self.env.len() < MAX_ENV_VARS {
+                    self.env.push((variable_name, variable_value));
+                }
+            }
+            ChannelMsg::AgentForward { .. } => self.agent = true,
+            ChannelMsg::Data { data } => self.prelude.push(&data),
+            ChannelMsg::Eof => self.prelude.eof = true,
+            _ => {}
+        }
+    }
+}
+
+/// Run `fut` while still reading `channel` (buffering what the client sends
+/// into `setup`). `None` if the client closed the channel or the connection
+/// is closing; then `fut` is dropped.
+pub(crate) async fn drain_while<F: Future>(
+    channel: &mut Channel<Msg>,
+    setup: &mut SessionSetup,
+    token: &CancellationToken,
+    fut: F,
+) -> Option<F::Output> {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return None,
+            out = &mut fut => return Some(out),
+            msg = channel.wait(), if !setup.prelude.is_full() => match msg {
+                None | Some(ChannelMsg::Close) => return None,
+                Some(m) => setup.absorb(m),
+            },
+        }
+    }
+}
+
+/// End a session channel with a one-line message on stderr and exit
+/// status 1.
+pub(crate) async fn finish_with_error(wr: &ChannelWriteHalf<Msg>, line: &str, pty: bool) {
+    let nl = if pty { "\r\n" } else { "\n" };
+    let _ = wr
+        .extended_data_bytes(1, format!("xe gateway: {line}{nl}").into_bytes())
+        .await;
+    let _ = wr.exit_status(1).await;
+    let _ = wr.eof().await;
+    let _ = wr.close().await;
+}
+
+/// Serve a `session` channel.
+pub(crate) async fn session(mut channel: Channel<Msg>, ctx: ChannelCtx) {
+    let mut setup = SessionSetup::default();
+    let command: Option<Vec<u8>> = loop {
+        let msg = tokio::select! {
+            _ = ctx.token.cancelled() => return,
+            m = channel.wait() => m,
+        };
+        match msg {
+            None | Some(ChannelMsg::Close) => return,
+            Some(ChannelMsg::RequestShell { .. }) => break None,
+            Some(ChannelMsg::Exec { command, .. }) => break Some(command),
+            Some(m) => setup.absorb(m),
+        }
+    };
+    match (&setup.pty, setup.agent) {
+        (None, _) => raw_session(channel, setup, ctx).await,
+        (Some(_), true) => super::join::joined_session(channel, setup, command, ctx).await,
+        (Some(_), false) => explain(channel, &ctx).await,
+    }
+}
+
+/// No PTY: the client speaks SSH to the VM through this channel (the
+/// gateway used as a `ProxyCommand` without `-W`). Copy raw bytes.
+async fn raw_session(mut channel: Channel<Msg>, mut setup: SessionSetup, ctx: ChannelCtx) {
+    info!("session without PTY: copying raw bytes to the VM");
+    let Some(opened) = drain_while(&mut channel, &mut setup, &ctx.token, open_tunnel(&ctx)).await else {
+        return;
+    };
+    let (tunnel, _active) = match opened {
+        Ok(t) => t,
+        Err(reason) => {
+            let (_, wr) = channel.split();
+            let line = format!("cannot reach the VM of lease {}: {reason}", ctx.short());
+            finish_with_error(&wr, &line, false).await;
+            return;
+        }
+    };
+    let (end, wr) = pump(channel, tunnel, setup.prelude, ctx.shared.stats.clone(), &ctx.token).await;
+    info!(end = ?end, "raw session finished");
+    match end {
+        PumpEnd::Done => {
+            let _ = wr.exit_status(0).await;
+            let _ = wr.close().await;
+        }
+        PumpEnd::TunnelError(e) => {
+            finish_with_error(&wr, &format!("the tunnel to the VM broke: {e}"), false).await;
+        }
+        PumpEnd::ClientClosed => {
+            let _ = wr.close().await;
+        }
+        PumpEnd::Cancelled => {}
+    }
+}
+
+/// A PTY without a forwarded agent: the gateway cannot log in to the VM on
+/// the user's behalf, and raw protocol bytes must never reach a terminal.
+async fn explain(channel: Channel<Msg>, ctx: &ChannelCtx) {
+    info!("PTY requested without a forwarded agent: explaining how to connect");
+    let hash = ctx.lease.hash;
+    let gw = ctx.local;
+    let text = format!(
+        "lease {short} is active, but a terminal through the gateway needs your SSH agent.\r\n\
+         Connect with one of:\r\n\
+         \x20 xe ssh {hash}\r\n\
+         \x20 ssh -J {hash}@{gw} root@vm     (end to end with the VM's sshd)\r\n\
+         \x20 ssh -A -p {port} {hash}@{ip}    (forward the agent that holds the lease key)",
+        short = hash.short(),
+        port = gw.port(),
+        ip = gw.ip(),
+    );
+    let (_, wr) = channel.split();
+    finish_with_error(&wr, &text, true).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_capped_and_freed() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let a = ChannelSlot::try_take(&count, 2).expect("first");
+        let _b = ChannelSlot::try_take(&count, 2).expect("second");
+        assert!(ChannelSlot::try_take(&count, 2).is_none());
+        drop(a);
+        assert!(ChannelSlot::try_take(&count, 2).is_some());
+    }
+}

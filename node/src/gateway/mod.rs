@@ -1,0 +1,377 @@
+//! The SSH gateway: a russh server where the username is a lease hash and
+//! the key is the lease's access key, forwarding each session to the
+//! lease's VM through a tunnel.
+//!
+//! ```text
+//! ssh client ──SSH──► gateway ──TunnelDialer (libp2p /xe/tunnel/2.0.0)──► provider ──TCP──► VM sshd
+//!     user = <64-hex lease hash>, key = lease AccessPubKey (ed25519)
+//! ```
+//!
+//! # What a client gets
+//! - **`direct-tcpip`** (`ssh -W`, `ssh -J`, `xe ssh`): the recommended
+//!   path. The channel is accepted once the tunnel is up and carries the
+//!   client's own SSH session to the VM's sshd, end to end.
+//! - **`session` without a PTY** (the gateway as a `ProxyCommand` without
+//!   `-W`): on `shell`/`exec` the channel is joined to the tunnel byte for
+//!   byte, as the seed does.
+//! - **`session` with a PTY and a forwarded agent** (`ssh -A -t`): the
+//!   gateway logs in to the VM itself, with the client's agent, after
+//!   checking the VM's host key against the lease's accept, and joins the
+//!   two sessions.
+//! - **`session` with a PTY and no agent**: a short explanation of how to
+//!   connect, on stderr, exit status 1.
+//!
+//! Everything else (x11, remote forwarding, streamlocal, subsystems) is
+//! refused.
+//!
+//! # Limits
+//! At most [`GatewayConfig::max_connections`] connections (the accept loop
+//! closes extra ones at once), [`GatewayConfig::max_channels_per_connection`]
+//! channels each, [`GatewayConfig::max_auth_attempts`] authentication
+//! attempts, and [`GatewayConfig::auth_grace`] to authenticate. When a lease
+//! is settled, cancelled or expires, its connections are closed (within
+//! 1 s: the store's change feed, plus a timer at the expiry time).
+//!
+//! # Layout
+//! - this file: configuration, [`Gateway`], the accept loop.
+//! - `conn.rs`: the russh handler and the per-connection task.
+//! - `channel.rs`: per-channel tasks (`direct-tcpip`, `session`).
+//! - `join.rs`: the PTY + agent session joined to the VM.
+//! - `pump.rs`: channel ↔ tunnel copy with half-close; a cuttable stream.
+//! - `auth.rs`, `registry.rs`: who may log in; lease → connections.
+//! - [`hostkey`], [`stats`], [`tunnel`]: public parts.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use russh::MethodKind;
+use russh::keys::PrivateKey;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+use xe_store::Store;
+
+mod auth;
+mod channel;
+mod conn;
+pub mod hostkey;
+mod join;
+mod pump;
+mod registry;
+pub mod stats;
+pub mod tunnel;
+
+pub use hostkey::{HOST_KEY_FILE, host_key_fingerprint, load_or_create_host_key};
+pub use stats::{AuthFailure, ConnectionRefusal, GatewayStats, GatewayStatsSnapshot};
+pub use tunnel::{AsyncReadWrite, TunnelDialError, TunnelDialer, TunnelStream};
+
+/// The seed's `maxSSHConnections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100;
+/// OpenSSH's `MaxSessions` default.
+pub const DEFAULT_MAX_CHANNELS_PER_CONNECTION: usize = 10;
+/// Time a connection gets to authenticate (OpenSSH's `LoginGraceTime` is
+/// 120 s; a gateway holding slots for strangers wants less).
+pub const DEFAULT_AUTH_GRACE: Duration = Duration::from_secs(30);
+/// OpenSSH's `MaxAuthTries`. russh counts the client's initial `none`
+/// probe as one.
+pub const DEFAULT_MAX_AUTH_ATTEMPTS: usize = 6;
+/// Pause after each rejected attempt (except the initial `none` probe,
+/// answered at once). Publickey rejections reveal nothing a timing attack
+/// could use (lease hashes are public, the check is a lookup), so this only
+/// slows guessing loops; small enough that a client offering several agent
+/// keys before the right one is not made to wait noticeably.
+pub const DEFAULT_AUTH_REJECTION_TIME: Duration = Duration::from_millis(100);
+/// Bound on opening a tunnel: the seed's 30 s tunnel handshake deadline.
+pub const DEFAULT_TUNNEL_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keepalive interval; three unanswered keepalives close the connection.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// The account the gateway logs in as on the VM (PTY + agent sessions).
+pub const DEFAULT_VM_USER: &str = "root";
+
+/// Bounds for retrying after `accept()` errors such as EMFILE.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Gateway settings.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// The host key file, `{dataDir}/ssh_host_key`: created on first run,
+    /// reused afterwards.
+    pub host_key_path: PathBuf,
+    /// Most concurrent connections, authenticated or not.
+    pub max_connections: usize,
+    /// Most open channels per connection.
+    pub max_channels_per_connection: usize,
+    /// Time to authenticate before the connection is dropped.
+    pub auth_grace: Duration,
+    /// Most authentication attempts per connection.
+    pub max_auth_attempts: usize,
+    /// Pause after each rejected authentication attempt.
+    pub auth_rejection_time: Duration,
+    /// Bound on [`TunnelDialer::open`].
+    pub tunnel_open_timeout: Duration,
+    /// SSH keepalive interval towards clients.
+    pub keepalive_interval: Duration,
+    /// User the gateway logs in as on the VM for PTY + agent sessions.
+    pub vm_user: String,
+}
+
+impl GatewayConfig {
+    /// Defaults, with the host key in `data_dir`.
+    pub fn new(data_dir: &Path) -> Self {
+        GatewayConfig {
+            host_key_path: data_dir.join(HOST_KEY_FILE),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_channels_per_connection: DEFAULT_MAX_CHANNELS_PER_CONNECTION,
+            auth_grace: DEFAULT_AUTH_GRACE,
+            max_auth_attempts: DEFAULT_MAX_AUTH_ATTEMPTS,
+            auth_rejection_time: DEFAULT_AUTH_REJECTION_TIME,
+            tunnel_open_timeout: DEFAULT_TUNNEL_OPEN_TIMEOUT,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            vm_user: DEFAULT_VM_USER.to_string(),
+        }
+    }
+
+    /// Check the values make sense.
+    pub fn validate(&self) -> Result<(), GatewayError> {
+        let bad = |what: &str| Err(GatewayError::Config(what.to_string()));
+        if self.max_connections == 0 {
+            return bad("max_connections must be at least 1");
+        }
+        if self.max_channels_per_connection == 0 {
+            return bad("max_channels_per_connection must be at least 1");
+        }
+        if self.max_auth_attempts == 0 {
+            return bad("max_auth_attempts must be at least 1");
+        }
+        if self.auth_grace.is_zero() {
+            return bad("auth_grace must be more than zero");
+        }
+        if self.tunnel_open_timeout.is_zero() {
+            return bad("tunnel_open_timeout must be more than zero");
+        }
+        if self.keepalive_interval.is_zero() {
+            return bad("keepalive_interval must be more than zero");
+        }
+        if self.vm_user.is_empty() {
+            return bad("vm_user must not be empty");
+        }
+        Ok(())
+    }
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// A setting is out of range.
+    #[error("invalid gateway configuration: {0}")]
+    Config(String),
+    /// The host key file exists but cannot be used.
+    #[error("SSH host key {path}: {detail}", path = .path.display())]
+    HostKey {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// The host key is readable by group or others.
+    #[error("SSH host key {path} is readable by group/others (mode {mode:o}); run `chmod 600 {path}` and retry", path = .path.display())]
+    HostKeyPermissions {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}", path = .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The listener is unusable.
+    #[error("SSH gateway listener: {0}")]
+    Listener(std::io::Error),
+}
+
+/// State shared by the accept loop, connections and channels.
+pub(crate) struct Shared {
+    pub(crate) config: GatewayConfig,
+    pub(crate) russh: Arc<russh::server::Config>,
+    pub(crate) store: Store,
+    pub(crate) dialer: Arc<dyn TunnelDialer>,
+    pub(crate) stats: Arc<GatewayStats>,
+    pub(crate) registry: registry::Registry,
+    /// Every task the gateway spawns (connections, channels, the watcher).
+    pub(crate) tracker: TaskTracker,
+    pub(crate) next_conn: AtomicU64,
+}
+
+/// A configured gateway, ready to [`run`](Gateway::run) on a listener.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    fingerprint: String,
+    public_key: String,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("fingerprint", &self.fingerprint)
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// Validate `config` and load (or create) the host key.
+    pub fn new(
+        config: GatewayConfig,
+        store: Store,
+        dialer: Arc<dyn TunnelDialer>,
+        stats: Arc<GatewayStats>,
+    ) -> Result<Self, GatewayError> {
+        config.validate()?;
+        let key = load_or_create_host_key(&config.host_key_path)?;
+        let fingerprint = host_key_fingerprint(&key);
+        let public_key = key.public_key().to_openssh().map_err(|e| GatewayError::HostKey {
+            path: config.host_key_path.clone(),
+            detail: e.to_string(),
+        })?;
+        let russh = russh_config(&config, key);
+        Ok(Gateway {
+            shared: Arc::new(Shared {
+                config,
+                russh: Arc::new(russh),
+                store,
+                dialer,
+                stats,
+                registry: registry::Registry::default(),
+                tracker: TaskTracker::new(),
+                next_conn: AtomicU64::new(1),
+            }),
+            fingerprint,
+            public_key,
+        })
+    }
+
+    /// The host key's `SHA256:…` fingerprint.
+    pub fn host_key_fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The host public key, `ssh-ed25519 AAAA… comment` (a known_hosts
+    /// line without the host part).
+    pub fn host_public_key(&self) -> &str {
+        &self.public_key
+    }
+
+    /// Serve `listener` until `shutdown` is cancelled; then stop accepting,
+    /// close every connection and return once every task the gateway
+    /// started has ended.
+    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), GatewayError> {
+        let shared = self.shared;
+        let local = listener.local_addr().map_err(GatewayError::Listener)?;
+        info!(%local, fingerprint = %self.fingerprint, "SSH gateway listening");
+
+        // Subscribe before the first connection can authenticate.
+        let changes = shared.store.subscribe();
+        shared.tracker.spawn(registry::watch_leases(
+            shared.store.clone(),
+            changes,
+            shared.registry.clone(),
+            shutdown.clone(),
+        ));
+
+        let max = shared.config.max_connections;
+        let slots = Arc::new(Semaphore::new(max));
+        let mut backoff = ACCEPT_BACKOFF_MIN;
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((tcp, peer)) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    match slots.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            shared
+                                .tracker
+                                .spawn(conn::serve(shared.clone(), tcp, peer, permit, shutdown.clone()));
+                        }
+                        Err(_) => {
+                            shared.stats.record_refusal(ConnectionRefusal::ConnectionLimit);
+                            warn!(%peer, limit = max, "SSH connection limit reached; closing the new connection");
+                            drop(tcp);
+                        }
+                    }
+                }
+                Err(e) if is_per_connection(&e) => {
+                    shared.stats.record_accept_error();
+                    info!(error = %e, "a connection failed while being accepted");
+                }
+                Err(e) => {
+                    // EMFILE, ENOBUFS…: wait for resources, never give up.
+                    shared.stats.record_accept_error();
+                    warn!(error = %e, retry_in = ?backoff, "accept failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
+            }
+        }
+        drop(listener);
+        info!("SSH gateway stopping: closing connections");
+        shared.tracker.close();
+        shared.tracker.wait().await;
+        info!("SSH gateway stopped");
+        Ok(())
+    }
+}
+
+/// Accept errors that concern one connection, not the listener.
+fn is_per_connection(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted | WouldBlock)
+}
+
+fn russh_config(config: &GatewayConfig, key: PrivateKey) -> russh::server::Config {
+    russh::server::Config {
+        server_id: russh::SshId::Standard(format!("SSH-2.0-xe-gateway_{}", env!("CARGO_PKG_VERSION")).into()),
+        methods: russh::MethodSet::from(&[MethodKind::PublicKey][..]),
+        auth_rejection_time: config.auth_rejection_time,
+        // OpenSSH opens with a `none` probe; answer it at once.
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![key],
+        max_auth_attempts: config.max_auth_attempts,
+        // Dead clients are found by keepalives; a live idle session (a
+        // shell left open) is not cut. The grace time bounds the rest.
+        inactivity_timeout: None,
+        keepalive_interval: Some(config.keepalive_interval),
+        keepalive_max: 3,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+/// Run a gateway on `listener` until `shutdown` is cancelled (see
+/// [`Gateway::run`]).
+pub async fn run(
+    listener: TcpListener,
+    config: GatewayConfig,
+    store: Store,
+    dialer: Arc<dyn TunnelDialer>,
+    stats: Arc<GatewayStats>,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    Gateway::new(config, store, dialer, stats)?.run(listener, shutdown).await
+}

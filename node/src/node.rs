@@ -1,0 +1,234 @@
+//! A `Node` owns its parts — store, p2p host, provider role, SSH gateway —
+//! and one cancellation token that stops them all.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use xe_net::{Multiaddr, NetConfig, NetHandle};
+use xe_store::{Store, Wallet};
+use xe_vm::VmManager;
+
+use crate::provider::{Capacity, Provider};
+
+/// Which VM backend a provider uses.
+#[derive(Debug, Clone)]
+pub enum VmBackend {
+    /// Lima VMs (production).
+    Lima {
+        /// `limactl` binary.
+        limactl: PathBuf,
+        /// Cloud image location (local file or URL Lima can read).
+        image: String,
+    },
+    /// A real OpenSSH sshd per lease.
+    Sshd {
+        /// sshd binary, if not on PATH / in /usr/sbin.
+        sshd: Option<PathBuf>,
+    },
+    /// Embedded development SSH server (shell on the host!).
+    Dev,
+}
+
+/// Provider settings.
+#[derive(Debug, Clone)]
+pub struct ProvideConfig {
+    /// Backend.
+    pub backend: VmBackend,
+    /// Limits.
+    pub capacity: Capacity,
+}
+
+/// SSH gateway settings.
+#[derive(Debug, Clone)]
+pub struct SshConfig {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Concurrent connections (the seed's maxSSHConnections).
+    pub max_connections: usize,
+    /// Grace time for unauthenticated connections.
+    pub auth_grace: Duration,
+}
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Holds the store, identity, host key, VM state.
+    pub data_dir: PathBuf,
+    /// The node's account wallet (created on first run).
+    pub wallet: PathBuf,
+    /// libp2p listen addresses.
+    pub p2p_listen: Vec<Multiaddr>,
+    /// Peers to dial at start.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Provider role, if enabled.
+    pub provide: Option<ProvideConfig>,
+    /// SSH gateway, if enabled.
+    pub ssh: Option<SshConfig>,
+    /// Tunnel handshake deadline (both sides).
+    pub handshake_timeout: Duration,
+    /// How often the provider re-announces its directory entry.
+    pub announce_interval: Duration,
+}
+
+impl NodeConfig {
+    /// Defaults for a node in `data_dir`.
+    pub fn new(data_dir: PathBuf) -> Self {
+        NodeConfig {
+            wallet: data_dir.join("wallet.seed"),
+            data_dir,
+            p2p_listen: vec![
+                "/ip4/0.0.0.0/tcp/0".parse().expect("valid"),
+                "/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("valid"),
+            ],
+            bootstrap: Vec::new(),
+            provide: None,
+            ssh: None,
+            handshake_timeout: xe_net::tunnel::DEFAULT_HANDSHAKE_TIMEOUT,
+            announce_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Errors starting a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Store failure.
+    #[error(transparent)]
+    Store(#[from] xe_store::StoreError),
+    /// Wallet failure.
+    #[error(transparent)]
+    Wallet(#[from] xe_store::WalletError),
+    /// Network failure.
+    #[error(transparent)]
+    Net(#[from] xe_net::NetError),
+    /// VM backend failure.
+    #[error(transparent)]
+    Vm(#[from] xe_vm::VmError),
+    /// I/O.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Error.
+        source: std::io::Error,
+    },
+    /// Gateway failure.
+    #[error("ssh gateway: {0}")]
+    Gateway(String),
+}
+
+/// A running node.
+pub struct Node {
+    /// The ledger.
+    pub store: Store,
+    /// The p2p host.
+    pub net: NetHandle,
+    /// This node's account.
+    pub wallet: Arc<Wallet>,
+    /// Provider role, if enabled.
+    pub provider: Option<Arc<Provider>>,
+    /// SSH gateway address, if enabled.
+    pub ssh_addr: Option<SocketAddr>,
+    /// SSH gateway counters, if enabled.
+    pub gateway_stats: Option<Arc<crate::gateway::GatewayStats>>,
+    cancel: CancellationToken,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+fn build_vm(data_dir: &std::path::Path, backend: &VmBackend) -> Result<Arc<dyn VmManager>, NodeError> {
+    let state = data_dir.join("vms");
+    Ok(match backend {
+        VmBackend::Lima { limactl, image } => Arc::new(xe_vm::lima::LimaManager::new(xe_vm::lima::LimaConfig::new(
+            limactl.clone(),
+            data_dir.join("lima"),
+            image.clone(),
+        ))?),
+        VmBackend::Sshd { sshd } => Arc::new(xe_vm::sshd::SshdManager::new(xe_vm::sshd::SshdConfig {
+            state_dir: state.join("sshd"),
+            sshd_path: sshd.clone(),
+        })?),
+        VmBackend::Dev => Arc::new(xe_vm::dev::DevManager::new(state.join("dev"))?),
+    })
+}
+
+impl Node {
+    /// Start every part of the node. Returns once listeners are bound.
+    pub async fn start(cfg: NodeConfig) -> Result<Node, NodeError> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| NodeError::Io {
+            what: format!("creating {}", cfg.data_dir.display()),
+            source,
+        })?;
+        let store = Store::open(&cfg.data_dir.join("db"))?;
+        let wallet = Arc::new(Wallet::load_or_create(&cfg.wallet)?);
+        let keypair = xe_net::load_or_create_keypair(&cfg.data_dir.join("p2p_key"))?;
+        let cancel = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+
+        let provider = match &cfg.provide {
+            Some(p) => {
+                let vm = build_vm(&cfg.data_dir, &p.backend)?;
+                Some(Provider::new(store.clone(), wallet.clone(), vm, p.capacity.clone()))
+            }
+            None => None,
+        };
+        let mut net_cfg = NetConfig::new(keypair);
+        net_cfg.listen = cfg.p2p_listen.clone();
+        net_cfg.bootstrap = cfg.bootstrap.clone();
+        net_cfg.client_handshake_timeout = cfg.handshake_timeout;
+        net_cfg.tunnel.handshake_timeout = cfg.handshake_timeout;
+        net_cfg.announce_interval = cfg.announce_interval;
+        if let Some(p) = &provider {
+            net_cfg.announce = Some(wallet.clone());
+            net_cfg.validator = Some(p.clone() as Arc<dyn xe_net::TunnelValidator>);
+        }
+        let net = xe_net::start(net_cfg, store.clone(), cancel.child_token()).await?;
+        let handle = net.handle.clone();
+        let mut net_tasks = net.tasks;
+        tasks.spawn(async move { while net_tasks.join_next().await.is_some() {} });
+        if let Some(p) = &provider {
+            tasks.spawn(p.clone().run(handle.clone(), cancel.child_token()));
+        }
+        let (ssh_addr, gateway_stats) = match &cfg.ssh {
+            Some(ssh) => {
+                let (addr, stats) = crate::wiring::start_gateway(&cfg, ssh, &store, &handle, &cancel, &mut tasks).await?;
+                (Some(addr), Some(stats))
+            }
+            None => (None, None),
+        };
+        info!(peer_id = %handle.peer_id(), account = %wallet.address(), "node started");
+        Ok(Node {
+            store,
+            net: handle,
+            wallet,
+            provider,
+            ssh_addr,
+            gateway_stats,
+            cancel,
+            tasks,
+        })
+    }
+
+    /// The node's cancellation token (cancel to begin shutdown).
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Stop accepting, close sessions and tunnels, stop VMs' processes,
+    /// flush the store. Bounded: tasks that do not finish in 10 s are aborted.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+            warn!("some tasks did not stop in 10 s; aborting them");
+            self.tasks.abort_all();
+        }
+        if let Err(e) = self.store.flush() {
+            warn!("final store flush failed: {e}");
+        }
+        info!("node stopped");
+    }
+}

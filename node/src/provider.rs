@@ -1,0 +1,337 @@
+//! The provider role: auto-accept leases that name this node, provision
+//! their VMs, serve tunnels to them, and tear them down when a lease ends.
+//!
+//! "accepted ⇒ a VM is running": the accept is signed and published only
+//! after the VM's sshd answers, and it carries that sshd's host key.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, warn};
+use xe_net::{NetHandle, PeerId, TunnelRegistry, TunnelValidator, VmConn};
+use xe_store::{LeaseEvent, LeaseHash, LeaseRecord, LeaseState, Store, Wallet, now_secs};
+use xe_vm::{ProvisionRequest, VmManager};
+
+/// What a provider is willing to host at once.
+#[derive(Debug, Clone)]
+pub struct Capacity {
+    /// Concurrent leases.
+    pub max_leases: usize,
+    /// Total vCPUs.
+    pub max_vcpus: u32,
+    /// Total memory (MiB).
+    pub max_memory_mb: u64,
+    /// Total disk (GiB).
+    pub max_disk_gb: u64,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            max_leases: 16,
+            max_vcpus: 64,
+            max_memory_mb: 256 * 1024,
+            max_disk_gb: 4096,
+        }
+    }
+}
+
+/// Why a lease that names us was not taken (visible at `GET /vms/{lease}`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Declined {
+    /// Lease.
+    pub lease: LeaseHash,
+    /// Reason.
+    pub reason: String,
+}
+
+/// Provider state shared between the validator and the lease watcher.
+pub struct Provider {
+    store: Store,
+    wallet: Arc<Wallet>,
+    vm: Arc<dyn VmManager>,
+    capacity: Capacity,
+    /// Leases we hold resources for (provisioning or running).
+    held: Mutex<HashMap<LeaseHash, ProvisionRequest>>,
+    declined: Mutex<HashMap<LeaseHash, String>>,
+    registry: Mutex<Option<TunnelRegistry>>,
+}
+
+impl Provider {
+    /// A provider for `wallet`'s account.
+    pub fn new(store: Store, wallet: Arc<Wallet>, vm: Arc<dyn VmManager>, capacity: Capacity) -> Arc<Self> {
+        Arc::new(Provider {
+            store,
+            wallet,
+            vm,
+            capacity,
+            held: Mutex::new(HashMap::new()),
+            declined: Mutex::new(HashMap::new()),
+            registry: Mutex::new(None),
+        })
+    }
+
+    /// The VM manager.
+    pub fn vm(&self) -> &Arc<dyn VmManager> {
+        &self.vm
+    }
+
+    /// Why a lease was declined, if it was.
+    pub fn declined(&self, lease: &LeaseHash) -> Option<String> {
+        self.declined.lock().unwrap_or_else(|p| p.into_inner()).get(lease).cloned()
+    }
+
+    fn names_me(&self, rec: &LeaseRecord) -> bool {
+        rec.lease.provider == self.wallet.address()
+    }
+
+    fn request(rec: &LeaseRecord) -> ProvisionRequest {
+        ProvisionRequest {
+            lease: rec.hash,
+            vcpus: rec.lease.vcpus,
+            memory_mb: rec.lease.memory_mb,
+            disk_gb: rec.lease.disk_gb,
+            access_pub_key: rec.lease.access_pub_key,
+        }
+    }
+
+    /// Reserve capacity for `req`, or say why not.
+    fn reserve(&self, req: &ProvisionRequest) -> Result<(), String> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.contains_key(&req.lease) {
+            return Err("already held".into());
+        }
+        let c = &self.capacity;
+        let vcpus: u32 = held.values().map(|r| r.vcpus).sum::<u32>() + req.vcpus;
+        let mem: u64 = held.values().map(|r| u64::from(r.memory_mb)).sum::<u64>() + u64::from(req.memory_mb);
+        let disk: u64 = held.values().map(|r| u64::from(r.disk_gb)).sum::<u64>() + u64::from(req.disk_gb);
+        if held.len() + 1 > c.max_leases {
+            return Err(format!("over capacity: already running {} of {} leases", held.len(), c.max_leases));
+        }
+        if vcpus > c.max_vcpus {
+            return Err(format!("over capacity: {vcpus} vCPUs needed, {} allowed", c.max_vcpus));
+        }
+        if mem > c.max_memory_mb {
+            return Err(format!("over capacity: {mem} MiB memory needed, {} allowed", c.max_memory_mb));
+        }
+        if disk > c.max_disk_gb {
+            return Err(format!("over capacity: {disk} GiB disk needed, {} allowed", c.max_disk_gb));
+        }
+        held.insert(req.lease, req.clone());
+        Ok(())
+    }
+
+    fn release(&self, lease: &LeaseHash) -> bool {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(lease).is_some()
+    }
+
+    /// Provision the VM for a created lease and publish the accept.
+    async fn take(self: &Arc<Self>, net: &NetHandle, rec: LeaseRecord) {
+        let req = Self::request(&rec);
+        if let Err(reason) = self.reserve(&req) {
+            if reason != "already held" {
+                warn!(%reason, "lease declined");
+                self.declined.lock().unwrap_or_else(|p| p.into_inner()).insert(rec.hash, reason);
+            }
+            return;
+        }
+        self.declined.lock().unwrap_or_else(|p| p.into_inner()).remove(&rec.hash);
+        info!(vcpus = req.vcpus, memory_mb = req.memory_mb, disk_gb = req.disk_gb, "provisioning VM");
+        let info = match self.vm.provision(&req).await {
+            Ok(i) => i,
+            Err(e) => {
+                error!("provisioning failed: {e}");
+                self.release(&rec.hash);
+                self.declined
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(rec.hash, format!("provisioning failed: {e}"));
+                return;
+            }
+        };
+        // The lease may have been cancelled while we provisioned.
+        let still_created = matches!(self.store.lease(&rec.hash), Ok(Some(r)) if r.state() == LeaseState::Created);
+        let Some(host_key) = info.host_key.filter(|_| still_created) else {
+            info!("lease ended (or no host key) while provisioning; tearing down");
+            let _ = self.vm.teardown(&rec.hash).await;
+            self.release(&rec.hash);
+            return;
+        };
+        let accept = LeaseEvent::accept(&self.wallet, rec.hash, now_secs(), host_key);
+        match net.publish_event(accept).await {
+            Ok(_) => info!("lease accepted"),
+            Err(e) => {
+                error!("could not publish accept: {e}");
+                let _ = self.vm.teardown(&rec.hash).await;
+                self.release(&rec.hash);
+            }
+        }
+    }
+
+    /// Close tunnels and tear the VM down for a lease that ended.
+    async fn end(&self, lease: &LeaseHash, state: LeaseState) {
+        let closed = self
+            .registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, |r| r.close_tunnels_for_lease(lease));
+        let held = self.release(lease);
+        if held || closed > 0 {
+            info!(%state, tunnels_closed = closed, "lease ended; tearing VM down");
+        }
+        if let Err(e) = self.vm.teardown(lease).await {
+            warn!("teardown failed: {e}");
+        }
+    }
+
+    /// Run the provider until `cancel`: recover VMs, take pending leases,
+    /// react to every lease change, and expire leases on time.
+    pub async fn run(self: Arc<Self>, net: NetHandle, cancel: CancellationToken) {
+        *self.registry.lock().unwrap_or_else(|p| p.into_inner()) = Some(net.registry().clone());
+        // Subscribe before scanning so nothing is missed in between.
+        let mut changes = self.store.subscribe();
+        let mine: Vec<LeaseRecord> = self
+            .store
+            .leases()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| self.names_me(r))
+            .collect();
+        let keep: Vec<ProvisionRequest> = mine
+            .iter()
+            .filter(|r| r.state() == LeaseState::Accepted)
+            .map(Self::request)
+            .collect();
+        for r in &keep {
+            let _ = self.reserve(r);
+        }
+        match self.vm.recover(&keep).await {
+            Ok(vms) => info!(recovered = vms.len(), "VMs recovered"),
+            Err(e) => error!("recovering VMs failed: {e}"),
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for r in mine.into_iter().filter(|r| r.state() == LeaseState::Created) {
+            self.spawn_take(&mut tasks, &net, r, &cancel);
+        }
+        loop {
+            let next_expiry = self.next_expiry();
+            let sleep = next_expiry.map_or(Duration::from_secs(3600), |t| {
+                Duration::from_secs(t.saturating_sub(now_secs())).max(Duration::from_millis(50))
+            });
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                change = changes.recv() => match change {
+                    Ok(c) => self.on_change(&mut tasks, &net, c.lease, c.new, &cancel).await,
+                    Err(RecvError::Lagged(_)) => self.rescan(&mut tasks, &net, &cancel).await,
+                    Err(RecvError::Closed) => break,
+                },
+                () = tokio::time::sleep(sleep) => self.rescan(&mut tasks, &net, &cancel).await,
+            }
+        }
+        tasks.shutdown().await;
+        self.vm.shutdown().await;
+    }
+
+    fn spawn_take(
+        self: &Arc<Self>,
+        tasks: &mut tokio::task::JoinSet<()>,
+        net: &NetHandle,
+        rec: LeaseRecord,
+        cancel: &CancellationToken,
+    ) {
+        let me = self.clone();
+        let net = net.clone();
+        let cancel = cancel.clone();
+        let span = tracing::info_span!("provide", lease = %rec.hash.short());
+        tasks.spawn(
+            async move {
+                cancel.run_until_cancelled(me.take(&net, rec)).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn on_change(
+        self: &Arc<Self>,
+        tasks: &mut tokio::task::JoinSet<()>,
+        net: &NetHandle,
+        lease: LeaseHash,
+        state: LeaseState,
+        cancel: &CancellationToken,
+    ) {
+        let Ok(Some(rec)) = self.store.lease(&lease) else { return };
+        if !self.names_me(&rec) {
+            return;
+        }
+        match state {
+            LeaseState::Created => self.spawn_take(tasks, net, rec, cancel),
+            s if s.is_final() => {
+                self.end(&lease, s)
+                    .instrument(tracing::info_span!("provide", lease = %lease.short()))
+                    .await
+            }
+            _ => {}
+        }
+    }
+
+    /// Earliest expiry among leases we hold.
+    fn next_expiry(&self) -> Option<u64> {
+        let held: Vec<LeaseHash> = self.held.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        held.iter()
+            .filter_map(|h| self.store.lease(h).ok().flatten())
+            .filter_map(|r| r.expires_at())
+            .min()
+    }
+
+    /// Re-check everything we hold (expiry, missed changes) and take any
+    /// created lease we have not seen.
+    async fn rescan(self: &Arc<Self>, tasks: &mut tokio::task::JoinSet<()>, net: &NetHandle, cancel: &CancellationToken) {
+        let held: HashSet<LeaseHash> = self.held.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        for rec in self.store.leases().unwrap_or_default() {
+            if !self.names_me(&rec) {
+                continue;
+            }
+            let st = rec.state();
+            if held.contains(&rec.hash) && st.is_final() {
+                self.end(&rec.hash, st).await;
+            } else if !held.contains(&rec.hash) && st == LeaseState::Created && self.declined(&rec.hash).is_none() {
+                self.spawn_take(tasks, net, rec, cancel);
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl TunnelValidator for Provider {
+    async fn validate_tunnel_lease(&self, lease: &LeaseHash, _peer: &PeerId) -> Result<(), String> {
+        let rec = self
+            .store
+            .lease(lease)
+            .map_err(|e| format!("store error: {e}"))?
+            .ok_or_else(|| format!("unknown lease {lease}"))?;
+        if !self.names_me(&rec) {
+            return Err(format!("this node is not the provider of lease {}", lease.short()));
+        }
+        match rec.state() {
+            LeaseState::Accepted => Ok(()),
+            LeaseState::Created => Err("lease is not accepted yet (VM still provisioning)".into()),
+            s => Err(format!("lease is {s}")),
+        }
+    }
+
+    async fn dial_ssh(&self, lease: &LeaseHash) -> Result<Box<dyn VmConn>, String> {
+        let s = self
+            .vm
+            .dial_ssh(lease)
+            .await
+            .map_err(|e| format!("cannot reach the VM's sshd: {e}"))?;
+        let _ = s.set_nodelay(true);
+        Ok(Box::new(s))
+    }
+}

@@ -1,0 +1,295 @@
+//! Who is refused and what ends a connection: authentication refusals by
+//! reason, lease settlement and expiry, the connection cap, the grace time,
+//! restart with the same host key, shutdown. Real OpenSSH client; a real
+//! `sshd` as the VM where a session must actually run.
+
+#[macro_use]
+mod common;
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Backend, CMD_LIMIT, Scene, run, text, wait_exit, wait_line};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, ChildStdout, Command};
+use xe_node::gateway::{AuthFailure, ConnectionRefusal, GatewayStats, host_key_fingerprint, load_or_create_host_key};
+use xe_store::{LeaseKey, now_secs};
+
+/// Bound for "the connection is closed within 1 s": generous, so a loaded
+/// machine does not fail the test; the log prints the real time.
+const CLOSE_LIMIT: Duration = Duration::from_secs(5);
+
+fn failures(stats: &GatewayStats) -> Vec<(AuthFailure, u64)> {
+    stats.snapshot().auth_failures.into_iter().filter(|(_, n)| *n > 0).collect()
+}
+
+/// Run `cmd` (an ssh to the gateway), expect OpenSSH's auth failure, and
+/// expect exactly one new rejection, for `reason`.
+async fn expect_refused(s: &Scene, mut cmd: Command, reason: AuthFailure) {
+    let before = s.gw.stats.auth_failures(reason);
+    let out = run(&mut cmd, CMD_LIMIT).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(255), "{reason}: stderr {stderr:?}");
+    assert!(stderr.contains("Permission denied"), "{reason}: stderr {stderr:?}");
+    assert_eq!(s.gw.stats.auth_failures(reason), before + 1, "{reason}: {:?}", failures(&s.gw.stats));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_is_counted_under_its_reason() {
+    require_openssh!("every_refusal_is_counted_under_its_reason");
+    let s = Scene::new(Backend::Failing("unused"), |_| {}).await;
+    let lease = s.lease.to_string();
+
+    // A different ed25519 key.
+    let other = LeaseKey::load_or_create(&s.path("other.lease_key")).expect("other key");
+    let mut cmd = s.gw_ssh(&lease, other.path());
+    cmd.arg("true");
+    expect_refused(&s, cmd, AuthFailure::WrongKey).await;
+
+    // An RSA key.
+    let rsa = s.path("id_rsa");
+    common::ssh_keygen(&rsa, "rsa").await;
+    let mut cmd = s.gw_ssh(&lease, &rsa);
+    cmd.arg("true");
+    expect_refused(&s, cmd, AuthFailure::WrongKeyType).await;
+
+    // A username that is not 64 hex characters.
+    let mut cmd = s.gw_ssh("root", s.key.path());
+    cmd.arg("true");
+    expect_refused(&s, cmd, AuthFailure::MalformedUsername).await;
+
+    // A lease nobody has heard of.
+    let unknown = hex::encode(rand::random::<[u8; 32]>());
+    let mut cmd = s.gw_ssh(&unknown, s.key.path());
+    cmd.arg("true");
+    expect_refused(&s, cmd, AuthFailure::UnknownLease).await;
+
+    // A settled lease for the right key.
+    let settled = s.ledger.active(s.key.access_pub_key(), common::UNUSED_VM_HOST_KEY);
+    s.ledger.settle(settled);
+    let mut cmd = s.gw_ssh(&settled.to_string(), s.key.path());
+    cmd.arg("true");
+    expect_refused(&s, cmd, AuthFailure::LeaseSettled).await;
+
+    // An expired lease: accepted two hours ago for one hour.
+    let expired = s.ledger.lease(
+        s.key.access_pub_key(),
+        Some(now_secs() - 7200),
+        3600,
+        common::UNUSED_VM_HOST_KEY,
+    );
+    let mut cmd = s.gw_ssh(&expired.to_string(), s.key.path());
+    cmd.arg("true");
+    expect_refused(&s, cmd, AuthFailure::LeaseExpired).await;
+
+    // A lease the provider has not accepted yet.
+    let created = s.ledger.lease(s.key.access_pub_key(), None, 3600, common::UNUSED_VM_HOST_KEY);
+    let mut cmd = s.gw_ssh(&created.to_string(), s.key.path());
+    cmd.arg("true");
+    expect_refused(&s, cmd, AuthFailure::LeaseNotAccepted).await;
+
+    assert_eq!(s.gw.stats.auth_successes(), 0);
+    assert_eq!(failures(&s.gw.stats).iter().map(|(_, n)| n).sum::<u64>(), 7);
+    s.gw.stop().await;
+}
+
+/// Global requests (remote forwarding) are refused; the session still
+/// authenticates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_forwarding_is_refused() {
+    require_openssh!("remote_forwarding_is_refused");
+    let s = Scene::new(Backend::Failing("unused"), |_| {}).await;
+    let mut cmd = s.gw_ssh(&s.lease.to_string(), s.key.path());
+    cmd.args(["-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:9", "-N"]);
+    let out = run(&mut cmd, CMD_LIMIT).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(255), "stderr {stderr:?}");
+    assert!(stderr.contains("remote port forwarding failed"), "stderr {stderr:?}");
+    assert_eq!(s.gw.stats.auth_successes(), 1);
+    s.gw.stop().await;
+}
+
+/// Start `ssh … root@vm 'echo ready; CMD'` through `-W` and wait for ready.
+async fn session_ready(s: &Scene, then: &str) -> (Child, BufReader<ChildStdout>) {
+    let mut cmd = s.vm_ssh(&s.proxy_command("-W %h:%p"), &format!("echo ready; {then}"));
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("spawn ssh");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    wait_line(&mut out, "ready", CMD_LIMIT).await;
+    (child, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settling_a_lease_closes_its_sessions() {
+    require_openssh!("settling_a_lease_closes_its_sessions");
+    let s = Scene::new(Backend::Sshd, |_| {}).await;
+    let (mut child, _out) = session_ready(&s, "sleep 60").await;
+    let t = Instant::now();
+    s.ledger.settle(s.lease);
+    let status = wait_exit(&mut child, CLOSE_LIMIT).await;
+    eprintln!("session closed {:?} after the settle", t.elapsed());
+    assert!(status.is_some(), "ssh still running {CLOSE_LIMIT:?} after the lease was settled");
+    assert!(!status.is_some_and(|st| st.success()));
+    assert_eq!(s.gw.stats.lease_disconnects(), 1);
+    // And the lease no longer opens.
+    let mut cmd = s.gw_ssh(&s.lease.to_string(), s.key.path());
+    cmd.arg("true");
+    expect_refused(&s, cmd, AuthFailure::LeaseSettled).await;
+    s.gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_closes_its_sessions() {
+    require_openssh!("expiry_closes_its_sessions");
+    let s = Scene::new(Backend::Sshd, |_| {}).await;
+    // The shortest lease the ledger allows (60 s), accepted 52 s ago.
+    let vm_key = s.vm.as_ref().map(|v| v.host_key_line.clone()).expect("vm");
+    let accepted_at = now_secs() - 52;
+    let short = s.ledger.lease(s.key.access_pub_key(), Some(accepted_at), 60, &vm_key);
+    let expires_at = s.ledger.record(&short).expires_at().expect("accepted");
+    let proxy = s.proxy_command("-W %h:%p").replace(&s.lease.to_string(), &short.to_string());
+    let mut cmd = s.vm_ssh(&proxy, "echo ready; sleep 60");
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("spawn ssh");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    wait_line(&mut out, "ready", CMD_LIMIT).await;
+    let left = expires_at.saturating_sub(now_secs());
+    let status = wait_exit(&mut child, Duration::from_secs(left) + CLOSE_LIMIT).await;
+    assert!(status.is_some(), "ssh still running after the lease expired");
+    let late = now_secs().saturating_sub(expires_at);
+    eprintln!("session closed {late} s after expiry (whole seconds)");
+    assert!(now_secs() >= expires_at, "closed before the lease expired");
+    assert_eq!(s.gw.stats.lease_disconnects(), 1);
+    s.gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixth_connection_is_refused_while_five_stay_up() {
+    require_openssh!("sixth_connection_is_refused_while_five_stay_up");
+    let s = Scene::new(Backend::Sshd, |c| c.max_connections = 5).await;
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(session_ready(&s, "read line; echo got-$line").await);
+    }
+    assert_eq!(s.gw.stats.connections_active(), 5);
+
+    let mut cmd = s.gw_ssh(&s.lease.to_string(), s.key.path());
+    cmd.arg("true");
+    let out = run(&mut cmd, CMD_LIMIT).await;
+    assert_eq!(out.status.code(), Some(255), "stderr {:?}", text(&out.stderr));
+    assert_eq!(s.gw.stats.refused(ConnectionRefusal::ConnectionLimit), 1);
+    assert_eq!(s.gw.stats.connections_active(), 5);
+
+    // The five still work, end to end.
+    for (i, (child, out)) in held.iter_mut().enumerate() {
+        let stdin = child.stdin.as_mut().expect("stdin");
+        stdin.write_all(format!("{i}\n").as_bytes()).await.expect("write");
+        stdin.flush().await.expect("flush");
+        wait_line(out, &format!("got-{i}"), CMD_LIMIT).await;
+    }
+    for (mut child, _) in held {
+        let status = wait_exit(&mut child, CMD_LIMIT).await.expect("ssh exits");
+        assert!(status.success(), "held session failed: {status}");
+    }
+    s.gw.stop().await;
+}
+
+/// Connections that do not authenticate are dropped after the grace time,
+/// whether they never speak or stop after the version exchange.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_are_dropped_after_the_grace_time() {
+    common::init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger = common::Ledger::new();
+    let gw = common::start_gateway(dir.path(), ledger.store.clone(), Arc::new(common::FailingDialer("unused")), |c| {
+        c.auth_grace = Duration::from_secs(1)
+    })
+    .await;
+
+    let mut silent = TcpStream::connect(gw.addr).await.expect("connect");
+    let mut hello = TcpStream::connect(gw.addr).await.expect("connect");
+    hello.write_all(b"SSH-2.0-probe\r\n").await.expect("write version");
+    for conn in [&mut silent, &mut hello] {
+        let mut sink = Vec::new();
+        let t = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut sink)).await;
+        assert!(r.is_ok(), "connection still open 10 s after a 1 s grace time");
+        eprintln!("dropped after {:?}", t.elapsed());
+        assert!(sink.starts_with(b"SSH-2.0-xe-gateway"), "{:?}", String::from_utf8_lossy(&sink));
+    }
+    assert_eq!(gw.stats.refused(ConnectionRefusal::AuthTimeout), 2);
+    assert_eq!(gw.stats.connections_active(), 0);
+    gw.stop().await;
+}
+
+/// The host key is created once and reused: the same fingerprint after a
+/// restart on the same data directory, and a client that pinned it on the
+/// first run connects again with strict checking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_key_is_stable_across_restarts() {
+    require_openssh!("host_key_is_stable_across_restarts");
+    common::init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let ledger = common::Ledger::new();
+    let key = LeaseKey::load_or_create(&dir.path().join("k.lease_key")).expect("key");
+    let lease = ledger.active(key.access_pub_key(), common::UNUSED_VM_HOST_KEY);
+    let known = dir.path().join("known_hosts");
+    let dialer = Arc::new(common::FailingDialer("no VM in this test"));
+
+    let connect = |port: u16, strict: &str| {
+        let mut c = Command::new("ssh");
+        c.args(Scene::base_opts(false))
+            .args(["-o", &format!("StrictHostKeyChecking={strict}")])
+            .args(["-o", &format!("UserKnownHostsFile={}", known.display())])
+            .args(["-o", "HostKeyAlias=xe-gateway", "-T", "-p", &port.to_string(), "-i"])
+            .arg(key.path())
+            .arg(format!("{lease}@127.0.0.1"));
+        c.env_remove("SSH_AUTH_SOCK");
+        c
+    };
+
+    let gw = common::start_gateway(&data, ledger.store.clone(), dialer.clone(), |_| {}).await;
+    let first = gw.fingerprint.clone();
+    // Authenticated, then the (failing) tunnel: exit 1, not 255.
+    let out = run(&mut connect(gw.addr.port(), "accept-new"), CMD_LIMIT).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    gw.stop().await;
+
+    let gw = common::start_gateway(&data, ledger.store.clone(), dialer, |_| {}).await;
+    assert_eq!(gw.fingerprint, first);
+    let out = run(&mut connect(gw.addr.port(), "yes"), CMD_LIMIT).await;
+    assert_eq!(out.status.code(), Some(1), "host key changed? {}", text(&out.stderr));
+
+    // The file is OpenSSH's format, private, and what the gateway uses.
+    let path = data.join(xe_node::gateway::HOST_KEY_FILE);
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).expect("meta").permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let out = run(Command::new("ssh-keygen").arg("-lf").arg(&path), CMD_LIMIT).await;
+    assert!(text(&out.stdout).contains(&first), "ssh-keygen -lf: {}", text(&out.stdout));
+    let loaded = load_or_create_host_key(&path).expect("load");
+    assert_eq!(host_key_fingerprint(&loaded), first);
+    gw.stop().await;
+}
+
+/// Cancelling the shutdown token closes open sessions and `run` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_sessions_and_returns() {
+    require_openssh!("shutdown_closes_sessions_and_returns");
+    let s = Scene::new(Backend::Sshd, |_| {}).await;
+    let (mut child, _out) = session_ready(&s, "sleep 60").await;
+    let stats = s.gw.stats.clone();
+    s.gw.stop().await;
+    let status = wait_exit(&mut child, CLOSE_LIMIT).await;
+    assert!(status.is_some(), "session survived the gateway's shutdown");
+    assert_eq!(stats.connections_active(), 0);
+    assert_eq!(stats.tunnels_active(), 0);
+}

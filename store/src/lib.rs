@@ -1,0 +1,35 @@
+//! xe-store: the lease ledger.
+//!
+//! There is no central database: every node keeps its own copy of the same
+//! signed facts, so a node only checks signatures and never trusts a peer.
+//!
+//! # Layout
+//! - [`ids`]: hex newtypes (`LeaseHash`, `AccountAddress`, `AccessPubKey`, …).
+//! - [`wallet`]: account seed files and the per-wallet SSH lease key.
+//! - [`lease`]: lease terms, signed events, the canonical encoding.
+//! - [`record`]: a lease's state derived from its facts; the transition rules.
+//! - [`directory`]: signed account → PeerId entries.
+//! - [`db`]: sled persistence with flushed writes and a change subscription.
+#![forbid(unsafe_code)]
+
+pub mod db;
+pub mod directory;
+pub mod ids;
+pub mod lease;
+pub mod record;
+pub mod wallet;
+
+pub use db::{Applied, LeaseChange, Store, StoreError};
+pub use directory::{DirectoryEntry, DirectoryError};
+pub use ids::{AccessPubKey, AccountAddress, AccountPubKey, EventId, HexError, LeaseHash, Sig};
+pub use lease::{EventError, EventKind, Lease, LeaseEvent};
+pub use record::{LeaseRecord, LeaseState};
+pub use wallet::{LeaseKey, Wallet, WalletError, lease_key_path};
+
+/// Unix time in seconds.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,258 @@
+//! The state of one lease, derived from the facts (signed events) known
+//! about it. Facts only accumulate, so state only moves forward, and the
+//! tie-break rules below make the result independent of arrival order.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{AccountAddress, EventId, LeaseHash, Sig};
+use crate::lease::{EventError, EventKind, Lease, LeaseEvent};
+
+/// Slack allowed between a lease's creation time and its acceptance time,
+/// for clocks that disagree between consumer and provider.
+pub const CLOCK_SKEW_SECS: u64 = 300;
+
+/// Where a lease stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaseState {
+    /// Signed by the consumer, waiting for the provider.
+    Created,
+    /// Provider runs the VM; access is granted until expiry.
+    Accepted,
+    /// Ended by consumer or provider.
+    Settled,
+    /// Withdrawn by the consumer before acceptance.
+    Cancelled,
+    /// Accepted, but `accepted_at + duration` has passed.
+    Expired,
+}
+
+impl LeaseState {
+    /// All states, for metrics and filters.
+    pub const ALL: [LeaseState; 5] = [
+        LeaseState::Created,
+        LeaseState::Accepted,
+        LeaseState::Settled,
+        LeaseState::Cancelled,
+        LeaseState::Expired,
+    ];
+
+    /// Lowercase name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LeaseState::Created => "created",
+            LeaseState::Accepted => "accepted",
+            LeaseState::Settled => "settled",
+            LeaseState::Cancelled => "cancelled",
+            LeaseState::Expired => "expired",
+        }
+    }
+
+    /// Whether the lease has ended for good.
+    pub fn is_final(&self) -> bool {
+        matches!(self, LeaseState::Settled | LeaseState::Cancelled | LeaseState::Expired)
+    }
+}
+
+impl std::fmt::Display for LeaseState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for LeaseState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        LeaseState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown lease state {s:?} (expected created, accepted, settled, cancelled or expired)"))
+    }
+}
+
+/// The provider's acceptance, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceptFact {
+    /// Unix seconds.
+    pub accepted_at: u64,
+    /// VM SSH host key line.
+    pub vm_host_key: String,
+    /// The accept event's id (tie-break between competing accepts).
+    pub event_id: EventId,
+}
+
+/// A settle or cancel, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndFact {
+    /// Who signed it.
+    pub by: AccountAddress,
+    /// Unix seconds.
+    pub at: u64,
+    /// The event's id (tie-break).
+    pub event_id: EventId,
+}
+
+/// Everything known about one lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    /// The lease hash.
+    pub hash: LeaseHash,
+    /// The terms.
+    pub lease: Lease,
+    /// Consumer's create signature.
+    pub create_sig: Sig,
+    /// Acceptance, if any.
+    pub accept: Option<AcceptFact>,
+    /// Settlement, if any.
+    pub settle: Option<EndFact>,
+    /// Cancellation, if any (only while not accepted).
+    pub cancel: Option<EndFact>,
+}
+
+/// What applying an event to a record did.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The record changed.
+    Changed(LeaseRecord),
+    /// The event was already reflected; nothing to write.
+    Unchanged,
+    /// The event cannot apply yet (a settle before its accept); keep it.
+    Wait(&'static str),
+}
+
+impl LeaseRecord {
+    /// A record from a (self-checked) create event.
+    pub fn from_create(lease: Lease, sig: Sig) -> Self {
+        LeaseRecord {
+            hash: lease.hash(),
+            lease,
+            create_sig: sig,
+            accept: None,
+            settle: None,
+            cancel: None,
+        }
+    }
+
+    /// Unix second at which the lease expires, once accepted.
+    pub fn expires_at(&self) -> Option<u64> {
+        self.accept
+            .as_ref()
+            .map(|a| a.accepted_at.saturating_add(self.lease.duration))
+    }
+
+    /// The state at unix time `now`.
+    pub fn state_at(&self, now: u64) -> LeaseState {
+        if self.settle.is_some() {
+            LeaseState::Settled
+        } else if self.accept.is_some() {
+            match self.expires_at() {
+                Some(t) if now >= t => LeaseState::Expired,
+                _ => LeaseState::Accepted,
+            }
+        } else if self.cancel.is_some() {
+            LeaseState::Cancelled
+        } else {
+            LeaseState::Created
+        }
+    }
+
+    /// The state now.
+    pub fn state(&self) -> LeaseState {
+        self.state_at(crate::now_secs())
+    }
+
+    /// Apply a self-checked event for this lease. Checks the signer's
+    /// entitlement and the transition; never mutates `self`.
+    ///
+    /// Order tolerance: competing accepts (or settles, or cancels) keep the
+    /// smallest `(timestamp, event id)`; an accept that races a cancel wins
+    /// (the consumer then settles), so every node converges on one record.
+    pub fn apply(&self, ev: &LeaseEvent) -> Result<Outcome, EventError> {
+        let kind = ev.kind();
+        let lease = self.hash;
+        let signer = ev.signer().address();
+        let provider = self.lease.provider;
+        let consumer = self.lease.consumer_address();
+        let id = ev.id();
+        let mut next = self.clone();
+        match ev {
+            LeaseEvent::Create { .. } => return Ok(Outcome::Unchanged),
+            LeaseEvent::Accept {
+                accepted_at,
+                vm_host_key,
+                ..
+            } => {
+                if signer != provider {
+                    return Err(EventError::WrongSigner {
+                        kind,
+                        lease,
+                        signer,
+                        allowed: "the lease's provider",
+                    });
+                }
+                if accepted_at.saturating_add(CLOCK_SKEW_SECS) < self.lease.created_at {
+                    return Err(EventError::BadTransition {
+                        kind,
+                        lease,
+                        reason: "accepted_at is before the lease was created",
+                    });
+                }
+                let fact = AcceptFact {
+                    accepted_at: *accepted_at,
+                    vm_host_key: vm_host_key.clone(),
+                    event_id: id,
+                };
+                match &self.accept {
+                    Some(a) if (a.accepted_at, a.event_id) <= (fact.accepted_at, id) => {
+                        return Ok(Outcome::Unchanged);
+                    }
+                    _ => next.accept = Some(fact),
+                }
+                // An accept that raced a cancel wins; the cancel is void.
+                next.cancel = None;
+            }
+            LeaseEvent::Settle { at, .. } => {
+                if signer != provider && signer != consumer {
+                    return Err(EventError::WrongSigner {
+                        kind,
+                        lease,
+                        signer,
+                        allowed: "the lease's consumer or provider",
+                    });
+                }
+                if self.accept.is_none() {
+                    return Ok(Outcome::Wait("settle waits for the lease's accept"));
+                }
+                let fact = EndFact { by: signer, at: *at, event_id: id };
+                match &self.settle {
+                    Some(s) if (s.at, s.event_id) <= (fact.at, id) => return Ok(Outcome::Unchanged),
+                    _ => next.settle = Some(fact),
+                }
+            }
+            LeaseEvent::Cancel { at, .. } => {
+                if signer != consumer {
+                    return Err(EventError::WrongSigner {
+                        kind,
+                        lease,
+                        signer,
+                        allowed: "the lease's consumer",
+                    });
+                }
+                if self.accept.is_some() {
+                    return Err(EventError::BadTransition {
+                        kind,
+                        lease,
+                        reason: "the lease is already accepted; settle it instead",
+                    });
+                }
+                let fact = EndFact { by: signer, at: *at, event_id: id };
+                match &self.cancel {
+                    Some(c) if (c.at, c.event_id) <= (fact.at, id) => return Ok(Outcome::Unchanged),
+                    _ => next.cancel = Some(fact),
+                }
+            }
+        }
+        debug_assert_ne!(kind, EventKind::Create);
+        Ok(Outcome::Changed(next))
+    }
+}

@@ -1,0 +1,131 @@
+//! The per-lease Lima instance template and its provision script.
+//!
+//! Only validated values reach the text: numbers, the lease's hex, the
+//! `authorized_keys` line rebuilt from the key's 32 bytes, and config
+//! strings written as JSON strings (a JSON string is a valid YAML
+//! double-quoted scalar, so quotes and newlines cannot break out).
+
+use std::fmt::Write as _;
+
+use xe_store::LeaseHash;
+
+use super::LimaConfig;
+use crate::{ProvisionRequest, VmError, util};
+
+/// The Lima instance name of a lease: `xe-` and the first 16 hex digits.
+/// The `xe-` prefix marks instances this backend owns (orphan cleanup).
+pub fn instance_name(lease: &LeaseHash) -> String {
+    let hex = lease.to_hex();
+    format!("xe-{}", &hex[..16])
+}
+
+/// Lima's name for the host architecture.
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "arm" => "armv7l",
+        other => other,
+    }
+}
+
+fn quoted(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// The instance YAML for `req`. Fails with [`VmError::InvalidKey`] before
+/// anything is rendered if the key is not a valid ed25519 point.
+pub fn render(config: &LimaConfig, req: &ProvisionRequest) -> Result<String, VmError> {
+    let key_line = util::authorized_key_line(&req.lease, &req.access_pub_key)?;
+    let arch = config.arch.as_deref().unwrap_or(host_arch());
+    let cpus = req.vcpus.max(config.min_cpus);
+    let memory_mb = req.memory_mb.max(config.min_memory_mb);
+    let disk_gb = req.disk_gb.max(config.min_disk_gb);
+    let mut y = String::new();
+    // `write!` into a String cannot fail.
+    let _ = write!(
+        y,
+        "# Written by xe for lease {lease}; recreated on every provision.\n\
+         vmType: \"qemu\"\n\
+         arch: {arch}\n\
+         cpus: {cpus}\n\
+         memory: \"{memory_mb}MiB\"\n\
+         disk: \"{disk_gb}GiB\"\n\
+         images:\n\
+         \x20 - location: {image}\n\
+         \x20   arch: {arch}\n\
+         # Nothing of the provider's filesystem is shared with a consumer's VM.\n\
+         mounts: []\n\
+         containerd:\n\
+         \x20 system: false\n\
+         \x20 user: false\n\
+         ssh:\n\
+         \x20 # 0: Lima picks a free 127.0.0.1 port; we read it from `limactl list --json`.\n\
+         \x20 localPort: 0\n\
+         \x20 loadDotSSHPubKeys: false\n\
+         \x20 forwardAgent: false\n\
+         \x20 forwardX11: false\n\
+         # Lima forwards guest ports to the provider's loopback by default; a\n\
+         # consumer's services must not appear there (SSH's own forward stays).\n\
+         portForwards:\n\
+         \x20 - guestPortRange: [1, 65535]\n\
+         \x20   proto: \"any\"\n\
+         \x20   ignore: true\n\
+         provision:\n\
+         \x20 - mode: system\n\
+         \x20   script: |\n",
+        lease = req.lease,
+        arch = quoted(arch),
+        image = quoted(&config.image),
+    );
+    for line in provision_script(&req.lease, &key_line).lines() {
+        if line.is_empty() {
+            y.push('\n');
+        } else {
+            let _ = writeln!(y, "      {line}");
+        }
+    }
+    Ok(y)
+}
+
+/// The guest script (Lima `mode: system`, run as root on every boot, so
+/// idempotent): make sure sshd is there and enabled, authorise exactly the
+/// lease's key for root, turn password logins off. `key_line` comes from
+/// [`util::authorized_key_line`], so it holds no quote.
+fn provision_script(lease: &LeaseHash, key_line: &str) -> String {
+    format!(
+        r#"#!/bin/sh
+# Written by xe for lease {short}: exactly the lease's access key may log
+# in as root, passwords are off.
+set -eu
+if ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y openssh-server
+  elif command -v apk >/dev/null 2>&1; then
+    apk add --no-cache openssh-server
+  elif command -v dnf >/dev/null 2>&1; then
+    dnf install -y openssh-server
+  else
+    echo "xe: no sshd and no known package manager" >&2
+    exit 1
+  fi
+fi
+install -d -m 700 /root/.ssh
+printf '%s\n' '{key_line}' > /root/.ssh/authorized_keys.xe-new
+chmod 600 /root/.ssh/authorized_keys.xe-new
+mv -f /root/.ssh/authorized_keys.xe-new /root/.ssh/authorized_keys
+# sshd takes the first value it reads: a drop-in that sorts first where
+# sshd_config.d is included, and the main file rewritten for the rest.
+if [ -d /etc/ssh/sshd_config.d ]; then
+  printf '%s\n' 'PasswordAuthentication no' 'KbdInteractiveAuthentication no' 'PermitRootLogin prohibit-password' > /etc/ssh/sshd_config.d/00-xe.conf
+fi
+sed -i -E 's/^[#[:space:]]*(PasswordAuthentication|KbdInteractiveAuthentication|ChallengeResponseAuthentication)[[:space:]].*/\1 no/; s/^[#[:space:]]*PermitRootLogin[[:space:]].*/PermitRootLogin prohibit-password/' /etc/ssh/sshd_config
+if command -v systemctl >/dev/null 2>&1; then
+  systemctl enable ssh >/dev/null 2>&1 || systemctl enable sshd
+  systemctl restart ssh >/dev/null 2>&1 || systemctl restart sshd
+elif command -v rc-service >/dev/null 2>&1; then
+  rc-update add sshd default >/dev/null 2>&1 || true
+  rc-service sshd restart
+fi
+"#,
+        short = lease.short(),
+    )
+}

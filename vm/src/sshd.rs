@@ -1,0 +1,481 @@
+//! The `sshd` backend: one real OpenSSH `sshd -D -e -f <config>` per lease,
+//! bound to `127.0.0.1:<free port>`, with its own ed25519 host key and an
+//! `authorized_keys` holding only the lease's key.
+//!
+//! The "VM" is the host itself (or the container the provider runs in): a
+//! lease gets a login as the node's user — `root` when the node runs as
+//! root. Per-lease files live in `{state_dir}/{lease hex}/`:
+//!
+//! | file | why |
+//! |---|---|
+//! | `host_key`, `host_key.pub` | kept across restarts so `recover` serves the same key |
+//! | `authorized_keys` | exactly the lease key, rewritten on every start |
+//! | `sshd_config` | rendered by [`render_config`] on every start |
+//! | `sshd.log` | sshd's stderr (`-e`); its tail goes into errors |
+//! | `sshd.pid` | our record of the listener, to find it after a crash |
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+use tracing::{info, warn};
+use xe_store::LeaseHash;
+
+use crate::registry::{Begin, Registry};
+use crate::util::{self, LocalUser};
+use crate::{ProvisionRequest, VmError, VmInfo, VmManager, VmStatus};
+
+/// How long a fresh sshd may take to log "Server listening". It needs a few
+/// milliseconds; the margin covers a loaded CI machine.
+const SSHD_READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How often the log is checked while waiting for sshd.
+const SSHD_READY_POLL: Duration = Duration::from_millis(20);
+
+/// The free port is chosen before sshd binds it, so another process can
+/// take it in between; sshd then exits with "Address already in use" and
+/// we try another port this many times in all.
+const BIND_ATTEMPTS: usize = 4;
+
+/// How long a killed sshd may take to be reaped.
+const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+
+const HOST_KEY: &str = "host_key";
+const AUTHORIZED_KEYS: &str = "authorized_keys";
+const CONFIG: &str = "sshd_config";
+const LOG: &str = "sshd.log";
+const PID: &str = "sshd.pid";
+
+/// Configuration of the sshd backend.
+#[derive(Clone, Debug)]
+pub struct SshdConfig {
+    /// Where per-lease directories go (created 0700 if missing).
+    pub state_dir: PathBuf,
+    /// The sshd binary; `None` looks in `/usr/sbin`, `/usr/local/sbin`,
+    /// `/sbin` and `$PATH`.
+    pub sshd_path: Option<PathBuf>,
+}
+
+/// A running per-lease sshd.
+struct SshdProc {
+    child: Child,
+    dir: PathBuf,
+}
+
+/// The sshd backend. See the module docs.
+pub struct SshdManager {
+    state_dir: PathBuf,
+    sshd: PathBuf,
+    user: LocalUser,
+    registry: Registry<SshdProc>,
+}
+
+impl SshdManager {
+    /// Find sshd and prepare `state_dir`. [`VmError::ToolMissing`] if sshd
+    /// is not installed.
+    pub fn new(config: SshdConfig) -> Result<Self, VmError> {
+        let sshd = util::find_program(
+            config.sshd_path.as_deref(),
+            "sshd",
+            &["/usr/sbin", "/usr/local/sbin", "/sbin"],
+        )
+        .ok_or_else(|| VmError::ToolMissing {
+            tool: "sshd".into(),
+            hint: match &config.sshd_path {
+                Some(p) => format!("{} is not an executable file; install OpenSSH server (`apt-get install openssh-server`) or fix the path", p.display()),
+                None => "install OpenSSH server (`apt-get install openssh-server` on Debian/Ubuntu), or give its path".into(),
+            },
+        })?;
+        util::create_private_dir(&config.state_dir)?;
+        // sshd re-executes itself and resolves config paths from `/`, so
+        // every path we hand it must be absolute.
+        let state_dir = fs::canonicalize(&config.state_dir)
+            .map_err(VmError::io(format!("resolving {}", config.state_dir.display())))?;
+        check_config_path(&state_dir)?;
+        Ok(SshdManager {
+            state_dir,
+            sshd,
+            user: LocalUser::current(),
+            registry: Registry::new("sshd"),
+        })
+    }
+
+    fn lease_dir(&self, lease: &LeaseHash) -> PathBuf {
+        self.state_dir.join(lease.to_hex())
+    }
+
+    /// Write the lease's files and start its sshd. With `recovering`, the
+    /// host key must already exist: a lease is never given a new one.
+    async fn start(&self, req: &ProvisionRequest, recovering: bool) -> Result<(VmInfo, SshdProc), VmError> {
+        let dir = self.lease_dir(&req.lease);
+        let key_path = dir.join(HOST_KEY);
+        if recovering && !key_path.exists() {
+            return Err(VmError::Failed {
+                what: "recovering the lease's sshd".into(),
+                detail: format!("{} is gone; not starting with a new host key", key_path.display()),
+            });
+        }
+        let key_line = util::authorized_key_line(&req.lease, &req.access_pub_key)?;
+        util::create_private_dir(&dir)?;
+        kill_stale(&dir);
+        let host_key = util::host_key_line(&util::load_or_create_host_key(&key_path)?)?;
+        util::write_private(&dir.join(AUTHORIZED_KEYS), format!("{key_line}\n").as_bytes())?;
+        if self.user.is_root() {
+            ensure_privsep_dir()?;
+        }
+
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let port = util::free_local_port()?;
+            let config = render_config(port, &dir, &self.user.name);
+            util::write_private(&dir.join(CONFIG), config.as_bytes())?;
+            let log_path = dir.join(LOG);
+            let log = fs::File::create(&log_path).map_err(VmError::io(format!("creating {}", log_path.display())))?;
+            let child = Command::new(&self.sshd)
+                .arg("-D")
+                .arg("-e")
+                .arg("-f")
+                .arg(dir.join(CONFIG))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                // If the manager is dropped without shutdown, don't leave
+                // the listener behind.
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(VmError::io(format!("running {}", self.sshd.display())))?;
+            let mut proc = SshdProc { child, dir: dir.clone() };
+            if let Some(pid) = proc.child.id() {
+                util::write_private(&dir.join(PID), format!("{pid}\n").as_bytes())?;
+            }
+            match wait_ready(&mut proc.child, &log_path, port).await {
+                Ok(()) => {
+                    info!(lease = %req.lease.short(), port, "sshd running");
+                    let mut info = VmInfo::new(req.lease, "sshd", VmStatus::Running);
+                    info.ssh_port = Some(port);
+                    info.host_key = Some(host_key);
+                    return Ok((info, proc));
+                }
+                Err(Ready::BindRace) if attempt < BIND_ATTEMPTS => {
+                    warn!(lease = %req.lease.short(), port, "port taken before sshd bound it; trying another");
+                    stop(proc).await;
+                }
+                Err(Ready::BindRace) => {
+                    let detail = util::log_tail(&log_path);
+                    stop(proc).await;
+                    return Err(VmError::Failed {
+                        what: format!("starting sshd ({BIND_ATTEMPTS} ports tried)"),
+                        detail,
+                    });
+                }
+                Err(Ready::Error(e)) => {
+                    stop(proc).await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// Why sshd did not come up.
+enum Ready {
+    /// The port was taken by someone else; try another.
+    BindRace,
+    Error(VmError),
+}
+
+/// Wait until sshd logs that it listens on `port` (then check that the port
+/// accepts), or exits, or the deadline passes.
+async fn wait_ready(child: &mut Child, log: &Path, port: u16) -> Result<(), Ready> {
+    let deadline = Instant::now() + SSHD_READY_TIMEOUT;
+    // sshd logs this at INFO right after listen(2) succeeded.
+    let listening = format!("Server listening on 127.0.0.1 port {port}.");
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| Ready::Error(VmError::io("waiting for sshd")(e)))? {
+            let text = fs::read_to_string(log).unwrap_or_default();
+            if text.contains("Address already in use") || text.contains("Cannot bind any address") {
+                return Err(Ready::BindRace);
+            }
+            return Err(Ready::Error(VmError::Failed {
+                what: "starting sshd".into(),
+                detail: format!("sshd exited with {status}: {}", util::log_tail(log)),
+            }));
+        }
+        if fs::read_to_string(log).unwrap_or_default().contains(&listening) {
+            return match util::connect_local(port).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(Ready::Error(VmError::Failed {
+                    what: "connecting to the new sshd".into(),
+                    detail: format!("127.0.0.1:{port}: {e}; {}", util::log_tail(log)),
+                })),
+            };
+        }
+        if Instant::now() >= deadline {
+            return Err(Ready::Error(VmError::Timeout {
+                what: format!("sshd did not listen on 127.0.0.1:{port} within {SSHD_READY_TIMEOUT:?}"),
+                detail: util::log_tail(log),
+            }));
+        }
+        tokio::time::sleep(SSHD_READY_POLL).await;
+    }
+}
+
+/// Kill an sshd with its sessions and reap it.
+async fn stop(mut proc: SshdProc) {
+    if let Some(pid) = proc.child.id() {
+        util::kill_tree(pid);
+    }
+    // kill_tree already sent SIGKILL; this covers a pid we could not read.
+    let _ = proc.child.start_kill();
+    if tokio::time::timeout(REAP_TIMEOUT, proc.child.wait()).await.is_err() {
+        warn!(dir = %proc.dir.display(), "sshd was not reaped in time");
+    }
+    let _ = fs::remove_file(proc.dir.join(PID));
+}
+
+/// Kill an sshd left by an earlier run of the node (crash, kill -9): the pid
+/// recorded in the lease dir, if that process still runs our config.
+fn kill_stale(dir: &Path) {
+    let Some(pid) = fs::read_to_string(dir.join(PID))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    let config = dir.join(CONFIG);
+    if util::proc_cmdline(pid).is_some_and(|c| c.contains(&*config.to_string_lossy())) {
+        warn!(pid, dir = %dir.display(), "killing an sshd left by an earlier run");
+        util::kill_tree(pid);
+    }
+    let _ = fs::remove_file(dir.join(PID));
+}
+
+/// Debian's sshd refuses to start as root without its privilege separation
+/// directory, which only the distribution's service unit creates.
+fn ensure_privsep_dir() -> Result<(), VmError> {
+    let dir = Path::new("/run/sshd");
+    if !dir.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(VmError::io("creating /run/sshd (sshd's privilege separation directory)"))?;
+    }
+    Ok(())
+}
+
+/// sshd_config words are split on whitespace and `"`; `%` starts a token in
+/// AuthorizedKeysFile. Paths are quoted, so refuse only what quoting cannot
+/// carry.
+fn check_config_path(p: &Path) -> Result<(), VmError> {
+    let s = p.to_str().ok_or_else(|| VmError::InvalidConfig(format!("{} is not UTF-8", p.display())))?;
+    if s.chars().any(|c| c.is_control() || matches!(c, '"' | '\\' | '%')) {
+        return Err(VmError::InvalidConfig(format!(
+            "state dir {s:?} contains a character sshd_config cannot carry (quote, backslash, %, control)"
+        )));
+    }
+    Ok(())
+}
+
+/// The per-lease sshd_config. Everything is explicit because `-f` replaces
+/// the system config entirely.
+pub fn render_config(port: u16, dir: &Path, user: &str) -> String {
+    let q = |name: &str| format!("\"{}\"", dir.join(name).display());
+    // AllowUsers takes patterns; only plain names are passed through.
+    let allow = if !user.is_empty() && user.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+        format!("AllowUsers {user}\n")
+    } else {
+        String::new()
+    };
+    format!(
+        "# Written by xe for one lease; regenerated on every start.\n\
+         ListenAddress 127.0.0.1:{port}\n\
+         HostKey {host_key}\n\
+         AuthorizedKeysFile {authorized_keys}\n\
+         {allow}\
+         PidFile none\n\
+         UsePAM no\n\
+         PubkeyAuthentication yes\n\
+         AuthenticationMethods publickey\n\
+         PasswordAuthentication no\n\
+         KbdInteractiveAuthentication no\n\
+         PermitRootLogin prohibit-password\n\
+         # Our files are written 0600 by us; the state dir may sit below a\n\
+         # world-writable directory (/tmp) that StrictModes would reject.\n\
+         StrictModes no\n\
+         PermitUserEnvironment no\n\
+         X11Forwarding no\n\
+         PermitTunnel no\n\
+         PrintMotd no\n\
+         PrintLastLog no\n\
+         LogLevel INFO\n\
+         Subsystem sftp internal-sftp\n",
+        host_key = q(HOST_KEY),
+        authorized_keys = q(AUTHORIZED_KEYS),
+    )
+}
+
+#[async_trait::async_trait]
+impl VmManager for SshdManager {
+    fn backend(&self) -> &'static str {
+        "sshd"
+    }
+
+    async fn provision(&self, req: &ProvisionRequest) -> Result<VmInfo, VmError> {
+        util::validate_access_key(&req.access_pub_key)?;
+        let (begin, old) = self.registry.begin(&req.lease)?;
+        if let Some(old) = old {
+            stop(old).await;
+        }
+        let generation = match begin {
+            Begin::AlreadyRunning(info) => return Ok(info),
+            Begin::Go(g) => g,
+        };
+        match self.start(req, false).await {
+            Ok((info, proc)) => match self.registry.finish(&req.lease, generation, info.clone(), Some(proc)) {
+                Ok(()) => Ok(info),
+                Err(proc) => {
+                    if let Some(proc) = proc {
+                        stop(proc).await;
+                    }
+                    Err(VmError::Failed {
+                        what: "provisioning".into(),
+                        detail: "the lease was torn down while its sshd was starting".into(),
+                    })
+                }
+            },
+            Err(e) => {
+                warn!(lease = %req.lease.short(), error = %e, "sshd provisioning failed");
+                let mut info = VmInfo::new(req.lease, "sshd", VmStatus::Error);
+                info.error = Some(e.to_string());
+                let _ = self.registry.finish(&req.lease, generation, info, None);
+                Err(e)
+            }
+        }
+    }
+
+    async fn teardown(&self, lease: &LeaseHash) -> Result<(), VmError> {
+        if let Some((_, Some(proc))) = self.registry.remove(lease) {
+            stop(proc).await;
+        }
+        let dir = self.lease_dir(lease);
+        kill_stale(&dir);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => info!(lease = %lease.short(), "sshd VM torn down"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(VmError::io(format!("removing {}", dir.display()))(e)),
+        }
+        Ok(())
+    }
+
+    async fn dial_ssh(&self, lease: &LeaseHash) -> Result<tokio::net::TcpStream, VmError> {
+        let port = self.registry.running_port(lease)?;
+        util::connect_local(port)
+            .await
+            .map_err(VmError::io(format!("connecting to the sshd of lease {}", lease.short())))
+    }
+
+    async fn get(&self, lease: &LeaseHash) -> Option<VmInfo> {
+        self.registry.get(lease)
+    }
+
+    async fn list(&self) -> Vec<VmInfo> {
+        self.registry.list()
+    }
+
+    async fn recover(&self, keep: &[ProvisionRequest]) -> Result<Vec<VmInfo>, VmError> {
+        let wanted: HashSet<LeaseHash> = keep.iter().map(|r| r.lease).collect();
+        for lease in self.registry.leases() {
+            if !wanted.contains(&lease) {
+                self.teardown(&lease).await?;
+            }
+        }
+        let entries = fs::read_dir(&self.state_dir).map_err(VmError::io(format!("listing {}", self.state_dir.display())))?;
+        for entry in entries.flatten() {
+            // Only directories named like a lease are ours to remove.
+            let Some(lease) = entry.file_name().to_str().and_then(|n| n.parse::<LeaseHash>().ok()) else {
+                continue;
+            };
+            if !wanted.contains(&lease) {
+                info!(lease = %lease.short(), "removing orphaned sshd VM");
+                self.teardown(&lease).await?;
+            }
+        }
+        let mut out = Vec::with_capacity(keep.len());
+        for req in keep {
+            if let Some(info) = self.registry.get(&req.lease).filter(|i| i.status == VmStatus::Running) {
+                out.push(info);
+                continue;
+            }
+            let info = match self.start(req, true).await {
+                Ok((info, proc)) => {
+                    if let Some(old) = self.registry.set(info.clone(), Some(proc)) {
+                        stop(old).await;
+                    }
+                    info
+                }
+                Err(e) => {
+                    warn!(lease = %req.lease.short(), error = %e, "could not recover sshd VM");
+                    let mut info = VmInfo::new(req.lease, "sshd", VmStatus::Error);
+                    info.error = Some(e.to_string());
+                    if let Some(old) = self.registry.set(info.clone(), None) {
+                        stop(old).await;
+                    }
+                    info
+                }
+            };
+            out.push(info);
+        }
+        Ok(out)
+    }
+
+    async fn shutdown(&self) {
+        for (lease, proc) in self.registry.stop_all() {
+            stop(proc).await;
+            info!(lease = %lease.short(), "sshd stopped (state kept for recover)");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_locked_down() {
+        let c = render_config(2222, Path::new("/var/lib/xe/sshd/ab"), "root");
+        for line in [
+            "ListenAddress 127.0.0.1:2222",
+            "HostKey \"/var/lib/xe/sshd/ab/host_key\"",
+            "AuthorizedKeysFile \"/var/lib/xe/sshd/ab/authorized_keys\"",
+            "AllowUsers root",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "UsePAM no",
+            "PidFile none",
+            "PermitRootLogin prohibit-password",
+        ] {
+            assert!(c.lines().any(|l| l == line), "missing {line:?} in\n{c}");
+        }
+    }
+
+    #[test]
+    fn odd_user_names_get_no_allow_users_pattern() {
+        let c = render_config(1, Path::new("/x"), "a*b");
+        assert!(!c.contains("AllowUsers"), "{c}");
+    }
+
+    #[test]
+    fn config_paths_that_sshd_cannot_carry_are_refused() {
+        assert!(check_config_path(Path::new("/tmp/a b")).is_ok());
+        for bad in ["/tmp/a\"b", "/tmp/a%h", "/tmp/a\nb"] {
+            assert!(matches!(check_config_path(Path::new(bad)), Err(VmError::InvalidConfig(_))), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! Small pieces shared by the backends: access-key validation, host keys,
+//! log tails, waiting for a port, process trees and the local user.
+
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rand::RngCore;
+use russh::keys::ssh_key::{self, LineEnding, PrivateKey, private::Ed25519Keypair};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use xe_store::{AccessPubKey, LeaseHash};
+
+use crate::VmError;
+
+/// How long one TCP connect to a local VM port may take. Loopback connects
+/// either succeed or are refused at once; this only bounds a wedged stack.
+pub(crate) const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pause between two connect attempts while waiting for a VM's sshd.
+const PORT_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How much of a log goes into an error: enough for the last few lines of a
+/// QEMU or sshd failure, small enough for a log line and an HTTP answer.
+const LOG_TAIL_BYTES: u64 = 2048;
+
+/// Parse an access key given as text: 64 hex characters (the ledger's form)
+/// or one OpenSSH line `ssh-ed25519 AAAA… [comment]`. Anything else — other
+/// key types, several lines, trailing junk, bytes that are not a point on
+/// the curve — is [`VmError::InvalidKey`].
+pub fn parse_access_key(text: &str) -> Result<AccessPubKey, VmError> {
+    let key = if let Ok(k) = text.parse::<AccessPubKey>() {
+        k
+    } else {
+        // A single line only: a newline could smuggle a second key into an
+        // authorized_keys file if the text were ever written verbatim.
+        if text.contains(['\n', '\r', '\0']) {
+            return Err(VmError::InvalidKey);
+        }
+        let pk = ssh_key::PublicKey::from_openssh(text.trim()).map_err(|_| VmError::InvalidKey)?;
+        let raw = pk.key_data().ed25519().ok_or(VmError::InvalidKey)?;
+        AccessPubKey(raw.0)
+    };
+    validate_access_key(&key)?;
+    Ok(key)
+}
+
+/// Refuse 32 bytes that are not an ed25519 point: sshd would ignore such a
+/// line and russh could not verify with it, so the lease could never be used.
+pub(crate) fn validate_access_key(key: &AccessPubKey) -> Result<(), VmError> {
+    if key.is_valid_point() {
+        Ok(())
+    } else {
+        Err(VmError::InvalidKey)
+    }
+}
+
+/// The `authorized_keys` line for a lease, built only from the parsed 32
+/// bytes and the lease's hex (so it cannot carry anything but base64, hex
+/// and fixed text).
+pub(crate) fn authorized_key_line(lease: &LeaseHash, key: &AccessPubKey) -> Result<String, VmError> {
+    validate_access_key(key)?;
+    let line = key.to_openssh(&format!("xe-lease-{}", lease.short()));
+    if !line.starts_with("ssh-ed25519 ") || line.contains(['\n', '\r', '\'', '"']) {
+        return Err(VmError::InvalidKey);
+    }
+    Ok(line)
+}
+
+/// Load the ed25519 host key at `path`, or create it (mode 0600) if absent.
+/// Keeping it on disk is what lets `recover` restart with the same key.
+pub(crate) fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, VmError> {
+    match fs::read_to_string(path) {
+        Ok(text) => PrivateKey::from_openssh(&text).map_err(|e| VmError::Failed {
+            what: format!("reading host key {}", path.display()),
+            detail: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut seed = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut seed);
+            let key = PrivateKey::new(Ed25519Keypair::from_seed(&seed).into(), "xe-vm-host")
+                .map_err(|e| VmError::Failed {
+                    what: "generating host key".into(),
+                    detail: e.to_string(),
+                })?;
+            let text = key.to_openssh(LineEnding::LF).map_err(|e| VmError::Failed {
+                what: "encoding host key".into(),
+                detail: e.to_string(),
+            })?;
+            write_private(path, text.as_bytes())?;
+            let public = host_key_line(&key)?;
+            write_private(&path.with_extension("pub"), format!("{public}\n").as_bytes())?;
+            Ok(key)
+        }
+        Err(e) => Err(VmError::Io {
+            what: format!("reading host key {}", path.display()),
+            source: e,
+        }),
+    }
+}
+
+/// `ssh-ed25519 AAAA…` (no comment) of a host key.
+pub(crate) fn host_key_line(key: &PrivateKey) -> Result<String, VmError> {
+    public_line(key.public_key())
+}
+
+/// Normalise a host public key line read from a VM: must be one ed25519
+/// key; returned without its comment.
+pub(crate) fn normalize_host_key_line(text: &str) -> Result<String, VmError> {
+    let bad = |detail: String| VmError::Failed {
+        what: "reading the VM's ed25519 host key".into(),
+        detail,
+    };
+    let line = text.trim();
+    if line.contains(['\n', '\r']) {
+        return Err(bad(format!("expected one line, got {:?}", clip(line, 200))));
+    }
+    let pk = ssh_key::PublicKey::from_openssh(line).map_err(|e| bad(format!("{e}: {:?}", clip(line, 200))))?;
+    if pk.key_data().ed25519().is_none() {
+        return Err(bad(format!("not an ed25519 key: {:?}", clip(line, 200))));
+    }
+    public_line(&pk)
+}
+
+fn public_line(pk: &ssh_key::PublicKey) -> Result<String, VmError> {
+    ssh_key::PublicKey::new(pk.key_data().clone(), "")
+        .to_openssh()
+        .map(|s| s.trim_end().to_string())
+        .map_err(|e| VmError::Failed {
+            what: "encoding host public key".into(),
+            detail: e.to_string(),
+        })
+}
+
+fn clip(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Create or replace `path` with mode 0600 (host keys, authorized_keys).
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), VmError> {
+    let what = || format!("writing {}", path.display());
+    // Remove first so a file created earlier with looser bits is not reused.
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(VmError::Io { what: what(), source: e }),
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(VmError::io(what()))?;
+    f.write_all(contents).map_err(VmError::io(what()))?;
+    f.sync_all().map_err(VmError::io(what()))
+}
+
+/// Create `dir` (and parents) with mode 0700 for its last component.
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), VmError> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(VmError::io(format!("creating {}", dir.display())))
+}
+
+/// The last lines of a log file (at most [`LOG_TAIL_BYTES`]), prefixed with
+/// its name; empty if the file is missing or empty.
+pub(crate) fn log_tail(path: &Path) -> String {
+    let Ok(mut f) = fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(LOG_TAIL_BYTES);
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    if f.take(LOG_TAIL_BYTES).read_to_end(&mut buf).is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    // Drop a partial first line when we started mid-file.
+    let text = if start > 0 {
+        text.split_once('\n').map(|(_, rest)| rest).unwrap_or(&text)
+    } else {
+        &text
+    };
+    let text = text.trim();
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!("[{}] {}", path.display(), text)
+    }
+}
+
+/// Join non-empty log tails for an error's detail.
+pub(crate) fn join_tails(parts: &[String]) -> String {
+    parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// Connect to `127.0.0.1:port`.
+pub(crate) async fn connect_local(port: u16) -> std::io::Result<TcpStream> {
+    match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(("127.0.0.1", port))).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("connect to 127.0.0.1:{port} timed out"),
+        )),
+    }
+}
+
+/// Wait until `127.0.0.1:port` accepts a TCP connection, or `deadline`.
+pub(crate) async fn wait_for_port(port: u16, deadline: Instant, what: &str) -> Result<(), VmError> {
+    loop {
+        let last_err = match connect_local(port).await {
+            Ok(_) => return Ok(()),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() + PORT_POLL_INTERVAL > deadline {
+            return Err(VmError::Timeout {
+                what: format!("{what}: 127.0.0.1:{port} never accepted a connection"),
+                detail: format!("last error: {last_err}"),
+            });
+        }
+        tokio::time::sleep(PORT_POLL_INTERVAL).await;
+    }
+}
+
+/// A port that was free on 127.0.0.1 a moment ago. For programs that must
+/// bind themselves (sshd); callers retry if they lose the race.
+pub(crate) fn free_local_port() -> Result<u16, VmError> {
+    let l = std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(VmError::io("binding 127.0.0.1:0"))?;
+    Ok(l.local_addr().map_err(VmError::io("reading a bound port"))?.port())
+}
+
+/// The user this process runs as, from `/etc/passwd` (falling back to the
+/// environment when the uid has no entry, e.g. in minimal containers).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalUser {
+    /// Numeric user id.
+    pub uid: u32,
+    /// Login name.
+    pub name: String,
+    /// Home directory.
+    pub home: PathBuf,
+    /// Login shell.
+    pub shell: PathBuf,
+}
+
+impl LocalUser {
+    /// The user running this process.
+    pub fn current() -> Self {
+        let uid = rustix::process::geteuid().as_raw();
+        let from_passwd = fs::read_to_string("/etc/passwd").ok().and_then(|text| {
+            text.lines().find_map(|line| {
+                let f: Vec<&str> = line.split(':').collect();
+                (f.len() >= 7 && f[2].parse::<u32>().ok() == Some(uid)).then(|| LocalUser {
+                    uid,
+                    name: f[0].to_string(),
+                    home: PathBuf::from(f[5]),
+                    shell: PathBuf::from(f[6]),
+                })
+            })
+        });
+        from_passwd.unwrap_or_else(|| LocalUser {
+            uid,
+            name: std::env::var("USER").unwrap_or_else(|_| if uid == 0 { "root".into() } else { uid.to_string() }),
+            home: std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/")),
+            shell: std::env::var_os("SHELL")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/bin/sh")),
+        })
+    }
+
+    /// Whether this is root.
+    pub fn is_root(&self) -> bool {
+        self.uid == 0
+    }
+}
+
+/// Resolve a program: an explicit path must exist; a bare name is looked up
+/// in `extra` directories first, then `$PATH`.
+pub(crate) fn find_program(given: Option<&Path>, name: &str, extra: &[&str]) -> Option<PathBuf> {
+    let is_exec = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    match given {
+        Some(p) if p.components().count() > 1 || p.is_absolute() => {
+            let p = std::path::absolute(p).ok()?;
+            is_exec(&p).then_some(p)
+        }
+        other => {
+            let name = other.map(|p| p.as_os_str().to_owned()).unwrap_or_else(|| name.into());
+            let path_dirs = std::env::var_os("PATH").unwrap_or_default();
+            extra
+                .iter()
+                .map(PathBuf::from)
+                .chain(std::env::split_paths(&path_dirs))
+                .map(|d| d.join(&name))
+                .find(|p| p.is_absolute() && is_exec(p))
+        }
+    }
+}
+
+/// `/proc/<pid>/cmdline` with NULs as spaces, if the process exists.
+pub(crate) fn proc_cmdline(pid: u32) -> Option<String> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(String::from_utf8_lossy(&raw).replace('\0', " "))
+}
+
+/// Every process whose parent chain leads to `root` (not `root` itself),
+/// read from `/proc`. Used to end an sshd's sessions with it: the
+/// per-connection sshd processes are its children, the users' shells theirs.
+fn descendants(root: u32) -> Vec<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    if let Ok(dir) = fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // "pid (comm) state ppid …": comm may contain spaces and ')'.
+            let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+                continue;
+            };
+            if let Some(ppid) = after.split_whitespace().nth(1).and_then(|s| s.parse::<u32>().ok()) {
+                children.entry(ppid).or_default().push(pid);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(p) = stack.pop() {
+        for &c in children.get(&p).map(Vec::as_slice).unwrap_or(&[]) {
+            // A pid cannot be its own ancestor, but guard the walk anyway.
+            if c != root && !out.contains(&c) {
+                out.push(c);
+                stack.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// Send `sig` to one pid, ignoring "no such process".
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    if let Some(p) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+        let _ = rustix::process::kill_process(p, sig);
+    }
+}
+
+/// Kill `pid` and everything below it. The root is stopped first so that it
+/// cannot fork new children while the tree is read (a fork racing with the
+/// stop is restarted by the kernel, so no child escapes the walk).
+pub(crate) fn kill_tree(pid: u32) {
+    signal(pid, rustix::process::Signal::STOP);
+    for child in descendants(pid) {
+        signal(child, rustix::process::Signal::KILL);
+    }
+    signal(pid, rustix::process::Signal::KILL);
+}
