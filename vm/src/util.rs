@@ -28,19 +28,26 @@ const PORT_POLL_INTERVAL: Duration = Duration::from_millis(100);
 const LOG_TAIL_BYTES: u64 = 2048;
 
 /// Parse an access key given as text: 64 hex characters (the ledger's form)
-/// or one OpenSSH line `ssh-ed25519 AAAA… [comment]`. Anything else — other
-/// key types, several lines, trailing junk, bytes that are not a point on
-/// the curve — is [`VmError::InvalidKey`].
+/// or one OpenSSH line `ssh-ed25519 AAAA… [comment]` whose comment is a
+/// single plain word (`[A-Za-z0-9@._+-]`). Anything else — other key types,
+/// several lines, quotes or shell syntax, bytes that are not a point on the
+/// curve — is [`VmError::InvalidKey`]. Only the 32 key bytes are kept; the
+/// comment never reaches a file.
 pub fn parse_access_key(text: &str) -> Result<AccessPubKey, VmError> {
     let key = if let Ok(k) = text.parse::<AccessPubKey>() {
         k
     } else {
-        // A single line only: a newline could smuggle a second key into an
-        // authorized_keys file if the text were ever written verbatim.
-        if text.contains(['\n', '\r', '\0']) {
+        let mut words = text.split(' ');
+        let (Some("ssh-ed25519"), Some(_), comment, None) = (words.next(), words.next(), words.next(), words.next())
+        else {
+            return Err(VmError::InvalidKey);
+        };
+        // Harmless once dropped, but input like this is an attack or a
+        // mistake either way: refuse it rather than guess.
+        if comment.is_some_and(|c| !c.chars().all(|c| c.is_ascii_alphanumeric() || "@._+-".contains(c))) {
             return Err(VmError::InvalidKey);
         }
-        let pk = ssh_key::PublicKey::from_openssh(text.trim()).map_err(|_| VmError::InvalidKey)?;
+        let pk = ssh_key::PublicKey::from_openssh(text).map_err(|_| VmError::InvalidKey)?;
         let raw = pk.key_data().ed25519().ok_or(VmError::InvalidKey)?;
         AccessPubKey(raw.0)
     };
@@ -374,4 +381,67 @@ pub(crate) fn kill_tree(pid: u32) {
         signal(child, rustix::process::Signal::KILL);
     }
     signal(pid, rustix::process::Signal::KILL);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> (AccessPubKey, String) {
+        let kp = Ed25519Keypair::from_seed(&[3; 32]);
+        let raw = AccessPubKey(kp.public.0);
+        let line = raw.to_openssh("me@laptop");
+        (raw, line)
+    }
+
+    #[test]
+    fn access_key_text_forms_parse_to_the_same_bytes() {
+        let (raw, line) = key();
+        assert_eq!(parse_access_key(&line).expect("line"), raw);
+        assert_eq!(parse_access_key(&raw.to_hex()).expect("hex"), raw);
+        let bare = line.rsplit_once(' ').expect("comment").0;
+        assert_eq!(parse_access_key(bare).expect("no comment"), raw);
+    }
+
+    #[test]
+    fn authorized_key_line_is_built_from_bytes_only() {
+        let (raw, _) = key();
+        let lease = LeaseHash([0xab; 32]);
+        let line = authorized_key_line(&lease, &raw).expect("line");
+        assert_eq!(line, raw.to_openssh("xe-lease-abababab"));
+        assert!(matches!(authorized_key_line(&lease, &AccessPubKey([0xff; 32])), Err(VmError::InvalidKey)) || AccessPubKey([0xff; 32]).is_valid_point());
+    }
+
+    #[test]
+    fn host_key_lines_are_normalised() {
+        let (raw, line) = key();
+        let bare = normalize_host_key_line(&format!("{line}\n")).expect("one key");
+        assert_eq!(bare, raw.to_openssh("").trim_end());
+        assert!(normalize_host_key_line(&format!("{line}\n{line}")).is_err());
+        assert!(normalize_host_key_line("ssh-rsa AAAAB3NzaC1yc2E").is_err());
+        assert!(normalize_host_key_line("").is_err());
+    }
+
+    #[test]
+    fn host_key_is_created_once_with_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("host_key");
+        let a = load_or_create_host_key(&p).expect("create");
+        let b = load_or_create_host_key(&p).expect("load");
+        assert_eq!(host_key_line(&a).expect("a"), host_key_line(&b).expect("b"));
+        assert_eq!(fs::metadata(&p).expect("meta").permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn log_tail_keeps_the_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("x.log");
+        assert_eq!(log_tail(&p), "");
+        let body: String = (0..1000).map(|i| format!("line {i}\n")).collect();
+        fs::write(&p, body).expect("write");
+        let t = log_tail(&p);
+        assert!(t.ends_with("line 999"), "{t}");
+        assert!(!t.contains("line 1\n") && t.len() < 2200, "{}", t.len());
+    }
 }

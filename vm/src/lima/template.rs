@@ -129,3 +129,50 @@ fi
         short = lease.short(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xe_store::AccessPubKey;
+
+    fn req() -> ProvisionRequest {
+        let kp = russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[9; 32]);
+        ProvisionRequest {
+            lease: LeaseHash([0x5a; 32]),
+            vcpus: 0,
+            memory_mb: 0,
+            disk_gb: 0,
+            access_pub_key: AccessPubKey(kp.public.0),
+        }
+    }
+
+    #[test]
+    fn minimums_apply_and_strings_are_escaped() {
+        let mut cfg = LimaConfig::new("/bin/limactl", "/l", "img \"x\" \\ y");
+        cfg.arch = Some("aarch64".into());
+        let y = render(&cfg, &req()).expect("render");
+        assert!(y.contains("cpus: 1\n") && y.contains("memory: \"512MiB\"\n") && y.contains("disk: \"10GiB\"\n"), "{y}");
+        assert!(y.contains("  - location: \"img \\\"x\\\" \\\\ y\"\n"), "{y}");
+        assert!(y.contains("arch: \"aarch64\"\n"), "{y}");
+        assert_eq!(instance_name(&req().lease), "xe-5a5a5a5a5a5a5a5a");
+    }
+
+    #[test]
+    fn script_is_indented_under_the_block_scalar() {
+        let y = render(&LimaConfig::new("/bin/limactl", "/l", "img"), &req()).expect("render");
+        let after = y.split("    script: |\n").nth(1).expect("script");
+        assert!(after.lines().filter(|l| !l.is_empty()).all(|l| l.starts_with("      ")), "{after}");
+        assert!(after.starts_with("      #!/bin/sh\n"));
+        assert!(!y.contains("{{"), "Lima would expand Go templates");
+    }
+
+    #[test]
+    fn invalid_key_renders_nothing() {
+        let mut r = req();
+        r.access_pub_key = AccessPubKey([0; 32]);
+        // All-zero y is not a valid point; if it ever were, the check is moot.
+        if !r.access_pub_key.is_valid_point() {
+            assert!(matches!(render(&LimaConfig::new("/l", "/l", "i"), &r), Err(VmError::InvalidKey)));
+        }
+    }
+}
