@@ -3,6 +3,9 @@
 
 use clap::{Parser, Subcommand};
 
+mod devnet_cmd;
+mod node_cmd;
+mod ssh_cmd;
 mod paths;
 mod wallet_cmd;
 
@@ -19,22 +22,39 @@ enum Command {
     /// Create and inspect the account wallet and its SSH lease key.
     #[command(subcommand)]
     Wallet(wallet_cmd::WalletCmd),
+    /// Run a node: replica, provider (--provide) and/or SSH gateway (--ssh-port).
+    Node(node_cmd::NodeArgs),
+    /// Run plain OpenSSH to a lease's VM through a gateway (ProxyCommand -W).
+    Ssh(ssh_cmd::SshArgs),
+    /// Print a ~/.ssh/config block for a lease (for scp, sftp, rsync, IDEs).
+    SshConfig(ssh_cmd::SshConfigArgs),
+    /// Start a gateway, a provider and a consumer on loopback and show the whole system working.
+    Devnet(devnet_cmd::DevnetArgs),
 }
 
-fn init_tracing() {
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // devnet prints its own progress; its nodes' logs are opt-in (RUST_LOG).
+    init_tracing(if matches!(cli.command, Command::Devnet(_)) { "warn" } else { "info" });
     let result = match cli.command {
         Command::Wallet(cmd) => wallet_cmd::run(cmd),
+        Command::Node(args) => runtime().and_then(|rt| rt.block_on(node_cmd::run(args))),
+        Command::Ssh(args) => ssh_cmd::run_ssh(args),
+        Command::SshConfig(args) => ssh_cmd::run_config(args),
+        Command::Devnet(args) => runtime().and_then(|rt| rt.block_on(devnet_cmd::run(args))),
     };
     match result {
         Ok(code) => code,

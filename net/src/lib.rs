@@ -23,6 +23,7 @@ pub mod tunnel;
 
 pub use host::{Net, NetConfig, NetHandle, NetStats, PeerInfo, start};
 pub use identity::load_or_create_keypair;
+pub use libp2p::multiaddr::Protocol as libp2p_protocol;
 pub use libp2p::{Multiaddr, PeerId};
 pub use tunnel::{TunnelError, TunnelRegistry, TunnelStream, TunnelValidator, VmConn};
 

@@ -1,4 +1,18 @@
 //! xe-node: composition of a node — store, overlay host, roles.
+//!
+//! # Layout
+//! - [`node`]: `Node` owns the store, the p2p host, the provider role and
+//!   the SSH gateway, tied to one cancellation token.
+//! - [`provider`]: auto-accept, provisioning, the tunnel validator,
+//!   teardown on settle / cancel / expiry.
+//! - [`gateway`]: the russh SSH gateway.
+//! - [`wiring`]: the libp2p `TunnelDialer` and gateway start-up.
 #![forbid(unsafe_code)]
 
 pub mod gateway;
+pub mod node;
+pub mod provider;
+pub mod wiring;
+
+pub use node::{Node, NodeConfig, NodeError, ProvideConfig, SshConfig, VmBackend};
+pub use provider::{Capacity, Provider};

@@ -139,19 +139,22 @@ pub struct Node {
     tasks: tokio::task::JoinSet<()>,
 }
 
-fn build_vm(data_dir: &std::path::Path, backend: &VmBackend) -> Result<Arc<dyn VmManager>, NodeError> {
+fn build_vm(
+    data_dir: &std::path::Path,
+    backend: &VmBackend,
+) -> Result<Arc<dyn VmManager>, NodeError> {
     let state = data_dir.join("vms");
     Ok(match backend {
-        VmBackend::Lima { limactl, image } => Arc::new(xe_vm::lima::LimaManager::new(xe_vm::lima::LimaConfig::new(
-            limactl.clone(),
-            data_dir.join("lima"),
-            image.clone(),
-        ))?),
-        VmBackend::Sshd { sshd } => Arc::new(xe_vm::sshd::SshdManager::new(xe_vm::sshd::SshdConfig {
-            state_dir: state.join("sshd"),
-            sshd_path: sshd.clone(),
-        })?),
-        VmBackend::Dev => Arc::new(xe_vm::dev::DevManager::new(state.join("dev"))?),
+        VmBackend::Lima { limactl, image } => Arc::new(xe_vm::lima::LimaManager::new(
+            xe_vm::lima::LimaConfig::new(limactl.clone(), data_dir.join("lima"), image.clone()),
+        )?),
+        VmBackend::Sshd { sshd } => {
+            Arc::new(xe_vm::sshd::SshdManager::new(xe_vm::sshd::SshdConfig {
+                state_dir: state.join("sshd"),
+                sshd_path: sshd.clone(),
+            })?)
+        }
+        VmBackend::Dev => Arc::new(xe_vm::dev::DevManager::new(state.join("dev"))),
     })
 }
 
@@ -171,7 +174,12 @@ impl Node {
         let provider = match &cfg.provide {
             Some(p) => {
                 let vm = build_vm(&cfg.data_dir, &p.backend)?;
-                Some(Provider::new(store.clone(), wallet.clone(), vm, p.capacity.clone()))
+                Some(Provider::new(
+                    store.clone(),
+                    wallet.clone(),
+                    vm,
+                    p.capacity.clone(),
+                ))
             }
             None => None,
         };
@@ -194,7 +202,9 @@ impl Node {
         }
         let (ssh_addr, gateway_stats) = match &cfg.ssh {
             Some(ssh) => {
-                let (addr, stats) = crate::wiring::start_gateway(&cfg, ssh, &store, &handle, &cancel, &mut tasks).await?;
+                let (addr, stats) =
+                    crate::wiring::start_gateway(&cfg, ssh, &store, &handle, &cancel, &mut tasks)
+                        .await?;
                 (Some(addr), Some(stats))
             }
             None => (None, None),
@@ -222,7 +232,10 @@ impl Node {
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
         let drain = async { while self.tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), drain)
+            .await
+            .is_err()
+        {
             warn!("some tasks did not stop in 10 s; aborting them");
             self.tasks.abort_all();
         }

@@ -62,7 +62,12 @@ pub struct Provider {
 
 impl Provider {
     /// A provider for `wallet`'s account.
-    pub fn new(store: Store, wallet: Arc<Wallet>, vm: Arc<dyn VmManager>, capacity: Capacity) -> Arc<Self> {
+    pub fn new(
+        store: Store,
+        wallet: Arc<Wallet>,
+        vm: Arc<dyn VmManager>,
+        capacity: Capacity,
+    ) -> Arc<Self> {
         Arc::new(Provider {
             store,
             wallet,
@@ -81,7 +86,11 @@ impl Provider {
 
     /// Why a lease was declined, if it was.
     pub fn declined(&self, lease: &LeaseHash) -> Option<String> {
-        self.declined.lock().unwrap_or_else(|p| p.into_inner()).get(lease).cloned()
+        self.declined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(lease)
+            .cloned()
     }
 
     fn names_me(&self, rec: &LeaseRecord) -> bool {
@@ -106,26 +115,45 @@ impl Provider {
         }
         let c = &self.capacity;
         let vcpus: u32 = held.values().map(|r| r.vcpus).sum::<u32>() + req.vcpus;
-        let mem: u64 = held.values().map(|r| u64::from(r.memory_mb)).sum::<u64>() + u64::from(req.memory_mb);
-        let disk: u64 = held.values().map(|r| u64::from(r.disk_gb)).sum::<u64>() + u64::from(req.disk_gb);
+        let mem: u64 =
+            held.values().map(|r| u64::from(r.memory_mb)).sum::<u64>() + u64::from(req.memory_mb);
+        let disk: u64 =
+            held.values().map(|r| u64::from(r.disk_gb)).sum::<u64>() + u64::from(req.disk_gb);
         if held.len() + 1 > c.max_leases {
-            return Err(format!("over capacity: already running {} of {} leases", held.len(), c.max_leases));
+            return Err(format!(
+                "over capacity: already running {} of {} leases",
+                held.len(),
+                c.max_leases
+            ));
         }
         if vcpus > c.max_vcpus {
-            return Err(format!("over capacity: {vcpus} vCPUs needed, {} allowed", c.max_vcpus));
+            return Err(format!(
+                "over capacity: {vcpus} vCPUs needed, {} allowed",
+                c.max_vcpus
+            ));
         }
         if mem > c.max_memory_mb {
-            return Err(format!("over capacity: {mem} MiB memory needed, {} allowed", c.max_memory_mb));
+            return Err(format!(
+                "over capacity: {mem} MiB memory needed, {} allowed",
+                c.max_memory_mb
+            ));
         }
         if disk > c.max_disk_gb {
-            return Err(format!("over capacity: {disk} GiB disk needed, {} allowed", c.max_disk_gb));
+            return Err(format!(
+                "over capacity: {disk} GiB disk needed, {} allowed",
+                c.max_disk_gb
+            ));
         }
         held.insert(req.lease, req.clone());
         Ok(())
     }
 
     fn release(&self, lease: &LeaseHash) -> bool {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(lease).is_some()
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(lease)
+            .is_some()
     }
 
     /// Provision the VM for a created lease and publish the accept.
@@ -134,12 +162,23 @@ impl Provider {
         if let Err(reason) = self.reserve(&req) {
             if reason != "already held" {
                 warn!(%reason, "lease declined");
-                self.declined.lock().unwrap_or_else(|p| p.into_inner()).insert(rec.hash, reason);
+                self.declined
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(rec.hash, reason);
             }
             return;
         }
-        self.declined.lock().unwrap_or_else(|p| p.into_inner()).remove(&rec.hash);
-        info!(vcpus = req.vcpus, memory_mb = req.memory_mb, disk_gb = req.disk_gb, "provisioning VM");
+        self.declined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&rec.hash);
+        info!(
+            vcpus = req.vcpus,
+            memory_mb = req.memory_mb,
+            disk_gb = req.disk_gb,
+            "provisioning VM"
+        );
         let info = match self.vm.provision(&req).await {
             Ok(i) => i,
             Err(e) => {
@@ -153,7 +192,8 @@ impl Provider {
             }
         };
         // The lease may have been cancelled while we provisioned.
-        let still_created = matches!(self.store.lease(&rec.hash), Ok(Some(r)) if r.state() == LeaseState::Created);
+        let still_created =
+            matches!(self.store.lease(&rec.hash), Ok(Some(r)) if r.state() == LeaseState::Created);
         let Some(host_key) = info.host_key.filter(|_| still_created) else {
             info!("lease ended (or no host key) while provisioning; tearing down");
             let _ = self.vm.teardown(&rec.hash).await;
@@ -214,7 +254,10 @@ impl Provider {
             Err(e) => error!("recovering VMs failed: {e}"),
         }
         let mut tasks = tokio::task::JoinSet::new();
-        for r in mine.into_iter().filter(|r| r.state() == LeaseState::Created) {
+        for r in mine
+            .into_iter()
+            .filter(|r| r.state() == LeaseState::Created)
+        {
             self.spawn_take(&mut tasks, &net, r, &cancel);
         }
         loop {
@@ -265,7 +308,9 @@ impl Provider {
         state: LeaseState,
         cancel: &CancellationToken,
     ) {
-        let Ok(Some(rec)) = self.store.lease(&lease) else { return };
+        let Ok(Some(rec)) = self.store.lease(&lease) else {
+            return;
+        };
         if !self.names_me(&rec) {
             return;
         }
@@ -282,7 +327,13 @@ impl Provider {
 
     /// Earliest expiry among leases we hold.
     fn next_expiry(&self) -> Option<u64> {
-        let held: Vec<LeaseHash> = self.held.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        let held: Vec<LeaseHash> = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
         held.iter()
             .filter_map(|h| self.store.lease(h).ok().flatten())
             .filter_map(|r| r.expires_at())
@@ -291,8 +342,19 @@ impl Provider {
 
     /// Re-check everything we hold (expiry, missed changes) and take any
     /// created lease we have not seen.
-    async fn rescan(self: &Arc<Self>, tasks: &mut tokio::task::JoinSet<()>, net: &NetHandle, cancel: &CancellationToken) {
-        let held: HashSet<LeaseHash> = self.held.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+    async fn rescan(
+        self: &Arc<Self>,
+        tasks: &mut tokio::task::JoinSet<()>,
+        net: &NetHandle,
+        cancel: &CancellationToken,
+    ) {
+        let held: HashSet<LeaseHash> = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
         for rec in self.store.leases().unwrap_or_default() {
             if !self.names_me(&rec) {
                 continue;
@@ -300,7 +362,10 @@ impl Provider {
             let st = rec.state();
             if held.contains(&rec.hash) && st.is_final() {
                 self.end(&rec.hash, st).await;
-            } else if !held.contains(&rec.hash) && st == LeaseState::Created && self.declined(&rec.hash).is_none() {
+            } else if !held.contains(&rec.hash)
+                && st == LeaseState::Created
+                && self.declined(&rec.hash).is_none()
+            {
                 self.spawn_take(tasks, net, rec, cancel);
             }
         }
@@ -316,7 +381,10 @@ impl TunnelValidator for Provider {
             .map_err(|e| format!("store error: {e}"))?
             .ok_or_else(|| format!("unknown lease {lease}"))?;
         if !self.names_me(&rec) {
-            return Err(format!("this node is not the provider of lease {}", lease.short()));
+            return Err(format!(
+                "this node is not the provider of lease {}",
+                lease.short()
+            ));
         }
         match rec.state() {
             LeaseState::Accepted => Ok(()),

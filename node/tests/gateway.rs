@@ -18,7 +18,11 @@ use tokio::process::Command;
 async fn proxy_command_with_w_runs_a_command_on_the_vm() {
     require_openssh!("proxy_command_with_w_runs_a_command_on_the_vm");
     let s = Scene::new(Backend::Sshd, |_| {}).await;
-    let out = run(&mut s.vm_ssh(&s.proxy_command("-W %h:%p"), "echo hello"), CMD_LIMIT).await;
+    let out = run(
+        &mut s.vm_ssh(&s.proxy_command("-W %h:%p"), "echo hello"),
+        CMD_LIMIT,
+    )
+    .await;
     assert!(out.status.success(), "ssh failed: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "hello\n");
     assert_eq!(s.gw.stats.auth_successes(), 1);
@@ -49,7 +53,9 @@ async fn proxy_jump_runs_a_command_on_the_vm() {
     )
     .expect("write ssh config");
     let mut cmd = Command::new("ssh");
-    cmd.arg("-F").arg(&config).args(["-J", "gw", "vm", "echo hello"]);
+    cmd.arg("-F")
+        .arg(&config)
+        .args(["-J", "gw", "vm", "echo hello"]);
     cmd.env_remove("SSH_AUTH_SOCK");
     let out = run(&mut cmd, CMD_LIMIT).await;
     assert!(out.status.success(), "ssh -J failed: {}", text(&out.stderr));
@@ -63,7 +69,11 @@ async fn proxy_jump_runs_a_command_on_the_vm() {
 async fn session_as_proxy_command_without_w() {
     require_openssh!("session_as_proxy_command_without_w");
     let s = Scene::new(Backend::Sshd, |_| {}).await;
-    let out = run(&mut s.vm_ssh(&s.proxy_command("-T"), "echo hello"), CMD_LIMIT).await;
+    let out = run(
+        &mut s.vm_ssh(&s.proxy_command("-T"), "echo hello"),
+        CMD_LIMIT,
+    )
+    .await;
     assert!(out.status.success(), "ssh failed: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "hello\n");
     s.gw.stop().await;
@@ -89,7 +99,12 @@ async fn pty_with_forwarded_agent_runs_in_the_vm() {
         .env("SSH_AUTH_SOCK", &agent.sock);
     let out = run(&mut cmd, CMD_LIMIT).await;
     let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(7), "stdout {stdout:?} stderr {:?}", text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "stdout {stdout:?} stderr {:?}",
+        text(&out.stderr)
+    );
     // A real PTY on the VM (tty prints /dev/pts/N), env forwarded.
     assert!(stdout.contains("inside 42 /dev/pts"), "stdout {stdout:?}");
     assert_eq!(s.gw.stats.auth_successes(), 1);
@@ -106,13 +121,24 @@ async fn pty_without_agent_explains_how_to_connect() {
     cmd.args(["-tt", "echo never"]);
     let out = run(&mut cmd, CMD_LIMIT).await;
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert_eq!(out.status.code(), Some(1), "stdout {stdout:?} stderr {stderr:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stdout {stdout:?} stderr {stderr:?}"
+    );
     // With -tt OpenSSH writes stderr data to its stderr.
     let all = format!("{stdout}{stderr}");
-    for hint in [format!("xe ssh {}", s.lease), "ssh -J".into(), "ssh -A".into()] {
+    for hint in [
+        format!("xe ssh {}", s.lease),
+        "ssh -J".into(),
+        "ssh -A".into(),
+    ] {
         assert!(all.contains(&hint), "missing {hint:?} in {all:?}");
     }
-    assert!(!all.contains("SSH-2.0"), "protocol bytes reached the terminal: {all:?}");
+    assert!(
+        !all.contains("SSH-2.0"),
+        "protocol bytes reached the terminal: {all:?}"
+    );
     assert!(!all.contains("never"));
     assert_eq!(s.gw.stats.tunnels_active(), 0);
     s.gw.stop().await;
@@ -134,10 +160,17 @@ async fn tunnel_failure_reaches_the_user_as_one_line() {
     assert_eq!(out.status.code(), Some(1), "stderr {stderr:?}");
     let lines: Vec<&str> = stderr.lines().filter(|l| l.contains(reason)).collect();
     assert_eq!(lines.len(), 1, "stderr {stderr:?}");
-    assert!(lines[0].starts_with("xe gateway: cannot reach the VM of lease"), "{stderr:?}");
+    assert!(
+        lines[0].starts_with("xe gateway: cannot reach the VM of lease"),
+        "{stderr:?}"
+    );
 
     // direct-tcpip: OpenSSH prints the open failure with our description.
-    let out = run(&mut s.vm_ssh(&s.proxy_command("-W %h:%p"), "true"), CMD_LIMIT).await;
+    let out = run(
+        &mut s.vm_ssh(&s.proxy_command("-W %h:%p"), "true"),
+        CMD_LIMIT,
+    )
+    .await;
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains(reason), "stderr {stderr:?}");
@@ -176,12 +209,20 @@ async fn hundred_mib_arrive_byte_exact() {
         hex::encode(hasher.finalize())
     });
     let mut remote = String::new();
-    let read = tokio::time::timeout(Duration::from_secs(300), stdout.read_to_string(&mut remote)).await;
-    read.expect("transfer finished within 300 s").expect("read ssh stdout");
+    let read =
+        tokio::time::timeout(Duration::from_secs(300), stdout.read_to_string(&mut remote)).await;
+    read.expect("transfer finished within 300 s")
+        .expect("read ssh stdout");
     let sent = writer.await.expect("writer task");
-    let status = common::wait_exit(&mut child, CMD_LIMIT).await.expect("ssh exits");
+    let status = common::wait_exit(&mut child, CMD_LIMIT)
+        .await
+        .expect("ssh exits");
     assert!(status.success(), "ssh exit {status}");
-    let remote = remote.split_whitespace().next().unwrap_or_default().to_string();
+    let remote = remote
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
     assert_eq!(remote, sent, "sha256 at the VM differs from the one sent");
     eprintln!("100 MiB through the gateway in {:?}", start.elapsed());
     assert!(s.gw.stats.bytes_client_to_vm() >= TOTAL as u64);

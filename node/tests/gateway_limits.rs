@@ -14,7 +14,9 @@ use common::{Backend, CMD_LIMIT, Scene, run, text, wait_exit, wait_line};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, ChildStdout, Command};
-use xe_node::gateway::{AuthFailure, ConnectionRefusal, GatewayStats, host_key_fingerprint, load_or_create_host_key};
+use xe_node::gateway::{
+    AuthFailure, ConnectionRefusal, GatewayStats, host_key_fingerprint, load_or_create_host_key,
+};
 use xe_store::{LeaseKey, now_secs};
 
 /// Bound for "the connection is closed within 1 s": generous, so a loaded
@@ -22,7 +24,12 @@ use xe_store::{LeaseKey, now_secs};
 const CLOSE_LIMIT: Duration = Duration::from_secs(5);
 
 fn failures(stats: &GatewayStats) -> Vec<(AuthFailure, u64)> {
-    stats.snapshot().auth_failures.into_iter().filter(|(_, n)| *n > 0).collect()
+    stats
+        .snapshot()
+        .auth_failures
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 /// Run `cmd` (an ssh to the gateway), expect OpenSSH's auth failure, and
@@ -32,8 +39,16 @@ async fn expect_refused(s: &Scene, mut cmd: Command, reason: AuthFailure) {
     let out = run(&mut cmd, CMD_LIMIT).await;
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(255), "{reason}: stderr {stderr:?}");
-    assert!(stderr.contains("Permission denied"), "{reason}: stderr {stderr:?}");
-    assert_eq!(s.gw.stats.auth_failures(reason), before + 1, "{reason}: {:?}", failures(&s.gw.stats));
+    assert!(
+        stderr.contains("Permission denied"),
+        "{reason}: stderr {stderr:?}"
+    );
+    assert_eq!(
+        s.gw.stats.auth_failures(reason),
+        before + 1,
+        "{reason}: {:?}",
+        failures(&s.gw.stats)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,7 +82,9 @@ async fn every_refusal_is_counted_under_its_reason() {
     expect_refused(&s, cmd, AuthFailure::UnknownLease).await;
 
     // A settled lease for the right key.
-    let settled = s.ledger.active(s.key.access_pub_key(), common::UNUSED_VM_HOST_KEY);
+    let settled = s
+        .ledger
+        .active(s.key.access_pub_key(), common::UNUSED_VM_HOST_KEY);
     s.ledger.settle(settled);
     let mut cmd = s.gw_ssh(&settled.to_string(), s.key.path());
     cmd.arg("true");
@@ -85,7 +102,12 @@ async fn every_refusal_is_counted_under_its_reason() {
     expect_refused(&s, cmd, AuthFailure::LeaseExpired).await;
 
     // A lease the provider has not accepted yet.
-    let created = s.ledger.lease(s.key.access_pub_key(), None, 3600, common::UNUSED_VM_HOST_KEY);
+    let created = s.ledger.lease(
+        s.key.access_pub_key(),
+        None,
+        3600,
+        common::UNUSED_VM_HOST_KEY,
+    );
     let mut cmd = s.gw_ssh(&created.to_string(), s.key.path());
     cmd.arg("true");
     expect_refused(&s, cmd, AuthFailure::LeaseNotAccepted).await;
@@ -102,11 +124,20 @@ async fn remote_forwarding_is_refused() {
     require_openssh!("remote_forwarding_is_refused");
     let s = Scene::new(Backend::Failing("unused"), |_| {}).await;
     let mut cmd = s.gw_ssh(&s.lease.to_string(), s.key.path());
-    cmd.args(["-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:9", "-N"]);
+    cmd.args([
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-R",
+        "0:127.0.0.1:9",
+        "-N",
+    ]);
     let out = run(&mut cmd, CMD_LIMIT).await;
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(255), "stderr {stderr:?}");
-    assert!(stderr.contains("remote port forwarding failed"), "stderr {stderr:?}");
+    assert!(
+        stderr.contains("remote port forwarding failed"),
+        "stderr {stderr:?}"
+    );
     assert_eq!(s.gw.stats.auth_successes(), 1);
     s.gw.stop().await;
 }
@@ -133,7 +164,10 @@ async fn settling_a_lease_closes_its_sessions() {
     s.ledger.settle(s.lease);
     let status = wait_exit(&mut child, CLOSE_LIMIT).await;
     eprintln!("session closed {:?} after the settle", t.elapsed());
-    assert!(status.is_some(), "ssh still running {CLOSE_LIMIT:?} after the lease was settled");
+    assert!(
+        status.is_some(),
+        "ssh still running {CLOSE_LIMIT:?} after the lease was settled"
+    );
     assert!(!status.is_some_and(|st| st.success()));
     assert_eq!(s.gw.stats.lease_disconnects(), 1);
     // And the lease no longer opens.
@@ -150,9 +184,13 @@ async fn expiry_closes_its_sessions() {
     // The shortest lease the ledger allows (60 s), accepted 52 s ago.
     let vm_key = s.vm.as_ref().map(|v| v.host_key_line.clone()).expect("vm");
     let accepted_at = now_secs() - 52;
-    let short = s.ledger.lease(s.key.access_pub_key(), Some(accepted_at), 60, &vm_key);
+    let short = s
+        .ledger
+        .lease(s.key.access_pub_key(), Some(accepted_at), 60, &vm_key);
     let expires_at = s.ledger.record(&short).expires_at().expect("accepted");
-    let proxy = s.proxy_command("-W %h:%p").replace(&s.lease.to_string(), &short.to_string());
+    let proxy = s
+        .proxy_command("-W %h:%p")
+        .replace(&s.lease.to_string(), &short.to_string());
     let mut cmd = s.vm_ssh(&proxy, "echo ready; sleep 60");
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -163,7 +201,10 @@ async fn expiry_closes_its_sessions() {
     wait_line(&mut out, "ready", CMD_LIMIT).await;
     let left = expires_at.saturating_sub(now_secs());
     let status = wait_exit(&mut child, Duration::from_secs(left) + CLOSE_LIMIT).await;
-    assert!(status.is_some(), "ssh still running after the lease expired");
+    assert!(
+        status.is_some(),
+        "ssh still running after the lease expired"
+    );
     let late = now_secs().saturating_sub(expires_at);
     eprintln!("session closed {late} s after expiry (whole seconds)");
     assert!(now_secs() >= expires_at, "closed before the lease expired");
@@ -184,14 +225,22 @@ async fn sixth_connection_is_refused_while_five_stay_up() {
     let mut cmd = s.gw_ssh(&s.lease.to_string(), s.key.path());
     cmd.arg("true");
     let out = run(&mut cmd, CMD_LIMIT).await;
-    assert_eq!(out.status.code(), Some(255), "stderr {:?}", text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(255),
+        "stderr {:?}",
+        text(&out.stderr)
+    );
     assert_eq!(s.gw.stats.refused(ConnectionRefusal::ConnectionLimit), 1);
     assert_eq!(s.gw.stats.connections_active(), 5);
 
     // The five still work, end to end.
     for (i, (child, out)) in held.iter_mut().enumerate() {
         let stdin = child.stdin.as_mut().expect("stdin");
-        stdin.write_all(format!("{i}\n").as_bytes()).await.expect("write");
+        stdin
+            .write_all(format!("{i}\n").as_bytes())
+            .await
+            .expect("write");
         stdin.flush().await.expect("flush");
         wait_line(out, &format!("got-{i}"), CMD_LIMIT).await;
     }
@@ -209,21 +258,34 @@ async fn unauthenticated_connections_are_dropped_after_the_grace_time() {
     common::init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");
     let ledger = common::Ledger::new();
-    let gw = common::start_gateway(dir.path(), ledger.store.clone(), Arc::new(common::FailingDialer("unused")), |c| {
-        c.auth_grace = Duration::from_secs(1)
-    })
+    let gw = common::start_gateway(
+        dir.path(),
+        ledger.store.clone(),
+        Arc::new(common::FailingDialer("unused")),
+        |c| c.auth_grace = Duration::from_secs(1),
+    )
     .await;
 
     let mut silent = TcpStream::connect(gw.addr).await.expect("connect");
     let mut hello = TcpStream::connect(gw.addr).await.expect("connect");
-    hello.write_all(b"SSH-2.0-probe\r\n").await.expect("write version");
+    hello
+        .write_all(b"SSH-2.0-probe\r\n")
+        .await
+        .expect("write version");
     for conn in [&mut silent, &mut hello] {
         let mut sink = Vec::new();
         let t = Instant::now();
         let r = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut sink)).await;
-        assert!(r.is_ok(), "connection still open 10 s after a 1 s grace time");
+        assert!(
+            r.is_ok(),
+            "connection still open 10 s after a 1 s grace time"
+        );
         eprintln!("dropped after {:?}", t.elapsed());
-        assert!(sink.starts_with(b"SSH-2.0-xe-gateway"), "{:?}", String::from_utf8_lossy(&sink));
+        assert!(
+            sink.starts_with(b"SSH-2.0-xe-gateway"),
+            "{:?}",
+            String::from_utf8_lossy(&sink)
+        );
     }
     assert_eq!(gw.stats.refused(ConnectionRefusal::AuthTimeout), 2);
     assert_eq!(gw.stats.connections_active(), 0);
@@ -247,10 +309,18 @@ async fn host_key_is_stable_across_restarts() {
 
     let connect = |port: u16, strict: &str| {
         let mut c = Command::new("ssh");
-        c.args(Scene::base_opts(false))
-            .args(["-o", &format!("StrictHostKeyChecking={strict}")])
+        // OpenSSH keeps the first value of an option: override first.
+        c.args(["-o", &format!("StrictHostKeyChecking={strict}")])
+            .args(Scene::base_opts(false))
             .args(["-o", &format!("UserKnownHostsFile={}", known.display())])
-            .args(["-o", "HostKeyAlias=xe-gateway", "-T", "-p", &port.to_string(), "-i"])
+            .args([
+                "-o",
+                "HostKeyAlias=xe-gateway",
+                "-T",
+                "-p",
+                &port.to_string(),
+                "-i",
+            ])
             .arg(key.path())
             .arg(format!("{lease}@127.0.0.1"));
         c.env_remove("SSH_AUTH_SOCK");
@@ -267,14 +337,25 @@ async fn host_key_is_stable_across_restarts() {
     let gw = common::start_gateway(&data, ledger.store.clone(), dialer, |_| {}).await;
     assert_eq!(gw.fingerprint, first);
     let out = run(&mut connect(gw.addr.port(), "yes"), CMD_LIMIT).await;
-    assert_eq!(out.status.code(), Some(1), "host key changed? {}", text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "host key changed? {}",
+        text(&out.stderr)
+    );
 
     // The file is OpenSSH's format, private, and what the gateway uses.
     let path = data.join(xe_node::gateway::HOST_KEY_FILE);
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).expect("meta").permissions());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&path).expect("meta").permissions(),
+    );
     assert_eq!(mode & 0o777, 0o600);
     let out = run(Command::new("ssh-keygen").arg("-lf").arg(&path), CMD_LIMIT).await;
-    assert!(text(&out.stdout).contains(&first), "ssh-keygen -lf: {}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains(&first),
+        "ssh-keygen -lf: {}",
+        text(&out.stdout)
+    );
     let loaded = load_or_create_host_key(&path).expect("load");
     assert_eq!(host_key_fingerprint(&loaded), first);
     gw.stop().await;

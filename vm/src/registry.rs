@@ -74,7 +74,13 @@ impl<R> Registry<R> {
 
     /// Install the outcome of a provision started with `generation`.
     /// `Err(runtime)` means the lease was torn down meanwhile.
-    pub(crate) fn finish(&self, lease: &LeaseHash, generation: u64, info: VmInfo, runtime: Option<R>) -> Result<(), Option<R>> {
+    pub(crate) fn finish(
+        &self,
+        lease: &LeaseHash,
+        generation: u64,
+        info: VmInfo,
+        runtime: Option<R>,
+    ) -> Result<(), Option<R>> {
         let mut slots = self.lock();
         match slots.get_mut(lease) {
             Some(slot) if slot.generation == generation => {
@@ -127,7 +133,10 @@ impl<R> Registry<R> {
         let slot = slots.get(lease).ok_or(VmError::NotFound(*lease))?;
         match (slot.info.status, slot.info.ssh_port) {
             (VmStatus::Running, Some(port)) => Ok(port),
-            (status, _) => Err(VmError::NotRunning { lease: *lease, status }),
+            (status, _) => Err(VmError::NotRunning {
+                lease: *lease,
+                status,
+            }),
         }
     }
 

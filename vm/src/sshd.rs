@@ -93,8 +93,10 @@ impl SshdManager {
         util::create_private_dir(&config.state_dir)?;
         // sshd re-executes itself and resolves config paths from `/`, so
         // every path we hand it must be absolute.
-        let state_dir = fs::canonicalize(&config.state_dir)
-            .map_err(VmError::io(format!("resolving {}", config.state_dir.display())))?;
+        let state_dir = fs::canonicalize(&config.state_dir).map_err(VmError::io(format!(
+            "resolving {}",
+            config.state_dir.display()
+        )))?;
         check_config_path(&state_dir)?;
         Ok(SshdManager {
             state_dir,
@@ -110,20 +112,30 @@ impl SshdManager {
 
     /// Write the lease's files and start its sshd. With `recovering`, the
     /// host key must already exist: a lease is never given a new one.
-    async fn start(&self, req: &ProvisionRequest, recovering: bool) -> Result<(VmInfo, SshdProc), VmError> {
+    async fn start(
+        &self,
+        req: &ProvisionRequest,
+        recovering: bool,
+    ) -> Result<(VmInfo, SshdProc), VmError> {
         let dir = self.lease_dir(&req.lease);
         let key_path = dir.join(HOST_KEY);
         if recovering && !key_path.exists() {
             return Err(VmError::Failed {
                 what: "recovering the lease's sshd".into(),
-                detail: format!("{} is gone; not starting with a new host key", key_path.display()),
+                detail: format!(
+                    "{} is gone; not starting with a new host key",
+                    key_path.display()
+                ),
             });
         }
         let key_line = util::authorized_key_line(&req.lease, &req.access_pub_key)?;
         util::create_private_dir(&dir)?;
         kill_stale(&dir);
         let host_key = util::host_key_line(&util::load_or_create_host_key(&key_path)?)?;
-        util::write_private(&dir.join(AUTHORIZED_KEYS), format!("{key_line}\n").as_bytes())?;
+        util::write_private(
+            &dir.join(AUTHORIZED_KEYS),
+            format!("{key_line}\n").as_bytes(),
+        )?;
         if self.user.is_root() {
             ensure_privsep_dir()?;
         }
@@ -135,7 +147,8 @@ impl SshdManager {
             let config = render_config(port, &dir, &self.user.name);
             util::write_private(&dir.join(CONFIG), config.as_bytes())?;
             let log_path = dir.join(LOG);
-            let log = fs::File::create(&log_path).map_err(VmError::io(format!("creating {}", log_path.display())))?;
+            let log = fs::File::create(&log_path)
+                .map_err(VmError::io(format!("creating {}", log_path.display())))?;
             let child = Command::new(&self.sshd)
                 .arg("-D")
                 .arg("-e")
@@ -149,7 +162,10 @@ impl SshdManager {
                 .kill_on_drop(true)
                 .spawn()
                 .map_err(VmError::io(format!("running {}", self.sshd.display())))?;
-            let mut proc = SshdProc { child, dir: dir.clone() };
+            let mut proc = SshdProc {
+                child,
+                dir: dir.clone(),
+            };
             if let Some(pid) = proc.child.id() {
                 util::write_private(&dir.join(PID), format!("{pid}\n").as_bytes())?;
             }
@@ -196,7 +212,10 @@ async fn wait_ready(child: &mut Child, log: &Path, port: u16) -> Result<(), Read
     // sshd logs this at INFO right after listen(2) succeeded.
     let listening = format!("Server listening on 127.0.0.1 port {port}.");
     loop {
-        if let Some(status) = child.try_wait().map_err(|e| Ready::Error(VmError::io("waiting for sshd")(e)))? {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| Ready::Error(VmError::io("waiting for sshd")(e)))?
+        {
             let text = fs::read_to_string(log).unwrap_or_default();
             if text.contains("Address already in use") || text.contains("Cannot bind any address") {
                 return Err(Ready::BindRace);
@@ -206,7 +225,10 @@ async fn wait_ready(child: &mut Child, log: &Path, port: u16) -> Result<(), Read
                 detail: format!("sshd exited with {status}: {}", util::log_tail(log)),
             }));
         }
-        if fs::read_to_string(log).unwrap_or_default().contains(&listening) {
+        if fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains(&listening)
+        {
             return match util::connect_local(port).await {
                 Ok(_) => Ok(()),
                 Err(e) => Err(Ready::Error(VmError::Failed {
@@ -217,7 +239,9 @@ async fn wait_ready(child: &mut Child, log: &Path, port: u16) -> Result<(), Read
         }
         if Instant::now() >= deadline {
             return Err(Ready::Error(VmError::Timeout {
-                what: format!("sshd did not listen on 127.0.0.1:{port} within {SSHD_READY_TIMEOUT:?}"),
+                what: format!(
+                    "sshd did not listen on 127.0.0.1:{port} within {SSHD_READY_TIMEOUT:?}"
+                ),
                 detail: util::log_tail(log),
             }));
         }
@@ -232,7 +256,10 @@ async fn stop(mut proc: SshdProc) {
     }
     // kill_tree already sent SIGKILL; this covers a pid we could not read.
     let _ = proc.child.start_kill();
-    if tokio::time::timeout(REAP_TIMEOUT, proc.child.wait()).await.is_err() {
+    if tokio::time::timeout(REAP_TIMEOUT, proc.child.wait())
+        .await
+        .is_err()
+    {
         warn!(dir = %proc.dir.display(), "sshd was not reaped in time");
     }
     let _ = fs::remove_file(proc.dir.join(PID));
@@ -265,7 +292,9 @@ fn ensure_privsep_dir() -> Result<(), VmError> {
             .recursive(true)
             .mode(0o755)
             .create(dir)
-            .map_err(VmError::io("creating /run/sshd (sshd's privilege separation directory)"))?;
+            .map_err(VmError::io(
+                "creating /run/sshd (sshd's privilege separation directory)",
+            ))?;
     }
     Ok(())
 }
@@ -274,8 +303,12 @@ fn ensure_privsep_dir() -> Result<(), VmError> {
 /// AuthorizedKeysFile. Paths are quoted, so refuse only what quoting cannot
 /// carry.
 fn check_config_path(p: &Path) -> Result<(), VmError> {
-    let s = p.to_str().ok_or_else(|| VmError::InvalidConfig(format!("{} is not UTF-8", p.display())))?;
-    if s.chars().any(|c| c.is_control() || matches!(c, '"' | '\\' | '%')) {
+    let s = p
+        .to_str()
+        .ok_or_else(|| VmError::InvalidConfig(format!("{} is not UTF-8", p.display())))?;
+    if s.chars()
+        .any(|c| c.is_control() || matches!(c, '"' | '\\' | '%'))
+    {
         return Err(VmError::InvalidConfig(format!(
             "state dir {s:?} contains a character sshd_config cannot carry (quote, backslash, %, control)"
         )));
@@ -288,7 +321,11 @@ fn check_config_path(p: &Path) -> Result<(), VmError> {
 pub fn render_config(port: u16, dir: &Path, user: &str) -> String {
     let q = |name: &str| format!("\"{}\"", dir.join(name).display());
     // AllowUsers takes patterns; only plain names are passed through.
-    let allow = if !user.is_empty() && user.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+    let allow = if !user.is_empty()
+        && user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
         format!("AllowUsers {user}\n")
     } else {
         String::new()
@@ -338,18 +375,23 @@ impl VmManager for SshdManager {
             Begin::Go(g) => g,
         };
         match self.start(req, false).await {
-            Ok((info, proc)) => match self.registry.finish(&req.lease, generation, info.clone(), Some(proc)) {
-                Ok(()) => Ok(info),
-                Err(proc) => {
-                    if let Some(proc) = proc {
-                        stop(proc).await;
+            Ok((info, proc)) => {
+                match self
+                    .registry
+                    .finish(&req.lease, generation, info.clone(), Some(proc))
+                {
+                    Ok(()) => Ok(info),
+                    Err(proc) => {
+                        if let Some(proc) = proc {
+                            stop(proc).await;
+                        }
+                        Err(VmError::Failed {
+                            what: "provisioning".into(),
+                            detail: "the lease was torn down while its sshd was starting".into(),
+                        })
                     }
-                    Err(VmError::Failed {
-                        what: "provisioning".into(),
-                        detail: "the lease was torn down while its sshd was starting".into(),
-                    })
                 }
-            },
+            }
             Err(e) => {
                 warn!(lease = %req.lease.short(), error = %e, "sshd provisioning failed");
                 let mut info = VmInfo::new(req.lease, "sshd", VmStatus::Error);
@@ -376,9 +418,10 @@ impl VmManager for SshdManager {
 
     async fn dial_ssh(&self, lease: &LeaseHash) -> Result<tokio::net::TcpStream, VmError> {
         let port = self.registry.running_port(lease)?;
-        util::connect_local(port)
-            .await
-            .map_err(VmError::io(format!("connecting to the sshd of lease {}", lease.short())))
+        util::connect_local(port).await.map_err(VmError::io(format!(
+            "connecting to the sshd of lease {}",
+            lease.short()
+        )))
     }
 
     async fn get(&self, lease: &LeaseHash) -> Option<VmInfo> {
@@ -396,10 +439,15 @@ impl VmManager for SshdManager {
                 self.teardown(&lease).await?;
             }
         }
-        let entries = fs::read_dir(&self.state_dir).map_err(VmError::io(format!("listing {}", self.state_dir.display())))?;
+        let entries = fs::read_dir(&self.state_dir)
+            .map_err(VmError::io(format!("listing {}", self.state_dir.display())))?;
         for entry in entries.flatten() {
             // Only directories named like a lease are ours to remove.
-            let Some(lease) = entry.file_name().to_str().and_then(|n| n.parse::<LeaseHash>().ok()) else {
+            let Some(lease) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<LeaseHash>().ok())
+            else {
                 continue;
             };
             if !wanted.contains(&lease) {
@@ -409,7 +457,11 @@ impl VmManager for SshdManager {
         }
         let mut out = Vec::with_capacity(keep.len());
         for req in keep {
-            if let Some(info) = self.registry.get(&req.lease).filter(|i| i.status == VmStatus::Running) {
+            if let Some(info) = self
+                .registry
+                .get(&req.lease)
+                .filter(|i| i.status == VmStatus::Running)
+            {
                 out.push(info);
                 continue;
             }
@@ -475,7 +527,13 @@ mod tests {
     fn config_paths_that_sshd_cannot_carry_are_refused() {
         assert!(check_config_path(Path::new("/tmp/a b")).is_ok());
         for bad in ["/tmp/a\"b", "/tmp/a%h", "/tmp/a\nb"] {
-            assert!(matches!(check_config_path(Path::new(bad)), Err(VmError::InvalidConfig(_))), "{bad:?}");
+            assert!(
+                matches!(
+                    check_config_path(Path::new(bad)),
+                    Err(VmError::InvalidConfig(_))
+                ),
+                "{bad:?}"
+            );
         }
     }
 }

@@ -38,13 +38,17 @@ pub fn parse_access_key(text: &str) -> Result<AccessPubKey, VmError> {
         k
     } else {
         let mut words = text.split(' ');
-        let (Some("ssh-ed25519"), Some(_), comment, None) = (words.next(), words.next(), words.next(), words.next())
+        let (Some("ssh-ed25519"), Some(_), comment, None) =
+            (words.next(), words.next(), words.next(), words.next())
         else {
             return Err(VmError::InvalidKey);
         };
         // Harmless once dropped, but input like this is an attack or a
         // mistake either way: refuse it rather than guess.
-        if comment.is_some_and(|c| !c.chars().all(|c| c.is_ascii_alphanumeric() || "@._+-".contains(c))) {
+        if comment.is_some_and(|c| {
+            !c.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "@._+-".contains(c))
+        }) {
             return Err(VmError::InvalidKey);
         }
         let pk = ssh_key::PublicKey::from_openssh(text).map_err(|_| VmError::InvalidKey)?;
@@ -68,7 +72,10 @@ pub(crate) fn validate_access_key(key: &AccessPubKey) -> Result<(), VmError> {
 /// The `authorized_keys` line for a lease, built only from the parsed 32
 /// bytes and the lease's hex (so it cannot carry anything but base64, hex
 /// and fixed text).
-pub(crate) fn authorized_key_line(lease: &LeaseHash, key: &AccessPubKey) -> Result<String, VmError> {
+pub(crate) fn authorized_key_line(
+    lease: &LeaseHash,
+    key: &AccessPubKey,
+) -> Result<String, VmError> {
     validate_access_key(key)?;
     let line = key.to_openssh(&format!("xe-lease-{}", lease.short()));
     if !line.starts_with("ssh-ed25519 ") || line.contains(['\n', '\r', '\'', '"']) {
@@ -93,13 +100,18 @@ pub(crate) fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, VmError
                     what: "generating host key".into(),
                     detail: e.to_string(),
                 })?;
-            let text = key.to_openssh(LineEnding::LF).map_err(|e| VmError::Failed {
-                what: "encoding host key".into(),
-                detail: e.to_string(),
-            })?;
+            let text = key
+                .to_openssh(LineEnding::LF)
+                .map_err(|e| VmError::Failed {
+                    what: "encoding host key".into(),
+                    detail: e.to_string(),
+                })?;
             write_private(path, text.as_bytes())?;
             let public = host_key_line(&key)?;
-            write_private(&path.with_extension("pub"), format!("{public}\n").as_bytes())?;
+            write_private(
+                &path.with_extension("pub"),
+                format!("{public}\n").as_bytes(),
+            )?;
             Ok(key)
         }
         Err(e) => Err(VmError::Io {
@@ -125,7 +137,8 @@ pub(crate) fn normalize_host_key_line(text: &str) -> Result<String, VmError> {
     if line.contains(['\n', '\r']) {
         return Err(bad(format!("expected one line, got {:?}", clip(line, 200))));
     }
-    let pk = ssh_key::PublicKey::from_openssh(line).map_err(|e| bad(format!("{e}: {:?}", clip(line, 200))))?;
+    let pk = ssh_key::PublicKey::from_openssh(line)
+        .map_err(|e| bad(format!("{e}: {:?}", clip(line, 200))))?;
     if pk.key_data().ed25519().is_none() {
         return Err(bad(format!("not an ed25519 key: {:?}", clip(line, 200))));
     }
@@ -156,7 +169,12 @@ pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), VmError>
     match fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(VmError::Io { what: what(), source: e }),
+        Err(e) => {
+            return Err(VmError::Io {
+                what: what(),
+                source: e,
+            });
+        }
     }
     let mut f = OpenOptions::new()
         .write(true)
@@ -220,7 +238,12 @@ pub(crate) fn join_tails(parts: &[String]) -> String {
 
 /// Connect to `127.0.0.1:port`.
 pub(crate) async fn connect_local(port: u16) -> std::io::Result<TcpStream> {
-    match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(("127.0.0.1", port))).await {
+    match tokio::time::timeout(
+        LOCAL_CONNECT_TIMEOUT,
+        TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    {
         Ok(r) => r,
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
@@ -249,8 +272,11 @@ pub(crate) async fn wait_for_port(port: u16, deadline: Instant, what: &str) -> R
 /// A port that was free on 127.0.0.1 a moment ago. For programs that must
 /// bind themselves (sshd); callers retry if they lose the race.
 pub(crate) fn free_local_port() -> Result<u16, VmError> {
-    let l = std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(VmError::io("binding 127.0.0.1:0"))?;
-    Ok(l.local_addr().map_err(VmError::io("reading a bound port"))?.port())
+    let l = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .map_err(VmError::io("binding 127.0.0.1:0"))?;
+    Ok(l.local_addr()
+        .map_err(VmError::io("reading a bound port"))?
+        .port())
 }
 
 /// The user this process runs as, from `/etc/passwd` (falling back to the
@@ -284,8 +310,16 @@ impl LocalUser {
         });
         from_passwd.unwrap_or_else(|| LocalUser {
             uid,
-            name: std::env::var("USER").unwrap_or_else(|_| if uid == 0 { "root".into() } else { uid.to_string() }),
-            home: std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/")),
+            name: std::env::var("USER").unwrap_or_else(|_| {
+                if uid == 0 {
+                    "root".into()
+                } else {
+                    uid.to_string()
+                }
+            }),
+            home: std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/")),
             shell: std::env::var_os("SHELL")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("/bin/sh")),
@@ -311,7 +345,9 @@ pub(crate) fn find_program(given: Option<&Path>, name: &str, extra: &[&str]) -> 
             is_exec(&p).then_some(p)
         }
         other => {
-            let name = other.map(|p| p.as_os_str().to_owned()).unwrap_or_else(|| name.into());
+            let name = other
+                .map(|p| p.as_os_str().to_owned())
+                .unwrap_or_else(|| name.into());
             let path_dirs = std::env::var_os("PATH").unwrap_or_default();
             extra
                 .iter()
@@ -336,7 +372,11 @@ fn descendants(root: u32) -> Vec<u32> {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     if let Ok(dir) = fs::read_dir("/proc") {
         for entry in dir.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
                 continue;
             };
             let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
@@ -346,7 +386,11 @@ fn descendants(root: u32) -> Vec<u32> {
             let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
                 continue;
             };
-            if let Some(ppid) = after.split_whitespace().nth(1).and_then(|s| s.parse::<u32>().ok()) {
+            if let Some(ppid) = after
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse::<u32>().ok())
+            {
                 children.entry(ppid).or_default().push(pid);
             }
         }
@@ -367,7 +411,10 @@ fn descendants(root: u32) -> Vec<u32> {
 
 /// Send `sig` to one pid, ignoring "no such process".
 fn signal(pid: u32, sig: rustix::process::Signal) {
-    if let Some(p) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+    if let Some(p) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
         let _ = rustix::process::kill_process(p, sig);
     }
 }
@@ -384,8 +431,16 @@ pub(crate) fn kill_tree(pid: u32) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// 32 bytes that fail point decompression (about half of all do).
+    pub(crate) fn not_a_point() -> AccessPubKey {
+        (0..=255u8)
+            .map(|i| AccessPubKey([i; 32]))
+            .find(|k| !k.is_valid_point())
+            .expect("an invalid point among 256 candidates")
+    }
 
     fn key() -> (AccessPubKey, String) {
         let kp = Ed25519Keypair::from_seed(&[3; 32]);
@@ -409,7 +464,10 @@ mod tests {
         let lease = LeaseHash([0xab; 32]);
         let line = authorized_key_line(&lease, &raw).expect("line");
         assert_eq!(line, raw.to_openssh("xe-lease-abababab"));
-        assert!(matches!(authorized_key_line(&lease, &AccessPubKey([0xff; 32])), Err(VmError::InvalidKey)) || AccessPubKey([0xff; 32]).is_valid_point());
+        assert!(matches!(
+            authorized_key_line(&lease, &not_a_point()),
+            Err(VmError::InvalidKey)
+        ));
     }
 
     #[test]
@@ -430,7 +488,10 @@ mod tests {
         let a = load_or_create_host_key(&p).expect("create");
         let b = load_or_create_host_key(&p).expect("load");
         assert_eq!(host_key_line(&a).expect("a"), host_key_line(&b).expect("b"));
-        assert_eq!(fs::metadata(&p).expect("meta").permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).expect("meta").permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[test]

@@ -26,11 +26,21 @@ async fn exec_pty_and_refusal_with_real_ssh() {
         .provision(&request(lease, key.access_pub_key()))
         .await
         .expect("provision");
-    assert_eq!((info.status, info.backend.as_str()), (VmStatus::Running, "dev"));
+    assert_eq!(
+        (info.status, info.backend.as_str()),
+        (VmStatus::Running, "dev")
+    );
     let port = info.ssh_port.expect("port");
     let host_key = info.host_key.clone().expect("host key");
-    let run = |k: &'static str, extra: &'static [&'static str], cmd: &'static str, input: Option<&'static [u8]>| {
-        let path = if k == "lease" { key.path() } else { other.path() };
+    let run = |k: &'static str,
+               extra: &'static [&'static str],
+               cmd: &'static str,
+               input: Option<&'static [u8]>| {
+        let path = if k == "lease" {
+            key.path()
+        } else {
+            other.path()
+        };
         let path = path.to_path_buf();
         let host_key = host_key.clone();
         // Any user name is accepted; the shell runs as the node's user.
@@ -43,14 +53,23 @@ async fn exec_pty_and_refusal_with_real_ssh() {
     assert!(out.stderr.contains("oops"), "{}", out.stderr);
 
     let out = run("lease", &[], "cat; echo done", Some(b"from stdin\n")).await;
-    assert_eq!((out.code, out.stdout.as_str()), (Some(0), "from stdin\ndone\n"), "{}", out.stderr);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (Some(0), "from stdin\ndone\n"),
+        "{}",
+        out.stderr
+    );
 
     let out = run("lease", &["-tt"], "tty; exit 4", None).await;
     assert_eq!(out.code, Some(4), "stderr: {}", out.stderr);
     assert!(out.stdout.contains("/dev/pts/"), "{:?}", out.stdout);
 
     let out = run("lease", &[], "tty", None).await;
-    assert!(out.stdout.contains("not a tty"), "exec without -t has no PTY: {:?}", out.stdout);
+    assert!(
+        out.stdout.contains("not a tty"),
+        "exec without -t has no PTY: {:?}",
+        out.stdout
+    );
 
     let out = run("other", &[], "echo hi", None).await;
     assert_eq!(out.code, Some(255), "{}", out.stderr);
@@ -59,7 +78,10 @@ async fn exec_pty_and_refusal_with_real_ssh() {
 
     mgr.teardown(&lease).await.expect("teardown");
     assert!(port_is_free(port), "listener still bound");
-    assert!(matches!(mgr.dial_ssh(&lease).await, Err(VmError::NotFound(_))));
+    assert!(matches!(
+        mgr.dial_ssh(&lease).await,
+        Err(VmError::NotFound(_))
+    ));
     assert!(!tmp.path().join("dev").join(lease.to_hex()).exists());
 }
 
@@ -79,10 +101,16 @@ async fn recover_after_shutdown_keeps_the_host_key() {
     let before = first.provision(&req).await.expect("provision");
     first.shutdown().await;
     assert!(port_is_free(before.ssh_port.expect("port")));
-    assert_eq!(first.get(&lease).await.map(|i| i.status), Some(VmStatus::Stopped));
+    assert_eq!(
+        first.get(&lease).await.map(|i| i.status),
+        Some(VmStatus::Stopped)
+    );
 
     let second = DevManager::new(state.clone());
-    let infos = second.recover(std::slice::from_ref(&req)).await.expect("recover");
+    let infos = second
+        .recover(std::slice::from_ref(&req))
+        .await
+        .expect("recover");
     assert_eq!(infos[0].status, VmStatus::Running);
     assert_eq!(infos[0].host_key, before.host_key);
     let out = ssh(
@@ -95,7 +123,12 @@ async fn recover_after_shutdown_keeps_the_host_key() {
         None,
     )
     .await;
-    assert_eq!((out.code, out.stdout.as_str()), (Some(0), "back\n"), "{}", out.stderr);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (Some(0), "back\n"),
+        "{}",
+        out.stderr
+    );
     second.teardown(&lease).await.expect("teardown");
     assert!(!Path::new(&state).join(lease.to_hex()).exists());
 }

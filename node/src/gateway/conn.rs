@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use russh::keys::Certificate;
-use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::server::{
+    Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
+};
 use russh::{Channel, ChannelId, ChannelOpenFailure, Disconnect, Pty};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
@@ -128,23 +130,36 @@ impl ConnHandler {
 impl Handler for ConnHandler {
     type Error = russh::Error;
 
-    async fn auth_publickey_offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
         // Cheap and complete: a key that would be refused after its
         // signature is refused before the client signs anything.
-        Ok(match auth::check(&self.shared.store, user, offer.public_key) {
-            Ok(_) => Auth::Accept,
-            Err(reason) => self.reject(reason, user, offer.algorithm.as_str()),
-        })
+        Ok(
+            match auth::check(&self.shared.store, user, offer.public_key) {
+                Ok(_) => Auth::Accept,
+                Err(reason) => self.reject(reason, user, offer.algorithm.as_str()),
+            },
+        )
     }
 
-    async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
         let rec = match auth::check(&self.shared.store, user, key.public_key) {
             Ok(rec) => rec,
             Err(reason) => return Ok(self.reject(reason, user, key.algorithm.as_str())),
         };
         // Register, then look again: a lease that ends before this line is
         // caught by the second read, one that ends after it by the watcher.
-        let registration = self.shared.registry.register(rec.hash, self.conn_id, self.kill.clone());
+        let registration = self
+            .shared
+            .registry
+            .register(rec.hash, self.conn_id, self.kill.clone());
         let rec = match auth::active_lease(&self.shared.store, &rec.hash) {
             Ok(rec) => rec,
             Err(reason) => return Ok(self.reject(reason, user, key.algorithm.as_str())),
@@ -158,8 +173,16 @@ impl Handler for ConnHandler {
         Ok(Auth::Accept)
     }
 
-    async fn auth_openssh_certificate(&mut self, user: &str, certificate: &Certificate) -> Result<Auth, Self::Error> {
-        Ok(self.reject(AuthFailure::WrongKeyType, user, certificate.algorithm().as_str()))
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        certificate: &Certificate,
+    ) -> Result<Auth, Self::Error> {
+        Ok(self.reject(
+            AuthFailure::WrongKeyType,
+            user,
+            certificate.algorithm().as_str(),
+        ))
     }
 
     async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
@@ -250,7 +273,11 @@ impl Handler for ConnHandler {
         Ok(())
     }
 
-    async fn channel_close(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
         self.sessions.remove(&channel);
         self.started.remove(&channel);
         Ok(())
@@ -285,21 +312,39 @@ impl Handler for ConnHandler {
         Self::reply(session, channel, ok)
     }
 
-    async fn agent_request(&mut self, channel: ChannelId, _session: &mut Session) -> Result<bool, Self::Error> {
+    async fn agent_request(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
         Ok(self.is_session(channel) && !self.started.contains(&channel))
     }
 
-    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         let ok = self.is_session(channel) && self.started.insert(channel);
         Self::reply(session, channel, ok)
     }
 
-    async fn exec_request(&mut self, channel: ChannelId, _data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         let ok = self.is_session(channel) && self.started.insert(channel);
         Self::reply(session, channel, ok)
     }
 
-    async fn subsystem_request(&mut self, channel: ChannelId, name: &str, session: &mut Session) -> Result<(), Self::Error> {
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         info!(parent: &self.span, subsystem = %loggable(name), "refusing subsystem (use ssh -J or ProxyCommand for sftp)");
         session.channel_failure(channel)
     }
@@ -329,21 +374,39 @@ impl Handler for ConnHandler {
         Self::reply(session, channel, ok)
     }
 
-    async fn tcpip_forward(&mut self, address: &str, port: &mut u32, _session: &mut Session) -> Result<bool, Self::Error> {
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
         info!(parent: &self.span, address = %loggable(address), port = *port, "refusing tcpip-forward");
         Ok(false)
     }
 
-    async fn cancel_tcpip_forward(&mut self, _address: &str, _port: u32, _session: &mut Session) -> Result<bool, Self::Error> {
+    async fn cancel_tcpip_forward(
+        &mut self,
+        _address: &str,
+        _port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
         Ok(false)
     }
 
-    async fn streamlocal_forward(&mut self, _socket_path: &str, _session: &mut Session) -> Result<bool, Self::Error> {
+    async fn streamlocal_forward(
+        &mut self,
+        _socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
         info!(parent: &self.span, "refusing streamlocal-forward");
         Ok(false)
     }
 
-    async fn cancel_streamlocal_forward(&mut self, _socket_path: &str, _session: &mut Session) -> Result<bool, Self::Error> {
+    async fn cancel_streamlocal_forward(
+        &mut self,
+        _socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
         Ok(false)
     }
 }
@@ -360,7 +423,9 @@ enum End {
 /// An `Instant` for a unix time in seconds (now, if it has passed).
 fn instant_for_unix(secs: u64) -> Instant {
     let target = UNIX_EPOCH + Duration::from_secs(secs);
-    let wait = target.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+    let wait = target
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
     Instant::now() + wait.min(MAX_EXPIRY_WAIT)
 }
 
@@ -516,7 +581,10 @@ async fn serve_inner(
         handle.disconnect(Disconnect::ByApplication, message, "en".into()),
     )
     .await;
-    if tokio::time::timeout(DISCONNECT_GRACE, &mut session).await.is_err() {
+    if tokio::time::timeout(DISCONNECT_GRACE, &mut session)
+        .await
+        .is_err()
+    {
         debug!("client did not close after the disconnect; cutting the connection");
     }
     // `_transport_guard` cuts the transport on return.

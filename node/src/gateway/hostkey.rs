@@ -56,7 +56,8 @@ fn load(path: &Path) -> Result<PrivateKey, GatewayError> {
     if key.is_encrypted() {
         return Err(GatewayError::HostKey {
             path: path.to_path_buf(),
-            detail: "the key is passphrase-protected; the gateway needs an unencrypted host key".into(),
+            detail: "the key is passphrase-protected; the gateway needs an unencrypted host key"
+                .into(),
         });
     }
     Ok(key)
@@ -78,7 +79,9 @@ fn create(path: &Path) -> Result<PrivateKey, GatewayError> {
     let key = PrivateKey::new(Ed25519Keypair::from_seed(&seed).into(), "xe-gateway")
         .map_err(|e| bad(e.to_string()))?;
     seed.fill(0);
-    let text = key.to_openssh(LineEnding::LF).map_err(|e| bad(e.to_string()))?;
+    let text = key
+        .to_openssh(LineEnding::LF)
+        .map_err(|e| bad(e.to_string()))?;
 
     // Write a private temporary file, then hard-link it into place: the key
     // appears complete or not at all, and a concurrent creator's key is
@@ -158,7 +161,10 @@ mod tests {
         load_or_create_host_key(&p).expect("create");
         fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).expect("chmod");
         let e = load_or_create_host_key(&p).unwrap_err();
-        assert!(matches!(e, GatewayError::HostKeyPermissions { mode: 0o644, .. }), "{e}");
+        assert!(
+            matches!(e, GatewayError::HostKeyPermissions { mode: 0o644, .. }),
+            "{e}"
+        );
         assert!(e.to_string().contains("chmod 600"), "{e}");
     }
 

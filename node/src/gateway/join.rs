@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use russh::keys::PublicKeyOrCertificate;
 use russh::keys::agent::client::AgentClient;
 use russh::keys::ssh_key::{Algorithm, HashAlg, PublicKey};
-use russh::keys::PublicKeyOrCertificate;
 use russh::server::Msg;
 use russh::{Channel, ChannelMsg, Disconnect, client};
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -40,7 +40,10 @@ struct VmHostCheck {
 impl client::Handler for VmHostCheck {
     type Error = russh::Error;
 
-    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
         let ok = matches!(key, PublicKeyOrCertificate::PublicKey { key, .. }
             if key.key_data() == self.expected.key_data());
         if !ok {
@@ -132,7 +135,8 @@ async fn connect_vm(ctx: &ChannelCtx, kill: CancellationToken) -> Result<VmSessi
         .map(|id| id.public_key().into_owned())
         .find(|k| k.key_data().ed25519().map(|e| e.0) == Some(want))
         .ok_or_else(|| {
-            "your forwarded agent does not hold the lease key; add it with `ssh-add KEY` and retry".to_string()
+            "your forwarded agent does not hold the lease key; add it with `ssh-add KEY` and retry"
+                .to_string()
         })?;
     let user = ctx.shared.config.vm_user.clone();
     let auth = handle
@@ -164,7 +168,8 @@ pub(crate) async fn joined_session(
 ) {
     info!("PTY with a forwarded agent: logging in to the VM");
     let kill = ctx.token.child_token();
-    let login = async { tokio::time::timeout(VM_LOGIN_TIMEOUT, connect_vm(&ctx, kill.clone())).await };
+    let login =
+        async { tokio::time::timeout(VM_LOGIN_TIMEOUT, connect_vm(&ctx, kill.clone())).await };
     let Some(res) = drain_while(&mut channel, &mut setup, &ctx.token, login).await else {
         kill.cancel();
         return;
@@ -179,7 +184,10 @@ pub(crate) async fn joined_session(
         }
         Err(_) => {
             kill.cancel();
-            let line = format!("logging in to the VM took longer than {} s", VM_LOGIN_TIMEOUT.as_secs());
+            let line = format!(
+                "logging in to the VM took longer than {} s",
+                VM_LOGIN_TIMEOUT.as_secs()
+            );
             warn!(reason = %line, "login to the VM failed");
             let (_, wr) = channel.split();
             finish_with_error(&wr, &line, true).await;
@@ -199,7 +207,15 @@ pub(crate) async fn joined_session(
     let mut started = true;
     if let Some(p) = &setup.pty {
         started &= vm_channel
-            .request_pty(true, &p.term, p.cols, p.rows, p.pix_width, p.pix_height, &p.modes)
+            .request_pty(
+                true,
+                &p.term,
+                p.cols,
+                p.rows,
+                p.pix_width,
+                p.pix_height,
+                &p.modes,
+            )
             .await
             .is_ok();
         expect.push_back(Expect::Pty);
@@ -220,12 +236,19 @@ pub(crate) async fn joined_session(
     }
     if !started {
         let (_, wr) = channel.split();
-        finish_with_error(&wr, "the connection to the VM closed while starting the session", true).await;
+        finish_with_error(
+            &wr,
+            "the connection to the VM closed while starting the session",
+            true,
+        )
+        .await;
         return;
     }
 
     join_pump(channel, vm_channel, expect, &ctx, ctx.shared.stats.clone()).await;
-    let _ = vm_handle.disconnect(Disconnect::ByApplication, "", "en").await;
+    let _ = vm_handle
+        .disconnect(Disconnect::ByApplication, "", "en")
+        .await;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -334,7 +357,15 @@ async fn join_pump(
                     // runs, as with OpenSSH.
                     _ => true,
                 },
-                Some(ChannelMsg::Close) | None => return (DownEnd::VmClosed { exit_seen, eof_sent }, swr),
+                Some(ChannelMsg::Close) | None => {
+                    return (
+                        DownEnd::VmClosed {
+                            exit_seen,
+                            eof_sent,
+                        },
+                        swr,
+                    );
+                }
                 Some(_) => true,
             };
             if !ok {

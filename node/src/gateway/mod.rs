@@ -239,10 +239,13 @@ impl Gateway {
         config.validate()?;
         let key = load_or_create_host_key(&config.host_key_path)?;
         let fingerprint = host_key_fingerprint(&key);
-        let public_key = key.public_key().to_openssh().map_err(|e| GatewayError::HostKey {
-            path: config.host_key_path.clone(),
-            detail: e.to_string(),
-        })?;
+        let public_key = key
+            .public_key()
+            .to_openssh()
+            .map_err(|e| GatewayError::HostKey {
+                path: config.host_key_path.clone(),
+                detail: e.to_string(),
+            })?;
         let russh = russh_config(&config, key);
         Ok(Gateway {
             shared: Arc::new(Shared {
@@ -274,7 +277,11 @@ impl Gateway {
     /// Serve `listener` until `shutdown` is cancelled; then stop accepting,
     /// close every connection and return once every task the gateway
     /// started has ended.
-    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), GatewayError> {
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), GatewayError> {
         let shared = self.shared;
         let local = listener.local_addr().map_err(GatewayError::Listener)?;
         info!(%local, fingerprint = %self.fingerprint, "SSH gateway listening");
@@ -302,12 +309,18 @@ impl Gateway {
                     backoff = ACCEPT_BACKOFF_MIN;
                     match slots.clone().try_acquire_owned() {
                         Ok(permit) => {
-                            shared
-                                .tracker
-                                .spawn(conn::serve(shared.clone(), tcp, peer, permit, shutdown.clone()));
+                            shared.tracker.spawn(conn::serve(
+                                shared.clone(),
+                                tcp,
+                                peer,
+                                permit,
+                                shutdown.clone(),
+                            ));
                         }
                         Err(_) => {
-                            shared.stats.record_refusal(ConnectionRefusal::ConnectionLimit);
+                            shared
+                                .stats
+                                .record_refusal(ConnectionRefusal::ConnectionLimit);
                             warn!(%peer, limit = max, "SSH connection limit reached; closing the new connection");
                             drop(tcp);
                         }
@@ -341,12 +354,17 @@ impl Gateway {
 /// Accept errors that concern one connection, not the listener.
 fn is_per_connection(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(e.kind(), ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted | WouldBlock)
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted | WouldBlock
+    )
 }
 
 fn russh_config(config: &GatewayConfig, key: PrivateKey) -> russh::server::Config {
     russh::server::Config {
-        server_id: russh::SshId::Standard(format!("SSH-2.0-xe-gateway_{}", env!("CARGO_PKG_VERSION")).into()),
+        server_id: russh::SshId::Standard(
+            format!("SSH-2.0-xe-gateway_{}", env!("CARGO_PKG_VERSION")).into(),
+        ),
         methods: russh::MethodSet::from(&[MethodKind::PublicKey][..]),
         auth_rejection_time: config.auth_rejection_time,
         // OpenSSH opens with a `none` probe; answer it at once.
@@ -373,5 +391,7 @@ pub async fn run(
     stats: Arc<GatewayStats>,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
-    Gateway::new(config, store, dialer, stats)?.run(listener, shutdown).await
+    Gateway::new(config, store, dialer, stats)?
+        .run(listener, shutdown)
+        .await
 }

@@ -48,11 +48,18 @@ impl<S> Killable<S> {
 }
 
 fn aborted() -> io::Error {
-    io::Error::new(io::ErrorKind::ConnectionAborted, "connection closed by the gateway")
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "connection closed by the gateway",
+    )
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Killable<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if self.is_killed(cx) {
             return Poll::Ready(Err(aborted()));
         }
@@ -61,7 +68,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Killable<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Killable<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         if self.is_killed(cx) {
             return Poll::Ready(Err(aborted()));
         }
@@ -184,7 +195,10 @@ pub(crate) async fn pump(
         // Half-close: the VM sees EOF and may still answer.
         match twr.shutdown().await {
             Ok(()) => (UpEnd::Eof, rd),
-            Err(e) => (UpEnd::Failed(format!("closing the tunnel for writing: {e}")), rd),
+            Err(e) => (
+                UpEnd::Failed(format!("closing the tunnel for writing: {e}")),
+                rd,
+            ),
         }
     };
 

@@ -45,8 +45,17 @@ impl Registry {
     }
 
     /// Register connection `conn` for `lease`; cancelling `kill` closes it.
-    pub(crate) fn register(&self, lease: LeaseHash, conn: u64, kill: CancellationToken) -> Registration {
-        self.lock().by_lease.entry(lease).or_default().insert(conn, kill);
+    pub(crate) fn register(
+        &self,
+        lease: LeaseHash,
+        conn: u64,
+        kill: CancellationToken,
+    ) -> Registration {
+        self.lock()
+            .by_lease
+            .entry(lease)
+            .or_default()
+            .insert(conn, kill);
         Registration {
             registry: self.clone(),
             lease,
@@ -114,7 +123,10 @@ pub(crate) async fn watch_leases(
             Ok(_) => {}
             Err(RecvError::Lagged(missed)) => {
                 // Missed changes: re-check every lease that has connections.
-                tracing::warn!(missed, "lease change feed lagged; re-checking connected leases");
+                tracing::warn!(
+                    missed,
+                    "lease change feed lagged; re-checking connected leases"
+                );
                 for lease in registry.leases() {
                     let ended = match store.lease(&lease) {
                         Ok(Some(rec)) => rec.state() != xe_store::LeaseState::Accepted,

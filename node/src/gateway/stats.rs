@@ -292,11 +292,13 @@ impl GatewayStats {
     }
 
     pub(crate) fn add_client_to_vm(&self, n: usize) {
-        self.bytes_client_to_vm.fetch_add(n as u64, Ordering::Relaxed);
+        self.bytes_client_to_vm
+            .fetch_add(n as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn add_vm_to_client(&self, n: usize) {
-        self.bytes_vm_to_client.fetch_add(n as u64, Ordering::Relaxed);
+        self.bytes_vm_to_client
+            .fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 

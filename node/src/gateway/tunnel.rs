@@ -77,6 +77,9 @@ mod tests {
         assert!(!e.to_string().contains('\n'));
         let long = TunnelDialError::new("x".repeat(1000));
         assert!(long.reason().chars().count() <= MAX_REASON_LEN + 1);
-        assert_eq!(TunnelDialError::new(" \n").reason(), "tunnel failed (no reason given)");
+        assert_eq!(
+            TunnelDialError::new(" \n").reason(),
+            "tunnel failed (no reason given)"
+        );
     }
 }

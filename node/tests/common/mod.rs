@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use xe_node::gateway::{
     Gateway, GatewayConfig, GatewayError, GatewayStats, TunnelDialError, TunnelDialer, TunnelStream,
 };
-use xe_store::{AccessPubKey, Lease, LeaseEvent, LeaseHash, LeaseKey, LeaseRecord, Store, Wallet, now_secs};
+use xe_store::{
+    AccessPubKey, Lease, LeaseEvent, LeaseHash, LeaseKey, LeaseRecord, Store, Wallet, now_secs,
+};
 
 pub const SSHD: &str = "/usr/sbin/sshd";
 
@@ -58,7 +60,9 @@ pub fn openssh_available(test: &str) -> bool {
     if std::env::var("XE_REQUIRE_SSHD").as_deref() == Ok("1") {
         panic!("{test}: XE_REQUIRE_SSHD=1 but OpenSSH programs are missing: {missing:?}");
     }
-    eprintln!("SKIPPED {test}: OpenSSH programs missing ({missing:?}); set XE_REQUIRE_SSHD=1 to make this a failure");
+    eprintln!(
+        "SKIPPED {test}: OpenSSH programs missing ({missing:?}); set XE_REQUIRE_SSHD=1 to make this a failure"
+    );
     false
 }
 
@@ -94,7 +98,10 @@ pub async fn wait_line(stdout: &mut BufReader<ChildStdout>, want: &str, limit: D
         let mut line = String::new();
         loop {
             line.clear();
-            let n = stdout.read_line(&mut line).await.expect("read child stdout");
+            let n = stdout
+                .read_line(&mut line)
+                .await
+                .expect("read child stdout");
             assert!(n > 0, "child stdout ended before the line {want:?}");
             if line.trim_end() == want {
                 return;
@@ -134,7 +141,13 @@ impl Ledger {
 
     /// A lease for `access`, accepted at `accepted_at` (if given) with
     /// `vm_host_key`, lasting `duration` seconds.
-    pub fn lease(&self, access: AccessPubKey, accepted_at: Option<u64>, duration: u64, vm_host_key: &str) -> LeaseHash {
+    pub fn lease(
+        &self,
+        access: AccessPubKey,
+        accepted_at: Option<u64>,
+        duration: u64,
+        vm_host_key: &str,
+    ) -> LeaseHash {
         let created_at = accepted_at.unwrap_or_else(now_secs);
         let lease = Lease {
             consumer: self.consumer.public_key(),
@@ -214,7 +227,11 @@ pub struct Vm {
 
 async fn keygen(args: &[&str]) {
     let out = run(Command::new("ssh-keygen").args(args), CMD_LIMIT).await;
-    assert!(out.status.success(), "ssh-keygen {args:?}: {}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ssh-keygen {args:?}: {}",
+        text(&out.stderr)
+    );
 }
 
 /// Generate an OpenSSH key pair at `path` (`ed25519` or `rsa`).
@@ -311,7 +328,9 @@ impl Vm {
                 }
                 Ok(false) => {
                     let status = child.wait().await.expect("sshd exit status");
-                    eprintln!("sshd did not start on port {port} (attempt {attempt}, {status}); retrying on another port");
+                    eprintln!(
+                        "sshd did not start on port {port} (attempt {attempt}, {status}); retrying on another port"
+                    );
                 }
                 Err(_) => panic!("sshd did not report listening within 20 s"),
             }
@@ -348,12 +367,24 @@ impl Agent {
             .await
             .expect("ssh-agent announces itself within 20 s")
             .expect("read ssh-agent stdout");
-        assert!(line.starts_with("SSH_AUTH_SOCK="), "unexpected ssh-agent output {line:?}");
-        Agent { sock, _child: child }
+        assert!(
+            line.starts_with("SSH_AUTH_SOCK="),
+            "unexpected ssh-agent output {line:?}"
+        );
+        Agent {
+            sock,
+            _child: child,
+        }
     }
 
     pub async fn add(&self, key: &Path) {
-        let out = run(Command::new("ssh-add").arg(key).env("SSH_AUTH_SOCK", &self.sock), CMD_LIMIT).await;
+        let out = run(
+            Command::new("ssh-add")
+                .arg(key)
+                .env("SSH_AUTH_SOCK", &self.sock),
+            CMD_LIMIT,
+        )
+        .await;
         assert!(out.status.success(), "ssh-add: {}", text(&out.stderr));
     }
 }
@@ -376,7 +407,9 @@ pub async fn start_gateway(
     dialer: Arc<dyn TunnelDialer>,
     tweak: impl FnOnce(&mut GatewayConfig),
 ) -> Gw {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind gateway");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind gateway");
     let addr = listener.local_addr().expect("gateway addr");
     let mut config = GatewayConfig::new(data_dir);
     tweak(&mut config);
@@ -435,7 +468,8 @@ impl Scene {
     pub async fn new(backend: Backend, tweak: impl FnOnce(&mut GatewayConfig)) -> Scene {
         init_tracing();
         let dir = tempfile::tempdir().expect("tempdir");
-        let key = LeaseKey::load_or_create(&dir.path().join("wallet.lease_key")).expect("lease key");
+        let key =
+            LeaseKey::load_or_create(&dir.path().join("wallet.lease_key")).expect("lease key");
         let ledger = Ledger::new();
         let (vm, dialer): (Option<Vm>, Arc<dyn TunnelDialer>) = match backend {
             Backend::Sshd => {
@@ -446,14 +480,29 @@ impl Scene {
             Backend::Failing(reason) => (None, Arc::new(FailingDialer(reason))),
         };
         let host_key = vm.as_ref().map(|v| v.host_key_line.clone());
-        let lease = ledger.active(key.access_pub_key(), host_key.as_deref().unwrap_or(UNUSED_VM_HOST_KEY));
-        let gw = start_gateway(&dir.path().join("data"), ledger.store.clone(), dialer, tweak).await;
+        let lease = ledger.active(
+            key.access_pub_key(),
+            host_key.as_deref().unwrap_or(UNUSED_VM_HOST_KEY),
+        );
+        let gw = start_gateway(
+            &dir.path().join("data"),
+            ledger.store.clone(),
+            dialer,
+            tweak,
+        )
+        .await;
         let gw_known_hosts = dir.path().join("gw_known_hosts");
-        std::fs::write(&gw_known_hosts, format!("[127.0.0.1]:{} {}\n", gw.addr.port(), gw.public_key))
-            .expect("gw known_hosts");
+        std::fs::write(
+            &gw_known_hosts,
+            format!("[127.0.0.1]:{} {}\n", gw.addr.port(), gw.public_key),
+        )
+        .expect("gw known_hosts");
         let vm_known_hosts = dir.path().join("vm_known_hosts");
-        std::fs::write(&vm_known_hosts, format!("vm {}\n", host_key.as_deref().unwrap_or(UNUSED_VM_HOST_KEY)))
-            .expect("vm known_hosts");
+        std::fs::write(
+            &vm_known_hosts,
+            format!("vm {}\n", host_key.as_deref().unwrap_or(UNUSED_VM_HOST_KEY)),
+        )
+        .expect("vm known_hosts");
         Scene {
             dir,
             ledger,
@@ -497,7 +546,10 @@ impl Scene {
         let mut c = Command::new("ssh");
         c.args(Self::base_opts(false))
             .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", self.gw_known_hosts.display()))
+            .arg(format!(
+                "UserKnownHostsFile={}",
+                self.gw_known_hosts.display()
+            ))
             .arg("-p")
             .arg(self.gw.addr.port().to_string())
             .arg("-i")
@@ -527,7 +579,10 @@ impl Scene {
         let mut c = Command::new("ssh");
         c.args(Self::base_opts(false))
             .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", self.vm_known_hosts.display()))
+            .arg(format!(
+                "UserKnownHostsFile={}",
+                self.vm_known_hosts.display()
+            ))
             .arg("-o")
             .arg(format!("ProxyCommand={proxy_command}"))
             .arg("-i")

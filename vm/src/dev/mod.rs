@@ -87,14 +87,21 @@ impl DevManager {
         self.state_dir.join(lease.to_hex())
     }
 
-    async fn start(&self, req: &ProvisionRequest, recovering: bool) -> Result<(VmInfo, DevServer), VmError> {
+    async fn start(
+        &self,
+        req: &ProvisionRequest,
+        recovering: bool,
+    ) -> Result<(VmInfo, DevServer), VmError> {
         util::validate_access_key(&req.access_pub_key)?;
         let dir = self.lease_dir(&req.lease);
         let key_path = dir.join(HOST_KEY);
         if recovering && !key_path.exists() {
             return Err(VmError::Failed {
                 what: "recovering the lease's dev server".into(),
-                detail: format!("{} is gone; not starting with a new host key", key_path.display()),
+                detail: format!(
+                    "{} is gone; not starting with a new host key",
+                    key_path.display()
+                ),
             });
         }
         util::create_private_dir(&dir)?;
@@ -187,7 +194,10 @@ async fn accept_loop(listener: TcpListener, config: Arc<Config>, ctx: session::C
 async fn stop(server: DevServer) {
     server.cancel.cancel();
     server.tasks.close();
-    if tokio::time::timeout(STOP_TIMEOUT, server.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(STOP_TIMEOUT, server.tasks.wait())
+        .await
+        .is_err()
+    {
         warn!("dev SSH server tasks did not stop in time");
     }
 }
@@ -209,18 +219,23 @@ impl VmManager for DevManager {
             Begin::Go(g) => g,
         };
         match self.start(req, false).await {
-            Ok((info, server)) => match self.registry.finish(&req.lease, generation, info.clone(), Some(server)) {
-                Ok(()) => Ok(info),
-                Err(server) => {
-                    if let Some(server) = server {
-                        stop(server).await;
+            Ok((info, server)) => {
+                match self
+                    .registry
+                    .finish(&req.lease, generation, info.clone(), Some(server))
+                {
+                    Ok(()) => Ok(info),
+                    Err(server) => {
+                        if let Some(server) = server {
+                            stop(server).await;
+                        }
+                        Err(VmError::Failed {
+                            what: "provisioning".into(),
+                            detail: "the lease was torn down while its server was starting".into(),
+                        })
                     }
-                    Err(VmError::Failed {
-                        what: "provisioning".into(),
-                        detail: "the lease was torn down while its server was starting".into(),
-                    })
                 }
-            },
+            }
             Err(e) => {
                 let mut info = VmInfo::new(req.lease, "dev", VmStatus::Error);
                 info.error = Some(e.to_string());
@@ -245,9 +260,10 @@ impl VmManager for DevManager {
 
     async fn dial_ssh(&self, lease: &LeaseHash) -> Result<tokio::net::TcpStream, VmError> {
         let port = self.registry.running_port(lease)?;
-        util::connect_local(port)
-            .await
-            .map_err(VmError::io(format!("connecting to the dev server of lease {}", lease.short())))
+        util::connect_local(port).await.map_err(VmError::io(format!(
+            "connecting to the dev server of lease {}",
+            lease.short()
+        )))
     }
 
     async fn get(&self, lease: &LeaseHash) -> Option<VmInfo> {
@@ -268,7 +284,11 @@ impl VmManager for DevManager {
         match fs::read_dir(&self.state_dir) {
             Ok(entries) => {
                 for entry in entries.flatten() {
-                    let Some(lease) = entry.file_name().to_str().and_then(|n| n.parse::<LeaseHash>().ok()) else {
+                    let Some(lease) = entry
+                        .file_name()
+                        .to_str()
+                        .and_then(|n| n.parse::<LeaseHash>().ok())
+                    else {
                         continue;
                     };
                     if !wanted.contains(&lease) {
@@ -282,7 +302,11 @@ impl VmManager for DevManager {
         }
         let mut out = Vec::with_capacity(keep.len());
         for req in keep {
-            if let Some(info) = self.registry.get(&req.lease).filter(|i| i.status == VmStatus::Running) {
+            if let Some(info) = self
+                .registry
+                .get(&req.lease)
+                .filter(|i| i.status == VmStatus::Running)
+            {
                 out.push(info);
                 continue;
             }

@@ -17,8 +17,13 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use russh::server::{Auth, ChannelOpenHandle, Config, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
-use russh::{Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Disconnect, MethodKind, MethodSet};
+use russh::server::{
+    Auth, ChannelOpenHandle, Config, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
+};
+use russh::{
+    Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Disconnect, MethodKind,
+    MethodSet,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -58,7 +63,12 @@ pub(crate) async fn serve(config: Arc<Config>, stream: TcpStream, ctx: Context) 
         ctx,
         started: HashSet::new(),
     };
-    let running = match tokio::time::timeout(HANDSHAKE_TIMEOUT, russh::server::run_stream(config, stream, conn)).await {
+    let running = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        russh::server::run_stream(config, stream, conn),
+    )
+    .await
+    {
         Ok(Ok(running)) => running,
         Ok(Err(e)) => {
             debug!(error = %e, "SSH handshake failed");
@@ -90,7 +100,9 @@ struct Conn {
 
 impl Conn {
     fn is_lease_key(&self, key: &russh::keys::ssh_key::PublicKey) -> bool {
-        key.key_data().ed25519().is_some_and(|k| k.0 == self.ctx.access_key.0)
+        key.key_data()
+            .ed25519()
+            .is_some_and(|k| k.0 == self.ctx.access_key.0)
     }
 
     fn only_publickey() -> Auth {
@@ -116,7 +128,11 @@ impl Handler for Conn {
         Ok(Self::only_publickey())
     }
 
-    async fn auth_publickey_offered(&mut self, _user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
         Ok(if self.is_lease_key(offer.public_key) {
             Auth::Accept
         } else {
@@ -124,7 +140,11 @@ impl Handler for Conn {
         })
     }
 
-    async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
         if self.is_lease_key(key.public_key) {
             info!(lease = %self.ctx.lease.short(), user, "dev SSH login with the lease key");
             Ok(Auth::Accept)
@@ -169,11 +189,20 @@ impl Handler for Conn {
         }
     }
 
-    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         self.start(channel, session)
     }
 
-    async fn exec_request(&mut self, channel: ChannelId, _data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         self.start(channel, session)
     }
 
@@ -201,7 +230,12 @@ impl Handler for Conn {
         session.channel_failure(channel)
     }
 
-    async fn subsystem_request(&mut self, channel: ChannelId, _name: &str, session: &mut Session) -> Result<(), Self::Error> {
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         session.channel_failure(channel)
     }
 
@@ -217,7 +251,11 @@ impl Handler for Conn {
         session.channel_failure(channel)
     }
 
-    async fn agent_request(&mut self, _channel: ChannelId, _session: &mut Session) -> Result<bool, Self::Error> {
+    async fn agent_request(
+        &mut self,
+        _channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
         // russh answers for us from the returned value.
         Ok(false)
     }
@@ -230,7 +268,13 @@ struct PtyParams {
 }
 
 fn size(cols: u32, rows: u32) -> pty_process::Size {
-    let clamp = |v: u32, default: u16| if v == 0 { default } else { u16::try_from(v).unwrap_or(u16::MAX) };
+    let clamp = |v: u32, default: u16| {
+        if v == 0 {
+            default
+        } else {
+            u16::try_from(v).unwrap_or(u16::MAX)
+        }
+    };
     pty_process::Size::new(clamp(rows, 24), clamp(cols, 80))
 }
 
@@ -252,7 +296,9 @@ async fn run_channel(mut channel: Channel<Msg>, user: Arc<LocalUser>) {
                 })
             }
             Some(ChannelMsg::WindowChange {
-                col_width, row_height, ..
+                col_width,
+                row_height,
+                ..
             }) => {
                 if let Some(p) = pty.as_mut() {
                     p.size = size(col_width, row_height);
@@ -293,7 +339,10 @@ fn command(user: &LocalUser, cmd: Option<Vec<u8>>, term: Option<&str>) -> tokio:
         }
         None => {
             // A leading '-' in argv[0] asks any shell for a login shell.
-            let base = shell.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "sh".into());
+            let base = shell
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "sh".into());
             c.arg0(format!("-{base}"));
         }
     }
@@ -312,7 +361,11 @@ fn command(user: &LocalUser, cmd: Option<Vec<u8>>, term: Option<&str>) -> tokio:
     if let Some(term) = term {
         c.env("TERM", term);
     }
-    let dir = if user.home.is_dir() { user.home.clone() } else { "/".into() };
+    let dir = if user.home.is_dir() {
+        user.home.clone()
+    } else {
+        "/".into()
+    };
     c.current_dir(dir).kill_on_drop(true);
     c
 }
@@ -353,7 +406,12 @@ async fn report_spawn_error(tx: &ChannelWriteHalf<Msg>, e: impl std::fmt::Displa
 
 /// A command without PTY: stdin/stdout/stderr as pipes, stderr as SSH
 /// extended data. Like sshd, waits for stdout and stderr to close.
-async fn run_pipes(cmd: Option<Vec<u8>>, mut rx: ChannelReadHalf, tx: &ChannelWriteHalf<Msg>, user: &LocalUser) -> Option<u32> {
+async fn run_pipes(
+    cmd: Option<Vec<u8>>,
+    mut rx: ChannelReadHalf,
+    tx: &ChannelWriteHalf<Msg>,
+    user: &LocalUser,
+) -> Option<u32> {
     let mut child = match command(user, cmd, None)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -411,10 +469,11 @@ async fn run_pty(
     if let Err(e) = pty.resize(params.size) {
         return report_spawn_error(tx, e).await;
     }
-    let mut child = match pty_process::Command::from(command(user, cmd, Some(&params.term))).spawn(pts) {
-        Ok(c) => c,
-        Err(e) => return report_spawn_error(tx, e).await,
-    };
+    let mut child =
+        match pty_process::Command::from(command(user, cmd, Some(&params.term))).spawn(pts) {
+            Ok(c) => c,
+            Err(e) => return report_spawn_error(tx, e).await,
+        };
     let (pty_r, mut pty_w) = pty.into_split();
     let run = async {
         let output = pump(pty_r, tx.make_writer());
@@ -440,7 +499,9 @@ async fn run_pty(
                     let _ = pty_w.write_all(&data).await;
                 }
                 ChannelMsg::WindowChange {
-                    col_width, row_height, ..
+                    col_width,
+                    row_height,
+                    ..
                 } => {
                     let _ = pty_w.resize(size(col_width, row_height));
                 }

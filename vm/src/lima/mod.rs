@@ -79,7 +79,11 @@ pub struct LimaConfig {
 impl LimaConfig {
     /// Defaults: 10 min create, 10 min start, at least 1 vCPU, 512 MiB,
     /// 10 GiB (what a minimal cloud image needs to boot and install sshd).
-    pub fn new(limactl: impl Into<PathBuf>, lima_home: impl Into<PathBuf>, image: impl Into<String>) -> Self {
+    pub fn new(
+        limactl: impl Into<PathBuf>,
+        lima_home: impl Into<PathBuf>,
+        image: impl Into<String>,
+    ) -> Self {
         LimaConfig {
             limactl: limactl.into(),
             lima_home: lima_home.into(),
@@ -118,13 +122,16 @@ impl LimaManager {
     /// Check the configuration and find `limactl` ([`VmError::ToolMissing`]
     /// if absent). Runs no `limactl` command.
     pub fn new(mut config: LimaConfig) -> Result<Self, VmError> {
-        let limactl = util::find_program(Some(&config.limactl), "limactl", &[]).ok_or_else(|| VmError::ToolMissing {
-            tool: "limactl".into(),
-            hint: format!(
-                "{} not found; install Lima (≥ 1.0) and QEMU, or pass the path of limactl",
-                config.limactl.display()
-            ),
-        })?;
+        let limactl =
+            util::find_program(Some(&config.limactl), "limactl", &[]).ok_or_else(|| {
+                VmError::ToolMissing {
+                    tool: "limactl".into(),
+                    hint: format!(
+                        "{} not found; install Lima (≥ 1.0) and QEMU, or pass the path of limactl",
+                        config.limactl.display()
+                    ),
+                }
+            })?;
         if config.image.trim().is_empty() || config.image.chars().any(char::is_control) {
             return Err(VmError::InvalidConfig(format!(
                 "image location {:?} must be one non-empty line",
@@ -134,14 +141,20 @@ impl LimaManager {
         if let Some(arch) = &config.arch
             && !arch.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         {
-            return Err(VmError::InvalidConfig(format!("arch {arch:?} is not a Lima architecture name")));
+            return Err(VmError::InvalidConfig(format!(
+                "arch {arch:?} is not a Lima architecture name"
+            )));
         }
         if config.min_cpus == 0 || config.min_memory_mb == 0 || config.min_disk_gb == 0 {
-            return Err(VmError::InvalidConfig("minimum cpus, memory and disk must be above zero".into()));
+            return Err(VmError::InvalidConfig(
+                "minimum cpus, memory and disk must be above zero".into(),
+            ));
         }
         util::create_private_dir(&config.lima_home)?;
-        config.lima_home = fs::canonicalize(&config.lima_home)
-            .map_err(VmError::io(format!("resolving {}", config.lima_home.display())))?;
+        config.lima_home = fs::canonicalize(&config.lima_home).map_err(VmError::io(format!(
+            "resolving {}",
+            config.lima_home.display()
+        )))?;
         Ok(LimaManager {
             config,
             limactl,
@@ -154,7 +167,10 @@ impl LimaManager {
     }
 
     fn template_path(&self, name: &str) -> PathBuf {
-        self.config.lima_home.join(TEMPLATE_DIR).join(format!("{name}.yaml"))
+        self.config
+            .lima_home
+            .join(TEMPLATE_DIR)
+            .join(format!("{name}.yaml"))
     }
 
     /// Run `limactl ARGS` with `LIMA_HOME`, bounded by `limit`; stdout on
@@ -185,7 +201,11 @@ impl LimaManager {
         } else {
             Err(VmError::Failed {
                 what,
-                detail: format!("{}: {}", out.status, tail_text(&String::from_utf8_lossy(&out.stderr))),
+                detail: format!(
+                    "{}: {}",
+                    out.status,
+                    tail_text(&String::from_utf8_lossy(&out.stderr))
+                ),
             })
         }
     }
@@ -197,7 +217,10 @@ impl LimaManager {
 
     /// Tails of the instance's host-agent and serial logs.
     fn log_tails(&self, name: &str, dir: Option<&str>) -> String {
-        let dir = dir.filter(|d| !d.is_empty()).map(PathBuf::from).unwrap_or_else(|| self.instance_dir(name));
+        let dir = dir
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.instance_dir(name));
         util::join_tails(&[
             util::log_tail(&dir.join("ha.stderr.log")),
             util::log_tail(&dir.join("serial.log")),
@@ -219,7 +242,14 @@ impl LimaManager {
     async fn read_host_key(&self, name: &str) -> Result<String, VmError> {
         let out = self
             .limactl(
-                &["shell", "--workdir", "/", name, "cat", "/etc/ssh/ssh_host_ed25519_key.pub"],
+                &[
+                    "shell",
+                    "--workdir",
+                    "/",
+                    name,
+                    "cat",
+                    "/etc/ssh/ssh_host_ed25519_key.pub",
+                ],
                 QUICK_TIMEOUT,
             )
             .await?;
@@ -231,11 +261,19 @@ impl LimaManager {
         if inst.ssh_local_port == 0 {
             return Err(VmError::Failed {
                 what: format!("reading the SSH port of {}", inst.name),
-                detail: format!("limactl list reports no sshLocalPort (status {})", inst.status),
+                detail: format!(
+                    "limactl list reports no sshLocalPort (status {})",
+                    inst.status
+                ),
             });
         }
         let port = inst.ssh_local_port;
-        util::wait_for_port(port, Instant::now() + PORT_TIMEOUT, &format!("SSH of {}", inst.name)).await?;
+        util::wait_for_port(
+            port,
+            Instant::now() + PORT_TIMEOUT,
+            &format!("SSH of {}", inst.name),
+        )
+        .await?;
         let host_key = self.read_host_key(&inst.name).await?;
         let mut info = VmInfo::new(*lease, "lima", VmStatus::Running);
         info.ssh_port = Some(port);
@@ -272,8 +310,11 @@ impl LimaManager {
         let path_arg = path.to_string_lossy().into_owned();
         let name_arg = format!("--name={name}");
         let result = async {
-            self.limactl(&["create", &name_arg, "--tty=false", &path_arg], self.config.create_timeout)
-                .await?;
+            self.limactl(
+                &["create", &name_arg, "--tty=false", &path_arg],
+                self.config.create_timeout,
+            )
+            .await?;
             self.limactl(&["start", "--tty=false", &name], self.config.start_timeout)
                 .await?;
             let inst = self.find(&name).await?;
@@ -325,7 +366,9 @@ fn tail_text(s: &str) -> String {
     const MAX: usize = 2048;
     let s = s.trim();
     let start = s.len().saturating_sub(MAX);
-    let start = (start..=s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(s.len());
+    let start = (start..=s.len())
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(s.len());
     s[start..].to_string()
 }
 
@@ -363,7 +406,10 @@ impl VmManager for LimaManager {
         };
         info!(lease = %req.lease.short(), instance = %instance_name(&req.lease), "creating lima VM");
         match self.create_and_start(req).await {
-            Ok(info) => match self.registry.finish(&req.lease, generation, info.clone(), Some(())) {
+            Ok(info) => match self
+                .registry
+                .finish(&req.lease, generation, info.clone(), Some(()))
+            {
                 Ok(()) => {
                     info!(lease = %req.lease.short(), port = ?info.ssh_port, "lima VM running");
                     Ok(info)
@@ -399,9 +445,10 @@ impl VmManager for LimaManager {
 
     async fn dial_ssh(&self, lease: &LeaseHash) -> Result<tokio::net::TcpStream, VmError> {
         let port = self.registry.running_port(lease)?;
-        util::connect_local(port)
-            .await
-            .map_err(VmError::io(format!("connecting to the VM of lease {}", lease.short())))
+        util::connect_local(port).await.map_err(VmError::io(format!(
+            "connecting to the VM of lease {}",
+            lease.short()
+        )))
     }
 
     async fn get(&self, lease: &LeaseHash) -> Option<VmInfo> {
@@ -413,7 +460,8 @@ impl VmManager for LimaManager {
     }
 
     async fn recover(&self, keep: &[ProvisionRequest]) -> Result<Vec<VmInfo>, VmError> {
-        let wanted: HashMap<String, &ProvisionRequest> = keep.iter().map(|r| (instance_name(&r.lease), r)).collect();
+        let wanted: HashMap<String, &ProvisionRequest> =
+            keep.iter().map(|r| (instance_name(&r.lease), r)).collect();
         let kept_leases: HashSet<LeaseHash> = keep.iter().map(|r| r.lease).collect();
         for lease in self.registry.leases() {
             if !kept_leases.contains(&lease) {
@@ -434,7 +482,8 @@ impl VmManager for LimaManager {
             let result = match found {
                 None => Err(VmError::Failed {
                     what: format!("recovering {name}"),
-                    detail: "the instance no longer exists; not re-creating it with a new host key".into(),
+                    detail: "the instance no longer exists; not re-creating it with a new host key"
+                        .into(),
                 }),
                 Some(inst) if inst.status == "Running" => self.adopt(&req.lease, inst).await,
                 Some(inst) if inst.status == "Stopped" => {
@@ -472,7 +521,10 @@ impl VmManager for LimaManager {
         // The VMs keep running (see the module docs); only forget them so
         // an in-flight provision does not install itself.
         let n = self.registry.stop_all().len();
-        info!(vms = n, "lima manager stopped; VMs left running for recover");
+        info!(
+            vms = n,
+            "lima manager stopped; VMs left running for recover"
+        );
     }
 }
 

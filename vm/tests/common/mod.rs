@@ -21,7 +21,9 @@ pub fn have_tool(path: &str) -> bool {
         return true;
     }
     if std::env::var("XE_REQUIRE_SSHD").as_deref() == Ok("1") {
-        panic!("{path} is required (XE_REQUIRE_SSHD=1) but not installed: apt-get install openssh-server openssh-client");
+        panic!(
+            "{path} is required (XE_REQUIRE_SSHD=1) but not installed: apt-get install openssh-server openssh-client"
+        );
     }
     eprintln!(
         "\n!!!!!!!! SKIPPED: {path} is not installed (apt-get install openssh-server openssh-client); \
@@ -93,15 +95,31 @@ pub async fn ssh(
         .arg(key)
         .arg("-p")
         .arg(port.to_string())
-        .args(["-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-o", "BatchMode=yes"])
-        .args(["-o", "StrictHostKeyChecking=yes", "-o", "GlobalKnownHostsFile=/dev/null"])
+        .args([
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "IdentityAgent=none",
+            "-o",
+            "BatchMode=yes",
+        ])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+        ])
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", known.display()))
         .args(["-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR"])
         .args(extra)
         .arg(format!("{user}@127.0.0.1"))
         .arg(command)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);

@@ -1,0 +1,196 @@
+//! `xe node`: run a node (gateway, provider, or plain replica).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use xe_net::Multiaddr;
+use xe_node::{Capacity, Node, NodeConfig, ProvideConfig, SshConfig, VmBackend};
+
+/// Which VM backend a provider uses.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Backend {
+    /// Lima VMs via `limactl` (production).
+    Lima,
+    /// A real OpenSSH sshd per lease on 127.0.0.1 (host or container access).
+    Sshd,
+    /// Embedded SSH server giving a shell on THIS machine. Development only.
+    Dev,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// Directory holding everything the node keeps (store, keys, VM state).
+    #[arg(long, value_name = "DIR", env = "XE_DATA")]
+    pub data: Option<PathBuf>,
+    /// The node's account wallet [default: DIR/wallet.seed, created on first run].
+    #[arg(long, value_name = "PATH")]
+    pub wallet: Option<PathBuf>,
+    /// libp2p listen multiaddr (repeatable).
+    #[arg(long = "p2p-listen", value_name = "MULTIADDR",
+          default_values = ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"])]
+    pub p2p_listen: Vec<Multiaddr>,
+    /// Peer to dial at start, ending in /p2p/<peer id> (repeatable).
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<Multiaddr>,
+
+    /// Host VMs for leases that name this node's account.
+    #[arg(long)]
+    pub provide: bool,
+    /// VM backend for --provide.
+    #[arg(long, value_enum, default_value = "lima")]
+    pub vm_backend: Backend,
+    /// limactl binary (lima backend).
+    #[arg(long, value_name = "PATH", default_value = "limactl")]
+    pub limactl: PathBuf,
+    /// Cloud image for Lima VMs: a local path or URL (never downloaded by tests).
+    #[arg(long, value_name = "LOCATION", default_value = "https://dl-cdn.alpinelinux.org/alpine/v3.20/releases/cloud/nocloud_alpine-3.20.3-x86_64-bios-cloudinit-r0.qcow2")]
+    pub lima_image: String,
+    /// sshd binary (sshd backend) [default: /usr/sbin/sshd or PATH].
+    #[arg(long, value_name = "PATH")]
+    pub sshd: Option<PathBuf>,
+    /// Most leases hosted at once.
+    #[arg(long, default_value_t = 16)]
+    pub max_leases: usize,
+    /// Most vCPUs across all leases.
+    #[arg(long, default_value_t = 64)]
+    pub max_vcpus: u32,
+    /// Most memory (MiB) across all leases.
+    #[arg(long, default_value_t = 256 * 1024)]
+    pub max_memory_mb: u64,
+    /// Most disk (GiB) across all leases.
+    #[arg(long, default_value_t = 4096)]
+    pub max_disk_gb: u64,
+
+    /// SSH gateway port (0 = gateway disabled).
+    #[arg(long, default_value_t = 0)]
+    pub ssh_port: u16,
+    /// SSH gateway address: an IP (uses --ssh-port), or IP:PORT, which
+    /// enables the gateway on that port (`127.0.0.1:0` picks a free one).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0")]
+    pub ssh_listen: String,
+    /// Most concurrent SSH connections (the seed's maxSSHConnections).
+    #[arg(long, default_value_t = 100)]
+    pub max_ssh_connections: usize,
+    /// Seconds an SSH client has to authenticate.
+    #[arg(long, default_value_t = 30)]
+    pub ssh_auth_grace: u64,
+
+    /// Tunnel handshake deadline in seconds (both sides).
+    #[arg(long, default_value_t = 30)]
+    pub handshake_timeout: u64,
+    /// Seconds between directory re-announcements (providers).
+    #[arg(long, default_value_t = 300)]
+    pub announce_interval: u64,
+}
+
+fn ssh_listen(args: &NodeArgs) -> anyhow::Result<Option<SocketAddr>> {
+    if let Ok(sa) = args.ssh_listen.parse::<SocketAddr>() {
+        return Ok(Some(sa));
+    }
+    let ip: IpAddr = args.ssh_listen.parse().with_context(|| {
+        format!("--ssh-listen {:?}: expected an IP address or IP:PORT", args.ssh_listen)
+    })?;
+    Ok((args.ssh_port != 0).then_some(SocketAddr::new(ip, args.ssh_port)))
+}
+
+impl NodeArgs {
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data.clone().unwrap_or_else(|| crate::paths::xe_home().join("node"))
+    }
+
+    /// Translate flags into a node configuration.
+    pub fn to_config(&self) -> anyhow::Result<NodeConfig> {
+        let data = self.data_dir();
+        let mut cfg = NodeConfig::new(data.clone());
+        if let Some(w) = &self.wallet {
+            cfg.wallet = w.clone();
+        }
+        cfg.p2p_listen = self.p2p_listen.clone();
+        cfg.bootstrap = self.bootstrap.clone();
+        for b in &cfg.bootstrap {
+            if !b.iter().any(|p| matches!(p, xe_net::libp2p_protocol::P2p(_))) {
+                anyhow::bail!("--bootstrap {b}: must end in /p2p/<peer id> (see `listen_addrs` in the peer's GET /node)");
+            }
+        }
+        cfg.handshake_timeout = Duration::from_secs(self.handshake_timeout.max(1));
+        cfg.announce_interval = Duration::from_secs(self.announce_interval.max(5));
+        if self.provide {
+            cfg.provide = Some(ProvideConfig {
+                backend: match self.vm_backend {
+                    Backend::Lima => VmBackend::Lima {
+                        limactl: self.limactl.clone(),
+                        image: self.lima_image.clone(),
+                    },
+                    Backend::Sshd => VmBackend::Sshd { sshd: self.sshd.clone() },
+                    Backend::Dev => VmBackend::Dev,
+                },
+                capacity: Capacity {
+                    max_leases: self.max_leases,
+                    max_vcpus: self.max_vcpus,
+                    max_memory_mb: self.max_memory_mb,
+                    max_disk_gb: self.max_disk_gb,
+                },
+            });
+        }
+        if let Some(listen) = ssh_listen(self)? {
+            cfg.ssh = Some(SshConfig {
+                listen,
+                max_connections: self.max_ssh_connections,
+                auth_grace: Duration::from_secs(self.ssh_auth_grace.max(1)),
+            });
+        }
+        Ok(cfg)
+    }
+}
+
+/// What `xe node` prints on stdout (one JSON line) once it is ready, and
+/// writes to `DIR/node.json`: scripts and tests read ports from here.
+pub async fn ready_info(node: &Node, api: Option<SocketAddr>) -> serde_json::Value {
+    let addrs: Vec<String> = node
+        .net
+        .p2p_addrs()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    serde_json::json!({
+        "event": "ready",
+        "peer_id": node.net.peer_id().to_string(),
+        "account": node.wallet.address().to_string(),
+        "p2p_addrs": addrs,
+        "ssh_addr": node.ssh_addr.map(|a| a.to_string()),
+        "api_addr": api.map(|a| a.to_string()),
+        "pid": std::process::id(),
+    })
+}
+
+/// Wait for SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+pub async fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
+    let cfg = args.to_config()?;
+    let data = cfg.data_dir.clone();
+    let node = Node::start(cfg)
+        .await
+        .with_context(|| format!("starting the node in {}", data.display()))?;
+    let info = ready_info(&node, None).await;
+    let line = serde_json::to_string(&info)?;
+    std::fs::write(data.join("node.json"), format!("{line}\n")).context("writing node.json")?;
+    println!("{line}");
+    shutdown_signal().await;
+    tracing::info!("signal received; shutting down");
+    node.shutdown().await;
+    Ok(std::process::ExitCode::SUCCESS)
+}

@@ -1,0 +1,261 @@
+//! `xe ssh` and `xe ssh-config`: plain OpenSSH through the gateway, the
+//! way the seed describes — `ProxyCommand="ssh -W %h:%p LEASE@GATEWAY"` —
+//! so the consumer's SSH runs end to end with the VM's sshd.
+//!
+//! Host keys stay strictly checked without prompts: the VM's host key that
+//! the provider signed into the lease's accept is pinned in an xe-owned
+//! known_hosts under `HostKeyAlias=LEASE`, so a man in the middle is
+//! detected and one lease's key never clashes with another's.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use xe_store::{LeaseHash, LeaseKey, lease_key_path};
+
+use crate::paths::{WalletArg, xe_home};
+
+/// Everything needed to reach one lease's VM through a gateway.
+#[derive(Debug, Clone)]
+pub struct SshTarget {
+    /// The lease (SSH username at the gateway, host key alias at the VM).
+    pub lease: LeaseHash,
+    /// Gateway `host:port`.
+    pub gateway: String,
+    /// The wallet's lease key (`ssh -i`).
+    pub key: PathBuf,
+    /// xe-owned known_hosts file.
+    pub known_hosts: PathBuf,
+    /// User on the VM.
+    pub user: String,
+}
+
+fn split_host_port(hp: &str) -> anyhow::Result<(String, u16)> {
+    let (host, port) = hp
+        .rsplit_once(':')
+        .with_context(|| format!("gateway {hp:?}: expected HOST:PORT"))?;
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("gateway {hp:?}: port {port:?} is not a number"))?;
+    Ok((host.trim_matches(['[', ']']).to_string(), port))
+}
+
+impl SshTarget {
+    /// The ProxyCommand that carries the session through the gateway.
+    pub fn proxy_command(&self) -> anyhow::Result<String> {
+        let (host, port) = split_host_port(&self.gateway)?;
+        Ok(format!(
+            "ssh -F /dev/null -p {port} -i {key} -o IdentitiesOnly=yes -o BatchMode=yes \
+             -o LogLevel=ERROR -o UserKnownHostsFile={kh} -o StrictHostKeyChecking=accept-new -W %h:%p {lease}@{host}",
+            key = shell_quote(&self.key),
+            kh = shell_quote(&self.known_hosts),
+            lease = self.lease,
+        ))
+    }
+
+    /// Arguments for `ssh` (without the program name), then `extra`.
+    pub fn ssh_args(&self, extra: &[String]) -> anyhow::Result<Vec<String>> {
+        let mut a = vec![
+            "-F".into(),
+            "/dev/null".into(),
+            "-o".into(),
+            format!("ProxyCommand={}", self.proxy_command()?),
+            "-o".into(),
+            format!("HostKeyAlias={}", self.lease),
+            "-o".into(),
+            format!("UserKnownHostsFile={}", self.known_hosts.display()),
+            "-o".into(),
+            "StrictHostKeyChecking=yes".into(),
+            "-o".into(),
+            "IdentitiesOnly=yes".into(),
+            "-i".into(),
+            self.key.display().to_string(),
+            format!("{}@vm", self.user),
+        ];
+        a.extend(extra.iter().cloned());
+        Ok(a)
+    }
+
+    /// A `~/.ssh/config` block for scp/sftp/rsync/IDEs.
+    pub fn config_block(&self, alias: &str) -> anyhow::Result<String> {
+        Ok(format!(
+            "Host {alias}\n    HostName vm\n    User {user}\n    ProxyCommand {proxy}\n    IdentityFile {key}\n    IdentitiesOnly yes\n    HostKeyAlias {lease}\n    UserKnownHostsFile {kh}\n    StrictHostKeyChecking yes\n",
+            user = self.user,
+            proxy = self.proxy_command()?,
+            key = self.key.display(),
+            lease = self.lease,
+            kh = self.known_hosts.display(),
+        ))
+    }
+}
+
+fn shell_quote(p: &Path) -> String {
+    let s = p.display().to_string();
+    if s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c)) {
+        s
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// Pin `host_key` (an OpenSSH public key line) for `lease` in `known_hosts`,
+/// replacing any older line for the same alias.
+pub fn pin_host_key(known_hosts: &Path, lease: &LeaseHash, host_key: &str) -> anyhow::Result<()> {
+    let key = host_key.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    if key.split_whitespace().count() != 2 || key.contains(['\n', '\r']) {
+        bail!("the lease's VM host key is malformed: {host_key:?}");
+    }
+    let alias = lease.to_string();
+    let existing = std::fs::read_to_string(known_hosts).unwrap_or_default();
+    let mut out: Vec<String> = existing
+        .lines()
+        .filter(|l| l.split_whitespace().next() != Some(alias.as_str()))
+        .map(str::to_string)
+        .collect();
+    out.push(format!("{alias} {key}"));
+    if let Some(dir) = known_hosts.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(known_hosts, out.join("\n") + "\n").with_context(|| format!("writing {}", known_hosts.display()))?;
+    Ok(())
+}
+
+fn has_pin(known_hosts: &Path, lease: &LeaseHash) -> bool {
+    let alias = lease.to_string();
+    std::fs::read_to_string(known_hosts)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(alias.as_str()))
+}
+
+/// Flags shared by `xe ssh` and `xe ssh-config`.
+#[derive(Args, Debug, Clone)]
+pub struct TargetArgs {
+    /// The lease hash (64 hex).
+    pub lease: String,
+    /// SSH gateway HOST:PORT.
+    #[arg(long, env = "XE_GATEWAY", value_name = "HOST:PORT")]
+    pub gateway: String,
+    /// User on the VM.
+    #[arg(long, default_value = "root")]
+    pub user: String,
+    /// known_hosts file that pins VM host keys [default: ~/.xe/known_hosts].
+    #[arg(long, value_name = "PATH")]
+    pub known_hosts: Option<PathBuf>,
+    /// The lease's VM host key (`ssh-ed25519 AAAA…`) to pin, as published
+    /// in the lease's accept (`xe lease show` prints it).
+    #[arg(long, value_name = "KEY")]
+    pub host_key: Option<String>,
+    #[command(flatten)]
+    pub wallet: WalletArg,
+}
+
+impl TargetArgs {
+    fn target(&self) -> anyhow::Result<SshTarget> {
+        let lease: LeaseHash = self.lease.parse().with_context(|| format!("lease {:?}", self.lease))?;
+        split_host_port(&self.gateway)?;
+        let wallet = self.wallet.path();
+        let key = LeaseKey::load(&lease_key_path(&wallet))
+            .with_context(|| format!("the lease key of wallet {}", wallet.display()))?;
+        let known_hosts = self.known_hosts.clone().unwrap_or_else(|| xe_home().join("known_hosts"));
+        if let Some(hk) = &self.host_key {
+            pin_host_key(&known_hosts, &lease, hk)?;
+        }
+        if !has_pin(&known_hosts, &lease) {
+            bail!(
+                "no pinned VM host key for lease {} in {}; pass --host-key \"$(xe lease show {} --field vm_host_key)\" once",
+                lease.short(),
+                known_hosts.display(),
+                lease
+            );
+        }
+        Ok(SshTarget {
+            lease,
+            gateway: self.gateway.clone(),
+            key: key.path().to_path_buf(),
+            known_hosts,
+            user: self.user.clone(),
+        })
+    }
+}
+
+/// `xe ssh`.
+#[derive(Args, Debug)]
+pub struct SshArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Print the ssh command instead of running it.
+    #[arg(long)]
+    pub print: bool,
+    /// Arguments passed to ssh after the destination (a command, or flags).
+    #[arg(last = true)]
+    pub ssh_args: Vec<String>,
+}
+
+/// `xe ssh-config`.
+#[derive(Args, Debug)]
+pub struct SshConfigArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Host alias for the block [default: xe-<first 8 hex of the lease>].
+    #[arg(long)]
+    pub alias: Option<String>,
+}
+
+pub fn run_ssh(args: SshArgs) -> anyhow::Result<ExitCode> {
+    let t = args.target.target()?;
+    let argv = t.ssh_args(&args.ssh_args)?;
+    if args.print {
+        let quoted: Vec<String> = argv.iter().map(|a| shell_quote(Path::new(a))).collect();
+        println!("ssh {}", quoted.join(" "));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status = Command::new("ssh")
+        .args(&argv)
+        .status()
+        .context("running ssh (is the OpenSSH client installed?)")?;
+    Ok(ExitCode::from(status.code().unwrap_or(255).clamp(0, 255) as u8))
+}
+
+pub fn run_config(args: SshConfigArgs) -> anyhow::Result<ExitCode> {
+    let t = args.target.target()?;
+    let alias = args.alias.unwrap_or_else(|| format!("xe-{}", t.lease.short()));
+    print!("{}", t.config_block(&alias)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_replaces_only_the_same_alias() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kh = dir.path().join("known_hosts");
+        let a = LeaseHash([1; 32]);
+        let b = LeaseHash([2; 32]);
+        pin_host_key(&kh, &a, "ssh-ed25519 AAAA1 vm").expect("pin");
+        pin_host_key(&kh, &b, "ssh-ed25519 AAAA2").expect("pin");
+        pin_host_key(&kh, &a, "ssh-ed25519 AAAA3").expect("re-pin");
+        let text = std::fs::read_to_string(&kh).expect("read");
+        assert_eq!(text, format!("{b} ssh-ed25519 AAAA2\n{a} ssh-ed25519 AAAA3\n"));
+        assert!(pin_host_key(&kh, &a, "garbage").is_err());
+    }
+
+    #[test]
+    fn ssh_args_use_the_proxy_and_alias() {
+        let t = SshTarget {
+            lease: LeaseHash([0xab; 32]),
+            gateway: "127.0.0.1:2222".into(),
+            key: PathBuf::from("/k/w.lease_key"),
+            known_hosts: PathBuf::from("/k/known_hosts"),
+            user: "root".into(),
+        };
+        let a = t.ssh_args(&["echo".into(), "hi".into()]).expect("args");
+        let joined = a.join(" ");
+        assert!(joined.contains(&format!("-W %h:%p {}@127.0.0.1", "ab".repeat(32))), "{joined}");
+        assert!(joined.contains(&format!("HostKeyAlias={}", "ab".repeat(32))));
+        assert!(joined.ends_with("root@vm echo hi"));
+    }
+}
