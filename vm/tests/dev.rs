@@ -64,6 +64,19 @@ async fn exec_pty_and_refusal_with_real_ssh() {
     assert_eq!(out.code, Some(4), "stderr: {}", out.stderr);
     assert!(out.stdout.contains("/dev/pts/"), "{:?}", out.stdout);
 
+    // No terminal size from a client without a tty: the PTY gets 24x80.
+    let out = run("lease", &["-tt"], "stty size", None).await;
+    assert_eq!((out.code, out.stdout.trim()), (Some(0), "24 80"), "{}", out.stderr);
+
+    // An interactive login shell on a PTY (shell request, no command).
+    let out = run("lease", &["-tt"], "", Some(b"echo $((6*7)); exit 6\n")).await;
+    assert_eq!(out.code, Some(6), "stderr: {}", out.stderr);
+    assert!(out.stdout.contains("42"), "{:?}", out.stdout);
+
+    // A shell request without PTY reads its commands from stdin.
+    let out = run("lease", &[], "", Some(b"echo $((6*7))\n")).await;
+    assert_eq!((out.code, out.stdout.as_str()), (Some(0), "42\n"), "{}", out.stderr);
+
     let out = run("lease", &[], "tty", None).await;
     assert!(
         out.stdout.contains("not a tty"),

@@ -2,6 +2,7 @@
 //! real OpenSSH client with a pinned host key.
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -25,7 +26,10 @@ pub fn have_tool(path: &str) -> bool {
             "{path} is required (XE_REQUIRE_SSHD=1) but not installed: apt-get install openssh-server openssh-client"
         );
     }
-    eprintln!(
+    // Written to the stderr handle directly: libtest captures eprintln!,
+    // and a skip must be visible in a passing run.
+    let _ = writeln!(
+        std::io::stderr(),
         "\n!!!!!!!! SKIPPED: {path} is not installed (apt-get install openssh-server openssh-client); \
          set XE_REQUIRE_SSHD=1 to make this a failure !!!!!!!!\n"
     );

@@ -1,0 +1,480 @@
+//! A small HTTP/1.1 client for the API (hyper's connection-level client,
+//! one TCP connection per request: the CLI makes a handful of requests, so
+//! pooling would buy nothing), and [`forward`], the engine of `xe tunnel`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, warn};
+use xe_store::{LeaseEvent, LeaseHash, LeaseKey, LeaseState, now_secs};
+
+use crate::auth::{SIGNATURE_HEADER, TIMESTAMP_HEADER, TunnelAuth, UPGRADE_PROTOCOL};
+use crate::types::{ErrorBody, LeaseView, NodeInfo, ProviderView, SubmitResult, VmView};
+
+/// Default node URL of the CLI.
+pub const DEFAULT_NODE_URL: &str = "http://127.0.0.1:8080";
+/// Default deadline for one request (connect, send, read the answer).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest response body the client reads; a node never sends more than a
+/// lease list, so a bigger one is a wrong URL or a broken server.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The node URL cannot be used.
+    #[error("node URL {url:?}: {detail}")]
+    Url {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// TCP connect failed.
+    #[error("cannot connect to the node at {addr}: {source} (is `xe node --api-port` running there? set --node or XE_NODE)")]
+    Connect {
+        /// host:port.
+        addr: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed.
+    #[error("HTTP exchange with {addr} failed: {detail}")]
+    Http {
+        /// host:port.
+        addr: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The node answered with an error status.
+    #[error("node answered {status}: {message}")]
+    Status {
+        /// The status.
+        status: StatusCode,
+        /// The node's `error` text (or the raw body).
+        message: String,
+        /// Seconds from `Retry-After`, on 429.
+        retry_after: Option<u64>,
+    },
+    /// The body was not what the API sends.
+    #[error("unexpected response from the node: {0}")]
+    Decode(String),
+    /// The deadline passed.
+    #[error("no answer from the node within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A parsed `http://host[:port]` node URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeUrl {
+    host: String,
+    port: u16,
+}
+
+impl NodeUrl {
+    /// `host:port`, for connecting and the Host header.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::fmt::Display for NodeUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "http://{}", self.authority())
+    }
+}
+
+impl std::str::FromStr for NodeUrl {
+    type Err = ClientError;
+    fn from_str(s: &str) -> Result<Self, ClientError> {
+        let bad = |detail: &str| ClientError::Url {
+            url: s.to_string(),
+            detail: detail.to_string(),
+        };
+        let rest = if let Some(r) = s.strip_prefix("http://") {
+            r
+        } else if s.starts_with("https://") {
+            return Err(bad("https is not supported; the API speaks plain HTTP (keep it on loopback, or put a TLS proxy in front and tunnel to it)"));
+        } else if s.contains("://") {
+            return Err(bad("only http:// URLs are supported"));
+        } else {
+            s
+        };
+        let authority = rest.trim_end_matches('/');
+        if authority.contains('/') || authority.contains('?') {
+            return Err(bad("expected http://HOST[:PORT] with no path"));
+        }
+        let uri: axum::http::uri::Authority = authority
+            .parse()
+            .map_err(|e| bad(&format!("not a host[:port]: {e}")))?;
+        if uri.as_str().contains('@') {
+            return Err(bad("user info is not supported"));
+        }
+        let host = uri.host().trim_start_matches('[').trim_end_matches(']').to_string();
+        if host.is_empty() {
+            return Err(bad("missing host"));
+        }
+        Ok(NodeUrl {
+            host,
+            port: uri.port_u16().unwrap_or(80),
+        })
+    }
+}
+
+/// A client of one node's API.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    url: NodeUrl,
+    timeout: Duration,
+}
+
+/// An open HTTP tunnel: a byte stream to the VM's sshd.
+pub type TunnelConn = TokioIo<Upgraded>;
+
+/// A raw answer.
+#[derive(Debug)]
+pub struct RawResponse {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl RawResponse {
+    fn error(&self) -> ClientError {
+        let message = serde_json::from_slice::<ErrorBody>(&self.body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&self.body).trim().to_string());
+        ClientError::Status {
+            status: self.status,
+            message,
+            retry_after: self
+                .headers
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+        }
+    }
+
+    fn json<T: DeserializeOwned>(&self) -> Result<T, ClientError> {
+        if !self.status.is_success() {
+            return Err(self.error());
+        }
+        serde_json::from_slice(&self.body).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+}
+
+impl ApiClient {
+    /// A client of the node at `url`.
+    pub fn new(url: NodeUrl) -> Self {
+        ApiClient {
+            url,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// The node's URL.
+    pub fn url(&self) -> &NodeUrl {
+        &self.url
+    }
+
+    /// Change the per-request deadline.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    async fn connect(&self) -> Result<TcpStream, ClientError> {
+        let addr = self.url.authority();
+        let tcp = TcpStream::connect((self.url.host.as_str(), self.url.port))
+            .await
+            .map_err(|source| ClientError::Connect { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+
+    fn http_err(&self, e: impl std::fmt::Display) -> ClientError {
+        ClientError::Http {
+            addr: self.url.authority(),
+            detail: e.to_string(),
+        }
+    }
+
+    fn build(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Request<Full<Bytes>>, ClientError> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, self.url.authority());
+        if body.is_some() {
+            b = b.header(header::CONTENT_TYPE, "application/json");
+        }
+        for (k, v) in headers {
+            b = b.header(*k, v);
+        }
+        b.body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Url {
+                url: path.to_string(),
+                detail: e.to_string(),
+            })
+    }
+
+    /// Send one request and read the whole answer, within `timeout`.
+    pub async fn request_with_timeout(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<RawResponse, ClientError> {
+        let req = self.build(method, path, &[], body)?;
+        let work = async {
+            let tcp = self.connect().await?;
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .map_err(|e| self.http_err(e))?;
+            // The connection future does the I/O; it ends with the exchange.
+            let conn_task = tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let resp = send.send_request(req).await.map_err(|e| self.http_err(e))?;
+            let (parts, body) = resp.into_parts();
+            let body = Limited::new(body, MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| self.http_err(e))?
+                .to_bytes();
+            conn_task.abort();
+            Ok(RawResponse {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| ClientError::Timeout(timeout))?
+    }
+
+    /// Send one request with the default deadline.
+    pub async fn request(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<RawResponse, ClientError> {
+        self.request_with_timeout(method, path, body, self.timeout).await
+    }
+
+    /// GET a JSON body; any non-2xx status is an error.
+    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.request(Method::GET, path, None).await?.json()
+    }
+
+    /// `GET /node`.
+    pub async fn node(&self) -> Result<NodeInfo, ClientError> {
+        self.get_json("/node").await
+    }
+
+    /// `GET /leases` with optional filters.
+    pub async fn leases(
+        &self,
+        state: Option<LeaseState>,
+        consumer: Option<xe_store::AccountAddress>,
+    ) -> Result<Vec<LeaseView>, ClientError> {
+        let mut q = Vec::new();
+        if let Some(s) = state {
+            q.push(format!("state={s}"));
+        }
+        if let Some(c) = consumer {
+            q.push(format!("consumer={c}"));
+        }
+        let path = if q.is_empty() {
+            "/leases".to_string()
+        } else {
+            format!("/leases?{}", q.join("&"))
+        };
+        self.get_json(&path).await
+    }
+
+    /// `GET /leases/{hash}`.
+    pub async fn lease(&self, hash: &LeaseHash) -> Result<LeaseView, ClientError> {
+        self.get_json(&format!("/leases/{hash}")).await
+    }
+
+    /// `GET /leases/{hash}?wait=…&since=…`: answers as soon as the lease's
+    /// state is no longer `since`, or after `wait` with the current state.
+    pub async fn lease_wait(&self, hash: &LeaseHash, since: LeaseState, wait: Duration) -> Result<LeaseView, ClientError> {
+        let path = format!("/leases/{hash}?wait={}&since={since}", wait.as_secs());
+        self.request_with_timeout(Method::GET, &path, None, wait + self.timeout)
+            .await?
+            .json()
+    }
+
+    /// `POST /leases`: submit a signed event.
+    pub async fn submit(&self, event: &LeaseEvent) -> Result<SubmitResult, ClientError> {
+        self.post_json("/leases", event).await
+    }
+
+    /// POST a JSON body and read a JSON answer; non-2xx is an error.
+    pub async fn post_json<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.request(Method::POST, path, Some(bytes)).await?.json()
+    }
+
+    /// `GET /providers`.
+    pub async fn providers(&self) -> Result<Vec<ProviderView>, ClientError> {
+        self.get_json("/providers").await
+    }
+
+    /// `GET /vms/{lease}`: `None` when the node has no such VM or is not a
+    /// provider (both 404).
+    pub async fn vm(&self, lease: &LeaseHash) -> Result<Option<VmView>, ClientError> {
+        let r = self.request(Method::GET, &format!("/vms/{lease}"), None).await?;
+        if r.status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        r.json().map(Some)
+    }
+
+    /// `POST /tunnel/{lease}/tcp` with `auth`; on 101 the returned stream
+    /// is a byte pipe to the lease VM's sshd.
+    pub async fn open_tunnel(&self, lease: &LeaseHash, auth: TunnelAuth) -> Result<TunnelConn, ClientError> {
+        let mut headers = vec![
+            (SIGNATURE_HEADER, auth.signature.to_hex()),
+            ("connection", "Upgrade".to_string()),
+            ("upgrade", UPGRADE_PROTOCOL.to_string()),
+        ];
+        if let Some(ts) = auth.timestamp {
+            headers.push((TIMESTAMP_HEADER, ts.to_string()));
+        }
+        let req = self.build(Method::POST, &format!("/tunnel/{lease}/tcp"), &headers, None)?;
+        let work = async {
+            let tcp = self.connect().await?;
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .map_err(|e| self.http_err(e))?;
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+            let resp = send.send_request(req).await.map_err(|e| self.http_err(e))?;
+            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                let (parts, body) = resp.into_parts();
+                let body = Limited::new(body, MAX_RESPONSE_BYTES)
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                return Err(RawResponse {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body,
+                }
+                .error());
+            }
+            let proto = resp.headers().get(header::UPGRADE).cloned();
+            if proto != Some(HeaderValue::from_static(UPGRADE_PROTOCOL)) {
+                return Err(ClientError::Decode(format!("101 with Upgrade {proto:?}, expected {UPGRADE_PROTOCOL}")));
+            }
+            let up = hyper::upgrade::on(resp).await.map_err(|e| self.http_err(e))?;
+            Ok(TokioIo::new(up))
+        };
+        tokio::time::timeout(self.timeout + Duration::from_secs(30), work)
+            .await
+            .map_err(|_| ClientError::Timeout(self.timeout + Duration::from_secs(30)))?
+    }
+}
+
+/// Copy both ways until both directions end, either fails, or `cancel`.
+async fn splice<A, B>(a: &mut A, b: &mut B, cancel: &CancellationToken) -> std::io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(a, b) => r,
+        () = cancel.cancelled() => Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "shutting down")),
+    }
+}
+
+/// `xe tunnel`: accept local TCP connections on `listener` until `cancel`,
+/// and carry each through its own HTTP tunnel to `lease`'s VM, signed with
+/// a fresh `X-Timestamp` signature by `key`. A connection that fails (the
+/// node refuses, the provider is down) is logged and closed; the listener
+/// keeps serving. Accept errors are retried with a back-off.
+pub async fn forward(
+    listener: TcpListener,
+    client: ApiClient,
+    lease: LeaseHash,
+    key: Arc<LeaseKey>,
+    cancel: CancellationToken,
+) {
+    let tasks = tokio_util::task::TaskTracker::new();
+    let mut backoff = Duration::from_millis(10);
+    let mut next_id: u64 = 0;
+    loop {
+        let (tcp, peer): (TcpStream, SocketAddr) = tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => { backoff = Duration::from_millis(10); x }
+                Err(e) => {
+                    warn!(error = %e, "accept failed; retrying");
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        next_id += 1;
+        let client = client.clone();
+        let key = key.clone();
+        let token = cancel.child_token();
+        let span = tracing::info_span!("conn", id = next_id, %peer);
+        tasks.spawn(
+            async move {
+                let mut tcp = tcp;
+                let _ = tcp.set_nodelay(true);
+                let auth = TunnelAuth::fresh(&key, &lease, now_secs());
+                let opened = tokio::select! {
+                    r = client.open_tunnel(&lease, auth) => r,
+                    () = token.cancelled() => return,
+                };
+                match opened {
+                    Ok(mut up) => {
+                        info!("tunnel open");
+                        match splice(&mut tcp, &mut up, &token).await {
+                            Ok((a, b)) => info!(sent = a, received = b, "connection closed"),
+                            Err(e) => info!("connection ended: {e}"),
+                        }
+                    }
+                    Err(e) => warn!("tunnel refused, closing this connection: {e}"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+    tasks.close();
+    tasks.wait().await;
+}

@@ -1,0 +1,223 @@
+//! `GET /metrics`: Prometheus text exposition (format 0.0.4), written by
+//! hand from the node's counters. Every family is always present (zeros
+//! included), so dashboards and alerts do not depend on what has happened.
+
+use std::fmt::Write;
+
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use xe_store::LeaseState;
+use xe_vm::VmManager;
+
+use crate::App;
+use crate::error::HttpError;
+use crate::stats::TUNNEL_REFUSAL_STATUSES;
+
+/// The exposition's content type.
+const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+struct Out(String);
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                // Label values here are fixed identifiers; escape anyway.
+                let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+                let _ = write!(self.0, "{k}=\"{v}\"");
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+
+    fn one(&mut self, name: &str, kind: &str, help: &str, value: u64) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
+    }
+}
+
+pub(crate) async fn metrics(State(app): State<App>) -> Result<Response, HttpError> {
+    let mut o = Out(String::with_capacity(8192));
+    let g = app
+        .ctx
+        .gateway_stats
+        .as_ref()
+        .map(|s| s.snapshot())
+        .unwrap_or_default();
+
+    // ---- SSH gateway
+    o.one(
+        "xe_ssh_connections_active",
+        "gauge",
+        "SSH gateway connections open now (0 when the gateway is off).",
+        g.connections_active,
+    );
+    o.one(
+        "xe_ssh_connections_total",
+        "counter",
+        "SSH gateway connections accepted since start.",
+        g.connections_total,
+    );
+    o.family(
+        "xe_ssh_connections_refused_total",
+        "counter",
+        "SSH gateway connections closed unserved, by reason.",
+    );
+    for (reason, n) in &g.refused {
+        o.sample("xe_ssh_connections_refused_total", &[("reason", reason.as_str())], *n);
+    }
+    if g.refused.is_empty() {
+        for r in xe_node::gateway::ConnectionRefusal::ALL {
+            o.sample("xe_ssh_connections_refused_total", &[("reason", r.as_str())], 0);
+        }
+    }
+    o.one(
+        "xe_ssh_auth_successes_total",
+        "counter",
+        "SSH gateway authentications that succeeded.",
+        g.auth_successes,
+    );
+    o.family(
+        "xe_ssh_auth_failures_total",
+        "counter",
+        "SSH gateway authentication attempts rejected, by reason.",
+    );
+    for (reason, n) in &g.auth_failures {
+        o.sample("xe_ssh_auth_failures_total", &[("reason", reason.as_str())], *n);
+    }
+    if g.auth_failures.is_empty() {
+        for r in xe_node::gateway::AuthFailure::ALL {
+            o.sample("xe_ssh_auth_failures_total", &[("reason", r.as_str())], 0);
+        }
+    }
+    o.one(
+        "xe_ssh_tunnel_failures_total",
+        "counter",
+        "SSH gateway tunnel opens that failed (provider unreachable or refusing).",
+        g.tunnel_failures,
+    );
+
+    // ---- tunnels
+    o.family(
+        "xe_tunnels_active",
+        "gauge",
+        "Tunnels open now: via=ssh (gateway sessions), http (this API's upgrade tunnels), served (provider side, /xe/tunnel/2.0.0 streams into VMs).",
+    );
+    o.sample("xe_tunnels_active", &[("via", "ssh")], g.tunnels_active);
+    o.sample("xe_tunnels_active", &[("via", "http")], app.stats.tunnels_active());
+    o.sample(
+        "xe_tunnels_active",
+        &[("via", "served")],
+        app.ctx.net.registry().active() as u64,
+    );
+    o.family(
+        "xe_tunnel_bytes_total",
+        "counter",
+        "Payload bytes relayed, by path and direction.",
+    );
+    for (via, c2v, v2c) in [
+        ("ssh", g.bytes_client_to_vm, g.bytes_vm_to_client),
+        (
+            "http",
+            app.stats.bytes_client_to_vm(),
+            app.stats.bytes_vm_to_client(),
+        ),
+    ] {
+        o.sample("xe_tunnel_bytes_total", &[("via", via), ("direction", "client_to_vm")], c2v);
+        o.sample("xe_tunnel_bytes_total", &[("via", via), ("direction", "vm_to_client")], v2c);
+    }
+    o.one(
+        "xe_http_tunnels_total",
+        "counter",
+        "HTTP upgrade tunnels opened since start.",
+        app.stats.tunnels_total(),
+    );
+    o.family(
+        "xe_http_tunnel_refusals_total",
+        "counter",
+        "HTTP tunnel requests refused, by status code.",
+    );
+    for s in TUNNEL_REFUSAL_STATUSES {
+        o.sample(
+            "xe_http_tunnel_refusals_total",
+            &[("status", &s.to_string())],
+            app.stats.tunnel_refusals(s),
+        );
+    }
+    o.one(
+        "xe_http_rate_limited_total",
+        "counter",
+        "Write requests refused with 429.",
+        app.stats.rate_limited(),
+    );
+    o.one(
+        "xe_http_body_too_large_total",
+        "counter",
+        "Requests refused with 413.",
+        app.stats.bodies_too_large(),
+    );
+
+    // ---- ledger
+    let store = app.ctx.store.clone();
+    let leases = tokio::task::spawn_blocking(move || store.leases())
+        .await
+        .map_err(|e| HttpError::internal(format!("store task failed: {e}")))??;
+    let now = xe_store::now_secs();
+    o.family("xe_leases", "gauge", "Leases in this node's ledger copy, by state.");
+    for st in LeaseState::ALL {
+        let n = leases.iter().filter(|r| r.state_at(now) == st).count() as u64;
+        o.sample("xe_leases", &[("state", st.as_str())], n);
+    }
+    let ns = app.ctx.net.stats();
+    o.one(
+        "xe_replication_lag_seconds",
+        "gauge",
+        "Seconds between the last replicated lease event's own timestamp and its arrival here.",
+        ns.last_replication_lag_secs.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    o.one(
+        "xe_replication_events_applied_total",
+        "counter",
+        "Lease events applied from the network (gossip or sync).",
+        ns.events_applied.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    o.one(
+        "xe_replication_invalid_messages_total",
+        "counter",
+        "Gossip messages rejected by validation.",
+        ns.invalid_messages.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    o.one(
+        "xe_peers_connected",
+        "gauge",
+        "libp2p peers connected now.",
+        *app.ctx.net.peer_count().borrow() as u64,
+    );
+
+    // ---- provider
+    if let Some(p) = &app.ctx.provider {
+        let vms = p.vm().list().await;
+        o.family("xe_vms", "gauge", "VMs on this provider, by status.");
+        for st in ["provisioning", "running", "stopped", "error"] {
+            let n = vms.iter().filter(|v| v.status.to_string() == st).count() as u64;
+            o.sample("xe_vms", &[("status", st)], n);
+        }
+    }
+
+    let mut resp = o.0.into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+    Ok(resp)
+}

@@ -1,0 +1,358 @@
+//! The JSON routes, the body cap and the write rate limit.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+use tokio::sync::broadcast::error::RecvError;
+use xe_store::{AccountAddress, Applied, LeaseEvent, LeaseHash, LeaseRecord, LeaseState, StoreError, now_secs};
+use xe_vm::VmManager;
+
+use crate::error::HttpError;
+use crate::types::{LeaseView, NodeInfo, PeerView, ProviderView, SubmitResult, VmView};
+use crate::{App, MAX_LEASE_WAIT};
+
+pub(crate) fn router(app: App) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/node", get(node_info))
+        .route("/leases", get(list_leases).post(submit_event))
+        .route("/leases/{hash}", get(show_lease))
+        .route("/providers", get(providers))
+        .route("/vms", get(list_vms))
+        .route("/vms/{lease}", get(show_vm))
+        .route("/metrics", get(crate::metrics::metrics))
+        .route("/tunnel/{lease}/tcp", post(crate::tunnel::tunnel))
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(middleware::from_fn_with_state(app.clone(), rate_limit))
+        .layer(DefaultBodyLimit::max(app.config.max_body_bytes))
+        .with_state(app)
+}
+
+async fn no_route(method: Method, uri: axum::http::Uri) -> HttpError {
+    HttpError::not_found(format!("no route {method} {}", uri.path()))
+}
+
+async fn wrong_method(method: Method, uri: axum::http::Uri) -> HttpError {
+    HttpError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// Writes (anything but GET/HEAD) spend one token of the client IP's bucket.
+async fn rate_limit(State(app): State<App>, req: Request, next: Next) -> Response {
+    if req.method() == Method::GET || req.method() == Method::HEAD {
+        return next.run(req).await;
+    }
+    let ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    if let Some(ip) = ip {
+        if let Err(wait) = app.limiter.check(ip) {
+            app.stats.record_rate_limited();
+            if req.uri().path().starts_with("/tunnel/") {
+                app.stats.record_tunnel_refusal(429);
+            }
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            let secs = secs.max(1);
+            return HttpError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("too many write requests from {ip}; retry in {secs} s"),
+            )
+            .with_header(header::RETRY_AFTER, HeaderValue::from(secs))
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn health(State(app): State<App>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "peers": *app.ctx.net.peer_count().borrow(),
+    }))
+}
+
+async fn node_info(State(app): State<App>) -> Result<Json<NodeInfo>, HttpError> {
+    let net = &app.ctx.net;
+    let listen_addrs = net
+        .p2p_addrs()
+        .await
+        .map_err(|e| HttpError::internal(e.to_string()))?
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let peers = net
+        .peers()
+        .await
+        .map_err(|e| HttpError::internal(e.to_string()))?
+        .into_iter()
+        .map(|p| PeerView {
+            peer_id: p.peer_id,
+            addrs: p.addrs,
+            relayed: p.relayed,
+        })
+        .collect();
+    let mut roles = vec!["replica".to_string()];
+    if app.ctx.provider.is_some() {
+        roles.push("provider".into());
+    }
+    if app.ctx.ssh_addr.is_some() {
+        roles.push("gateway".into());
+    }
+    roles.push("api".into());
+    Ok(Json(NodeInfo {
+        peer_id: net.peer_id().to_string(),
+        address: app.ctx.account,
+        listen_addrs,
+        ssh_port: app.ctx.ssh_addr.map_or(0, |a| a.port()),
+        api_port: app.api_addr.port(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        peers,
+        roles,
+        http_tunnel_require_fresh: app.config.require_fresh,
+    }))
+}
+
+fn query_error(e: QueryRejection) -> HttpError {
+    HttpError::bad_request(format!("query string: {}", e.body_text()))
+}
+
+#[derive(Debug, Deserialize)]
+struct LeasesQuery {
+    state: Option<String>,
+    consumer: Option<String>,
+    provider: Option<String>,
+}
+
+fn parse_state(s: &str) -> Result<LeaseState, HttpError> {
+    s.parse::<LeaseState>()
+        .map_err(|e| HttpError::bad_request(format!("state: {e}")))
+}
+
+fn parse_account(what: &str, s: &str) -> Result<AccountAddress, HttpError> {
+    s.parse::<AccountAddress>()
+        .map_err(|e| HttpError::bad_request(format!("{what}: {e}")))
+}
+
+fn parse_lease(s: &str) -> Result<LeaseHash, HttpError> {
+    s.parse::<LeaseHash>()
+        .map_err(|e| HttpError::bad_request(e.to_string()))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, HttpError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| HttpError::internal(format!("store task failed: {e}")))?
+        .map_err(HttpError::from)
+}
+
+async fn list_leases(
+    State(app): State<App>,
+    q: Result<Query<LeasesQuery>, QueryRejection>,
+) -> Result<Json<Vec<LeaseView>>, HttpError> {
+    let Query(q) = q.map_err(query_error)?;
+    let state = q.state.as_deref().map(parse_state).transpose()?;
+    let consumer = q.consumer.as_deref().map(|s| parse_account("consumer", s)).transpose()?;
+    let provider = q.provider.as_deref().map(|s| parse_account("provider", s)).transpose()?;
+    let store = app.ctx.store.clone();
+    let records = blocking(move || store.leases()).await?;
+    let now = now_secs();
+    let mut out: Vec<LeaseView> = records
+        .iter()
+        .map(|r| LeaseView::from_record(r, now))
+        .filter(|v| state.is_none_or(|s| v.state == s))
+        .filter(|v| consumer.is_none_or(|c| v.consumer == c))
+        .filter(|v| provider.is_none_or(|p| v.provider == p))
+        .collect();
+    // Newest first: what a person listing leases looks for.
+    out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.lease_hash.cmp(&b.lease_hash)));
+    Ok(Json(out))
+}
+
+#[derive(Debug, Deserialize)]
+struct ShowQuery {
+    wait: Option<String>,
+    since: Option<String>,
+}
+
+async fn show_lease(
+    State(app): State<App>,
+    Path(raw): Path<String>,
+    q: Result<Query<ShowQuery>, QueryRejection>,
+) -> Result<Json<LeaseView>, HttpError> {
+    let hash = parse_lease(&raw)?;
+    let Query(q) = q.map_err(query_error)?;
+    let wait = match q.wait.as_deref() {
+        None => None,
+        Some(w) => Some(
+            w.parse::<u64>()
+                .map(|s| Duration::from_secs(s).min(MAX_LEASE_WAIT))
+                .map_err(|_| HttpError::bad_request(format!("wait: expected whole seconds, got {w:?}")))?,
+        ),
+    };
+    let since = q.since.as_deref().map(parse_state).transpose()?;
+    // Subscribe before reading, so a change in between is not missed.
+    let mut changes = app.ctx.store.subscribe();
+    let read = |store: xe_store::Store| async move {
+        blocking(move || store.lease(&hash))
+            .await?
+            .ok_or_else(|| HttpError::not_found(format!("unknown lease {hash}")))
+    };
+    let rec: LeaseRecord = read(app.ctx.store.clone()).await?;
+    let Some(wait) = wait else {
+        return Ok(Json(LeaseView::from_record(&rec, now_secs())));
+    };
+    let since = since.unwrap_or_else(|| rec.state());
+    if rec.state() != since {
+        return Ok(Json(LeaseView::from_record(&rec, now_secs())));
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => break,
+            () = app.cancel.cancelled() => break,
+            c = changes.recv() => match c {
+                Ok(c) if c.lease == hash && c.new != since => break,
+                Ok(_) => {}
+                // Missed some changes: re-read and answer.
+                Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => break,
+            },
+        }
+    }
+    let rec = read(app.ctx.store.clone()).await?;
+    Ok(Json(LeaseView::from_record(&rec, now_secs())))
+}
+
+async fn submit_event(
+    State(app): State<App>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<SubmitResult>), HttpError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            app.stats.record_body_too_large();
+            HttpError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body is over the {} byte limit", app.config.max_body_bytes),
+            )
+        } else {
+            HttpError::bad_request(format!("reading the request body: {}", e.body_text()))
+        }
+    })?;
+    let event: LeaseEvent = serde_json::from_slice(&body).map_err(|e| {
+        HttpError::bad_request(format!(
+            "body is not a lease event ({{\"kind\": \"create\"|\"accept\"|\"settle\"|\"cancel\", …}}): {e}"
+        ))
+    })?;
+    let lease_hash = event.lease_hash();
+    let kind = event.kind().to_string();
+    // A self-check first gives the precise reason without touching anything.
+    event
+        .check_self()
+        .map_err(|e| HttpError::bad_request(format!("event refused: {e}")))?;
+    let applied = app.ctx.net.publish_event(event).await.map_err(|e| match e {
+        xe_net::NetError::Store(StoreError::Rejected(e)) => HttpError::bad_request(format!("event refused: {e}")),
+        xe_net::NetError::Store(StoreError::PendingFull) => {
+            HttpError::new(StatusCode::SERVICE_UNAVAILABLE, StoreError::PendingFull.to_string())
+        }
+        other => HttpError::internal(other.to_string()),
+    })?;
+    let (status, applied, state) = match applied {
+        Applied::Changed(s) => (StatusCode::CREATED, "changed", Some(s)),
+        Applied::Duplicate => (
+            StatusCode::OK,
+            "duplicate",
+            app.ctx.store.lease(&lease_hash).ok().flatten().map(|r| r.state()),
+        ),
+        Applied::Pending => (StatusCode::ACCEPTED, "pending", None),
+    };
+    Ok((
+        status,
+        Json(SubmitResult {
+            lease_hash,
+            kind,
+            applied: applied.into(),
+            state,
+        }),
+    ))
+}
+
+async fn providers(State(app): State<App>) -> Result<Json<Vec<ProviderView>>, HttpError> {
+    let store = app.ctx.store.clone();
+    let entries = blocking(move || store.directory()).await?;
+    let connected: HashSet<String> = app
+        .ctx
+        .net
+        .peers()
+        .await
+        .map(|ps| ps.into_iter().map(|p| p.peer_id).collect())
+        .unwrap_or_default();
+    Ok(Json(
+        entries
+            .iter()
+            .map(|e| ProviderView::from_entry(e, connected.contains(&e.peer_id)))
+            .collect(),
+    ))
+}
+
+fn provider(app: &App) -> Result<&std::sync::Arc<xe_node::Provider>, HttpError> {
+    app.ctx.provider.as_ref().ok_or_else(|| {
+        HttpError::not_found("this node is not a provider (start it with `xe node --provide`)")
+    })
+}
+
+fn vm_view(info: xe_vm::VmInfo) -> VmView {
+    VmView {
+        lease: info.lease,
+        status: info.status.to_string(),
+        backend: Some(info.backend),
+        ssh_port: info.ssh_port,
+        host_key: info.host_key,
+        error: info.error,
+    }
+}
+
+async fn list_vms(State(app): State<App>) -> Result<Json<Vec<VmView>>, HttpError> {
+    let p = provider(&app)?;
+    Ok(Json(p.vm().list().await.into_iter().map(vm_view).collect()))
+}
+
+async fn show_vm(State(app): State<App>, Path(raw): Path<String>) -> Result<Json<VmView>, HttpError> {
+    let lease = parse_lease(&raw)?;
+    let p = provider(&app)?;
+    if let Some(info) = p.vm().get(&lease).await {
+        let mut v = vm_view(info);
+        if v.error.is_none() {
+            v.error = p.declined(&lease);
+        }
+        return Ok(Json(v));
+    }
+    if let Some(reason) = p.declined(&lease) {
+        return Ok(Json(VmView {
+            lease,
+            status: "declined".into(),
+            backend: None,
+            ssh_port: None,
+            host_key: None,
+            error: Some(reason),
+        }));
+    }
+    Err(HttpError::not_found(format!(
+        "no VM for lease {lease} on this provider (not a lease for this provider, not seen yet, or already torn down)"
+    )))
+}

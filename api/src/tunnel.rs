@@ -1,0 +1,242 @@
+//! `POST /tunnel/{leaseHash}/tcp`: the seed's HTTP tunnel endpoint.
+//!
+//! Checks, in order, each with its status:
+//!
+//! | check | status |
+//! |---|---|
+//! | path holds a 64-hex lease hash | 400 |
+//! | `X-Signature` present | 401 |
+//! | `X-Signature` is 128 hex, `X-Timestamp` (if any) is unix seconds | 400 |
+//! | `X-Timestamp` present when the node requires the fresh form | 401 |
+//! | the lease is known | 404 |
+//! | the signature verifies against the lease's access key | 403 |
+//! | the timestamp is within ±60 s of this node's clock | 401 |
+//! | the lease is accepted and not settled, cancelled or expired | 410 |
+//! | `Connection: Upgrade` and `Upgrade: xe-tunnel`, on HTTP/1.1 | 426 |
+//! | fewer than `max_tunnels` HTTP tunnels are open | 503 |
+//! | the provider's `/xe/tunnel/2.0.0` handshake answers `0x00` | 502, with the provider's message |
+//!
+//! Then `101 Switching Protocols` and the connection is a raw byte pipe to
+//! the VM's sshd. The tunnel is opened before the 101 is sent, so a client
+//! that sees 101 knows the provider accepted.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Version, header};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tracing::{Instrument, debug, info, warn};
+use xe_store::{LeaseHash, LeaseState, Sig, now_secs};
+
+use crate::App;
+use crate::auth::{SIGNATURE_HEADER, TIMESTAMP_HEADER, TIMESTAMP_WINDOW, UPGRADE_PROTOCOL, signing_message};
+use crate::error::HttpError;
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, HttpError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(|s| Some(s.trim()))
+            .map_err(|_| HttpError::bad_request(format!("{name}: not visible ASCII"))),
+    }
+}
+
+/// Whether a comma-separated header lists `token` (case-insensitive).
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn upgrade_required(msg: impl Into<String>) -> HttpError {
+    HttpError::new(StatusCode::UPGRADE_REQUIRED, msg)
+        .with_header(header::UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL))
+        .with_header(header::CONNECTION, HeaderValue::from_static("Upgrade"))
+}
+
+pub(crate) async fn tunnel(State(app): State<App>, Path(raw): Path<String>, req: Request) -> Response {
+    match open(&app, &raw, req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            app.stats.record_tunnel_refusal(e.status.as_u16());
+            debug!(status = %e.status, error = %e.message, "HTTP tunnel refused");
+            e.into_response()
+        }
+    }
+}
+
+async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpError> {
+    let lease: LeaseHash = raw.parse().map_err(|e| HttpError::bad_request(format!("{e}")))?;
+    let headers = req.headers();
+    let sig = header_str(headers, SIGNATURE_HEADER)?.ok_or_else(|| {
+        HttpError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing X-Signature: hex ed25519 signature of the lease hash bytes by the lease's access key",
+        )
+    })?;
+    let sig: Sig = sig
+        .parse()
+        .map_err(|e| HttpError::bad_request(format!("X-Signature: {e}")))?;
+    let ts = header_str(headers, TIMESTAMP_HEADER)?
+        .map(|t| {
+            t.parse::<u64>()
+                .map_err(|_| HttpError::bad_request(format!("X-Timestamp: expected unix seconds, got {t:?}")))
+        })
+        .transpose()?;
+    if ts.is_none() && app.config.require_fresh {
+        return Err(HttpError::new(
+            StatusCode::UNAUTHORIZED,
+            "this node requires X-Timestamp (unix seconds) with X-Signature over lease hash ‖ timestamp (8 bytes big-endian); the timeless form is refused",
+        ));
+    }
+    let rec = app
+        .ctx
+        .store
+        .lease(&lease)?
+        .ok_or_else(|| HttpError::not_found(format!("unknown lease {lease}")))?;
+    if !rec.lease.access_pub_key.verify(&signing_message(&lease, ts), &sig) {
+        return Err(HttpError::new(
+            StatusCode::FORBIDDEN,
+            match ts {
+                None => "X-Signature does not verify against the lease's access key (expected a signature of the 32 lease hash bytes)",
+                Some(_) => "X-Signature does not verify against the lease's access key (expected a signature of the 32 lease hash bytes ‖ X-Timestamp as 8 bytes big-endian)",
+            },
+        ));
+    }
+    if let Some(ts) = ts {
+        let now = now_secs();
+        let off = now.abs_diff(ts);
+        if off > TIMESTAMP_WINDOW.as_secs() {
+            let dir = if ts < now { "old" } else { "in the future" };
+            return Err(HttpError::new(
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "X-Timestamp {ts} is {off} s {dir} by this node's clock (allowed ±{} s); sign a fresh one",
+                    TIMESTAMP_WINDOW.as_secs()
+                ),
+            ));
+        }
+    }
+    match rec.state() {
+        LeaseState::Accepted => {}
+        LeaseState::Created => {
+            return Err(HttpError::new(
+                StatusCode::GONE,
+                "lease is not active: created, not accepted by the provider yet",
+            ));
+        }
+        s => return Err(HttpError::new(StatusCode::GONE, format!("lease is not active: {s}"))),
+    }
+    let headers = req.headers();
+    if req.version() != Version::HTTP_11 {
+        return Err(upgrade_required(format!(
+            "the tunnel needs an HTTP/1.1 upgrade; this request is {:?}",
+            req.version()
+        )));
+    }
+    if !has_token(headers, header::CONNECTION, "upgrade") || !has_token(headers, header::UPGRADE, UPGRADE_PROTOCOL) {
+        return Err(upgrade_required(format!(
+            "send `Connection: Upgrade` and `Upgrade: {UPGRADE_PROTOCOL}`"
+        )));
+    }
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return Err(upgrade_required("this connection cannot be upgraded"));
+    };
+    let permit = app.tunnels.clone().try_acquire_owned().map_err(|_| {
+        HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("over the HTTP tunnel limit ({} open); try again later", app.config.max_tunnels),
+        )
+    })?;
+    let provider = rec.lease.provider;
+    let stream = app
+        .ctx
+        .net
+        .open_tunnel_to_account(&provider, &lease)
+        .await
+        .map_err(|e| HttpError::new(StatusCode::BAD_GATEWAY, format!("tunnel to the provider failed: {e}")))?;
+
+    let guard = app.stats.tunnel_opened();
+    let token = app.cancel.child_token();
+    let up = app.stats.bytes_client_to_vm.clone();
+    let down = app.stats.bytes_vm_to_client.clone();
+    let span = tracing::info_span!("http_tunnel", lease = %lease.short(), provider = %provider.short());
+    app.tracker.spawn(
+        async move {
+            let _permit = permit;
+            let _guard = guard;
+            let mut vm = stream;
+            let upgraded = tokio::select! {
+                u = on_upgrade => match u {
+                    Ok(u) => u,
+                    Err(e) => { warn!("upgrade failed: {e}"); return; }
+                },
+                () = token.cancelled() => return,
+            };
+            info!("HTTP tunnel open");
+            let mut client = Counted {
+                inner: TokioIo::new(upgraded),
+                read: up,
+                written: down,
+            };
+            match xe_net::tunnel::pipe(&mut client, &mut vm, &token).await {
+                Ok((a, b)) => info!(client_to_vm = a, vm_to_client = b, "HTTP tunnel closed"),
+                Err(e) => info!("HTTP tunnel ended: {e}"),
+            }
+        }
+        .instrument(span),
+    );
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    resp.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL));
+    Ok(resp)
+}
+
+/// Counts bytes read from and written to the client as they pass, so
+/// `/metrics` moves during a long session, not only when it ends.
+struct Counted<T> {
+    inner: T,
+    read: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
