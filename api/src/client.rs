@@ -42,7 +42,9 @@ pub enum ClientError {
         detail: String,
     },
     /// TCP connect failed.
-    #[error("cannot connect to the node at {addr}: {source} (is `xe node --api-port` running there? set --node or XE_NODE)")]
+    #[error(
+        "cannot connect to the node at {addr}: {source} (is `xe node --api-port` running there? set --node or XE_NODE)"
+    )]
     Connect {
         /// host:port.
         addr: String,
@@ -110,7 +112,9 @@ impl std::str::FromStr for NodeUrl {
         let rest = if let Some(r) = s.strip_prefix("http://") {
             r
         } else if s.starts_with("https://") {
-            return Err(bad("https is not supported; the API speaks plain HTTP (keep it on loopback, or put a TLS proxy in front and tunnel to it)"));
+            return Err(bad(
+                "https is not supported; the API speaks plain HTTP (keep it on loopback, or put a TLS proxy in front and tunnel to it)",
+            ));
         } else if s.contains("://") {
             return Err(bad("only http:// URLs are supported"));
         } else {
@@ -126,7 +130,11 @@ impl std::str::FromStr for NodeUrl {
         if uri.as_str().contains('@') {
             return Err(bad("user info is not supported"));
         }
-        let host = uri.host().trim_start_matches('[').trim_end_matches(']').to_string();
+        let host = uri
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         if host.is_empty() {
             return Err(bad("missing host"));
         }
@@ -280,8 +288,14 @@ impl ApiClient {
     }
 
     /// Send one request with the default deadline.
-    pub async fn request(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<RawResponse, ClientError> {
-        self.request_with_timeout(method, path, body, self.timeout).await
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<RawResponse, ClientError> {
+        self.request_with_timeout(method, path, body, self.timeout)
+            .await
     }
 
     /// GET a JSON body; any non-2xx status is an error.
@@ -322,7 +336,12 @@ impl ApiClient {
 
     /// `GET /leases/{hash}?wait=…&since=…`: answers as soon as the lease's
     /// state is no longer `since`, or after `wait` with the current state.
-    pub async fn lease_wait(&self, hash: &LeaseHash, since: LeaseState, wait: Duration) -> Result<LeaseView, ClientError> {
+    pub async fn lease_wait(
+        &self,
+        hash: &LeaseHash,
+        since: LeaseState,
+        wait: Duration,
+    ) -> Result<LeaseView, ClientError> {
         let path = format!("/leases/{hash}?wait={}&since={since}", wait.as_secs());
         self.request_with_timeout(Method::GET, &path, None, wait + self.timeout)
             .await?
@@ -335,7 +354,11 @@ impl ApiClient {
     }
 
     /// POST a JSON body and read a JSON answer; non-2xx is an error.
-    pub async fn post_json<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+    pub async fn post_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Decode(e.to_string()))?;
         self.request(Method::POST, path, Some(bytes)).await?.json()
     }
@@ -348,7 +371,9 @@ impl ApiClient {
     /// `GET /vms/{lease}`: `None` when the node has no such VM or is not a
     /// provider (both 404).
     pub async fn vm(&self, lease: &LeaseHash) -> Result<Option<VmView>, ClientError> {
-        let r = self.request(Method::GET, &format!("/vms/{lease}"), None).await?;
+        let r = self
+            .request(Method::GET, &format!("/vms/{lease}"), None)
+            .await?;
         if r.status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -357,7 +382,11 @@ impl ApiClient {
 
     /// `POST /tunnel/{lease}/tcp` with `auth`; on 101 the returned stream
     /// is a byte pipe to the lease VM's sshd.
-    pub async fn open_tunnel(&self, lease: &LeaseHash, auth: TunnelAuth) -> Result<TunnelConn, ClientError> {
+    pub async fn open_tunnel(
+        &self,
+        lease: &LeaseHash,
+        auth: TunnelAuth,
+    ) -> Result<TunnelConn, ClientError> {
         let mut headers = vec![
             (SIGNATURE_HEADER, auth.signature.to_hex()),
             ("connection", "Upgrade".to_string()),
@@ -366,7 +395,12 @@ impl ApiClient {
         if let Some(ts) = auth.timestamp {
             headers.push((TIMESTAMP_HEADER, ts.to_string()));
         }
-        let req = self.build(Method::POST, &format!("/tunnel/{lease}/tcp"), &headers, None)?;
+        let req = self.build(
+            Method::POST,
+            &format!("/tunnel/{lease}/tcp"),
+            &headers,
+            None,
+        )?;
         let work = async {
             let tcp = self.connect().await?;
             let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
@@ -392,9 +426,13 @@ impl ApiClient {
             }
             let proto = resp.headers().get(header::UPGRADE).cloned();
             if proto != Some(HeaderValue::from_static(UPGRADE_PROTOCOL)) {
-                return Err(ClientError::Decode(format!("101 with Upgrade {proto:?}, expected {UPGRADE_PROTOCOL}")));
+                return Err(ClientError::Decode(format!(
+                    "101 with Upgrade {proto:?}, expected {UPGRADE_PROTOCOL}"
+                )));
             }
-            let up = hyper::upgrade::on(resp).await.map_err(|e| self.http_err(e))?;
+            let up = hyper::upgrade::on(resp)
+                .await
+                .map_err(|e| self.http_err(e))?;
             Ok(TokioIo::new(up))
         };
         tokio::time::timeout(self.timeout + Duration::from_secs(30), work)
@@ -404,7 +442,11 @@ impl ApiClient {
 }
 
 /// Copy both ways until both directions end, either fails, or `cancel`.
-async fn splice<A, B>(a: &mut A, b: &mut B, cancel: &CancellationToken) -> std::io::Result<(u64, u64)>
+async fn splice<A, B>(
+    a: &mut A,
+    b: &mut B,
+    cancel: &CancellationToken,
+) -> std::io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,

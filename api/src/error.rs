@@ -53,7 +53,13 @@ impl HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        let mut resp = (self.status, Json(ErrorBody { error: self.message })).into_response();
+        let mut resp = (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response();
         for (k, v) in self.headers {
             resp.headers_mut().insert(k, v);
         }

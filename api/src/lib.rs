@@ -241,19 +241,26 @@ async fn accept_loop(listener: TcpListener, app: App) {
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let svc = router.clone().map_request(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
-            req.map(Body::new)
-        });
+        let svc = router
+            .clone()
+            .map_request(move |mut req: hyper::Request<Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                req.map(Body::new)
+            });
         let svc = TowerToHyperService::new(svc);
         let mut builder = hyper::server::conn::http1::Builder::new();
-        builder.timer(TokioTimer::new()).header_read_timeout(app.config.header_read_timeout);
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(app.config.header_read_timeout);
         let token = cancel.child_token();
         let grace = app.config.shutdown_grace;
         app.tracker.spawn(
             async move {
                 let _permit = permit;
-                let conn = builder.serve_connection(TokioIo::new(tcp), svc).with_upgrades();
+                let conn = builder
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .with_upgrades();
                 tokio::pin!(conn);
                 tokio::select! {
                     r = conn.as_mut() => {
@@ -270,9 +277,12 @@ async fn accept_loop(listener: TcpListener, app: App) {
         );
     }
     app.tracker.close();
-    if tokio::time::timeout(app.config.shutdown_grace + Duration::from_secs(1), app.tracker.wait())
-        .await
-        .is_err()
+    if tokio::time::timeout(
+        app.config.shutdown_grace + Duration::from_secs(1),
+        app.tracker.wait(),
+    )
+    .await
+    .is_err()
     {
         warn!("API tasks did not stop within the shutdown grace");
     }

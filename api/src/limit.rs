@@ -77,7 +77,10 @@ impl RateLimiter {
                 return Err(self.wait_for_one(0.0));
             }
         }
-        let b = map.entry(ip).or_insert(Bucket { tokens: burst, last: now });
+        let b = map.entry(ip).or_insert(Bucket {
+            tokens: burst,
+            last: now,
+        });
         self.refill(b, now);
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
@@ -111,7 +114,10 @@ mod tests {
         assert!(l.check(ip).is_ok());
         assert!(l.check(ip).is_ok());
         let wait = l.check(ip).unwrap_err();
-        assert!(wait > Duration::from_millis(900) && wait <= Duration::from_secs(1), "{wait:?}");
+        assert!(
+            wait > Duration::from_millis(900) && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
         // Another client has its own bucket.
         assert!(l.check(other).is_ok());
         tokio::time::advance(Duration::from_secs(1)).await;

@@ -8,7 +8,6 @@ use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use xe_store::LeaseState;
-use xe_vm::VmManager;
 
 use crate::App;
 use crate::error::HttpError;
@@ -34,7 +33,10 @@ impl Out {
                     self.0.push(',');
                 }
                 // Label values here are fixed identifiers; escape anyway.
-                let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+                let v = v
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
                 let _ = write!(self.0, "{k}=\"{v}\"");
             }
             self.0.push('}');
@@ -76,11 +78,19 @@ pub(crate) async fn metrics(State(app): State<App>) -> Result<Response, HttpErro
         "SSH gateway connections closed unserved, by reason.",
     );
     for (reason, n) in &g.refused {
-        o.sample("xe_ssh_connections_refused_total", &[("reason", reason.as_str())], *n);
+        o.sample(
+            "xe_ssh_connections_refused_total",
+            &[("reason", reason.as_str())],
+            *n,
+        );
     }
     if g.refused.is_empty() {
         for r in xe_node::gateway::ConnectionRefusal::ALL {
-            o.sample("xe_ssh_connections_refused_total", &[("reason", r.as_str())], 0);
+            o.sample(
+                "xe_ssh_connections_refused_total",
+                &[("reason", r.as_str())],
+                0,
+            );
         }
     }
     o.one(
@@ -95,7 +105,11 @@ pub(crate) async fn metrics(State(app): State<App>) -> Result<Response, HttpErro
         "SSH gateway authentication attempts rejected, by reason.",
     );
     for (reason, n) in &g.auth_failures {
-        o.sample("xe_ssh_auth_failures_total", &[("reason", reason.as_str())], *n);
+        o.sample(
+            "xe_ssh_auth_failures_total",
+            &[("reason", reason.as_str())],
+            *n,
+        );
     }
     if g.auth_failures.is_empty() {
         for r in xe_node::gateway::AuthFailure::ALL {
@@ -116,7 +130,11 @@ pub(crate) async fn metrics(State(app): State<App>) -> Result<Response, HttpErro
         "Tunnels open now: via=ssh (gateway sessions), http (this API's upgrade tunnels), served (provider side, /xe/tunnel/2.0.0 streams into VMs).",
     );
     o.sample("xe_tunnels_active", &[("via", "ssh")], g.tunnels_active);
-    o.sample("xe_tunnels_active", &[("via", "http")], app.stats.tunnels_active());
+    o.sample(
+        "xe_tunnels_active",
+        &[("via", "http")],
+        app.stats.tunnels_active(),
+    );
     o.sample(
         "xe_tunnels_active",
         &[("via", "served")],
@@ -135,8 +153,16 @@ pub(crate) async fn metrics(State(app): State<App>) -> Result<Response, HttpErro
             app.stats.bytes_vm_to_client(),
         ),
     ] {
-        o.sample("xe_tunnel_bytes_total", &[("via", via), ("direction", "client_to_vm")], c2v);
-        o.sample("xe_tunnel_bytes_total", &[("via", via), ("direction", "vm_to_client")], v2c);
+        o.sample(
+            "xe_tunnel_bytes_total",
+            &[("via", via), ("direction", "client_to_vm")],
+            c2v,
+        );
+        o.sample(
+            "xe_tunnel_bytes_total",
+            &[("via", via), ("direction", "vm_to_client")],
+            v2c,
+        );
     }
     o.one(
         "xe_http_tunnels_total",
@@ -175,7 +201,11 @@ pub(crate) async fn metrics(State(app): State<App>) -> Result<Response, HttpErro
         .await
         .map_err(|e| HttpError::internal(format!("store task failed: {e}")))??;
     let now = xe_store::now_secs();
-    o.family("xe_leases", "gauge", "Leases in this node's ledger copy, by state.");
+    o.family(
+        "xe_leases",
+        "gauge",
+        "Leases in this node's ledger copy, by state.",
+    );
     for st in LeaseState::ALL {
         let n = leases.iter().filter(|r| r.state_at(now) == st).count() as u64;
         o.sample("xe_leases", &[("state", st.as_str())], n);
@@ -185,7 +215,8 @@ pub(crate) async fn metrics(State(app): State<App>) -> Result<Response, HttpErro
         "xe_replication_lag_seconds",
         "gauge",
         "Seconds between the last replicated lease event's own timestamp and its arrival here.",
-        ns.last_replication_lag_secs.load(std::sync::atomic::Ordering::Relaxed),
+        ns.last_replication_lag_secs
+            .load(std::sync::atomic::Ordering::Relaxed),
     );
     o.one(
         "xe_replication_events_applied_total",
@@ -197,7 +228,8 @@ pub(crate) async fn metrics(State(app): State<App>) -> Result<Response, HttpErro
         "xe_replication_invalid_messages_total",
         "counter",
         "Gossip messages rejected by validation.",
-        ns.invalid_messages.load(std::sync::atomic::Ordering::Relaxed),
+        ns.invalid_messages
+            .load(std::sync::atomic::Ordering::Relaxed),
     );
     o.one(
         "xe_peers_connected",

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Json;
+use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
@@ -12,11 +13,11 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
-use xe_store::{AccountAddress, Applied, LeaseEvent, LeaseHash, LeaseRecord, LeaseState, StoreError, now_secs};
-use xe_vm::VmManager;
+use xe_store::{
+    AccountAddress, Applied, LeaseEvent, LeaseHash, LeaseRecord, LeaseState, StoreError, now_secs,
+};
 
 use crate::error::HttpError;
 use crate::types::{LeaseView, NodeInfo, PeerView, ProviderView, SubmitResult, VmView};
@@ -60,8 +61,10 @@ async fn rate_limit(State(app): State<App>, req: Request, next: Next) -> Respons
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    if let Some(ip) = ip {
-        if let Err(wait) = app.limiter.check(ip) {
+    if let Some(ip) = ip
+        && let Err(wait) = app.limiter.check(ip)
+    {
+        {
             app.stats.record_rate_limited();
             if req.uri().path().starts_with("/tunnel/") {
                 app.stats.record_tunnel_refusal(429);
@@ -168,8 +171,16 @@ async fn list_leases(
 ) -> Result<Json<Vec<LeaseView>>, HttpError> {
     let Query(q) = q.map_err(query_error)?;
     let state = q.state.as_deref().map(parse_state).transpose()?;
-    let consumer = q.consumer.as_deref().map(|s| parse_account("consumer", s)).transpose()?;
-    let provider = q.provider.as_deref().map(|s| parse_account("provider", s)).transpose()?;
+    let consumer = q
+        .consumer
+        .as_deref()
+        .map(|s| parse_account("consumer", s))
+        .transpose()?;
+    let provider = q
+        .provider
+        .as_deref()
+        .map(|s| parse_account("provider", s))
+        .transpose()?;
     let store = app.ctx.store.clone();
     let records = blocking(move || store.leases()).await?;
     let now = now_secs();
@@ -181,7 +192,11 @@ async fn list_leases(
         .filter(|v| provider.is_none_or(|p| v.provider == p))
         .collect();
     // Newest first: what a person listing leases looks for.
-    out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.lease_hash.cmp(&b.lease_hash)));
+    out.sort_by(|a, b| {
+        b.created_at
+            .cmp(&a.created_at)
+            .then(a.lease_hash.cmp(&b.lease_hash))
+    });
     Ok(Json(out))
 }
 
@@ -203,7 +218,9 @@ async fn show_lease(
         Some(w) => Some(
             w.parse::<u64>()
                 .map(|s| Duration::from_secs(s).min(MAX_LEASE_WAIT))
-                .map_err(|_| HttpError::bad_request(format!("wait: expected whole seconds, got {w:?}")))?,
+                .map_err(|_| {
+                    HttpError::bad_request(format!("wait: expected whole seconds, got {w:?}"))
+                })?,
         ),
     };
     let since = q.since.as_deref().map(parse_state).transpose()?;
@@ -248,7 +265,10 @@ async fn submit_event(
             app.stats.record_body_too_large();
             HttpError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body is over the {} byte limit", app.config.max_body_bytes),
+                format!(
+                    "request body is over the {} byte limit",
+                    app.config.max_body_bytes
+                ),
             )
         } else {
             HttpError::bad_request(format!("reading the request body: {}", e.body_text()))
@@ -265,19 +285,32 @@ async fn submit_event(
     event
         .check_self()
         .map_err(|e| HttpError::bad_request(format!("event refused: {e}")))?;
-    let applied = app.ctx.net.publish_event(event).await.map_err(|e| match e {
-        xe_net::NetError::Store(StoreError::Rejected(e)) => HttpError::bad_request(format!("event refused: {e}")),
-        xe_net::NetError::Store(StoreError::PendingFull) => {
-            HttpError::new(StatusCode::SERVICE_UNAVAILABLE, StoreError::PendingFull.to_string())
-        }
-        other => HttpError::internal(other.to_string()),
-    })?;
+    let applied = app
+        .ctx
+        .net
+        .publish_event(event)
+        .await
+        .map_err(|e| match e {
+            xe_net::NetError::Store(StoreError::Rejected(e)) => {
+                HttpError::bad_request(format!("event refused: {e}"))
+            }
+            xe_net::NetError::Store(StoreError::PendingFull) => HttpError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                StoreError::PendingFull.to_string(),
+            ),
+            other => HttpError::internal(other.to_string()),
+        })?;
     let (status, applied, state) = match applied {
         Applied::Changed(s) => (StatusCode::CREATED, "changed", Some(s)),
         Applied::Duplicate => (
             StatusCode::OK,
             "duplicate",
-            app.ctx.store.lease(&lease_hash).ok().flatten().map(|r| r.state()),
+            app.ctx
+                .store
+                .lease(&lease_hash)
+                .ok()
+                .flatten()
+                .map(|r| r.state()),
         ),
         Applied::Pending => (StatusCode::ACCEPTED, "pending", None),
     };
@@ -332,7 +365,10 @@ async fn list_vms(State(app): State<App>) -> Result<Json<Vec<VmView>>, HttpError
     Ok(Json(p.vm().list().await.into_iter().map(vm_view).collect()))
 }
 
-async fn show_vm(State(app): State<App>, Path(raw): Path<String>) -> Result<Json<VmView>, HttpError> {
+async fn show_vm(
+    State(app): State<App>,
+    Path(raw): Path<String>,
+) -> Result<Json<VmView>, HttpError> {
     let lease = parse_lease(&raw)?;
     let p = provider(&app)?;
     if let Some(info) = p.vm().get(&lease).await {

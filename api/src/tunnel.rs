@@ -35,7 +35,9 @@ use tracing::{Instrument, debug, info, warn};
 use xe_store::{LeaseHash, LeaseState, Sig, now_secs};
 
 use crate::App;
-use crate::auth::{SIGNATURE_HEADER, TIMESTAMP_HEADER, TIMESTAMP_WINDOW, UPGRADE_PROTOCOL, signing_message};
+use crate::auth::{
+    SIGNATURE_HEADER, TIMESTAMP_HEADER, TIMESTAMP_WINDOW, UPGRADE_PROTOCOL, signing_message,
+};
 use crate::error::HttpError;
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, HttpError> {
@@ -64,7 +66,11 @@ fn upgrade_required(msg: impl Into<String>) -> HttpError {
         .with_header(header::CONNECTION, HeaderValue::from_static("Upgrade"))
 }
 
-pub(crate) async fn tunnel(State(app): State<App>, Path(raw): Path<String>, req: Request) -> Response {
+pub(crate) async fn tunnel(
+    State(app): State<App>,
+    Path(raw): Path<String>,
+    req: Request,
+) -> Response {
     match open(&app, &raw, req).await {
         Ok(resp) => resp,
         Err(e) => {
@@ -76,7 +82,9 @@ pub(crate) async fn tunnel(State(app): State<App>, Path(raw): Path<String>, req:
 }
 
 async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpError> {
-    let lease: LeaseHash = raw.parse().map_err(|e| HttpError::bad_request(format!("{e}")))?;
+    let lease: LeaseHash = raw
+        .parse()
+        .map_err(|e| HttpError::bad_request(format!("{e}")))?;
     let headers = req.headers();
     let sig = header_str(headers, SIGNATURE_HEADER)?.ok_or_else(|| {
         HttpError::new(
@@ -89,8 +97,9 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
         .map_err(|e| HttpError::bad_request(format!("X-Signature: {e}")))?;
     let ts = header_str(headers, TIMESTAMP_HEADER)?
         .map(|t| {
-            t.parse::<u64>()
-                .map_err(|_| HttpError::bad_request(format!("X-Timestamp: expected unix seconds, got {t:?}")))
+            t.parse::<u64>().map_err(|_| {
+                HttpError::bad_request(format!("X-Timestamp: expected unix seconds, got {t:?}"))
+            })
         })
         .transpose()?;
     if ts.is_none() && app.config.require_fresh {
@@ -104,12 +113,20 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
         .store
         .lease(&lease)?
         .ok_or_else(|| HttpError::not_found(format!("unknown lease {lease}")))?;
-    if !rec.lease.access_pub_key.verify(&signing_message(&lease, ts), &sig) {
+    if !rec
+        .lease
+        .access_pub_key
+        .verify(&signing_message(&lease, ts), &sig)
+    {
         return Err(HttpError::new(
             StatusCode::FORBIDDEN,
             match ts {
-                None => "X-Signature does not verify against the lease's access key (expected a signature of the 32 lease hash bytes)",
-                Some(_) => "X-Signature does not verify against the lease's access key (expected a signature of the 32 lease hash bytes ‖ X-Timestamp as 8 bytes big-endian)",
+                None => {
+                    "X-Signature does not verify against the lease's access key (expected a signature of the 32 lease hash bytes)"
+                }
+                Some(_) => {
+                    "X-Signature does not verify against the lease's access key (expected a signature of the 32 lease hash bytes ‖ X-Timestamp as 8 bytes big-endian)"
+                }
             },
         ));
     }
@@ -135,7 +152,12 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
                 "lease is not active: created, not accepted by the provider yet",
             ));
         }
-        s => return Err(HttpError::new(StatusCode::GONE, format!("lease is not active: {s}"))),
+        s => {
+            return Err(HttpError::new(
+                StatusCode::GONE,
+                format!("lease is not active: {s}"),
+            ));
+        }
     }
     let headers = req.headers();
     if req.version() != Version::HTTP_11 {
@@ -144,7 +166,9 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
             req.version()
         )));
     }
-    if !has_token(headers, header::CONNECTION, "upgrade") || !has_token(headers, header::UPGRADE, UPGRADE_PROTOCOL) {
+    if !has_token(headers, header::CONNECTION, "upgrade")
+        || !has_token(headers, header::UPGRADE, UPGRADE_PROTOCOL)
+    {
         return Err(upgrade_required(format!(
             "send `Connection: Upgrade` and `Upgrade: {UPGRADE_PROTOCOL}`"
         )));
@@ -155,7 +179,10 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
     let permit = app.tunnels.clone().try_acquire_owned().map_err(|_| {
         HttpError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("over the HTTP tunnel limit ({} open); try again later", app.config.max_tunnels),
+            format!(
+                "over the HTTP tunnel limit ({} open); try again later",
+                app.config.max_tunnels
+            ),
         )
     })?;
     let provider = rec.lease.provider;
@@ -164,13 +191,19 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
         .net
         .open_tunnel_to_account(&provider, &lease)
         .await
-        .map_err(|e| HttpError::new(StatusCode::BAD_GATEWAY, format!("tunnel to the provider failed: {e}")))?;
+        .map_err(|e| {
+            HttpError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("tunnel to the provider failed: {e}"),
+            )
+        })?;
 
     let guard = app.stats.tunnel_opened();
     let token = app.cancel.child_token();
     let up = app.stats.bytes_client_to_vm.clone();
     let down = app.stats.bytes_vm_to_client.clone();
-    let span = tracing::info_span!("http_tunnel", lease = %lease.short(), provider = %provider.short());
+    let span =
+        tracing::info_span!("http_tunnel", lease = %lease.short(), provider = %provider.short());
     app.tracker.spawn(
         async move {
             let _permit = permit;
@@ -214,7 +247,11 @@ struct Counted<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -224,7 +261,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
             self.written.fetch_add(*n as u64, Ordering::Relaxed);

@@ -3,7 +3,9 @@
 //! not a user's script.
 
 use serde::{Deserialize, Serialize};
-use xe_store::{AccessPubKey, AccountAddress, AccountPubKey, DirectoryEntry, LeaseHash, LeaseRecord, LeaseState};
+use xe_store::{
+    AccessPubKey, AccountAddress, AccountPubKey, DirectoryEntry, LeaseHash, LeaseRecord, LeaseState,
+};
 
 /// Every error response: `{"error": "…"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

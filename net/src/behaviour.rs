@@ -8,8 +8,8 @@ use libp2p::{StreamProtocol, gossipsub, identify, kad, ping, request_response};
 use sha2::{Digest, Sha256};
 
 use crate::replication::{
-    DIRECTORY_TOPIC, LEASE_TOPIC, MAX_GOSSIP_MESSAGE, MAX_SYNC_REQUEST, MAX_SYNC_RESPONSE, SYNC_PROTOCOL,
-    SyncRequest, SyncResponse,
+    DIRECTORY_TOPIC, LEASE_TOPIC, MAX_GOSSIP_MESSAGE, MAX_SYNC_REQUEST, MAX_SYNC_RESPONSE,
+    SYNC_PROTOCOL, SyncRequest, SyncResponse,
 };
 
 /// Our own Kademlia protocol name, so we never join a foreign DHT.
@@ -35,11 +35,14 @@ fn gossipsub(key: &Keypair) -> Result<gossipsub::Behaviour, String> {
         .validate_messages()
         .max_transmit_size(MAX_GOSSIP_MESSAGE)
         // Content-addressed ids: the same event from two peers is one message.
-        .message_id_fn(|m: &gossipsub::Message| gossipsub::MessageId::from(Sha256::digest(&m.data).to_vec()))
+        .message_id_fn(|m: &gossipsub::Message| {
+            gossipsub::MessageId::from(Sha256::digest(&m.data).to_vec())
+        })
         .heartbeat_interval(Duration::from_millis(700))
         .build()
         .map_err(|e| e.to_string())?;
-    let mut b = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), config)?;
+    let mut b =
+        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), config)?;
     // Penalise peers that forward invalid events. The other default
     // penalties are switched off: quiet topics must not look like
     // misbehaviour, and many peers share one address behind a NAT (and on
@@ -65,7 +68,8 @@ fn gossipsub(key: &Keypair) -> Result<gossipsub::Behaviour, String> {
     }
     b.with_peer_score(params, gossipsub::PeerScoreThresholds::default())?;
     for topic in [LEASE_TOPIC, DIRECTORY_TOPIC] {
-        b.subscribe(&gossipsub::IdentTopic::new(topic)).map_err(|e| e.to_string())?;
+        b.subscribe(&gossipsub::IdentTopic::new(topic))
+            .map_err(|e| e.to_string())?;
     }
     Ok(b)
 }

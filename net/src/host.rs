@@ -11,19 +11,25 @@ use libp2p::core::ConnectedPoint;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, kad, noise, request_response, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, Swarm, gossipsub, identify, kad, noise, request_response, tcp, yamux,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use xe_store::{AccountAddress, Applied, DirectoryEntry, LeaseEvent, LeaseHash, Store, StoreError, Wallet};
+use xe_store::{
+    AccountAddress, Applied, DirectoryEntry, LeaseEvent, LeaseHash, Store, StoreError, Wallet,
+};
 
 use crate::NetError;
 use crate::behaviour::{Behaviour, BehaviourEvent};
-use crate::replication::{DIRECTORY_TOPIC, GossipMessage, LEASE_TOPIC, SYNC_PAGE, SyncRequest, SyncResponse};
+use crate::replication::{
+    DIRECTORY_TOPIC, GossipMessage, LEASE_TOPIC, SYNC_PAGE, SyncRequest, SyncResponse,
+};
 use crate::tunnel::{
-    self, DEFAULT_HANDSHAKE_TIMEOUT, TUNNEL_PROTOCOL, TunnelError, TunnelRegistry, TunnelServerConfig, TunnelStream,
-    TunnelValidator,
+    self, DEFAULT_HANDSHAKE_TIMEOUT, TUNNEL_PROTOCOL, TunnelError, TunnelRegistry,
+    TunnelServerConfig, TunnelStream, TunnelValidator,
 };
 
 /// How a node joins the overlay.
@@ -59,7 +65,9 @@ impl NetConfig {
             keypair,
             listen: vec![
                 "/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr"),
-                "/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("valid multiaddr"),
+                "/ip4/127.0.0.1/udp/0/quic-v1"
+                    .parse()
+                    .expect("valid multiaddr"),
             ],
             bootstrap: Vec::new(),
             announce: None,
@@ -141,7 +149,10 @@ impl NetHandle {
     /// that check how peers treat invalid messages.
     #[doc(hidden)]
     pub async fn publish_unchecked(&self, msg: GossipMessage) -> Result<(), NetError> {
-        self.cmd.send(Command::Publish(msg)).await.map_err(|_| NetError::Shutdown)
+        self.cmd
+            .send(Command::Publish(msg))
+            .await
+            .map_err(|_| NetError::Shutdown)
     }
 
     /// Metrics counters.
@@ -218,7 +229,10 @@ impl NetHandle {
 
     /// Re-sign and publish this node's directory entry now.
     pub async fn announce(&self) -> Result<(), NetError> {
-        self.cmd.send(Command::Announce).await.map_err(|_| NetError::Shutdown)
+        self.cmd
+            .send(Command::Announce)
+            .await
+            .map_err(|_| NetError::Shutdown)
     }
 
     /// Open a tunnel to `lease`'s VM on `provider`, dialling `addrs` (or
@@ -246,9 +260,12 @@ impl NetHandle {
         }
         let mut control = self.control.clone();
         // open_stream can hang forever when a dial is dropped (libp2p #6157).
-        let opened = tokio::time::timeout(self.client_handshake_timeout, control.open_stream(provider, TUNNEL_PROTOCOL))
-            .await
-            .map_err(|_| TunnelError::HandshakeTimeout(self.client_handshake_timeout))?;
+        let opened = tokio::time::timeout(
+            self.client_handshake_timeout,
+            control.open_stream(provider, TUNNEL_PROTOCOL),
+        )
+        .await
+        .map_err(|_| TunnelError::HandshakeTimeout(self.client_handshake_timeout))?;
         let stream = match opened {
             Ok(s) => s,
             Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_)) => {
@@ -277,11 +294,18 @@ impl NetHandle {
             .peer_for_account(provider)
             .ok()
             .flatten()
-            .ok_or_else(|| TunnelError::Refused(format!("provider {} is not in the directory (not announced, or its entry expired)", provider.short())))?;
-        let peer: PeerId = entry.peer_id.parse().map_err(|_| TunnelError::Refused(format!(
-            "provider {} announced an invalid peer id",
-            provider.short()
-        )))?;
+            .ok_or_else(|| {
+                TunnelError::Refused(format!(
+                    "provider {} is not in the directory (not announced, or its entry expired)",
+                    provider.short()
+                ))
+            })?;
+        let peer: PeerId = entry.peer_id.parse().map_err(|_| {
+            TunnelError::Refused(format!(
+                "provider {} announced an invalid peer id",
+                provider.short()
+            ))
+        })?;
         let addrs = entry.addrs.iter().filter_map(|a| a.parse().ok()).collect();
         self.open_tunnel(peer, addrs, lease).await
     }
@@ -297,16 +321,24 @@ pub struct Net {
 
 /// Build the swarm, start listening and dialling, and spawn the event loop.
 /// Returns once every listen address is bound.
-pub async fn start(config: NetConfig, store: Store, cancel: CancellationToken) -> Result<Net, NetError> {
+pub async fn start(
+    config: NetConfig,
+    store: Store,
+    cancel: CancellationToken,
+) -> Result<Net, NetError> {
     let peer_id = config.keypair.public().to_peer_id();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .map_err(|e| NetError::Transport(e.to_string()))?
         .with_quic()
         .with_dns()
         .map_err(|e| NetError::Transport(e.to_string()))?
-        .with_behaviour(|key| Behaviour::new(key))
+        .with_behaviour(Behaviour::new)
         .map_err(|e| NetError::Transport(e.to_string()))?
         // Tunnels and gossip keep connections busy; an idle one is cheap to keep.
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
@@ -357,7 +389,13 @@ pub async fn start(config: NetConfig, store: Store, cancel: CancellationToken) -
     };
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(validator) = config.validator.clone() {
-        tasks.spawn(tunnel::serve(control, validator, registry, config.tunnel.clone(), cancel.clone()));
+        tasks.spawn(tunnel::serve(
+            control,
+            validator,
+            registry,
+            config.tunnel.clone(),
+            cancel.clone(),
+        ));
     }
     for addr in &config.bootstrap {
         if let Err(e) = swarm.dial(addr.clone()) {
@@ -466,7 +504,9 @@ impl EventLoop {
                     .map(|(p, conns)| PeerInfo {
                         peer_id: p.to_string(),
                         addrs: conns.values().map(ToString::to_string).collect(),
-                        relayed: conns.values().any(|a| a.iter().any(|p| p == Protocol::P2pCircuit)),
+                        relayed: conns
+                            .values()
+                            .any(|a| a.iter().any(|p| p == Protocol::P2pCircuit)),
                     })
                     .collect();
                 let _ = r.send(peers);
@@ -489,7 +529,12 @@ impl EventLoop {
         }
     }
 
-    fn dial_peer(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, r: Reply<Result<(), TunnelError>>) {
+    fn dial_peer(
+        &mut self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        r: Reply<Result<(), TunnelError>>,
+    ) {
         if self.swarm.is_connected(&peer) {
             let _ = r.send(Ok(()));
             return;
@@ -514,7 +559,13 @@ impl EventLoop {
                     let q = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
                     self.lookups.insert(q, peer);
                 }
-                e => self.finish_dial(peer, Err(TunnelError::DialFailed { peer, detail: e.to_string() })),
+                e => self.finish_dial(
+                    peer,
+                    Err(TunnelError::DialFailed {
+                        peer,
+                        detail: e.to_string(),
+                    }),
+                ),
             }
         }
     }
@@ -524,7 +575,10 @@ impl EventLoop {
             let _ = r.send(match &result {
                 Ok(()) => Ok(()),
                 Err(TunnelError::PeerNotFound(p)) => Err(TunnelError::PeerNotFound(*p)),
-                Err(e) => Err(TunnelError::DialFailed { peer, detail: e.to_string() }),
+                Err(e) => Err(TunnelError::DialFailed {
+                    peer,
+                    detail: e.to_string(),
+                }),
             });
         }
     }
@@ -532,9 +586,15 @@ impl EventLoop {
     fn publish(&mut self, msg: &GossipMessage) {
         let data = serde_json::to_vec(msg).expect("gossip messages serialise");
         let topic = topic_for(msg);
-        match self.swarm.behaviour_mut().gossipsub.publish(topic, data.clone()) {
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(topic, data.clone())
+        {
             Ok(_) | Err(gossipsub::PublishError::Duplicate) => {}
-            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) | Err(gossipsub::PublishError::AllQueuesFull(_)) => {
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic)
+            | Err(gossipsub::PublishError::AllQueuesFull(_)) => {
                 // Not lost: peers pull it by sync on connect, and we re-send
                 // as soon as one subscribes.
                 if self.unsent.len() >= MAX_UNSENT {
@@ -549,14 +609,22 @@ impl EventLoop {
     fn flush_unsent(&mut self) {
         let pending: Vec<Vec<u8>> = self.unsent.drain(..).collect();
         for data in pending {
-            let Ok(msg) = serde_json::from_slice::<GossipMessage>(&data) else { continue };
+            let Ok(msg) = serde_json::from_slice::<GossipMessage>(&data) else {
+                continue;
+            };
             self.publish(&msg);
         }
     }
 
     fn announce_self(&mut self) {
-        let Some(wallet) = self.announce.clone() else { return };
-        let mut addrs: Vec<String> = self.swarm.external_addresses().map(ToString::to_string).collect();
+        let Some(wallet) = self.announce.clone() else {
+            return;
+        };
+        let mut addrs: Vec<String> = self
+            .swarm
+            .external_addresses()
+            .map(ToString::to_string)
+            .collect();
         addrs.extend(self.listen_addrs.iter().map(ToString::to_string));
         addrs.dedup();
         addrs.truncate(xe_store::directory::MAX_ADDRS);
@@ -583,10 +651,18 @@ impl EventLoop {
     }
 
     fn request_sync(&mut self, peer: PeerId, after: Option<xe_store::EventId>) {
-        let id = self.swarm.behaviour_mut().sync.send_request(&peer, SyncRequest::Events { after });
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .sync
+            .send_request(&peer, SyncRequest::Events { after });
         self.sync_requests.insert(id, peer);
         if after.is_none() {
-            let id = self.swarm.behaviour_mut().sync.send_request(&peer, SyncRequest::Directory);
+            let id = self
+                .swarm
+                .behaviour_mut()
+                .sync
+                .send_request(&peer, SyncRequest::Directory);
             self.sync_requests.insert(id, peer);
         }
     }
@@ -615,22 +691,38 @@ impl EventLoop {
         match ev {
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.on_gossip(e),
             SwarmEvent::Behaviour(BehaviourEvent::Sync(e)) => self.on_sync(e),
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
                 for a in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, .. })) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result,
+                ..
+            })) => {
                 if let Some(peer) = self.lookups.remove(&id) {
                     let found = match result {
-                        kad::QueryResult::GetClosestPeers(Ok(ok)) => ok.peers.into_iter().find(|p| p.peer_id == peer),
+                        kad::QueryResult::GetClosestPeers(Ok(ok)) => {
+                            ok.peers.into_iter().find(|p| p.peer_id == peer)
+                        }
                         _ => None,
                     };
                     match found {
                         Some(info) if !info.addrs.is_empty() => {
                             let opts = DialOpts::peer_id(peer).addresses(info.addrs).build();
                             if let Err(e) = self.swarm.dial(opts) {
-                                self.finish_dial(peer, Err(TunnelError::DialFailed { peer, detail: e.to_string() }));
+                                self.finish_dial(
+                                    peer,
+                                    Err(TunnelError::DialFailed {
+                                        peer,
+                                        detail: e.to_string(),
+                                    }),
+                                );
                             }
                         }
                         _ => self.finish_dial(peer, Err(TunnelError::PeerNotFound(peer))),
@@ -650,12 +742,20 @@ impl EventLoop {
                     ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
                 };
                 debug!(peer = %peer_id, %remote, "connected");
-                self.connections.entry(peer_id).or_default().insert(connection_id, remote.clone());
+                self.connections
+                    .entry(peer_id)
+                    .or_default()
+                    .insert(connection_id, remote.clone());
                 self.peer_tx.send_replace(self.connections.len());
                 if let Some(r) = self.addr_dials.remove(&connection_id) {
                     let _ = r.send(Ok(peer_id));
                 }
-                if endpoint.is_dialer() && self.bootstrap.iter().any(|b| b.iter().any(|p| p == Protocol::P2p(peer_id))) {
+                if endpoint.is_dialer()
+                    && self
+                        .bootstrap
+                        .iter()
+                        .any(|b| b.iter().any(|p| p == Protocol::P2p(peer_id)))
+                {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, remote);
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
@@ -664,7 +764,11 @@ impl EventLoop {
                     self.request_sync(peer_id, None);
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, connection_id, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                ..
+            } => {
                 if let Some(conns) = self.connections.get_mut(&peer_id) {
                     conns.remove(&connection_id);
                     if conns.is_empty() {
@@ -673,14 +777,24 @@ impl EventLoop {
                 }
                 self.peer_tx.send_replace(self.connections.len());
             }
-            SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
                 if let Some(r) = self.addr_dials.remove(&connection_id) {
                     let _ = r.send(Err(error.to_string()));
                 }
-                if let Some(peer) = peer_id {
-                    if !self.swarm.is_connected(&peer) {
-                        self.finish_dial(peer, Err(TunnelError::DialFailed { peer, detail: error.to_string() }));
-                    }
+                if let Some(peer) = peer_id
+                    && !self.swarm.is_connected(&peer)
+                {
+                    self.finish_dial(
+                        peer,
+                        Err(TunnelError::DialFailed {
+                            peer,
+                            detail: error.to_string(),
+                        }),
+                    );
                 }
             }
             SwarmEvent::NewListenAddr { address, .. } => {
@@ -688,7 +802,9 @@ impl EventLoop {
                     self.listen_addrs.push(address);
                 }
             }
-            SwarmEvent::ExpiredListenAddr { address, .. } => self.listen_addrs.retain(|a| a != &address),
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| a != &address)
+            }
             other => debug!(?other, "swarm event"),
         }
     }
@@ -705,15 +821,16 @@ impl EventLoop {
                 let stats = self.stats.clone();
                 // Applying flushes to disk: keep it off the event loop.
                 tokio::task::spawn_blocking(move || {
-                    let acceptance = validate_gossip(&store, &stats, &message.data, &propagation_source);
-                    let _ = tx.blocking_send(Internal::Validated(message_id, propagation_source, acceptance));
+                    let acceptance =
+                        validate_gossip(&store, &stats, &message.data, &propagation_source);
+                    let _ = tx.blocking_send(Internal::Validated(
+                        message_id,
+                        propagation_source,
+                        acceptance,
+                    ));
                 });
             }
-            gossipsub::Event::Subscribed { .. } => {
-                if !self.unsent.is_empty() {
-                    self.flush_unsent();
-                }
-            }
+            gossipsub::Event::Subscribed { .. } if !self.unsent.is_empty() => self.flush_unsent(),
             _ => {}
         }
     }
@@ -722,42 +839,68 @@ impl EventLoop {
         match ev {
             request_response::Event::Message {
                 peer,
-                message: request_response::Message::Request { request, channel, .. },
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
                 ..
             } => {
                 let response = match request {
-                    SyncRequest::Events { after } => match self.store.events_after(after, SYNC_PAGE + 1) {
-                        Ok(mut events) => {
-                            let more = events.len() > SYNC_PAGE;
-                            events.truncate(SYNC_PAGE);
-                            SyncResponse::Events { events, more }
+                    SyncRequest::Events { after } => {
+                        match self.store.events_after(after, SYNC_PAGE + 1) {
+                            Ok(mut events) => {
+                                let more = events.len() > SYNC_PAGE;
+                                events.truncate(SYNC_PAGE);
+                                SyncResponse::Events { events, more }
+                            }
+                            Err(e) => SyncResponse::Error {
+                                message: e.to_string(),
+                            },
                         }
-                        Err(e) => SyncResponse::Error { message: e.to_string() },
-                    },
+                    }
                     SyncRequest::Directory => match self.store.directory() {
                         Ok(mut entries) => {
                             entries.truncate(1024);
                             SyncResponse::Directory { entries }
                         }
-                        Err(e) => SyncResponse::Error { message: e.to_string() },
+                        Err(e) => SyncResponse::Error {
+                            message: e.to_string(),
+                        },
                     },
                 };
-                if self.swarm.behaviour_mut().sync.send_response(channel, response).is_err() {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .sync
+                    .send_response(channel, response)
+                    .is_err()
+                {
                     debug!(%peer, "sync requester went away");
                 }
             }
             request_response::Event::Message {
                 peer,
-                message: request_response::Message::Response { request_id, response },
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
                 ..
             } => {
                 self.sync_requests.remove(&request_id);
                 let store = self.store.clone();
                 let tx = self.internal_tx.clone();
                 let stats = self.stats.clone();
-                tokio::task::spawn_blocking(move || apply_sync(&store, &stats, peer, response, &tx));
+                tokio::task::spawn_blocking(move || {
+                    apply_sync(&store, &stats, peer, response, &tx)
+                });
             }
-            request_response::Event::OutboundFailure { peer, error, request_id, .. } => {
+            request_response::Event::OutboundFailure {
+                peer,
+                error,
+                request_id,
+                ..
+            } => {
                 self.sync_requests.remove(&request_id);
                 debug!(%peer, "sync request failed: {error}");
             }
@@ -769,10 +912,17 @@ impl EventLoop {
 fn note_applied(stats: &NetStats, ev: &LeaseEvent) {
     stats.events_applied.fetch_add(1, Ordering::Relaxed);
     let lag = xe_store::now_secs().saturating_sub(ev.timestamp());
-    stats.last_replication_lag_secs.store(lag, Ordering::Relaxed);
+    stats
+        .last_replication_lag_secs
+        .store(lag, Ordering::Relaxed);
 }
 
-fn validate_gossip(store: &Store, stats: &NetStats, data: &[u8], from: &PeerId) -> gossipsub::MessageAcceptance {
+fn validate_gossip(
+    store: &Store,
+    stats: &NetStats,
+    data: &[u8],
+    from: &PeerId,
+) -> gossipsub::MessageAcceptance {
     use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
     let msg: GossipMessage = match serde_json::from_slice(data) {
         Ok(m) => m,
@@ -813,7 +963,13 @@ fn validate_gossip(store: &Store, stats: &NetStats, data: &[u8], from: &PeerId) 
     }
 }
 
-fn apply_sync(store: &Store, stats: &NetStats, peer: PeerId, response: SyncResponse, tx: &mpsc::Sender<Internal>) {
+fn apply_sync(
+    store: &Store,
+    stats: &NetStats,
+    peer: PeerId,
+    response: SyncResponse,
+    tx: &mpsc::Sender<Internal>,
+) {
     match response {
         SyncResponse::Events { events, more } => {
             let last = events.last().map(LeaseEvent::id);
@@ -821,7 +977,9 @@ fn apply_sync(store: &Store, stats: &NetStats, peer: PeerId, response: SyncRespo
                 match store.apply_event(ev) {
                     Ok(Applied::Changed(_)) | Ok(Applied::Pending) => note_applied(stats, ev),
                     Ok(Applied::Duplicate) => {}
-                    Err(e) => warn!(%peer, lease = %ev.lease_hash().short(), "sync: event refused: {e}"),
+                    Err(e) => {
+                        warn!(%peer, lease = %ev.lease_hash().short(), "sync: event refused: {e}")
+                    }
                 }
             }
             if let (true, Some(last)) = (more, last) {

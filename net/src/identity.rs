@@ -18,7 +18,10 @@ pub fn load_or_create_keypair(path: &Path) -> Result<Keypair, NetError> {
     };
     match fs::read(path) {
         Ok(bytes) => {
-            let mode = fs::metadata(path).map_err(|e| err(e.to_string()))?.permissions().mode();
+            let mode = fs::metadata(path)
+                .map_err(|e| err(e.to_string()))?
+                .permissions()
+                .mode();
             if mode & 0o077 != 0 {
                 return Err(err(format!(
                     "readable by group/others (mode {:o}); run `chmod 600 {}`",
@@ -26,7 +29,8 @@ pub fn load_or_create_keypair(path: &Path) -> Result<Keypair, NetError> {
                     path.display()
                 )));
             }
-            Keypair::from_protobuf_encoding(&bytes).map_err(|e| err(format!("not a libp2p key: {e}")))
+            Keypair::from_protobuf_encoding(&bytes)
+                .map_err(|e| err(format!("not a libp2p key: {e}")))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let kp = Keypair::generate_ed25519();
@@ -56,10 +60,19 @@ mod tests {
     fn peer_id_is_stable_and_file_is_private() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("p2p_key");
-        let a = load_or_create_keypair(&p).expect("create").public().to_peer_id();
-        let b = load_or_create_keypair(&p).expect("load").public().to_peer_id();
+        let a = load_or_create_keypair(&p)
+            .expect("create")
+            .public()
+            .to_peer_id();
+        let b = load_or_create_keypair(&p)
+            .expect("load")
+            .public()
+            .to_peer_id();
         assert_eq!(a, b);
-        assert_eq!(fs::metadata(&p).expect("meta").permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).expect("meta").permissions().mode() & 0o777,
+            0o600
+        );
         fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).expect("chmod");
         assert!(load_or_create_keypair(&p).is_err());
     }

@@ -75,7 +75,11 @@ pub enum TunnelError {
 }
 
 /// Run the client half of the handshake on an opened stream.
-pub async fn client_handshake<S>(stream: &mut S, lease: &LeaseHash, timeout: Duration) -> Result<(), TunnelError>
+pub async fn client_handshake<S>(
+    stream: &mut S,
+    lease: &LeaseHash,
+    timeout: Duration,
+) -> Result<(), TunnelError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -89,8 +93,13 @@ where
             STATUS_ERR => {
                 // Read at most MAX_ERROR_LEN, however much the provider sends.
                 let mut msg = Vec::new();
-                (&mut *stream).take(MAX_ERROR_LEN as u64).read_to_end(&mut msg).await?;
-                Err(TunnelError::Refused(String::from_utf8_lossy(&msg).into_owned()))
+                (&mut *stream)
+                    .take(MAX_ERROR_LEN as u64)
+                    .read_to_end(&mut msg)
+                    .await?;
+                Err(TunnelError::Refused(
+                    String::from_utf8_lossy(&msg).into_owned(),
+                ))
             }
             other => Err(TunnelError::UnexpectedStatus(other)),
         }
@@ -132,7 +141,11 @@ pub struct TunnelGuard {
 
 impl Drop for TunnelGuard {
     fn drop(&mut self) {
-        let mut m = self.registry.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self
+            .registry
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(set) = m.get_mut(&self.lease) {
             set.remove(&self.id);
             if set.is_empty() {
@@ -163,7 +176,11 @@ impl TunnelRegistry {
 
     /// Close every tunnel of `lease`; returns how many were open.
     pub fn close_tunnels_for_lease(&self, lease: &LeaseHash) -> usize {
-        let set = self.inner.lock().unwrap_or_else(|p| p.into_inner()).remove(lease);
+        let set = self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(lease);
         let n = set.as_ref().map_or(0, HashMap::len);
         for t in set.into_iter().flat_map(HashMap::into_values) {
             t.cancel();
@@ -212,7 +229,11 @@ impl Default for TunnelServerConfig {
 /// Copy both ways until both directions finished (half-closes are
 /// propagated) or either side fails, or `cancel` fires. Returns bytes
 /// (a → b, b → a).
-pub async fn pipe<A, B>(a: &mut A, b: &mut B, cancel: &CancellationToken) -> std::io::Result<(u64, u64)>
+pub async fn pipe<A, B>(
+    a: &mut A,
+    b: &mut B,
+    cancel: &CancellationToken,
+) -> std::io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -259,7 +280,11 @@ pub async fn serve(
             async move {
                 let Ok(_permit) = permit else {
                     warn!("refused: too many tunnels");
-                    refuse(&mut stream, "provider is at its tunnel limit; try again later").await;
+                    refuse(
+                        &mut stream,
+                        "provider is at its tunnel limit; try again later",
+                    )
+                    .await;
                     return;
                 };
                 handle_stream(stream, peer, validator, registry, cfg, cancel).await;

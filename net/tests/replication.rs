@@ -26,12 +26,20 @@ async fn events_from_different_nodes_reach_everyone() {
     // Node 1 creates a lease; node 3 (as provider) accepts it.
     let create = LeaseEvent::create(&consumer, lease_for(&consumer, &provider, 1));
     let hash = create.lease_hash();
-    nodes[1].net.publish_event(create).await.expect("publish create");
+    nodes[1]
+        .net
+        .publish_event(create)
+        .await
+        .expect("publish create");
     for n in &nodes {
         wait_state(&n.store, &hash, LeaseState::Created).await;
     }
     let accept = LeaseEvent::accept(&provider, hash, now_secs(), HOST_KEY.into());
-    nodes[3].net.publish_event(accept).await.expect("publish accept");
+    nodes[3]
+        .net
+        .publish_event(accept)
+        .await
+        .expect("publish accept");
     for n in &nodes {
         wait_state(&n.store, &hash, LeaseState::Accepted).await;
     }
@@ -42,8 +50,16 @@ async fn events_from_different_nodes_reach_everyone() {
     let hash2 = create2.lease_hash();
     nodes[4].store.apply_event(&create2).expect("local only");
     let accept2 = LeaseEvent::accept(&provider, hash2, now_secs(), HOST_KEY.into());
-    nodes[2].net.publish_event(accept2).await.expect("publish accept first");
-    nodes[4].net.publish_event(create2).await.expect("publish create later");
+    nodes[2]
+        .net
+        .publish_event(accept2)
+        .await
+        .expect("publish accept first");
+    nodes[4]
+        .net
+        .publish_event(create2)
+        .await
+        .expect("publish create later");
     for n in &nodes {
         wait_state(&n.store, &hash2, LeaseState::Accepted).await;
     }
@@ -67,7 +83,13 @@ async fn late_joiner_catches_up_by_sync() {
         last = Some(ev.lease_hash());
         a.net.publish_event(ev).await.expect("publish");
     }
-    let entry = xe_store::DirectoryEntry::sign(&provider, a.net.peer_id().to_string(), vec![], now_secs(), 600);
+    let entry = xe_store::DirectoryEntry::sign(
+        &provider,
+        a.net.peer_id().to_string(),
+        vec![],
+        now_secs(),
+        600,
+    );
     a.net.publish_directory(entry).await.expect("dir");
 
     let late = node(a.net.p2p_addrs().await.expect("addrs")).await;
@@ -79,10 +101,16 @@ async fn late_joiner_catches_up_by_sync() {
             let _ = rx.recv().await;
         }
     };
-    tokio::time::timeout(std::time::Duration::from_secs(20), all).await.expect("all 300 leases synced");
+    tokio::time::timeout(std::time::Duration::from_secs(20), all)
+        .await
+        .expect("all 300 leases synced");
     assert_eq!(late.store.event_count(), 300);
     assert_eq!(
-        late.store.peer_for_account(&provider.address()).expect("dir").expect("entry").peer_id,
+        late.store
+            .peer_for_account(&provider.address())
+            .expect("dir")
+            .expect("entry")
+            .peer_id,
         a.net.peer_id().to_string()
     );
 }
@@ -102,7 +130,9 @@ async fn invalid_event_does_not_spread() {
     a.net.publish_event(warm.clone()).await.expect("warm");
     wait_state(&c.store, &warm.lease_hash(), LeaseState::Created).await;
 
-    let LeaseEvent::Create { mut lease, sig } = LeaseEvent::create(&consumer, lease_for(&consumer, &provider, 11)) else {
+    let LeaseEvent::Create { mut lease, sig } =
+        LeaseEvent::create(&consumer, lease_for(&consumer, &provider, 11))
+    else {
         unreachable!()
     };
     lease.vcpus = 200; // tampered after signing
@@ -113,10 +143,20 @@ async fn invalid_event_does_not_spread() {
         .await
         .expect("publish bad");
     let good = LeaseEvent::create(&consumer, lease_for(&consumer, &provider, 12));
-    a.net.publish_event(good.clone()).await.expect("publish good");
+    a.net
+        .publish_event(good.clone())
+        .await
+        .expect("publish good");
     wait_state(&c.store, &good.lease_hash(), LeaseState::Created).await;
     wait_state(&b.store, &good.lease_hash(), LeaseState::Created).await;
-    assert!(b.net.stats().invalid_messages.load(std::sync::atomic::Ordering::Relaxed) >= 1, "B rejected it");
+    assert!(
+        b.net
+            .stats()
+            .invalid_messages
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1,
+        "B rejected it"
+    );
     for n in [&b, &c] {
         assert!(n.store.lease(&bad_hash).expect("read").is_none());
         assert_eq!(n.store.pending_count(), 0);
@@ -143,7 +183,13 @@ async fn provider_announces_directory_entry() {
             let _ = rx.recv().await;
         }
     };
-    let e = tokio::time::timeout(std::time::Duration::from_secs(20), found).await.expect("entry arrived");
+    let e = tokio::time::timeout(std::time::Duration::from_secs(20), found)
+        .await
+        .expect("entry arrived");
     assert_eq!(e.peer_id, want);
-    assert!(e.addrs.iter().any(|a| a.starts_with("/ip4/127.0.0.1/tcp/")), "{:?}", e.addrs);
+    assert!(
+        e.addrs.iter().any(|a| a.starts_with("/ip4/127.0.0.1/tcp/")),
+        "{:?}",
+        e.addrs
+    );
 }

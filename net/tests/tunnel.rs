@@ -37,7 +37,9 @@ impl TunnelValidator for Provider {
         }
     }
     async fn dial_ssh(&self, _lease: &LeaseHash) -> Result<Box<dyn VmConn>, String> {
-        let s = tokio::net::TcpStream::connect(self.backend).await.map_err(|e| e.to_string())?;
+        let s = tokio::net::TcpStream::connect(self.backend)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(Box::new(s))
     }
 }
@@ -105,7 +107,9 @@ async fn pair(backend: std::net::SocketAddr, handshake: Duration) -> Pair {
     cfg.validator = Some(validator);
     cfg.tunnel.handshake_timeout = handshake;
     let cancel = tokio_util::sync::CancellationToken::new();
-    let net = xe_net::start(cfg, store.clone(), cancel.clone()).await.expect("start");
+    let net = xe_net::start(cfg, store.clone(), cancel.clone())
+        .await
+        .expect("start");
     let provider = TestNode {
         net: net.handle,
         store,
@@ -137,13 +141,19 @@ async fn handshake_ok_then_bytes_flow_and_half_close_propagates() {
     let p = pair(echo_backend().await, Duration::from_secs(30)).await;
     let lease = accepted_lease(&p.provider.store, &p.consumer, &p.provider_wallet, 1);
     let mut t = p.open(&lease).await.expect("tunnel");
-    t.write_all(b"hello through the overlay").await.expect("write");
+    t.write_all(b"hello through the overlay")
+        .await
+        .expect("write");
     // Half-close our side: the echo backend sees EOF, finishes, closes.
     t.shutdown().await.expect("shutdown");
     let mut back = Vec::new();
     t.read_to_end(&mut back).await.expect("read to EOF");
     assert_eq!(back, b"hello through the overlay");
-    assert_eq!(p.provider.net.registry().count_for(&lease), 0, "registry cleaned up");
+    assert_eq!(
+        p.provider.net.registry().count_for(&lease),
+        0,
+        "registry cleaned up"
+    );
 }
 
 #[tokio::test]
@@ -151,20 +161,33 @@ async fn each_refusal_surfaces_the_providers_message() {
     let p = pair(echo_backend().await, Duration::from_secs(30)).await;
     // Unknown lease.
     let e = p.open(&LeaseHash([9; 32])).await.unwrap_err();
-    assert!(matches!(&e, TunnelError::Refused(m) if m.contains("unknown lease")), "{e}");
+    assert!(
+        matches!(&e, TunnelError::Refused(m) if m.contains("unknown lease")),
+        "{e}"
+    );
     // Settled lease.
     let lease = accepted_lease(&p.provider.store, &p.consumer, &p.provider_wallet, 2);
     p.provider
         .store
-        .apply_event(&xe_store::LeaseEvent::settle(&p.consumer, lease, xe_store::now_secs()))
+        .apply_event(&xe_store::LeaseEvent::settle(
+            &p.consumer,
+            lease,
+            xe_store::now_secs(),
+        ))
         .expect("settle");
     let e = p.open(&lease).await.unwrap_err();
-    assert!(matches!(&e, TunnelError::Refused(m) if m == "lease is settled"), "{e}");
+    assert!(
+        matches!(&e, TunnelError::Refused(m) if m == "lease is settled"),
+        "{e}"
+    );
     // A lease for another provider.
     let other = Wallet::from_seed([8; 32]);
     let foreign = accepted_lease(&p.provider.store, &p.consumer, &other, 3);
     let e = p.open(&foreign).await.unwrap_err();
-    assert!(matches!(&e, TunnelError::Refused(m) if m.contains("not the lease's provider")), "{e}");
+    assert!(
+        matches!(&e, TunnelError::Refused(m) if m.contains("not the lease's provider")),
+        "{e}"
+    );
     // Backend down: the dial error is reported.
     let dead = {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -173,7 +196,10 @@ async fn each_refusal_surfaces_the_providers_message() {
     let p2 = pair(dead, Duration::from_secs(30)).await;
     let lease = accepted_lease(&p2.provider.store, &p2.consumer, &p2.provider_wallet, 4);
     let e = p2.open(&lease).await.unwrap_err();
-    assert!(matches!(&e, TunnelError::Refused(m) if m.contains("refused")), "{e}");
+    assert!(
+        matches!(&e, TunnelError::Refused(m) if m.contains("refused")),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -181,7 +207,11 @@ async fn peer_without_the_protocol_is_reported_unsupported() {
     let a = node(vec![]).await;
     let b = node(a.net.p2p_addrs().await.expect("addrs")).await;
     wait_peers(&b, 1).await;
-    let e = b.net.open_tunnel(a.net.peer_id(), vec![], &LeaseHash([1; 32])).await.unwrap_err();
+    let e = b
+        .net
+        .open_tunnel(a.net.peer_id(), vec![], &LeaseHash([1; 32]))
+        .await
+        .unwrap_err();
     assert!(matches!(e, TunnelError::Unsupported(_)), "{e}");
 }
 
@@ -189,19 +219,35 @@ async fn peer_without_the_protocol_is_reported_unsupported() {
 async fn unknown_peer_is_not_found() {
     let a = node(vec![]).await;
     let stranger = libp2p_identity_peer();
-    let e = a.net.open_tunnel(stranger, vec![], &LeaseHash([1; 32])).await.unwrap_err();
-    assert!(matches!(e, TunnelError::PeerNotFound(_) | TunnelError::DialFailed { .. }), "{e}");
+    let e = a
+        .net
+        .open_tunnel(stranger, vec![], &LeaseHash([1; 32]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            TunnelError::PeerNotFound(_) | TunnelError::DialFailed { .. }
+        ),
+        "{e}"
+    );
 }
 
 fn libp2p_identity_peer() -> PeerId {
-    libp2p::identity::Keypair::generate_ed25519().public().to_peer_id()
+    libp2p::identity::Keypair::generate_ed25519()
+        .public()
+        .to_peer_id()
 }
 
 #[tokio::test]
 async fn error_message_is_capped_at_4k_on_the_client() {
     // A hostile "provider" that answers 0x01 and then 64 KiB of text.
     let hostile = node(vec![]).await;
-    let mut incoming = hostile.net.control().accept(TUNNEL_PROTOCOL).expect("accept");
+    let mut incoming = hostile
+        .net
+        .control()
+        .accept(TUNNEL_PROTOCOL)
+        .expect("accept");
     tokio::spawn(async move {
         use futures::StreamExt;
         while let Some((_, s)) = incoming.next().await {
@@ -218,7 +264,11 @@ async fn error_message_is_capped_at_4k_on_the_client() {
     });
     let c = node(hostile.net.p2p_addrs().await.expect("addrs")).await;
     wait_peers(&c, 1).await;
-    let e = c.net.open_tunnel(hostile.net.peer_id(), vec![], &LeaseHash([1; 32])).await.unwrap_err();
+    let e = c
+        .net
+        .open_tunnel(hostile.net.peer_id(), vec![], &LeaseHash([1; 32]))
+        .await
+        .unwrap_err();
     match e {
         TunnelError::Refused(m) => assert_eq!(m.len(), MAX_ERROR_LEN),
         e => panic!("unexpected {e}"),

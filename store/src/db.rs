@@ -186,9 +186,16 @@ impl Store {
 
     /// Applied events with id greater than `after`, in id order, at most
     /// `limit` (the sync protocol's page).
-    pub fn events_after(&self, after: Option<EventId>, limit: usize) -> Result<Vec<LeaseEvent>, StoreError> {
+    pub fn events_after(
+        &self,
+        after: Option<EventId>,
+        limit: usize,
+    ) -> Result<Vec<LeaseEvent>, StoreError> {
         let iter = match after {
-            Some(a) => self.inner.events.range((std::ops::Bound::Excluded(a.0.to_vec()), std::ops::Bound::Unbounded)),
+            Some(a) => self.inner.events.range((
+                std::ops::Bound::Excluded(a.0.to_vec()),
+                std::ops::Bound::Unbounded,
+            )),
             None => self.inner.events.iter(),
         };
         iter.take(limit)
@@ -204,7 +211,11 @@ impl Store {
     /// applied when its dependency lands.
     pub fn apply_event(&self, ev: &LeaseEvent) -> Result<Applied, StoreError> {
         ev.check_self()?;
-        let _guard = self.inner.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self
+            .inner
+            .apply_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let mut changes = Vec::new();
         let result = self.apply_locked(ev, &mut changes)?;
         if result == Applied::Pending || !changes.is_empty() {
@@ -217,7 +228,11 @@ impl Store {
         Ok(result)
     }
 
-    fn apply_locked(&self, ev: &LeaseEvent, changes: &mut Vec<LeaseChange>) -> Result<Applied, StoreError> {
+    fn apply_locked(
+        &self,
+        ev: &LeaseEvent,
+        changes: &mut Vec<LeaseChange>,
+    ) -> Result<Applied, StoreError> {
         let hash = ev.lease_hash();
         let id = ev.id();
         if self.inner.events.contains_key(id.0)? {
@@ -225,11 +240,13 @@ impl Store {
         }
         let current = self.lease(&hash)?;
         let (next, wait) = match (&current, ev) {
-            (None, LeaseEvent::Create { lease, sig }) => (Some(LeaseRecord::from_create(lease.clone(), *sig)), false),
+            (None, LeaseEvent::Create { lease, sig }) => {
+                (Some(LeaseRecord::from_create(lease.clone(), *sig)), false)
+            }
             (None, _) => (None, true),
             (Some(_), LeaseEvent::Create { .. }) => (None, false),
             (Some(rec), _) => match rec.apply(ev)? {
-                Outcome::Changed(r) => (Some(r), false),
+                Outcome::Changed(r) => (Some(*r), false),
                 Outcome::Unchanged => (None, false),
                 Outcome::Wait(_) => (None, true),
             },
@@ -248,18 +265,22 @@ impl Store {
         }
         let ev_bytes = encode(ev);
         let rec_bytes = next.as_ref().map(encode);
-        let r: Result<(), TransactionError<()>> = (&self.inner.leases, &self.inner.events, &self.inner.pending)
-            .transaction(|(l, e, p)| {
-                if let Some(rb) = &rec_bytes {
-                    l.insert(&hash.0, rb.as_slice())?;
-                }
-                e.insert(&id.0, ev_bytes.as_slice())?;
-                p.remove(pkey.as_slice())?;
-                Ok::<_, ConflictableTransactionError<()>>(())
-            });
+        let r: Result<(), TransactionError<()>> =
+            (&self.inner.leases, &self.inner.events, &self.inner.pending).transaction(
+                |(l, e, p)| {
+                    if let Some(rb) = &rec_bytes {
+                        l.insert(&hash.0, rb.as_slice())?;
+                    }
+                    e.insert(&id.0, ev_bytes.as_slice())?;
+                    p.remove(pkey.as_slice())?;
+                    Ok::<_, ConflictableTransactionError<()>>(())
+                },
+            );
         r.map_err(|e| match e {
             TransactionError::Storage(s) => StoreError::Db(s),
-            TransactionError::Abort(()) => StoreError::Db(sled::Error::ReportableBug("aborted".into())),
+            TransactionError::Abort(()) => {
+                StoreError::Db(sled::Error::ReportableBug("aborted".into()))
+            }
         })?;
         let Some(next) = next else {
             return Ok(Applied::Duplicate);
@@ -268,14 +289,22 @@ impl Store {
         let new = next.state_at(now);
         let old = current.as_ref().map(|c| c.state_at(now));
         if old != Some(new) {
-            changes.push(LeaseChange { lease: hash, old, new });
+            changes.push(LeaseChange {
+                lease: hash,
+                old,
+                new,
+            });
         }
         self.retry_pending(&hash, changes)?;
         Ok(Applied::Changed(new))
     }
 
     /// Re-apply events that were waiting on this lease.
-    fn retry_pending(&self, hash: &LeaseHash, changes: &mut Vec<LeaseChange>) -> Result<(), StoreError> {
+    fn retry_pending(
+        &self,
+        hash: &LeaseHash,
+        changes: &mut Vec<LeaseChange>,
+    ) -> Result<(), StoreError> {
         let waiting: Vec<(sled::IVec, sled::IVec)> = self
             .inner
             .pending
@@ -299,12 +328,16 @@ impl Store {
     /// Returns whether it replaced anything.
     pub fn put_directory(&self, entry: &DirectoryEntry) -> Result<bool, StoreError> {
         entry.check(crate::now_secs())?;
-        let _guard = self.inner.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self
+            .inner
+            .apply_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let addr = entry.address();
-        if let Some(old) = self.directory_raw(&addr)? {
-            if (old.issued_at, &old.sig.0[..]) >= (entry.issued_at, &entry.sig.0[..]) {
-                return Ok(false);
-            }
+        if let Some(old) = self.directory_raw(&addr)?
+            && (old.issued_at, &old.sig.0[..]) >= (entry.issued_at, &entry.sig.0[..])
+        {
+            return Ok(false);
         }
         self.inner.directory.insert(addr.0, encode(entry))?;
         self.inner.db.flush()?;
@@ -320,7 +353,10 @@ impl Store {
     }
 
     /// The unexpired directory entry for an account.
-    pub fn peer_for_account(&self, addr: &AccountAddress) -> Result<Option<DirectoryEntry>, StoreError> {
+    pub fn peer_for_account(
+        &self,
+        addr: &AccountAddress,
+    ) -> Result<Option<DirectoryEntry>, StoreError> {
         let now = crate::now_secs();
         Ok(self.directory_raw(addr)?.filter(|e| e.expires_at > now))
     }

@@ -61,7 +61,13 @@ fn put_str(m: &mut Vec<u8>, s: &str) {
 
 impl DirectoryEntry {
     /// Build and sign an entry.
-    pub fn sign(wallet: &Wallet, peer_id: String, addrs: Vec<String>, issued_at: u64, ttl: u64) -> Self {
+    pub fn sign(
+        wallet: &Wallet,
+        peer_id: String,
+        addrs: Vec<String>,
+        issued_at: u64,
+        ttl: u64,
+    ) -> Self {
         let mut e = DirectoryEntry {
             account: wallet.public_key(),
             peer_id,
@@ -84,7 +90,11 @@ impl DirectoryEntry {
         let mut m = b"xe/directory/v1".to_vec();
         m.extend_from_slice(&self.account.0);
         put_str(&mut m, &self.peer_id);
-        m.extend_from_slice(&u16::try_from(self.addrs.len()).unwrap_or(u16::MAX).to_be_bytes());
+        m.extend_from_slice(
+            &u16::try_from(self.addrs.len())
+                .unwrap_or(u16::MAX)
+                .to_be_bytes(),
+        );
         for a in &self.addrs {
             put_str(&mut m, a);
         }
@@ -104,7 +114,10 @@ impl DirectoryEntry {
             return bad(format!("{} addrs, at most {MAX_ADDRS}", self.addrs.len()));
         }
         if let Some(a) = self.addrs.iter().find(|a| a.len() > MAX_ADDR_LEN) {
-            return bad(format!("address of {} bytes, at most {MAX_ADDR_LEN}", a.len()));
+            return bad(format!(
+                "address of {} bytes, at most {MAX_ADDR_LEN}",
+                a.len()
+            ));
         }
         if self.expires_at <= self.issued_at || self.expires_at - self.issued_at > MAX_TTL_SECS {
             return bad(format!("validity must be 1..={MAX_TTL_SECS} s"));

@@ -118,13 +118,22 @@ impl Lease {
     pub fn check_terms(&self) -> Result<(), EventError> {
         let bad = |field: &'static str, detail: String| Err(EventError::BadTerms { field, detail });
         if !limits::VCPUS.contains(&self.vcpus) {
-            return bad("vcpus", format!("{} not in {:?}", self.vcpus, limits::VCPUS));
+            return bad(
+                "vcpus",
+                format!("{} not in {:?}", self.vcpus, limits::VCPUS),
+            );
         }
         if !limits::MEMORY_MB.contains(&self.memory_mb) {
-            return bad("memory_mb", format!("{} not in {:?}", self.memory_mb, limits::MEMORY_MB));
+            return bad(
+                "memory_mb",
+                format!("{} not in {:?}", self.memory_mb, limits::MEMORY_MB),
+            );
         }
         if !limits::DISK_GB.contains(&self.disk_gb) {
-            return bad("disk_gb", format!("{} not in {:?}", self.disk_gb, limits::DISK_GB));
+            return bad(
+                "disk_gb",
+                format!("{} not in {:?}", self.disk_gb, limits::DISK_GB),
+            );
         }
         if !limits::DURATION_SECS.contains(&self.duration) {
             return bad(
@@ -216,7 +225,9 @@ pub enum LeaseEvent {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
     /// The signature does not verify against the signer key.
-    #[error("bad signature on {kind} event for lease {lease}: it does not verify against the signer key")]
+    #[error(
+        "bad signature on {kind} event for lease {lease}: it does not verify against the signer key"
+    )]
     BadSignature {
         /// Event kind.
         kind: EventKind,
@@ -402,7 +413,12 @@ impl LeaseEvent {
     }
 
     /// Sign an accept with the provider's wallet.
-    pub fn accept(wallet: &Wallet, lease_hash: LeaseHash, accepted_at: u64, vm_host_key: String) -> Self {
+    pub fn accept(
+        wallet: &Wallet,
+        lease_hash: LeaseHash,
+        accepted_at: u64,
+        vm_host_key: String,
+    ) -> Self {
         let mut ev = LeaseEvent::Accept {
             lease_hash,
             signer: wallet.public_key(),
@@ -457,7 +473,11 @@ fn check_host_key(lease: &LeaseHash, key: &str) -> Result<(), EventError> {
         })
     };
     if key.len() > limits::VM_HOST_KEY_LEN {
-        return bad(format!("is {} bytes, at most {} allowed", key.len(), limits::VM_HOST_KEY_LEN));
+        return bad(format!(
+            "is {} bytes, at most {} allowed",
+            key.len(),
+            limits::VM_HOST_KEY_LEN
+        ));
     }
     if key.contains(['\n', '\r', '\0']) {
         return bad("contains a line break or NUL".into());

@@ -50,7 +50,10 @@ impl LeaseState {
 
     /// Whether the lease has ended for good.
     pub fn is_final(&self) -> bool {
-        matches!(self, LeaseState::Settled | LeaseState::Cancelled | LeaseState::Expired)
+        matches!(
+            self,
+            LeaseState::Settled | LeaseState::Cancelled | LeaseState::Expired
+        )
     }
 }
 
@@ -113,7 +116,7 @@ pub struct LeaseRecord {
 #[derive(Debug)]
 pub enum Outcome {
     /// The record changed.
-    Changed(LeaseRecord),
+    Changed(Box<LeaseRecord>),
     /// The event was already reflected; nothing to write.
     Unchanged,
     /// The event cannot apply yet (a settle before its accept); keep it.
@@ -223,9 +226,15 @@ impl LeaseRecord {
                 if self.accept.is_none() {
                     return Ok(Outcome::Wait("settle waits for the lease's accept"));
                 }
-                let fact = EndFact { by: signer, at: *at, event_id: id };
+                let fact = EndFact {
+                    by: signer,
+                    at: *at,
+                    event_id: id,
+                };
                 match &self.settle {
-                    Some(s) if (s.at, s.event_id) <= (fact.at, id) => return Ok(Outcome::Unchanged),
+                    Some(s) if (s.at, s.event_id) <= (fact.at, id) => {
+                        return Ok(Outcome::Unchanged);
+                    }
                     _ => next.settle = Some(fact),
                 }
             }
@@ -245,14 +254,20 @@ impl LeaseRecord {
                         reason: "the lease is already accepted; settle it instead",
                     });
                 }
-                let fact = EndFact { by: signer, at: *at, event_id: id };
+                let fact = EndFact {
+                    by: signer,
+                    at: *at,
+                    event_id: id,
+                };
                 match &self.cancel {
-                    Some(c) if (c.at, c.event_id) <= (fact.at, id) => return Ok(Outcome::Unchanged),
+                    Some(c) if (c.at, c.event_id) <= (fact.at, id) => {
+                        return Ok(Outcome::Unchanged);
+                    }
                     _ => next.cancel = Some(fact),
                 }
             }
         }
         debug_assert_ne!(kind, EventKind::Create);
-        Ok(Outcome::Changed(next))
+        Ok(Outcome::Changed(Box::new(next)))
     }
 }

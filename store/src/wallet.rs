@@ -16,7 +16,9 @@ use crate::ids::{AccessPubKey, AccountAddress, AccountPubKey, Sig};
 #[derive(Debug, thiserror::Error)]
 pub enum WalletError {
     /// Creating a wallet where one exists would destroy an account.
-    #[error("wallet {0} already exists; refusing to overwrite it (use --wallet to choose another path)")]
+    #[error(
+        "wallet {0} already exists; refusing to overwrite it (use --wallet to choose another path)"
+    )]
     Exists(PathBuf),
     /// No file at the path.
     #[error("no wallet at {0}; create one with `xe wallet create` (or pass --wallet PATH)")]
@@ -56,11 +58,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WalletError + '_ {
 
 /// Write `contents` to a new file with mode 0600, refusing to overwrite.
 fn write_secret(path: &Path, contents: &[u8]) -> Result<(), WalletError> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.exists() {
-            fs::create_dir_all(dir).map_err(io(dir))?;
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
-        }
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
     }
     let mut f = OpenOptions::new()
         .write(true)
@@ -217,17 +220,21 @@ impl LeaseKey {
         rand::rngs::OsRng.fill_bytes(&mut seed);
         let comment = format!(
             "xe-lease-key@{}",
-            path.file_stem().and_then(|s| s.to_str()).unwrap_or("wallet")
+            path.file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("wallet")
         );
         let key = ssh_key::PrivateKey::new(Ed25519Keypair::from_seed(&seed).into(), comment)
             .map_err(|e| WalletError::Malformed {
                 path: path.to_path_buf(),
                 detail: e.to_string(),
             })?;
-        let text = key.to_openssh(LineEnding::LF).map_err(|e| WalletError::Malformed {
-            path: path.to_path_buf(),
-            detail: e.to_string(),
-        })?;
+        let text = key
+            .to_openssh(LineEnding::LF)
+            .map_err(|e| WalletError::Malformed {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })?;
         match write_secret(path, text.as_bytes()) {
             Err(WalletError::Exists(_)) => return LeaseKey::load(path),
             r => r?,
@@ -334,11 +341,19 @@ mod tests {
         let w = Wallet::create(&p).expect("create");
         let mode = fs::metadata(&p).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let dmode = fs::metadata(p.parent().expect("parent")).expect("meta").permissions().mode() & 0o777;
+        let dmode = fs::metadata(p.parent().expect("parent"))
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(dmode, 0o700);
         let before = fs::read(&p).expect("read");
         assert!(matches!(Wallet::create(&p), Err(WalletError::Exists(_))));
-        assert_eq!(fs::read(&p).expect("read"), before, "refused create changed nothing");
+        assert_eq!(
+            fs::read(&p).expect("read"),
+            before,
+            "refused create changed nothing"
+        );
         assert_eq!(Wallet::load(&p).expect("load").address(), w.address());
     }
 
@@ -349,7 +364,10 @@ mod tests {
         Wallet::create(&p).expect("create");
         fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).expect("chmod");
         let e = Wallet::load(&p).unwrap_err();
-        assert!(matches!(e, WalletError::Permissions { mode: 0o640, .. }), "{e}");
+        assert!(
+            matches!(e, WalletError::Permissions { mode: 0o640, .. }),
+            "{e}"
+        );
         assert!(e.to_string().contains("chmod 600"));
     }
 

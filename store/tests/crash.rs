@@ -30,7 +30,10 @@ fn acknowledged_writes_survive_sigkill() {
         child.wait().expect("reap");
         let store = Store::open(&db).expect("store opens cleanly after SIGKILL");
         for h in &acked {
-            assert!(store.lease(h).expect("read").is_some(), "acknowledged lease {h} lost (round {round})");
+            assert!(
+                store.lease(h).expect("read").is_some(),
+                "acknowledged lease {h} lost (round {round})"
+            );
         }
         drop(store);
     }

@@ -25,7 +25,8 @@ fn lease_terms(consumer: &Wallet, provider: &Wallet) -> Lease {
     }
 }
 
-const HOST_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOZkcJ0O9Yl3MY5Wa7sObHRBuqoN2Ig0tGuo6dU2dQmD vm";
+const HOST_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOZkcJ0O9Yl3MY5Wa7sObHRBuqoN2Ig0tGuo6dU2dQmD vm";
 
 struct Fixture {
     consumer: Wallet,
@@ -80,7 +81,11 @@ fn encoding_test_vector() {
     let bytes = lease.encode();
     assert_eq!(bytes.len(), 151);
     assert_eq!(&bytes[..11], b"xe/lease/v1");
-    assert_eq!(&bytes[75..79], &2u32.to_be_bytes(), "vcpus follows the two keys");
+    assert_eq!(
+        &bytes[75..79],
+        &2u32.to_be_bytes(),
+        "vcpus follows the two keys"
+    );
 }
 
 fn store() -> Store {
@@ -91,14 +96,26 @@ fn store() -> Store {
 fn happy_path_and_state_machine() {
     let f = fixture();
     let s = store();
-    assert_eq!(s.apply_event(&f.create).expect("create"), Applied::Changed(LeaseState::Created));
+    assert_eq!(
+        s.apply_event(&f.create).expect("create"),
+        Applied::Changed(LeaseState::Created)
+    );
     assert_eq!(s.apply_event(&f.create).expect("dup"), Applied::Duplicate);
     let accept = LeaseEvent::accept(&f.provider, f.hash, now_secs(), HOST_KEY.into());
-    assert_eq!(s.apply_event(&accept).expect("accept"), Applied::Changed(LeaseState::Accepted));
+    assert_eq!(
+        s.apply_event(&accept).expect("accept"),
+        Applied::Changed(LeaseState::Accepted)
+    );
     let rec = s.lease(&f.hash).expect("get").expect("exists");
-    assert_eq!(rec.accept.as_ref().map(|a| a.vm_host_key.as_str()), Some(HOST_KEY));
+    assert_eq!(
+        rec.accept.as_ref().map(|a| a.vm_host_key.as_str()),
+        Some(HOST_KEY)
+    );
     let settle = LeaseEvent::settle(&f.consumer, f.hash, now_secs());
-    assert_eq!(s.apply_event(&settle).expect("settle"), Applied::Changed(LeaseState::Settled));
+    assert_eq!(
+        s.apply_event(&settle).expect("settle"),
+        Applied::Changed(LeaseState::Settled)
+    );
 }
 
 #[test]
@@ -108,7 +125,10 @@ fn expiry_is_computed_from_accept_time() {
     s.apply_event(&f.create).expect("create");
     // Accepted two hours ago with a one-hour duration.
     let accept = LeaseEvent::accept(&f.provider, f.hash, now_secs() - 7200, HOST_KEY.into());
-    assert_eq!(s.apply_event(&accept).expect("accept"), Applied::Changed(LeaseState::Expired));
+    assert_eq!(
+        s.apply_event(&accept).expect("accept"),
+        Applied::Changed(LeaseState::Expired)
+    );
     let rec = s.lease(&f.hash).expect("get").expect("exists");
     assert_eq!(rec.state_at(now_secs() - 7200 + 10), LeaseState::Accepted);
     assert_eq!(rec.state(), LeaseState::Expired);
@@ -116,7 +136,11 @@ fn expiry_is_computed_from_accept_time() {
 
 /// Snapshot of everything observable, to prove a refusal changed nothing.
 fn snapshot(s: &Store) -> (Vec<LeaseRecord>, usize, usize) {
-    (s.leases().expect("leases"), s.event_count(), s.pending_count())
+    (
+        s.leases().expect("leases"),
+        s.event_count(),
+        s.pending_count(),
+    )
 }
 
 #[test]
@@ -128,8 +152,13 @@ fn bad_signature_is_refused_and_changes_nothing() {
     };
     sig.0[0] ^= 1;
     let before = snapshot(&s);
-    let e = s.apply_event(&LeaseEvent::Create { lease, sig }).unwrap_err();
-    assert!(matches!(e, StoreError::Rejected(EventError::BadSignature { .. })), "{e}");
+    let e = s
+        .apply_event(&LeaseEvent::Create { lease, sig })
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::Rejected(EventError::BadSignature { .. })),
+        "{e}"
+    );
     assert!(e.to_string().contains("bad signature"), "{e}");
     assert_eq!(snapshot(&s), before);
 }
@@ -142,8 +171,13 @@ fn tampered_terms_break_the_signature() {
         unreachable!()
     };
     lease.vcpus = 64;
-    let e = s.apply_event(&LeaseEvent::Create { lease, sig }).unwrap_err();
-    assert!(matches!(e, StoreError::Rejected(EventError::BadSignature { .. })), "{e}");
+    let e = s
+        .apply_event(&LeaseEvent::Create { lease, sig })
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::Rejected(EventError::BadSignature { .. })),
+        "{e}"
+    );
     assert_eq!(s.leases().expect("leases").len(), 0);
 }
 
@@ -154,14 +188,31 @@ fn accept_by_non_provider_is_refused() {
     s.apply_event(&f.create).expect("create");
     let before = snapshot(&s);
     let e = s
-        .apply_event(&LeaseEvent::accept(&f.stranger, f.hash, now_secs(), HOST_KEY.into()))
+        .apply_event(&LeaseEvent::accept(
+            &f.stranger,
+            f.hash,
+            now_secs(),
+            HOST_KEY.into(),
+        ))
         .unwrap_err();
-    assert!(e.to_string().contains("only the lease's provider may sign it"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("only the lease's provider may sign it"),
+        "{e}"
+    );
     // The consumer cannot accept its own lease either.
     let e = s
-        .apply_event(&LeaseEvent::accept(&f.consumer, f.hash, now_secs(), HOST_KEY.into()))
+        .apply_event(&LeaseEvent::accept(
+            &f.consumer,
+            f.hash,
+            now_secs(),
+            HOST_KEY.into(),
+        ))
         .unwrap_err();
-    assert!(matches!(e, StoreError::Rejected(EventError::WrongSigner { .. })), "{e}");
+    assert!(
+        matches!(e, StoreError::Rejected(EventError::WrongSigner { .. })),
+        "{e}"
+    );
     assert_eq!(snapshot(&s), before);
 }
 
@@ -170,8 +221,13 @@ fn settle_by_stranger_is_refused() {
     let f = fixture();
     let s = store();
     s.apply_event(&f.create).expect("create");
-    s.apply_event(&LeaseEvent::accept(&f.provider, f.hash, now_secs(), HOST_KEY.into()))
-        .expect("accept");
+    s.apply_event(&LeaseEvent::accept(
+        &f.provider,
+        f.hash,
+        now_secs(),
+        HOST_KEY.into(),
+    ))
+    .expect("accept");
     let before = snapshot(&s);
     let e = s
         .apply_event(&LeaseEvent::settle(&f.stranger, f.hash, now_secs()))
@@ -180,7 +236,8 @@ fn settle_by_stranger_is_refused() {
     assert_eq!(snapshot(&s), before);
     // The provider may settle.
     assert_eq!(
-        s.apply_event(&LeaseEvent::settle(&f.provider, f.hash, now_secs())).expect("settle"),
+        s.apply_event(&LeaseEvent::settle(&f.provider, f.hash, now_secs()))
+            .expect("settle"),
         Applied::Changed(LeaseState::Settled)
     );
 }
@@ -190,13 +247,22 @@ fn cancel_after_accept_is_refused() {
     let f = fixture();
     let s = store();
     s.apply_event(&f.create).expect("create");
-    s.apply_event(&LeaseEvent::accept(&f.provider, f.hash, now_secs(), HOST_KEY.into()))
-        .expect("accept");
+    s.apply_event(&LeaseEvent::accept(
+        &f.provider,
+        f.hash,
+        now_secs(),
+        HOST_KEY.into(),
+    ))
+    .expect("accept");
     let before = snapshot(&s);
     let e = s
         .apply_event(&LeaseEvent::cancel(&f.consumer, f.hash, now_secs()))
         .unwrap_err();
-    assert!(e.to_string().contains("already accepted; settle it instead"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("already accepted; settle it instead"),
+        "{e}"
+    );
     assert_eq!(snapshot(&s), before);
 }
 
@@ -210,7 +276,8 @@ fn cancel_by_provider_is_refused_cancel_by_consumer_works() {
         .unwrap_err();
     assert!(e.to_string().contains("only the lease's consumer"), "{e}");
     assert_eq!(
-        s.apply_event(&LeaseEvent::cancel(&f.consumer, f.hash, now_secs())).expect("cancel"),
+        s.apply_event(&LeaseEvent::cancel(&f.consumer, f.hash, now_secs()))
+            .expect("cancel"),
         Applied::Changed(LeaseState::Cancelled)
     );
 }
@@ -225,8 +292,14 @@ fn event_for_unknown_lease_is_pending_not_applied() {
     assert_eq!(s.event_count(), 0);
     assert_eq!(s.pending_count(), 1);
     // When the create lands, the accept applies.
-    assert_eq!(s.apply_event(&f.create).expect("create"), Applied::Changed(LeaseState::Created));
-    assert_eq!(s.lease(&f.hash).expect("get").expect("exists").state(), LeaseState::Accepted);
+    assert_eq!(
+        s.apply_event(&f.create).expect("create"),
+        Applied::Changed(LeaseState::Created)
+    );
+    assert_eq!(
+        s.lease(&f.hash).expect("get").expect("exists").state(),
+        LeaseState::Accepted
+    );
     assert_eq!(s.pending_count(), 0);
     assert_eq!(s.event_count(), 2);
 }
@@ -238,22 +311,35 @@ fn pending_event_with_wrong_signer_is_dropped_when_its_lease_arrives() {
     let bogus = LeaseEvent::accept(&f.stranger, f.hash, now_secs(), HOST_KEY.into());
     assert_eq!(s.apply_event(&bogus).expect("pending"), Applied::Pending);
     s.apply_event(&f.create).expect("create");
-    assert_eq!(s.lease(&f.hash).expect("get").expect("exists").state(), LeaseState::Created);
+    assert_eq!(
+        s.lease(&f.hash).expect("get").expect("exists").state(),
+        LeaseState::Created
+    );
     assert_eq!(s.pending_count(), 0);
 }
 
 #[test]
 fn malformed_hex_and_wrong_key_length_are_named() {
     let e = "zz".repeat(32).parse::<LeaseHash>().unwrap_err();
-    assert!(e.to_string().contains("invalid character 'z' at position 0"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("invalid character 'z' at position 0"),
+        "{e}"
+    );
     let e = "ab".repeat(16).parse::<AccessPubKey>().unwrap_err();
-    assert_eq!(e.to_string(), "access public key: expected 64 hex characters, got 32");
+    assert_eq!(
+        e.to_string(),
+        "access public key: expected 64 hex characters, got 32"
+    );
     // Through JSON (the API's boundary) the same errors surface.
     let f = fixture();
     let mut v = serde_json::to_value(&f.create).expect("json");
     v["lease"]["access_pub_key"] = serde_json::Value::String("ab".repeat(31));
     let e = serde_json::from_value::<LeaseEvent>(v).unwrap_err();
-    assert!(e.to_string().contains("expected 64 hex characters, got 62"), "{e}");
+    assert!(
+        e.to_string().contains("expected 64 hex characters, got 62"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -286,11 +372,19 @@ fn hostile_host_key_in_accept_is_refused() {
         &"x".repeat(5000),
     ] {
         let e = s
-            .apply_event(&LeaseEvent::accept(&f.provider, f.hash, now_secs(), key.into()))
+            .apply_event(&LeaseEvent::accept(
+                &f.provider,
+                f.hash,
+                now_secs(),
+                key.into(),
+            ))
             .unwrap_err();
         assert!(e.to_string().contains("vm_host_key"), "{e}");
     }
-    assert_eq!(s.lease(&f.hash).expect("get").expect("exists").state(), LeaseState::Created);
+    assert_eq!(
+        s.lease(&f.hash).expect("get").expect("exists").state(),
+        LeaseState::Created
+    );
 }
 
 #[test]
@@ -299,12 +393,20 @@ fn subscription_reports_changes_after_they_are_durable() {
     let s = store();
     let mut rx = s.subscribe();
     s.apply_event(&f.create).expect("create");
-    s.apply_event(&LeaseEvent::accept(&f.provider, f.hash, now_secs(), HOST_KEY.into()))
-        .expect("accept");
+    s.apply_event(&LeaseEvent::accept(
+        &f.provider,
+        f.hash,
+        now_secs(),
+        HOST_KEY.into(),
+    ))
+    .expect("accept");
     let a = rx.try_recv().expect("created change");
     assert_eq!((a.old, a.new), (None, LeaseState::Created));
     let b = rx.try_recv().expect("accepted change");
-    assert_eq!((b.old, b.new), (Some(LeaseState::Created), LeaseState::Accepted));
+    assert_eq!(
+        (b.old, b.new),
+        (Some(LeaseState::Created), LeaseState::Accepted)
+    );
     assert_eq!(b.lease, f.hash);
 }
 
@@ -313,17 +415,35 @@ fn directory_entries_verify_and_newest_wins() {
     let s = store();
     let p = wallet(2);
     let now = now_secs();
-    let e1 = DirectoryEntry::sign(&p, "12D3KooWA".into(), vec!["/ip4/127.0.0.1/tcp/1".into()], now, 600);
+    let e1 = DirectoryEntry::sign(
+        &p,
+        "12D3KooWA".into(),
+        vec!["/ip4/127.0.0.1/tcp/1".into()],
+        now,
+        600,
+    );
     let e2 = DirectoryEntry::sign(&p, "12D3KooWB".into(), vec![], now + 1, 600);
     assert!(s.put_directory(&e2).expect("put"));
     assert!(!s.put_directory(&e1).expect("older ignored"));
-    assert_eq!(s.peer_for_account(&p.address()).expect("get").expect("some").peer_id, "12D3KooWB");
+    assert_eq!(
+        s.peer_for_account(&p.address())
+            .expect("get")
+            .expect("some")
+            .peer_id,
+        "12D3KooWB"
+    );
     let mut forged = e2.clone();
     forged.peer_id = "12D3KooWEvil".into();
     forged.issued_at += 10;
-    assert!(matches!(s.put_directory(&forged), Err(StoreError::Directory(DirectoryError::BadSignature(_)))));
+    assert!(matches!(
+        s.put_directory(&forged),
+        Err(StoreError::Directory(DirectoryError::BadSignature(_)))
+    ));
     let expired = DirectoryEntry::sign(&wallet(4), "x".into(), vec![], now - 1000, 10);
-    assert!(matches!(s.put_directory(&expired), Err(StoreError::Directory(DirectoryError::Expired(_)))));
+    assert!(matches!(
+        s.put_directory(&expired),
+        Err(StoreError::Directory(DirectoryError::Expired(_)))
+    ));
 }
 
 /// A set of valid events for one lease: create, two accepts (a provider

@@ -15,13 +15,26 @@ fn restart_keeps_peer_id_and_gateway_host_key_and_sigterm_exits_zero() {
     assert!(a.field("ssh_addr").starts_with("127.0.0.1:"));
     let key1 = std::fs::read(data.join("ssh_host_key")).expect("host key written");
     let st = a.stop();
-    assert_eq!(st.code(), Some(0), "SIGTERM exits 0; log:\n{}", a.log_text());
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "SIGTERM exits 0; log:\n{}",
+        a.log_text()
+    );
 
     let mut b = NodeProc::start(&data, &["--ssh-listen", "127.0.0.1:0"]);
     assert_eq!(b.field("peer_id"), peer, "PeerId stable across restarts");
     assert_eq!(b.field("account"), account);
-    assert_eq!(std::fs::read(data.join("ssh_host_key")).expect("key"), key1, "host key reused");
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(data.join("p2p_key")).expect("meta").permissions());
+    assert_eq!(
+        std::fs::read(data.join("ssh_host_key")).expect("key"),
+        key1,
+        "host key reused"
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(data.join("p2p_key"))
+            .expect("meta")
+            .permissions(),
+    );
     assert_eq!(mode & 0o777, 0o600);
     assert_eq!(b.stop().code(), Some(0));
 }

@@ -66,7 +66,12 @@ async fn exec_pty_and_refusal_with_real_ssh() {
 
     // No terminal size from a client without a tty: the PTY gets 24x80.
     let out = run("lease", &["-tt"], "stty size", None).await;
-    assert_eq!((out.code, out.stdout.trim()), (Some(0), "24 80"), "{}", out.stderr);
+    assert_eq!(
+        (out.code, out.stdout.trim()),
+        (Some(0), "24 80"),
+        "{}",
+        out.stderr
+    );
 
     // An interactive login shell on a PTY (shell request, no command).
     let out = run("lease", &["-tt"], "", Some(b"echo $((6*7)); exit 6\n")).await;
@@ -75,7 +80,12 @@ async fn exec_pty_and_refusal_with_real_ssh() {
 
     // A shell request without PTY reads its commands from stdin.
     let out = run("lease", &[], "", Some(b"echo $((6*7))\n")).await;
-    assert_eq!((out.code, out.stdout.as_str()), (Some(0), "42\n"), "{}", out.stderr);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (Some(0), "42\n"),
+        "{}",
+        out.stderr
+    );
 
     let out = run("lease", &[], "tty", None).await;
     assert!(
@@ -157,4 +167,83 @@ async fn invalid_key_is_refused() {
         .expect_err("invalid key");
     assert!(matches!(e, VmError::InvalidKey), "{e}");
     assert_eq!(mgr.get(&lease).await, None);
+}
+
+struct TrustingClient;
+
+impl russh::client::Handler for TrustingClient {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        // Loopback to a server this test just started.
+        Ok(true)
+    }
+}
+
+/// A window-change resizes the PTY before later input is read: the shell
+/// waits for a line, then prints the terminal size. (The OpenSSH client
+/// only sends window-change on SIGWINCH, so this uses a russh client.)
+#[tokio::test]
+async fn window_change_resizes_the_pty() {
+    use std::sync::Arc;
+
+    use russh::ChannelMsg;
+    use russh::keys::PrivateKeyWithHashAlg;
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mgr = DevManager::new(tmp.path().join("dev"));
+    let key = lease_key(tmp.path(), "lease");
+    let lease = random_lease();
+    let info = mgr
+        .provision(&request(lease, key.access_pub_key()))
+        .await
+        .expect("provision");
+    let port = info.ssh_port.expect("port");
+
+    let config = Arc::new(russh::client::Config::default());
+    let mut session = russh::client::connect(config, ("127.0.0.1", port), TrustingClient)
+        .await
+        .expect("connect");
+    let auth = session
+        .authenticate_publickey(
+            "u",
+            PrivateKeyWithHashAlg::new(Arc::new(key.private_key().clone()), None),
+        )
+        .await
+        .expect("auth");
+    assert!(auth.success());
+    let mut ch = session.channel_open_session().await.expect("channel");
+    ch.request_pty(true, "xterm", 80, 24, 0, 0, &[])
+        .await
+        .expect("pty");
+    ch.exec(true, "stty -echo; read line; stty size")
+        .await
+        .expect("exec");
+    ch.window_change(132, 43, 0, 0)
+        .await
+        .expect("window change");
+    ch.data(&b"go\n"[..]).await.expect("data");
+
+    let mut out = Vec::new();
+    let mut code = None;
+    let collect = async {
+        while let Some(msg) = ch.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => out.extend_from_slice(&data),
+                ChannelMsg::ExitStatus { exit_status } => code = Some(exit_status),
+                ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(SSH_TIMEOUT, collect)
+        .await
+        .expect("session ends in time");
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("43 132"), "{text:?}");
+    assert_eq!(code, Some(0));
+    mgr.teardown(&lease).await.expect("teardown");
 }

@@ -8,7 +8,8 @@ use tokio_util::sync::CancellationToken;
 use xe_net::{Multiaddr, NetConfig, NetHandle};
 use xe_store::{Lease, LeaseEvent, LeaseHash, LeaseState, Store, Wallet};
 
-pub const HOST_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOZkcJ0O9Yl3MY5Wa7sObHRBuqoN2Ig0tGuo6dU2dQmD vm";
+pub const HOST_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOZkcJ0O9Yl3MY5Wa7sObHRBuqoN2Ig0tGuo6dU2dQmD vm";
 
 pub struct TestNode {
     pub net: NetHandle,
@@ -33,7 +34,9 @@ pub async fn node_with(bootstrap: Vec<Multiaddr>, tweak: impl FnOnce(&mut NetCon
     cfg.bootstrap = bootstrap;
     tweak(&mut cfg);
     let cancel = CancellationToken::new();
-    let net = xe_net::start(cfg, store.clone(), cancel.clone()).await.expect("start");
+    let net = xe_net::start(cfg, store.clone(), cancel.clone())
+        .await
+        .expect("start");
     TestNode {
         net: net.handle,
         store,
@@ -96,7 +99,12 @@ pub fn accepted_lease(store: &Store, consumer: &Wallet, provider: &Wallet, n: u8
     let hash = create.lease_hash();
     store.apply_event(&create).expect("create");
     store
-        .apply_event(&LeaseEvent::accept(provider, hash, xe_store::now_secs(), HOST_KEY.into()))
+        .apply_event(&LeaseEvent::accept(
+            provider,
+            hash,
+            xe_store::now_secs(),
+            HOST_KEY.into(),
+        ))
         .expect("accept");
     hash
 }

@@ -124,7 +124,7 @@ pub(crate) async fn direct_tcpip(channel: Channel<Msg>, reply: ChannelOpenHandle
     .await;
     info!(end = ?end, "direct-tcpip channel finished");
     if end != PumpEnd::Cancelled {
-        let _ = wr.close().await;
+        let _ = ctx.token.run_until_cancelled(wr.close()).await;
     }
 }
 
@@ -183,14 +183,13 @@ impl SessionSetup {
                     p.pix_height = pix_height;
                 }
             }
+            // Past the cap, env requests are dropped.
             ChannelMsg::SetEnv {
                 variable_name,
                 variable_value,
                 ..
-            } => {
-                if self.env.len() < MAX_ENV_VARS {
-                    self.env.push((variable_name, variable_value));
-                }
+            } if self.env.len() < MAX_ENV_VARS => {
+                self.env.push((variable_name, variable_value));
             }
             ChannelMsg::AgentForward { .. } => self.agent = true,
             ChannelMsg::Data { data } => self.prelude.push(&data),
@@ -223,15 +222,24 @@ pub(crate) async fn drain_while<F: Future>(
 }
 
 /// End a session channel with a one-line message on stderr and exit
-/// status 1.
-pub(crate) async fn finish_with_error(wr: &ChannelWriteHalf<Msg>, line: &str, pty: bool) {
+/// status 1. Gives up when `token` is cancelled (writing waits for the
+/// client's window, which a dead or hostile client never opens).
+pub(crate) async fn finish_with_error(
+    wr: &ChannelWriteHalf<Msg>,
+    line: &str,
+    pty: bool,
+    token: &CancellationToken,
+) {
     let nl = if pty { "\r\n" } else { "\n" };
-    let _ = wr
-        .extended_data_bytes(1, format!("xe gateway: {line}{nl}").into_bytes())
+    let message = format!("xe gateway: {line}{nl}").into_bytes();
+    let _ = token
+        .run_until_cancelled(async {
+            let _ = wr.extended_data_bytes(1, message).await;
+            let _ = wr.exit_status(1).await;
+            let _ = wr.eof().await;
+            let _ = wr.close().await;
+        })
         .await;
-    let _ = wr.exit_status(1).await;
-    let _ = wr.eof().await;
-    let _ = wr.close().await;
 }
 
 /// Serve a `session` channel.
@@ -247,6 +255,14 @@ pub(crate) async fn session(mut channel: Channel<Msg>, ctx: ChannelCtx) {
             Some(ChannelMsg::RequestShell { .. }) => break None,
             Some(ChannelMsg::Exec { command, .. }) => break Some(command),
             Some(m) => setup.absorb(m),
+        }
+        if setup.prelude.is_full() {
+            // Megabytes of input before even asking for a shell: not a
+            // client we serve; closing bounds what we buffer.
+            warn!("session sent too much data before shell/exec; closing it");
+            let (_, wr) = channel.split();
+            let _ = ctx.token.run_until_cancelled(wr.close()).await;
+            return;
         }
     };
     match (&setup.pty, setup.agent) {
@@ -269,7 +285,7 @@ async fn raw_session(mut channel: Channel<Msg>, mut setup: SessionSetup, ctx: Ch
         Err(reason) => {
             let (_, wr) = channel.split();
             let line = format!("cannot reach the VM of lease {}: {reason}", ctx.short());
-            finish_with_error(&wr, &line, false).await;
+            finish_with_error(&wr, &line, false, &ctx.token).await;
             return;
         }
     };
@@ -282,16 +298,22 @@ async fn raw_session(mut channel: Channel<Msg>, mut setup: SessionSetup, ctx: Ch
     )
     .await;
     info!(end = ?end, "raw session finished");
+    let token = &ctx.token;
     match end {
         PumpEnd::Done => {
-            let _ = wr.exit_status(0).await;
-            let _ = wr.close().await;
+            let _ = token
+                .run_until_cancelled(async {
+                    let _ = wr.exit_status(0).await;
+                    let _ = wr.close().await;
+                })
+                .await;
         }
         PumpEnd::TunnelError(e) => {
-            finish_with_error(&wr, &format!("the tunnel to the VM broke: {e}"), false).await;
+            let line = format!("the tunnel to the VM broke: {e}");
+            finish_with_error(&wr, &line, false, token).await;
         }
         PumpEnd::ClientClosed => {
-            let _ = wr.close().await;
+            let _ = token.run_until_cancelled(wr.close()).await;
         }
         PumpEnd::Cancelled => {}
     }
@@ -314,7 +336,7 @@ async fn explain(channel: Channel<Msg>, ctx: &ChannelCtx) {
         ip = gw.ip(),
     );
     let (_, wr) = channel.split();
-    finish_with_error(&wr, &text, true).await;
+    finish_with_error(&wr, &text, true, &ctx.token).await;
 }
 
 #[cfg(test)]

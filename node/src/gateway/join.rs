@@ -179,7 +179,7 @@ pub(crate) async fn joined_session(
         Ok(Err(line)) => {
             warn!(reason = %line, "login to the VM failed");
             let (_, wr) = channel.split();
-            finish_with_error(&wr, &line, true).await;
+            finish_with_error(&wr, &line, true, &ctx.token).await;
             return;
         }
         Err(_) => {
@@ -190,7 +190,7 @@ pub(crate) async fn joined_session(
             );
             warn!(reason = %line, "login to the VM failed");
             let (_, wr) = channel.split();
-            finish_with_error(&wr, &line, true).await;
+            finish_with_error(&wr, &line, true, &ctx.token).await;
             return;
         }
     };
@@ -204,51 +204,53 @@ pub(crate) async fn joined_session(
     } = vm;
     // Replies to pty-req and exec/shell come back in order.
     let mut expect = VecDeque::new();
-    let mut started = true;
-    if let Some(p) = &setup.pty {
-        started &= vm_channel
-            .request_pty(
-                true,
-                &p.term,
-                p.cols,
-                p.rows,
-                p.pix_width,
-                p.pix_height,
-                &p.modes,
-            )
-            .await
-            .is_ok();
-        expect.push_back(Expect::Pty);
-    }
-    for (k, v) in std::mem::take(&mut setup.env) {
-        started &= vm_channel.set_env(false, k, v).await.is_ok();
-    }
-    started &= match command {
-        Some(c) => vm_channel.exec(true, c).await.is_ok(),
-        None => vm_channel.request_shell(true).await.is_ok(),
+    let start = async {
+        let mut ok = true;
+        if let Some(p) = &setup.pty {
+            ok &= vm_channel
+                .request_pty(
+                    true,
+                    &p.term,
+                    p.cols,
+                    p.rows,
+                    p.pix_width,
+                    p.pix_height,
+                    &p.modes,
+                )
+                .await
+                .is_ok();
+            expect.push_back(Expect::Pty);
+        }
+        for (k, v) in std::mem::take(&mut setup.env) {
+            ok &= vm_channel.set_env(false, k, v).await.is_ok();
+        }
+        ok &= match command {
+            Some(c) => vm_channel.exec(true, c).await.is_ok(),
+            None => vm_channel.request_shell(true).await.is_ok(),
+        };
+        expect.push_back(Expect::Command);
+        for chunk in std::mem::take(&mut setup.prelude.data) {
+            ok &= vm_channel.data_bytes(chunk).await.is_ok();
+        }
+        if setup.prelude.eof {
+            ok &= vm_channel.eof().await.is_ok();
+        }
+        ok
     };
-    expect.push_back(Expect::Command);
-    for chunk in std::mem::take(&mut setup.prelude.data) {
-        started &= vm_channel.data_bytes(chunk).await.is_ok();
-    }
-    if setup.prelude.eof {
-        started &= vm_channel.eof().await.is_ok();
-    }
-    if !started {
-        let (_, wr) = channel.split();
-        finish_with_error(
-            &wr,
-            "the connection to the VM closed while starting the session",
-            true,
-        )
-        .await;
-        return;
+    match ctx.token.run_until_cancelled(start).await {
+        None => return,
+        Some(true) => {}
+        Some(false) => {
+            let (_, wr) = channel.split();
+            let line = "the connection to the VM closed while starting the session";
+            finish_with_error(&wr, line, true, &ctx.token).await;
+            return;
+        }
     }
 
     join_pump(channel, vm_channel, expect, &ctx, ctx.shared.stats.clone()).await;
-    let _ = vm_handle
-        .disconnect(Disconnect::ByApplication, "", "en")
-        .await;
+    let bye = vm_handle.disconnect(Disconnect::ByApplication, "", "en");
+    let _ = ctx.token.run_until_cancelled(bye).await;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -376,34 +378,52 @@ async fn join_pump(
 
     tokio::pin!(up);
     tokio::pin!(down);
-    tokio::select! {
-        _ = ctx.token.cancelled() => {}
-        (end, vwr) = &mut up => {
+    enum Finished {
+        Up(UpEnd, russh::ChannelWriteHalf<client::Msg>),
+        Down(DownEnd, russh::ChannelWriteHalf<Msg>),
+    }
+    let finished = tokio::select! {
+        _ = ctx.token.cancelled() => return,
+        (end, vwr) = &mut up => Finished::Up(end, vwr),
+        (end, swr) = &mut down => Finished::Down(end, swr),
+    };
+    // Whatever is left to say is said only while the connection lives.
+    let token = &ctx.token;
+    match finished {
+        Finished::Up(end, vwr) => {
             match end {
                 UpEnd::ClientClosed => info!("client closed the session; closing it on the VM"),
                 UpEnd::VmGone => warn!("the connection to the VM went away"),
             }
-            let _ = vwr.close().await;
+            let _ = token.run_until_cancelled(vwr.close()).await;
         }
-        (end, swr) = &mut down => match end {
-            DownEnd::VmClosed { exit_seen, eof_sent } => {
-                info!(exit_seen, "the VM closed the session");
-                if !exit_seen {
-                    let _ = swr
-                        .extended_data_bytes(1, b"xe gateway: the VM session ended without an exit status\r\n".to_vec())
-                        .await;
-                    let _ = swr.exit_status(255).await;
-                }
-                if !eof_sent {
-                    let _ = swr.eof().await;
-                }
-                let _ = swr.close().await;
-            }
-            DownEnd::Refused => {
-                warn!("the VM refused to start the shell or command");
-                finish_with_error(&swr, "the VM refused to start the shell or command", true).await;
-            }
-            DownEnd::ClientGone => info!("client went away"),
-        },
+        Finished::Down(
+            DownEnd::VmClosed {
+                exit_seen,
+                eof_sent,
+            },
+            swr,
+        ) => {
+            info!(exit_seen, "the VM closed the session");
+            let _ = token
+                .run_until_cancelled(async {
+                    if !exit_seen {
+                        let line = b"xe gateway: the VM session ended without an exit status\r\n";
+                        let _ = swr.extended_data_bytes(1, line.to_vec()).await;
+                        let _ = swr.exit_status(255).await;
+                    }
+                    if !eof_sent {
+                        let _ = swr.eof().await;
+                    }
+                    let _ = swr.close().await;
+                })
+                .await;
+        }
+        Finished::Down(DownEnd::Refused, swr) => {
+            let line = "the VM refused to start the shell or command";
+            warn!("{line}");
+            finish_with_error(&swr, line, true, token).await;
+        }
+        Finished::Down(DownEnd::ClientGone, _) => info!("client went away"),
     }
 }

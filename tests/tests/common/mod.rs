@@ -33,9 +33,13 @@ pub fn sshd_available(test: &str) -> bool {
         .any(|p| Path::new(p).exists());
     if !found {
         if std::env::var("XE_REQUIRE_SSHD").as_deref() == Ok("1") {
-            panic!("{test}: sshd is not installed but XE_REQUIRE_SSHD=1 (apt-get install openssh-server)");
+            panic!(
+                "{test}: sshd is not installed but XE_REQUIRE_SSHD=1 (apt-get install openssh-server)"
+            );
         }
-        eprintln!("\n!!! SKIPPING {test}: OpenSSH sshd is not installed (apt-get install openssh-server) !!!\n");
+        eprintln!(
+            "\n!!! SKIPPING {test}: OpenSSH sshd is not installed (apt-get install openssh-server) !!!\n"
+        );
     }
     found
 }
@@ -104,7 +108,12 @@ impl NodeProc {
             .as_array()
             .expect("p2p_addrs")
             .iter()
-            .flat_map(|a| ["--bootstrap".to_string(), a.as_str().expect("str").to_string()])
+            .flat_map(|a| {
+                [
+                    "--bootstrap".to_string(),
+                    a.as_str().expect("str").to_string(),
+                ]
+            })
             .collect()
     }
 
@@ -133,7 +142,9 @@ impl NodeProc {
 impl Drop for NodeProc {
     fn drop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
-            let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
             let _ = self.child.wait();
         }
     }
