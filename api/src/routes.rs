@@ -64,20 +64,18 @@ async fn rate_limit(State(app): State<App>, req: Request, next: Next) -> Respons
     if let Some(ip) = ip
         && let Err(wait) = app.limiter.check(ip)
     {
-        {
-            app.stats.record_rate_limited();
-            if req.uri().path().starts_with("/tunnel/") {
-                app.stats.record_tunnel_refusal(429);
-            }
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            let secs = secs.max(1);
-            return HttpError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!("too many write requests from {ip}; retry in {secs} s"),
-            )
-            .with_header(header::RETRY_AFTER, HeaderValue::from(secs))
-            .into_response();
+        app.stats.record_rate_limited();
+        if req.uri().path().starts_with("/tunnel/") {
+            app.stats.record_tunnel_refusal(429);
         }
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let secs = secs.max(1);
+        return HttpError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many write requests from {ip}; retry in {secs} s"),
+        )
+        .with_header(header::RETRY_AFTER, HeaderValue::from(secs))
+        .into_response();
     }
     next.run(req).await
 }

@@ -119,19 +119,23 @@ impl NodeProc {
 
     /// SIGTERM and wait (bounded); returns the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = self.child.try_wait().expect("wait") {
-                return st;
+        let pid = self.child.id();
+        // Signal only the child we started, by its PID.
+        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        // Wait for the exit event in a thread so the wait is bounded.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _ = tx.send(self.child.wait());
+            });
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(st) => st.expect("wait"),
+                Err(_) => {
+                    let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+                    panic!("xe node {pid} did not stop within 30 s of SIGTERM");
+                }
             }
-            if std::time::Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("xe node {pid} did not stop within 30 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        })
     }
 
     pub fn log_text(&self) -> String {

@@ -1,0 +1,361 @@
+//! `xe lease …` and `xe providers`: clients of a node's HTTP API.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use xe_api::client::{ApiClient, DEFAULT_NODE_URL, NodeUrl};
+use xe_api::types::{LeaseView, SubmitResult};
+use xe_store::{AccountAddress, Lease, LeaseEvent, LeaseHash, LeaseKey, LeaseState, Wallet, now_secs};
+
+use crate::paths::WalletArg;
+
+/// Which node's API to talk to.
+#[derive(Args, Debug, Clone)]
+pub struct NodeUrlArg {
+    /// The node's HTTP API (`xe node --api-port`).
+    #[arg(long = "node", env = "XE_NODE", value_name = "URL", default_value = DEFAULT_NODE_URL)]
+    pub node: String,
+}
+
+impl NodeUrlArg {
+    /// A client of that node.
+    pub fn client(&self) -> anyhow::Result<ApiClient> {
+        let url: NodeUrl = self.node.parse()?;
+        Ok(ApiClient::new(url))
+    }
+}
+
+/// `xe lease create` flags.
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// The provider's account address (64 hex; see `xe providers`).
+    #[arg(long, value_name = "ADDR")]
+    pub provider: String,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub memory_mb: u32,
+    /// Disk in GiB.
+    #[arg(long, default_value_t = 10)]
+    pub disk_gb: u32,
+    /// Lease length in seconds, counted from acceptance.
+    #[arg(long, value_name = "SECS", default_value_t = 3600)]
+    pub duration: u64,
+    /// Wait until the provider accepts (or reports why not).
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up (exit status 1) after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub node: NodeUrlArg,
+    #[command(flatten)]
+    pub wallet: WalletArg,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LeaseCmd {
+    /// Sign a lease for a provider with your wallet and submit it; prints
+    /// the lease hash alone on the last line of stdout.
+    Create(CreateArgs),
+    /// Show one lease.
+    Show {
+        /// The lease hash.
+        lease: String,
+        /// Print the JSON the API returns.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        node: NodeUrlArg,
+    },
+    /// List leases the node knows (newest first).
+    List {
+        /// Only leases in this state (created, accepted, settled, cancelled, expired).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only leases this wallet created.
+        #[arg(long)]
+        mine: bool,
+        /// Print the JSON the API returns.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        node: NodeUrlArg,
+        #[command(flatten)]
+        wallet: WalletArg,
+    },
+    /// End an accepted lease (consumer or provider); the VM is torn down.
+    Settle {
+        /// The lease hash.
+        lease: String,
+        #[command(flatten)]
+        node: NodeUrlArg,
+        #[command(flatten)]
+        wallet: WalletArg,
+    },
+    /// Withdraw a lease the provider has not accepted yet (consumer only).
+    Cancel {
+        /// The lease hash.
+        lease: String,
+        #[command(flatten)]
+        node: NodeUrlArg,
+        #[command(flatten)]
+        wallet: WalletArg,
+    },
+}
+
+/// `xe providers` flags.
+#[derive(Args, Debug)]
+pub struct ProvidersArgs {
+    /// Print the JSON the API returns.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub node: NodeUrlArg,
+}
+
+fn load_wallet(w: &WalletArg) -> anyhow::Result<Wallet> {
+    let path = w.path();
+    Wallet::load(&path).with_context(|| {
+        format!(
+            "loading the wallet {} (create one with `xe wallet create --wallet {}`)",
+            path.display(),
+            path.display()
+        )
+    })
+}
+
+fn parse_lease(s: &str) -> anyhow::Result<LeaseHash> {
+    s.trim().parse::<LeaseHash>().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+pub async fn run(cmd: LeaseCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        LeaseCmd::Create(args) => create(args).await,
+        LeaseCmd::Show { lease, json, node } => {
+            let hash = parse_lease(&lease)?;
+            let v = node.client()?.lease(&hash).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_lease(&v);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LeaseCmd::List {
+            state,
+            mine,
+            json,
+            node,
+            wallet,
+        } => {
+            let state = state
+                .map(|s| s.parse::<LeaseState>().map_err(|e| anyhow::anyhow!("--state: {e}")))
+                .transpose()?;
+            let consumer = if mine { Some(load_wallet(&wallet)?.address()) } else { None };
+            let leases = node.client()?.leases(state, consumer).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&leases)?);
+            } else {
+                print_lease_table(&leases);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LeaseCmd::Settle { lease, node, wallet } => {
+            let hash = parse_lease(&lease)?;
+            let w = load_wallet(&wallet)?;
+            let r = node
+                .client()?
+                .submit(&LeaseEvent::settle(&w, hash, now_secs()))
+                .await
+                .context("settling")?;
+            report_submit(&r);
+            Ok(ExitCode::SUCCESS)
+        }
+        LeaseCmd::Cancel { lease, node, wallet } => {
+            let hash = parse_lease(&lease)?;
+            let w = load_wallet(&wallet)?;
+            let r = node
+                .client()?
+                .submit(&LeaseEvent::cancel(&w, hash, now_secs()))
+                .await
+                .context("cancelling")?;
+            report_submit(&r);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn report_submit(r: &SubmitResult) {
+    let state = r.state.map_or_else(|| "unknown yet".to_string(), |s| s.to_string());
+    eprintln!("{} {}: {} (lease state: {state})", r.kind, r.lease_hash, r.applied);
+}
+
+async fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
+    let provider: AccountAddress = args
+        .provider
+        .trim()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--provider: {e}"))?;
+    let wallet = load_wallet(&args.wallet)?;
+    let key = LeaseKey::load_or_create(&wallet.lease_key_path())
+        .with_context(|| format!("the lease key of {}", wallet.path().display()))?;
+    let lease = Lease {
+        consumer: wallet.public_key(),
+        provider,
+        vcpus: args.vcpus,
+        memory_mb: args.memory_mb,
+        disk_gb: args.disk_gb,
+        duration: args.duration,
+        access_pub_key: key.access_pub_key(),
+        created_at: now_secs(),
+        nonce: rand::random(),
+    };
+    // Refuse bad terms here, with the same message the node would give.
+    lease.check_terms().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let event = LeaseEvent::create(&wallet, lease);
+    let hash = event.lease_hash();
+    let client = args.node.client()?;
+    let r = client.submit(&event).await.context("submitting the lease")?;
+    eprintln!(
+        "lease {hash} submitted to {} ({}); access key {}",
+        client.url(),
+        r.applied,
+        key.path().display()
+    );
+    let outcome = if args.wait {
+        wait_accepted(&client, &hash, Duration::from_secs(args.timeout)).await
+    } else {
+        Ok(())
+    };
+    // The hash goes to stdout even when waiting failed, so a script can
+    // still show or cancel the lease.
+    println!("{hash}");
+    outcome?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Longest single long poll; short enough to notice a provider's decline
+/// (which is not a ledger change) promptly.
+const POLL: Duration = Duration::from_secs(2);
+
+async fn wait_accepted(client: &ApiClient, hash: &LeaseHash, timeout: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    eprintln!("waiting up to {} s for the provider to accept…", timeout.as_secs());
+    let mut last_vm: Option<String> = None;
+    loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            bail!(
+                "lease {hash} was not accepted within {} s (still created: the provider may be offline or busy; \
+                 `xe lease show {hash}` to check, `xe lease cancel {hash}` to withdraw)",
+                timeout.as_secs()
+            );
+        }
+        let v = client
+            .lease_wait(hash, LeaseState::Created, left.min(POLL).max(Duration::from_secs(1)))
+            .await?;
+        match v.state {
+            LeaseState::Accepted => {
+                eprintln!(
+                    "accepted after {} s; expires at unix {}; VM host key: {}",
+                    start.elapsed().as_secs(),
+                    v.expires_at.unwrap_or_default(),
+                    v.vm_host_key.as_deref().unwrap_or("?")
+                );
+                return Ok(());
+            }
+            LeaseState::Created => {}
+            s => bail!("lease {hash} is {s}, it will not be accepted"),
+        }
+        // On the provider's own node, the VM's progress and any decline.
+        if let Some(vm) = client.vm(hash).await? {
+            let line = match &vm.error {
+                Some(e) => format!("{}: {e}", vm.status),
+                None => vm.status.clone(),
+            };
+            if last_vm.as_deref() != Some(line.as_str()) {
+                eprintln!("provider VM: {line}");
+                last_vm = Some(line);
+            }
+            if vm.status == "declined" || vm.status == "error" {
+                bail!(
+                    "the provider did not take lease {hash}: {}",
+                    vm.error.as_deref().unwrap_or(&vm.status)
+                );
+            }
+        } else {
+            eprintln!("state: created ({} s)", start.elapsed().as_secs());
+        }
+    }
+}
+
+fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "-".to_string(), ToString::to_string)
+}
+
+fn print_lease(v: &LeaseView) {
+    println!("lease:          {}", v.lease_hash);
+    println!("state:          {}", v.state);
+    println!("consumer:       {}", v.consumer);
+    println!("provider:       {}", v.provider);
+    println!("access key:     {}", v.access_pub_key);
+    println!(
+        "resources:      {} vCPU, {} MiB memory, {} GiB disk, {} s",
+        v.vcpus, v.memory_mb, v.disk_gb, v.duration
+    );
+    println!("created at:     {}", v.created_at);
+    println!("accepted at:    {}", opt(&v.accepted_at));
+    println!("expires at:     {}", opt(&v.expires_at));
+    println!("vm host key:    {}", opt(&v.vm_host_key));
+    if v.settled_at.is_some() {
+        println!("settled at:     {} by {}", opt(&v.settled_at), opt(&v.settled_by));
+    }
+    if v.cancelled_at.is_some() {
+        println!("cancelled at:   {}", opt(&v.cancelled_at));
+    }
+}
+
+fn print_lease_table(leases: &[LeaseView]) {
+    println!(
+        "{:<64}  {:<9}  {:<8}  {:>4}  {:>7}  {:>5}  EXPIRES",
+        "LEASE", "STATE", "PROVIDER", "VCPU", "MEM_MB", "DISK"
+    );
+    for v in leases {
+        println!(
+            "{:<64}  {:<9}  {:<8}  {:>4}  {:>7}  {:>5}  {}",
+            v.lease_hash,
+            v.state,
+            v.provider.short(),
+            v.vcpus,
+            v.memory_mb,
+            v.disk_gb,
+            opt(&v.expires_at)
+        );
+    }
+}
+
+pub async fn run_providers(args: ProvidersArgs) -> anyhow::Result<ExitCode> {
+    let ps = args.node.client()?.providers().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&ps)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = now_secs();
+    println!("{:<64}  {:<52}  {:<9}  {:>10}  ADDRS", "ADDRESS", "PEER_ID", "CONNECTED", "EXPIRES_IN");
+    for p in ps {
+        println!(
+            "{:<64}  {:<52}  {:<9}  {:>9}s  {}",
+            p.address,
+            p.peer_id,
+            if p.connected { "yes" } else { "no" },
+            p.expires_at.saturating_sub(now),
+            p.addrs.join(" ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
