@@ -4,6 +4,8 @@
 use clap::{Parser, Subcommand};
 
 mod devnet_cmd;
+mod lease_cmd;
+mod tunnel_cmd;
 mod node_cmd;
 mod ssh_cmd;
 mod paths;
@@ -30,6 +32,13 @@ enum Command {
     SshConfig(ssh_cmd::SshConfigArgs),
     /// Start a gateway, a provider and a consumer on loopback and show the whole system working.
     Devnet(devnet_cmd::DevnetArgs),
+    /// Create, show, list, settle and cancel leases through a node's HTTP API.
+    #[command(subcommand)]
+    Lease(lease_cmd::LeaseCmd),
+    /// List providers in the node's directory.
+    Providers(lease_cmd::ProvidersArgs),
+    /// Forward a local port to a lease's VM sshd through the node's HTTP tunnel.
+    Tunnel(tunnel_cmd::TunnelArgs),
 }
 
 fn init_tracing(default: &str) {
@@ -55,6 +64,9 @@ fn main() -> std::process::ExitCode {
         Command::Ssh(args) => ssh_cmd::run_ssh(args),
         Command::SshConfig(args) => ssh_cmd::run_config(args),
         Command::Devnet(args) => runtime().and_then(|rt| rt.block_on(devnet_cmd::run(args))),
+        Command::Lease(cmd) => runtime().and_then(|rt| rt.block_on(lease_cmd::run(cmd))),
+        Command::Providers(args) => runtime().and_then(|rt| rt.block_on(lease_cmd::run_providers(args))),
+        Command::Tunnel(args) => runtime().and_then(|rt| rt.block_on(tunnel_cmd::run(args))),
     };
     match result {
         Ok(code) => code,

@@ -84,6 +84,19 @@ pub struct NodeArgs {
     /// Seconds between directory re-announcements (providers).
     #[arg(long, default_value_t = 300)]
     pub announce_interval: u64,
+
+    /// HTTP API port (0 = API disabled; the CLI's default node URL is
+    /// http://127.0.0.1:8080).
+    #[arg(long, default_value_t = 0)]
+    pub api_port: u16,
+    /// HTTP API address: an IP (uses --api-port), or IP:PORT, which
+    /// enables the API on that port (`127.0.0.1:0` picks a free one).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    pub api_listen: String,
+    /// Refuse the timeless X-Signature form on POST /tunnel/{lease}/tcp:
+    /// require X-Timestamp (signature over lease hash ‖ timestamp, ±60 s).
+    #[arg(long)]
+    pub http_tunnel_require_fresh: bool,
 }
 
 fn ssh_listen(args: &NodeArgs) -> anyhow::Result<Option<SocketAddr>> {
@@ -94,6 +107,16 @@ fn ssh_listen(args: &NodeArgs) -> anyhow::Result<Option<SocketAddr>> {
         format!("--ssh-listen {:?}: expected an IP address or IP:PORT", args.ssh_listen)
     })?;
     Ok((args.ssh_port != 0).then_some(SocketAddr::new(ip, args.ssh_port)))
+}
+
+fn api_listen(args: &NodeArgs) -> anyhow::Result<Option<SocketAddr>> {
+    if let Ok(sa) = args.api_listen.parse::<SocketAddr>() {
+        return Ok(Some(sa));
+    }
+    let ip: IpAddr = args.api_listen.parse().with_context(|| {
+        format!("--api-listen {:?}: expected an IP address or IP:PORT", args.api_listen)
+    })?;
+    Ok((args.api_port != 0).then_some(SocketAddr::new(ip, args.api_port)))
 }
 
 impl NodeArgs {
@@ -181,16 +204,42 @@ pub async fn shutdown_signal() {
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
     let cfg = args.to_config()?;
+    let api = api_listen(&args)?;
     let data = cfg.data_dir.clone();
     let node = Node::start(cfg)
         .await
         .with_context(|| format!("starting the node in {}", data.display()))?;
-    let info = ready_info(&node, None).await;
+    let api_cancel = node.cancel_token().child_token();
+    let (api_addr, api_task) = match api {
+        Some(listen) => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding the HTTP API to {listen}"))?;
+            let addr = listener.local_addr().context("reading the HTTP API address")?;
+            let config = xe_api::ApiConfig {
+                require_fresh: args.http_tunnel_require_fresh,
+                ..xe_api::ApiConfig::default()
+            };
+            let ctx = xe_api::ApiContext::from_node(&node);
+            let task = tokio::spawn(xe_api::serve(listener, ctx, config, api_cancel.clone()));
+            (Some(addr), Some(task))
+        }
+        None => (None, None),
+    };
+    let info = ready_info(&node, api_addr).await;
     let line = serde_json::to_string(&info)?;
     std::fs::write(data.join("node.json"), format!("{line}\n")).context("writing node.json")?;
     println!("{line}");
     shutdown_signal().await;
     tracing::info!("signal received; shutting down");
+    api_cancel.cancel();
+    if let Some(task) = api_task {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("HTTP API: {e}"),
+            Err(e) => tracing::warn!("HTTP API task failed: {e}"),
+        }
+    }
     node.shutdown().await;
     Ok(std::process::ExitCode::SUCCESS)
 }

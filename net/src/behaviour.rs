@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{StreamProtocol, gossipsub, identify, kad, ping, request_response};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{
+    StreamProtocol, autonat, dcutr, gossipsub, identify, kad, ping, relay, request_response,
+};
 use sha2::{Digest, Sha256};
 
 use crate::replication::{
@@ -26,6 +29,14 @@ pub struct Behaviour {
     pub(crate) gossipsub: gossipsub::Behaviour,
     pub(crate) sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
     pub(crate) stream: libp2p_stream::Behaviour,
+    /// Dial and listen through relays (`/p2p-circuit` addresses).
+    pub(crate) relay_client: relay::client::Behaviour,
+    /// Circuit relay v2 server, when this node relays for others.
+    pub(crate) relay: Toggle<relay::Behaviour>,
+    /// Hole punching: upgrade relayed connections to direct ones.
+    pub(crate) dcutr: Toggle<dcutr::Behaviour>,
+    /// Are we publicly reachable? (Client and server.)
+    pub(crate) autonat: autonat::Behaviour,
 }
 
 fn gossipsub(key: &Keypair) -> Result<gossipsub::Behaviour, String> {
@@ -75,8 +86,13 @@ fn gossipsub(key: &Keypair) -> Result<gossipsub::Behaviour, String> {
 }
 
 impl Behaviour {
-    /// Build every behaviour for `key`.
-    pub fn new(key: &Keypair) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+    /// Build every behaviour for `key`; `relay_client` comes from the
+    /// swarm builder's relay transport.
+    pub fn new(
+        key: &Keypair,
+        relay_client: relay::client::Behaviour,
+        nat: &crate::nat::NatConfig,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let peer_id = key.public().to_peer_id();
         let mut kad = kad::Behaviour::with_config(
             peer_id,
@@ -84,7 +100,8 @@ impl Behaviour {
             kad::Config::new(KAD_PROTOCOL),
         );
         // Answer DHT queries even without a confirmed external address, so
-        // loopback and LAN networks work; NAT handling refines this.
+        // loopback and LAN networks work; a node found to be behind NAT
+        // switches to client mode (host.rs, `apply_reachability`).
         kad.set_mode(Some(kad::Mode::Server));
         let codec = request_response::cbor::codec::Codec::default()
             .set_request_size_maximum(MAX_SYNC_REQUEST)
@@ -103,6 +120,13 @@ impl Behaviour {
                 request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
             ),
             stream: libp2p_stream::Behaviour::new(),
+            relay_client,
+            relay: Toggle::from(
+                nat.relay_server
+                    .then(|| relay::Behaviour::new(peer_id, crate::nat::relay_server_config())),
+            ),
+            dcutr: Toggle::from(nat.hole_punching.then(|| dcutr::Behaviour::new(peer_id))),
+            autonat: autonat::Behaviour::new(peer_id, crate::nat::autonat_config()),
         })
     }
 }

@@ -2,17 +2,19 @@
 //! rest of the node talks to it through the cloneable [`NetHandle`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::core::transport::ListenerId;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, Swarm, gossipsub, identify, kad, noise, request_response, tcp, yamux,
+    Multiaddr, PeerId, Swarm, autonat, dcutr, gossipsub, identify, kad, noise, relay,
+    request_response, tcp, yamux,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
@@ -24,6 +26,7 @@ use xe_store::{
 
 use crate::NetError;
 use crate::behaviour::{Behaviour, BehaviourEvent};
+use crate::nat::{MAX_RELAYS, NatConfig, NatInfo, RELAY_RETRY_INTERVAL, Reachability};
 use crate::replication::{
     DIRECTORY_TOPIC, GossipMessage, LEASE_TOPIC, SYNC_PAGE, SyncRequest, SyncResponse,
 };
@@ -56,6 +59,8 @@ pub struct NetConfig {
     pub client_handshake_timeout: Duration,
     /// Deadline for connecting to a provider.
     pub dial_timeout: Duration,
+    /// Relay server, relays to reserve on, AutoNAT and hole punching.
+    pub nat: NatConfig,
 }
 
 impl NetConfig {
@@ -78,6 +83,7 @@ impl NetConfig {
             tunnel: TunnelServerConfig::default(),
             client_handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             dial_timeout: Duration::from_secs(20),
+            nat: NatConfig::default(),
         }
     }
 }
@@ -98,17 +104,126 @@ pub struct NetStats {
 pub struct PeerInfo {
     /// The peer.
     pub peer_id: String,
-    /// Remote address of each connection.
+    /// Remote address of each connection (a relayed connection the peer
+    /// dialled shows as `/p2p/<peer>` only; see `relayed`).
     pub addrs: Vec<String>,
     /// Whether any connection is relayed (`/p2p-circuit`).
     pub relayed: bool,
+    /// Whether any connection is direct (not through a relay).
+    pub direct: bool,
+}
+
+impl PeerInfo {
+    /// The kind of connection this node has to the peer.
+    pub fn path(&self) -> ConnPath {
+        ConnPath::from_flags(self.direct, self.relayed)
+    }
+}
+
+/// How this node is connected to a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnPath {
+    /// Only direct connections.
+    Direct,
+    /// Only relayed connections (`/p2p-circuit`).
+    Relayed,
+    /// Both: DCUtR upgraded a relayed connection and the relayed one is
+    /// kept until the tunnels that may ride on it have ended. A new
+    /// stream goes over either (libp2p-stream picks a connection).
+    DirectAndRelayed,
+    /// Not connected.
+    None,
+}
+
+impl ConnPath {
+    fn from_flags(direct: bool, relayed: bool) -> Self {
+        match (direct, relayed) {
+            (true, false) => ConnPath::Direct,
+            (false, true) => ConnPath::Relayed,
+            (true, true) => ConnPath::DirectAndRelayed,
+            (false, false) => ConnPath::None,
+        }
+    }
+}
+
+impl std::fmt::Display for ConnPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConnPath::Direct => "direct",
+            ConnPath::Relayed => "relayed",
+            ConnPath::DirectAndRelayed => "direct+relayed",
+            ConnPath::None => "none",
+        })
+    }
+}
+
+/// Client tunnels open (or being opened) per provider peer.
+#[derive(Clone, Default)]
+pub(crate) struct ClientTunnels(Arc<Mutex<HashMap<PeerId, usize>>>);
+
+impl ClientTunnels {
+    fn count(&self, peer: &PeerId) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn enter(&self, peer: PeerId, cmd: mpsc::Sender<Command>) -> ClientTunnelGuard {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(peer)
+            .or_default() += 1;
+        ClientTunnelGuard {
+            tunnels: self.clone(),
+            peer,
+            cmd,
+        }
+    }
+}
+
+/// One client tunnel to `peer`; when the last one ends the event loop is
+/// told, so it can close a relayed connection that DCUtR made redundant.
+pub(crate) struct ClientTunnelGuard {
+    tunnels: ClientTunnels,
+    peer: PeerId,
+    cmd: mpsc::Sender<Command>,
+}
+
+impl Drop for ClientTunnelGuard {
+    fn drop(&mut self) {
+        let mut m = self.tunnels.0.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = match m.get_mut(&self.peer) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                m.remove(&self.peer);
+                true
+            }
+            None => false,
+        };
+        drop(m);
+        if idle {
+            // If the queue is full the periodic relay check catches up.
+            let _ = self.cmd.try_send(Command::TunnelsIdle(self.peer));
+        }
+    }
 }
 
 type Reply<T> = oneshot::Sender<T>;
 
-enum Command {
+pub(crate) enum Command {
     ListenAddrs(Reply<Vec<Multiaddr>>),
     Peers(Reply<Vec<PeerInfo>>),
+    Path(PeerId, Reply<ConnPath>),
+    TunnelsIdle(PeerId),
     DialAddr(Multiaddr, Reply<Result<PeerId, String>>),
     DialPeer(PeerId, Vec<Multiaddr>, Reply<Result<(), TunnelError>>),
     Publish(GossipMessage),
@@ -125,6 +240,9 @@ pub struct NetHandle {
     store: Store,
     stats: Arc<NetStats>,
     peer_count: watch::Receiver<usize>,
+    nat: watch::Receiver<NatInfo>,
+    conn_changes: watch::Receiver<u64>,
+    tunnels: ClientTunnels,
     client_handshake_timeout: Duration,
     dial_timeout: Duration,
 }
@@ -197,6 +315,29 @@ impl NetHandle {
         self.peer_count.clone()
     }
 
+    /// A watch of this node's reachability and relay addresses. It changes
+    /// after the directory entry carrying new addresses was published.
+    pub fn nat(&self) -> watch::Receiver<NatInfo> {
+        self.nat.clone()
+    }
+
+    /// Whether other peers can dial this node directly (AutoNAT's verdict,
+    /// or `private` when `--behind-nat` forces it).
+    pub fn reachability(&self) -> Reachability {
+        self.nat.borrow().reachability
+    }
+
+    /// A counter bumped whenever a connection opens or closes (await
+    /// changes, then look at [`NetHandle::peers`] or [`NetHandle::path_to`]).
+    pub fn connection_changes(&self) -> watch::Receiver<u64> {
+        self.conn_changes.clone()
+    }
+
+    /// How this node is connected to `peer` right now.
+    pub async fn path_to(&self, peer: PeerId) -> Result<ConnPath, NetError> {
+        self.ask(|r| Command::Path(peer, r)).await
+    }
+
     /// Connect to `addr`; returns the peer once the connection is up.
     pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, NetError> {
         self.ask(|r| Command::DialAddr(addr, r))
@@ -243,6 +384,9 @@ impl NetHandle {
         addrs: Vec<Multiaddr>,
         lease: &LeaseHash,
     ) -> Result<TunnelStream, TunnelError> {
+        // Counted from before the dial, so a relayed connection that DCUtR
+        // upgrades meanwhile is not closed under the stream being opened.
+        let guard = self.tunnels.enter(provider, self.cmd.clone());
         let (tx, rx) = oneshot::channel();
         self.cmd
             .send(Command::DialPeer(provider, addrs, tx))
@@ -280,7 +424,8 @@ impl NetHandle {
         };
         let mut stream = stream.compat();
         tunnel::client_handshake(&mut stream, lease, self.client_handshake_timeout).await?;
-        Ok(stream)
+        let path = self.path_to(provider).await.unwrap_or(ConnPath::None);
+        Ok(TunnelStream::new(stream, path, Some(guard)))
     }
 
     /// Find a lease provider in the directory and open a tunnel to it.
@@ -327,6 +472,7 @@ pub async fn start(
     cancel: CancellationToken,
 ) -> Result<Net, NetError> {
     let peer_id = config.keypair.public().to_peer_id();
+    let nat = config.nat.clone();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
         .with_tcp(
@@ -338,7 +484,9 @@ pub async fn start(
         .with_quic()
         .with_dns()
         .map_err(|e| NetError::Transport(e.to_string()))?
-        .with_behaviour(Behaviour::new)
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_behaviour(|key, relay_client| Behaviour::new(key, relay_client, &nat))
         .map_err(|e| NetError::Transport(e.to_string()))?
         // Tunnels and gossip keep connections busy; an idle one is cheap to keep.
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
@@ -370,20 +518,37 @@ pub async fn start(
             () = &mut deadline => return Err(NetError::Listen(Multiaddr::empty(), "no listen address after 10 s".into())),
         }
     }
+    for a in &config.nat.external_addrs {
+        swarm.add_external_address(a.clone());
+    }
     let control = swarm.behaviour().stream.new_control();
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (peer_tx, peer_rx) = watch::channel(0);
+    let forced_private = config.nat.behind_nat;
+    let (nat_tx, nat_rx) = watch::channel(NatInfo {
+        reachability: if forced_private {
+            Reachability::Private
+        } else {
+            Reachability::Unknown
+        },
+        relay_addrs: Vec::new(),
+    });
+    let (conn_tx, conn_rx) = watch::channel(0u64);
     let (internal_tx, internal_rx) = mpsc::channel(1024);
     let stats = Arc::new(NetStats::default());
     let registry = TunnelRegistry::default();
+    let tunnels = ClientTunnels::default();
     let handle = NetHandle {
-        cmd: cmd_tx,
+        cmd: cmd_tx.clone(),
         peer_id,
         control: control.clone(),
         registry: registry.clone(),
         store: store.clone(),
         stats: stats.clone(),
         peer_count: peer_rx,
+        nat: nat_rx,
+        conn_changes: conn_rx,
+        tunnels: tunnels.clone(),
         client_handshake_timeout: config.client_handshake_timeout,
         dial_timeout: config.dial_timeout,
     };
@@ -402,11 +567,28 @@ pub async fn start(
             warn!(%addr, "bootstrap dial failed: {e}");
         }
     }
-    info!(%peer_id, addrs = ?addrs, "p2p host listening");
-    let lp = EventLoop {
+    let bootstrap_peers = config
+        .bootstrap
+        .iter()
+        .filter_map(|a| peer_of(a).map(|p| (p, a.clone())))
+        .collect();
+    let relay_candidates = config
+        .nat
+        .relays
+        .iter()
+        .filter_map(|a| match peer_of(a) {
+            Some(p) => Some((p, a.clone())),
+            None => {
+                warn!(%a, "--relay address does not end in /p2p/<peer id>; ignored");
+                None
+            }
+        })
+        .collect();
+    info!(%peer_id, addrs = ?addrs, relay_server = config.nat.relay_server, behind_nat = forced_private, "p2p host listening");
+    let mut lp = EventLoop {
         swarm,
         store,
-        listen_addrs: addrs,
+        listen_addrs: Vec::new(),
         cmd_rx,
         internal_tx,
         internal_rx,
@@ -422,10 +604,64 @@ pub async fn start(
         announce_interval: config.announce_interval,
         directory_ttl: config.directory_ttl,
         resync_interval: config.resync_interval,
-        bootstrap: config.bootstrap,
+        nat: config.nat,
+        reachability: if forced_private {
+            Reachability::Private
+        } else {
+            Reachability::Unknown
+        },
+        nat_tx,
+        conn_tx,
+        bootstrap_peers,
+        relay_candidates,
+        relay_listeners: HashMap::new(),
+        relay_addrs: Vec::new(),
+        tunnels,
+        retiring: HashSet::new(),
+        addrs_changed_at: None,
     };
+    for a in addrs {
+        lp.on_new_listen_addr(a);
+    }
+    lp.apply_reachability();
     tasks.spawn(lp.run(cancel));
     Ok(Net { handle, tasks })
+}
+
+/// The peer a multiaddr ends in (`…/p2p/<peer id>`).
+fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(Protocol::P2p(p)) => Some(p),
+        _ => None,
+    }
+}
+
+/// Whether `addr` is a loopback address.
+fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
+}
+
+fn is_circuit(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| p == Protocol::P2pCircuit)
+}
+
+/// How long address changes are collected before one re-announcement
+/// (a relay reservation reports several addresses at once).
+const ANNOUNCE_DEBOUNCE: Duration = Duration::from_millis(300);
+
+/// One open connection.
+struct Conn {
+    /// The remote's address (for a relayed connection we accepted, only
+    /// `/p2p/<peer>` is known).
+    remote: Multiaddr,
+    /// Through a relay (`/p2p-circuit`).
+    relayed: bool,
+    /// We dialled it.
+    dialer: bool,
 }
 
 /// Results that background work hands back to the event loop.
@@ -446,8 +682,8 @@ struct EventLoop {
     internal_rx: mpsc::Receiver<Internal>,
     peer_tx: watch::Sender<usize>,
     stats: Arc<NetStats>,
-    /// Open connections per peer, with their remote addresses.
-    connections: HashMap<PeerId, HashMap<ConnectionId, Multiaddr>>,
+    /// Open connections per peer.
+    connections: HashMap<PeerId, HashMap<ConnectionId, Conn>>,
     addr_dials: HashMap<ConnectionId, Reply<Result<PeerId, String>>>,
     peer_dials: HashMap<PeerId, Vec<Reply<Result<(), TunnelError>>>>,
     lookups: HashMap<kad::QueryId, PeerId>,
@@ -458,7 +694,29 @@ struct EventLoop {
     announce_interval: Duration,
     directory_ttl: Duration,
     resync_interval: Duration,
-    bootstrap: Vec<Multiaddr>,
+    nat: NatConfig,
+    /// Current verdict (AutoNAT's, or forced by `behind_nat`).
+    reachability: Reachability,
+    nat_tx: watch::Sender<NatInfo>,
+    /// Bumped on every connection opened or closed.
+    conn_tx: watch::Sender<u64>,
+    /// Bootstrap peers and the address we dial them at.
+    bootstrap_peers: HashMap<PeerId, Multiaddr>,
+    /// Relays to reserve on, in order of preference: `--relay` ones, then
+    /// bootstrap peers that turned out to speak the hop protocol.
+    relay_candidates: Vec<(PeerId, Multiaddr)>,
+    /// Our listeners on relays (`RELAY/p2p-circuit`).
+    relay_listeners: HashMap<ListenerId, PeerId>,
+    /// Addresses those listeners reported.
+    relay_addrs: Vec<Multiaddr>,
+    /// Client tunnels per provider peer (see [`ClientTunnelGuard`]).
+    tunnels: ClientTunnels,
+    /// Peers whose relayed connections are to be closed once their last
+    /// tunnel ends (DCUtR found a direct path).
+    retiring: HashSet<PeerId>,
+    /// Set when our addresses changed; the directory entry is re-announced
+    /// [`ANNOUNCE_DEBOUNCE`] later.
+    addrs_changed_at: Option<tokio::time::Instant>,
 }
 
 fn topic_for(msg: &GossipMessage) -> gossipsub::IdentTopic {
@@ -473,7 +731,13 @@ impl EventLoop {
         let mut announce = tokio::time::interval(self.announce_interval);
         let mut resync = tokio::time::interval(self.resync_interval);
         resync.tick().await;
+        let mut relays = tokio::time::interval(RELAY_RETRY_INTERVAL);
+        relays.tick().await;
         loop {
+            let changed = self.addrs_changed_at;
+            let settle = tokio::time::sleep_until(
+                changed.unwrap_or_else(tokio::time::Instant::now) + ANNOUNCE_DEBOUNCE,
+            );
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
@@ -482,6 +746,12 @@ impl EventLoop {
                 ev = self.swarm.select_next_some() => self.on_swarm(ev),
                 _ = announce.tick(), if self.announce.is_some() => self.announce_self(),
                 _ = resync.tick() => self.resync_random(),
+                _ = relays.tick() => self.on_relay_tick(),
+                () = settle, if changed.is_some() => {
+                    self.addrs_changed_at = None;
+                    self.announce_self();
+                    self.publish_nat_info();
+                }
             }
         }
         for (_, replies) in self.peer_dials.drain() {
@@ -503,13 +773,20 @@ impl EventLoop {
                     .iter()
                     .map(|(p, conns)| PeerInfo {
                         peer_id: p.to_string(),
-                        addrs: conns.values().map(ToString::to_string).collect(),
-                        relayed: conns
-                            .values()
-                            .any(|a| a.iter().any(|p| p == Protocol::P2pCircuit)),
+                        addrs: conns.values().map(|c| c.remote.to_string()).collect(),
+                        relayed: conns.values().any(|c| c.relayed),
+                        direct: conns.values().any(|c| !c.relayed),
                     })
                     .collect();
                 let _ = r.send(peers);
+            }
+            Command::Path(peer, r) => {
+                let _ = r.send(self.path_to(&peer));
+            }
+            Command::TunnelsIdle(peer) => {
+                if self.retiring.contains(&peer) {
+                    self.retire_relayed(peer);
+                }
             }
             Command::DialAddr(addr, r) => {
                 let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
@@ -620,19 +897,21 @@ impl EventLoop {
         let Some(wallet) = self.announce.clone() else {
             return;
         };
-        let mut addrs: Vec<String> = self
-            .swarm
-            .external_addresses()
-            .map(ToString::to_string)
-            .collect();
-        addrs.extend(self.listen_addrs.iter().map(ToString::to_string));
-        addrs.dedup();
-        addrs.truncate(xe_store::directory::MAX_ADDRS);
+        let addrs = self.announced_addrs();
+        // Entries are ordered by issue time: an update in the same second as
+        // the previous one (addresses change in bursts at start-up) must
+        // still win, so it is issued at least one second later.
+        let prev = self
+            .store
+            .peer_for_account(&wallet.address())
+            .ok()
+            .flatten()
+            .map_or(0, |e| e.issued_at.saturating_add(1));
         let entry = DirectoryEntry::sign(
             &wallet,
             self.swarm.local_peer_id().to_string(),
             addrs,
-            xe_store::now_secs(),
+            xe_store::now_secs().max(prev),
             self.directory_ttl.as_secs(),
         );
         match self.store.put_directory(&entry) {
@@ -696,10 +975,22 @@ impl EventLoop {
                 info,
                 ..
             })) => {
+                if info.protocols.contains(&relay::HOP_PROTOCOL_NAME)
+                    && let Some(addr) = self.bootstrap_peers.get(&peer_id)
+                    && !self.relay_candidates.iter().any(|(p, _)| *p == peer_id)
+                {
+                    info!(relay = %peer_id, "bootstrap peer is a relay");
+                    self.relay_candidates.push((peer_id, addr.clone()));
+                    self.maintain_relays();
+                }
                 for a in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
                 }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(e)) => self.on_autonat(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => self.on_dcutr(e),
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => self.on_relay_client(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => self.on_relay_server(e),
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,
                 result,
@@ -741,21 +1032,26 @@ impl EventLoop {
                     ConnectedPoint::Dialer { address, .. } => address.clone(),
                     ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
                 };
-                debug!(peer = %peer_id, %remote, "connected");
-                self.connections
-                    .entry(peer_id)
-                    .or_default()
-                    .insert(connection_id, remote.clone());
+                let relayed = endpoint.is_relayed();
+                if relayed {
+                    info!(peer = %peer_id, %remote, dialer = endpoint.is_dialer(), "relayed connection established");
+                } else {
+                    debug!(peer = %peer_id, %remote, "connected");
+                }
+                self.connections.entry(peer_id).or_default().insert(
+                    connection_id,
+                    Conn {
+                        remote: remote.clone(),
+                        relayed,
+                        dialer: endpoint.is_dialer(),
+                    },
+                );
                 self.peer_tx.send_replace(self.connections.len());
+                self.conn_tx.send_modify(|n| *n += 1);
                 if let Some(r) = self.addr_dials.remove(&connection_id) {
                     let _ = r.send(Ok(peer_id));
                 }
-                if endpoint.is_dialer()
-                    && self
-                        .bootstrap
-                        .iter()
-                        .any(|b| b.iter().any(|p| p == Protocol::P2p(peer_id)))
-                {
+                if endpoint.is_dialer() && !relayed && self.bootstrap_peers.contains_key(&peer_id) {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, remote);
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
@@ -770,12 +1066,18 @@ impl EventLoop {
                 ..
             } => {
                 if let Some(conns) = self.connections.get_mut(&peer_id) {
-                    conns.remove(&connection_id);
+                    if conns.remove(&connection_id).is_some_and(|c| c.relayed) {
+                        info!(peer = %peer_id, "relayed connection closed");
+                    }
+                    if !conns.values().any(|c| c.relayed) {
+                        self.retiring.remove(&peer_id);
+                    }
                     if conns.is_empty() {
                         self.connections.remove(&peer_id);
                     }
                 }
                 self.peer_tx.send_replace(self.connections.len());
+                self.conn_tx.send_modify(|n| *n += 1);
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
@@ -797,13 +1099,39 @@ impl EventLoop {
                     );
                 }
             }
-            SwarmEvent::NewListenAddr { address, .. } => {
-                if !self.listen_addrs.contains(&address) {
-                    self.listen_addrs.push(address);
-                }
-            }
+            SwarmEvent::NewListenAddr { address, .. } => self.on_new_listen_addr(address),
             SwarmEvent::ExpiredListenAddr { address, .. } => {
-                self.listen_addrs.retain(|a| a != &address)
+                self.listen_addrs.retain(|a| a != &address);
+                if is_circuit(&address) {
+                    self.relay_addrs.retain(|a| a != &address);
+                }
+                self.addrs_changed();
+                self.sync_relay_externals();
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                reason,
+            } => {
+                for a in &addresses {
+                    self.listen_addrs.retain(|x| x != a);
+                    self.relay_addrs.retain(|x| x != a);
+                }
+                if let Some(relay) = self.relay_listeners.remove(&listener_id) {
+                    match reason {
+                        Ok(()) => info!(%relay, "relay listener closed"),
+                        Err(e) => warn!(%relay, "relay reservation failed or lost: {e}; retrying in {}s", RELAY_RETRY_INTERVAL.as_secs()),
+                    }
+                }
+                self.addrs_changed();
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                info!(%address, "external address confirmed");
+                self.addrs_changed();
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                debug!(%address, "external address expired");
+                self.addrs_changed();
             }
             other => debug!(?other, "swarm event"),
         }
@@ -905,6 +1233,302 @@ impl EventLoop {
                 debug!(%peer, "sync request failed: {error}");
             }
             _ => {}
+        }
+    }
+}
+
+/// NAT traversal: reachability, relay reservations, hole punching.
+impl EventLoop {
+    fn path_to(&self, peer: &PeerId) -> ConnPath {
+        match self.connections.get(peer) {
+            Some(conns) => ConnPath::from_flags(
+                conns.values().any(|c| !c.relayed),
+                conns.values().any(|c| c.relayed),
+            ),
+            None => ConnPath::None,
+        }
+    }
+
+    fn addrs_changed(&mut self) {
+        if self.addrs_changed_at.is_none() {
+            self.addrs_changed_at = Some(tokio::time::Instant::now());
+        }
+    }
+
+    fn publish_nat_info(&mut self) {
+        let info = NatInfo {
+            reachability: self.reachability,
+            relay_addrs: self.relay_addrs.iter().map(ToString::to_string).collect(),
+        };
+        self.nat_tx.send_if_modified(|cur| {
+            if *cur == info {
+                false
+            } else {
+                *cur = info;
+                true
+            }
+        });
+    }
+
+    fn on_new_listen_addr(&mut self, address: Multiaddr) {
+        if is_circuit(&address) {
+            info!(%address, "reachable through a relay");
+            if !self.relay_addrs.contains(&address) {
+                self.relay_addrs.push(address);
+            }
+        } else if !self.listen_addrs.contains(&address) {
+            self.listen_addrs.push(address);
+            self.sync_relay_externals();
+        }
+        self.addrs_changed();
+    }
+
+    /// A relay server only serves reservations once it has an external
+    /// address, and advertises exactly those to its clients. Without
+    /// `--external-addr`, use the listen addresses — the non-loopback ones
+    /// when there are any, so NAT'd peers are not told to dial 127.0.0.1.
+    fn sync_relay_externals(&mut self) {
+        if !self.nat.relay_server || !self.nat.external_addrs.is_empty() {
+            return;
+        }
+        let any_routable = self.listen_addrs.iter().any(|a| !is_loopback(a));
+        let want: Vec<Multiaddr> = self
+            .listen_addrs
+            .iter()
+            .filter(|a| !any_routable || !is_loopback(a))
+            .cloned()
+            .collect();
+        let have: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
+        for a in &want {
+            if !have.contains(a) {
+                self.swarm.add_external_address(a.clone());
+            }
+        }
+        for a in have {
+            if !is_circuit(&a) && is_loopback(&a) && !want.contains(&a) {
+                self.swarm.remove_external_address(&a);
+            }
+        }
+    }
+
+    /// The directory entry's addresses, best first: confirmed external
+    /// addresses (our public address, or our relay circuit), then relay
+    /// addresses, then listen addresses — at most `MAX_ADDRS`, each once.
+    fn announced_addrs(&self) -> Vec<String> {
+        let me = *self.swarm.local_peer_id();
+        let mut out: Vec<String> = Vec::new();
+        let all = self
+            .swarm
+            .external_addresses()
+            .chain(self.relay_addrs.iter())
+            .chain(self.listen_addrs.iter());
+        for a in all {
+            // A confirmed relay address ends in /p2p/<us>; listeners report
+            // it without. Announce one form.
+            let mut a = a.clone();
+            if a.iter().last() == Some(Protocol::P2p(me)) {
+                a.pop();
+            }
+            let s = a.to_string();
+            if !out.contains(&s) {
+                out.push(s);
+            }
+        }
+        out.truncate(xe_store::directory::MAX_ADDRS);
+        out
+    }
+
+    /// Whether this node should be listening through relays now.
+    fn wants_relays(&self) -> bool {
+        self.nat.behind_nat
+            || !self.nat.relays.is_empty()
+            || self.reachability == Reachability::Private
+    }
+
+    fn apply_reachability(&mut self) {
+        // A node others cannot dial is no use in their routing tables
+        // (it would only slow their lookups); it still queries the DHT.
+        let mode = if self.reachability == Reachability::Private {
+            kad::Mode::Client
+        } else {
+            kad::Mode::Server
+        };
+        self.swarm.behaviour_mut().kad.set_mode(Some(mode));
+        self.maintain_relays();
+        self.publish_nat_info();
+    }
+
+    /// Reserve on relays while we need them; drop the reservations once
+    /// AutoNAT finds us publicly reachable (unless forced).
+    fn maintain_relays(&mut self) {
+        if !self.wants_relays() {
+            if self.reachability == Reachability::Public && !self.relay_listeners.is_empty() {
+                info!("publicly reachable: dropping relay reservations");
+                for id in self.relay_listeners.keys().copied().collect::<Vec<_>>() {
+                    self.swarm.remove_listener(id);
+                }
+            }
+            return;
+        }
+        let mut active: HashSet<PeerId> = self.relay_listeners.values().copied().collect();
+        for (relay, addr) in self.relay_candidates.clone() {
+            if active.len() >= MAX_RELAYS {
+                break;
+            }
+            if active.contains(&relay) {
+                continue;
+            }
+            let circuit = addr.with(Protocol::P2pCircuit);
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(id) => {
+                    info!(%relay, addr = %circuit, "reserving a slot on relay");
+                    self.relay_listeners.insert(id, relay);
+                    active.insert(relay);
+                }
+                Err(e) => warn!(%relay, addr = %circuit, "cannot listen through relay: {e}"),
+            }
+        }
+        if active.is_empty() && self.relay_candidates.is_empty() {
+            debug!("not publicly reachable and no relay known yet (--relay, or a bootstrap peer running --relay-server)");
+        }
+    }
+
+    fn on_relay_tick(&mut self) {
+        if self.wants_relays() && self.relay_candidates.is_empty() {
+            warn!(
+                reachability = %self.reachability,
+                "not publicly reachable and no relay available: pass --relay or bootstrap to a node with --relay-server"
+            );
+        }
+        self.maintain_relays();
+        for peer in self.retiring.clone() {
+            self.retire_relayed(peer);
+        }
+    }
+
+    /// Close the relayed connections we dialled to `peer` once a direct one
+    /// exists and none of our tunnels can be riding on them.
+    fn retire_relayed(&mut self, peer: PeerId) {
+        let Some(conns) = self.connections.get(&peer) else {
+            self.retiring.remove(&peer);
+            return;
+        };
+        if !conns.values().any(|c| !c.relayed) {
+            self.retiring.remove(&peer);
+            return;
+        }
+        let ours: Vec<ConnectionId> = conns
+            .iter()
+            .filter(|(_, c)| c.relayed && c.dialer)
+            .map(|(id, _)| *id)
+            .collect();
+        if ours.is_empty() {
+            self.retiring.remove(&peer);
+            return;
+        }
+        let busy = self.tunnels.count(&peer);
+        if busy > 0 {
+            info!(%peer, tunnels = busy, "direct connection up; keeping the relayed one until its tunnels end");
+            self.retiring.insert(peer);
+            return;
+        }
+        self.retiring.remove(&peer);
+        for id in ours {
+            info!(%peer, "closing the relayed connection: a direct one replaced it");
+            self.swarm.close_connection(id);
+        }
+    }
+
+    fn on_autonat(&mut self, ev: autonat::Event) {
+        match ev {
+            autonat::Event::StatusChanged { old, new } => {
+                info!(?old, ?new, "AutoNAT status changed");
+                if self.nat.behind_nat {
+                    return;
+                }
+                let r = match new {
+                    autonat::NatStatus::Public(_) => Reachability::Public,
+                    autonat::NatStatus::Private => Reachability::Private,
+                    // Keep acting on the last verdict while AutoNAT re-checks.
+                    autonat::NatStatus::Unknown => return,
+                };
+                if r != self.reachability {
+                    self.reachability = r;
+                    self.apply_reachability();
+                }
+            }
+            autonat::Event::InboundProbe(e) => debug!(?e, "AutoNAT inbound probe"),
+            autonat::Event::OutboundProbe(e) => debug!(?e, "AutoNAT outbound probe"),
+        }
+    }
+
+    fn on_dcutr(&mut self, ev: dcutr::Event) {
+        match ev.result {
+            Ok(_) => {
+                info!(peer = %ev.remote_peer_id, "hole punch succeeded: direct connection");
+                self.retire_relayed(ev.remote_peer_id);
+            }
+            Err(e) => info!(peer = %ev.remote_peer_id, "hole punch failed, the relay carries this connection: {e}"),
+        }
+    }
+
+    fn on_relay_client(&mut self, ev: relay::client::Event) {
+        match ev {
+            relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal,
+                limit,
+            } => {
+                if renewal {
+                    debug!(relay = %relay_peer_id, "relay reservation renewed");
+                } else {
+                    info!(relay = %relay_peer_id, ?limit, "relay reservation accepted");
+                }
+            }
+            relay::client::Event::OutboundCircuitEstablished {
+                relay_peer_id,
+                limit,
+            } => debug!(relay = %relay_peer_id, ?limit, "outbound circuit established"),
+            relay::client::Event::InboundCircuitEstablished { src_peer_id, limit } => {
+                debug!(src = %src_peer_id, ?limit, "inbound circuit established")
+            }
+        }
+    }
+
+    fn on_relay_server(&mut self, ev: relay::Event) {
+        match ev {
+            relay::Event::ReservationReqAccepted {
+                src_peer_id,
+                renewed,
+            } => {
+                if renewed {
+                    debug!(peer = %src_peer_id, "relay: reservation renewed");
+                } else {
+                    info!(peer = %src_peer_id, "relay: reservation accepted");
+                }
+            }
+            relay::Event::ReservationReqDenied {
+                src_peer_id,
+                status,
+            } => warn!(peer = %src_peer_id, ?status, "relay: reservation denied"),
+            relay::Event::ReservationTimedOut { src_peer_id } => {
+                debug!(peer = %src_peer_id, "relay: reservation expired")
+            }
+            relay::Event::CircuitReqAccepted {
+                src_peer_id,
+                dst_peer_id,
+            } => info!(src = %src_peer_id, dst = %dst_peer_id, "relay: circuit opened"),
+            relay::Event::CircuitReqDenied {
+                src_peer_id,
+                dst_peer_id,
+                status,
+            } => warn!(src = %src_peer_id, dst = %dst_peer_id, ?status, "relay: circuit denied"),
+            relay::Event::CircuitClosed {
+                src_peer_id,
+                dst_peer_id,
+                error,
+            } => info!(src = %src_peer_id, dst = %dst_peer_id, ?error, "relay: circuit closed"),
+            other => debug!(?other, "relay event"),
         }
     }
 }

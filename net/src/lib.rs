@@ -3,11 +3,14 @@
 //! # Layout
 //! - [`host`]: the swarm's event loop and the cloneable [`NetHandle`]
 //!   (dial, publish, open tunnels, peers).
-//! - [`behaviour`]: identify, ping, Kademlia, gossipsub, sync, raw streams.
+//! - [`behaviour`]: identify, ping, Kademlia, gossipsub, sync, raw streams,
+//!   relay, DCUtR, AutoNAT.
 //! - [`replication`]: gossip topics and the paged sync protocol that carry
 //!   lease events and directory entries into the store.
 //! - [`tunnel`]: the `/xe/tunnel/2.0.0` protocol — handshake, provider
 //!   handler, [`TunnelRegistry`], byte pipe.
+//! - [`nat`]: relay v2 (server and client), DCUtR and AutoNAT — how a
+//!   provider behind NAT with no open port stays reachable.
 //! - [`identity`]: the persistent `p2p_key`.
 #![forbid(unsafe_code)]
 
@@ -18,10 +21,12 @@ use std::path::PathBuf;
 pub mod behaviour;
 pub mod host;
 pub mod identity;
+pub mod nat;
 pub mod replication;
 pub mod tunnel;
 
-pub use host::{Net, NetConfig, NetHandle, NetStats, PeerInfo, start};
+pub use host::{ConnPath, Net, NetConfig, NetHandle, NetStats, PeerInfo, start};
+pub use nat::{NatConfig, NatInfo, Reachability};
 pub use identity::load_or_create_keypair;
 pub use libp2p::multiaddr::Protocol as libp2p_protocol;
 pub use libp2p::{Multiaddr, PeerId};

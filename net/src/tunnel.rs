@@ -37,8 +37,77 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// read fills most of a yamux frame / SSH packet; measured in BENCHMARKS.md.
 pub const PIPE_BUFFER: usize = 64 * 1024;
 
-/// A tunnel stream usable from tokio.
-pub type TunnelStream = Compat<libp2p::Stream>;
+/// The client end of an open tunnel: a tokio byte stream to the VM's sshd.
+///
+/// While it lives it counts as one tunnel to its provider peer, so a
+/// relayed connection that DCUtR has upgraded is only closed once no
+/// tunnel may be riding on it (see [`crate::nat`]).
+pub struct TunnelStream {
+    inner: Compat<libp2p::Stream>,
+    path: crate::host::ConnPath,
+    _guard: Option<crate::host::ClientTunnelGuard>,
+}
+
+impl TunnelStream {
+    pub(crate) fn new(
+        inner: Compat<libp2p::Stream>,
+        path: crate::host::ConnPath,
+        guard: Option<crate::host::ClientTunnelGuard>,
+    ) -> Self {
+        TunnelStream {
+            inner,
+            path,
+            _guard: guard,
+        }
+    }
+
+    /// How this node was connected to the provider when the tunnel opened.
+    pub fn path(&self) -> crate::host::ConnPath {
+        self.path
+    }
+}
+
+impl std::fmt::Debug for TunnelStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelStream")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
 
 /// Why a tunnel could not be opened (client side).
 #[derive(Debug, thiserror::Error)]
@@ -311,7 +380,7 @@ async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, msg: &str) {
 }
 
 async fn handle_stream(
-    mut stream: TunnelStream,
+    mut stream: Compat<libp2p::Stream>,
     peer: PeerId,
     validator: Arc<dyn TunnelValidator>,
     registry: TunnelRegistry,

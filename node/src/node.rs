@@ -72,6 +72,8 @@ pub struct NodeConfig {
     pub handshake_timeout: Duration,
     /// How often the provider re-announces its directory entry.
     pub announce_interval: Duration,
+    /// NAT traversal: relay server, relays to reserve on, hole punching.
+    pub nat: xe_net::NatConfig,
 }
 
 impl NodeConfig {
@@ -89,6 +91,7 @@ impl NodeConfig {
             ssh: None,
             handshake_timeout: xe_net::tunnel::DEFAULT_HANDSHAKE_TIMEOUT,
             announce_interval: Duration::from_secs(300),
+            nat: xe_net::NatConfig::default(),
         }
     }
 }
@@ -189,6 +192,7 @@ impl Node {
         net_cfg.client_handshake_timeout = cfg.handshake_timeout;
         net_cfg.tunnel.handshake_timeout = cfg.handshake_timeout;
         net_cfg.announce_interval = cfg.announce_interval;
+        net_cfg.nat = cfg.nat.clone();
         if let Some(p) = &provider {
             net_cfg.announce = Some(wallet.clone());
             net_cfg.validator = Some(p.clone() as Arc<dyn xe_net::TunnelValidator>);

@@ -36,21 +36,7 @@ impl TunnelDialer for NetDialer {
             .await
         {
             Ok(s) => {
-                let relayed = self
-                    .net
-                    .peers()
-                    .await
-                    .ok()
-                    .and_then(|ps| {
-                        self.net
-                            .store()
-                            .peer_for_account(&provider)
-                            .ok()
-                            .flatten()
-                            .and_then(|e| ps.into_iter().find(|p| p.peer_id == e.peer_id))
-                    })
-                    .is_some_and(|p| p.relayed);
-                info!(lease = %lease.hash.short(), provider = %provider.short(), path = if relayed { "relayed" } else { "direct" }, "tunnel opened");
+                info!(lease = %lease.hash.short(), provider = %provider.short(), path = %s.path(), "tunnel opened");
                 Ok(Box::new(s))
             }
             Err(TunnelError::Refused(m)) => {

@@ -228,3 +228,53 @@ async fn hundred_mib_arrive_byte_exact() {
     assert!(s.gw.stats.bytes_client_to_vm() >= TOTAL as u64);
     s.gw.stop().await;
 }
+
+/// `ssh -A -tt` as a user: the gateway's own checks before it logs in for
+/// you — the VM must present the host key the provider published, and the
+/// forwarded agent must hold the lease key. Each failure is one line and
+/// exit status 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pty_login_checks_vm_host_key_and_agent_key() {
+    require_openssh!("pty_login_checks_vm_host_key_and_agent_key");
+    let s = Scene::new(Backend::Sshd, |_| {}).await;
+    let agent = Agent::start(s.dir.path()).await;
+    let pty_ssh = |lease: &str| {
+        let mut cmd = Command::new("ssh");
+        cmd.args(Scene::base_opts(true))
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", s.gw_known_hosts.display()))
+            .args(["-o", "IdentitiesOnly=yes", "-i"])
+            .arg(s.key.path())
+            .args(["-A", "-tt", "-p"])
+            .arg(s.gw.addr.port().to_string())
+            .arg(format!("{lease}@127.0.0.1"))
+            .arg("echo reached-the-vm")
+            .env("SSH_AUTH_SOCK", &agent.sock);
+        cmd
+    };
+
+    // The agent holds some other key only.
+    let other = s.path("other_ed25519");
+    common::ssh_keygen(&other, "ed25519").await;
+    agent.add(&other).await;
+    let out = run(&mut pty_ssh(&s.lease.to_string()), CMD_LIMIT).await;
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{all:?}");
+    assert!(all.contains("does not hold the lease key"), "{all:?}");
+    assert!(!all.contains("reached-the-vm"));
+
+    // The lease publishes a host key the VM does not have.
+    agent.add(s.key.path()).await;
+    let forged = s.ledger.active(s.key.access_pub_key(), common::UNUSED_VM_HOST_KEY);
+    let out = run(&mut pty_ssh(&forged.to_string()), CMD_LIMIT).await;
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{all:?}");
+    assert!(all.contains("host key does not match"), "{all:?}");
+    assert!(!all.contains("reached-the-vm"));
+
+    // Same agent, the real lease: it works.
+    let out = run(&mut pty_ssh(&s.lease.to_string()), CMD_LIMIT).await;
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("reached-the-vm"));
+    s.gw.stop().await;
+}

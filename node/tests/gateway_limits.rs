@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Backend, CMD_LIMIT, Scene, run, text, wait_exit, wait_line};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, ChildStdout, Command};
 use xe_node::gateway::{
@@ -373,4 +373,71 @@ async fn shutdown_closes_sessions_and_returns() {
     assert!(status.is_some(), "session survived the gateway's shutdown");
     assert_eq!(stats.connections_active(), 0);
     assert_eq!(stats.tunnels_active(), 0);
+}
+
+/// `ssh -L SOCKET:vm:22` turns each connection to SOCKET into a
+/// `direct-tcpip` channel on one gateway connection: with a cap of 2, two
+/// reach the VM's sshd and the third is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_per_connection_are_capped() {
+    require_openssh!("channels_per_connection_are_capped");
+    let s = Scene::new(Backend::Sshd, |c| c.max_channels_per_connection = 2).await;
+    let sock = s.path("fwd.sock");
+    let mut cmd = s.gw_ssh(&s.lease.to_string(), s.key.path());
+    cmd.args(["-v", "-N", "-o", "ExitOnForwardFailure=yes", "-L"])
+        .arg(format!("{}:vm:22", sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("spawn ssh -L");
+    let mut err = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let ready = format!("Local forwarding listening on path {}.", sock.display());
+    tokio::time::timeout(CMD_LIMIT, async {
+        while let Some(line) = err.next_line().await.expect("read ssh stderr") {
+            if line.contains(&ready) {
+                return;
+            }
+        }
+        panic!("ssh -L exited before listening");
+    })
+    .await
+    .expect("ssh -L listens");
+    // Keep draining its debug output.
+    tokio::spawn(async move { while let Ok(Some(_)) = err.next_line().await {} });
+
+    async fn banner(sock: &std::path::Path) -> Vec<u8> {
+        let mut c = tokio::net::UnixStream::connect(sock).await.expect("connect to -L socket");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        // Read until the VM's version line, or EOF when the channel is refused.
+        tokio::time::timeout(CMD_LIMIT, async {
+            while !got.contains(&b'\n') {
+                let n = c.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await
+        .expect("answer or EOF");
+        // Keep the channel open for the caller: leak the stream into a task
+        // that holds it until the test ends.
+        tokio::spawn(async move {
+            let mut sink = Vec::new();
+            let _ = c.read_to_end(&mut sink).await;
+        });
+        got
+    }
+    for _ in 0..2 {
+        let got = banner(&sock).await;
+        assert!(got.starts_with(b"SSH-2.0-OpenSSH"), "{:?}", String::from_utf8_lossy(&got));
+    }
+    let got = banner(&sock).await;
+    assert!(got.is_empty(), "third channel was served: {:?}", String::from_utf8_lossy(&got));
+    assert_eq!(s.gw.stats.snapshot().channels_refused, 1);
+    assert_eq!(s.gw.stats.connections_active(), 1);
+    drop(child);
+    s.gw.stop().await;
 }

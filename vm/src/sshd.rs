@@ -130,7 +130,7 @@ impl SshdManager {
         }
         let key_line = util::authorized_key_line(&req.lease, &req.access_pub_key)?;
         util::create_private_dir(&dir)?;
-        kill_stale(&dir);
+        kill_stale(&dir).await;
         let host_key = util::host_key_line(&util::load_or_create_host_key(&key_path)?)?;
         util::write_private(
             &dir.join(AUTHORIZED_KEYS),
@@ -267,7 +267,7 @@ async fn stop(mut proc: SshdProc) {
 
 /// Kill an sshd left by an earlier run of the node (crash, kill -9): the pid
 /// recorded in the lease dir, if that process still runs our config.
-fn kill_stale(dir: &Path) {
+async fn kill_stale(dir: &Path) {
     let Some(pid) = fs::read_to_string(dir.join(PID))
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
@@ -277,7 +277,7 @@ fn kill_stale(dir: &Path) {
     let config = dir.join(CONFIG);
     if util::proc_cmdline(pid).is_some_and(|c| c.contains(&*config.to_string_lossy())) {
         warn!(pid, dir = %dir.display(), "killing an sshd left by an earlier run");
-        util::kill_tree(pid);
+        util::kill_tree_and_wait(pid).await;
     }
     let _ = fs::remove_file(dir.join(PID));
 }
@@ -407,7 +407,7 @@ impl VmManager for SshdManager {
             stop(proc).await;
         }
         let dir = self.lease_dir(lease);
-        kill_stale(&dir);
+        kill_stale(&dir).await;
         match fs::remove_dir_all(&dir) {
             Ok(()) => info!(lease = %lease.short(), "sshd VM torn down"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -419,6 +419,30 @@ fn signal(pid: u32, sig: rustix::process::Signal) {
     }
 }
 
+/// How long a killed process that is not our child may take to die.
+const DEATH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether `pid` has exited (gone, or a zombie nobody reaped yet).
+pub(crate) fn is_dead(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
+}
+
+/// [`kill_tree`], then wait (bounded) until `pid` is dead: SIGKILL is
+/// delivered asynchronously, and a port is only free once the process is.
+pub(crate) async fn kill_tree_and_wait(pid: u32) {
+    kill_tree(pid);
+    let deadline = Instant::now() + DEATH_TIMEOUT;
+    while !is_dead(pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Kill `pid` and everything below it. The root is stopped first so that it
 /// cannot fork new children while the tree is read (a fork racing with the
 /// stop is restarted by the kernel, so no child escapes the walk).

@@ -10,10 +10,17 @@ use xe_vm::{VmError, VmManager, VmStatus};
 
 const SSH: &str = "/usr/bin/ssh";
 
+/// The dev server's listener lives in this test process, and a process
+/// forked by a concurrent test holds a copy of every fd until it execs, so
+/// "the port is free after teardown" would race with other tests' spawns.
+/// These tests therefore run one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Exec without PTY (stdout, stderr, stdin, exit status), exec with PTY,
 /// a refused key, and teardown freeing the port — all with the real `ssh`.
 #[tokio::test]
 async fn exec_pty_and_refusal_with_real_ssh() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     if !have_tool(SSH) {
         return;
     }
@@ -112,6 +119,7 @@ async fn exec_pty_and_refusal_with_real_ssh() {
 /// host key and the pinned-key login works again.
 #[tokio::test]
 async fn recover_after_shutdown_keeps_the_host_key() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     if !have_tool(SSH) {
         return;
     }
@@ -158,6 +166,7 @@ async fn recover_after_shutdown_keeps_the_host_key() {
 
 #[tokio::test]
 async fn invalid_key_is_refused() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let mgr = DevManager::new(tmp.path().join("dev"));
     let lease = random_lease();
@@ -188,6 +197,7 @@ impl russh::client::Handler for TrustingClient {
 /// only sends window-change on SIGWINCH, so this uses a russh client.)
 #[tokio::test]
 async fn window_change_resizes_the_pty() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     use std::sync::Arc;
 
     use russh::ChannelMsg;

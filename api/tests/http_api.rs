@@ -1,0 +1,437 @@
+//! The API over real HTTP on loopback against one in-process node: every
+//! route, every refusal status of the tunnel endpoint that does not need
+//! a reachable VM, the body cap and the write rate limit.
+
+mod common;
+
+use axum::http::{Method, StatusCode};
+use common::*;
+use xe_api::auth::{TunnelAuth, signing_message};
+use xe_api::{ApiConfig, ApiContext, RateLimit};
+use xe_store::{LeaseEvent, LeaseKey, LeaseState, Wallet, now_secs};
+
+struct World {
+    _dir: tempfile::TempDir,
+    node: xe_node::Node,
+    consumer: Wallet,
+    provider: Wallet,
+    key: LeaseKey,
+}
+
+async fn world() -> World {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start_node(&dir.path().join("node"), false, vec![]).await;
+    let key = LeaseKey::load_or_create(&dir.path().join("consumer.lease_key")).expect("lease key");
+    World {
+        node,
+        consumer: Wallet::from_seed(rand::random()),
+        provider: Wallet::from_seed(rand::random()),
+        key,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn read_routes_answer_json() {
+    let w = world().await;
+    let api = start_api(ApiContext::from_node(&w.node), ApiConfig::default()).await;
+    let store = &w.node.store;
+    let active = local_lease(store, &w.consumer, &w.provider, w.key.access_pub_key(), Some(now_secs()), 3600);
+    let created = local_lease(store, &w.consumer, &w.provider, w.key.access_pub_key(), None, 3600);
+
+    let r = get(api.addr, "/health").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["status"], "ok");
+
+    let r = get(api.addr, "/node").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let n = r.json();
+    assert_eq!(n["peer_id"], w.node.net.peer_id().to_string());
+    assert_eq!(n["address"], w.node.wallet.address().to_string());
+    assert_eq!(n["ssh_port"], 0);
+    assert_eq!(n["api_port"], api.addr.port());
+    assert_eq!(n["version"], env!("CARGO_PKG_VERSION"));
+    assert!(n["peers"].as_array().expect("peers").is_empty());
+    assert_eq!(n["roles"], serde_json::json!(["replica", "api"]));
+    let addrs = n["listen_addrs"].as_array().expect("listen_addrs");
+    assert!(!addrs.is_empty());
+    for a in addrs {
+        assert!(
+            a.as_str().expect("str").ends_with(&format!("/p2p/{}", w.node.net.peer_id())),
+            "{a}"
+        );
+    }
+
+    let r = get(api.addr, "/leases").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json().as_array().expect("list").len(), 2);
+    let r = get(api.addr, "/leases?state=accepted").await;
+    let list = r.json();
+    assert_eq!(list.as_array().expect("list").len(), 1);
+    let l = &list[0];
+    assert_eq!(l["lease_hash"], active.to_hex());
+    assert_eq!(l["state"], "accepted");
+    assert_eq!(l["consumer"], w.consumer.address().to_string());
+    assert_eq!(l["provider"], w.provider.address().to_string());
+    assert_eq!(l["access_pub_key"], w.key.access_pub_key().to_string());
+    assert_eq!((l["vcpus"].as_u64(), l["memory_mb"].as_u64(), l["disk_gb"].as_u64()), (Some(1), Some(512), Some(1)));
+    assert_eq!(l["duration"], 3600);
+    assert_eq!(l["vm_host_key"], UNUSED_VM_HOST_KEY);
+    let r = get(api.addr, &format!("/leases?state=created&consumer={}", w.consumer.address())).await;
+    assert_eq!(r.json()[0]["lease_hash"], created.to_hex());
+    assert!(r.json()[0]["vm_host_key"].is_null());
+    let r = get(api.addr, &format!("/leases?provider={}", w.node.wallet.address())).await;
+    assert!(r.json().as_array().expect("list").is_empty());
+
+    let r = get(api.addr, "/leases?state=running").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.error().contains("unknown lease state \"running\""), "{}", r.error());
+    let r = get(api.addr, "/leases?consumer=xyz").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.error().starts_with("consumer: account address"), "{}", r.error());
+
+    let r = get(api.addr, &format!("/leases/{active}")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["state"], "accepted");
+    let r = get(api.addr, &format!("/leases/{}", "ab".repeat(32))).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.error(), format!("unknown lease {}", "ab".repeat(32)));
+    let r = get(api.addr, "/leases/12345").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.error(), "lease hash: expected 64 hex characters, got 5");
+    // A long poll whose state already differs from `since` answers at once.
+    let r = get(api.addr, &format!("/leases/{active}?wait=30&since=created")).await;
+    assert_eq!(r.json()["state"], "accepted");
+    let r = get(api.addr, &format!("/leases/{active}?wait=soon")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    let r = get(api.addr, "/providers").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.json().as_array().expect("list").is_empty());
+
+    let r = get(api.addr, "/vms").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(r.error().contains("not a provider"), "{}", r.error());
+    let r = get(api.addr, &format!("/vms/{active}")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+
+    let r = get(api.addr, "/nope").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.error(), "no route GET /nope");
+    let r = http(api.addr, Method::DELETE, "/leases", &[], None).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+
+    let r = get(api.addr, "/metrics").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        r.headers["content-type"].to_str().expect("ascii").starts_with("text/plain; version=0.0.4"),
+        "{:?}",
+        r.headers
+    );
+    let m = r.text();
+    for line in [
+        "xe_leases{state=\"accepted\"} 1",
+        "xe_leases{state=\"created\"} 1",
+        "xe_leases{state=\"settled\"} 0",
+        "xe_ssh_connections_active 0",
+        "xe_ssh_connections_total 0",
+        "xe_ssh_connections_refused_total{reason=\"connection_limit\"} 0",
+        "xe_ssh_auth_failures_total{reason=\"wrong_key\"} 0",
+        "xe_tunnels_active{via=\"http\"} 0",
+        "xe_tunnel_bytes_total{via=\"http\",direction=\"client_to_vm\"} 0",
+        "xe_replication_lag_seconds 0",
+        "# TYPE xe_http_tunnel_refusals_total counter",
+    ] {
+        assert!(m.lines().any(|l| l == line), "metrics lack {line:?}:\n{m}");
+    }
+    w.node.shutdown().await;
+}
+
+#[tokio::test]
+async fn post_leases_applies_or_names_the_failed_check() {
+    let w = world().await;
+    let api = start_api(ApiContext::from_node(&w.node), ApiConfig::default()).await;
+    let ev = LeaseEvent::create(
+        &w.consumer,
+        terms(&w.consumer, w.provider.address(), w.key.access_pub_key(), now_secs(), 3600),
+    );
+    let hash = ev.lease_hash();
+
+    let r = post_json(api.addr, "/leases", &ev).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j["lease_hash"], hash.to_hex());
+    assert_eq!(j["kind"], "create");
+    assert_eq!(j["applied"], "changed");
+    assert_eq!(j["state"], "created");
+    assert_eq!(
+        w.node.store.lease(&hash).expect("read").expect("stored").state(),
+        LeaseState::Created
+    );
+
+    let r = post_json(api.addr, "/leases", &ev).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["applied"], "duplicate");
+
+    // A tampered signature: the check is named, nothing changes.
+    let mut bad = serde_json::to_value(&ev).expect("json");
+    bad["lease"]["vcpus"] = serde_json::json!(2);
+    let r = post_json(api.addr, "/leases", &bad).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.error().contains("bad signature on create event"), "{}", r.error());
+
+    // Terms out of range.
+    let mut t = terms(&w.consumer, w.provider.address(), w.key.access_pub_key(), now_secs(), 3600);
+    t.vcpus = 0;
+    let r = post_json(api.addr, "/leases", &LeaseEvent::create(&w.consumer, t)).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.error().contains("vcpus"), "{}", r.error());
+
+    // A stranger may not cancel.
+    let stranger = Wallet::from_seed(rand::random());
+    let r = post_json(api.addr, "/leases", &LeaseEvent::cancel(&stranger, hash, now_secs())).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.error().contains("only the lease's consumer may sign it"), "{}", r.error());
+
+    // Not an event at all.
+    let r = http(api.addr, Method::POST, "/leases", &[], Some(b"{\"kind\":\"launch\"}".to_vec())).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.error().starts_with("body is not a lease event"), "{}", r.error());
+
+    // Oversized body: refused before parsing, nothing stored.
+    let before = w.node.store.event_count();
+    let huge = vec![b' '; xe_api::DEFAULT_MAX_BODY_BYTES + 1];
+    let r = http(api.addr, Method::POST, "/leases", &[("content-type", "application/json")], Some(huge)).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(r.error().contains("16384 byte limit"), "{}", r.error());
+    assert_eq!(w.node.store.event_count(), before);
+    assert_eq!(api.handle.stats().bodies_too_large(), 1);
+
+    // The consumer's cancel applies.
+    let r = post_json(api.addr, "/leases", &LeaseEvent::cancel(&w.consumer, hash, now_secs())).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    assert_eq!(r.json()["state"], "cancelled");
+    w.node.shutdown().await;
+}
+
+#[tokio::test]
+async fn writes_are_rate_limited_per_client() {
+    let w = world().await;
+    let config = ApiConfig {
+        // Two writes, then (practically) never again within the test.
+        write_rate: RateLimit {
+            burst: 2,
+            per_second: 0.01,
+        },
+        ..ApiConfig::default()
+    };
+    let api = start_api(ApiContext::from_node(&w.node), config).await;
+    for _ in 0..2 {
+        let ev = LeaseEvent::create(
+            &w.consumer,
+            terms(&w.consumer, w.provider.address(), w.key.access_pub_key(), now_secs(), 3600),
+        );
+        assert_eq!(post_json(api.addr, "/leases", &ev).await.status, StatusCode::CREATED);
+    }
+    let ev = LeaseEvent::create(
+        &w.consumer,
+        terms(&w.consumer, w.provider.address(), w.key.access_pub_key(), now_secs(), 3600),
+    );
+    let r = post_json(api.addr, "/leases", &ev).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = r.headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("Retry-After is whole seconds");
+    assert!((90..=100).contains(&retry), "Retry-After {retry}");
+    assert!(r.error().contains("too many write requests"), "{}", r.error());
+    assert!(w.node.store.lease(&ev.lease_hash()).expect("read").is_none());
+    // Tunnel opens are writes too.
+    let r = post_tunnel(api.addr, &"ab".repeat(32), &tunnel_headers("00", None, true)).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    // Reads are not limited.
+    assert_eq!(get(api.addr, "/leases").await.status, StatusCode::OK);
+    assert_eq!(api.handle.stats().rate_limited(), 2);
+    w.node.shutdown().await;
+}
+
+#[tokio::test]
+async fn tunnel_refusals_have_their_status_codes() {
+    let w = world().await;
+    let ctx = ApiContext::from_node(&w.node);
+    let api = start_api(ctx.clone(), ApiConfig::default()).await;
+    let store = &w.node.store;
+    let now = now_secs();
+    let access = w.key.access_pub_key();
+    let active = local_lease(store, &w.consumer, &w.provider, access, Some(now), 3600);
+    let created = local_lease(store, &w.consumer, &w.provider, access, None, 3600);
+    let expired = local_lease(store, &w.consumer, &w.provider, access, Some(now - 7200), 60);
+    let settled = local_lease(store, &w.consumer, &w.provider, access, Some(now), 3600);
+    store
+        .apply_event(&LeaseEvent::settle(&w.consumer, settled, now))
+        .expect("settle");
+
+    let sig = |h: &xe_store::LeaseHash| TunnelAuth::timeless(&w.key, h).signature.to_hex();
+    let fresh = |h: &xe_store::LeaseHash, ts: u64| TunnelAuth::fresh(&w.key, h, ts).signature.to_hex();
+    let expect = |r: Resp, status: u16, contains: &str| {
+        assert_eq!(r.status.as_u16(), status, "{}", r.text());
+        assert!(r.error().contains(contains), "{status}: {:?} lacks {contains:?}", r.error());
+    };
+
+    // 400: malformed lease hash, signature, timestamp.
+    expect(
+        post_tunnel(api.addr, "not-a-hash", &tunnel_headers(&sig(&active), None, true)).await,
+        400,
+        "lease hash: invalid character 'n' at position 0",
+    );
+    expect(
+        post_tunnel(api.addr, &active.to_hex(), &tunnel_headers("abcd", None, true)).await,
+        400,
+        "X-Signature: signature: expected 128 hex characters, got 4",
+    );
+    expect(
+        post_tunnel(api.addr, &active.to_hex(), &tunnel_headers(&sig(&active), Some("yesterday"), true)).await,
+        400,
+        "X-Timestamp: expected unix seconds",
+    );
+    // 401: no signature.
+    let r = http(
+        api.addr,
+        Method::POST,
+        &format!("/tunnel/{active}/tcp"),
+        &[("connection", "Upgrade"), ("upgrade", "xe-tunnel")],
+        None,
+    )
+    .await;
+    expect(r, 401, "missing X-Signature");
+    // 404: unknown lease.
+    let unknown = "cd".repeat(32);
+    expect(
+        post_tunnel(api.addr, &unknown, &tunnel_headers(&sig(&active), None, true)).await,
+        404,
+        "unknown lease",
+    );
+    // 403: a signature by another key, and the right key over other bytes.
+    let other = LeaseKey::load_or_create(&w._dir.path().join("other.lease_key")).expect("key");
+    expect(
+        post_tunnel(
+            api.addr,
+            &active.to_hex(),
+            &tunnel_headers(&TunnelAuth::timeless(&other, &active).signature.to_hex(), None, true),
+        )
+        .await,
+        403,
+        "does not verify",
+    );
+    expect(
+        post_tunnel(api.addr, &active.to_hex(), &tunnel_headers(&sig(&created), None, true)).await,
+        403,
+        "does not verify",
+    );
+    // A timeless signature sent with a timestamp covers the wrong bytes.
+    expect(
+        post_tunnel(api.addr, &active.to_hex(), &tunnel_headers(&sig(&active), Some(&now.to_string()), true)).await,
+        403,
+        "X-Timestamp as 8 bytes big-endian",
+    );
+    // 401: stale and future timestamps, correctly signed.
+    let stale = now - 120;
+    expect(
+        post_tunnel(
+            api.addr,
+            &active.to_hex(),
+            &tunnel_headers(&fresh(&active, stale), Some(&stale.to_string()), true),
+        )
+        .await,
+        401,
+        "s old by this node's clock (allowed ±60 s)",
+    );
+    let future = now + 120;
+    expect(
+        post_tunnel(
+            api.addr,
+            &active.to_hex(),
+            &tunnel_headers(&fresh(&active, future), Some(&future.to_string()), true),
+        )
+        .await,
+        401,
+        "in the future",
+    );
+    // 410: created, expired, settled.
+    for (lease, why) in [(created, "created"), (expired, "expired"), (settled, "settled")] {
+        expect(
+            post_tunnel(api.addr, &lease.to_hex(), &tunnel_headers(&sig(&lease), None, true)).await,
+            410,
+            why,
+        );
+    }
+    // 426: authenticated, active, but no upgrade headers.
+    let r = post_tunnel(api.addr, &active.to_hex(), &tunnel_headers(&sig(&active), None, false)).await;
+    assert_eq!(r.headers["upgrade"], "xe-tunnel");
+    expect(r, 426, "Upgrade: xe-tunnel");
+    let mut wrong = tunnel_headers(&sig(&active), None, false);
+    wrong.push(("connection", "Upgrade".into()));
+    wrong.push(("upgrade", "websocket".into()));
+    expect(post_tunnel(api.addr, &active.to_hex(), &wrong).await, 426, "Upgrade: xe-tunnel");
+    // 502: everything checks out but the provider is nowhere to be found.
+    expect(
+        post_tunnel(api.addr, &active.to_hex(), &tunnel_headers(&sig(&active), None, true)).await,
+        502,
+        "is not in the directory",
+    );
+    // A fresh signature within the window gets as far (502, not 401).
+    expect(
+        post_tunnel(
+            api.addr,
+            &active.to_hex(),
+            &tunnel_headers(&fresh(&active, now_secs()), Some(&now_secs().to_string()), true),
+        )
+        .await,
+        502,
+        "tunnel to the provider failed",
+    );
+
+    // 503: a server allowing no tunnels at all refuses before dialling.
+    let none = start_api(
+        ctx.clone(),
+        ApiConfig {
+            max_tunnels: 0,
+            ..ApiConfig::default()
+        },
+    )
+    .await;
+    expect(
+        post_tunnel(none.addr, &active.to_hex(), &tunnel_headers(&sig(&active), None, true)).await,
+        503,
+        "over the HTTP tunnel limit",
+    );
+
+    // --http-tunnel-require-fresh: the timeless form is refused with 401
+    // (the same signature got as far as 502 above).
+    let strict = start_api(
+        ctx,
+        ApiConfig {
+            require_fresh: true,
+            ..ApiConfig::default()
+        },
+    )
+    .await;
+    expect(
+        post_tunnel(strict.addr, &active.to_hex(), &tunnel_headers(&sig(&active), None, true)).await,
+        401,
+        "requires X-Timestamp",
+    );
+    assert_eq!(get(strict.addr, "/node").await.json()["http_tunnel_require_fresh"], true);
+
+    // Signed message layout, as documented.
+    assert_eq!(signing_message(&active, None), active.as_bytes().to_vec());
+
+    let m = get(api.addr, "/metrics").await.text();
+    for (status, n) in [(400, 3), (401, 3), (403, 3), (404, 1), (410, 3), (426, 2), (502, 2)] {
+        let line = format!("xe_http_tunnel_refusals_total{{status=\"{status}\"}} {n}");
+        assert!(m.lines().any(|l| l == line), "metrics lack {line:?}:\n{m}");
+    }
+    w.node.shutdown().await;
+}
