@@ -18,7 +18,8 @@
 //!
 //! Then `101 Switching Protocols` and the connection is a raw byte pipe to
 //! the VM's sshd. The tunnel is opened before the 101 is sent, so a client
-//! that sees 101 knows the provider accepted.
+//! that sees 101 knows the provider accepted. When this node is itself the
+//! lease's provider, the VM is dialled in-process (same validation).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -31,7 +32,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
+use xe_net::tunnel::{PIPE_BUFFER, TunnelGuard};
+use xe_net::{TunnelValidator, VmConn};
 use xe_store::{LeaseHash, LeaseState, Sig, now_secs};
 
 use crate::App;
@@ -186,20 +190,46 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
         )
     })?;
     let provider = rec.lease.provider;
-    let stream = app
-        .ctx
-        .net
-        .open_tunnel_to_account(&provider, &lease)
-        .await
-        .map_err(|e| {
-            HttpError::new(
-                StatusCode::BAD_GATEWAY,
-                format!("tunnel to the provider failed: {e}"),
-            )
-        })?;
+    let bad_gateway = |e: String| {
+        HttpError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("tunnel to the provider failed: {e}"),
+        )
+    };
+    // When this node is the lease's provider, the overlay cannot help (a
+    // peer does not dial itself): validate and dial the VM in-process, and
+    // register the tunnel where settlement tears provider tunnels down.
+    let (vm, token, registered): (Box<dyn VmConn>, CancellationToken, Option<TunnelGuard>) =
+        match app
+            .ctx
+            .provider
+            .as_ref()
+            .filter(|_| provider == app.ctx.account)
+        {
+            Some(p) => {
+                let me = app.ctx.net.peer_id();
+                p.validate_tunnel_lease(&lease, &me)
+                    .await
+                    .map_err(|m| bad_gateway(format!("provider refused: {m}")))?;
+                let s = p
+                    .dial_ssh(&lease)
+                    .await
+                    .map_err(|m| bad_gateway(format!("provider refused: {m}")))?;
+                let guard = app.ctx.net.registry().register(lease, &app.cancel);
+                (s, guard.token.clone(), Some(guard))
+            }
+            None => {
+                let s = app
+                    .ctx
+                    .net
+                    .open_tunnel_to_account(&provider, &lease)
+                    .await
+                    .map_err(|e| bad_gateway(e.to_string()))?;
+                (Box::new(s), app.cancel.child_token(), None)
+            }
+        };
 
     let guard = app.stats.tunnel_opened();
-    let token = app.cancel.child_token();
     let up = app.stats.bytes_client_to_vm.clone();
     let down = app.stats.bytes_vm_to_client.clone();
     let span =
@@ -208,7 +238,8 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
         async move {
             let _permit = permit;
             let _guard = guard;
-            let mut vm = stream;
+            let _registered = registered;
+            let mut vm = vm;
             let upgraded = tokio::select! {
                 u = on_upgrade => match u {
                     Ok(u) => u,
@@ -222,7 +253,14 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
                 read: up,
                 written: down,
             };
-            match xe_net::tunnel::pipe(&mut client, &mut vm, &token).await {
+            let copied = tokio::select! {
+                r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut vm, PIPE_BUFFER, PIPE_BUFFER) => r,
+                () = token.cancelled() => {
+                    info!("HTTP tunnel closed: the lease ended or the node is stopping");
+                    return;
+                }
+            };
+            match copied {
                 Ok((a, b)) => info!(client_to_vm = a, vm_to_client = b, "HTTP tunnel closed"),
                 Err(e) => info!("HTTP tunnel ended: {e}"),
             }

@@ -37,8 +37,22 @@ async fn read_routes_answer_json() {
     let w = world().await;
     let api = start_api(ApiContext::from_node(&w.node), ApiConfig::default()).await;
     let store = &w.node.store;
-    let active = local_lease(store, &w.consumer, &w.provider, w.key.access_pub_key(), Some(now_secs()), 3600);
-    let created = local_lease(store, &w.consumer, &w.provider, w.key.access_pub_key(), None, 3600);
+    let active = local_lease(
+        store,
+        &w.consumer,
+        &w.provider,
+        w.key.access_pub_key(),
+        Some(now_secs()),
+        3600,
+    );
+    let created = local_lease(
+        store,
+        &w.consumer,
+        &w.provider,
+        w.key.access_pub_key(),
+        None,
+        3600,
+    );
 
     let r = get(api.addr, "/health").await;
     assert_eq!(r.status, StatusCode::OK);
@@ -58,7 +72,9 @@ async fn read_routes_answer_json() {
     assert!(!addrs.is_empty());
     for a in addrs {
         assert!(
-            a.as_str().expect("str").ends_with(&format!("/p2p/{}", w.node.net.peer_id())),
+            a.as_str()
+                .expect("str")
+                .ends_with(&format!("/p2p/{}", w.node.net.peer_id())),
             "{a}"
         );
     }
@@ -75,21 +91,44 @@ async fn read_routes_answer_json() {
     assert_eq!(l["consumer"], w.consumer.address().to_string());
     assert_eq!(l["provider"], w.provider.address().to_string());
     assert_eq!(l["access_pub_key"], w.key.access_pub_key().to_string());
-    assert_eq!((l["vcpus"].as_u64(), l["memory_mb"].as_u64(), l["disk_gb"].as_u64()), (Some(1), Some(512), Some(1)));
+    assert_eq!(
+        (
+            l["vcpus"].as_u64(),
+            l["memory_mb"].as_u64(),
+            l["disk_gb"].as_u64()
+        ),
+        (Some(1), Some(512), Some(1))
+    );
     assert_eq!(l["duration"], 3600);
     assert_eq!(l["vm_host_key"], UNUSED_VM_HOST_KEY);
-    let r = get(api.addr, &format!("/leases?state=created&consumer={}", w.consumer.address())).await;
+    let r = get(
+        api.addr,
+        &format!("/leases?state=created&consumer={}", w.consumer.address()),
+    )
+    .await;
     assert_eq!(r.json()[0]["lease_hash"], created.to_hex());
     assert!(r.json()[0]["vm_host_key"].is_null());
-    let r = get(api.addr, &format!("/leases?provider={}", w.node.wallet.address())).await;
+    let r = get(
+        api.addr,
+        &format!("/leases?provider={}", w.node.wallet.address()),
+    )
+    .await;
     assert!(r.json().as_array().expect("list").is_empty());
 
     let r = get(api.addr, "/leases?state=running").await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    assert!(r.error().contains("unknown lease state \"running\""), "{}", r.error());
+    assert!(
+        r.error().contains("unknown lease state \"running\""),
+        "{}",
+        r.error()
+    );
     let r = get(api.addr, "/leases?consumer=xyz").await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    assert!(r.error().starts_with("consumer: account address"), "{}", r.error());
+    assert!(
+        r.error().starts_with("consumer: account address"),
+        "{}",
+        r.error()
+    );
 
     let r = get(api.addr, &format!("/leases/{active}")).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -125,7 +164,10 @@ async fn read_routes_answer_json() {
     let r = get(api.addr, "/metrics").await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(
-        r.headers["content-type"].to_str().expect("ascii").starts_with("text/plain; version=0.0.4"),
+        r.headers["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/plain; version=0.0.4"),
         "{:?}",
         r.headers
     );
@@ -154,7 +196,13 @@ async fn post_leases_applies_or_names_the_failed_check() {
     let api = start_api(ApiContext::from_node(&w.node), ApiConfig::default()).await;
     let ev = LeaseEvent::create(
         &w.consumer,
-        terms(&w.consumer, w.provider.address(), w.key.access_pub_key(), now_secs(), 3600),
+        terms(
+            &w.consumer,
+            w.provider.address(),
+            w.key.access_pub_key(),
+            now_secs(),
+            3600,
+        ),
     );
     let hash = ev.lease_hash();
 
@@ -166,7 +214,12 @@ async fn post_leases_applies_or_names_the_failed_check() {
     assert_eq!(j["applied"], "changed");
     assert_eq!(j["state"], "created");
     assert_eq!(
-        w.node.store.lease(&hash).expect("read").expect("stored").state(),
+        w.node
+            .store
+            .lease(&hash)
+            .expect("read")
+            .expect("stored")
+            .state(),
         LeaseState::Created
     );
 
@@ -179,10 +232,20 @@ async fn post_leases_applies_or_names_the_failed_check() {
     bad["lease"]["vcpus"] = serde_json::json!(2);
     let r = post_json(api.addr, "/leases", &bad).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    assert!(r.error().contains("bad signature on create event"), "{}", r.error());
+    assert!(
+        r.error().contains("bad signature on create event"),
+        "{}",
+        r.error()
+    );
 
     // Terms out of range.
-    let mut t = terms(&w.consumer, w.provider.address(), w.key.access_pub_key(), now_secs(), 3600);
+    let mut t = terms(
+        &w.consumer,
+        w.provider.address(),
+        w.key.access_pub_key(),
+        now_secs(),
+        3600,
+    );
     t.vcpus = 0;
     let r = post_json(api.addr, "/leases", &LeaseEvent::create(&w.consumer, t)).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
@@ -190,26 +253,58 @@ async fn post_leases_applies_or_names_the_failed_check() {
 
     // A stranger may not cancel.
     let stranger = Wallet::from_seed(rand::random());
-    let r = post_json(api.addr, "/leases", &LeaseEvent::cancel(&stranger, hash, now_secs())).await;
+    let r = post_json(
+        api.addr,
+        "/leases",
+        &LeaseEvent::cancel(&stranger, hash, now_secs()),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    assert!(r.error().contains("only the lease's consumer may sign it"), "{}", r.error());
+    assert!(
+        r.error().contains("only the lease's consumer may sign it"),
+        "{}",
+        r.error()
+    );
 
     // Not an event at all.
-    let r = http(api.addr, Method::POST, "/leases", &[], Some(b"{\"kind\":\"launch\"}".to_vec())).await;
+    let r = http(
+        api.addr,
+        Method::POST,
+        "/leases",
+        &[],
+        Some(b"{\"kind\":\"launch\"}".to_vec()),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    assert!(r.error().starts_with("body is not a lease event"), "{}", r.error());
+    assert!(
+        r.error().starts_with("body is not a lease event"),
+        "{}",
+        r.error()
+    );
 
     // Oversized body: refused before parsing, nothing stored.
     let before = w.node.store.event_count();
     let huge = vec![b' '; xe_api::DEFAULT_MAX_BODY_BYTES + 1];
-    let r = http(api.addr, Method::POST, "/leases", &[("content-type", "application/json")], Some(huge)).await;
+    let r = http(
+        api.addr,
+        Method::POST,
+        "/leases",
+        &[("content-type", "application/json")],
+        Some(huge),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(r.error().contains("16384 byte limit"), "{}", r.error());
     assert_eq!(w.node.store.event_count(), before);
     assert_eq!(api.handle.stats().bodies_too_large(), 1);
 
     // The consumer's cancel applies.
-    let r = post_json(api.addr, "/leases", &LeaseEvent::cancel(&w.consumer, hash, now_secs())).await;
+    let r = post_json(
+        api.addr,
+        "/leases",
+        &LeaseEvent::cancel(&w.consumer, hash, now_secs()),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
     assert_eq!(r.json()["state"], "cancelled");
     w.node.shutdown().await;
@@ -230,13 +325,28 @@ async fn writes_are_rate_limited_per_client() {
     for _ in 0..2 {
         let ev = LeaseEvent::create(
             &w.consumer,
-            terms(&w.consumer, w.provider.address(), w.key.access_pub_key(), now_secs(), 3600),
+            terms(
+                &w.consumer,
+                w.provider.address(),
+                w.key.access_pub_key(),
+                now_secs(),
+                3600,
+            ),
         );
-        assert_eq!(post_json(api.addr, "/leases", &ev).await.status, StatusCode::CREATED);
+        assert_eq!(
+            post_json(api.addr, "/leases", &ev).await.status,
+            StatusCode::CREATED
+        );
     }
     let ev = LeaseEvent::create(
         &w.consumer,
-        terms(&w.consumer, w.provider.address(), w.key.access_pub_key(), now_secs(), 3600),
+        terms(
+            &w.consumer,
+            w.provider.address(),
+            w.key.access_pub_key(),
+            now_secs(),
+            3600,
+        ),
     );
     let r = post_json(api.addr, "/leases", &ev).await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
@@ -246,10 +356,25 @@ async fn writes_are_rate_limited_per_client() {
         .parse()
         .expect("Retry-After is whole seconds");
     assert!((90..=100).contains(&retry), "Retry-After {retry}");
-    assert!(r.error().contains("too many write requests"), "{}", r.error());
-    assert!(w.node.store.lease(&ev.lease_hash()).expect("read").is_none());
+    assert!(
+        r.error().contains("too many write requests"),
+        "{}",
+        r.error()
+    );
+    assert!(
+        w.node
+            .store
+            .lease(&ev.lease_hash())
+            .expect("read")
+            .is_none()
+    );
     // Tunnel opens are writes too.
-    let r = post_tunnel(api.addr, &"ab".repeat(32), &tunnel_headers("00", None, true)).await;
+    let r = post_tunnel(
+        api.addr,
+        &"ab".repeat(32),
+        &tunnel_headers("00", None, true),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
     // Reads are not limited.
     assert_eq!(get(api.addr, "/leases").await.status, StatusCode::OK);
@@ -267,32 +392,59 @@ async fn tunnel_refusals_have_their_status_codes() {
     let access = w.key.access_pub_key();
     let active = local_lease(store, &w.consumer, &w.provider, access, Some(now), 3600);
     let created = local_lease(store, &w.consumer, &w.provider, access, None, 3600);
-    let expired = local_lease(store, &w.consumer, &w.provider, access, Some(now - 7200), 60);
+    let expired = local_lease(
+        store,
+        &w.consumer,
+        &w.provider,
+        access,
+        Some(now - 7200),
+        60,
+    );
     let settled = local_lease(store, &w.consumer, &w.provider, access, Some(now), 3600);
     store
         .apply_event(&LeaseEvent::settle(&w.consumer, settled, now))
         .expect("settle");
 
     let sig = |h: &xe_store::LeaseHash| TunnelAuth::timeless(&w.key, h).signature.to_hex();
-    let fresh = |h: &xe_store::LeaseHash, ts: u64| TunnelAuth::fresh(&w.key, h, ts).signature.to_hex();
+    let fresh =
+        |h: &xe_store::LeaseHash, ts: u64| TunnelAuth::fresh(&w.key, h, ts).signature.to_hex();
     let expect = |r: Resp, status: u16, contains: &str| {
         assert_eq!(r.status.as_u16(), status, "{}", r.text());
-        assert!(r.error().contains(contains), "{status}: {:?} lacks {contains:?}", r.error());
+        assert!(
+            r.error().contains(contains),
+            "{status}: {:?} lacks {contains:?}",
+            r.error()
+        );
     };
 
     // 400: malformed lease hash, signature, timestamp.
     expect(
-        post_tunnel(api.addr, "not-a-hash", &tunnel_headers(&sig(&active), None, true)).await,
+        post_tunnel(
+            api.addr,
+            "not-a-hash",
+            &tunnel_headers(&sig(&active), None, true),
+        )
+        .await,
         400,
         "lease hash: invalid character 'n' at position 0",
     );
     expect(
-        post_tunnel(api.addr, &active.to_hex(), &tunnel_headers("abcd", None, true)).await,
+        post_tunnel(
+            api.addr,
+            &active.to_hex(),
+            &tunnel_headers("abcd", None, true),
+        )
+        .await,
         400,
         "X-Signature: signature: expected 128 hex characters, got 4",
     );
     expect(
-        post_tunnel(api.addr, &active.to_hex(), &tunnel_headers(&sig(&active), Some("yesterday"), true)).await,
+        post_tunnel(
+            api.addr,
+            &active.to_hex(),
+            &tunnel_headers(&sig(&active), Some("yesterday"), true),
+        )
+        .await,
         400,
         "X-Timestamp: expected unix seconds",
     );
@@ -309,7 +461,12 @@ async fn tunnel_refusals_have_their_status_codes() {
     // 404: unknown lease.
     let unknown = "cd".repeat(32);
     expect(
-        post_tunnel(api.addr, &unknown, &tunnel_headers(&sig(&active), None, true)).await,
+        post_tunnel(
+            api.addr,
+            &unknown,
+            &tunnel_headers(&sig(&active), None, true),
+        )
+        .await,
         404,
         "unknown lease",
     );
@@ -319,20 +476,34 @@ async fn tunnel_refusals_have_their_status_codes() {
         post_tunnel(
             api.addr,
             &active.to_hex(),
-            &tunnel_headers(&TunnelAuth::timeless(&other, &active).signature.to_hex(), None, true),
+            &tunnel_headers(
+                &TunnelAuth::timeless(&other, &active).signature.to_hex(),
+                None,
+                true,
+            ),
         )
         .await,
         403,
         "does not verify",
     );
     expect(
-        post_tunnel(api.addr, &active.to_hex(), &tunnel_headers(&sig(&created), None, true)).await,
+        post_tunnel(
+            api.addr,
+            &active.to_hex(),
+            &tunnel_headers(&sig(&created), None, true),
+        )
+        .await,
         403,
         "does not verify",
     );
     // A timeless signature sent with a timestamp covers the wrong bytes.
     expect(
-        post_tunnel(api.addr, &active.to_hex(), &tunnel_headers(&sig(&active), Some(&now.to_string()), true)).await,
+        post_tunnel(
+            api.addr,
+            &active.to_hex(),
+            &tunnel_headers(&sig(&active), Some(&now.to_string()), true),
+        )
+        .await,
         403,
         "X-Timestamp as 8 bytes big-endian",
     );
@@ -360,24 +531,47 @@ async fn tunnel_refusals_have_their_status_codes() {
         "in the future",
     );
     // 410: created, expired, settled.
-    for (lease, why) in [(created, "created"), (expired, "expired"), (settled, "settled")] {
+    for (lease, why) in [
+        (created, "created"),
+        (expired, "expired"),
+        (settled, "settled"),
+    ] {
         expect(
-            post_tunnel(api.addr, &lease.to_hex(), &tunnel_headers(&sig(&lease), None, true)).await,
+            post_tunnel(
+                api.addr,
+                &lease.to_hex(),
+                &tunnel_headers(&sig(&lease), None, true),
+            )
+            .await,
             410,
             why,
         );
     }
     // 426: authenticated, active, but no upgrade headers.
-    let r = post_tunnel(api.addr, &active.to_hex(), &tunnel_headers(&sig(&active), None, false)).await;
+    let r = post_tunnel(
+        api.addr,
+        &active.to_hex(),
+        &tunnel_headers(&sig(&active), None, false),
+    )
+    .await;
     assert_eq!(r.headers["upgrade"], "xe-tunnel");
     expect(r, 426, "Upgrade: xe-tunnel");
     let mut wrong = tunnel_headers(&sig(&active), None, false);
     wrong.push(("connection", "Upgrade".into()));
     wrong.push(("upgrade", "websocket".into()));
-    expect(post_tunnel(api.addr, &active.to_hex(), &wrong).await, 426, "Upgrade: xe-tunnel");
+    expect(
+        post_tunnel(api.addr, &active.to_hex(), &wrong).await,
+        426,
+        "Upgrade: xe-tunnel",
+    );
     // 502: everything checks out but the provider is nowhere to be found.
     expect(
-        post_tunnel(api.addr, &active.to_hex(), &tunnel_headers(&sig(&active), None, true)).await,
+        post_tunnel(
+            api.addr,
+            &active.to_hex(),
+            &tunnel_headers(&sig(&active), None, true),
+        )
+        .await,
         502,
         "is not in the directory",
     );
@@ -386,7 +580,11 @@ async fn tunnel_refusals_have_their_status_codes() {
         post_tunnel(
             api.addr,
             &active.to_hex(),
-            &tunnel_headers(&fresh(&active, now_secs()), Some(&now_secs().to_string()), true),
+            &tunnel_headers(
+                &fresh(&active, now_secs()),
+                Some(&now_secs().to_string()),
+                true,
+            ),
         )
         .await,
         502,
@@ -403,7 +601,12 @@ async fn tunnel_refusals_have_their_status_codes() {
     )
     .await;
     expect(
-        post_tunnel(none.addr, &active.to_hex(), &tunnel_headers(&sig(&active), None, true)).await,
+        post_tunnel(
+            none.addr,
+            &active.to_hex(),
+            &tunnel_headers(&sig(&active), None, true),
+        )
+        .await,
         503,
         "over the HTTP tunnel limit",
     );
@@ -419,17 +622,33 @@ async fn tunnel_refusals_have_their_status_codes() {
     )
     .await;
     expect(
-        post_tunnel(strict.addr, &active.to_hex(), &tunnel_headers(&sig(&active), None, true)).await,
+        post_tunnel(
+            strict.addr,
+            &active.to_hex(),
+            &tunnel_headers(&sig(&active), None, true),
+        )
+        .await,
         401,
         "requires X-Timestamp",
     );
-    assert_eq!(get(strict.addr, "/node").await.json()["http_tunnel_require_fresh"], true);
+    assert_eq!(
+        get(strict.addr, "/node").await.json()["http_tunnel_require_fresh"],
+        true
+    );
 
     // Signed message layout, as documented.
     assert_eq!(signing_message(&active, None), active.as_bytes().to_vec());
 
     let m = get(api.addr, "/metrics").await.text();
-    for (status, n) in [(400, 3), (401, 3), (403, 3), (404, 1), (410, 3), (426, 2), (502, 2)] {
+    for (status, n) in [
+        (400, 3),
+        (401, 3),
+        (403, 3),
+        (404, 1),
+        (410, 3),
+        (426, 2),
+        (502, 2),
+    ] {
         let line = format!("xe_http_tunnel_refusals_total{{status=\"{status}\"}} {n}");
         assert!(m.lines().any(|l| l == line), "metrics lack {line:?}:\n{m}");
     }

@@ -30,7 +30,9 @@ async fn banner(s: &mut (impl AsyncRead + Unpin)) -> String {
         }
         String::from_utf8_lossy(&got).into_owned()
     };
-    tokio::time::timeout(LIMIT, work).await.expect("no SSH banner in time")
+    tokio::time::timeout(LIMIT, work)
+        .await
+        .expect("no SSH banner in time")
 }
 
 fn status_of(e: &ClientError) -> StatusCode {
@@ -80,15 +82,29 @@ async fn ssh_runs_a_command_through_the_http_tunnel() {
     let key = LeaseKey::load_or_create(&key_path).expect("lease key");
     let create = LeaseEvent::create(
         &consumer,
-        terms(&consumer, p.wallet.address(), key.access_pub_key(), now_secs(), 3600),
+        terms(
+            &consumer,
+            p.wallet.address(),
+            key.access_pub_key(),
+            now_secs(),
+            3600,
+        ),
     );
     let lease = create.lease_hash();
     let submitted = main.client().submit(&create).await.expect("submit");
     assert_eq!(submitted.applied, "changed");
     wait_state(&a.store, &lease, LeaseState::Accepted).await;
     let view = main.client().lease(&lease).await.expect("lease");
-    let host_key = view.vm_host_key.clone().expect("accepted lease has a host key");
-    let vm = p_api.client().vm(&lease).await.expect("GET /vms").expect("VM known");
+    let host_key = view
+        .vm_host_key
+        .clone()
+        .expect("accepted lease has a host key");
+    let vm = p_api
+        .client()
+        .vm(&lease)
+        .await
+        .expect("GET /vms")
+        .expect("VM known");
     assert_eq!(vm.status, "running");
     assert_eq!(vm.backend.as_deref(), Some("sshd"));
     assert_eq!(vm.host_key.as_deref(), Some(host_key.as_str()));
@@ -98,7 +114,9 @@ async fn ssh_runs_a_command_through_the_http_tunnel() {
     // Real ssh through a local forwarder; host key pinned from the lease.
     let known_hosts = dir.path().join("known_hosts");
     std::fs::write(&known_hosts, format!("{lease} {host_key}\n")).expect("known_hosts");
-    let fwd = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind forwarder");
+    let fwd = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind forwarder");
     let port = fwd.local_addr().expect("addr").port();
     let stop = CancellationToken::new();
     let forward = tokio::spawn(xe_api::client::forward(
@@ -113,7 +131,14 @@ async fn ssh_runs_a_command_through_the_http_tunnel() {
         let mut cmd = Command::new(SSH);
         cmd.args(["-F", "/dev/null", "-p", &port.to_string(), "-i"])
             .arg(&key_path)
-            .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes"])
+            .args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "StrictHostKeyChecking=yes",
+            ])
             .arg("-o")
             .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
             .arg("-o")
@@ -141,7 +166,10 @@ async fn ssh_runs_a_command_through_the_http_tunnel() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {prefix} in\n{m}"))
     };
-    assert!(bytes("client_to_vm") > 1000 && bytes("vm_to_client") > 1000, "{m}");
+    assert!(
+        bytes("client_to_vm") > 1000 && bytes("vm_to_client") > 1000,
+        "{m}"
+    );
 
     // A fresh signature opens a pipe straight to the VM's sshd.
     let mut t = main
@@ -162,10 +190,18 @@ async fn ssh_runs_a_command_through_the_http_tunnel() {
     // Replay of a captured timeless signature: works where the seed's
     // scheme is allowed, refused under --http-tunnel-require-fresh.
     let captured = TunnelAuth::timeless(&key, &lease);
-    let mut t = main.client().open_tunnel(&lease, captured).await.expect("timeless form");
+    let mut t = main
+        .client()
+        .open_tunnel(&lease, captured)
+        .await
+        .expect("timeless form");
     assert!(banner(&mut t).await.starts_with("SSH-2.0-"));
     drop(t);
-    let e = strict.client().open_tunnel(&lease, captured).await.expect_err("replay refused");
+    let e = strict
+        .client()
+        .open_tunnel(&lease, captured)
+        .await
+        .expect_err("replay refused");
     assert_eq!(status_of(&e), StatusCode::UNAUTHORIZED, "{e}");
     assert!(e.to_string().contains("requires X-Timestamp"), "{e}");
     let mut t = strict
@@ -197,12 +233,25 @@ async fn ssh_runs_a_command_through_the_http_tunnel() {
     let entry = DirectoryEntry::sign(
         &stranger,
         p.net.peer_id().to_string(),
-        p.net.p2p_addrs().await.expect("addrs").iter().map(ToString::to_string).collect(),
+        p.net
+            .p2p_addrs()
+            .await
+            .expect("addrs")
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
         now_secs(),
         600,
     );
     a.store.put_directory(&entry).expect("directory entry");
-    let orphan = local_lease(&a.store, &consumer, &stranger, key.access_pub_key(), Some(now_secs()), 3600);
+    let orphan = local_lease(
+        &a.store,
+        &consumer,
+        &stranger,
+        key.access_pub_key(),
+        Some(now_secs()),
+        3600,
+    );
     let r = post_tunnel(
         main.addr,
         &orphan.to_hex(),
@@ -224,23 +273,33 @@ async fn ssh_runs_a_command_through_the_http_tunnel() {
         .await
         .expect("tunnel before settle");
     assert!(banner(&mut open).await.starts_with("SSH-2.0-"));
+    // The provider's own API reaches the VM in-process (a peer cannot
+    // dial itself over the overlay).
+    let mut local = p_api
+        .client()
+        .open_tunnel(&lease, TunnelAuth::fresh(&key, &lease, now_secs()))
+        .await
+        .expect("tunnel through the provider's own API");
+    assert!(banner(&mut local).await.starts_with("SSH-2.0-"));
     let settled = main
         .client()
         .submit(&LeaseEvent::settle(&consumer, lease, now_secs()))
         .await
         .expect("settle");
     assert_eq!(settled.state, Some(LeaseState::Settled));
-    let closed = tokio::time::timeout(LIMIT, async {
-        let mut b = [0u8; 1024];
-        loop {
-            match open.read(&mut b).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
+    for t in [&mut open, &mut local] {
+        let closed = tokio::time::timeout(LIMIT, async {
+            let mut b = [0u8; 1024];
+            loop {
+                match t.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
             }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the tunnel stayed open after settlement");
+        })
+        .await;
+        assert!(closed.is_ok(), "a tunnel stayed open after settlement");
+    }
     let e = main
         .client()
         .open_tunnel(&lease, TunnelAuth::fresh(&key, &lease, now_secs()))

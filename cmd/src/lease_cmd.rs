@@ -7,7 +7,9 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use xe_api::client::{ApiClient, DEFAULT_NODE_URL, NodeUrl};
 use xe_api::types::{LeaseView, SubmitResult};
-use xe_store::{AccountAddress, Lease, LeaseEvent, LeaseHash, LeaseKey, LeaseState, Wallet, now_secs};
+use xe_store::{
+    AccountAddress, Lease, LeaseEvent, LeaseHash, LeaseKey, LeaseState, Wallet, now_secs,
+};
 
 use crate::paths::WalletArg;
 
@@ -130,7 +132,9 @@ fn load_wallet(w: &WalletArg) -> anyhow::Result<Wallet> {
 }
 
 fn parse_lease(s: &str) -> anyhow::Result<LeaseHash> {
-    s.trim().parse::<LeaseHash>().map_err(|e| anyhow::anyhow!("{e}"))
+    s.trim()
+        .parse::<LeaseHash>()
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 pub async fn run(cmd: LeaseCmd) -> anyhow::Result<ExitCode> {
@@ -154,9 +158,16 @@ pub async fn run(cmd: LeaseCmd) -> anyhow::Result<ExitCode> {
             wallet,
         } => {
             let state = state
-                .map(|s| s.parse::<LeaseState>().map_err(|e| anyhow::anyhow!("--state: {e}")))
+                .map(|s| {
+                    s.parse::<LeaseState>()
+                        .map_err(|e| anyhow::anyhow!("--state: {e}"))
+                })
                 .transpose()?;
-            let consumer = if mine { Some(load_wallet(&wallet)?.address()) } else { None };
+            let consumer = if mine {
+                Some(load_wallet(&wallet)?.address())
+            } else {
+                None
+            };
             let leases = node.client()?.leases(state, consumer).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&leases)?);
@@ -165,7 +176,11 @@ pub async fn run(cmd: LeaseCmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        LeaseCmd::Settle { lease, node, wallet } => {
+        LeaseCmd::Settle {
+            lease,
+            node,
+            wallet,
+        } => {
             let hash = parse_lease(&lease)?;
             let w = load_wallet(&wallet)?;
             let r = node
@@ -176,7 +191,11 @@ pub async fn run(cmd: LeaseCmd) -> anyhow::Result<ExitCode> {
             report_submit(&r);
             Ok(ExitCode::SUCCESS)
         }
-        LeaseCmd::Cancel { lease, node, wallet } => {
+        LeaseCmd::Cancel {
+            lease,
+            node,
+            wallet,
+        } => {
             let hash = parse_lease(&lease)?;
             let w = load_wallet(&wallet)?;
             let r = node
@@ -191,8 +210,13 @@ pub async fn run(cmd: LeaseCmd) -> anyhow::Result<ExitCode> {
 }
 
 fn report_submit(r: &SubmitResult) {
-    let state = r.state.map_or_else(|| "unknown yet".to_string(), |s| s.to_string());
-    eprintln!("{} {}: {} (lease state: {state})", r.kind, r.lease_hash, r.applied);
+    let state = r
+        .state
+        .map_or_else(|| "unknown yet".to_string(), |s| s.to_string());
+    eprintln!(
+        "{} {}: {} (lease state: {state})",
+        r.kind, r.lease_hash, r.applied
+    );
 }
 
 async fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
@@ -220,7 +244,10 @@ async fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     let event = LeaseEvent::create(&wallet, lease);
     let hash = event.lease_hash();
     let client = args.node.client()?;
-    let r = client.submit(&event).await.context("submitting the lease")?;
+    let r = client
+        .submit(&event)
+        .await
+        .context("submitting the lease")?;
     eprintln!(
         "lease {hash} submitted to {} ({}); access key {}",
         client.url(),
@@ -243,9 +270,16 @@ async fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
 /// (which is not a ledger change) promptly.
 const POLL: Duration = Duration::from_secs(2);
 
-async fn wait_accepted(client: &ApiClient, hash: &LeaseHash, timeout: Duration) -> anyhow::Result<()> {
+async fn wait_accepted(
+    client: &ApiClient,
+    hash: &LeaseHash,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let start = Instant::now();
-    eprintln!("waiting up to {} s for the provider to accept…", timeout.as_secs());
+    eprintln!(
+        "waiting up to {} s for the provider to accept…",
+        timeout.as_secs()
+    );
     let mut last_vm: Option<String> = None;
     loop {
         let left = timeout.saturating_sub(start.elapsed());
@@ -257,7 +291,11 @@ async fn wait_accepted(client: &ApiClient, hash: &LeaseHash, timeout: Duration) 
             );
         }
         let v = client
-            .lease_wait(hash, LeaseState::Created, left.min(POLL).max(Duration::from_secs(1)))
+            .lease_wait(
+                hash,
+                LeaseState::Created,
+                left.min(POLL).max(Duration::from_secs(1)),
+            )
             .await?;
         match v.state {
             LeaseState::Accepted => {
@@ -295,7 +333,8 @@ async fn wait_accepted(client: &ApiClient, hash: &LeaseHash, timeout: Duration) 
 }
 
 fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
-    v.as_ref().map_or_else(|| "-".to_string(), ToString::to_string)
+    v.as_ref()
+        .map_or_else(|| "-".to_string(), ToString::to_string)
 }
 
 fn print_lease(v: &LeaseView) {
@@ -313,7 +352,11 @@ fn print_lease(v: &LeaseView) {
     println!("expires at:     {}", opt(&v.expires_at));
     println!("vm host key:    {}", opt(&v.vm_host_key));
     if v.settled_at.is_some() {
-        println!("settled at:     {} by {}", opt(&v.settled_at), opt(&v.settled_by));
+        println!(
+            "settled at:     {} by {}",
+            opt(&v.settled_at),
+            opt(&v.settled_by)
+        );
     }
     if v.cancelled_at.is_some() {
         println!("cancelled at:   {}", opt(&v.cancelled_at));
@@ -346,7 +389,10 @@ pub async fn run_providers(args: ProvidersArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let now = now_secs();
-    println!("{:<64}  {:<52}  {:<9}  {:>10}  ADDRS", "ADDRESS", "PEER_ID", "CONNECTED", "EXPIRES_IN");
+    println!(
+        "{:<64}  {:<52}  {:<9}  {:>10}  ADDRS",
+        "ADDRESS", "PEER_ID", "CONNECTED", "EXPIRES_IN"
+    );
     for p in ps {
         println!(
             "{:<64}  {:<52}  {:<9}  {:>9}s  {}",

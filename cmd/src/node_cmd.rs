@@ -85,6 +85,28 @@ pub struct NodeArgs {
     #[arg(long, default_value_t = 300)]
     pub announce_interval: u64,
 
+    /// Serve circuit relay v2 so peers behind NAT are reachable through
+    /// this node [default: on when the SSH gateway is enabled].
+    #[arg(long, conflicts_with = "no_relay_server")]
+    pub relay_server: bool,
+    /// Do not relay for other peers, even with the SSH gateway enabled.
+    #[arg(long)]
+    pub no_relay_server: bool,
+    /// An address other peers can reach this node at, e.g. its public IP
+    /// (repeatable). A relay server advertises these; without it, its
+    /// listen addresses.
+    #[arg(long = "external-addr", value_name = "MULTIADDR")]
+    pub external_addr: Vec<Multiaddr>,
+    /// Reserve a slot on this relay, ending in /p2p/<peer id> (repeatable),
+    /// whatever AutoNAT says [default: bootstrap peers that relay, once
+    /// AutoNAT finds this node unreachable].
+    #[arg(long, value_name = "MULTIADDR")]
+    pub relay: Vec<Multiaddr>,
+    /// This node is not publicly reachable: reserve on relays at once
+    /// instead of waiting for AutoNAT's verdict.
+    #[arg(long)]
+    pub behind_nat: bool,
+
     /// HTTP API port (0 = API disabled; the CLI's default node URL is
     /// http://127.0.0.1:8080).
     #[arg(long, default_value_t = 0)]
@@ -166,6 +188,18 @@ impl NodeArgs {
                 auth_grace: Duration::from_secs(self.ssh_auth_grace.max(1)),
             });
         }
+        for r in &self.relay {
+            if !r.iter().any(|p| matches!(p, xe_net::libp2p_protocol::P2p(_))) {
+                anyhow::bail!("--relay {r}: must end in /p2p/<peer id> (the relay's p2p_addrs)");
+            }
+        }
+        cfg.nat = xe_net::NatConfig {
+            relay_server: !self.no_relay_server && (self.relay_server || cfg.ssh.is_some()),
+            external_addrs: self.external_addr.clone(),
+            relays: self.relay.clone(),
+            behind_nat: self.behind_nat,
+            ..xe_net::NatConfig::default()
+        };
         Ok(cfg)
     }
 }
@@ -190,6 +224,27 @@ pub async fn ready_info(node: &Node, api: Option<SocketAddr>) -> serde_json::Val
         "api_addr": api.map(|a| a.to_string()),
         "pid": std::process::id(),
     })
+}
+
+/// After the ready line: one `{"event":"nat",…}` JSON line on stdout now
+/// and whenever the node's reachability or relay addresses change (relay
+/// addresses are reported after the directory entry carrying them was
+/// published).
+async fn print_nat_events(mut nat: tokio::sync::watch::Receiver<xe_net::NatInfo>) {
+    loop {
+        let line = {
+            let i = nat.borrow_and_update();
+            serde_json::json!({
+                "event": "nat",
+                "reachability": i.reachability,
+                "relay_addrs": i.relay_addrs,
+            })
+        };
+        println!("{line}");
+        if nat.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Wait for SIGINT or SIGTERM.
@@ -230,7 +285,9 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
     let line = serde_json::to_string(&info)?;
     std::fs::write(data.join("node.json"), format!("{line}\n")).context("writing node.json")?;
     println!("{line}");
+    let nat_events = tokio::spawn(print_nat_events(node.net.nat()));
     shutdown_signal().await;
+    nat_events.abort();
     tracing::info!("signal received; shutting down");
     api_cancel.cancel();
     if let Some(task) = api_task {

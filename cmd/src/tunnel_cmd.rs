@@ -53,9 +53,14 @@ fn pin_vm_host_key(wallet: &Path, lease: &LeaseHash, host_key: &str) -> anyhow::
 }
 
 pub async fn run(args: TunnelArgs) -> anyhow::Result<ExitCode> {
-    let lease: LeaseHash = args.lease.trim().parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let lease: LeaseHash = args
+        .lease
+        .trim()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let wallet_path = args.wallet.path();
-    let wallet = Wallet::load(&wallet_path).with_context(|| format!("loading the wallet {}", wallet_path.display()))?;
+    let wallet = Wallet::load(&wallet_path)
+        .with_context(|| format!("loading the wallet {}", wallet_path.display()))?;
     let key = LeaseKey::load(&wallet.lease_key_path())
         .with_context(|| format!("loading the lease key of {}", wallet_path.display()))?;
     let client = args.node.client()?;
@@ -70,7 +75,11 @@ pub async fn run(args: TunnelArgs) -> anyhow::Result<ExitCode> {
         );
     }
     if view.state != LeaseState::Accepted {
-        bail!("lease {} is {}, not accepted: there is no VM to reach", lease.short(), view.state);
+        bail!(
+            "lease {} is {}, not accepted: there is no VM to reach",
+            lease.short(),
+            view.state
+        );
     }
     let known_hosts = match &view.vm_host_key {
         Some(k) => Some(pin_vm_host_key(&wallet_path, &lease, k)?),
@@ -90,7 +99,10 @@ pub async fn run(args: TunnelArgs) -> anyhow::Result<ExitCode> {
     }
     ssh.push_str(&format!(" {}@{}", args.user, local.ip()));
     println!("{ssh}");
-    eprintln!("each connection goes through {} (Ctrl-C to stop)", client.url());
+    eprintln!(
+        "each connection goes through {} (Ctrl-C to stop)",
+        client.url()
+    );
     let cancel = CancellationToken::new();
     let forward = tokio::spawn(xe_api::client::forward(
         listener,

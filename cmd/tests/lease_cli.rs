@@ -16,14 +16,19 @@ const SSH: &str = "/usr/bin/ssh";
 const LIMIT: Duration = Duration::from_secs(90);
 
 fn openssh_available(test: &str) -> bool {
-    let missing: Vec<&str> = [SSHD, SSH].into_iter().filter(|b| !Path::new(b).is_file()).collect();
+    let missing: Vec<&str> = [SSHD, SSH]
+        .into_iter()
+        .filter(|b| !Path::new(b).is_file())
+        .collect();
     if missing.is_empty() {
         return true;
     }
     if std::env::var("XE_REQUIRE_SSHD").as_deref() == Ok("1") {
         panic!("{test}: XE_REQUIRE_SSHD=1 but OpenSSH is missing: {missing:?}");
     }
-    eprintln!("SKIPPED {test}: OpenSSH missing ({missing:?}); set XE_REQUIRE_SSHD=1 to make this a failure");
+    eprintln!(
+        "SKIPPED {test}: OpenSSH missing ({missing:?}); set XE_REQUIRE_SSHD=1 to make this a failure"
+    );
     false
 }
 
@@ -44,7 +49,10 @@ async fn read_line(out: &mut BufReader<ChildStdout>, what: &str) -> String {
 /// Ask a child we started to stop (SIGTERM, by its PID) and wait for it.
 async fn terminate(child: &mut Child) -> std::process::ExitStatus {
     if let Some(pid) = child.id() {
-        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
     }
     match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
         Ok(s) => s.expect("wait"),
@@ -69,7 +77,12 @@ impl NodeProc {
             .arg("node")
             .arg("--data")
             .arg(dir.join("node"))
-            .args(["--p2p-listen", "/ip4/127.0.0.1/tcp/0", "--api-listen", "127.0.0.1:0"])
+            .args([
+                "--p2p-listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--api-listen",
+                "127.0.0.1:0",
+            ])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -84,12 +97,18 @@ impl NodeProc {
         };
         let mut out = BufReader::new(me.child.stdout.take().expect("stdout"));
         let line = read_line(&mut out, "the ready line").await;
-        me.ready = serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?}: {e}\n{}", me.log_text()));
+        me.ready = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("ready line {line:?}: {e}\n{}", me.log_text()));
         me
     }
 
     fn url(&self) -> String {
-        format!("http://{}", self.ready["api_addr"].as_str().expect("api_addr in the ready line"))
+        format!(
+            "http://{}",
+            self.ready["api_addr"]
+                .as_str()
+                .expect("api_addr in the ready line")
+        )
     }
 
     fn account(&self) -> String {
@@ -106,7 +125,9 @@ impl Drop for NodeProc {
         // A failed test still stops the node gracefully, so it stops the
         // sshd processes it started.
         if let (Ok(None), Some(pid)) = (self.child.try_wait(), self.child.id()) {
-            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
         }
     }
 }
@@ -148,39 +169,85 @@ async fn lease_create_wait_then_ssh_through_xe_tunnel() {
     let dir = tempfile::tempdir().expect("tempdir");
     let node = NodeProc::start(
         dir.path(),
-        &["--provide", "--vm-backend", "sshd", "--sshd", SSHD, "--http-tunnel-require-fresh"],
+        &[
+            "--provide",
+            "--vm-backend",
+            "sshd",
+            "--sshd",
+            SSHD,
+            "--http-tunnel-require-fresh",
+        ],
     )
     .await;
     let url = node.url();
     let provider = node.account();
     let wallet = dir.path().join("me.seed");
     let wallet = wallet.to_str().expect("utf-8");
-    ok(&xe(&["wallet", "create", "--wallet", wallet]).await, "xe wallet create");
+    ok(
+        &xe(&["wallet", "create", "--wallet", wallet]).await,
+        "xe wallet create",
+    );
 
     let out = ok(&xe(&["providers", "--node", &url]).await, "xe providers");
-    assert!(out.contains(&provider), "provider {provider} not listed:\n{out}");
+    assert!(
+        out.contains(&provider),
+        "provider {provider} not listed:\n{out}"
+    );
 
     let out = xe(&[
-        "lease", "create", "--provider", &provider, "--vcpus", "1", "--memory-mb", "256", "--disk-gb", "1",
-        "--duration", "600", "--wait", "--timeout", "60", "--node", &url, "--wallet", wallet,
+        "lease",
+        "create",
+        "--provider",
+        &provider,
+        "--vcpus",
+        "1",
+        "--memory-mb",
+        "256",
+        "--disk-gb",
+        "1",
+        "--duration",
+        "600",
+        "--wait",
+        "--timeout",
+        "60",
+        "--node",
+        &url,
+        "--wallet",
+        wallet,
     ])
     .await;
     let stdout = ok(&out, "xe lease create --wait");
     let lease = last_line(&stdout);
-    assert_eq!(lease.len(), 64, "last stdout line is not a lease hash: {stdout:?}");
+    assert_eq!(
+        lease.len(),
+        64,
+        "last stdout line is not a lease hash: {stdout:?}"
+    );
     assert!(lease.chars().all(|c| c.is_ascii_hexdigit()));
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("accepted after"), "no progress on stderr:\n{stderr}");
+    assert!(
+        stderr.contains("accepted after"),
+        "no progress on stderr:\n{stderr}"
+    );
 
-    let show = ok(&xe(&["lease", "show", &lease, "--json", "--node", &url]).await, "xe lease show");
+    let show = ok(
+        &xe(&["lease", "show", &lease, "--json", "--node", &url]).await,
+        "xe lease show",
+    );
     let v: serde_json::Value = serde_json::from_str(&show).expect("show --json");
     assert_eq!(v["state"], "accepted");
     assert_eq!(v["provider"], provider);
     assert_eq!(v["vcpus"], 1);
-    let show = ok(&xe(&["lease", "show", &lease, "--node", &url]).await, "xe lease show");
+    let show = ok(
+        &xe(&["lease", "show", &lease, "--node", &url]).await,
+        "xe lease show",
+    );
     assert!(show.contains("state:          accepted"), "{show}");
     let list = ok(
-        &xe(&["lease", "list", "--mine", "--state", "accepted", "--node", &url, "--wallet", wallet]).await,
+        &xe(&[
+            "lease", "list", "--mine", "--state", "accepted", "--node", &url, "--wallet", wallet,
+        ])
+        .await,
         "xe lease list",
     );
     assert!(list.contains(&lease), "{list}");
@@ -189,7 +256,18 @@ async fn lease_create_wait_then_ssh_through_xe_tunnel() {
     let user = xe_vm::default_vm_user("sshd");
     let tunnel_log = dir.path().join("tunnel.log");
     let mut tunnel = Command::new(XE)
-        .args(["tunnel", &lease, "--listen", "127.0.0.1:0", "--user", &user, "--node", &url, "--wallet", wallet])
+        .args([
+            "tunnel",
+            &lease,
+            "--listen",
+            "127.0.0.1:0",
+            "--user",
+            &user,
+            "--node",
+            &url,
+            "--wallet",
+            wallet,
+        ])
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -206,9 +284,15 @@ async fn lease_create_wait_then_ssh_through_xe_tunnel() {
     let port = addr.rsplit(':').next().expect("port").to_string();
     assert_ne!(port, "0");
     let ssh_line = read_line(&mut out, "the ssh command").await;
-    assert!(ssh_line.starts_with(&format!("ssh -p {port} -i ")), "{ssh_line}");
+    assert!(
+        ssh_line.starts_with(&format!("ssh -p {port} -i ")),
+        "{ssh_line}"
+    );
     assert!(ssh_line.contains("StrictHostKeyChecking=yes"), "{ssh_line}");
-    assert!(ssh_line.ends_with(&format!("{user}@127.0.0.1")), "{ssh_line}");
+    assert!(
+        ssh_line.ends_with(&format!("{user}@127.0.0.1")),
+        "{ssh_line}"
+    );
     for word in ["hi", "again"] {
         // Exactly the printed command, made non-interactive.
         let mut words = ssh_line.split_whitespace();
@@ -216,7 +300,14 @@ async fn lease_create_wait_then_ssh_through_xe_tunnel() {
         let out = tokio::time::timeout(
             LIMIT,
             Command::new(SSH)
-                .args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
+                .args([
+                    "-F",
+                    "/dev/null",
+                    "-o",
+                    "BatchMode=yes",
+                    "-o",
+                    "IdentitiesOnly=yes",
+                ])
                 .args(words)
                 .arg(format!("echo {word}"))
                 .stdin(Stdio::null())
@@ -237,18 +328,42 @@ async fn lease_create_wait_then_ssh_through_xe_tunnel() {
 
     // Settle; the tunnel's next connection is refused by the node and
     // closed, and xe tunnel keeps running.
-    let out = xe(&["lease", "settle", &lease, "--node", &url, "--wallet", wallet]).await;
+    let out = xe(&[
+        "lease", "settle", &lease, "--node", &url, "--wallet", wallet,
+    ])
+    .await;
     ok(&out, "xe lease settle");
-    assert!(text(&out.stderr).contains("settle"), "{}", text(&out.stderr));
-    let show = ok(&xe(&["lease", "show", &lease, "--json", "--node", &url]).await, "xe lease show");
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&show).expect("json")["state"], "settled");
-    let mut conn = tokio::net::TcpStream::connect(&addr).await.expect("connect to xe tunnel");
-    let mut buf = Vec::new();
-    let n = tokio::time::timeout(LIMIT, tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut buf))
+    assert!(
+        text(&out.stderr).contains("settle"),
+        "{}",
+        text(&out.stderr)
+    );
+    let show = ok(
+        &xe(&["lease", "show", &lease, "--json", "--node", &url]).await,
+        "xe lease show",
+    );
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&show).expect("json")["state"],
+        "settled"
+    );
+    let mut conn = tokio::net::TcpStream::connect(&addr)
         .await
-        .expect("refused connection is closed in time");
-    assert!(n.map_or(true, |n| n == 0), "got bytes through a settled lease");
-    assert!(tunnel.try_wait().expect("try_wait").is_none(), "xe tunnel exited after one failed connection");
+        .expect("connect to xe tunnel");
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(
+        LIMIT,
+        tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut buf),
+    )
+    .await
+    .expect("refused connection is closed in time");
+    assert!(
+        n.map_or(true, |n| n == 0),
+        "got bytes through a settled lease"
+    );
+    assert!(
+        tunnel.try_wait().expect("try_wait").is_none(),
+        "xe tunnel exited after one failed connection"
+    );
     let status = terminate(&mut tunnel).await;
     assert!(status.success(), "xe tunnel exit: {status}");
     let log = std::fs::read_to_string(&tunnel_log).unwrap_or_default();
@@ -263,51 +378,139 @@ async fn lease_create_wait_then_ssh_through_xe_tunnel() {
 async fn lease_create_wait_reports_the_decline_and_the_timeout() {
     let dir = tempfile::tempdir().expect("tempdir");
     // The dev backend is never started here: nothing is provisioned.
-    let node = NodeProc::start(dir.path(), &["--provide", "--vm-backend", "dev", "--max-vcpus", "2"]).await;
+    let node = NodeProc::start(
+        dir.path(),
+        &["--provide", "--vm-backend", "dev", "--max-vcpus", "2"],
+    )
+    .await;
     let url = node.url();
     let provider = node.account();
     let wallet = dir.path().join("me.seed");
     let wallet = wallet.to_str().expect("utf-8");
-    ok(&xe(&["wallet", "create", "--wallet", wallet]).await, "xe wallet create");
+    ok(
+        &xe(&["wallet", "create", "--wallet", wallet]).await,
+        "xe wallet create",
+    );
 
     // More vCPUs than the provider offers: it declines, --wait says why.
     let out = xe(&[
-        "lease", "create", "--provider", &provider, "--vcpus", "4", "--wait", "--timeout", "60", "--node", &url,
-        "--wallet", wallet,
+        "lease",
+        "create",
+        "--provider",
+        &provider,
+        "--vcpus",
+        "4",
+        "--wait",
+        "--timeout",
+        "60",
+        "--node",
+        &url,
+        "--wallet",
+        wallet,
     ])
     .await;
     assert!(!out.status.success(), "declined lease reported success");
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("did not take lease") && stderr.contains("over capacity"), "{stderr}");
+    assert!(
+        stderr.contains("did not take lease") && stderr.contains("over capacity"),
+        "{stderr}"
+    );
     let lease = last_line(&text(&out.stdout));
-    assert_eq!(lease.len(), 64, "hash still printed: {:?}", text(&out.stdout));
-    let out = xe(&["lease", "cancel", &lease, "--node", &url, "--wallet", wallet]).await;
+    assert_eq!(
+        lease.len(),
+        64,
+        "hash still printed: {:?}",
+        text(&out.stdout)
+    );
+    let out = xe(&[
+        "lease", "cancel", &lease, "--node", &url, "--wallet", wallet,
+    ])
+    .await;
     ok(&out, "xe lease cancel");
-    assert!(text(&out.stderr).contains("cancelled"), "{}", text(&out.stderr));
-    let list = ok(&xe(&["lease", "list", "--state", "cancelled", "--node", &url]).await, "xe lease list");
+    assert!(
+        text(&out.stderr).contains("cancelled"),
+        "{}",
+        text(&out.stderr)
+    );
+    let list = ok(
+        &xe(&["lease", "list", "--state", "cancelled", "--node", &url]).await,
+        "xe lease list",
+    );
     assert!(list.contains(&lease), "{list}");
 
     // A provider nobody runs: no answer within --timeout, non-zero exit.
     let nobody = "ab".repeat(32);
     let out = xe(&[
-        "lease", "create", "--provider", &nobody, "--wait", "--timeout", "2", "--node", &url, "--wallet", wallet,
+        "lease",
+        "create",
+        "--provider",
+        &nobody,
+        "--wait",
+        "--timeout",
+        "2",
+        "--node",
+        &url,
+        "--wallet",
+        wallet,
     ])
     .await;
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("was not accepted within 2 s"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("was not accepted within 2 s"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // Precise errors for bad input, before anything is sent.
-    let out = xe(&["lease", "create", "--provider", &provider, "--vcpus", "0", "--node", &url, "--wallet", wallet]).await;
+    let out = xe(&[
+        "lease",
+        "create",
+        "--provider",
+        &provider,
+        "--vcpus",
+        "0",
+        "--node",
+        &url,
+        "--wallet",
+        wallet,
+    ])
+    .await;
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("vcpus"), "{}", text(&out.stderr));
-    let out = xe(&["lease", "create", "--provider", "xyz", "--node", &url, "--wallet", wallet]).await;
-    assert!(text(&out.stderr).contains("--provider: account address"), "{}", text(&out.stderr));
+    let out = xe(&[
+        "lease",
+        "create",
+        "--provider",
+        "xyz",
+        "--node",
+        &url,
+        "--wallet",
+        wallet,
+    ])
+    .await;
+    assert!(
+        text(&out.stderr).contains("--provider: account address"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = xe(&["lease", "show", "12", "--node", &url]).await;
-    assert!(text(&out.stderr).contains("lease hash: expected 64 hex characters, got 2"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("lease hash: expected 64 hex characters, got 2"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = xe(&["lease", "show", &nobody, "--node", &url]).await;
-    assert!(text(&out.stderr).contains("404 Not Found: unknown lease"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("404 Not Found: unknown lease"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = xe(&["providers", "--node", "https://example.invalid"]).await;
-    assert!(text(&out.stderr).contains("https is not supported"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("https is not supported"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let mut node = node;
     let st = terminate(&mut node.child).await;

@@ -20,6 +20,7 @@
 //!    circuit limits are sized for SSH sessions, not for hole-punch
 //!    signalling (see [`RELAY_MAX_CIRCUIT_DURATION`]).
 
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use libp2p::{Multiaddr, autonat, relay};
@@ -126,17 +127,43 @@ pub struct NatInfo {
     pub relay_addrs: Vec<String>,
 }
 
+/// New circuits one source peer may open in a burst (libp2p default 30,
+/// refilled at one per 2 minutes). A gateway dials every circuit address a
+/// provider announces at once (one per relay address; the losers close),
+/// and reaches many providers, so the default throttles real use.
+pub const RELAY_CIRCUIT_BURST_PER_PEER: u32 = 120;
+/// One more circuit per source peer every this long.
+pub const RELAY_CIRCUIT_REFILL_PER_PEER: Duration = Duration::from_secs(5);
+/// Burst and refill per source IP (many peers share an IP behind a NAT).
+pub const RELAY_CIRCUIT_BURST_PER_IP: u32 = 240;
+/// One more circuit per source IP every this long.
+pub const RELAY_CIRCUIT_REFILL_PER_IP: Duration = Duration::from_secs(2);
+
 /// The relay server configuration described by the constants above.
+/// Reservation rate limits stay at libp2p's defaults (30 per peer, then
+/// one per 2 minutes; a reservation lasts an hour).
 pub(crate) fn relay_server_config() -> relay::Config {
-    relay::Config {
+    let defaults = relay::Config::default();
+    let config = relay::Config {
         max_reservations: RELAY_MAX_RESERVATIONS,
         reservation_duration: RELAY_RESERVATION_DURATION,
+        reservation_rate_limiters: defaults.reservation_rate_limiters,
         max_circuits: RELAY_MAX_CIRCUITS,
         max_circuits_per_peer: RELAY_MAX_CIRCUITS_PER_PEER,
         max_circuit_duration: RELAY_MAX_CIRCUIT_DURATION,
         max_circuit_bytes: RELAY_MAX_CIRCUIT_BYTES,
-        ..relay::Config::default()
-    }
+        circuit_src_rate_limiters: Vec::new(),
+        ..defaults
+    };
+    config
+        .circuit_src_per_peer(
+            NonZeroU32::new(RELAY_CIRCUIT_BURST_PER_PEER).expect("non-zero constant"),
+            RELAY_CIRCUIT_REFILL_PER_PEER,
+        )
+        .circuit_src_per_ip(
+            NonZeroU32::new(RELAY_CIRCUIT_BURST_PER_IP).expect("non-zero constant"),
+            RELAY_CIRCUIT_REFILL_PER_IP,
+        )
 }
 
 /// AutoNAT v1 configuration. `only_global_ips` is off: xe networks run on

@@ -265,7 +265,9 @@ async fn pty_login_checks_vm_host_key_and_agent_key() {
 
     // The lease publishes a host key the VM does not have.
     agent.add(s.key.path()).await;
-    let forged = s.ledger.active(s.key.access_pub_key(), common::UNUSED_VM_HOST_KEY);
+    let forged = s
+        .ledger
+        .active(s.key.access_pub_key(), common::UNUSED_VM_HOST_KEY);
     let out = run(&mut pty_ssh(&forged.to_string()), CMD_LIMIT).await;
     let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(1), "{all:?}");
@@ -276,5 +278,21 @@ async fn pty_login_checks_vm_host_key_and_agent_key() {
     let out = run(&mut pty_ssh(&s.lease.to_string()), CMD_LIMIT).await;
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out.stderr));
     assert!(text(&out.stdout).contains("reached-the-vm"));
+    s.gw.stop().await;
+}
+
+/// Half-close through `-W`: the client sends EOF at once (stdin is
+/// /dev/null), and what the VM still sends (its version line) arrives
+/// before the channel closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tcpip_propagates_half_close() {
+    require_openssh!("direct_tcpip_propagates_half_close");
+    let s = Scene::new(Backend::Sshd, |_| {}).await;
+    let mut cmd = s.gw_ssh(&s.lease.to_string(), s.key.path());
+    cmd.args(["-W", "vm:22"]);
+    let out = run(&mut cmd, CMD_LIMIT).await;
+    assert!(out.status.success(), "ssh -W: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("SSH-2.0-OpenSSH"), "stdout {stdout:?}");
     s.gw.stop().await;
 }

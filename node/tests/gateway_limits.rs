@@ -112,8 +112,20 @@ async fn every_refusal_is_counted_under_its_reason() {
     cmd.arg("true");
     expect_refused(&s, cmd, AuthFailure::LeaseNotAccepted).await;
 
+    // A lease the consumer cancelled before acceptance.
+    let cancelled = s.ledger.lease(
+        s.key.access_pub_key(),
+        None,
+        3600,
+        common::UNUSED_VM_HOST_KEY,
+    );
+    s.ledger.cancel(cancelled);
+    let mut cmd = s.gw_ssh(&cancelled.to_string(), s.key.path());
+    cmd.arg("true");
+    expect_refused(&s, cmd, AuthFailure::LeaseCancelled).await;
+
     assert_eq!(s.gw.stats.auth_successes(), 0);
-    assert_eq!(failures(&s.gw.stats).iter().map(|(_, n)| n).sum::<u64>(), 7);
+    assert_eq!(failures(&s.gw.stats).iter().map(|(_, n)| n).sum::<u64>(), 8);
     s.gw.stop().await;
 }
 
@@ -407,7 +419,9 @@ async fn channels_per_connection_are_capped() {
     tokio::spawn(async move { while let Ok(Some(_)) = err.next_line().await {} });
 
     async fn banner(sock: &std::path::Path) -> Vec<u8> {
-        let mut c = tokio::net::UnixStream::connect(sock).await.expect("connect to -L socket");
+        let mut c = tokio::net::UnixStream::connect(sock)
+            .await
+            .expect("connect to -L socket");
         let mut got = Vec::new();
         let mut buf = [0u8; 256];
         // Read until the VM's version line, or EOF when the channel is refused.
@@ -432,10 +446,18 @@ async fn channels_per_connection_are_capped() {
     }
     for _ in 0..2 {
         let got = banner(&sock).await;
-        assert!(got.starts_with(b"SSH-2.0-OpenSSH"), "{:?}", String::from_utf8_lossy(&got));
+        assert!(
+            got.starts_with(b"SSH-2.0-OpenSSH"),
+            "{:?}",
+            String::from_utf8_lossy(&got)
+        );
     }
     let got = banner(&sock).await;
-    assert!(got.is_empty(), "third channel was served: {:?}", String::from_utf8_lossy(&got));
+    assert!(
+        got.is_empty(),
+        "third channel was served: {:?}",
+        String::from_utf8_lossy(&got)
+    );
     assert_eq!(s.gw.stats.snapshot().channels_refused, 1);
     assert_eq!(s.gw.stats.connections_active(), 1);
     drop(child);

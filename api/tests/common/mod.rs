@@ -49,7 +49,9 @@ pub fn openssh_available(test: &str) -> bool {
     if std::env::var("XE_REQUIRE_SSHD").as_deref() == Ok("1") {
         panic!("{test}: XE_REQUIRE_SSHD=1 but OpenSSH is missing: {missing:?}");
     }
-    eprintln!("SKIPPED {test}: OpenSSH missing ({missing:?}); set XE_REQUIRE_SSHD=1 to make this a failure");
+    eprintln!(
+        "SKIPPED {test}: OpenSSH missing ({missing:?}); set XE_REQUIRE_SSHD=1 to make this a failure"
+    );
     false
 }
 
@@ -60,7 +62,9 @@ pub async fn start_node(dir: &Path, provide: bool, bootstrap: Vec<Multiaddr>) ->
     cfg.bootstrap = bootstrap;
     if provide {
         cfg.provide = Some(ProvideConfig {
-            backend: VmBackend::Sshd { sshd: Some(SSHD.into()) },
+            backend: VmBackend::Sshd {
+                sshd: Some(SSHD.into()),
+            },
             capacity: Capacity::default(),
         });
     }
@@ -86,7 +90,11 @@ pub async fn start_api(ctx: ApiContext, config: ApiConfig) -> Api {
     let cancel = CancellationToken::new();
     let (handle, fut) = xe_api::start(listener, ctx, config, cancel.clone()).expect("start api");
     tokio::spawn(fut);
-    Api { addr, handle, cancel }
+    Api {
+        addr,
+        handle,
+        cancel,
+    }
 }
 
 impl Api {
@@ -105,8 +113,12 @@ pub struct Resp {
 
 impl Resp {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 
     /// The `error` text of a JSON error body.
@@ -122,18 +134,29 @@ impl Resp {
     }
 }
 
-pub async fn http(addr: SocketAddr, method: Method, path: &str, headers: &[(&str, &str)], body: Option<Vec<u8>>) -> Resp {
+pub async fn http(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> Resp {
     let work = async {
         let tcp = TcpStream::connect(addr).await.expect("connect api");
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
             .expect("http handshake");
         tokio::spawn(conn);
-        let mut b = Request::builder().method(method).uri(path).header("host", addr.to_string());
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", addr.to_string());
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        let req = b.body(Full::new(Bytes::from(body.unwrap_or_default()))).expect("request");
+        let req = b
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .expect("request");
         let resp = send.send_request(req).await.expect("send request");
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.expect("read body").to_bytes();
@@ -143,7 +166,9 @@ pub async fn http(addr: SocketAddr, method: Method, path: &str, headers: &[(&str
             body,
         }
     };
-    tokio::time::timeout(LIMIT, work).await.expect("HTTP exchange timed out")
+    tokio::time::timeout(LIMIT, work)
+        .await
+        .expect("HTTP exchange timed out")
 }
 
 pub async fn get(addr: SocketAddr, path: &str) -> Resp {
@@ -175,13 +200,30 @@ pub fn tunnel_headers(sig: &str, ts: Option<&str>, upgrade: bool) -> Vec<(&'stat
     h
 }
 
-pub async fn post_tunnel(addr: SocketAddr, lease: &str, headers: &[(&'static str, String)]) -> Resp {
+pub async fn post_tunnel(
+    addr: SocketAddr,
+    lease: &str,
+    headers: &[(&'static str, String)],
+) -> Resp {
     let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    http(addr, Method::POST, &format!("/tunnel/{lease}/tcp"), &h, None).await
+    http(
+        addr,
+        Method::POST,
+        &format!("/tunnel/{lease}/tcp"),
+        &h,
+        None,
+    )
+    .await
 }
 
 /// Lease terms for `consumer` at `provider`, created at `created_at`.
-pub fn terms(consumer: &Wallet, provider: AccountAddress, access: AccessPubKey, created_at: u64, duration: u64) -> Lease {
+pub fn terms(
+    consumer: &Wallet,
+    provider: AccountAddress,
+    access: AccessPubKey,
+    created_at: u64,
+    duration: u64,
+) -> Lease {
     Lease {
         consumer: consumer.public_key(),
         provider,
@@ -196,7 +238,8 @@ pub fn terms(consumer: &Wallet, provider: AccountAddress, access: AccessPubKey, 
 }
 
 /// A host key line for leases whose VM is never contacted.
-pub const UNUSED_VM_HOST_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOZkcJ0O9Yl3MY5Wa7sObHRBuqoN2Ig0tGuo6dU2dQmD";
+pub const UNUSED_VM_HOST_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOZkcJ0O9Yl3MY5Wa7sObHRBuqoN2Ig0tGuo6dU2dQmD";
 
 /// Apply create (and accept by `provider`, if given) to `store` only.
 pub fn local_lease(
@@ -208,12 +251,20 @@ pub fn local_lease(
     duration: u64,
 ) -> LeaseHash {
     let created = accepted_at.unwrap_or_else(now_secs);
-    let ev = LeaseEvent::create(consumer, terms(consumer, provider.address(), access, created, duration));
+    let ev = LeaseEvent::create(
+        consumer,
+        terms(consumer, provider.address(), access, created, duration),
+    );
     let hash = ev.lease_hash();
     store.apply_event(&ev).expect("apply create");
     if let Some(at) = accepted_at {
         store
-            .apply_event(&LeaseEvent::accept(provider, hash, at, UNUSED_VM_HOST_KEY.into()))
+            .apply_event(&LeaseEvent::accept(
+                provider,
+                hash,
+                at,
+                UNUSED_VM_HOST_KEY.into(),
+            ))
             .expect("apply accept");
     }
     hash
@@ -233,9 +284,12 @@ pub async fn wait_state(store: &Store, lease: &LeaseHash, state: LeaseState) {
             let _ = rx.recv().await;
         }
     };
-    tokio::time::timeout(LIMIT, work)
-        .await
-        .unwrap_or_else(|_| panic!("lease {} did not reach {state} within {LIMIT:?}", lease.short()));
+    tokio::time::timeout(LIMIT, work).await.unwrap_or_else(|_| {
+        panic!(
+            "lease {} did not reach {state} within {LIMIT:?}",
+            lease.short()
+        )
+    });
 }
 
 /// Wait until `store` has an unexpired directory entry for `account`.
@@ -249,9 +303,12 @@ pub async fn wait_directory(store: &Store, account: &AccountAddress) {
             let _ = rx.recv().await;
         }
     };
-    tokio::time::timeout(LIMIT, work)
-        .await
-        .unwrap_or_else(|_| panic!("no directory entry for {} within {LIMIT:?}", account.short()));
+    tokio::time::timeout(LIMIT, work).await.unwrap_or_else(|_| {
+        panic!(
+            "no directory entry for {} within {LIMIT:?}",
+            account.short()
+        )
+    });
 }
 
 /// Wait until `node` has at least `n` connected peers.

@@ -60,7 +60,11 @@ pub fn openssh_available(test: &str) -> bool {
     if std::env::var("XE_REQUIRE_SSHD").as_deref() == Ok("1") {
         panic!("{test}: XE_REQUIRE_SSHD=1 but OpenSSH programs are missing: {missing:?}");
     }
-    eprintln!(
+    // Straight to the process's stderr: the test harness captures
+    // `eprintln!` of passing tests, and a skip must be seen.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
         "SKIPPED {test}: OpenSSH programs missing ({missing:?}); set XE_REQUIRE_SSHD=1 to make this a failure"
     );
     false
@@ -179,6 +183,12 @@ impl Ledger {
         self.store
             .apply_event(&LeaseEvent::settle(&self.consumer, hash, now_secs()))
             .expect("apply settle");
+    }
+
+    pub fn cancel(&self, hash: LeaseHash) {
+        self.store
+            .apply_event(&LeaseEvent::cancel(&self.consumer, hash, now_secs()))
+            .expect("apply cancel");
     }
 
     pub fn record(&self, hash: &LeaseHash) -> LeaseRecord {

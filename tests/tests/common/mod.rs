@@ -3,6 +3,8 @@
 //! back from its "ready" line, never guessed.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -50,34 +52,63 @@ pub struct NodeProc {
     pub ready: serde_json::Value,
     pub data: PathBuf,
     pub log: PathBuf,
+    /// JSON lines the node prints after its ready line (`{"event":"nat",…}`).
+    pub events: std::sync::mpsc::Receiver<serde_json::Value>,
 }
 
 impl NodeProc {
     /// Start `xe node --data DIR ARGS…` and wait (bounded) for its ready line.
     pub fn start(data: &Path, args: &[&str]) -> NodeProc {
-        std::fs::create_dir_all(data).expect("data dir");
-        let log = data.join("node.log");
-        let logf = std::fs::File::create(&log).expect("log file");
-        let mut child = Command::new(xe_bin())
-            .arg("node")
+        let mut cmd = Command::new(xe_bin());
+        cmd.arg("node")
             .arg("--data")
             .arg(data)
             .args(["--p2p-listen", "/ip4/127.0.0.1/tcp/0"])
-            .args(args)
+            .args(args);
+        NodeProc::spawn(cmd, data)
+    }
+
+    /// Start `ip netns exec NETNS xe node --data DIR ARGS…` (no default
+    /// `--p2p-listen`: pass one). `ip netns exec` execs, so the child's PID
+    /// is the node's and SIGTERM reaches it.
+    pub fn start_in(netns: &str, data: &Path, args: &[&str]) -> NodeProc {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns])
+            .arg(xe_bin())
+            .arg("node")
+            .arg("--data")
+            .arg(data)
+            .args(args);
+        NodeProc::spawn(cmd, data)
+    }
+
+    fn spawn(mut cmd: Command, data: &Path) -> NodeProc {
+        std::fs::create_dir_all(data).expect("data dir");
+        let log = data.join("node.log");
+        let logf = std::fs::File::create(&log).expect("log file");
+        let mut child = cmd
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(logf)
             .spawn()
             .expect("spawn xe node");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
+        let (etx, events) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut r = BufReader::new(stdout);
             let mut line = String::new();
             let _ = r.read_line(&mut line);
             let _ = tx.send(line);
-            // Keep draining so the node never blocks on a full pipe.
-            let _ = std::io::copy(&mut r, &mut std::io::sink());
+            // Keep reading so the node never blocks on a full pipe; later
+            // JSON lines are events for whoever waits on them.
+            for l in r.lines() {
+                let Ok(l) = l else { break };
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
+                    let _ = etx.send(v);
+                }
+            }
         });
         let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
         let ready: serde_json::Value = match serde_json::from_str(&line) {
@@ -96,6 +127,29 @@ impl NodeProc {
             ready,
             data: data.to_path_buf(),
             log,
+            events,
+        }
+    }
+
+    /// Wait (bounded) for an event line that satisfies `pred`; earlier
+    /// events are consumed.
+    pub fn wait_event(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(v) if pred(&v) => return v,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "no event {what} within {timeout:?}; log:\n{}",
+                    self.log_text()
+                ),
+            }
         }
     }
 
