@@ -229,12 +229,24 @@ async fn show_lease(
             .await?
             .ok_or_else(|| HttpError::not_found(format!("unknown lease {hash}")))
     };
-    let rec: LeaseRecord = read(app.ctx.store.clone()).await?;
     let Some(wait) = wait else {
+        let rec: LeaseRecord = read(app.ctx.store.clone()).await?;
         return Ok(Json(LeaseView::from_record(&rec, now_secs())));
     };
-    let since = since.unwrap_or_else(|| rec.state());
-    if rec.state() != since {
+    // A long poll also waits for a lease this node has not heard of yet:
+    // right after `create` on another node, gossip may still be on its way.
+    let first = {
+        let store = app.ctx.store.clone();
+        blocking(move || store.lease(&hash)).await?
+    };
+    let since = since.or(first.as_ref().map(|r| r.state()));
+    let ready = |rec: &Option<LeaseRecord>| match (rec, since) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(r), Some(s)) => r.state() != s,
+    };
+    if ready(&first) {
+        let rec = first.expect("ready implies known");
         return Ok(Json(LeaseView::from_record(&rec, now_secs())));
     }
     let deadline = tokio::time::Instant::now() + wait;
@@ -243,7 +255,7 @@ async fn show_lease(
             () = tokio::time::sleep_until(deadline) => break,
             () = app.cancel.cancelled() => break,
             c = changes.recv() => match c {
-                Ok(c) if c.lease == hash && c.new != since => break,
+                Ok(c) if c.lease == hash && since != Some(c.new) => break,
                 Ok(_) => {}
                 // Missed some changes: re-read and answer.
                 Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => break,

@@ -35,7 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 use xe_net::tunnel::{PIPE_BUFFER, TunnelGuard};
-use xe_net::{TunnelValidator, VmConn};
+use xe_net::VmConn;
 use xe_store::{LeaseHash, LeaseState, Sig, now_secs};
 
 use crate::App;
@@ -207,12 +207,8 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
             .filter(|_| provider == app.ctx.account)
         {
             Some(p) => {
-                let me = app.ctx.net.peer_id();
-                p.validate_tunnel_lease(&lease, &me)
-                    .await
-                    .map_err(|m| bad_gateway(format!("provider refused: {m}")))?;
                 let s = p
-                    .dial_ssh(&lease)
+                    .open_local(&lease, &app.ctx.net.peer_id())
                     .await
                     .map_err(|m| bad_gateway(format!("provider refused: {m}")))?;
                 let guard = app.ctx.net.registry().register(lease, &app.cancel);

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
+use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::core::transport::ListenerId;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, Swarm, autonat, dcutr, gossipsub, identify, kad, noise, relay,
@@ -649,6 +649,11 @@ fn is_circuit(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| p == Protocol::P2pCircuit)
 }
 
+/// How often bootstrap peers we lost are dialled again. A node whose only
+/// peer restarted (a provider behind NAT and its relay, say) must find its
+/// way back by itself; a failed dial is one TCP connect, cheap at this rate.
+const BOOTSTRAP_REDIAL_INTERVAL: Duration = Duration::from_secs(5);
+
 /// How long address changes are collected before one re-announcement
 /// (a relay reservation reports several addresses at once).
 const ANNOUNCE_DEBOUNCE: Duration = Duration::from_millis(300);
@@ -733,6 +738,8 @@ impl EventLoop {
         resync.tick().await;
         let mut relays = tokio::time::interval(RELAY_RETRY_INTERVAL);
         relays.tick().await;
+        let mut redial = tokio::time::interval(BOOTSTRAP_REDIAL_INTERVAL);
+        redial.tick().await;
         loop {
             let changed = self.addrs_changed_at;
             let settle = tokio::time::sleep_until(
@@ -747,6 +754,7 @@ impl EventLoop {
                 _ = announce.tick(), if self.announce.is_some() => self.announce_self(),
                 _ = resync.tick() => self.resync_random(),
                 _ = relays.tick() => self.on_relay_tick(),
+                _ = redial.tick() => self.redial_bootstrap(),
                 () = settle, if changed.is_some() => {
                     self.addrs_changed_at = None;
                     self.announce_self();
@@ -920,6 +928,25 @@ impl EventLoop {
         }
     }
 
+    fn redial_bootstrap(&mut self) {
+        let lost: Vec<(PeerId, Multiaddr)> = self
+            .bootstrap_peers
+            .iter()
+            .filter(|(p, _)| !self.swarm.is_connected(p))
+            .map(|(p, a)| (*p, a.clone()))
+            .collect();
+        for (peer, addr) in lost {
+            let opts = DialOpts::peer_id(peer)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .addresses(vec![addr])
+                .build();
+            match self.swarm.dial(opts) {
+                Ok(()) => debug!(%peer, "redialling bootstrap peer"),
+                Err(e) => debug!(%peer, "bootstrap redial not started: {e}"),
+            }
+        }
+    }
+
     fn resync_random(&mut self) {
         let peers: Vec<PeerId> = self.connections.keys().copied().collect();
         if peers.is_empty() {
@@ -975,12 +1002,17 @@ impl EventLoop {
                 info,
                 ..
             })) => {
+                let known = self.relay_candidates.iter().any(|(p, _)| *p == peer_id);
                 if info.protocols.contains(&relay::HOP_PROTOCOL_NAME)
                     && let Some(addr) = self.bootstrap_peers.get(&peer_id)
-                    && !self.relay_candidates.iter().any(|(p, _)| *p == peer_id)
+                    && !known
                 {
                     info!(relay = %peer_id, "bootstrap peer is a relay");
                     self.relay_candidates.push((peer_id, addr.clone()));
+                    self.maintain_relays();
+                } else if known {
+                    // (Re)connected to a relay: reserve again now if the
+                    // reservation was lost, rather than at the next retry.
                     self.maintain_relays();
                 }
                 for a in info.listen_addrs {
@@ -1120,7 +1152,9 @@ impl EventLoop {
                 if let Some(relay) = self.relay_listeners.remove(&listener_id) {
                     match reason {
                         Ok(()) => info!(%relay, "relay listener closed"),
-                        Err(e) => warn!(%relay, "relay reservation failed or lost: {e}; retrying in {}s", RELAY_RETRY_INTERVAL.as_secs()),
+                        Err(e) => {
+                            warn!(%relay, "relay reservation failed or lost: {e}; retrying in {}s", RELAY_RETRY_INTERVAL.as_secs())
+                        }
                     }
                 }
                 self.addrs_changed();
@@ -1389,7 +1423,9 @@ impl EventLoop {
             }
         }
         if active.is_empty() && self.relay_candidates.is_empty() {
-            debug!("not publicly reachable and no relay known yet (--relay, or a bootstrap peer running --relay-server)");
+            debug!(
+                "not publicly reachable and no relay known yet (--relay, or a bootstrap peer running --relay-server)"
+            );
         }
     }
 
@@ -1468,7 +1504,9 @@ impl EventLoop {
                 info!(peer = %ev.remote_peer_id, "hole punch succeeded: direct connection");
                 self.retire_relayed(ev.remote_peer_id);
             }
-            Err(e) => info!(peer = %ev.remote_peer_id, "hole punch failed, the relay carries this connection: {e}"),
+            Err(e) => {
+                info!(peer = %ev.remote_peer_id, "hole punch failed, the relay carries this connection: {e}")
+            }
         }
     }
 

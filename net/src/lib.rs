@@ -26,10 +26,10 @@ pub mod replication;
 pub mod tunnel;
 
 pub use host::{ConnPath, Net, NetConfig, NetHandle, NetStats, PeerInfo, start};
-pub use nat::{NatConfig, NatInfo, Reachability};
 pub use identity::load_or_create_keypair;
 pub use libp2p::multiaddr::Protocol as libp2p_protocol;
 pub use libp2p::{Multiaddr, PeerId};
+pub use nat::{NatConfig, NatInfo, Reachability};
 pub use tunnel::{TunnelError, TunnelRegistry, TunnelStream, TunnelValidator, VmConn};
 
 /// Errors of the network layer.

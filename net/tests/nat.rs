@@ -156,14 +156,19 @@ async fn a_provider_with_no_address_is_reached_through_the_relay_beyond_default_
     let p = provider(&r, pseed, hashing_backend().await, vec![]).await;
     let relay_addrs = wait_relay_addrs(&p).await;
     assert!(
-        relay_addrs.iter().all(|a| a.to_string().contains("/p2p-circuit")),
+        relay_addrs
+            .iter()
+            .all(|a| a.to_string().contains("/p2p-circuit")),
         "{relay_addrs:?}"
     );
     assert!(p.net.listen_addrs().await.expect("addrs").is_empty());
 
     // The gateway has no listen address either and has never met P: the
     // directory entry (gossiped via the relay) is all it knows.
-    let g = node_with(r.net.p2p_addrs().await.expect("addrs"), |c| c.listen = vec![]).await;
+    let g = node_with(r.net.p2p_addrs().await.expect("addrs"), |c| {
+        c.listen = vec![]
+    })
+    .await;
     let mut dir = g.store.subscribe_directory();
     let entry = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
@@ -227,22 +232,16 @@ async fn without_a_relay_server_the_provider_is_unreachable() {
     wait_peers(&p, 1).await;
     let lease = accepted_lease(&p.store, &consumer, &pw, 1);
     // The address P would have if R relayed: R refuses the circuit.
-    let circuit: Multiaddr = format!(
-        "{}/p2p-circuit",
-        r.net.p2p_addrs().await.expect("addrs")[0]
-    )
-    .parse()
-    .expect("addr");
+    let circuit: Multiaddr = format!("{}/p2p-circuit", r.net.p2p_addrs().await.expect("addrs")[0])
+        .parse()
+        .expect("addr");
     let g = node_with(vec![], |c| c.listen = vec![]).await;
     let e = g
         .net
         .open_tunnel(p.net.peer_id(), vec![circuit], &lease)
         .await
         .expect_err("no relay, no way in");
-    assert!(
-        matches!(e, xe_net::TunnelError::DialFailed { .. }),
-        "{e}"
-    );
+    assert!(matches!(e, xe_net::TunnelError::DialFailed { .. }), "{e}");
     assert!(p.net.nat().borrow().relay_addrs.is_empty());
 }
 

@@ -193,3 +193,53 @@ async fn provider_announces_directory_entry() {
         e.addrs
     );
 }
+
+/// A node whose bootstrap peer restarts (same identity, same port) finds
+/// its way back by itself and catches up on what it missed.
+#[tokio::test]
+async fn lost_bootstrap_peer_is_redialled_after_it_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = xe_net::load_or_create_keypair(&dir.path().join("k")).expect("key");
+    let start_b = |port: u16, store: xe_store::Store| {
+        let key = key.clone();
+        async move {
+            let mut cfg = xe_net::NetConfig::new(key);
+            cfg.listen = vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().expect("addr")];
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let net = xe_net::start(cfg, store, cancel.clone()).await.expect("start");
+            (net, cancel)
+        }
+    };
+    let b_store = xe_store::Store::temporary().expect("store");
+    let (b, b_cancel) = start_b(0, b_store.clone()).await;
+    let b_addrs = b.handle.p2p_addrs().await.expect("addrs");
+    let port: u16 = b_addrs[0]
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(p) => Some(p),
+            _ => None,
+        })
+        .expect("tcp port");
+    let a = node(b_addrs).await;
+    wait_peers(&a, 1).await;
+
+    // B goes away; A notices.
+    b_cancel.cancel();
+    let xe_net::Net { handle, mut tasks } = b;
+    while tasks.join_next().await.is_some() {}
+    drop(handle);
+    let mut w = a.net.peer_count();
+    tokio::time::timeout(std::time::Duration::from_secs(20), w.wait_for(|c| *c == 0))
+        .await
+        .expect("A saw B leave")
+        .expect("alive");
+
+    // B comes back on the same address with an event A has not seen.
+    let consumer = Wallet::from_seed([1; 32]);
+    let provider = Wallet::from_seed([2; 32]);
+    let ev = LeaseEvent::create(&consumer, lease_for(&consumer, &provider, 77));
+    b_store.apply_event(&ev).expect("apply on B");
+    let (_b2, _b2_cancel) = start_b(port, b_store).await;
+    wait_peers(&a, 1).await;
+    wait_state(&a.store, &ev.lease_hash(), LeaseState::Created).await;
+}

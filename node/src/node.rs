@@ -207,7 +207,7 @@ impl Node {
         let (ssh_addr, gateway_stats) = match &cfg.ssh {
             Some(ssh) => {
                 let (addr, stats) =
-                    crate::wiring::start_gateway(&cfg, ssh, &store, &handle, &cancel, &mut tasks)
+                    crate::wiring::start_gateway(&cfg, provider.clone(), ssh, &store, &handle, &cancel, &mut tasks)
                         .await?;
                 (Some(addr), Some(stats))
             }

@@ -17,12 +17,15 @@ use crate::node::{NodeConfig, NodeError, SshConfig};
 /// Opens tunnels over `/xe/tunnel/2.0.0` to the provider the directory names.
 pub struct NetDialer {
     net: NetHandle,
+    /// Set when this node is also a provider: its own leases are reached
+    /// in-process, since a peer cannot open a stream to itself.
+    local: Option<Arc<crate::provider::Provider>>,
 }
 
 impl NetDialer {
-    /// A dialer over `net`.
-    pub fn new(net: NetHandle) -> Self {
-        NetDialer { net }
+    /// A dialer over `net`; `local` is this node's provider role, if any.
+    pub fn new(net: NetHandle, local: Option<Arc<crate::provider::Provider>>) -> Self {
+        NetDialer { net, local }
     }
 }
 
@@ -30,6 +33,14 @@ impl NetDialer {
 impl TunnelDialer for NetDialer {
     async fn open(&self, lease: &LeaseRecord) -> Result<TunnelStream, TunnelDialError> {
         let provider = lease.lease.provider;
+        if let Some(p) = self.local.as_ref().filter(|p| p.address() == provider) {
+            let s = p
+                .open_local(&lease.hash, &self.net.peer_id())
+                .await
+                .map_err(|m| TunnelDialError::new(format!("provider refused: {m}")))?;
+            info!(lease = %lease.hash.short(), path = "local", "tunnel opened");
+            return Ok(Box::new(s));
+        }
         match self
             .net
             .open_tunnel_to_account(&provider, &lease.hash)
@@ -50,6 +61,7 @@ impl TunnelDialer for NetDialer {
 /// Bind and spawn the SSH gateway; returns its bound address and counters.
 pub(crate) async fn start_gateway(
     cfg: &NodeConfig,
+    local: Option<Arc<crate::provider::Provider>>,
     ssh: &SshConfig,
     store: &Store,
     net: &NetHandle,
@@ -63,7 +75,7 @@ pub(crate) async fn start_gateway(
     let gateway = Gateway::new(
         gcfg,
         store.clone(),
-        Arc::new(NetDialer::new(net.clone())),
+        Arc::new(NetDialer::new(net.clone(), local)),
         stats.clone(),
     )
     .map_err(|e| NodeError::Gateway(e.to_string()))?;

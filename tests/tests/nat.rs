@@ -103,7 +103,11 @@ impl Consumer {
             .arg(&wallet)
             .output()
             .expect("xe wallet create");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Consumer {
             wallet,
             known_hosts: dir.join("known_hosts"),
@@ -120,8 +124,17 @@ impl Consumer {
                 netns,
                 &xe_bin(),
                 &[
-                    "lease", "create", "--provider", provider, "--node", &url, "--wallet", wallet,
-                    "--wait", "--timeout", "120",
+                    "lease",
+                    "create",
+                    "--provider",
+                    provider,
+                    "--node",
+                    &url,
+                    "--wallet",
+                    wallet,
+                    "--wait",
+                    "--timeout",
+                    "120",
                 ],
             ),
             None,
@@ -148,9 +161,15 @@ impl Consumer {
             None,
             Duration::from_secs(30),
         );
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("lease json");
-        let host_key = v["vm_host_key"].as_str().expect("accepted lease has a host key");
+        let host_key = v["vm_host_key"]
+            .as_str()
+            .expect("accepted lease has a host key");
         (lease, host_key.to_string())
     }
 
@@ -208,10 +227,7 @@ fn wait_private(p: &NodeProc, relayed: bool) -> serde_json::Value {
         |v| {
             v["event"] == "nat"
                 && v["reachability"] == "private"
-                && (!relayed
-                    || v["relay_addrs"]
-                        .as_array()
-                        .is_some_and(|a| !a.is_empty()))
+                && (!relayed || v["relay_addrs"].as_array().is_some_and(|a| !a.is_empty()))
         },
     )
 }
@@ -249,7 +265,11 @@ fn nat_provider_is_reached_through_the_relay_with_real_ssh() {
     // Declared first, dropped last: nodes stop before the namespaces go.
     let t = Topology::create();
     let relay = start_relay(&t, &dir.path().join("relay"), true);
-    let provider = start_provider(&t, &dir.path().join("p"), &addr_facing(&relay, netns::PUB_TO_P));
+    let provider = start_provider(
+        &t,
+        &dir.path().join("p"),
+        &addr_facing(&relay, netns::PUB_TO_P),
+    );
 
     // No --behind-nat: AutoNAT finds out (the relay's dial-back to the
     // router's address is refused), then the provider reserves a slot on
@@ -269,7 +289,11 @@ fn nat_provider_is_reached_through_the_relay_with_real_ssh() {
         "{addrs:?}"
     );
 
-    let gateway = start_gateway(&t, &dir.path().join("g"), &addr_facing(&relay, netns::PUB_TO_G));
+    let gateway = start_gateway(
+        &t,
+        &dir.path().join("g"),
+        &addr_facing(&relay, netns::PUB_TO_G),
+    );
     let consumer = Consumer::new(dir.path());
     let (lease, host_key) = consumer.lease(&t.g, &gateway, &provider.field("account"));
 
@@ -298,9 +322,15 @@ fn nat_provider_is_reached_through_the_relay_with_real_ssh() {
     // 100 MiB up and 100 MiB down over the relayed path, byte-exact.
     let (big, digest) = big_file(dir.path());
     let up = consumer.ssh(&t.g, &gateway, &lease, &host_key, "sha256sum", Some(&big));
-    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
     assert_eq!(
-        String::from_utf8_lossy(&up.stdout).split_whitespace().next(),
+        String::from_utf8_lossy(&up.stdout)
+            .split_whitespace()
+            .next(),
         Some(digest.as_str()),
         "upload is byte-exact"
     );
@@ -312,9 +342,17 @@ fn nat_provider_is_reached_through_the_relay_with_real_ssh() {
         &format!("cat {}", big.display()),
         None,
     );
-    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
     assert_eq!(down.stdout.len(), BIG);
-    assert_eq!(hex::encode(Sha256::digest(&down.stdout)), digest, "download is byte-exact");
+    assert_eq!(
+        hex::encode(Sha256::digest(&down.stdout)),
+        digest,
+        "download is byte-exact"
+    );
 
     // Every tunnel went over the relay: the gateway says so per tunnel,
     // and the symmetric NATs defeated hole punching.
@@ -334,7 +372,10 @@ fn nat_provider_is_reached_through_the_relay_with_real_ssh() {
     let rlog = plain(&relay.log_text());
     let opened = rlog.matches("relay: circuit opened").count();
     let closed = rlog.matches("relay: circuit closed").count();
-    assert!(opened > closed, "a circuit is still open ({opened} opened, {closed} closed):\n{rlog}");
+    assert!(
+        opened > closed,
+        "a circuit is still open ({opened} opened, {closed} closed):\n{rlog}"
+    );
 }
 
 #[test]
@@ -347,11 +388,19 @@ fn without_the_relay_the_nat_provider_is_unreachable() {
     let t = Topology::create();
     // Same network, same gateway flags; only the relay server is off.
     let relay = start_relay(&t, &dir.path().join("relay"), false);
-    let provider = start_provider(&t, &dir.path().join("p"), &addr_facing(&relay, netns::PUB_TO_P));
+    let provider = start_provider(
+        &t,
+        &dir.path().join("p"),
+        &addr_facing(&relay, netns::PUB_TO_P),
+    );
     let nat = wait_private(&provider, false);
     assert_eq!(nat["relay_addrs"], serde_json::json!([]), "{nat}");
 
-    let gateway = start_gateway(&t, &dir.path().join("g"), &addr_facing(&relay, netns::PUB_TO_G));
+    let gateway = start_gateway(
+        &t,
+        &dir.path().join("g"),
+        &addr_facing(&relay, netns::PUB_TO_G),
+    );
     let consumer = Consumer::new(dir.path());
     // The lease itself replicates (the provider is connected out to the
     // relay node) and the provider accepts it…
@@ -375,7 +424,14 @@ fn without_the_relay_the_nat_provider_is_unreachable() {
     // Control: the provider is alive and the lease valid — the relay
     // node's own gateway, which the provider dialled out to, reaches the
     // VM over that (direct) connection.
-    let out = consumer.ssh(&t.public, &relay, &lease, &host_key, "echo via the relay node", None);
+    let out = consumer.ssh(
+        &t.public,
+        &relay,
+        &lease,
+        &host_key,
+        "echo via the relay node",
+        None,
+    );
     assert!(
         out.status.success(),
         "{}\nrelay log:\n{}",

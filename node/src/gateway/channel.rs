@@ -257,7 +257,7 @@ pub(crate) async fn session(mut channel: Channel<Msg>, ctx: ChannelCtx) {
             Some(m) => setup.absorb(m),
         }
         if setup.prelude.is_full() {
-            // Megabytes of input before even asking for a shell: not a
+            // A quarter MiB of input before even asking for a shell: not a
             // client we serve; closing bounds what we buffer.
             warn!("session sent too much data before shell/exec; closing it");
             let (_, wr) = channel.split();

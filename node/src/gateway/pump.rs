@@ -107,9 +107,11 @@ pub(crate) struct Prelude {
 
 impl Prelude {
     /// Stop reading the channel (and so push back on the client) once this
-    /// much is buffered while a tunnel opens. Twice russh's default channel
-    /// window: a client that fills it is simply made to wait.
-    pub(crate) const LIMIT: usize = 4 * 1024 * 1024;
+    /// much is buffered while a tunnel opens. What legitimately arrives
+    /// early is an SSH client's version line and KEXINIT (a few KiB) or
+    /// keystrokes; the cap keeps the worst case (every channel of every
+    /// connection full) at 256 KiB × channels × connections.
+    pub(crate) const LIMIT: usize = 256 * 1024;
 
     pub(crate) fn push(&mut self, data: &[u8]) {
         self.bytes += data.len();

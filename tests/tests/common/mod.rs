@@ -175,7 +175,9 @@ impl NodeProc {
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id();
         // Signal only the child we started, by its PID.
-        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
         // Wait for the exit event in a thread so the wait is bounded.
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::scope(|s| {
@@ -185,7 +187,9 @@ impl NodeProc {
             match rx.recv_timeout(Duration::from_secs(30)) {
                 Ok(st) => st.expect("wait"),
                 Err(_) => {
-                    let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+                    let _ = Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
                     panic!("xe node {pid} did not stop within 30 s of SIGTERM");
                 }
             }

@@ -90,7 +90,9 @@ pub fn available(test: &str) -> bool {
                 .status()
                 .is_ok();
             if !found {
-                return Err(format!("`{tool}` is not installed (apt-get install iproute2 iptables)"));
+                return Err(format!(
+                    "`{tool}` is not installed (apt-get install iproute2 iptables)"
+                ));
             }
         }
         // Can we actually make one?
@@ -138,7 +140,13 @@ impl Topology {
     }
 
     fn all(&self) -> [&str; 5] {
-        [&self.public, &self.router_p, &self.p, &self.router_g, &self.g]
+        [
+            &self.public,
+            &self.router_p,
+            &self.p,
+            &self.router_g,
+            &self.g,
+        ]
     }
 
     fn build(&self) -> Result<(), String> {
@@ -155,15 +163,33 @@ impl Topology {
         );
         // Links are made inside the namespaces, so no interface name ever
         // exists in (or clashes with) the host's namespace.
-        run(&["ip", "-n", pb, "link", "add", "rp", "type", "veth", "peer", "name", "wan", "netns", rp])?;
-        run(&["ip", "-n", pb, "link", "add", "rg", "type", "veth", "peer", "name", "wan", "netns", rg])?;
-        run(&["ip", "-n", rp, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", p])?;
-        run(&["ip", "-n", rg, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", g])?;
+        run(&[
+            "ip", "-n", pb, "link", "add", "rp", "type", "veth", "peer", "name", "wan", "netns", rp,
+        ])?;
+        run(&[
+            "ip", "-n", pb, "link", "add", "rg", "type", "veth", "peer", "name", "wan", "netns", rg,
+        ])?;
+        run(&[
+            "ip", "-n", rp, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns",
+            p,
+        ])?;
+        run(&[
+            "ip", "-n", rg, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns",
+            g,
+        ])?;
         for (dev, addr) in [("rp", "198.18.1.1/24"), ("rg", "198.18.2.1/24")] {
             run(&["ip", "-n", pb, "addr", "add", addr, "dev", dev])?;
             run(&["ip", "-n", pb, "link", "set", dev, "up"])?;
         }
-        run(&["ip", "netns", "exec", pb, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            pb,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ])?;
         for (r, wan, wan_gw, lan) in [
             (rp, "198.18.1.2/24", "198.18.1.1", "198.18.11.1/24"),
             (rg, "198.18.2.2/24", "198.18.2.1", "198.18.12.1/24"),
@@ -173,18 +199,46 @@ impl Topology {
             run(&["ip", "-n", r, "addr", "add", lan, "dev", "lan"])?;
             run(&["ip", "-n", r, "link", "set", "lan", "up"])?;
             run(&["ip", "-n", r, "route", "add", "default", "via", wan_gw])?;
-            run(&["ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                r,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ])?;
             let ipt = |rule: &[&str]| {
                 let mut argv = vec!["ip", "netns", "exec", r, "iptables"];
                 argv.extend_from_slice(rule);
                 run(&argv)
             };
-            ipt(&["-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE", "--random-fully"])?;
+            ipt(&[
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                "wan",
+                "-j",
+                "MASQUERADE",
+                "--random-fully",
+            ])?;
             ipt(&["-P", "FORWARD", "DROP"])?;
             ipt(&["-A", "FORWARD", "-i", "lan", "-o", "wan", "-j", "ACCEPT"])?;
             ipt(&[
-                "-A", "FORWARD", "-i", "wan", "-o", "lan", "-m", "conntrack", "--ctstate",
-                "ESTABLISHED,RELATED", "-j", "ACCEPT",
+                "-A",
+                "FORWARD",
+                "-i",
+                "wan",
+                "-o",
+                "lan",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "ESTABLISHED,RELATED",
+                "-j",
+                "ACCEPT",
             ])?;
         }
         for (h, addr, gw) in [

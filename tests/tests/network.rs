@@ -1,0 +1,600 @@
+//! The whole system as separate processes: a gateway, a provider (`sshd`
+//! backend: a real OpenSSH server per lease) and a consumer node, each its
+//! own `xe node` with its own data dir. A lease is created on the consumer
+//! node, accepted by the provider, and used through the gateway by every
+//! access path a user has — with the real OpenSSH client.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use sha2::{Digest, Sha256};
+
+fn xe(args: &[&str]) -> Output {
+    Command::new(xe_bin()).args(args).output().expect("run xe")
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// One HTTP/1.1 GET against a node's API, returning the JSON body.
+fn http_get(addr: &str, path: &str) -> (u16, serde_json::Value) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect api");
+    s.set_read_timeout(Some(Duration::from_secs(70)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let status: u16 = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+struct Net {
+    dir: tempfile::TempDir,
+    gw: NodeProc,
+    provider: NodeProc,
+    consumer: NodeProc,
+    wallet: PathBuf,
+    key: PathBuf,
+    lease: String,
+    vm_host_key: String,
+}
+
+impl Net {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn start() -> Net {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gw = NodeProc::start(
+            &dir.path().join("gw"),
+            &["--ssh-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"],
+        );
+        let boot = gw.bootstrap_args();
+        let boot: Vec<&str> = boot.iter().map(String::as_str).collect();
+        let mut pargs = vec!["--provide", "--vm-backend", "sshd"];
+        pargs.extend(&boot);
+        let provider = NodeProc::start(&dir.path().join("provider"), &pargs);
+        let mut cargs = vec!["--api-listen", "127.0.0.1:0"];
+        cargs.extend(&boot);
+        let consumer = NodeProc::start(&dir.path().join("consumer"), &cargs);
+
+        let wallet = dir.path().join("me.seed");
+        let w = wallet.to_str().expect("utf8");
+        ok(&xe(&["wallet", "create", "--wallet", w]), "wallet create");
+        let url = format!("http://{}", consumer.field("api_addr"));
+        let out = xe(&[
+            "lease",
+            "create",
+            "--wallet",
+            w,
+            "--node",
+            &url,
+            "--provider",
+            &provider.field("account"),
+            "--wait",
+            "--timeout",
+            "60",
+        ]);
+        let lease = ok(&out, "lease create --wait")
+            .lines()
+            .last()
+            .expect("hash")
+            .trim()
+            .to_string();
+        assert_eq!(lease.len(), 64, "lease hash on the last line");
+        // The gateway learns the lease by gossip; long-poll until it is accepted there.
+        let gw_api = gw.field("api_addr");
+        let mut vm_host_key = String::new();
+        for _ in 0..3 {
+            let (status, body) =
+                http_get(&gw_api, &format!("/leases/{lease}?wait=20&since=created"));
+            if status == 200 && body["state"] == "accepted" {
+                vm_host_key = body["vm_host_key"]
+                    .as_str()
+                    .expect("vm_host_key")
+                    .to_string();
+                break;
+            }
+        }
+        assert!(
+            vm_host_key.starts_with("ssh-ed25519 "),
+            "gateway saw the accept: {vm_host_key:?}"
+        );
+        let known = dir.path().join("known_hosts");
+        std::fs::write(&known, format!("{lease} {vm_host_key}\n")).expect("known_hosts");
+        Net {
+            key: dir.path().join("me.lease_key"),
+            dir,
+            gw,
+            provider,
+            consumer,
+            wallet,
+            lease,
+            vm_host_key,
+        }
+    }
+
+    fn gw_port(&self) -> u16 {
+        self.gw
+            .field("ssh_addr")
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port")
+    }
+
+    /// `ssh` options for reaching the VM through the gateway with -W.
+    fn proxy_opts(&self, gw_port: u16) -> Vec<String> {
+        self.proxy_opts_for(gw_port, "xe-gateway")
+    }
+
+    /// As `proxy_opts`, with the gateway's host key recorded under `alias`
+    /// (one alias per gateway identity, whatever port it listens on).
+    fn proxy_opts_for(&self, gw_port: u16, alias: &str) -> Vec<String> {
+        vec![
+            "-F".into(),
+            "/dev/null".into(),
+            "-o".into(),
+            format!(
+                "ProxyCommand=ssh -F /dev/null -p {gw_port} -i {key} -o IdentitiesOnly=yes -o BatchMode=yes \
+                 -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={gwkh} -o HostKeyAlias={alias} \
+                 -W %h:%p {lease}@127.0.0.1",
+                key = self.key.display(),
+                gwkh = self.path("gw_known_hosts").display(),
+                lease = self.lease
+            ),
+            "-o".into(),
+            format!("HostKeyAlias={}", self.lease),
+            "-o".into(),
+            format!("UserKnownHostsFile={}", self.path("known_hosts").display()),
+            "-o".into(),
+            "StrictHostKeyChecking=yes".into(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "IdentitiesOnly=yes".into(),
+            "-i".into(),
+            self.key.display().to_string(),
+        ]
+    }
+
+    fn ssh_w(&self, cmd: &str) -> Output {
+        Command::new("ssh")
+            .args(self.proxy_opts(self.gw_port()))
+            .arg("root@vm")
+            .arg(cmd)
+            .env_remove("SSH_AUTH_SOCK")
+            .stdin(Stdio::null())
+            .output()
+            .expect("ssh")
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).to_string()
+}
+
+#[test]
+fn every_access_path_reaches_the_vm() {
+    if !sshd_available("every_access_path_reaches_the_vm") {
+        return;
+    }
+    let n = Net::start();
+    let port = n.gw_port();
+
+    // 1. ProxyCommand -W (the seed's recommended path).
+    assert_eq!(ok(&n.ssh_w("echo via-w"), "ssh -W"), "via-w\n");
+
+    // 2. ssh -J, configured as a user would.
+    let cfg = n.path("ssh_config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "Host gw\n  HostName 127.0.0.1\n  Port {port}\n  User {lease}\n  IdentityFile {key}\n  IdentitiesOnly yes\n  \
+             StrictHostKeyChecking accept-new\n  UserKnownHostsFile {gwkh}\n  BatchMode yes\n\
+             Host vm\n  User root\n  IdentityFile {key}\n  IdentitiesOnly yes\n  HostKeyAlias {lease}\n  \
+             UserKnownHostsFile {kh}\n  StrictHostKeyChecking yes\n  BatchMode yes\n",
+            lease = n.lease,
+            key = n.key.display(),
+            gwkh = n.path("gw_known_hosts").display(),
+            kh = n.path("known_hosts").display(),
+        ),
+    )
+    .expect("config");
+    let out = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args(["-J", "gw", "vm", "echo via-j"])
+        .env_remove("SSH_AUTH_SOCK")
+        .output()
+        .expect("ssh -J");
+    assert_eq!(ok(&out, "ssh -J"), "via-j\n");
+
+    // 3. xe ssh (pins the VM host key from the lease into its own known_hosts).
+    let out = Command::new(xe_bin())
+        .args([
+            "ssh",
+            "--wallet",
+            n.wallet.to_str().expect("utf8"),
+            "--gateway",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args([
+            "--known-hosts",
+            n.path("xe_known_hosts").to_str().expect("utf8"),
+            "--host-key",
+            &n.vm_host_key,
+        ])
+        .arg(&n.lease)
+        .args(["--", "echo", "via-xe-ssh"])
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::null())
+        .output()
+        .expect("xe ssh");
+    assert_eq!(ok(&out, "xe ssh"), "via-xe-ssh\n");
+
+    // 4. The gateway's session channel used as a ProxyCommand, without -W.
+    let mut opts = n.proxy_opts(port);
+    opts[3] = format!(
+        "ProxyCommand=ssh -F /dev/null -T -p {port} -i {key} -o IdentitiesOnly=yes -o BatchMode=yes \
+         -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={gwkh} {lease}@127.0.0.1",
+        key = n.key.display(),
+        gwkh = n.path("gw_known_hosts").display(),
+        lease = n.lease
+    );
+    let out = Command::new("ssh")
+        .args(&opts)
+        .args(["root@vm", "echo via-session"])
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::null())
+        .output()
+        .expect("ssh");
+    assert_eq!(ok(&out, "session as ProxyCommand"), "via-session\n");
+
+    // 5. ssh -A: the gateway logs into the VM with the forwarded agent.
+    let sock = n.path("agent.sock");
+    let mut agent = Command::new("ssh-agent")
+        .args(["-D", "-a"])
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh-agent");
+    let mut line = String::new();
+    BufReader::new(agent.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("agent line");
+    assert!(line.starts_with("SSH_AUTH_SOCK="), "{line}");
+    ok(
+        &Command::new("ssh-add")
+            .arg(&n.key)
+            .env("SSH_AUTH_SOCK", &sock)
+            .output()
+            .expect("ssh-add"),
+        "ssh-add",
+    );
+    let out = Command::new("ssh")
+        .args([
+            "-F",
+            "/dev/null",
+            "-A",
+            "-tt",
+            "-p",
+            &port.to_string(),
+            "-o",
+            "BatchMode=yes",
+        ])
+        .args(["-o", "StrictHostKeyChecking=accept-new", "-o"])
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            n.path("gw_known_hosts").display()
+        ))
+        .arg(format!("{}@127.0.0.1", n.lease))
+        .arg("echo via-agent; exit 5")
+        .env("SSH_AUTH_SOCK", &sock)
+        .stdin(Stdio::null())
+        .output()
+        .expect("ssh -A");
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(
+        text(&out.stdout).contains("via-agent"),
+        "stdout {} stderr {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(5), "exit status from the VM");
+
+    // 6. The HTTP-upgrade tunnel via `xe tunnel`, then plain ssh to the local port.
+    let mut tunnel = Command::new(xe_bin())
+        .args([
+            "tunnel",
+            "--wallet",
+            n.wallet.to_str().expect("utf8"),
+            "--node",
+        ])
+        .arg(format!("http://{}", n.gw.field("api_addr")))
+        .args(["--listen", "127.0.0.1:0"])
+        .arg(&n.lease)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("xe tunnel");
+    let mut out = BufReader::new(tunnel.stdout.take().expect("stdout"));
+    let mut tport = None;
+    for _ in 0..20 {
+        let mut l = String::new();
+        if out.read_line(&mut l).expect("read") == 0 {
+            break;
+        }
+        if let Some(rest) = l.split("127.0.0.1:").nth(1) {
+            tport = rest
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|p| p.parse::<u16>().ok());
+            if tport.is_some() {
+                break;
+            }
+        }
+    }
+    let tport = tport.expect("xe tunnel printed its port");
+    let out = Command::new("ssh")
+        .args(["-F", "/dev/null", "-p", &tport.to_string(), "-i"])
+        .arg(&n.key)
+        .args([
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            &format!("HostKeyAlias={}", n.lease),
+        ])
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            n.path("known_hosts").display()
+        ))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "root@127.0.0.1",
+            "echo via-http-tunnel",
+        ])
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::null())
+        .output()
+        .expect("ssh via xe tunnel");
+    let _ = Command::new("kill")
+        .args(["-TERM", &tunnel.id().to_string()])
+        .status();
+    let _ = tunnel.wait();
+    assert_eq!(ok(&out, "ssh through xe tunnel"), "via-http-tunnel\n");
+}
+
+fn sha256_file(p: &Path) -> String {
+    let mut h = Sha256::new();
+    h.update(std::fs::read(p).expect("read"));
+    hex::encode(h.finalize())
+}
+
+#[test]
+fn scp_50_mib_in_and_out_byte_exact() {
+    if !sshd_available("scp_50_mib_in_and_out_byte_exact") {
+        return;
+    }
+    let n = Net::start();
+    let src = n.path("src.bin");
+    let mut data = vec![0u8; 50 * 1024 * 1024];
+    let mut x = 0x2545F4914F6CDD1Du64;
+    for c in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    }
+    std::fs::write(&src, &data).expect("write");
+    let remote = format!(
+        "/tmp/xe-e2e-{}-{}.bin",
+        std::process::id(),
+        n.lease.get(..8).expect("hash")
+    );
+    let scp = |from: &str, to: &str| {
+        Command::new("scp")
+            .args(["-q", "-O"])
+            .args(n.proxy_opts(n.gw_port()))
+            .args([from, to])
+            .env_remove("SSH_AUTH_SOCK")
+            .output()
+            .expect("scp")
+    };
+    ok(
+        &scp(src.to_str().expect("utf8"), &format!("root@vm:{remote}")),
+        "scp in",
+    );
+    let back = n.path("back.bin");
+    ok(
+        &scp(&format!("root@vm:{remote}"), back.to_str().expect("utf8")),
+        "scp out",
+    );
+    let _ = n.ssh_w(&format!("rm -f {remote}"));
+    assert_eq!(sha256_file(&back), sha256_file(&src));
+}
+
+/// Wait (bounded) for a child to exit, on the exit event.
+fn wait_exit(mut child: Child, limit: Duration) -> (std::process::ExitStatus, Duration) {
+    let t = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pid = child.id();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(st) => (st.expect("wait"), t.elapsed()),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("process {pid} still running after {limit:?}");
+        }
+    }
+}
+
+#[test]
+fn settling_kills_open_sessions_and_refuses_new_ones() {
+    if !sshd_available("settling_kills_open_sessions_and_refuses_new_ones") {
+        return;
+    }
+    let n = Net::start();
+    // A session that prints a marker and then waits for a long time.
+    let mut session = Command::new("ssh")
+        .args(n.proxy_opts(n.gw_port()))
+        .args(["root@vm", "echo up; exec sleep 300"])
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh");
+    let mut line = String::new();
+    BufReader::new(session.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("marker");
+    assert_eq!(line, "up\n");
+    let url = format!("http://{}", n.consumer.field("api_addr"));
+    ok(
+        &xe(&[
+            "lease",
+            "settle",
+            "--wallet",
+            n.wallet.to_str().expect("utf8"),
+            "--node",
+            &url,
+            &n.lease,
+        ]),
+        "settle",
+    );
+    // The promise is 1 s; the bound here only keeps a broken build from hanging.
+    let (_, took) = wait_exit(session, Duration::from_secs(20));
+    eprintln!("session closed {took:?} after the settle was submitted");
+    let out = n.ssh_w("echo should-not-run");
+    assert!(!out.status.success());
+    assert!(!text(&out.stdout).contains("should-not-run"));
+    // The gateway logged why it refused.
+    let log = n.gw.log_text();
+    assert!(
+        log.contains("settled"),
+        "gateway log names the reason:\n{log}"
+    );
+}
+
+#[test]
+fn restarts_and_a_second_gateway_serve_the_same_lease() {
+    if !sshd_available("restarts_and_a_second_gateway_serve_the_same_lease") {
+        return;
+    }
+    let mut n = Net::start();
+    assert_eq!(ok(&n.ssh_w("echo before"), "before restart"), "before\n");
+
+    // Gateway restart: same data dir, so same host key (the strict
+    // known_hosts entry the ProxyCommand recorded keeps working) and peer id.
+    let gw_dir = n.gw.data.clone();
+    let peer = n.gw.field("peer_id");
+    assert_eq!(n.gw.stop().code(), Some(0));
+    let gwkh_before = std::fs::read_to_string(n.path("gw_known_hosts")).expect("gw known_hosts");
+    n.gw = NodeProc::start(
+        &gw_dir,
+        &["--ssh-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"],
+    );
+    assert_eq!(n.gw.field("peer_id"), peer);
+    // The gateway has no bootstrap peers: a new tunnel dials the provider
+    // at the addresses of its directory entry, kept in the gateway's store.
+    let mut opts = n.proxy_opts(n.gw_port());
+    opts[3] = opts[3].replace(
+        "StrictHostKeyChecking=accept-new",
+        "StrictHostKeyChecking=yes",
+    );
+    let out = Command::new("ssh")
+        .args(&opts)
+        .args(["root@vm", "echo after-gw-restart"])
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::null())
+        .output()
+        .expect("ssh");
+    assert_eq!(
+        ok(&out, "after gateway restart (strict gateway host key)"),
+        "after-gw-restart\n"
+    );
+    let gwkh_line = gwkh_before.lines().next().expect("entry");
+    assert!(gwkh_line.contains("ssh-ed25519"), "{gwkh_line}");
+
+    // Provider restart: the lease's VM (its per-lease sshd) comes back.
+    let p_dir = n.provider.data.clone();
+    assert_eq!(n.provider.stop().code(), Some(0));
+    let boot = n.gw.bootstrap_args();
+    let mut pargs: Vec<&str> = vec!["--provide", "--vm-backend", "sshd"];
+    pargs.extend(boot.iter().map(String::as_str));
+    n.provider = NodeProc::start(&p_dir, &pargs);
+    assert_eq!(
+        ok(
+            &n.ssh_w("echo after-provider-restart"),
+            "after provider restart"
+        ),
+        "after-provider-restart\n"
+    );
+
+    // A second gateway, started later and bootstrapped to the first, learns
+    // the lease and the provider's current addresses by sync and serves it.
+    let boot = n.gw.bootstrap_args();
+    let mut gargs: Vec<&str> = vec!["--ssh-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"];
+    gargs.extend(boot.iter().map(String::as_str));
+    let gw2 = NodeProc::start(&n.path("gw2"), &gargs);
+    let (status, body) = http_get(
+        &gw2.field("api_addr"),
+        &format!("/leases/{}?wait=30&since=created", n.lease),
+    );
+    assert_eq!(
+        (status, body["state"].as_str()),
+        (200, Some("accepted")),
+        "{body}"
+    );
+    let port2: u16 = gw2
+        .field("ssh_addr")
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let out = Command::new("ssh")
+        .args(n.proxy_opts_for(port2, "xe-gateway-2"))
+        .args(["root@vm", "echo via-gw2"])
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::null())
+        .output()
+        .expect("ssh");
+    assert_eq!(ok(&out, "second gateway"), "via-gw2\n");
+}
