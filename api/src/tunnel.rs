@@ -34,8 +34,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
-use xe_net::tunnel::{PIPE_BUFFER, TunnelGuard};
 use xe_net::VmConn;
+use xe_net::tunnel::{PIPE_BUFFER, TunnelGuard};
 use xe_store::{LeaseHash, LeaseState, Sig, now_secs};
 
 use crate::App;

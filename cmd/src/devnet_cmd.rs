@@ -80,7 +80,9 @@ async fn start_nodes(dir: &Path, backend: Backend) -> anyhow::Result<Net3> {
         gateway.ssh_addr.map(|a| a.to_string()).unwrap_or_default()
     ));
 
-    step(&format!("starting provider node (vm backend: {backend:?})…"));
+    step(&format!(
+        "starting provider node (vm backend: {backend:?})…"
+    ));
     let mut p = NodeConfig::new(dir.join("provider"));
     p.p2p_listen = loopback_listen();
     p.bootstrap = boot.clone();
@@ -93,7 +95,11 @@ async fn start_nodes(dir: &Path, backend: Backend) -> anyhow::Result<Net3> {
         capacity: Capacity::default(),
     });
     let provider = Node::start(p).await.context("starting the provider node")?;
-    step(&format!("  provider peer {} account {}", provider.net.peer_id(), provider.wallet.address()));
+    step(&format!(
+        "  provider peer {} account {}",
+        provider.net.peer_id(),
+        provider.wallet.address()
+    ));
 
     step("starting consumer node…");
     let mut c = NodeConfig::new(dir.join("consumer"));
@@ -108,7 +114,12 @@ async fn start_nodes(dir: &Path, backend: Backend) -> anyhow::Result<Net3> {
 }
 
 /// Wait until `node` knows `lease` in `state` (bounded), on change events.
-async fn wait_lease(node: &Node, lease: &xe_store::LeaseHash, want: LeaseState, timeout: Duration) -> anyhow::Result<()> {
+async fn wait_lease(
+    node: &Node,
+    lease: &xe_store::LeaseHash,
+    want: LeaseState,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let mut rx = node.store.subscribe();
     let wait = async {
         loop {
@@ -127,7 +138,11 @@ async fn wait_lease(node: &Node, lease: &xe_store::LeaseHash, want: LeaseState, 
 }
 
 /// Wait until the gateway's directory knows the provider (bounded).
-async fn wait_directory(gateway: &Node, provider: &xe_store::AccountAddress, timeout: Duration) -> anyhow::Result<()> {
+async fn wait_directory(
+    gateway: &Node,
+    provider: &xe_store::AccountAddress,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let mut rx = gateway.store.subscribe_directory();
     let wait = async {
         while gateway.store.peer_for_account(provider)?.is_none() {
@@ -161,7 +176,12 @@ pub async fn run(args: DevnetArgs) -> anyhow::Result<ExitCode> {
     result
 }
 
-async fn drive(dir: &Path, net: &Net3, args: &DevnetArgs, timeout: Duration) -> anyhow::Result<ExitCode> {
+async fn drive(
+    dir: &Path,
+    net: &Net3,
+    args: &DevnetArgs,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
     let wallet_path = dir.join("consumer.seed");
     let wallet = Wallet::load_or_create(&wallet_path)?;
     let key = LeaseKey::load_or_create(&lease_key_path(&wallet_path))?;
@@ -192,7 +212,11 @@ async fn drive(dir: &Path, net: &Net3, args: &DevnetArgs, timeout: Duration) -> 
     step("waiting for the provider to provision the VM and accept…");
     wait_lease(&net.gateway, &lease, LeaseState::Accepted, timeout).await?;
     let rec = net.gateway.store.lease(&lease)?.context("lease vanished")?;
-    let host_key = rec.accept.as_ref().map(|a| a.vm_host_key.clone()).context("accepted without host key")?;
+    let host_key = rec
+        .accept
+        .as_ref()
+        .map(|a| a.vm_host_key.clone())
+        .context("accepted without host key")?;
     let known_hosts = dir.join("known_hosts");
     pin_host_key(&known_hosts, &lease, &host_key)?;
     let gateway = net.gateway.ssh_addr.context("gateway has no SSH address")?;
@@ -241,7 +265,13 @@ async fn drive(dir: &Path, net: &Net3, args: &DevnetArgs, timeout: Duration) -> 
     let quoted: Vec<String> = target
         .ssh_args(&[])?
         .iter()
-        .map(|a| if a.contains(' ') { format!("'{a}'") } else { a.clone() })
+        .map(|a| {
+            if a.contains(' ') {
+                format!("'{a}'")
+            } else {
+                a.clone()
+            }
+        })
         .collect();
     println!("ssh {}", quoted.join(" "));
     println!();
@@ -261,6 +291,7 @@ async fn drive(dir: &Path, net: &Net3, args: &DevnetArgs, timeout: Duration) -> 
 
 fn is_root() -> bool {
     std::env::var("USER").map(|u| u == "root").unwrap_or(false)
-        || std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+        || std::fs::metadata("/proc/self")
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+            .unwrap_or(false)
 }
-

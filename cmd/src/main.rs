@@ -5,10 +5,10 @@ use clap::{Parser, Subcommand};
 
 mod devnet_cmd;
 mod lease_cmd;
-mod tunnel_cmd;
 mod node_cmd;
-mod ssh_cmd;
 mod paths;
+mod ssh_cmd;
+mod tunnel_cmd;
 mod wallet_cmd;
 
 /// SSH access to leased VMs across a libp2p overlay.
@@ -51,13 +51,19 @@ fn init_tracing(default: &str) {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // devnet prints its own progress; its nodes' logs are opt-in (RUST_LOG).
-    init_tracing(if matches!(cli.command, Command::Devnet(_)) { "warn" } else { "info" });
+    init_tracing(if matches!(cli.command, Command::Devnet(_)) {
+        "warn"
+    } else {
+        "info"
+    });
     let result = match cli.command {
         Command::Wallet(cmd) => wallet_cmd::run(cmd),
         Command::Node(args) => runtime().and_then(|rt| rt.block_on(node_cmd::run(args))),
@@ -65,7 +71,9 @@ fn main() -> std::process::ExitCode {
         Command::SshConfig(args) => ssh_cmd::run_config(args),
         Command::Devnet(args) => runtime().and_then(|rt| rt.block_on(devnet_cmd::run(args))),
         Command::Lease(cmd) => runtime().and_then(|rt| rt.block_on(lease_cmd::run(cmd))),
-        Command::Providers(args) => runtime().and_then(|rt| rt.block_on(lease_cmd::run_providers(args))),
+        Command::Providers(args) => {
+            runtime().and_then(|rt| rt.block_on(lease_cmd::run_providers(args)))
+        }
         Command::Tunnel(args) => runtime().and_then(|rt| rt.block_on(tunnel_cmd::run(args))),
     };
     match result {

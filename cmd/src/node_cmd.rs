@@ -46,7 +46,11 @@ pub struct NodeArgs {
     #[arg(long, value_name = "PATH", default_value = "limactl")]
     pub limactl: PathBuf,
     /// Cloud image for Lima VMs: a local path or URL (never downloaded by tests).
-    #[arg(long, value_name = "LOCATION", default_value = "https://dl-cdn.alpinelinux.org/alpine/v3.20/releases/cloud/nocloud_alpine-3.20.3-x86_64-bios-cloudinit-r0.qcow2")]
+    #[arg(
+        long,
+        value_name = "LOCATION",
+        default_value = "https://dl-cdn.alpinelinux.org/alpine/v3.20/releases/cloud/nocloud_alpine-3.20.3-x86_64-bios-cloudinit-r0.qcow2"
+    )]
     pub lima_image: String,
     /// sshd binary (sshd backend) [default: /usr/sbin/sshd or PATH].
     #[arg(long, value_name = "PATH")]
@@ -126,7 +130,10 @@ fn ssh_listen(args: &NodeArgs) -> anyhow::Result<Option<SocketAddr>> {
         return Ok(Some(sa));
     }
     let ip: IpAddr = args.ssh_listen.parse().with_context(|| {
-        format!("--ssh-listen {:?}: expected an IP address or IP:PORT", args.ssh_listen)
+        format!(
+            "--ssh-listen {:?}: expected an IP address or IP:PORT",
+            args.ssh_listen
+        )
     })?;
     Ok((args.ssh_port != 0).then_some(SocketAddr::new(ip, args.ssh_port)))
 }
@@ -136,7 +143,10 @@ fn api_listen(args: &NodeArgs) -> anyhow::Result<Option<SocketAddr>> {
         return Ok(Some(sa));
     }
     let ip: IpAddr = args.api_listen.parse().with_context(|| {
-        format!("--api-listen {:?}: expected an IP address or IP:PORT", args.api_listen)
+        format!(
+            "--api-listen {:?}: expected an IP address or IP:PORT",
+            args.api_listen
+        )
     })?;
     Ok((args.api_port != 0).then_some(SocketAddr::new(ip, args.api_port)))
 }
@@ -144,7 +154,9 @@ fn api_listen(args: &NodeArgs) -> anyhow::Result<Option<SocketAddr>> {
 impl NodeArgs {
     /// The data directory.
     pub fn data_dir(&self) -> PathBuf {
-        self.data.clone().unwrap_or_else(|| crate::paths::xe_home().join("node"))
+        self.data
+            .clone()
+            .unwrap_or_else(|| crate::paths::xe_home().join("node"))
     }
 
     /// Translate flags into a node configuration.
@@ -157,8 +169,13 @@ impl NodeArgs {
         cfg.p2p_listen = self.p2p_listen.clone();
         cfg.bootstrap = self.bootstrap.clone();
         for b in &cfg.bootstrap {
-            if !b.iter().any(|p| matches!(p, xe_net::libp2p_protocol::P2p(_))) {
-                anyhow::bail!("--bootstrap {b}: must end in /p2p/<peer id> (see `listen_addrs` in the peer's GET /node)");
+            if !b
+                .iter()
+                .any(|p| matches!(p, xe_net::libp2p_protocol::P2p(_)))
+            {
+                anyhow::bail!(
+                    "--bootstrap {b}: must end in /p2p/<peer id> (see `listen_addrs` in the peer's GET /node)"
+                );
             }
         }
         cfg.handshake_timeout = Duration::from_secs(self.handshake_timeout.max(1));
@@ -170,7 +187,9 @@ impl NodeArgs {
                         limactl: self.limactl.clone(),
                         image: self.lima_image.clone(),
                     },
-                    Backend::Sshd => VmBackend::Sshd { sshd: self.sshd.clone() },
+                    Backend::Sshd => VmBackend::Sshd {
+                        sshd: self.sshd.clone(),
+                    },
                     Backend::Dev => VmBackend::Dev,
                 },
                 capacity: Capacity {
@@ -189,7 +208,10 @@ impl NodeArgs {
             });
         }
         for r in &self.relay {
-            if !r.iter().any(|p| matches!(p, xe_net::libp2p_protocol::P2p(_))) {
+            if !r
+                .iter()
+                .any(|p| matches!(p, xe_net::libp2p_protocol::P2p(_)))
+            {
                 anyhow::bail!("--relay {r}: must end in /p2p/<peer id> (the relay's p2p_addrs)");
             }
         }
@@ -270,7 +292,9 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding the HTTP API to {listen}"))?;
-            let addr = listener.local_addr().context("reading the HTTP API address")?;
+            let addr = listener
+                .local_addr()
+                .context("reading the HTTP API address")?;
             let config = xe_api::ApiConfig {
                 require_fresh: args.http_tunnel_require_fresh,
                 ..xe_api::ApiConfig::default()

@@ -92,7 +92,9 @@ impl SshTarget {
 
 fn shell_quote(p: &Path) -> String {
     let s = p.display().to_string();
-    if s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c)) {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c))
+    {
         s
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
@@ -102,7 +104,11 @@ fn shell_quote(p: &Path) -> String {
 /// Pin `host_key` (an OpenSSH public key line) for `lease` in `known_hosts`,
 /// replacing any older line for the same alias.
 pub fn pin_host_key(known_hosts: &Path, lease: &LeaseHash, host_key: &str) -> anyhow::Result<()> {
-    let key = host_key.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    let key = host_key
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
     if key.split_whitespace().count() != 2 || key.contains(['\n', '\r']) {
         bail!("the lease's VM host key is malformed: {host_key:?}");
     }
@@ -117,7 +123,8 @@ pub fn pin_host_key(known_hosts: &Path, lease: &LeaseHash, host_key: &str) -> an
     if let Some(dir) = known_hosts.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    std::fs::write(known_hosts, out.join("\n") + "\n").with_context(|| format!("writing {}", known_hosts.display()))?;
+    std::fs::write(known_hosts, out.join("\n") + "\n")
+        .with_context(|| format!("writing {}", known_hosts.display()))?;
     Ok(())
 }
 
@@ -153,12 +160,18 @@ pub struct TargetArgs {
 
 impl TargetArgs {
     fn target(&self) -> anyhow::Result<SshTarget> {
-        let lease: LeaseHash = self.lease.parse().with_context(|| format!("lease {:?}", self.lease))?;
+        let lease: LeaseHash = self
+            .lease
+            .parse()
+            .with_context(|| format!("lease {:?}", self.lease))?;
         split_host_port(&self.gateway)?;
         let wallet = self.wallet.path();
         let key = LeaseKey::load(&lease_key_path(&wallet))
             .with_context(|| format!("the lease key of wallet {}", wallet.display()))?;
-        let known_hosts = self.known_hosts.clone().unwrap_or_else(|| xe_home().join("known_hosts"));
+        let known_hosts = self
+            .known_hosts
+            .clone()
+            .unwrap_or_else(|| xe_home().join("known_hosts"));
         if let Some(hk) = &self.host_key {
             pin_host_key(&known_hosts, &lease, hk)?;
         }
@@ -215,12 +228,16 @@ pub fn run_ssh(args: SshArgs) -> anyhow::Result<ExitCode> {
         .args(&argv)
         .status()
         .context("running ssh (is the OpenSSH client installed?)")?;
-    Ok(ExitCode::from(status.code().unwrap_or(255).clamp(0, 255) as u8))
+    Ok(ExitCode::from(
+        status.code().unwrap_or(255).clamp(0, 255) as u8
+    ))
 }
 
 pub fn run_config(args: SshConfigArgs) -> anyhow::Result<ExitCode> {
     let t = args.target.target()?;
-    let alias = args.alias.unwrap_or_else(|| format!("xe-{}", t.lease.short()));
+    let alias = args
+        .alias
+        .unwrap_or_else(|| format!("xe-{}", t.lease.short()));
     print!("{}", t.config_block(&alias)?);
     Ok(ExitCode::SUCCESS)
 }
@@ -239,7 +256,10 @@ mod tests {
         pin_host_key(&kh, &b, "ssh-ed25519 AAAA2").expect("pin");
         pin_host_key(&kh, &a, "ssh-ed25519 AAAA3").expect("re-pin");
         let text = std::fs::read_to_string(&kh).expect("read");
-        assert_eq!(text, format!("{b} ssh-ed25519 AAAA2\n{a} ssh-ed25519 AAAA3\n"));
+        assert_eq!(
+            text,
+            format!("{b} ssh-ed25519 AAAA2\n{a} ssh-ed25519 AAAA3\n")
+        );
         assert!(pin_host_key(&kh, &a, "garbage").is_err());
     }
 
@@ -254,7 +274,10 @@ mod tests {
         };
         let a = t.ssh_args(&["echo".into(), "hi".into()]).expect("args");
         let joined = a.join(" ");
-        assert!(joined.contains(&format!("-W %h:%p {}@127.0.0.1", "ab".repeat(32))), "{joined}");
+        assert!(
+            joined.contains(&format!("-W %h:%p {}@127.0.0.1", "ab".repeat(32))),
+            "{joined}"
+        );
         assert!(joined.contains(&format!("HostKeyAlias={}", "ab".repeat(32))));
         assert!(joined.ends_with("root@vm echo hi"));
     }

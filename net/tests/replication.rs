@@ -206,7 +206,9 @@ async fn lost_bootstrap_peer_is_redialled_after_it_restarts() {
             let mut cfg = xe_net::NetConfig::new(key);
             cfg.listen = vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().expect("addr")];
             let cancel = tokio_util::sync::CancellationToken::new();
-            let net = xe_net::start(cfg, store, cancel.clone()).await.expect("start");
+            let net = xe_net::start(cfg, store, cancel.clone())
+                .await
+                .expect("start");
             (net, cancel)
         }
     };

@@ -87,7 +87,11 @@ impl Provider {
     /// A tunnel to one of our own leases' VMs without the overlay (a peer
     /// never dials itself): the same checks as an inbound tunnel, then
     /// DialSSH. Used when the gateway or HTTP API runs on the provider.
-    pub async fn open_local(&self, lease: &LeaseHash, me: &PeerId) -> Result<Box<dyn VmConn>, String> {
+    pub async fn open_local(
+        &self,
+        lease: &LeaseHash,
+        me: &PeerId,
+    ) -> Result<Box<dyn VmConn>, String> {
         self.validate_tunnel_lease(lease, me).await?;
         self.dial_ssh(lease).await
     }
