@@ -12,7 +12,7 @@ use clap::Args;
 use xe_node::{Capacity, Node, NodeConfig, ProvideConfig, SshConfig, VmBackend};
 use xe_store::{Lease, LeaseEvent, LeaseKey, LeaseState, Wallet, lease_key_path, now_secs};
 
-use crate::node_cmd::{Backend, shutdown_signal};
+use crate::node_cmd::{Backend, ShutdownSignal};
 use crate::ssh_cmd::{SshTarget, pin_host_key};
 
 /// `xe devnet` flags.
@@ -156,6 +156,7 @@ async fn wait_directory(
 }
 
 pub async fn run(args: DevnetArgs) -> anyhow::Result<ExitCode> {
+    let mut signals = ShutdownSignal::install()?;
     let _tmp;
     let dir = match &args.data {
         Some(d) => d.clone(),
@@ -169,7 +170,7 @@ pub async fn run(args: DevnetArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&dir)?;
     let timeout = Duration::from_secs(args.timeout);
     let net = start_nodes(&dir, args.vm_backend).await?;
-    let result = drive(&dir, &net, &args, timeout).await;
+    let result = drive(&dir, &net, &args, timeout, &mut signals).await;
     step("stopping all nodes…");
     net.shutdown().await;
     step("stopped");
@@ -181,6 +182,7 @@ async fn drive(
     net: &Net3,
     args: &DevnetArgs,
     timeout: Duration,
+    signals: &mut ShutdownSignal,
 ) -> anyhow::Result<ExitCode> {
     let wallet_path = dir.join("consumer.seed");
     let wallet = Wallet::load_or_create(&wallet_path)?;
@@ -285,7 +287,7 @@ async fn drive(
     );
     println!();
     println!("Press Ctrl-C to stop everything.");
-    shutdown_signal().await;
+    signals.recv().await;
     Ok(ExitCode::SUCCESS)
 }
 

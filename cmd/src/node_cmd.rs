@@ -269,17 +269,34 @@ async fn print_nat_events(mut nat: tokio::sync::watch::Receiver<xe_net::NatInfo>
     }
 }
 
-/// Wait for SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// SIGINT/SIGTERM handlers, installed when created: a signal that arrives
+/// while the node is still starting is delivered here, not fatal.
+pub struct ShutdownSignal {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignal {
+    /// Install the handlers now.
+    pub fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(ShutdownSignal {
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    /// Wait for SIGINT or SIGTERM.
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
     }
 }
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
+    let mut signals = ShutdownSignal::install()?;
     let cfg = args.to_config()?;
     let api = api_listen(&args)?;
     let data = cfg.data_dir.clone();
@@ -310,7 +327,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
     std::fs::write(data.join("node.json"), format!("{line}\n")).context("writing node.json")?;
     println!("{line}");
     let nat_events = tokio::spawn(print_nat_events(node.net.nat()));
-    shutdown_signal().await;
+    signals.recv().await;
     nat_events.abort();
     tracing::info!("signal received; shutting down");
     api_cancel.cancel();

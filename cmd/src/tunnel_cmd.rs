@@ -53,6 +53,7 @@ fn pin_vm_host_key(wallet: &Path, lease: &LeaseHash, host_key: &str) -> anyhow::
 }
 
 pub async fn run(args: TunnelArgs) -> anyhow::Result<ExitCode> {
+    let mut signals = crate::node_cmd::ShutdownSignal::install()?;
     let lease: LeaseHash = args
         .lease
         .trim()
@@ -111,7 +112,7 @@ pub async fn run(args: TunnelArgs) -> anyhow::Result<ExitCode> {
         Arc::new(key),
         cancel.clone(),
     ));
-    crate::node_cmd::shutdown_signal().await;
+    signals.recv().await;
     cancel.cancel();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), forward).await;
     Ok(ExitCode::SUCCESS)
