@@ -16,15 +16,26 @@ use crate::paths::WalletArg;
 /// Which node's API to talk to.
 #[derive(Args, Debug, Clone)]
 pub struct NodeUrlArg {
-    /// The node's HTTP API (`xe node --api-port`).
-    #[arg(long = "node", env = "XE_NODE", value_name = "URL", default_value = DEFAULT_NODE_URL)]
-    pub node: String,
+    /// The node's HTTP API (`xe node --api-port`) [default: "node" in
+    /// ~/.xe/config.json, else http://127.0.0.1:8080].
+    #[arg(long = "node", env = "XE_NODE", value_name = "URL")]
+    pub node: Option<String>,
 }
 
 impl NodeUrlArg {
+    /// The URL: flag or `XE_NODE`, then the config file, then the default.
+    pub fn url(&self) -> anyhow::Result<String> {
+        Ok(match &self.node {
+            Some(n) => n.clone(),
+            None => crate::paths::Config::load()?
+                .node
+                .unwrap_or_else(|| DEFAULT_NODE_URL.to_string()),
+        })
+    }
+
     /// A client of that node.
     pub fn client(&self) -> anyhow::Result<ApiClient> {
-        let url: NodeUrl = self.node.parse()?;
+        let url: NodeUrl = self.url()?.parse()?;
         Ok(ApiClient::new(url))
     }
 }

@@ -29,3 +29,41 @@ impl WalletArg {
         self.wallet.clone().unwrap_or_else(default_wallet)
     }
 }
+
+/// Defaults a user can set once in `~/.xe/config.json` (or the file named by
+/// `XE_CONFIG`), e.g. `{"node": "http://127.0.0.1:8080", "gateway": "gw.example.net:2222"}`.
+/// Flags and environment variables win over it.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Default `--node` URL.
+    pub node: Option<String>,
+    /// Default `--gateway HOST:PORT`.
+    pub gateway: Option<String>,
+}
+
+impl Config {
+    /// The config file's path.
+    pub fn path() -> PathBuf {
+        std::env::var_os("XE_CONFIG")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| xe_home().join("config.json"))
+    }
+
+    /// Read the config; a missing file is an empty config, a malformed one
+    /// is an error that names the file.
+    pub fn load() -> anyhow::Result<Config> {
+        use anyhow::Context;
+        let path = Config::path();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{}: expected JSON like {{\"node\": \"http://127.0.0.1:8080\", \"gateway\": \"host:2222\"}}",
+                    path.display()
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+}

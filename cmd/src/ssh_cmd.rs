@@ -141,21 +141,40 @@ fn has_pin(known_hosts: &Path, lease: &LeaseHash) -> bool {
 pub struct TargetArgs {
     /// The lease hash (64 hex).
     pub lease: String,
-    /// SSH gateway HOST:PORT.
+    /// SSH gateway HOST:PORT [default: "gateway" in ~/.xe/config.json, else
+    /// the --node's own SSH gateway].
     #[arg(long, env = "XE_GATEWAY", value_name = "HOST:PORT")]
-    pub gateway: String,
+    pub gateway: Option<String>,
     /// User on the VM.
     #[arg(long, default_value = "root")]
     pub user: String,
     /// known_hosts file that pins VM host keys [default: ~/.xe/known_hosts].
     #[arg(long, value_name = "PATH")]
     pub known_hosts: Option<PathBuf>,
-    /// The lease's VM host key (`ssh-ed25519 AAAA…`) to pin, as published
-    /// in the lease's accept (`xe lease show` prints it).
+    /// The lease's VM host key (`ssh-ed25519 AAAA…`) to pin [default: read
+    /// from the lease's signed accept through --node].
     #[arg(long, value_name = "KEY")]
     pub host_key: Option<String>,
     #[command(flatten)]
+    pub node: crate::lease_cmd::NodeUrlArg,
+    #[command(flatten)]
     pub wallet: WalletArg,
+}
+
+/// Ask the node's API; only used for what the user did not give.
+fn ask_node<T>(
+    node: &crate::lease_cmd::NodeUrlArg,
+    what: &str,
+    f: impl AsyncFnOnce(xe_api::client::ApiClient) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let url = node.url()?;
+    let client = node.client()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(f(client)).with_context(|| {
+        format!("{what} from the xe node at {url} (pass --node URL of a node with --api-port, or give it directly)")
+    })
 }
 
 impl TargetArgs {
@@ -164,7 +183,27 @@ impl TargetArgs {
             .lease
             .parse()
             .with_context(|| format!("lease {:?}", self.lease))?;
-        split_host_port(&self.gateway)?;
+        let gateway = match (self.gateway.clone(), crate::paths::Config::load()?.gateway) {
+            (Some(g), _) | (None, Some(g)) => g,
+            (None, None) => {
+                let url = self.node.url()?;
+                let host = url
+                    .trim_start_matches("http://")
+                    .rsplit_once(':')
+                    .map(|(h, _)| h.to_string())
+                    .unwrap_or_else(|| "127.0.0.1".into());
+                let port = ask_node(&self.node, "reading the SSH gateway port", async |c| {
+                    Ok(c.node().await?.ssh_port)
+                })?;
+                if port == 0 {
+                    bail!(
+                        "the node at {url} runs no SSH gateway; pass --gateway HOST:PORT or set XE_GATEWAY"
+                    );
+                }
+                format!("{host}:{port}")
+            }
+        };
+        split_host_port(&gateway)?;
         let wallet = self.wallet.path();
         let key = LeaseKey::load(&lease_key_path(&wallet))
             .with_context(|| format!("the lease key of wallet {}", wallet.display()))?;
@@ -176,16 +215,16 @@ impl TargetArgs {
             pin_host_key(&known_hosts, &lease, hk)?;
         }
         if !has_pin(&known_hosts, &lease) {
-            bail!(
-                "no pinned VM host key for lease {} in {}; pass --host-key \"$(xe lease show {} --field vm_host_key)\" once",
-                lease.short(),
-                known_hosts.display(),
-                lease
-            );
+            let hk = ask_node(&self.node, "reading the lease's VM host key", async |c| {
+                c.lease(&lease).await?.vm_host_key.with_context(|| {
+                    format!("lease {} is not accepted yet (no VM host key published)", lease.short())
+                })
+            })?;
+            pin_host_key(&known_hosts, &lease, &hk)?;
         }
         Ok(SshTarget {
             lease,
-            gateway: self.gateway.clone(),
+            gateway,
             key: key.path().to_path_buf(),
             known_hosts,
             user: self.user.clone(),

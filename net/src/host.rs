@@ -658,6 +658,13 @@ const BOOTSTRAP_REDIAL_INTERVAL: Duration = Duration::from_secs(5);
 /// (a relay reservation reports several addresses at once).
 const ANNOUNCE_DEBOUNCE: Duration = Duration::from_millis(300);
 
+/// Tunnel opens waiting for a connection to one peer.
+struct PeerDial {
+    /// Our dial, once started (none while the DHT is asked for addresses).
+    conn: Option<ConnectionId>,
+    replies: Vec<Reply<Result<(), TunnelError>>>,
+}
+
 /// One open connection.
 struct Conn {
     /// The remote's address (for a relayed connection we accepted, only
@@ -690,7 +697,7 @@ struct EventLoop {
     /// Open connections per peer.
     connections: HashMap<PeerId, HashMap<ConnectionId, Conn>>,
     addr_dials: HashMap<ConnectionId, Reply<Result<PeerId, String>>>,
-    peer_dials: HashMap<PeerId, Vec<Reply<Result<(), TunnelError>>>>,
+    peer_dials: HashMap<PeerId, PeerDial>,
     lookups: HashMap<kad::QueryId, PeerId>,
     sync_requests: HashMap<request_response::OutboundRequestId, PeerId>,
     /// Gossip that found no subscribed peer; re-sent when one subscribes.
@@ -762,8 +769,8 @@ impl EventLoop {
                 }
             }
         }
-        for (_, replies) in self.peer_dials.drain() {
-            for r in replies {
+        for (_, dial) in self.peer_dials.drain() {
+            for r in dial.replies {
                 let _ = r.send(Err(TunnelError::Shutdown));
             }
         }
@@ -827,18 +834,33 @@ impl EventLoop {
         for a in &addrs {
             self.swarm.add_peer_address(peer, a.clone());
         }
-        let first = !self.peer_dials.contains_key(&peer);
-        self.peer_dials.entry(peer).or_default().push(r);
-        if !first {
+        if let Some(d) = self.peer_dials.get_mut(&peer) {
+            d.replies.push(r);
             return;
         }
+        self.peer_dials.insert(
+            peer,
+            PeerDial {
+                conn: None,
+                replies: vec![r],
+            },
+        );
+        // Our own dial even if another one (a DHT query's, say) is under
+        // way: ours has the directory's addresses, and any connection that
+        // comes up first answers the waiters.
         let opts = DialOpts::peer_id(peer)
-            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .condition(PeerCondition::Disconnected)
             .addresses(addrs)
             .extend_addresses_through_behaviour()
             .build();
-        if let Err(e) = self.swarm.dial(opts) {
-            match e {
+        let conn = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                if let Some(d) = self.peer_dials.get_mut(&peer) {
+                    d.conn = Some(conn);
+                }
+            }
+            Err(e) => match e {
                 libp2p::swarm::DialError::NoAddresses => {
                     debug!(%peer, "no known address; asking the DHT");
                     let q = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
@@ -851,12 +873,17 @@ impl EventLoop {
                         detail: e.to_string(),
                     }),
                 ),
-            }
+            },
         }
     }
 
     fn finish_dial(&mut self, peer: PeerId, result: Result<(), TunnelError>) {
-        for r in self.peer_dials.remove(&peer).unwrap_or_default() {
+        let replies = self
+            .peer_dials
+            .remove(&peer)
+            .map(|d| d.replies)
+            .unwrap_or_default();
+        for r in replies {
             let _ = r.send(match &result {
                 Ok(()) => Ok(()),
                 Err(TunnelError::PeerNotFound(p)) => Err(TunnelError::PeerNotFound(*p)),
@@ -1038,6 +1065,9 @@ impl EventLoop {
                     match found {
                         Some(info) if !info.addrs.is_empty() => {
                             let opts = DialOpts::peer_id(peer).addresses(info.addrs).build();
+                            if let Some(d) = self.peer_dials.get_mut(&peer) {
+                                d.conn = Some(opts.connection_id());
+                            }
                             if let Err(e) = self.swarm.dial(opts) {
                                 self.finish_dial(
                                     peer,
@@ -1119,8 +1149,15 @@ impl EventLoop {
                 if let Some(r) = self.addr_dials.remove(&connection_id) {
                     let _ = r.send(Err(error.to_string()));
                 }
+                // Only our own dial's failure answers the waiters: another
+                // dial to the same peer (a DHT query's) may fail while ours
+                // is still trying.
                 if let Some(peer) = peer_id
                     && !self.swarm.is_connected(&peer)
+                    && self
+                        .peer_dials
+                        .get(&peer)
+                        .is_some_and(|d| d.conn == Some(connection_id))
                 {
                     self.finish_dial(
                         peer,

@@ -236,28 +236,31 @@ fn every_access_path_reaches_the_vm() {
         .expect("ssh -J");
     assert_eq!(ok(&out, "ssh -J"), "via-j\n");
 
-    // 3. xe ssh (pins the VM host key from the lease into its own known_hosts).
+    // 3. xe ssh, told only which node to ask: it reads the gateway's SSH
+    // port and the lease's VM host key (from the signed accept) through the
+    // node's API, pins the key in its own known_hosts, and runs OpenSSH.
+    let xe_kh = n.path("xe_known_hosts");
     let out = Command::new(xe_bin())
-        .args([
-            "ssh",
-            "--wallet",
-            n.wallet.to_str().expect("utf8"),
-            "--gateway",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args([
-            "--known-hosts",
-            n.path("xe_known_hosts").to_str().expect("utf8"),
-            "--host-key",
-            &n.vm_host_key,
-        ])
+        .args(["ssh", "--wallet", n.wallet.to_str().expect("utf8"), "--node"])
+        .arg(format!("http://{}", n.gw.field("api_addr")))
+        .args(["--known-hosts", xe_kh.to_str().expect("utf8")])
         .arg(&n.lease)
         .args(["--", "echo", "via-xe-ssh"])
+        .env("XE_CONFIG", n.path("no-config.json"))
         .env_remove("SSH_AUTH_SOCK")
         .stdin(Stdio::null())
         .output()
         .expect("xe ssh");
     assert_eq!(ok(&out, "xe ssh"), "via-xe-ssh\n");
+    // The VM's key is pinned under the lease alias (the gateway's own key
+    // is recorded beside it by the inner ssh, under its address).
+    let pin = format!(
+        "{} {}",
+        n.lease,
+        n.vm_host_key.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+    );
+    let kh = std::fs::read_to_string(&xe_kh).expect("pinned");
+    assert!(kh.lines().any(|l| l == pin), "{kh}");
 
     // 4. The gateway's session channel used as a ProxyCommand, without -W.
     let mut opts = n.proxy_opts(port);

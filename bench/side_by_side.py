@@ -1,0 +1,468 @@
+#!/usr/bin/env python3
+"""Side by side: xe vs OpenSSH (issue 9, first part).
+
+One command, loopback only, bounded in time, stops only what it started:
+
+    python3 bench/side_by_side.py            # defaults: 20 connects, 3-5 bulk runs of 1 GiB
+    python3 bench/side_by_side.py --quick    # smoke test: 3 connects, 1 run of 64 MiB
+
+Paths measured (same client options on every path: KexAlgorithms
+curve25519-sha256, Ciphers aes128-gcm@openssh.com, ControlMaster no):
+  1 direct   ssh to a private sshd on 127.0.0.1
+  2 bastion  ssh -J through a second private sshd (OpenSSH bastion)
+  3 xe -W    ProxyCommand ssh -W through the xe gateway -> overlay -> provider (sshd backend)
+  4 xe tun   `xe tunnel` (HTTP upgrade) on a local port, plain ssh to it
+  5 relayed  not measured (no relay flags on `xe node` yet)
+  6 socat    plain TCP relay in front of the direct sshd (the floor)
+
+Requires: root (the sshd backend and VM user are root), /usr/sbin/sshd,
+ssh, ssh-keygen, socat, and target/release/xe (cargo build --release -p xe).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+XE = os.path.join(ROOT, "target", "release", "xe")
+SSHD = "/usr/sbin/sshd"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+GIB = 1 << 30
+
+STARTED = []  # Popen objects we started (and only these are stopped)
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def start(cmd, **kw):
+    p = subprocess.Popen(cmd, **kw)
+    STARTED.append(p)
+    return p
+
+
+def stop_all():
+    # Only the processes this script started, by PID, newest first.
+    for p in reversed(STARTED):
+        if p.poll() is None:
+            try:
+                os.kill(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 10
+    for p in reversed(STARTED):
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=5)
+
+
+def run(cmd, timeout=60, check=True, **kw):
+    r = subprocess.run(cmd, capture_output=True, timeout=timeout, **kw)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{cmd!r} failed ({r.returncode}): {r.stderr.decode(errors='replace')[-2000:]}")
+    return r
+
+
+def wait_port(port, timeout=15):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} never opened")
+
+
+def cpu_secs(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    # fields 14 (utime), 15 (stime); rest[0] is field 3
+    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+
+class Node:
+    """An `xe node` process; its first stdout line is the JSON ready line."""
+
+    def __init__(self, data, args):
+        os.makedirs(data, exist_ok=True)
+        self.logf = open(os.path.join(data, "node.log"), "wb")
+        env = dict(os.environ, RUST_LOG="info", NO_COLOR="1")
+        self.p = start([XE, "node", "--data", data, "--p2p-listen", "/ip4/127.0.0.1/tcp/0"] + args,
+                       stdout=subprocess.PIPE, stderr=self.logf, env=env)
+        self.lines = []
+        got = threading.Event()
+
+        def drain():
+            for l in self.p.stdout:  # keep draining so the node never blocks
+                self.lines.append(l)
+                got.set()
+        threading.Thread(target=drain, daemon=True).start()
+        if not got.wait(60):
+            raise RuntimeError(f"xe node {args} not ready in 60 s (log {data}/node.log)")
+        self.ready = json.loads(self.lines[0])
+
+    @property
+    def pid(self):
+        return self.p.pid
+
+
+def sshd(d, name, port, authorized, extra=""):
+    hk = os.path.join(d, f"{name}_host_ed25519")
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hk])
+    cfg = os.path.join(d, f"{name}_sshd_config")
+    with open(cfg, "w") as f:
+        f.write(f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {hk}
+PidFile {d}/{name}.pid
+AuthorizedKeysFile {authorized}
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PrintMotd no
+UseDNS no
+MaxStartups 100:30:200
+AllowTcpForwarding yes
+Subsystem sftp internal-sftp
+{extra}""")
+    logf = open(os.path.join(d, f"{name}_sshd.log"), "wb")
+    start([SSHD, "-D", "-e", "-f", cfg], stdout=logf, stderr=logf)
+    wait_port(port)
+    with open(hk + ".pub") as f:
+        return " ".join(f.read().split()[:2])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--connects", type=int, default=20)
+    ap.add_argument("--runs", type=int, default=3, help="bulk runs per path and direction (minimum)")
+    ap.add_argument("--max-runs", type=int, default=5, help="extra runs while the time budget allows")
+    ap.add_argument("--bytes", type=int, default=GIB)
+    ap.add_argument("--check-bytes", type=int, default=64 << 20, help="random file for the sha256 check")
+    ap.add_argument("--budget", type=float, default=780, help="seconds after which no extra bulk round starts")
+    ap.add_argument("--transfer-timeout", type=float, default=120)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir")
+    a = ap.parse_args()
+    if a.quick:
+        a.connects, a.runs, a.max_runs, a.bytes, a.check_bytes = 3, 1, 1, 64 << 20, 4 << 20
+    if os.geteuid() != 0:
+        sys.exit("run as root (the sshd backend and the VM user are root)")
+    if not os.access(XE, os.X_OK):
+        sys.exit(f"{XE} missing: cargo build --release -p xe")
+
+    t_start = time.monotonic()
+    d = tempfile.mkdtemp(prefix="xe-bench-")
+    os.chmod(d, 0o755)
+    log(f"workdir {d}")
+
+    def on_signal(sig, _frm):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        return bench(a, d, t_start)
+    finally:
+        stop_all()
+        if not a.keep:
+            subprocess.run(["rm", "-rf", d])
+
+
+def bench(a, d, t_start):
+    # ---- client key, private sshds, socat ------------------------------------------------
+    ck = os.path.join(d, "client_ed25519")
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", ck])
+    auth = os.path.join(d, "authorized_keys")
+    with open(ck + ".pub") as f, open(auth, "w") as g:
+        g.write(f.read())
+    os.chmod(auth, 0o600)
+    p_direct, p_bastion, p_socat = free_port(), free_port(), free_port()
+    hk_target = sshd(d, "target", p_direct, auth)
+    hk_bastion = sshd(d, "bastion", p_bastion, auth)
+    start(["socat", f"TCP-LISTEN:{p_socat},bind=127.0.0.1,reuseaddr,fork", f"TCP:127.0.0.1:{p_direct}"],
+          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(p_socat)
+
+    # ---- xe network ------------------------------------------------------------------------
+    log("starting xe gateway + provider")
+    gw = Node(os.path.join(d, "gw"), ["--ssh-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+    boot = []
+    for ad in gw.ready["p2p_addrs"]:
+        boot += ["--bootstrap", ad]
+    prov = Node(os.path.join(d, "prov"), ["--provide", "--vm-backend", "sshd"] + boot)
+    api = gw.ready["api_addr"]
+    url = f"http://{api}"
+    gw_port = int(gw.ready["ssh_addr"].rsplit(":", 1)[1])
+    wallet = os.path.join(d, "w.seed")
+    lease_key = os.path.join(d, "w.lease_key")
+    run([XE, "wallet", "create", "--wallet", wallet])
+    r = run([XE, "lease", "create", "--wallet", wallet, "--node", url, "--provider",
+             prov.ready["account"], "--wait", "--timeout", "60"], timeout=90)
+    lease = r.stdout.decode().strip().splitlines()[-1].strip()
+    assert len(lease) == 64, f"lease hash: {lease!r}"
+    vm_hk = ""
+    for _ in range(3):
+        with urllib.request.urlopen(f"{url}/leases/{lease}?wait=20&since=created", timeout=30) as resp:
+            body = json.load(resp)
+        if body.get("state") == "accepted":
+            vm_hk = body["vm_host_key"]
+            break
+    assert vm_hk.startswith("ssh-ed25519 "), f"vm host key: {vm_hk!r}"
+    log(f"lease {lease} accepted")
+
+    # xe tunnel (HTTP upgrade)
+    tun = start([XE, "tunnel", "--wallet", wallet, "--node", url, "--listen", "127.0.0.1:0", lease],
+                stdout=subprocess.PIPE, stderr=open(os.path.join(d, "tunnel.log"), "wb"))
+    t_port = None
+    t_end = time.monotonic() + 30
+    while t_port is None and time.monotonic() < t_end:
+        l = tun.stdout.readline().decode()
+        if not l:
+            break
+        if "127.0.0.1:" in l:
+            t_port = int("".join(c for c in l.split("127.0.0.1:")[1] if c.isdigit()) or "0") or None
+    if not t_port:
+        raise RuntimeError("xe tunnel printed no port")
+    threading.Thread(target=lambda: [None for _ in tun.stdout], daemon=True).start()
+
+    # ---- one ssh_config for every path --------------------------------------------------------
+    kh = os.path.join(d, "known_hosts")
+    with open(kh, "w") as f:
+        f.write(f"target {hk_target}\nbastion {hk_bastion}\n{lease} {vm_hk}\n")
+    cfg = os.path.join(d, "ssh_config")
+    with open(cfg, "w") as f:
+        f.write(f"""Host direct
+  HostName 127.0.0.1
+  Port {p_direct}
+  HostKeyAlias target
+  IdentityFile {ck}
+Host bastion
+  HostName 127.0.0.1
+  Port {p_bastion}
+  HostKeyAlias bastion
+  IdentityFile {ck}
+Host viabastion
+  HostName 127.0.0.1
+  Port {p_direct}
+  HostKeyAlias target
+  IdentityFile {ck}
+  ProxyJump bastion
+Host socat
+  HostName 127.0.0.1
+  Port {p_socat}
+  HostKeyAlias target
+  IdentityFile {ck}
+Host xegw
+  HostName 127.0.0.1
+  Port {gw_port}
+  User {lease}
+  HostKeyAlias xe-gateway
+  IdentityFile {lease_key}
+  StrictHostKeyChecking accept-new
+Host vm
+  ProxyCommand ssh -F {cfg} -W %h:%p xegw
+  HostKeyAlias {lease}
+  IdentityFile {lease_key}
+Host xetun
+  HostName 127.0.0.1
+  Port {t_port}
+  HostKeyAlias {lease}
+  IdentityFile {lease_key}
+Host *
+  User root
+  IdentitiesOnly yes
+  BatchMode yes
+  UserKnownHostsFile {kh}
+  StrictHostKeyChecking yes
+  KexAlgorithms curve25519-sha256
+  Ciphers aes128-gcm@openssh.com
+  ControlMaster no
+  ControlPath none
+  LogLevel ERROR
+  ConnectTimeout 20
+""")
+    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+    paths = [
+        ("1", "direct ssh", "direct"),
+        ("2", "ssh -J OpenSSH bastion", "viabastion"),
+        ("3", "xe gateway -W (overlay, sshd backend)", "vm"),
+        ("4", "xe tunnel (HTTP upgrade)", "xetun"),
+        ("6", "socat TCP relay (floor)", "socat"),
+    ]
+
+    def ssh(host, cmd):
+        return ["ssh", "-F", cfg, host, cmd]
+
+    # warm-up + correctness: one connect and the sha256 round trip per path
+    rnd = os.path.join(d, "random.bin")
+    with open(rnd, "wb") as f:
+        left = a.check_bytes
+        while left:
+            n = min(left, 1 << 20)
+            f.write(os.urandom(n))
+            left -= n
+    with open(rnd, "rb") as f:
+        want = hashlib.sha256(f.read()).hexdigest()
+    checks = {}
+    for pid_, name, host in paths:
+        r = run(ssh(host, "true"), timeout=60, check=False, env=env, stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            raise RuntimeError(f"path {pid_} ({host}) cannot connect: {r.stderr.decode(errors='replace')}")
+        remote = f"{d}/rt-{host}.bin"
+        with open(rnd, "rb") as f:
+            up = run(ssh(host, f"cat > {remote} && sha256sum {remote}"), stdin=f, env=env, timeout=120)
+        up_ok = up.stdout.decode().split()[0] == want
+        down = run(ssh(host, f"cat {remote}; rm -f {remote}"), env=env, timeout=120, stdin=subprocess.DEVNULL)
+        down_ok = hashlib.sha256(down.stdout).hexdigest() == want
+        checks[pid_] = up_ok and down_ok
+        log(f"path {pid_}: sha256 up {'ok' if up_ok else 'MISMATCH'}, down {'ok' if down_ok else 'MISMATCH'}")
+
+    # ---- connect latency, interleaved so load drift hits every path alike ------------------------
+    lat = {p[0]: [] for p in paths}
+    for i in range(a.connects):
+        for pid_, _, host in paths:
+            t0 = time.monotonic()
+            r = run(ssh(host, "true"), timeout=60, check=False, env=env, stdin=subprocess.DEVNULL)
+            dt = time.monotonic() - t0
+            if r.returncode == 0:
+                lat[pid_].append(dt)
+            else:
+                log(f"connect failed on path {pid_}: {r.stderr.decode(errors='replace')[-300:]}")
+    log("connect latency done")
+
+    # ---- bulk throughput, rounds of (every path x both directions) ------------------------------
+    thr = {(p[0], dr): [] for p in paths for dr in ("up", "down")}
+    cpu = {(p[0], dr): [] for p in paths for dr in ("up", "down")}  # gateway CPU s per GiB
+    pcpu = {(p[0], dr): [] for p in paths for dr in ("up", "down")}  # provider CPU s per GiB
+    failures = []
+    nbytes = a.bytes
+    up_cmd = f"head -c {nbytes} /dev/zero | ssh -F {shlex.quote(cfg)} %s 'cat > /dev/null'"
+    down_cmd = f"ssh -F {shlex.quote(cfg)} %s 'head -c {nbytes} /dev/zero' | wc -c"
+    rounds = 0
+    round_times = []
+    while rounds < a.max_runs:
+        elapsed = time.monotonic() - t_start
+        est = statistics.mean(round_times) if round_times else 0
+        if rounds >= a.runs and elapsed + est > a.budget:
+            break
+        r0 = time.monotonic()
+        for pid_, _, host in paths:
+            for dr, tmpl in (("up", up_cmd), ("down", down_cmd)):
+                g0, p0 = cpu_secs(gw.pid), cpu_secs(prov.pid)
+                t0 = time.monotonic()
+                pr = subprocess.Popen(["bash", "-o", "pipefail", "-c", tmpl % host], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+                                      start_new_session=True)
+                STARTED.append(pr)
+                try:
+                    out, err = pr.communicate(timeout=a.transfer_timeout)
+                except subprocess.TimeoutExpired:
+                    os.killpg(pr.pid, signal.SIGKILL)  # the group this script created for it
+                    out, err = pr.communicate()
+                    failures.append(f"path {pid_} {dr}: timeout after {a.transfer_timeout}s")
+                    continue
+                dt = time.monotonic() - t0
+                g1, p1 = cpu_secs(gw.pid), cpu_secs(prov.pid)
+                if pr.returncode != 0 or (dr == "down" and int(out.split()[0] or 0) != nbytes):
+                    failures.append(f"path {pid_} {dr}: rc {pr.returncode} {out[:40]!r} {err[-300:]!r}")
+                    continue
+                thr[(pid_, dr)].append(nbytes / dt)
+                cpu[(pid_, dr)].append((g1 - g0) * GIB / nbytes)
+                pcpu[(pid_, dr)].append((p1 - p0) * GIB / nbytes)
+                log(f"round {rounds + 1} path {pid_} {dr}: {nbytes / dt / 1e6:.0f} MB/s "
+                    f"(gw cpu {g1 - g0:.2f}s, provider cpu {p1 - p0:.2f}s)")
+        rounds += 1
+        round_times.append(time.monotonic() - r0)
+
+    total = time.monotonic() - t_start
+    report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbytes)
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbytes):
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    out = []
+    w = out.append
+    w(f"connects per path: {a.connects} (interleaved); bulk: {rounds} round(s) of {nbytes / GIB:g} GiB "
+      f"each way per path (median); whole run {total:.0f} s; load average at end {load}")
+    w("")
+    w("Connect latency, `ssh … true` (lower is better; ratio = this path / reference):")
+    w("")
+    w("| path | median | min | max | n | × direct (1) | × bastion (2) |")
+    w("|---|---|---|---|---|---|---|")
+    m1, m2 = med(lat["1"]), med(lat["2"])
+    for pid_, name, _ in paths:
+        xs = lat[pid_]
+        if not xs:
+            w(f"| {pid_} {name} | failed | | | 0 | | |")
+            continue
+        m = med(xs)
+        w(f"| {pid_} {name} | {m * 1e3:.0f} ms | {min(xs) * 1e3:.0f} ms | {max(xs) * 1e3:.0f} ms | {len(xs)} "
+          f"| {m / m1:.2f}× | {m / m2:.2f}× |")
+    w("| 5 xe via relay | not measured | | | | | |")
+    w("")
+    w("Bulk throughput, 1 GiB of zeros through `cat > /dev/null` (up) and `head -c` (down), "
+      "MB/s = 10^6 B/s (higher is better), with the xe gateway's and provider's CPU seconds per GiB:")
+    w("")
+    w("| path | dir | median | min | max | n | × direct (1) | × bastion (2) | gateway CPU s/GiB | provider CPU s/GiB | sha256 |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|")
+    for pid_, name, _ in paths:
+        for dr in ("up", "down"):
+            xs = thr[(pid_, dr)]
+            ck = "ok" if checks.get(pid_) else "MISMATCH"
+            if not xs:
+                w(f"| {pid_} {name} | {dr} | failed | | | 0 | | | | | {ck} |")
+                continue
+            m = med(xs)
+            r1 = m / med(thr[("1", dr)]) if thr[("1", dr)] else float("nan")
+            r2 = m / med(thr[("2", dr)]) if thr[("2", dr)] else float("nan")
+            xe = pid_ in ("3", "4")
+            gc = f"{med(cpu[(pid_, dr)]):.2f}" if xe else "–"
+            pc = f"{med(pcpu[(pid_, dr)]):.2f}" if xe else "–"
+            w(f"| {pid_} {name} | {dr} | {m / 1e6:.0f} | {min(xs) / 1e6:.0f} | {max(xs) / 1e6:.0f} | {len(xs)} "
+              f"| {r1:.2f}× | {r2:.2f}× | {gc} | {pc} | {ck} |")
+    w("| 5 xe via relay | | not measured | | | | | | | | |")
+    if failures:
+        w("")
+        w("Failures:")
+        for f_ in failures:
+            w(f"- {f_}")
+    print("\n".join(out), flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
