@@ -52,11 +52,16 @@ struct Net3 {
     gateway: Node,
     provider: Node,
     consumer: Node,
+    /// The gateway's HTTP API (for `xe tunnel`), and its task.
+    api_addr: std::net::SocketAddr,
+    api: tokio::task::JoinHandle<Result<(), xe_api::ApiError>>,
 }
 
 impl Net3 {
     async fn shutdown(self) {
         // Consumer and gateway first so sessions end before VMs stop.
+        self.gateway.cancel_token().cancel();
+        let _ = self.api.await;
         self.consumer.shutdown().await;
         self.gateway.shutdown().await;
         self.provider.shutdown().await;
@@ -74,6 +79,16 @@ async fn start_nodes(dir: &Path, backend: Backend) -> anyhow::Result<Net3> {
     });
     let gateway = Node::start(g).await.context("starting the gateway node")?;
     let boot = gateway.net.p2p_addrs().await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the gateway's HTTP API")?;
+    let api_addr = listener.local_addr()?;
+    let api = tokio::spawn(xe_api::serve(
+        listener,
+        xe_api::ApiContext::from_node(&gateway),
+        xe_api::ApiConfig::default(),
+        gateway.cancel_token().child_token(),
+    ));
     step(&format!(
         "  gateway peer {} ssh {}",
         gateway.net.peer_id(),
@@ -110,6 +125,8 @@ async fn start_nodes(dir: &Path, backend: Backend) -> anyhow::Result<Net3> {
         gateway,
         provider,
         consumer,
+        api_addr,
+        api,
     })
 }
 
@@ -284,6 +301,22 @@ async fn drive(
         gateway.port(),
         known_hosts.display(),
         lease
+    );
+    println!();
+    println!("# 4. the HTTP-upgrade tunnel: a local port, then plain ssh to it:");
+    println!(
+        "{} tunnel --wallet {} --node http://{} --listen 127.0.0.1:0 {}   # prints PORT",
+        xe.display(),
+        wallet_path.display(),
+        net.api_addr,
+        lease
+    );
+    println!(
+        "ssh -p PORT -i {} -o HostKeyAlias={} -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes {}@127.0.0.1",
+        key.path().display(),
+        lease,
+        known_hosts.display(),
+        target.user
     );
     println!();
     println!("Press Ctrl-C to stop everything.");

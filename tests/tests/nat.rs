@@ -321,7 +321,9 @@ fn nat_provider_is_reached_through_the_relay_with_real_ssh() {
 
     // 100 MiB up and 100 MiB down over the relayed path, byte-exact.
     let (big, digest) = big_file(dir.path());
+    let t0 = std::time::Instant::now();
     let up = consumer.ssh(&t.g, &gateway, &lease, &host_key, "sha256sum", Some(&big));
+    let up_time = t0.elapsed();
     assert!(
         up.status.success(),
         "{}",
@@ -334,6 +336,7 @@ fn nat_provider_is_reached_through_the_relay_with_real_ssh() {
         Some(digest.as_str()),
         "upload is byte-exact"
     );
+    let t0 = std::time::Instant::now();
     let down = consumer.ssh(
         &t.g,
         &gateway,
@@ -346,6 +349,10 @@ fn nat_provider_is_reached_through_the_relay_with_real_ssh() {
         down.status.success(),
         "{}",
         String::from_utf8_lossy(&down.stderr)
+    );
+    let down_time = t0.elapsed();
+    eprintln!(
+        "100 MiB over the relayed path with real ssh: up {up_time:.2?}, down {down_time:.2?} (debug build, whole ssh session)"
     );
     assert_eq!(down.stdout.len(), BIG);
     assert_eq!(

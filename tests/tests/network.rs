@@ -241,7 +241,12 @@ fn every_access_path_reaches_the_vm() {
     // node's API, pins the key in its own known_hosts, and runs OpenSSH.
     let xe_kh = n.path("xe_known_hosts");
     let out = Command::new(xe_bin())
-        .args(["ssh", "--wallet", n.wallet.to_str().expect("utf8"), "--node"])
+        .args([
+            "ssh",
+            "--wallet",
+            n.wallet.to_str().expect("utf8"),
+            "--node",
+        ])
         .arg(format!("http://{}", n.gw.field("api_addr")))
         .args(["--known-hosts", xe_kh.to_str().expect("utf8")])
         .arg(&n.lease)
@@ -257,7 +262,11 @@ fn every_access_path_reaches_the_vm() {
     let pin = format!(
         "{} {}",
         n.lease,
-        n.vm_host_key.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+        n.vm_host_key
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     let kh = std::fs::read_to_string(&xe_kh).expect("pinned");
     assert!(kh.lines().any(|l| l == pin), "{kh}");
