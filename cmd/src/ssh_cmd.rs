@@ -217,7 +217,10 @@ impl TargetArgs {
         if !has_pin(&known_hosts, &lease) {
             let hk = ask_node(&self.node, "reading the lease's VM host key", async |c| {
                 c.lease(&lease).await?.vm_host_key.with_context(|| {
-                    format!("lease {} is not accepted yet (no VM host key published)", lease.short())
+                    format!(
+                        "lease {} is not accepted yet (no VM host key published)",
+                        lease.short()
+                    )
                 })
             })?;
             pin_host_key(&known_hosts, &lease, &hk)?;

@@ -70,6 +70,10 @@ impl Net {
     }
 
     fn start() -> Net {
+        Net::start_with_duration(3600)
+    }
+
+    fn start_with_duration(duration: u64) -> Net {
         let dir = tempfile::tempdir().expect("tempdir");
         let gw = NodeProc::start(
             &dir.path().join("gw"),
@@ -77,7 +81,13 @@ impl Net {
         );
         let boot = gw.bootstrap_args();
         let boot: Vec<&str> = boot.iter().map(String::as_str).collect();
-        let mut pargs = vec!["--provide", "--vm-backend", "sshd"];
+        let mut pargs = vec![
+            "--provide",
+            "--vm-backend",
+            "sshd",
+            "--api-listen",
+            "127.0.0.1:0",
+        ];
         pargs.extend(&boot);
         let provider = NodeProc::start(&dir.path().join("provider"), &pargs);
         let mut cargs = vec!["--api-listen", "127.0.0.1:0"];
@@ -88,6 +98,7 @@ impl Net {
         let w = wallet.to_str().expect("utf8");
         ok(&xe(&["wallet", "create", "--wallet", w]), "wallet create");
         let url = format!("http://{}", consumer.field("api_addr"));
+        let duration = duration.to_string();
         let out = xe(&[
             "lease",
             "create",
@@ -97,6 +108,8 @@ impl Net {
             &url,
             "--provider",
             &provider.field("account"),
+            "--duration",
+            &duration,
             "--wait",
             "--timeout",
             "60",
@@ -477,6 +490,30 @@ fn wait_exit(mut child: Child, limit: Duration) -> (std::process::ExitStatus, Du
     }
 }
 
+/// The lease's VM is torn down: the provider reports no VM for it and no
+/// process runs from the lease's sshd directory. There is no event to await
+/// in another process, so this polls, bounded to 10 s.
+fn assert_vm_torn_down(n: &Net) {
+    let api = n.provider.field("api_addr");
+    let lease_dir = format!("vms/sshd/{}", n.lease);
+    for _ in 0..200 {
+        let (status, _) = http_get(&api, &format!("/vms/{}", n.lease));
+        let ps = Command::new("ps")
+            .args(["-eo", "args"])
+            .output()
+            .expect("ps");
+        let running = text(&ps.stdout).lines().any(|l| l.contains(&lease_dir));
+        if status == 404 && !running {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "VM of lease {} still present 10 s after the lease ended",
+        n.lease
+    );
+}
+
 #[test]
 fn settling_kills_open_sessions_and_refuses_new_ones() {
     if !sshd_available("settling_kills_open_sessions_and_refuses_new_ones") {
@@ -523,6 +560,40 @@ fn settling_kills_open_sessions_and_refuses_new_ones() {
         log.contains("settled"),
         "gateway log names the reason:\n{log}"
     );
+    assert_vm_torn_down(&n);
+}
+
+/// Expiry (accepted_at + duration, the shortest a lease may be: 60 s) ends
+/// open sessions, refuses new ones and tears the VM down, like a settle.
+#[test]
+fn expiry_kills_open_sessions_and_tears_the_vm_down() {
+    if !sshd_available("expiry_kills_open_sessions_and_tears_the_vm_down") {
+        return;
+    }
+    let n = Net::start_with_duration(60);
+    let mut session = Command::new("ssh")
+        .args(n.proxy_opts(n.gw_port()))
+        .args(["root@vm", "echo up; exec sleep 300"])
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh");
+    let mut line = String::new();
+    BufReader::new(session.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("marker");
+    assert_eq!(line, "up\n");
+    let (_, took) = wait_exit(session, Duration::from_secs(120));
+    eprintln!("session closed {took:?} after it started (lease of 60 s)");
+    let out = n.ssh_w("echo should-not-run");
+    assert!(!out.status.success());
+    assert!(
+        n.gw.log_text().contains("expired"),
+        "gateway log names the reason"
+    );
+    assert_vm_torn_down(&n);
 }
 
 #[test]
