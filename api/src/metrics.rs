@@ -237,6 +237,29 @@ pub(crate) async fn metrics(State(app): State<App>) -> Result<Response, HttpErro
         "libp2p peers connected now.",
         *app.ctx.net.peer_count().borrow() as u64,
     );
+    let peers = app.ctx.net.peers().await.unwrap_or_default();
+    o.family(
+        "xe_peer_connected",
+        "gauge",
+        "1 per connected peer, labelled with how it is reached (direct, relayed, direct+relayed).",
+    );
+    for p in &peers {
+        o.sample(
+            "xe_peer_connected",
+            &[("peer", &p.peer_id), ("path", &p.path().to_string())],
+            1,
+        );
+    }
+    o.family(
+        "xe_reachability",
+        "gauge",
+        "1 for what AutoNAT concluded about this node (public, private, unknown).",
+    );
+    o.sample(
+        "xe_reachability",
+        &[("state", &app.ctx.net.reachability().to_string())],
+        1,
+    );
 
     // ---- provider
     if let Some(p) = &app.ctx.provider {

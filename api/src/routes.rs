@@ -102,6 +102,7 @@ async fn node_info(State(app): State<App>) -> Result<Json<NodeInfo>, HttpError> 
         .map_err(|e| HttpError::internal(e.to_string()))?
         .into_iter()
         .map(|p| PeerView {
+            path: p.path().to_string(),
             peer_id: p.peer_id,
             addrs: p.addrs,
             relayed: p.relayed,
@@ -125,6 +126,7 @@ async fn node_info(State(app): State<App>) -> Result<Json<NodeInfo>, HttpError> 
         peers,
         roles,
         http_tunnel_require_fresh: app.config.require_fresh,
+        reachability: app.ctx.net.reachability().to_string(),
     }))
 }
 

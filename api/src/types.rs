@@ -114,6 +114,9 @@ pub struct NodeInfo {
     pub roles: Vec<String>,
     /// Whether `POST /tunnel/…` refuses the timeless `X-Signature` form.
     pub http_tunnel_require_fresh: bool,
+    /// What AutoNAT concluded: `public`, `private` or `unknown`.
+    #[serde(default)]
+    pub reachability: String,
 }
 
 /// One connected peer in [`NodeInfo`].
@@ -125,6 +128,9 @@ pub struct PeerView {
     pub addrs: Vec<String>,
     /// Whether a connection is relayed.
     pub relayed: bool,
+    /// `direct`, `relayed`, or `direct+relayed` (while a hole-punched
+    /// connection replaces a relayed one).
+    pub path: String,
 }
 
 /// One directory entry, as `GET /providers` shows it.

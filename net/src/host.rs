@@ -1357,18 +1357,22 @@ impl EventLoop {
     /// A relay server only serves reservations once it has an external
     /// address, and advertises exactly those to its clients. Without
     /// `--external-addr`, use the listen addresses — the non-loopback ones
-    /// when there are any, so NAT'd peers are not told to dial 127.0.0.1.
+    /// when there are any, so NAT'd peers are not told to dial 127.0.0.1 —
+    /// and none once AutoNAT says nobody can dial them.
     fn sync_relay_externals(&mut self) {
         if !self.nat.relay_server || !self.nat.external_addrs.is_empty() {
             return;
         }
         let any_routable = self.listen_addrs.iter().any(|a| !is_loopback(a));
-        let want: Vec<Multiaddr> = self
-            .listen_addrs
-            .iter()
-            .filter(|a| !any_routable || !is_loopback(a))
-            .cloned()
-            .collect();
+        let want: Vec<Multiaddr> = if self.reachability == Reachability::Private {
+            Vec::new()
+        } else {
+            self.listen_addrs
+                .iter()
+                .filter(|a| !any_routable || !is_loopback(a))
+                .cloned()
+                .collect()
+        };
         let have: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
         for a in &want {
             if !have.contains(a) {
@@ -1376,7 +1380,7 @@ impl EventLoop {
             }
         }
         for a in have {
-            if !is_circuit(&a) && is_loopback(&a) && !want.contains(&a) {
+            if !is_circuit(&a) && self.listen_addrs.contains(&a) && !want.contains(&a) {
                 self.swarm.remove_external_address(&a);
             }
         }
@@ -1425,6 +1429,15 @@ impl EventLoop {
             kad::Mode::Server
         };
         self.swarm.behaviour_mut().kad.set_mode(Some(mode));
+        if self.reachability == Reachability::Private
+            && self.nat.relay_server
+            && self.nat.external_addrs.is_empty()
+        {
+            warn!(
+                "relay server enabled but this node is not publicly reachable: not relaying (pass --external-addr if peers can reach it, or --no-relay-server)"
+            );
+        }
+        self.sync_relay_externals();
         self.maintain_relays();
         self.publish_nat_info();
     }

@@ -35,7 +35,7 @@ pub const MAX_ERROR_LEN: usize = 4096;
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Copy buffer per direction. Larger than tokio's 8 KiB default so one
 /// read fills most of a yamux frame / SSH packet; measured in BENCHMARKS.md.
-pub const PIPE_BUFFER: usize = 64 * 1024;
+pub const PIPE_BUFFER: usize = 256 * 1024;
 
 /// The client end of an open tunnel: a tokio byte stream to the VM's sshd.
 ///
