@@ -114,13 +114,22 @@ async fn ssh_runs_a_command_through_the_http_tunnel() {
     let node = get(p_api.addr, "/node").await.json();
     let peers = node["peers"].as_array().expect("peers");
     assert!(!peers.is_empty());
-    assert!(peers.iter().all(|p| p["path"] == "direct" && p["relayed"] == false), "{node}");
+    assert!(
+        peers
+            .iter()
+            .all(|p| p["path"] == "direct" && p["relayed"] == false),
+        "{node}"
+    );
     let m = get(p_api.addr, "/metrics").await.text();
     assert!(
-        m.lines().any(|l| l.starts_with("xe_peer_connected{") && l.contains("path=\"direct\"")),
+        m.lines()
+            .any(|l| l.starts_with("xe_peer_connected{") && l.contains("path=\"direct\"")),
         "{m}"
     );
-    assert!(m.lines().any(|l| l.starts_with("xe_reachability{state=")), "{m}");
+    assert!(
+        m.lines().any(|l| l.starts_with("xe_reachability{state=")),
+        "{m}"
+    );
 
     // Real ssh through a local forwarder; host key pinned from the lease.
     let known_hosts = dir.path().join("known_hosts");

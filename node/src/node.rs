@@ -206,9 +206,16 @@ impl Node {
         }
         let (ssh_addr, gateway_stats) = match &cfg.ssh {
             Some(ssh) => {
-                let (addr, stats) =
-                    crate::wiring::start_gateway(&cfg, provider.clone(), ssh, &store, &handle, &cancel, &mut tasks)
-                        .await?;
+                let (addr, stats) = crate::wiring::start_gateway(
+                    &cfg,
+                    provider.clone(),
+                    ssh,
+                    &store,
+                    &handle,
+                    &cancel,
+                    &mut tasks,
+                )
+                .await?;
                 (Some(addr), Some(stats))
             }
             None => (None, None),
