@@ -16,6 +16,8 @@ const EVENTS: usize = 30;
 struct N {
     net: NetHandle,
     store: Store,
+    /// Dropping the JoinSet would abort the node; keep it for the run.
+    _tasks: tokio::task::JoinSet<()>,
 }
 
 async fn start(boot: Vec<xe_net::Multiaddr>, cancel: &CancellationToken) -> N {
