@@ -28,10 +28,10 @@ async fn start(boot: Vec<xe_net::Multiaddr>, cancel: &CancellationToken) -> N {
     let net = xe_net::start(cfg, store.clone(), cancel.child_token())
         .await
         .expect("start");
-    std::mem::forget(net.tasks);
     N {
         net: net.handle,
         store,
+        _tasks: net.tasks,
     }
 }
 
