@@ -5,79 +5,15 @@
 //! Run: `cargo bench -p xe-net --bench tunnel` (release build).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use xe_net::{NetConfig, PeerId, TunnelValidator, VmConn};
+use xe_net::NetConfig;
 use xe_store::{LeaseHash, Store};
 
-const BYTES: u64 = 1 << 30;
-const RUNS: usize = 3;
+mod support;
 
-/// Backend: counts what it receives, answers the count (8 bytes) at EOF.
-async fn sink() -> std::net::SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let a = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut n = 0u64;
-                while let Ok(k) = s.read(&mut buf).await {
-                    if k == 0 {
-                        break;
-                    }
-                    n += k as u64;
-                }
-                let _ = s.write_all(&n.to_be_bytes()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    a
-}
-
-struct AnyLease(std::net::SocketAddr);
-
-#[async_trait::async_trait]
-impl TunnelValidator for AnyLease {
-    async fn validate_tunnel_lease(&self, _: &LeaseHash, _: &PeerId) -> Result<(), String> {
-        Ok(())
-    }
-    async fn dial_ssh(&self, _: &LeaseHash) -> Result<Box<dyn VmConn>, String> {
-        let s = TcpStream::connect(self.0)
-            .await
-            .map_err(|e| e.to_string())?;
-        let _ = s.set_nodelay(true);
-        Ok(Box::new(s))
-    }
-}
-
-async fn push<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> Duration {
-    let block = vec![0x5au8; 256 * 1024];
-    let t = Instant::now();
-    let mut sent = 0u64;
-    while sent < BYTES {
-        s.write_all(&block).await.expect("write");
-        sent += block.len() as u64;
-    }
-    s.shutdown().await.expect("shutdown");
-    let mut n = [0u8; 8];
-    s.read_exact(&mut n).await.expect("count");
-    assert_eq!(u64::from_be_bytes(n), BYTES, "bytes lost");
-    t.elapsed()
-}
-
-fn mibs(d: Duration) -> f64 {
-    (BYTES as f64 / (1024.0 * 1024.0)) / d.as_secs_f64()
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
+use support::{AnyLease, RUNS, median, mibs, push, sink};
 
 #[tokio::main]
 async fn main() {
