@@ -35,7 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 use xe_net::VmConn;
-use xe_net::tunnel::{PIPE_BUFFER, TunnelGuard};
+use xe_net::tunnel::TunnelGuard;
 use xe_store::{LeaseHash, LeaseState, Sig, now_secs};
 
 use crate::App;
@@ -249,13 +249,13 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
                 read: up,
                 written: down,
             };
-            let copied = tokio::select! {
-                r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut vm, PIPE_BUFFER, PIPE_BUFFER) => r,
-                () = token.cancelled() => {
-                    info!("HTTP tunnel closed: the lease ended or the node is stopping");
-                    return;
-                }
-            };
+            // The same copy loop as provider tunnels: buffers grow only
+            // while bulk data flows, so idle tunnels stay small.
+            let copied = xe_net::tunnel::pipe(&mut client, &mut vm, &token).await;
+            if token.is_cancelled() {
+                info!("HTTP tunnel closed: the lease ended or the node is stopping");
+                return;
+            }
             match copied {
                 Ok((a, b)) => info!(client_to_vm = a, vm_to_client = b, "HTTP tunnel closed"),
                 Err(e) => info!("HTTP tunnel ended: {e}"),

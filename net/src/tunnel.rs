@@ -33,8 +33,8 @@ pub const STATUS_ERR: u8 = 0x01;
 pub const MAX_ERROR_LEN: usize = 4096;
 /// The seed's handshake deadline.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Copy buffer per direction. Larger than tokio's 8 KiB default so one
-/// read fills most of a yamux frame / SSH packet; measured in BENCHMARKS.md.
+/// Largest copy buffer per direction, reached during bulk transfers
+/// (256 KiB measured +25 % over 64 KiB; BENCHMARKS.md).
 pub const PIPE_BUFFER: usize = 256 * 1024;
 
 /// The client end of an open tunnel: a tokio byte stream to the VM's sshd.
@@ -295,6 +295,45 @@ impl Default for TunnelServerConfig {
     }
 }
 
+/// Smallest copy buffer per direction. A direction starts here, doubles
+/// while reads fill its buffer (a bulk transfer) up to [`PIPE_BUFFER`], and
+/// drops back here on a tiny read (interactive traffic, keepalives), so an
+/// idle tunnel holds 2 × 8 KiB instead of 2 × [`PIPE_BUFFER`].
+pub const PIPE_BUFFER_MIN: usize = 8 * 1024;
+
+/// Reads shorter than this are interactive traffic: shrink the buffer.
+const SHRINK_BELOW: usize = 1024;
+
+/// Copy `r` to `w` until EOF, then half-close `w`. Returns bytes copied.
+async fn copy_one_way<R, W>(r: &mut R, w: &mut W) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let mut buf = vec![0u8; PIPE_BUFFER_MIN];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            w.shutdown().await?;
+            return Ok(total);
+        }
+        w.write_all(&buf[..n]).await?;
+        total += n as u64;
+        if n == buf.len() {
+            if buf.len() < PIPE_BUFFER {
+                buf.resize((buf.len() * 2).min(PIPE_BUFFER), 0);
+            }
+        } else {
+            // Nothing more was waiting: push what we wrote out now.
+            w.flush().await?;
+            if n < SHRINK_BELOW && buf.len() > PIPE_BUFFER_MIN {
+                buf = vec![0u8; PIPE_BUFFER_MIN];
+            }
+        }
+    }
+}
+
 /// Copy both ways until both directions finished (half-closes are
 /// propagated) or either side fails, or `cancel` fires. Returns bytes
 /// (a → b, b → a).
@@ -307,8 +346,16 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let both = async {
+        tokio::try_join!(
+            copy_one_way(&mut ar, &mut bw),
+            copy_one_way(&mut br, &mut aw)
+        )
+    };
     tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(a, b, PIPE_BUFFER, PIPE_BUFFER) => r,
+        r = both => r,
         () = cancel.cancelled() => Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "tunnel closed by provider")),
     }
 }
