@@ -191,32 +191,12 @@ pub async fn run(cmd: LeaseCmd) -> anyhow::Result<ExitCode> {
             lease,
             node,
             wallet,
-        } => {
-            let hash = parse_lease(&lease)?;
-            let w = load_wallet(&wallet)?;
-            let r = node
-                .client()?
-                .submit(&LeaseEvent::settle(&w, hash, now_secs()))
-                .await
-                .context("settling")?;
-            report_submit(&r);
-            Ok(ExitCode::SUCCESS)
-        }
+        } => end_lease(&lease, &node, &wallet, LeaseEvent::settle, "settling").await,
         LeaseCmd::Cancel {
             lease,
             node,
             wallet,
-        } => {
-            let hash = parse_lease(&lease)?;
-            let w = load_wallet(&wallet)?;
-            let r = node
-                .client()?
-                .submit(&LeaseEvent::cancel(&w, hash, now_secs()))
-                .await
-                .context("cancelling")?;
-            report_submit(&r);
-            Ok(ExitCode::SUCCESS)
-        }
+        } => end_lease(&lease, &node, &wallet, LeaseEvent::cancel, "cancelling").await,
     }
 }
 
@@ -414,5 +394,24 @@ pub async fn run_providers(args: ProvidersArgs) -> anyhow::Result<ExitCode> {
             p.addrs.join(" ")
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sign a settle or cancel with the wallet and submit it to the node.
+async fn end_lease(
+    lease: &str,
+    node: &NodeUrlArg,
+    wallet: &WalletArg,
+    sign: fn(&Wallet, LeaseHash, u64) -> LeaseEvent,
+    what: &str,
+) -> anyhow::Result<ExitCode> {
+    let hash = parse_lease(lease)?;
+    let w = load_wallet(wallet)?;
+    let r = node
+        .client()?
+        .submit(&sign(&w, hash, now_secs()))
+        .await
+        .context(what.to_string())?;
+    report_submit(&r);
     Ok(ExitCode::SUCCESS)
 }

@@ -197,6 +197,26 @@ impl Net {
         ]
     }
 
+    /// A session through the gateway that is up (it printed its marker)
+    /// and then waits a long time.
+    fn long_session(&self) -> Child {
+        let mut session = Command::new("ssh")
+            .args(self.proxy_opts(self.gw_port()))
+            .args(["root@vm", "echo up; exec sleep 300"])
+            .env_remove("SSH_AUTH_SOCK")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ssh");
+        let mut line = String::new();
+        BufReader::new(session.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("marker");
+        assert_eq!(line, "up\n");
+        session
+    }
+
     fn ssh_w(&self, cmd: &str) -> Output {
         Command::new("ssh")
             .args(self.proxy_opts(self.gw_port()))
@@ -521,20 +541,7 @@ fn settling_kills_open_sessions_and_refuses_new_ones() {
     }
     let n = Net::start();
     // A session that prints a marker and then waits for a long time.
-    let mut session = Command::new("ssh")
-        .args(n.proxy_opts(n.gw_port()))
-        .args(["root@vm", "echo up; exec sleep 300"])
-        .env_remove("SSH_AUTH_SOCK")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ssh");
-    let mut line = String::new();
-    BufReader::new(session.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("marker");
-    assert_eq!(line, "up\n");
+    let session = n.long_session();
     let url = format!("http://{}", n.consumer.field("api_addr"));
     ok(
         &xe(&[
@@ -571,20 +578,7 @@ fn expiry_kills_open_sessions_and_tears_the_vm_down() {
         return;
     }
     let n = Net::start_with_duration(60);
-    let mut session = Command::new("ssh")
-        .args(n.proxy_opts(n.gw_port()))
-        .args(["root@vm", "echo up; exec sleep 300"])
-        .env_remove("SSH_AUTH_SOCK")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ssh");
-    let mut line = String::new();
-    BufReader::new(session.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("marker");
-    assert_eq!(line, "up\n");
+    let session = n.long_session();
     let (_, took) = wait_exit(session, Duration::from_secs(120));
     eprintln!("session closed {took:?} after it started (lease of 60 s)");
     let out = n.ssh_w("echo should-not-run");
