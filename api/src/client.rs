@@ -329,6 +329,15 @@ impl ApiClient {
         self.get_json(&path).await
     }
 
+    /// `GET /metrics`: the Prometheus text.
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let r = self.request(Method::GET, "/metrics", None).await?;
+        if !r.status.is_success() {
+            return Err(r.error());
+        }
+        Ok(String::from_utf8_lossy(&r.body).into_owned())
+    }
+
     /// `GET /leases/{hash}`.
     pub async fn lease(&self, hash: &LeaseHash) -> Result<LeaseView, ClientError> {
         self.get_json(&format!("/leases/{hash}")).await

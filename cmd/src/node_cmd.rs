@@ -67,6 +67,9 @@ pub struct NodeArgs {
     /// Most disk (GiB) across all leases.
     #[arg(long, default_value_t = 4096)]
     pub max_disk_gb: u64,
+    /// Most tunnels (SSH sessions) served at once across all leases.
+    #[arg(long, default_value_t = 1024)]
+    pub max_tunnels: usize,
 
     /// SSH gateway port (0 = gateway disabled).
     #[arg(long, default_value_t = 0)]
@@ -180,6 +183,7 @@ impl NodeArgs {
         }
         cfg.handshake_timeout = Duration::from_secs(self.handshake_timeout.max(1));
         cfg.announce_interval = Duration::from_secs(self.announce_interval.max(5));
+        cfg.max_tunnels = self.max_tunnels;
         if self.provide {
             cfg.provide = Some(ProvideConfig {
                 backend: match self.vm_backend {

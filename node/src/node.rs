@@ -15,7 +15,7 @@ use xe_vm::VmManager;
 use crate::provider::{Capacity, Provider};
 
 /// Which VM backend a provider uses.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum VmBackend {
     /// Lima VMs (production).
     Lima {
@@ -31,6 +31,24 @@ pub enum VmBackend {
     },
     /// Embedded development SSH server (shell on the host!).
     Dev,
+    /// A backend supplied by the program embedding the node (benchmarks,
+    /// tests, other VM systems).
+    Custom(Arc<dyn VmManager>),
+}
+
+impl std::fmt::Debug for VmBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmBackend::Lima { limactl, image } => f
+                .debug_struct("Lima")
+                .field("limactl", limactl)
+                .field("image", image)
+                .finish(),
+            VmBackend::Sshd { sshd } => f.debug_struct("Sshd").field("sshd", sshd).finish(),
+            VmBackend::Dev => f.write_str("Dev"),
+            VmBackend::Custom(vm) => write!(f, "Custom({})", vm.backend()),
+        }
+    }
 }
 
 /// Provider settings.
@@ -74,6 +92,8 @@ pub struct NodeConfig {
     pub announce_interval: Duration,
     /// NAT traversal: relay server, relays to reserve on, hole punching.
     pub nat: xe_net::NatConfig,
+    /// Most tunnels a provider serves at once; more are refused.
+    pub max_tunnels: usize,
 }
 
 impl NodeConfig {
@@ -92,6 +112,7 @@ impl NodeConfig {
             handshake_timeout: xe_net::tunnel::DEFAULT_HANDSHAKE_TIMEOUT,
             announce_interval: Duration::from_secs(300),
             nat: xe_net::NatConfig::default(),
+            max_tunnels: xe_net::tunnel::TunnelServerConfig::default().max_tunnels,
         }
     }
 }
@@ -158,6 +179,7 @@ fn build_vm(
             })?)
         }
         VmBackend::Dev => Arc::new(xe_vm::dev::DevManager::new(state.join("dev"))),
+        VmBackend::Custom(vm) => vm.clone(),
     })
 }
 
@@ -191,6 +213,7 @@ impl Node {
         net_cfg.bootstrap = cfg.bootstrap.clone();
         net_cfg.client_handshake_timeout = cfg.handshake_timeout;
         net_cfg.tunnel.handshake_timeout = cfg.handshake_timeout;
+        net_cfg.tunnel.max_tunnels = cfg.max_tunnels;
         net_cfg.announce_interval = cfg.announce_interval;
         net_cfg.nat = cfg.nat.clone();
         if let Some(p) = &provider {

@@ -377,9 +377,24 @@ fn russh_config(config: &GatewayConfig, key: PrivateKey) -> russh::server::Confi
         keepalive_interval: Some(config.keepalive_interval),
         keepalive_max: 3,
         nodelay: true,
+        preferred: russh::Preferred {
+            cipher: std::borrow::Cow::Borrowed(GATEWAY_CIPHERS),
+            ..Default::default()
+        },
         ..Default::default()
     }
 }
+
+/// russh's default list plus aes128-gcm, which OpenSSH offers and which
+/// costs a third less CPU than aes256-gcm. The client's order decides.
+const GATEWAY_CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::CHACHA20_POLY1305,
+    russh::cipher::AES_128_GCM,
+    russh::cipher::AES_256_GCM,
+    russh::cipher::AES_256_CTR,
+    russh::cipher::AES_192_CTR,
+    russh::cipher::AES_128_CTR,
+];
 
 /// Run a gateway on `listener` until `shutdown` is cancelled (see
 /// [`Gateway::run`]).
