@@ -4,9 +4,9 @@
 //! started.
 //!
 //! ```text
-//! xe-load (this process)                       xe node (gateway, own process: its RSS is measured)
-//!   N russh clients ──SSH direct-tcpip──►  gateway ──/xe/tunnel/2.0.0──► P in-process provider
-//!                                                                         nodes, VM backend = TCP echo
+//! xe-load (this process)                   xe node (gateway, own process: its RSS is measured)
+//!   N russh clients ──SSH direct-tcpip──►  gateway ──/xe/tunnel/2.0.0──► P `xe-load provider`
+//!                                                                         processes, VM backend = TCP echo
 //! ```
 //!
 //! Phases: (1) for each size in `--tunnels`, open that many tunnels and
@@ -23,16 +23,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Parser;
-use tokio_util::sync::CancellationToken;
-use xe_node::{Capacity, Node, NodeConfig, ProvideConfig, VmBackend};
+use clap::{Parser, Subcommand};
 use xe_store::{Lease, LeaseEvent, LeaseKey, LeaseState, Wallet, lease_key_path, now_secs};
 
 mod echo;
 mod gateway;
+mod provider;
 mod tunnels;
 
 use gateway::{GatewayProc, Memory};
+use provider::ProviderProc;
 use tunnels::{Errors, Login};
 
 /// Tunnels one provider carries over its one connection to the gateway
@@ -40,7 +40,25 @@ use tunnels::{Errors, Login};
 const TUNNELS_PER_PROVIDER: usize = 4000;
 
 #[derive(Parser, Debug)]
-#[command(about = "Hold thousands of SSH tunnels through one xe gateway and measure it")]
+#[command(
+    about = "Hold thousands of SSH tunnels through one xe gateway and measure it",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: Args,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// (internal) One provider node with the echo backend, until stdin closes.
+    #[command(hide = true)]
+    Provider(provider::ProviderArgs),
+}
+
+#[derive(clap::Args, Debug)]
 struct Args {
     /// The xe binary that runs the gateway.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/release/xe"))]
@@ -77,11 +95,21 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    let cli = Cli::parse();
+    if let Some(Cmd::Provider(p)) = cli.cmd {
+        return provider::serve(p).await;
+    }
+    let args = cli.run;
     let budget = Duration::from_secs(args.budget);
-    match tokio::time::timeout(budget, run(args)).await {
-        Ok(r) => r,
-        Err(_) => bail!("the run exceeded its --budget of {} s", budget.as_secs()),
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Leaving `run` early drops the child processes, which kills them.
+    tokio::select! {
+        r = tokio::time::timeout(budget, run(args)) => match r {
+            Ok(r) => r,
+            Err(_) => bail!("the run exceeded its --budget of {} s", budget.as_secs()),
+        },
+        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+        _ = term.recv() => bail!("terminated"),
     }
 }
 
@@ -96,27 +124,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if most == 0 {
         bail!("nothing to do: --tunnels and --transfers are all 0");
     }
-    // Gateway: one fd per tunnel; this process: client socket, echo dial,
-    // echo accept per tunnel. The gateway inherits the raised limit.
-    let want_fds = (most as u64) * 4 + 4096;
-    let got = rlimit::increase_nofile_limit(want_fds).context("raising the open-file limit")?;
-    if got < want_fds {
-        bail!(
-            "open-file limit is {got}, {want_fds} needed: raise the hard limit (ulimit -Hn) or lower --tunnels"
-        );
-    }
+    // One socket per tunnel here and in the gateway (which inherits the
+    // raised limit).
+    raise_fd_limit(most as u64 + 1024)?;
     let tmp = tempfile::Builder::new().prefix("xe-load-").tempdir()?;
     let dir = tmp.path().to_path_buf();
     eprintln!("workdir {}", dir.display());
-    let cancel = CancellationToken::new();
 
     let gw = GatewayProc::start(&args.xe, &dir.join("gateway"), most + 256).await?;
     eprintln!(
         "gateway pid {} ssh {} api {}",
         gw.pid, gw.ssh_addr, gw.api_addr
     );
-    let result = drive(&args, &dir, &gw, &cancel).await;
-    cancel.cancel();
+    let result = drive(&args, &dir, &gw).await;
     gw.stop().await;
     if args.keep {
         eprintln!("kept {}", tmp.keep().display());
@@ -124,12 +144,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     result
 }
 
-async fn drive(
-    args: &Args,
-    dir: &std::path::Path,
-    gw: &GatewayProc,
-    cancel: &CancellationToken,
-) -> anyhow::Result<()> {
+/// Raise this process's open-file limit to `want`, or say why it cannot be.
+pub(crate) fn raise_fd_limit(want: u64) -> anyhow::Result<()> {
+    let got = rlimit::increase_nofile_limit(want).context("raising the open-file limit")?;
+    if got < want {
+        bail!(
+            "open-file limit is {got}, {want} needed: raise the hard limit (ulimit -Hn) or lower --tunnels"
+        );
+    }
+    Ok(())
+}
+
+async fn drive(args: &Args, dir: &std::path::Path, gw: &GatewayProc) -> anyhow::Result<()> {
     let most = args
         .tunnels
         .iter()
@@ -150,29 +176,14 @@ async fn drive(
     let key = Arc::new(
         russh::keys::load_secret_key(lease_key.path(), None).context("loading the lease key")?,
     );
-    let host_key = {
-        let k = xe_node::gateway::load_or_create_host_key(&dir.join("echo_host_key"))?;
-        let line = k.public_key().to_openssh()?;
-        line.split_whitespace()
-            .take(2)
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
 
-    eprintln!("starting {n_prov} provider node(s) with the echo backend");
+    eprintln!("starting {n_prov} provider process(es) with the echo backend");
+    let per_provider = most.div_ceil(n_prov) + 64;
     let mut providers = Vec::new();
     let mut logins = Vec::new();
     for i in 0..n_prov {
-        let vms = Arc::new(echo::EchoVms::start(host_key.clone(), cancel.child_token()).await?);
-        let mut cfg = NodeConfig::new(dir.join(format!("provider{i}")));
-        cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
-        cfg.bootstrap = gw.p2p_addrs.clone();
-        cfg.max_tunnels = most + 64;
-        cfg.provide = Some(ProvideConfig {
-            backend: VmBackend::Custom(vms),
-            capacity: Capacity::default(),
-        });
-        let node = Node::start(cfg).await?;
+        let p = ProviderProc::start(&dir.join(format!("provider{i}")), &gw.p2p_addrs, per_provider)
+            .await?;
         let mut nonce = [0u8; 16];
         nonce[..8].copy_from_slice(&(i as u64).to_be_bytes());
         nonce[8..].copy_from_slice(&u64::from(std::process::id()).to_be_bytes());
@@ -180,7 +191,7 @@ async fn drive(
             &wallet,
             Lease {
                 consumer: wallet.public_key(),
-                provider: node.wallet.address(),
+                provider: p.account,
                 vcpus: 1,
                 memory_mb: 512,
                 disk_gb: 1,
@@ -191,15 +202,15 @@ async fn drive(
             },
         );
         let lease = create.lease_hash();
-        node.net.publish_event(create).await?;
+        api.submit(&create).await.context("submitting a lease to the gateway")?;
         logins.push(Login {
             lease,
             key: key.clone(),
         });
-        providers.push(node);
+        providers.push(p);
     }
-    for (login, node) in logins.iter().zip(&providers) {
-        wait_ready(&api, &login.lease, &node.wallet.address()).await?;
+    for (login, p) in logins.iter().zip(&providers) {
+        wait_ready(&api, &login.lease, &p.account).await?;
     }
     eprintln!(
         "{} lease(s) accepted and visible at the gateway",
@@ -279,8 +290,8 @@ async fn drive(
         wait_gateway_idle(&api).await;
     }
     report.print(base, n_prov);
-    for node in providers {
-        node.shutdown().await;
+    for p in providers {
+        p.stop().await;
     }
     Ok(())
 }

@@ -266,6 +266,15 @@ pub struct Transfer {
     pub secs: f64,
 }
 
+/// Most bytes a session has sent but not yet had back, like the window of
+/// an SSH channel (OpenSSH's is 2 MiB). Through xe the far end is always
+/// an sshd, whose peer never has more than a window in flight; an echo fed
+/// without such a bound would model a peer no SSH client is. (The gateway
+/// relies on this: russh grants window as packets arrive, so a far end that
+/// stopped reading while its own writes were blocked could wedge the
+/// connection; see BENCHMARKS.md.)
+pub const WINDOW: u64 = 2 << 20;
+
 /// Send `bytes` through the tunnel and read them back from the echo,
 /// checking every byte; half-close at the end and expect EOF after exactly
 /// `bytes`.
@@ -273,12 +282,18 @@ pub async fn transfer(t: Tunnel, bytes: u64) -> Result<Transfer, String> {
     let id = t.id;
     let pattern = Arc::new(Pattern::new(id));
     let (mut rd, mut wr) = tokio::io::split(t.stream);
+    let (echoed_tx, mut echoed) = tokio::sync::watch::channel(0u64);
     let t0 = Instant::now();
     let p = pattern.clone();
     let writer = async move {
         let mut buf = vec![0u8; BLOCK];
         let mut pos = 0u64;
         while pos < bytes {
+            while pos - *echoed.borrow_and_update() >= WINDOW {
+                if echoed.changed().await.is_err() {
+                    return Err("receiver ended early".to_string());
+                }
+            }
             let n = (bytes - pos).min(BLOCK as u64) as usize;
             p.fill(pos, &mut buf[..n]);
             wr.write_all(&buf[..n])
@@ -317,6 +332,7 @@ pub async fn transfer(t: Tunnel, bytes: u64) -> Result<Transfer, String> {
                 ));
             }
             pos += n as u64;
+            echoed_tx.send_replace(pos);
         }
         if pos != bytes {
             return Err(format!("EOF after {pos} of {bytes} bytes"));
