@@ -84,6 +84,9 @@ struct Args {
     /// Keep the working directory.
     #[arg(long)]
     keep: bool,
+    /// Print one JSON object instead of the Markdown tables.
+    #[arg(long)]
+    json: bool,
 }
 
 #[tokio::main]
@@ -182,8 +185,12 @@ async fn drive(args: &Args, dir: &std::path::Path, gw: &GatewayProc) -> anyhow::
     let mut providers = Vec::new();
     let mut logins = Vec::new();
     for i in 0..n_prov {
-        let p = ProviderProc::start(&dir.join(format!("provider{i}")), &gw.p2p_addrs, per_provider)
-            .await?;
+        let p = ProviderProc::start(
+            &dir.join(format!("provider{i}")),
+            &gw.p2p_addrs,
+            per_provider,
+        )
+        .await?;
         let mut nonce = [0u8; 16];
         nonce[..8].copy_from_slice(&(i as u64).to_be_bytes());
         nonce[8..].copy_from_slice(&u64::from(std::process::id()).to_be_bytes());
@@ -202,7 +209,9 @@ async fn drive(args: &Args, dir: &std::path::Path, gw: &GatewayProc) -> anyhow::
             },
         );
         let lease = create.lease_hash();
-        api.submit(&create).await.context("submitting a lease to the gateway")?;
+        api.submit(&create)
+            .await
+            .context("submitting a lease to the gateway")?;
         logins.push(Login {
             lease,
             key: key.clone(),
@@ -289,7 +298,11 @@ async fn drive(args: &Args, dir: &std::path::Path, gw: &GatewayProc) -> anyhow::
         });
         wait_gateway_idle(&api).await;
     }
-    report.print(base, n_prov);
+    if args.json {
+        println!("{}", report.json(base, n_prov));
+    } else {
+        report.print(base, n_prov);
+    }
     for p in providers {
         p.stop().await;
     }
@@ -373,6 +386,33 @@ struct ActiveRow {
 }
 
 impl Report {
+    fn json(&self, base: Memory, providers: usize) -> serde_json::Value {
+        let errors = |e: &Errors| serde_json::json!(e.0);
+        serde_json::json!({
+            "providers": providers,
+            "gateway_rest_rss_kib": base.rss_kib,
+            "idle": self.idle.iter().map(|r| serde_json::json!({
+                "tunnels": r.n,
+                "opened": r.opened,
+                "open_secs": r.open_secs,
+                "rss_before_kib": r.before.rss_kib,
+                "rss_holding_kib": r.holding.rss_kib.max(r.after_ping.rss_kib),
+                "pss_holding_kib": r.holding.pss_kib.max(r.after_ping.pss_kib),
+                "rss_after_close_kib": r.closed.rss_kib,
+                "open_errors": errors(&r.open_errors),
+                "ping_errors": errors(&r.ping_errors),
+            })).collect::<Vec<_>>(),
+            "active": self.active.as_ref().map(|a| serde_json::json!({
+                "sessions": a.sessions,
+                "bytes_each": a.bytes,
+                "ok": a.ok,
+                "wall_secs": a.wall,
+                "rates": a.rates,
+                "errors": errors(&a.errors),
+            })),
+        })
+    }
+
     fn print(&self, base: Memory, providers: usize) {
         println!(
             "gateway at rest: RSS {} KiB, PSS {} KiB; {providers} provider node(s), echo backend",

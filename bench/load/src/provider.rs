@@ -39,7 +39,10 @@ pub async fn serve(args: ProviderArgs) -> anyhow::Result<()> {
     let host_key = {
         let k = xe_node::gateway::load_or_create_host_key(&args.data.join("echo_host_key"))?;
         let line = k.public_key().to_openssh()?;
-        line.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+        line.split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
     };
     let vms = Arc::new(EchoVms::start(host_key, cancel.child_token()).await?);
     let mut cfg = NodeConfig::new(args.data.clone());
@@ -97,7 +100,12 @@ impl ProviderProc {
         )
         .await
         .context("provider not ready within 60 s")??
-        .with_context(|| format!("provider exited; see {}", data.join("provider.log").display()))?;
+        .with_context(|| {
+            format!(
+                "provider exited; see {}",
+                data.join("provider.log").display()
+            )
+        })?;
         let ready: serde_json::Value = serde_json::from_str(&line)?;
         let account = ready["account"]
             .as_str()
