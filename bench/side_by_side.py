@@ -13,7 +13,9 @@ client->gateway hop of path 3 uses --gw-cipher, default the same):
   2 bastion  ssh -J through a second private sshd (OpenSSH bastion)
   3 xe -W    ProxyCommand ssh -W through the xe gateway -> overlay -> provider (sshd backend)
   4 xe tun   `xe tunnel` (HTTP upgrade) on a local port, plain ssh to it
-  5 relayed  not measured (no relay flags on `xe node` yet)
+  5 relayed  as 3, but the provider and the gateway are each behind a NAT router
+             (network namespaces, 198.18.0.0/15) and reach each other through a relay node;
+             checked to stay relayed (root, ip, iptables)
   6 socat    plain TCP relay in front of the direct sshd (the floor)
 
 Bulk: `head -c 1G /dev/zero | ssh HOST 'cat > /dev/null'` (up) and
@@ -70,6 +72,13 @@ def start(cmd, **kw):
 
 
 def stop_all():
+    stop_processes()
+    for ns in reversed(NAMESPACES):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    NAMESPACES.clear()
+
+
+def stop_processes():
     # Only the processes this script started, by PID, newest first.
     for p in reversed(STARTED):
         if p.poll() is None:
@@ -114,26 +123,100 @@ def cpu_secs(pid):
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
 
 
-class Node:
-    """An `xe node` process; its first stdout line is the JSON ready line."""
+NAMESPACES = []  # network namespaces this script created (and only these are deleted)
 
-    def __init__(self, data, args):
+
+def relay_topology():
+    """Path 5's network, as in tests/tests/common/netns.rs: a public segment
+    (198.18.1.0/24 towards the provider's site, 198.18.2.0/24 towards the
+    gateway's) holding the relay node, and two sites behind their own
+    MASQUERADE routers (198.18.11.0/24 provider, 198.18.12.0/24 gateway).
+    Nothing outside 198.18.0.0/15; nothing left behind (see stop_all)."""
+    tag = f"xeb{os.getpid() % 100000}"
+    pub, rp, p, rg, g = (f"{tag}-{x}" for x in ("pub", "rp", "p", "rg", "g"))
+    for ns in (pub, rp, p, rg, g):
+        run(["ip", "netns", "add", ns])
+        NAMESPACES.append(ns)
+        run(["ip", "-n", ns, "link", "set", "lo", "up"])
+    run(["ip", "-n", pub, "link", "add", "rp", "type", "veth", "peer", "name", "wan", "netns", rp])
+    run(["ip", "-n", pub, "link", "add", "rg", "type", "veth", "peer", "name", "wan", "netns", rg])
+    run(["ip", "-n", rp, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", p])
+    run(["ip", "-n", rg, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", g])
+    for dev, addr in (("rp", "198.18.1.1/24"), ("rg", "198.18.2.1/24")):
+        run(["ip", "-n", pub, "addr", "add", addr, "dev", dev])
+        run(["ip", "-n", pub, "link", "set", dev, "up"])
+    for r, wan, lan, gw in ((rp, "198.18.1.2/24", "198.18.11.1/24", "198.18.1.1"),
+                            (rg, "198.18.2.2/24", "198.18.12.1/24", "198.18.2.1")):
+        run(["ip", "-n", r, "addr", "add", wan, "dev", "wan"])
+        run(["ip", "-n", r, "link", "set", "wan", "up"])
+        run(["ip", "-n", r, "addr", "add", lan, "dev", "lan"])
+        run(["ip", "-n", r, "link", "set", "lan", "up"])
+        run(["ip", "-n", r, "route", "add", "default", "via", gw])
+        ipt = ["ip", "netns", "exec", r, "iptables"]
+        run(["ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        run(ipt + ["-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE", "--random-fully"])
+        run(ipt + ["-P", "FORWARD", "DROP"])
+        run(ipt + ["-A", "FORWARD", "-i", "lan", "-o", "wan", "-j", "ACCEPT"])
+        run(ipt + ["-A", "FORWARD", "-i", "wan", "-o", "lan", "-m", "conntrack", "--ctstate",
+                   "ESTABLISHED,RELATED", "-j", "ACCEPT"])
+    for h, addr, gw in ((p, "198.18.11.2/24", "198.18.11.1"), (g, "198.18.12.2/24", "198.18.12.1")):
+        run(["ip", "-n", h, "addr", "add", addr, "dev", "eth0"])
+        run(["ip", "-n", h, "link", "set", "eth0", "up"])
+        run(["ip", "-n", h, "route", "add", "default", "via", gw])
+    return dict(pub=pub, p=p, g=g)
+
+
+def http_get_in(ns, url, timeout=40):
+    """GET `url` from inside namespace `ns` (the node's API listens on that
+    namespace's loopback)."""
+    code = "import sys,urllib.request;sys.stdout.write(urllib.request.urlopen(sys.argv[1],timeout=35).read().decode())"
+    return run(["ip", "netns", "exec", ns, sys.executable, "-c", code, url], timeout=timeout).stdout.decode()
+
+
+class Node:
+    """An `xe node` process; its first stdout line is the JSON ready line.
+    With `ns`, it runs in that network namespace (`ip netns exec` execs, so
+    the PID is the node's own)."""
+
+    def __init__(self, data, args, ns=None, listen="/ip4/127.0.0.1/tcp/0"):
         os.makedirs(data, exist_ok=True)
         self.logf = open(os.path.join(data, "node.log"), "wb")
         env = dict(os.environ, RUST_LOG="info", NO_COLOR="1")
-        self.p = start([XE, "node", "--data", data, "--p2p-listen", "/ip4/127.0.0.1/tcp/0"] + args,
+        pre = ["ip", "netns", "exec", ns] if ns else []
+        listens = []
+        for ad in [listen] if isinstance(listen, str) else listen:
+            listens += ["--p2p-listen", ad]
+        self.p = start(pre + [XE, "node", "--data", data] + listens + args,
                        stdout=subprocess.PIPE, stderr=self.logf, env=env)
         self.lines = []
-        got = threading.Event()
+        self.cond = threading.Condition()
 
         def drain():
             for l in self.p.stdout:  # keep draining so the node never blocks
-                self.lines.append(l)
-                got.set()
+                with self.cond:
+                    self.lines.append(l)
+                    self.cond.notify_all()
         threading.Thread(target=drain, daemon=True).start()
-        if not got.wait(60):
-            raise RuntimeError(f"xe node {args} not ready in 60 s (log {data}/node.log)")
-        self.ready = json.loads(self.lines[0])
+        self.ready = self.wait_line(lambda j: j.get("event") == "ready", 60, f"xe node {args} ready")
+
+    def wait_line(self, pred, timeout, what):
+        """The first stdout JSON line for which `pred` holds."""
+        end = time.monotonic() + timeout
+        seen = 0
+        with self.cond:
+            while True:
+                for l in self.lines[seen:]:
+                    try:
+                        j = json.loads(l)
+                    except ValueError:
+                        continue
+                    if pred(j):
+                        return j
+                seen = len(self.lines)
+                left = end - time.monotonic()
+                if left <= 0 or self.p.poll() is not None:
+                    raise RuntimeError(f"{what}: not within {timeout} s (log {self.logf.name})")
+                self.cond.wait(left)
 
     @property
     def pid(self):
@@ -207,6 +290,51 @@ def main():
             subprocess.run(["rm", "-rf", d])
 
 
+def setup_relayed(d, wallet):
+    """Path 5: provider and gateway each behind NAT, a relay between them.
+    Returns what bench_paths needs, or raises with the reason."""
+    log("path 5: network namespaces; relay, provider and gateway behind NAT")
+    t = relay_topology()
+    relay = Node(os.path.join(d, "relay5"), ["--relay-server"], ns=t["pub"],
+                 listen=["/ip4/198.18.1.1/tcp/0", "/ip4/198.18.2.1/tcp/0"])
+
+    def facing(ip):
+        for ad in relay.ready["p2p_addrs"]:
+            if f"/ip4/{ip}/" in ad:
+                return ad
+        raise RuntimeError(f"relay has no address on {ip}: {relay.ready['p2p_addrs']}")
+    prov = Node(os.path.join(d, "prov5"), ["--provide", "--vm-backend", "sshd", "--behind-nat",
+                                           "--bootstrap", facing("198.18.1.1")],
+                ns=t["p"], listen="/ip4/198.18.11.2/tcp/0")
+    prov.wait_line(lambda j: j.get("event") == "nat" and j.get("relay_addrs"), 90,
+                   "provider's relay reservation")
+    gw = Node(os.path.join(d, "gw5"), ["--ssh-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0",
+                                       "--no-relay-server", "--bootstrap", facing("198.18.2.1")],
+              ns=t["g"], listen="/ip4/198.18.12.2/tcp/0")
+    url = f"http://{gw.ready['api_addr']}"
+    r = run(["ip", "netns", "exec", t["g"], XE, "lease", "create", "--wallet", wallet, "--node", url,
+             "--provider", prov.ready["account"], "--wait", "--timeout", "90"], timeout=120)
+    lease = r.stdout.decode().strip().splitlines()[-1].strip()
+    vm_hk = ""
+    for _ in range(3):
+        body = json.loads(http_get_in(t["g"], f"{url}/leases/{lease}?wait=20&since=created"))
+        if body.get("state") == "accepted":
+            vm_hk = body["vm_host_key"]
+            break
+    assert vm_hk.startswith("ssh-ed25519 "), f"path 5 vm host key: {vm_hk!r}"
+    log(f"path 5: lease {lease} accepted")
+    return dict(ns_g=t["g"], gw=gw, prov=prov, relay=relay, url=url, lease=lease, vm_hk=vm_hk,
+                gw_port=int(gw.ready["ssh_addr"].rsplit(":", 1)[1]))
+
+
+def relayed_now(r5):
+    """Whether the gateway reaches the provider through the relay only."""
+    node = json.loads(http_get_in(r5["ns_g"], f"{r5['url']}/node"))
+    pid = r5["prov"].ready["peer_id"]
+    peers = [p for p in node.get("peers", []) if p.get("peer_id") == pid]
+    return bool(peers) and all(p.get("path") == "relayed" for p in peers)
+
+
 def bench(a, d, t_start):
     # ---- client key, private sshds, socat ------------------------------------------------
     ck = os.path.join(d, "client_ed25519")
@@ -265,7 +393,14 @@ def bench(a, d, t_start):
     if not t_port:
         raise RuntimeError("xe tunnel printed no port")
     threading.Thread(target=lambda: [None for _ in tun.stdout], daemon=True).start()
-    xe = dict(gw=gw, prov=prov, gw_port=gw_port, lease=lease, lease_key=lease_key, vm_hk=vm_hk, t_port=t_port)
+    xe = dict(gw=gw, prov=prov, gw_port=gw_port, lease=lease, lease_key=lease_key, vm_hk=vm_hk, t_port=t_port,
+              r5=None)
+    if not a.paths or "5" in a.paths.split(","):
+        try:
+            xe["r5"] = setup_relayed(d, wallet)
+        except Exception as e:  # noqa: BLE001 - reported, the other paths still run
+            log(f"path 5 not measured: {e}")
+            xe["r5_error"] = str(e)
     return bench_paths(a, d, t_start, ck, p_direct, p_bastion, p_socat, hk_target, hk_bastion, xe)
 
 
@@ -279,9 +414,12 @@ def bench_paths(a, d, t_start, ck, p_direct, p_bastion, p_socat, hk_target, hk_b
         lease, lease_key, vm_hk = "nolease", ck, "ssh-ed25519 AAAA"
 
     # ---- one ssh_config for every path --------------------------------------------------------
+    r5 = xe.get("r5") if xe else None
     kh = os.path.join(d, "known_hosts")
     with open(kh, "w") as f:
         f.write(f"target {hk_target}\nbastion {hk_bastion}\n{lease} {vm_hk}\n")
+        if r5:
+            f.write(f"{r5['lease']} {r5['vm_hk']}\n")
     cfg = os.path.join(d, "ssh_config")
     with open(cfg, "w") as f:
         f.write(f"""Host direct
@@ -322,6 +460,18 @@ Host xetun
   Port {t_port}
   HostKeyAlias {lease}
   IdentityFile {lease_key}
+Host xegw5
+  HostName 127.0.0.1
+  Port {r5["gw_port"] if r5 else 1}
+  User {r5["lease"] if r5 else "none"}
+  HostKeyAlias xe-gateway-5
+  IdentityFile {lease_key}
+  StrictHostKeyChecking accept-new
+  Ciphers {a.gw_cipher}
+Host vmrelay
+  ProxyCommand ip netns exec {r5["ns_g"] if r5 else "none"} ssh -F {cfg} -W %h:%p xegw5
+  HostKeyAlias {r5["lease"] if r5 else "none"}
+  IdentityFile {lease_key}
 Host *
   User root
   IdentitiesOnly yes
@@ -341,10 +491,19 @@ Host *
         ("2", "ssh -J OpenSSH bastion", "viabastion"),
         ("3", "xe gateway -W (overlay, sshd backend)", "vm"),
         ("4", "xe tunnel (HTTP upgrade)", "xetun"),
+        ("5", "xe gateway -W, provider through a relay (both behind NAT)", "vmrelay"),
         ("6", "socat TCP relay (floor)", "socat"),
     ]
     if not xe:
         paths = [p for p in paths if p[0] not in ("3", "4")]
+    if not r5:
+        paths = [p for p in paths if p[0] != "5"]
+    # whose CPU is read around each transfer: (gateway, provider) per xe path
+    xe_pids = {}
+    if xe:
+        xe_pids["3"] = xe_pids["4"] = (gw.pid, prov.pid)
+    if r5:
+        xe_pids["5"] = (r5["gw"].pid, r5["prov"].pid)
     if a.paths:
         paths = [p for p in paths if p[0] in a.paths.split(",")]
 
@@ -374,6 +533,11 @@ Host *
         down_ok = hashlib.sha256(down.stdout).hexdigest() == want
         checks[pid_] = up_ok and down_ok
         log(f"path {pid_}: sha256 up {'ok' if up_ok else 'MISMATCH'}, down {'ok' if down_ok else 'MISMATCH'}")
+
+    relayed = None
+    if r5:
+        relayed = relayed_now(r5)
+        log(f"path 5: gateway -> provider {'relayed only' if relayed else 'NOT relayed only'}")
 
     # ---- connect latency, interleaved so load drift hits every path alike ------------------------
     lat = {p[0]: [] for p in paths}
@@ -406,7 +570,8 @@ Host *
         r0 = time.monotonic()
         for pid_, _, host in paths:
             for dr, tmpl in (("up", up_cmd), ("down", down_cmd)):
-                g0, p0 = (cpu_secs(gw.pid), cpu_secs(prov.pid)) if xe else (0, 0)
+                pids = xe_pids.get(pid_)
+                g0, p0 = (cpu_secs(pids[0]), cpu_secs(pids[1])) if pids else (0, 0)
                 t0 = time.monotonic()
                 pr = subprocess.Popen(["bash", "-o", "pipefail", "-c", tmpl % host], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
@@ -420,7 +585,7 @@ Host *
                     failures.append(f"path {pid_} {dr}: timeout after {a.transfer_timeout}s")
                     continue
                 dt = time.monotonic() - t0
-                g1, p1 = (cpu_secs(gw.pid), cpu_secs(prov.pid)) if xe else (0, 0)
+                g1, p1 = (cpu_secs(pids[0]), cpu_secs(pids[1])) if pids else (0, 0)
                 if pr.returncode != 0 or (dr == "down" and int(out.split()[0] or 0) != nbytes):
                     failures.append(f"path {pid_} {dr}: rc {pr.returncode} {out[:40]!r} {err[-300:]!r}")
                     continue
@@ -433,14 +598,17 @@ Host *
         round_times.append(time.monotonic() - r0)
 
     total = time.monotonic() - t_start
-    report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbytes)
+    if r5 and not relayed_now(r5):
+        failures.append("path 5: the gateway reached the provider directly at the end (hole punched?)")
+    r5_note = None if r5 else (xe or {}).get("r5_error", "not selected")
+    report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbytes, relayed, r5_note)
 
 
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbytes):
+def report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbytes, relayed, r5_note):
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
     out = []
@@ -461,7 +629,8 @@ def report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbyte
         m = med(xs)
         w(f"| {pid_} {name} | {m * 1e3:.0f} ms | {min(xs) * 1e3:.0f} ms | {max(xs) * 1e3:.0f} ms | {len(xs)} "
           f"| {m / m1:.2f}× | {m / m2:.2f}× |")
-    w("| 5 xe via relay | not measured | | | | | |")
+    if r5_note:
+        w(f"| 5 xe via relay | not measured: {r5_note} | | | | | |")
     w("")
     w(f"Bulk throughput, {nbytes / GIB:g} GiB of zeros through `cat > /dev/null` (up) and `head -c` (down), "
       f"MB/s = 10^6 B/s (higher is better), with the xe gateway's and provider's CPU seconds per GiB:")
@@ -478,12 +647,17 @@ def report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbyte
             m = med(xs)
             r1 = m / med(thr[("1", dr)]) if thr.get(("1", dr)) else float("nan")
             r2 = m / med(thr[("2", dr)]) if thr.get(("2", dr)) else float("nan")
-            xe = pid_ in ("3", "4")
+            xe = pid_ in ("3", "4", "5")
             gc = f"{med(cpu[(pid_, dr)]):.2f}" if xe else "–"
             pc = f"{med(pcpu[(pid_, dr)]):.2f}" if xe else "–"
             w(f"| {pid_} {name} | {dr} | {m / 1e6:.0f} | {min(xs) / 1e6:.0f} | {max(xs) / 1e6:.0f} | {len(xs)} "
               f"| {r1:.2f}× | {r2:.2f}× | {gc} | {pc} | {ck} |")
-    w("| 5 xe via relay | | not measured | | | | | | | | |")
+    if r5_note:
+        w(f"| 5 xe via relay | | not measured: {r5_note} | | | | | | | | |")
+    elif relayed is not None:
+        w("")
+        w(f"Path 5: the gateway reached the provider {'through the relay only' if relayed else 'DIRECTLY (not relayed)'} "
+          "when the transfers started.")
     if failures:
         w("")
         w("Failures:")
