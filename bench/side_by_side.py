@@ -223,6 +223,66 @@ class Node:
         return self.p.pid
 
 
+SSHD_PIDS = {}  # name -> PID of the private sshd this script started
+
+
+def tree(pid):
+    """`pid` and all its descendants (from /proc)."""
+    kids = {}
+    for e in os.listdir("/proc"):
+        if e.isdigit():
+            try:
+                with open(f"/proc/{e}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(e))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def memory_kib(pids):
+    """Summed (RSS, PSS) in KiB over `pids` (gone processes count 0)."""
+    rss = pss = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for l in f:
+                    if l.startswith("Rss:"):
+                        rss += int(l.split()[1])
+                    elif l.startswith("Pss:"):
+                        pss += int(l.split()[1])
+        except OSError:
+            pass
+    return rss, pss
+
+
+def idle_sessions(cfg, env, host, n, measure):
+    """Open `n` idle sessions to `host` (each waits on `echo up; sleep`) and
+    return the memory `measure()` reads with them open minus without."""
+    before = measure()
+    procs = []
+    try:
+        for _ in range(n):
+            pr = start(["ssh", "-F", cfg, host, "echo up; exec sleep 300"], stdout=subprocess.PIPE,
+                       stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
+            procs.append(pr)
+        for pr in procs:  # each prints "up" once its session is open
+            if pr.stdout.readline().strip() != b"up":
+                raise RuntimeError(f"idle session to {host} did not come up")
+        held = measure()
+    finally:
+        for pr in procs:
+            if pr.poll() is None:
+                os.kill(pr.pid, signal.SIGTERM)
+            pr.wait(timeout=10)
+    return [(h - b) / n for h, b in zip(held, before)]
+
+
 def sshd(d, name, port, authorized, extra=""):
     hk = os.path.join(d, f"{name}_host_ed25519")
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hk])
@@ -245,7 +305,7 @@ AllowTcpForwarding yes
 Subsystem sftp internal-sftp
 {extra}""")
     logf = open(os.path.join(d, f"{name}_sshd.log"), "wb")
-    start([SSHD, "-D", "-e", "-f", cfg], stdout=logf, stderr=logf)
+    SSHD_PIDS[name] = start([SSHD, "-D", "-e", "-f", cfg], stdout=logf, stderr=logf).pid
     wait_port(port)
     with open(hk + ".pub") as f:
         return " ".join(f.read().split()[:2])
@@ -265,6 +325,8 @@ def main():
                     help="cipher for the client->xe gateway hop of path 3")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--no-xe", action="store_true", help="OpenSSH and socat paths only (debugging)")
+    ap.add_argument("--idle", type=int, default=20,
+                    help="idle sessions opened at once to measure memory per session (0 = skip)")
     ap.add_argument("--paths", default="", help="comma-separated path numbers to measure (default: all)")
     a = ap.parse_args()
     if a.quick:
@@ -552,6 +614,16 @@ Host *
                 log(f"connect failed on path {pid_}: {r.stderr.decode(errors='replace')[-300:]}")
     log("connect latency done")
 
+    # ---- memory per idle session: OpenSSH bastion (all its sshd processes) vs xe gateway --------
+    idle = {}
+    if a.idle:
+        if "bastion" in SSHD_PIDS and any(p[0] == "2" for p in paths):
+            idle["2"] = idle_sessions(cfg, env, "viabastion", a.idle,
+                                      lambda: memory_kib(tree(SSHD_PIDS["bastion"])))
+        if xe and any(p[0] == "3" for p in paths):
+            idle["3"] = idle_sessions(cfg, env, "vm", a.idle, lambda: memory_kib([gw.pid]))
+        log(f"memory per idle session (RSS, PSS KiB): {idle}")
+
     # ---- bulk throughput, rounds of (every path x both directions) ------------------------------
     thr = {(p[0], dr): [] for p in paths for dr in ("up", "down")}
     cpu = {(p[0], dr): [] for p in paths for dr in ("up", "down")}  # gateway CPU s per GiB
@@ -601,14 +673,14 @@ Host *
     if r5 and not relayed_now(r5):
         failures.append("path 5: the gateway reached the provider directly at the end (hole punched?)")
     r5_note = None if r5 else (xe or {}).get("r5_error", "not selected")
-    report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbytes, relayed, r5_note)
+    report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbytes, relayed, r5_note, idle)
 
 
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbytes, relayed, r5_note):
+def report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbytes, relayed, r5_note, idle):
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
     out = []
@@ -658,6 +730,16 @@ def report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbyte
         w("")
         w(f"Path 5: the gateway reached the provider {'through the relay only' if relayed else 'DIRECTLY (not relayed)'} "
           "when the transfers started.")
+    if idle:
+        w("")
+        w(f"Memory per idle session ({a.idle} sessions held at once; `ssh HOST 'echo up; sleep'`), "
+          "bastion = all its sshd processes, xe = the gateway process:")
+        w("")
+        w("| path | RSS per session | PSS per session |")
+        w("|---|---|---|")
+        for pid_, (rss, pss) in sorted(idle.items()):
+            name = dict((p[0], p[1]) for p in paths).get(pid_, pid_)
+            w(f"| {pid_} {name} | {rss:.0f} KiB | {pss:.0f} KiB |")
     if failures:
         w("")
         w("Failures:")
