@@ -267,13 +267,16 @@ def idle_sessions(cfg, env, host, n, measure):
     before = measure()
     procs = []
     try:
+        # One at a time: sshd's MaxStartups (10 by default, as on the VM's
+        # sshd) would drop handshakes started all at once.
         for _ in range(n):
             pr = start(["ssh", "-F", cfg, host, "echo up; exec sleep 300"], stdout=subprocess.PIPE,
-                       stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
+                       stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
             procs.append(pr)
-        for pr in procs:  # each prints "up" once its session is open
-            if pr.stdout.readline().strip() != b"up":
-                raise RuntimeError(f"idle session to {host} did not come up")
+            if pr.stdout.readline().strip() != b"up":  # printed once the session is open
+                pr.wait(timeout=30)
+                raise RuntimeError(f"idle session to {host} did not come up: "
+                                   f"{pr.stderr.read().decode(errors='replace')[-300:]}")
         held = measure()
     finally:
         for pr in procs:
