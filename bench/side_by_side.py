@@ -575,6 +575,18 @@ Host *
     def ssh(host, cmd):
         return ["ssh", "-F", cfg, host, cmd]
 
+    # ---- memory per idle session: OpenSSH bastion (all its sshd processes) vs xe gateway --------
+    # First, while the gateway's heap holds nothing freed that new sessions
+    # could reuse (after the transfers the delta reads as ~0).
+    idle = {}
+    if a.idle:
+        if "bastion" in SSHD_PIDS and any(p[0] == "2" for p in paths):
+            idle["2"] = idle_sessions(cfg, env, "viabastion", a.idle,
+                                      lambda: memory_kib(tree(SSHD_PIDS["bastion"])))
+        if xe and any(p[0] == "3" for p in paths):
+            idle["3"] = idle_sessions(cfg, env, "vm", a.idle, lambda: memory_kib([gw.pid]))
+        log(f"memory per idle session (RSS, PSS KiB): {idle}")
+
     # warm-up + correctness: one connect and the sha256 round trip per path
     rnd = os.path.join(d, "random.bin")
     with open(rnd, "wb") as f:
@@ -616,16 +628,6 @@ Host *
             else:
                 log(f"connect failed on path {pid_}: {r.stderr.decode(errors='replace')[-300:]}")
     log("connect latency done")
-
-    # ---- memory per idle session: OpenSSH bastion (all its sshd processes) vs xe gateway --------
-    idle = {}
-    if a.idle:
-        if "bastion" in SSHD_PIDS and any(p[0] == "2" for p in paths):
-            idle["2"] = idle_sessions(cfg, env, "viabastion", a.idle,
-                                      lambda: memory_kib(tree(SSHD_PIDS["bastion"])))
-        if xe and any(p[0] == "3" for p in paths):
-            idle["3"] = idle_sessions(cfg, env, "vm", a.idle, lambda: memory_kib([gw.pid]))
-        log(f"memory per idle session (RSS, PSS KiB): {idle}")
 
     # ---- bulk throughput, rounds of (every path x both directions) ------------------------------
     thr = {(p[0], dr): [] for p in paths for dr in ("up", "down")}
