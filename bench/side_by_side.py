@@ -633,6 +633,7 @@ Host *
     thr = {(p[0], dr): [] for p in paths for dr in ("up", "down")}
     cpu = {(p[0], dr): [] for p in paths for dr in ("up", "down")}  # gateway CPU s per GiB
     pcpu = {(p[0], dr): [] for p in paths for dr in ("up", "down")}  # provider CPU s per GiB
+    relay_cpu = {"up": [], "down": []}  # path 5's relay node, CPU s per GiB
     failures = []
     nbytes = a.bytes
     up_cmd = f"head -c {nbytes} /dev/zero | ssh -F {shlex.quote(cfg)} %s 'cat > /dev/null'"
@@ -649,6 +650,7 @@ Host *
             for dr, tmpl in (("up", up_cmd), ("down", down_cmd)):
                 pids = xe_pids.get(pid_)
                 g0, p0 = (cpu_secs(pids[0]), cpu_secs(pids[1])) if pids else (0, 0)
+                q0 = cpu_secs(r5["relay"].pid) if pid_ == "5" else 0
                 t0 = time.monotonic()
                 pr = subprocess.Popen(["bash", "-o", "pipefail", "-c", tmpl % host], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
@@ -663,12 +665,15 @@ Host *
                     continue
                 dt = time.monotonic() - t0
                 g1, p1 = (cpu_secs(pids[0]), cpu_secs(pids[1])) if pids else (0, 0)
+                q1 = cpu_secs(r5["relay"].pid) if pid_ == "5" else 0
                 if pr.returncode != 0 or (dr == "down" and int(out.split()[0] or 0) != nbytes):
                     failures.append(f"path {pid_} {dr}: rc {pr.returncode} {out[:40]!r} {err[-300:]!r}")
                     continue
                 thr[(pid_, dr)].append(nbytes / dt)
                 cpu[(pid_, dr)].append((g1 - g0) * GIB / nbytes)
                 pcpu[(pid_, dr)].append((p1 - p0) * GIB / nbytes)
+                if pid_ == "5":
+                    relay_cpu[dr].append((q1 - q0) * GIB / nbytes)
                 log(f"round {rounds + 1} path {pid_} {dr}: {nbytes / dt / 1e6:.0f} MB/s "
                     f"(gw cpu {g1 - g0:.2f}s, provider cpu {p1 - p0:.2f}s)")
         rounds += 1
@@ -678,14 +683,16 @@ Host *
     if r5 and not relayed_now(r5):
         failures.append("path 5: the gateway reached the provider directly at the end (hole punched?)")
     r5_note = None if r5 else (xe or {}).get("r5_error", "not selected")
-    report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbytes, relayed, r5_note, idle)
+    report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbytes, relayed, r5_note, idle,
+           relay_cpu)
 
 
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbytes, relayed, r5_note, idle):
+def report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbytes, relayed, r5_note, idle,
+           relay_cpu):
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
     out = []
@@ -734,7 +741,8 @@ def report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbyte
     elif relayed is not None:
         w("")
         w(f"Path 5: the gateway reached the provider {'through the relay only' if relayed else 'DIRECTLY (not relayed)'} "
-          "when the transfers started.")
+          f"when the transfers started. The relay node's CPU: {med(relay_cpu['up']):.2f} s/GiB up, "
+          f"{med(relay_cpu['down']):.2f} s/GiB down (median).")
     if idle:
         w("")
         w(f"Memory per idle session ({a.idle} sessions held at once; `ssh HOST 'echo up; sleep'`), "
