@@ -14,7 +14,7 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, Swarm, autonat, dcutr, gossipsub, identify, kad, noise, relay,
-    request_response, tcp, yamux,
+    request_response, tcp,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
@@ -492,17 +492,9 @@ const OPEN_ATTEMPTS: u32 = 4;
 const OPEN_RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 /// Most concurrent streams (one per tunnel) on one connection, over yamux
-/// or QUIC. The defaults (512 and 256) would cap a gateway at that many
-/// sessions to one provider. libp2p-yamux only lets the stream count be
-/// set, and yamux insists on 256 KiB of connection receive window (1 GiB
-/// in all) per stream, so 4096 is its ceiling.
-pub const MAX_STREAMS_PER_CONNECTION: usize = 4096;
-
-fn yamux_config() -> yamux::Config {
-    let mut c = yamux::Config::default();
-    c.set_max_num_streams(MAX_STREAMS_PER_CONNECTION);
-    c
-}
+/// (see [`crate::mux`]) or QUIC. The defaults (512 and 256) would cap a
+/// gateway at that many sessions to one provider.
+pub const MAX_STREAMS_PER_CONNECTION: usize = crate::mux::MAX_STREAMS;
 
 /// Build the swarm, start listening and dialling, and spawn the event loop.
 /// Returns once every listen address is bound.
@@ -520,7 +512,7 @@ pub async fn start(
         .with_tcp(
             tcp::Config::default().nodelay(true),
             noise::Config::new,
-            yamux_config,
+            crate::mux::config,
         )
         .map_err(|e| NetError::Transport(e.to_string()))?
         .with_quic_config(|mut c| {
@@ -529,7 +521,7 @@ pub async fn start(
         })
         .with_dns()
         .map_err(|e| NetError::Transport(e.to_string()))?
-        .with_relay_client(noise::Config::new, yamux_config)
+        .with_relay_client(noise::Config::new, crate::mux::config)
         .map_err(|e| NetError::Transport(e.to_string()))?
         .with_behaviour(|key, relay_client| Behaviour::new(key, relay_client, &nat))
         .map_err(|e| NetError::Transport(e.to_string()))?

@@ -21,6 +21,7 @@ use std::path::PathBuf;
 pub mod behaviour;
 pub mod host;
 pub mod identity;
+pub mod mux;
 pub mod nat;
 pub mod replication;
 pub mod tunnel;

@@ -1,0 +1,233 @@
+//! yamux as the TCP (and relayed) connections' stream multiplexer, with the
+//! settings `libp2p-yamux` does not let us reach. Same protocol
+//! (`/yamux/1.0.0`), same yamux crate, so peers cannot tell the difference.
+//!
+//! Why not `libp2p::yamux::Config`: it exposes only the stream count, and
+//! yamux asserts 256 KiB of connection receive window per stream against a
+//! 1 GiB default, so a gateway could hold at most 4096 sessions to one
+//! provider; and its 16 KiB frames mean one noise frame, one flush and one
+//! `send` per 16 KiB of tunnelled data.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::iter;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use futures::{AsyncRead, AsyncWrite, future, ready};
+use libp2p::core::muxing::{StreamMuxer, StreamMuxerEvent};
+use libp2p::core::upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade, UpgradeInfo};
+use std::collections::VecDeque;
+use yamux::{Connection, ConnectionError, Mode};
+
+/// Most concurrent streams (one per tunnel) on one connection.
+pub const MAX_STREAMS: usize = 16 * 1024;
+
+/// yamux's initial per-stream window; the connection-wide cap must allow
+/// every stream at least this much.
+const STREAM_WINDOW: usize = 256 * 1024;
+
+/// Largest data frame. A frame plus its 12-byte header fits in one noise
+/// frame (65,535 bytes less the 16-byte tag), so each is encrypted and sent
+/// whole: a quarter of the frames, flushes and `send` calls of the default.
+pub const FRAME_SIZE: usize = 60 * 1024;
+
+/// Inbound streams buffered while the swarm is busy elsewhere; more are
+/// reset (yamux's own ACK backlog keeps well-behaved peers below this).
+const MAX_BUFFERED_INBOUND: usize = 256;
+
+/// The upgrade: `/yamux/1.0.0` with our settings.
+#[derive(Clone)]
+pub struct YamuxUpgrade(yamux::Config);
+
+/// The settings for every TCP and relayed connection.
+pub fn config() -> YamuxUpgrade {
+    let mut c = yamux::Config::default();
+    // Window first: yamux checks window >= streams × 256 KiB on each call.
+    c.set_max_connection_receive_window(Some(MAX_STREAMS * STREAM_WINDOW));
+    c.set_max_num_streams(MAX_STREAMS);
+    c.set_split_send_size(FRAME_SIZE);
+    YamuxUpgrade(c)
+}
+
+impl UpgradeInfo for YamuxUpgrade {
+    type Info = &'static str;
+    type InfoIter = iter::Once<Self::Info>;
+
+    fn protocol_info(&self) -> Self::InfoIter {
+        iter::once("/yamux/1.0.0")
+    }
+}
+
+impl<C> InboundConnectionUpgrade<C> for YamuxUpgrade
+where
+    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    type Output = Muxer<C>;
+    type Error = io::Error;
+    type Future = future::Ready<Result<Self::Output, Self::Error>>;
+
+    fn upgrade_inbound(self, io: C, _: Self::Info) -> Self::Future {
+        future::ready(Ok(Muxer::new(Connection::new(io, self.0, Mode::Server))))
+    }
+}
+
+impl<C> OutboundConnectionUpgrade<C> for YamuxUpgrade
+where
+    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    type Output = Muxer<C>;
+    type Error = io::Error;
+    type Future = future::Ready<Result<Self::Output, Self::Error>>;
+
+    fn upgrade_outbound(self, io: C, _: Self::Info) -> Self::Future {
+        future::ready(Ok(Muxer::new(Connection::new(io, self.0, Mode::Client))))
+    }
+}
+
+/// One yamux connection as libp2p's [`StreamMuxer`].
+pub struct Muxer<C> {
+    connection: Connection<C>,
+    /// yamux only makes progress through `poll_next_inbound`, which
+    /// [`StreamMuxer::poll`] drives too; streams it yields there wait here
+    /// for [`StreamMuxer::poll_inbound`].
+    inbound: VecDeque<Stream>,
+    inbound_waker: Option<Waker>,
+}
+
+impl<C> Muxer<C> {
+    fn new(connection: Connection<C>) -> Self {
+        Muxer {
+            connection,
+            inbound: VecDeque::new(),
+            inbound_waker: None,
+        }
+    }
+}
+
+impl<C> Muxer<C>
+where
+    C: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Stream, MuxError>> {
+        match ready!(self.connection.poll_next_inbound(cx)) {
+            Some(Ok(s)) => Poll::Ready(Ok(Stream(s))),
+            Some(Err(e)) => Poll::Ready(Err(MuxError(e))),
+            None => Poll::Ready(Err(MuxError(ConnectionError::Closed))),
+        }
+    }
+}
+
+impl<C> StreamMuxer for Muxer<C>
+where
+    C: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    type Substream = Stream;
+    type Error = MuxError;
+
+    fn poll_inbound(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Self::Substream, Self::Error>> {
+        if let Some(s) = self.inbound.pop_front() {
+            return Poll::Ready(Ok(s));
+        }
+        if let Poll::Ready(r) = self.poll_next(cx) {
+            return Poll::Ready(r);
+        }
+        self.inbound_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    fn poll_outbound(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Self::Substream, Self::Error>> {
+        let s = ready!(self.connection.poll_new_outbound(cx)).map_err(MuxError)?;
+        Poll::Ready(Ok(Stream(s)))
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.connection.poll_close(cx).map_err(MuxError)
+    }
+
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<StreamMuxerEvent, Self::Error>> {
+        let this = self.get_mut();
+        let s = ready!(this.poll_next(cx))?;
+        if this.inbound.len() >= MAX_BUFFERED_INBOUND {
+            tracing::warn!("yamux: inbound stream buffer full, resetting a new stream");
+            drop(s);
+        } else {
+            this.inbound.push_back(s);
+            if let Some(w) = this.inbound_waker.take() {
+                w.wake();
+            }
+        }
+        // Come back at once: there may be more to do.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// A yamux stream.
+pub struct Stream(yamux::Stream);
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+
+    fn poll_read_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_read_vectored(cx, bufs)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_close(cx)
+    }
+}
+
+/// A yamux connection error.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct MuxError(ConnectionError);
+
+impl From<MuxError> for io::Error {
+    fn from(e: MuxError) -> Self {
+        match e.0 {
+            ConnectionError::Io(e) => e,
+            e => io::Error::other(e),
+        }
+    }
+}
