@@ -418,7 +418,7 @@ impl NetHandle {
                 // happened on the provider, so opening again is safe.
                 Err(TunnelError::Io(e)) if attempt < OPEN_ATTEMPTS => {
                     debug!(%provider, attempt, "tunnel stream closed before the handshake ({e}); retrying");
-                    tokio::time::sleep(OPEN_RETRY_PAUSE * attempt).await;
+                    tokio::time::sleep(OPEN_RETRY_PAUSE * (1 << (attempt - 1))).await;
                     attempt += 1;
                 }
                 Err(e) => return Err(e),
@@ -487,8 +487,10 @@ pub struct Net {
 }
 
 /// Tries at opening a tunnel stream whose handshake was cut before any
-/// answer, and the pause before the next (times the attempt number).
-const OPEN_ATTEMPTS: u32 = 4;
+/// answer, and the first pause (doubling: 20 ms … 320 ms, 620 ms in all).
+/// Four tries with linear pauses still lost 1 of 8,000 tunnels opened 64
+/// at a time to one busy provider.
+const OPEN_ATTEMPTS: u32 = 6;
 const OPEN_RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 /// Most concurrent streams (one per tunnel) on one connection, over yamux
