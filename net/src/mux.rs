@@ -231,3 +231,93 @@ impl From<MuxError> for io::Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    use std::future::poll_fn;
+    use tokio::sync::{mpsc, oneshot};
+    use tokio_util::compat::TokioAsyncReadCompatExt;
+
+    type Open = oneshot::Sender<yamux::Stream>;
+
+    /// Keep `conn` making progress, opening a stream for each request.
+    async fn drive<C>(mut conn: Connection<C>, mut opens: mpsc::UnboundedReceiver<Open>)
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut want: Option<Open> = None;
+        poll_fn(|cx| {
+            loop {
+                if want.is_none() {
+                    match opens.poll_recv(cx) {
+                        Poll::Ready(Some(o)) => want = Some(o),
+                        Poll::Ready(None) => return Poll::Ready(()),
+                        Poll::Pending => {}
+                    }
+                }
+                let mut progressed = false;
+                if want.is_some() {
+                    if let Poll::Ready(r) = conn.poll_new_outbound(cx) {
+                        let s = r.expect("open an outbound stream");
+                        let _ = want.take().map(|o| o.send(s));
+                        progressed = true;
+                    }
+                }
+                match conn.poll_next_inbound(cx) {
+                    Poll::Ready(Some(Ok(_))) => progressed = true,
+                    Poll::Ready(_) => return Poll::Ready(()),
+                    Poll::Pending => {}
+                }
+                if !progressed {
+                    return Poll::Pending;
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Fails with libp2p-yamux's settings: the 4097th stream is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_connection_carries_more_streams_than_libp2p_yamux_allowed() {
+        const N: usize = 5000;
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let YamuxUpgrade(cfg) = config();
+        let mut server = Connection::new(b.compat(), cfg.clone(), Mode::Server);
+        let client = Connection::new(a.compat(), cfg, Mode::Client);
+        // Server: echo one byte on every stream and keep it open.
+        tokio::spawn(async move {
+            while let Some(Ok(mut s)) = poll_fn(|cx| server.poll_next_inbound(cx)).await {
+                tokio::spawn(async move {
+                    let mut b = [0u8; 1];
+                    if s.read_exact(&mut b).await.is_ok() && s.write_all(&b).await.is_ok() {
+                        let _ = s.flush().await;
+                        // Hold it open until the peer goes.
+                        let _ = s.read(&mut b).await;
+                    }
+                });
+            }
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(drive(client, rx));
+        let mut held = Vec::with_capacity(N);
+        for i in 0..N {
+            let (otx, orx) = oneshot::channel();
+            tx.send(otx).expect("driver alive");
+            let mut s = orx
+                .await
+                .unwrap_or_else(|_| panic!("stream {i} not opened"));
+            let byte = [(i % 251) as u8];
+            s.write_all(&byte).await.expect("write");
+            s.flush().await.expect("flush");
+            let mut back = [0u8; 1];
+            s.read_exact(&mut back)
+                .await
+                .unwrap_or_else(|e| panic!("stream {i}: {e}"));
+            assert_eq!(back, byte);
+            held.push(s);
+        }
+        assert_eq!(held.len(), N);
+    }
+}
