@@ -258,12 +258,12 @@ mod tests {
                     }
                 }
                 let mut progressed = false;
-                if want.is_some() {
-                    if let Poll::Ready(r) = conn.poll_new_outbound(cx) {
-                        let s = r.expect("open an outbound stream");
-                        let _ = want.take().map(|o| o.send(s));
-                        progressed = true;
-                    }
+                if want.is_some()
+                    && let Poll::Ready(r) = conn.poll_new_outbound(cx)
+                {
+                    let s = r.expect("open an outbound stream");
+                    let _ = want.take().map(|o| o.send(s));
+                    progressed = true;
                 }
                 match conn.poll_next_inbound(cx) {
                     Poll::Ready(Some(Ok(_))) => progressed = true,
