@@ -4,11 +4,11 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+
+use crate::child::{spawn_ready, wait_or_kill};
 
 pub struct GatewayProc {
     child: Child,
@@ -22,10 +22,8 @@ impl GatewayProc {
     /// Start `xe node` as a gateway (SSH + HTTP API, no relay service)
     /// that accepts `max_connections` SSH connections.
     pub async fn start(xe: &Path, data: &Path, max_connections: usize) -> anyhow::Result<Self> {
-        let log = std::fs::File::create(data.with_extension("log"))
-            .with_context(|| format!("creating {}", data.with_extension("log").display()))?;
-        let mut child = Command::new(xe)
-            .args(["node", "--data"])
+        let mut cmd = Command::new(xe);
+        cmd.args(["node", "--data"])
             .arg(data)
             .args([
                 "--p2p-listen",
@@ -39,32 +37,13 @@ impl GatewayProc {
                 &max_connections.to_string(),
             ])
             .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "starting {} (build it: cargo build --release -p xe)",
-                    xe.display()
-                )
-            })?;
+            .stdin(Stdio::null());
+        let what = format!(
+            "gateway {} (build it: cargo build --release -p xe)",
+            xe.display()
+        );
+        let (child, ready) = spawn_ready(&mut cmd, &data.with_extension("log"), &what).await?;
         let pid = child.id().context("gateway exited at once")?;
-        let stdout = child.stdout.take().context("gateway stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .context("gateway not ready within 60 s")??
-            .with_context(|| {
-                format!(
-                    "gateway exited before it was ready; see {}",
-                    data.with_extension("log").display()
-                )
-            })?;
-        // Keep draining stdout (NAT lines) so the gateway never blocks.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let ready: serde_json::Value = serde_json::from_str(&line).context("gateway ready line")?;
         let field = |k: &str| -> anyhow::Result<SocketAddr> {
             ready[k]
                 .as_str()
@@ -96,16 +75,11 @@ impl GatewayProc {
     }
 
     /// SIGTERM (by PID, the process this tool started), then wait.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &self.pid.to_string()])
             .status();
-        if tokio::time::timeout(Duration::from_secs(15), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.start_kill();
-        }
+        wait_or_kill(self.child).await;
     }
 }
 

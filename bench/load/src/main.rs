@@ -26,6 +26,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use xe_store::{Lease, LeaseEvent, LeaseKey, LeaseState, Wallet, lease_key_path, now_secs};
 
+mod child;
 mod echo;
 mod gateway;
 mod provider;
@@ -117,14 +118,20 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+impl Args {
+    /// The most tunnels open at once in any phase.
+    fn most(&self) -> usize {
+        self.tunnels
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .max(self.transfers)
+    }
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
-    let most = args
-        .tunnels
-        .iter()
-        .copied()
-        .max()
-        .unwrap_or(0)
-        .max(args.transfers);
+    let most = args.most();
     if most == 0 {
         bail!("nothing to do: --tunnels and --transfers are all 0");
     }
@@ -160,13 +167,7 @@ pub(crate) fn raise_fd_limit(want: u64) -> anyhow::Result<()> {
 }
 
 async fn drive(args: &Args, dir: &std::path::Path, gw: &GatewayProc) -> anyhow::Result<()> {
-    let most = args
-        .tunnels
-        .iter()
-        .copied()
-        .max()
-        .unwrap_or(0)
-        .max(args.transfers);
+    let most = args.most();
     let n_prov = args
         .providers
         .unwrap_or_else(|| most.div_ceil(TUNNELS_PER_PROVIDER))

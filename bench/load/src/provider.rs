@@ -6,16 +6,16 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use xe_node::{Capacity, Node, NodeConfig, ProvideConfig, VmBackend};
 use xe_store::AccountAddress;
 
+use crate::child::{spawn_ready, wait_or_kill};
 use crate::echo::EchoVms;
 
 /// `xe-load provider`: run one provider node with the echo backend until
@@ -79,34 +79,14 @@ impl ProviderProc {
         max_tunnels: usize,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data)?;
-        let log = std::fs::File::create(data.join("provider.log"))?;
         let mut cmd = Command::new(std::env::current_exe()?);
         cmd.arg("provider").arg("--data").arg(data);
         for b in bootstrap {
             cmd.arg("--bootstrap").arg(b.to_string());
         }
-        let mut child = cmd
-            .args(["--max-tunnels", &max_tunnels.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting a provider process")?;
-        let stdout = child.stdout.take().context("provider stdout")?;
-        let line = tokio::time::timeout(
-            Duration::from_secs(60),
-            BufReader::new(stdout).lines().next_line(),
-        )
-        .await
-        .context("provider not ready within 60 s")??
-        .with_context(|| {
-            format!(
-                "provider exited; see {}",
-                data.join("provider.log").display()
-            )
-        })?;
-        let ready: serde_json::Value = serde_json::from_str(&line)?;
+        cmd.args(["--max-tunnels", &max_tunnels.to_string()])
+            .stdin(Stdio::piped());
+        let (child, ready) = spawn_ready(&mut cmd, &data.join("provider.log"), "provider").await?;
         let account = ready["account"]
             .as_str()
             .context("provider ready line has no account")?
@@ -118,11 +98,6 @@ impl ProviderProc {
     /// Close its stdin (it shuts down), wait; kill if it hangs.
     pub async fn stop(mut self) {
         drop(self.child.stdin.take());
-        if tokio::time::timeout(Duration::from_secs(15), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.start_kill();
-        }
+        wait_or_kill(self.child).await;
     }
 }
