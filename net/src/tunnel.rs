@@ -301,8 +301,51 @@ impl Default for TunnelServerConfig {
 /// idle tunnel holds 2 × 8 KiB instead of 2 × [`PIPE_BUFFER`].
 pub const PIPE_BUFFER_MIN: usize = 8 * 1024;
 
-/// Reads shorter than this are interactive traffic: shrink the buffer.
-const SHRINK_BELOW: usize = 1024;
+/// A copy buffer that doubles while reads fill it (bulk data) up to its
+/// largest size and drops back to its smallest on a tiny read (interactive
+/// traffic, keepalives), so an idle connection holds only the smallest.
+#[derive(Debug)]
+pub struct AdaptiveBuffer {
+    buf: Vec<u8>,
+    min: usize,
+    max: usize,
+}
+
+impl AdaptiveBuffer {
+    /// Reads shorter than this are interactive traffic: shrink.
+    const SHRINK_BELOW: usize = 1024;
+
+    /// Starts at `min` bytes, grows to at most `max`.
+    pub fn new(min: usize, max: usize) -> Self {
+        AdaptiveBuffer {
+            buf: vec![0u8; min],
+            min,
+            max,
+        }
+    }
+
+    /// Where the next read goes.
+    pub fn space(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+
+    /// The first `n` bytes (what a read of `n` filled).
+    pub fn filled(&self, n: usize) -> &[u8] {
+        self.buf.get(..n).unwrap_or(&self.buf)
+    }
+
+    /// Resize after a read of `n` bytes (once they were used). Returns
+    /// whether that read filled the buffer, i.e. more is probably waiting.
+    pub fn after_read(&mut self, n: usize) -> bool {
+        let full = n == self.buf.len();
+        if full && self.buf.len() < self.max {
+            self.buf.resize((self.buf.len() * 2).min(self.max), 0);
+        } else if !full && n < Self::SHRINK_BELOW && self.buf.len() > self.min {
+            self.buf = vec![0u8; self.min];
+        }
+        full
+    }
+}
 
 /// Copy `r` to `w` until EOF, then half-close `w`. Returns bytes copied.
 async fn copy_one_way<R, W>(r: &mut R, w: &mut W) -> std::io::Result<u64>
@@ -310,26 +353,19 @@ where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
 {
-    let mut buf = vec![0u8; PIPE_BUFFER_MIN];
+    let mut buf = AdaptiveBuffer::new(PIPE_BUFFER_MIN, PIPE_BUFFER);
     let mut total = 0u64;
     loop {
-        let n = r.read(&mut buf).await?;
+        let n = r.read(buf.space()).await?;
         if n == 0 {
             w.shutdown().await?;
             return Ok(total);
         }
-        w.write_all(&buf[..n]).await?;
+        w.write_all(buf.filled(n)).await?;
         total += n as u64;
-        if n == buf.len() {
-            if buf.len() < PIPE_BUFFER {
-                buf.resize((buf.len() * 2).min(PIPE_BUFFER), 0);
-            }
-        } else {
+        if !buf.after_read(n) {
             // Nothing more was waiting: push what we wrote out now.
             w.flush().await?;
-            if n < SHRINK_BELOW && buf.len() > PIPE_BUFFER_MIN {
-                buf = vec![0u8; PIPE_BUFFER_MIN];
-            }
         }
     }
 }
@@ -479,4 +515,29 @@ async fn handle_stream(
     }
     .instrument(span)
     .await;
+}
+
+#[cfg(test)]
+mod adaptive_buffer_tests {
+    use super::AdaptiveBuffer;
+
+    #[test]
+    fn grows_on_full_reads_and_shrinks_on_tiny_ones() {
+        let mut b = AdaptiveBuffer::new(2048, 8192);
+        assert_eq!(b.space().len(), 2048);
+        assert!(b.after_read(2048));
+        assert_eq!(b.space().len(), 4096);
+        assert!(b.after_read(4096));
+        assert!(b.after_read(8192));
+        assert_eq!(b.space().len(), 8192, "capped at max");
+        assert!(!b.after_read(1500));
+        assert_eq!(
+            b.space().len(),
+            8192,
+            "a partial, not tiny, read keeps the size"
+        );
+        assert!(!b.after_read(100));
+        assert_eq!(b.space().len(), 2048, "a tiny read drops back to min");
+        assert_eq!(b.filled(100).len(), 100);
+    }
 }

@@ -12,6 +12,8 @@ use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use xe_net::tunnel::AdaptiveBuffer;
+
 use super::stats::GatewayStats;
 use super::tunnel::TunnelStream;
 
@@ -22,8 +24,6 @@ const COPY_BUFFER: usize = 32 * 1024;
 /// and drops back on a tiny read, so an idle session holds 4 KiB, not 32
 /// (10,000 idle sessions twice over: 901 → 639 MiB of gateway RSS).
 const COPY_BUFFER_MIN: usize = 4 * 1024;
-/// Reads shorter than this are interactive traffic: shrink the buffer.
-const SHRINK_BELOW: usize = 1024;
 
 /// A stream that fails every read and write once its token is cancelled.
 ///
@@ -211,25 +211,18 @@ pub(crate) async fn pump(
     };
 
     let down = async move {
-        let mut buf = vec![0u8; COPY_BUFFER_MIN];
+        let mut buf = AdaptiveBuffer::new(COPY_BUFFER_MIN, COPY_BUFFER);
         loop {
-            let n = match trd.read(&mut buf).await {
+            let n = match trd.read(buf.space()).await {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) => return DownEnd::Failed(format!("reading from the tunnel: {e}")),
             };
-            let Some(chunk) = buf.get(..n) else {
-                return DownEnd::Failed("read past the buffer".into());
-            };
-            if chan_writer.write_all(chunk).await.is_err() {
+            if chan_writer.write_all(buf.filled(n)).await.is_err() {
                 return DownEnd::ClientGone;
             }
             stats.add_vm_to_client(n);
-            if n == buf.len() && buf.len() < COPY_BUFFER {
-                buf.resize((buf.len() * 2).min(COPY_BUFFER), 0);
-            } else if n < SHRINK_BELOW && buf.len() > COPY_BUFFER_MIN {
-                buf = vec![0u8; COPY_BUFFER_MIN];
-            }
+            buf.after_read(n);
         }
         // Sends SSH_MSG_CHANNEL_EOF.
         match chan_writer.shutdown().await {
