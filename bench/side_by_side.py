@@ -45,7 +45,8 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-XE = os.path.join(ROOT, "target", "release", "xe")
+# XE_BIN lets an A/B run compare two builds of xe with the same harness.
+XE = os.environ.get("XE_BIN") or os.path.join(ROOT, "target", "release", "xe")
 SSHD = "/usr/sbin/sshd"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 GIB = 1 << 30

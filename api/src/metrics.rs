@@ -231,6 +231,21 @@ pub(crate) async fn metrics(State(app): State<App>) -> Result<Response, HttpErro
         ns.invalid_messages
             .load(std::sync::atomic::Ordering::Relaxed),
     );
+    o.family(
+        "xe_overlay_handshakes_total",
+        "counter",
+        "libp2p connections secured since start, by cipher (aes-256-gcm: /xe/noise-aesgcm; chacha20-poly1305: standard /noise).",
+    );
+    for (cipher, n) in [
+        ("aes-256-gcm", &ns.handshakes.aes_gcm),
+        ("chacha20-poly1305", &ns.handshakes.chacha20),
+    ] {
+        o.sample(
+            "xe_overlay_handshakes_total",
+            &[("cipher", cipher)],
+            n.load(std::sync::atomic::Ordering::Relaxed),
+        );
+    }
     o.one(
         "xe_peers_connected",
         "gauge",

@@ -130,6 +130,16 @@ async fn ssh_runs_a_command_through_the_http_tunnel() {
         m.lines().any(|l| l.starts_with("xe_reachability{state=")),
         "{m}"
     );
+    // Current nodes secure their connections with AES-GCM, never ChaCha20.
+    let handshakes = |cipher: &str| -> u64 {
+        let prefix = format!("xe_overlay_handshakes_total{{cipher=\"{cipher}\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} sample in\n{m}"))
+    };
+    assert!(handshakes("aes-256-gcm") >= 1, "{m}");
+    assert_eq!(handshakes("chacha20-poly1305"), 0, "{m}");
 
     // Real ssh through a local forwarder; host key pinned from the lease.
     let known_hosts = dir.path().join("known_hosts");

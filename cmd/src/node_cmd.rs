@@ -70,6 +70,11 @@ pub struct NodeArgs {
     /// Most tunnels (SSH sessions) served at once across all leases.
     #[arg(long, default_value_t = 1024)]
     pub max_tunnels: usize,
+    /// Cipher of the overlay's TCP and relayed connections: `aes-gcm`
+    /// (offered first, standard ChaCha20 noise for peers without it) or
+    /// `chacha20` (standard libp2p noise only).
+    #[arg(long, value_name = "CIPHER", default_value = "aes-gcm")]
+    pub overlay_cipher: xe_net::OverlayCipher,
 
     /// SSH gateway port (0 = gateway disabled).
     #[arg(long, default_value_t = 0)]
@@ -184,6 +189,7 @@ impl NodeArgs {
         cfg.handshake_timeout = Duration::from_secs(self.handshake_timeout.max(1));
         cfg.announce_interval = Duration::from_secs(self.announce_interval.max(5));
         cfg.max_tunnels = self.max_tunnels;
+        cfg.overlay_cipher = self.overlay_cipher;
         if self.provide {
             cfg.provide = Some(ProvideConfig {
                 backend: match self.vm_backend {

@@ -13,8 +13,8 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, Swarm, autonat, dcutr, gossipsub, identify, kad, noise, relay,
-    request_response, tcp,
+    Multiaddr, PeerId, Swarm, autonat, dcutr, gossipsub, identify, kad, relay, request_response,
+    tcp,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
@@ -30,6 +30,7 @@ use crate::nat::{MAX_RELAYS, NatConfig, NatInfo, RELAY_RETRY_INTERVAL, Reachabil
 use crate::replication::{
     DIRECTORY_TOPIC, GossipMessage, LEASE_TOPIC, SYNC_PAGE, SyncRequest, SyncResponse,
 };
+use crate::secure::{HandshakeCounts, OverlayCipher, SecurityUpgrade};
 use crate::tunnel::{
     self, DEFAULT_HANDSHAKE_TIMEOUT, TUNNEL_PROTOCOL, TunnelError, TunnelRegistry,
     TunnelServerConfig, TunnelStream, TunnelValidator,
@@ -61,6 +62,8 @@ pub struct NetConfig {
     pub dial_timeout: Duration,
     /// Relay server, relays to reserve on, AutoNAT and hole punching.
     pub nat: NatConfig,
+    /// Cipher of TCP and relayed connections (see [`crate::secure`]).
+    pub overlay_cipher: OverlayCipher,
 }
 
 impl NetConfig {
@@ -84,6 +87,7 @@ impl NetConfig {
             client_handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             dial_timeout: Duration::from_secs(20),
             nat: NatConfig::default(),
+            overlay_cipher: OverlayCipher::default(),
         }
     }
 }
@@ -97,6 +101,8 @@ pub struct NetStats {
     pub events_applied: AtomicU64,
     /// Seconds between an applied event's own timestamp and its arrival.
     pub last_replication_lag_secs: AtomicU64,
+    /// Connections secured, by cipher.
+    pub handshakes: Arc<HandshakeCounts>,
 }
 
 /// Information about one connected peer.
@@ -507,13 +513,18 @@ pub async fn start(
 ) -> Result<Net, NetError> {
     let peer_id = config.keypair.public().to_peer_id();
     let nat = config.nat.clone();
+    let stats = Arc::new(NetStats::default());
+    let cipher = config.overlay_cipher;
+    let security = |counts: Arc<HandshakeCounts>| {
+        move |k: &libp2p::identity::Keypair| SecurityUpgrade::new(k, cipher, counts)
+    };
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
-        // Noise, not TLS: libp2p-tls puts ChaCha20-Poly1305 first too, and
-        // measured 20 % more CPU per GiB through the gateway (BENCHMARKS.md).
+        // Noise with AES-GCM, not TLS: libp2p-tls puts ChaCha20-Poly1305
+        // first and measured 20 % more CPU per GiB than noise (BENCHMARKS.md).
         .with_tcp(
             tcp::Config::default().nodelay(true),
-            noise::Config::new,
+            security(stats.handshakes.clone()),
             crate::mux::config,
         )
         .map_err(|e| NetError::Transport(e.to_string()))?
@@ -523,7 +534,7 @@ pub async fn start(
         })
         .with_dns()
         .map_err(|e| NetError::Transport(e.to_string()))?
-        .with_relay_client(noise::Config::new, crate::mux::config)
+        .with_relay_client(security(stats.handshakes.clone()), crate::mux::config)
         .map_err(|e| NetError::Transport(e.to_string()))?
         .with_behaviour(|key, relay_client| Behaviour::new(key, relay_client, &nat))
         .map_err(|e| NetError::Transport(e.to_string()))?
@@ -574,7 +585,6 @@ pub async fn start(
     });
     let (conn_tx, conn_rx) = watch::channel(0u64);
     let (internal_tx, internal_rx) = mpsc::channel(1024);
-    let stats = Arc::new(NetStats::default());
     let registry = TunnelRegistry::default();
     let tunnels = ClientTunnels::default();
     let handle = NetHandle {

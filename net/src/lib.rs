@@ -11,6 +11,8 @@
 //!   handler, [`TunnelRegistry`], byte pipe.
 //! - [`nat`]: relay v2 (server and client), DCUtR and AutoNAT — how a
 //!   provider behind NAT with no open port stays reachable.
+//! - [`secure`]: the connection security upgrade — libp2p's Noise XX
+//!   handshake with AES-256-GCM, standard `/noise` as the fallback.
 //! - [`identity`]: the persistent `p2p_key`.
 #![forbid(unsafe_code)]
 
@@ -24,6 +26,7 @@ pub mod identity;
 pub mod mux;
 pub mod nat;
 pub mod replication;
+pub mod secure;
 pub mod tunnel;
 
 pub use host::{ConnPath, Net, NetConfig, NetHandle, NetStats, PeerInfo, start};
@@ -31,6 +34,7 @@ pub use identity::load_or_create_keypair;
 pub use libp2p::multiaddr::Protocol as libp2p_protocol;
 pub use libp2p::{Multiaddr, PeerId};
 pub use nat::{NatConfig, NatInfo, Reachability};
+pub use secure::OverlayCipher;
 pub use tunnel::{TunnelError, TunnelRegistry, TunnelStream, TunnelValidator, VmConn};
 
 /// Errors of the network layer.

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use xe_net::tunnel::{MAX_ERROR_LEN, STATUS_ERR, TUNNEL_PROTOCOL};
-use xe_net::{PeerId, TunnelError, TunnelValidator, VmConn};
+use xe_net::{OverlayCipher, PeerId, TunnelError, TunnelValidator, VmConn};
 use xe_store::{LeaseHash, LeaseState, Store, Wallet};
 
 /// A provider validator backed by a real store and a real TCP backend.
@@ -92,6 +92,15 @@ struct Pair {
 }
 
 async fn pair(backend: std::net::SocketAddr, handshake: Duration) -> Pair {
+    pair_with_client_cipher(backend, handshake, OverlayCipher::default()).await
+}
+
+/// As [`pair`], with the client node offering only `client_cipher`.
+async fn pair_with_client_cipher(
+    backend: std::net::SocketAddr,
+    handshake: Duration,
+    client_cipher: OverlayCipher,
+) -> Pair {
     let provider_wallet = Wallet::from_seed([2; 32]);
     let consumer = Wallet::from_seed([1; 32]);
     let store = Store::temporary().expect("store");
@@ -117,7 +126,10 @@ async fn pair(backend: std::net::SocketAddr, handshake: Duration) -> Pair {
         tasks: net.tasks,
         _dir: dir,
     };
-    let client = node(provider.net.p2p_addrs().await.expect("addrs")).await;
+    let client = node_with(provider.net.p2p_addrs().await.expect("addrs"), |c| {
+        c.overlay_cipher = client_cipher;
+    })
+    .await;
     wait_peers(&client, 1).await;
     Pair {
         provider,
@@ -321,17 +333,62 @@ async fn close_tunnels_for_lease_gives_the_client_eof() {
     assert_eq!(n, 0, "no more data after close");
 }
 
+/// (AES-GCM handshakes, ChaCha20 handshakes) a node has completed.
+fn handshakes(n: &TestNode) -> (u64, u64) {
+    let h = &n.net.stats().handshakes;
+    (
+        h.aes_gcm.load(std::sync::atomic::Ordering::Relaxed),
+        h.chacha20.load(std::sync::atomic::Ordering::Relaxed),
+    )
+}
+
 #[tokio::test]
 async fn one_gib_arrives_byte_exact() {
     let p = pair(hashing_backend().await, Duration::from_secs(30)).await;
     let lease = accepted_lease(&p.provider.store, &p.consumer, &p.provider_wallet, 6);
-    let t = p.open(&lease).await.expect("tunnel");
+    send_and_check_digest(&p, &lease, 1024).await;
+    // Two current nodes secure every connection (AutoNAT dial-backs add
+    // some) with AES-GCM.
+    for (who, n) in [("client", &p.client), ("provider", &p.provider)] {
+        let (aes, chacha) = handshakes(n);
+        assert!(
+            aes >= 1 && chacha == 0,
+            "{who}: {aes} aes-gcm, {chacha} chacha20"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_peer_with_only_standard_noise_still_carries_tunnels_byte_exact() {
+    // A node from before the AES-GCM upgrade (or one set to chacha20)
+    // negotiates plain `/noise` with a current node.
+    let p = pair_with_client_cipher(
+        hashing_backend().await,
+        Duration::from_secs(30),
+        OverlayCipher::ChaCha20,
+    )
+    .await;
+    let lease = accepted_lease(&p.provider.store, &p.consumer, &p.provider_wallet, 7);
+    send_and_check_digest(&p, &lease, 64).await;
+    for (who, n) in [("client", &p.client), ("provider", &p.provider)] {
+        let (aes, chacha) = handshakes(n);
+        assert!(
+            aes == 0 && chacha >= 1,
+            "{who}: {aes} aes-gcm, {chacha} chacha20"
+        );
+    }
+}
+
+/// Sends `mib` MiB of pseudo-random bytes through a tunnel to the hashing
+/// backend and compares its SHA-256 with ours.
+async fn send_and_check_digest(p: &Pair, lease: &LeaseHash, mib: usize) {
+    let t = p.open(lease).await.expect("tunnel");
     let (mut r, mut w) = tokio::io::split(t);
     let writer = tokio::spawn(async move {
         let mut h = Sha256::new();
         let mut block = vec![0u8; 1024 * 1024];
         let mut seed = 0x9e3779b97f4a7c15u64;
-        for _ in 0..1024 {
+        for _ in 0..mib {
             for chunk in block.chunks_mut(8) {
                 seed ^= seed << 13;
                 seed ^= seed >> 7;

@@ -94,6 +94,8 @@ pub struct NodeConfig {
     pub nat: xe_net::NatConfig,
     /// Most tunnels a provider serves at once; more are refused.
     pub max_tunnels: usize,
+    /// Cipher of the overlay's TCP and relayed connections.
+    pub overlay_cipher: xe_net::OverlayCipher,
 }
 
 impl NodeConfig {
@@ -113,6 +115,7 @@ impl NodeConfig {
             announce_interval: Duration::from_secs(300),
             nat: xe_net::NatConfig::default(),
             max_tunnels: xe_net::tunnel::TunnelServerConfig::default().max_tunnels,
+            overlay_cipher: xe_net::OverlayCipher::default(),
         }
     }
 }
@@ -216,6 +219,7 @@ impl Node {
         net_cfg.tunnel.max_tunnels = cfg.max_tunnels;
         net_cfg.announce_interval = cfg.announce_interval;
         net_cfg.nat = cfg.nat.clone();
+        net_cfg.overlay_cipher = cfg.overlay_cipher;
         if let Some(p) = &provider {
             net_cfg.announce = Some(wallet.clone());
             net_cfg.validator = Some(p.clone() as Arc<dyn xe_net::TunnelValidator>);
