@@ -5,6 +5,7 @@ One command, loopback only, bounded in time, stops only what it started:
 
     python3 bench/side_by_side.py            # defaults: 20 connects, 3-5 bulk runs of 1 GiB
     python3 bench/side_by_side.py --quick    # smoke test: 3 connects, 1 run of 64 MiB
+    XE_BIN=/tmp/xe-old python3 bench/side_by_side.py --paths 3,4   # A/B: another build of xe
 
 Paths measured (same client options on every path: KexAlgorithms
 curve25519-sha256, Ciphers aes128-gcm@openssh.com, ControlMaster no; the
