@@ -41,9 +41,46 @@ fn split_host_port(hp: &str) -> anyhow::Result<(String, u16)> {
     Ok((host.trim_matches(['[', ']']).to_string(), port))
 }
 
-/// Ciphers for the client → gateway hop, cheapest for the gateway first.
-const GATEWAY_HOP_CIPHERS: &str = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,\
-     chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr";
+/// Ciphers for the client → gateway hop, cheapest for the gateway first;
+/// every one is offered by the gateway.
+const GATEWAY_HOP_CIPHERS: [&str; 5] = [
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes256-ctr",
+];
+
+/// The `Ciphers` value for the gateway hop: our order, kept to the ciphers
+/// the local ssh was built with (`supported` = `ssh -Q cipher`), because
+/// OpenSSH rejects the whole option over one name it lacks (a build without
+/// OpenSSL has no AES-GCM). `None` when it has none of them, so ssh's own
+/// defaults apply; the whole list when ssh could not be asked.
+fn gateway_hop_ciphers(supported: Option<&str>) -> Option<String> {
+    let list: Vec<&str> = match supported {
+        None => GATEWAY_HOP_CIPHERS.to_vec(),
+        Some(out) => {
+            let have: std::collections::HashSet<&str> = out.lines().map(str::trim).collect();
+            GATEWAY_HOP_CIPHERS
+                .into_iter()
+                .filter(|c| have.contains(c))
+                .collect()
+        }
+    };
+    (!list.is_empty()).then(|| list.join(","))
+}
+
+/// `ssh -Q cipher`, if ssh runs.
+fn local_ssh_ciphers() -> Option<String> {
+    let out = Command::new("ssh")
+        .args(["-Q", "cipher"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
 
 impl SshTarget {
     /// The ProxyCommand that carries the session through the gateway.
@@ -51,14 +88,16 @@ impl SshTarget {
     /// The gateway hop prefers AES-GCM to OpenSSH's default ChaCha20: with
     /// AES instructions it cost the gateway 2.2 instead of 2.9 CPU s/GiB
     /// (and 8-13 % more throughput, BENCHMARKS.md). An explicit list, not
-    /// `^…`, so OpenSSH older than 8.x accepts it; every name on it is one
-    /// the gateway offers.
+    /// `^…`, so OpenSSH older than 8.x accepts it; see
+    /// [`gateway_hop_ciphers`] for builds that lack some of it.
     pub fn proxy_command(&self) -> anyhow::Result<String> {
         let (host, port) = split_host_port(&self.gateway)?;
+        let ciphers = gateway_hop_ciphers(local_ssh_ciphers().as_deref())
+            .map(|c| format!("-o Ciphers={c} "))
+            .unwrap_or_default();
         Ok(format!(
             "ssh -F /dev/null -p {port} -i {key} -o IdentitiesOnly=yes -o BatchMode=yes \
-             -o Ciphers={GATEWAY_HOP_CIPHERS} \
-             -o LogLevel=ERROR -o UserKnownHostsFile={kh} -o StrictHostKeyChecking=accept-new -W %h:%p {lease}@{host}",
+             {ciphers}-o LogLevel=ERROR -o UserKnownHostsFile={kh} -o StrictHostKeyChecking=accept-new -W %h:%p {lease}@{host}",
             key = shell_quote(&self.key),
             kh = shell_quote(&self.known_hosts),
             lease = self.lease,
@@ -333,9 +372,37 @@ mod tests {
         );
         assert!(joined.contains(&format!("HostKeyAlias={}", "ab".repeat(32))));
         assert!(joined.ends_with("root@vm echo hi"));
+        // This machine's OpenSSH (CI installs it) has every cipher on the list.
         assert!(
             joined.contains("-o Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20"),
             "{joined}"
+        );
+    }
+
+    #[test]
+    fn the_gateway_hop_asks_only_for_ciphers_the_local_ssh_has() {
+        // OpenSSH 9.2 with OpenSSL, as `ssh -Q cipher` prints it.
+        let full = "3des-cbc\naes128-cbc\naes192-cbc\naes256-cbc\naes128-ctr\naes192-ctr\n\
+                    aes256-ctr\naes128-gcm@openssh.com\naes256-gcm@openssh.com\n\
+                    chacha20-poly1305@openssh.com\n";
+        assert_eq!(
+            gateway_hop_ciphers(Some(full)).as_deref(),
+            Some(
+                "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr"
+            )
+        );
+        // Built without OpenSSL: no AES-GCM, so asking for it would fail.
+        let no_openssl = "aes128-ctr\naes192-ctr\naes256-ctr\nchacha20-poly1305@openssh.com\n";
+        assert_eq!(
+            gateway_hop_ciphers(Some(no_openssl)).as_deref(),
+            Some("chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr")
+        );
+        // Nothing in common: leave the choice to ssh.
+        assert_eq!(gateway_hop_ciphers(Some("3des-cbc\n")), None);
+        // ssh could not be asked: the whole list.
+        assert_eq!(
+            gateway_hop_ciphers(None).as_deref(),
+            Some(GATEWAY_HOP_CIPHERS.join(",").as_str())
         );
     }
 }
