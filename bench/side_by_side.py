@@ -333,6 +333,9 @@ def main():
     ap.add_argument("--idle", type=int, default=20,
                     help="idle sessions opened at once to measure memory per session (0 = skip)")
     ap.add_argument("--paths", default="", help="comma-separated path numbers to measure (default: all)")
+    ap.add_argument("--quic", action="store_true",
+                    help="gateway and provider listen on TCP and QUIC, as `xe node` does by default "
+                         "(otherwise TCP only); the report says which one carried the tunnels")
     a = ap.parse_args()
     if a.quick:
         a.connects, a.runs, a.max_runs, a.bytes, a.check_bytes = 3, 1, 1, 64 << 20, 4 << 20
@@ -394,6 +397,15 @@ def setup_relayed(d, wallet):
                 gw_port=int(gw.ready["ssh_addr"].rsplit(":", 1)[1]))
 
 
+def gw_transports(xe):
+    """The transports ("tcp", "quic-v1") of the gateway's connections to the provider."""
+    with urllib.request.urlopen(f"http://{xe['gw'].ready['api_addr']}/node", timeout=10) as resp:
+        node = json.load(resp)
+    pid = xe["prov"].ready["peer_id"]
+    addrs = [ad for p in node.get("peers", []) if p.get("peer_id") == pid for ad in p.get("addrs", [])]
+    return sorted({"quic-v1" if "/quic-v1" in ad else "tcp" if "/tcp/" in ad else ad for ad in addrs})
+
+
 def relayed_now(r5):
     """Whether the gateway reaches the provider through the relay only."""
     node = json.loads(http_get_in(r5["ns_g"], f"{r5['url']}/node"))
@@ -421,11 +433,13 @@ def bench(a, d, t_start):
     if a.no_xe:
         return bench_paths(a, d, t_start, ck, p_direct, p_bastion, p_socat, hk_target, hk_bastion, None)
     log("starting xe gateway + provider")
-    gw = Node(os.path.join(d, "gw"), ["--ssh-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+    listen = ["/ip4/127.0.0.1/tcp/0"] + (["/ip4/127.0.0.1/udp/0/quic-v1"] if a.quic else [])
+    gw = Node(os.path.join(d, "gw"), ["--ssh-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"],
+              listen=listen)
     boot = []
     for ad in gw.ready["p2p_addrs"]:
         boot += ["--bootstrap", ad]
-    prov = Node(os.path.join(d, "prov"), ["--provide", "--vm-backend", "sshd"] + boot)
+    prov = Node(os.path.join(d, "prov"), ["--provide", "--vm-backend", "sshd"] + boot, listen=listen)
     api = gw.ready["api_addr"]
     url = f"http://{api}"
     gw_port = int(gw.ready["ssh_addr"].rsplit(":", 1)[1])
@@ -462,6 +476,7 @@ def bench(a, d, t_start):
     threading.Thread(target=lambda: [None for _ in tun.stdout], daemon=True).start()
     xe = dict(gw=gw, prov=prov, gw_port=gw_port, lease=lease, lease_key=lease_key, vm_hk=vm_hk, t_port=t_port,
               r5=None)
+    log(f"gateway -> provider connections (paths 3, 4): {', '.join(gw_transports(xe)) or 'none'}")
     if not a.paths or "5" in a.paths.split(","):
         try:
             xe["r5"] = setup_relayed(d, wallet)

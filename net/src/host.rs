@@ -164,11 +164,12 @@ impl std::fmt::Display for ConnPath {
     }
 }
 
-/// Client tunnels open (or being opened) per provider peer.
+/// Tunnels open (or being opened) with each peer, in either direction: the
+/// ones we opened as a client and the ones we serve as its provider.
 #[derive(Clone, Default)]
-pub(crate) struct ClientTunnels(Arc<Mutex<HashMap<PeerId, usize>>>);
+pub(crate) struct PeerTunnels(Arc<Mutex<HashMap<PeerId, usize>>>);
 
-impl ClientTunnels {
+impl PeerTunnels {
     fn count(&self, peer: &PeerId) -> usize {
         self.0
             .lock()
@@ -178,14 +179,14 @@ impl ClientTunnels {
             .unwrap_or(0)
     }
 
-    fn enter(&self, peer: PeerId, cmd: mpsc::Sender<Command>) -> ClientTunnelGuard {
+    pub(crate) fn enter(&self, peer: PeerId, cmd: mpsc::Sender<Command>) -> TunnelGuard {
         *self
             .0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(peer)
             .or_default() += 1;
-        ClientTunnelGuard {
+        TunnelGuard {
             tunnels: self.clone(),
             peer,
             cmd,
@@ -193,15 +194,15 @@ impl ClientTunnels {
     }
 }
 
-/// One client tunnel to `peer`; when the last one ends the event loop is
-/// told, so it can close a relayed connection that DCUtR made redundant.
-pub(crate) struct ClientTunnelGuard {
-    tunnels: ClientTunnels,
+/// One tunnel with `peer`; when the last one ends the event loop is told,
+/// so it can close connections that a better one made redundant.
+pub(crate) struct TunnelGuard {
+    tunnels: PeerTunnels,
     peer: PeerId,
     cmd: mpsc::Sender<Command>,
 }
 
-impl Drop for ClientTunnelGuard {
+impl Drop for TunnelGuard {
     fn drop(&mut self) {
         let mut m = self.tunnels.0.lock().unwrap_or_else(|p| p.into_inner());
         let idle = match m.get_mut(&self.peer) {
@@ -248,7 +249,7 @@ pub struct NetHandle {
     peer_count: watch::Receiver<usize>,
     nat: watch::Receiver<NatInfo>,
     conn_changes: watch::Receiver<u64>,
-    tunnels: ClientTunnels,
+    tunnels: PeerTunnels,
     client_handshake_timeout: Duration,
     dial_timeout: Duration,
 }
@@ -586,7 +587,7 @@ pub async fn start(
     let (conn_tx, conn_rx) = watch::channel(0u64);
     let (internal_tx, internal_rx) = mpsc::channel(1024);
     let registry = TunnelRegistry::default();
-    let tunnels = ClientTunnels::default();
+    let tunnels = PeerTunnels::default();
     let handle = NetHandle {
         cmd: cmd_tx.clone(),
         peer_id,
@@ -608,19 +609,28 @@ pub async fn start(
             validator,
             registry,
             config.tunnel.clone(),
+            (tunnels.clone(), cmd_tx.clone()),
             cancel.clone(),
         ));
     }
+    let mut bootstrap_peers: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
     for addr in &config.bootstrap {
-        if let Err(e) = swarm.dial(addr.clone()) {
-            warn!(%addr, "bootstrap dial failed: {e}");
+        match peer_of(addr) {
+            Some(p) => bootstrap_peers.entry(p).or_default().push(addr.clone()),
+            None => warn!(%addr, "bootstrap address has no /p2p/<peer id>; not dialled"),
         }
     }
-    let bootstrap_peers = config
-        .bootstrap
-        .iter()
-        .filter_map(|a| peer_of(a).map(|p| (p, a.clone())))
-        .collect();
+    for (peer, addrs) in &mut bootstrap_peers {
+        addrs.sort_by_key(dial_rank);
+        let opts = preferred_dial(
+            *peer,
+            addrs.clone(),
+            PeerCondition::DisconnectedAndNotDialing,
+        );
+        if let Err(e) = swarm.dial(opts.build()) {
+            warn!(%peer, "bootstrap dial failed: {e}");
+        }
+    }
     let relay_candidates = config
         .nat
         .relays
@@ -667,6 +677,7 @@ pub async fn start(
         relay_addrs: Vec::new(),
         tunnels,
         retiring: HashSet::new(),
+        relay_peers: HashMap::new(),
         addrs_changed_at: None,
     };
     for a in addrs {
@@ -683,6 +694,45 @@ fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
         Some(Protocol::P2p(p)) => Some(p),
         _ => None,
     }
+}
+
+/// Dial order: TCP, then QUIC, then relayed circuits.
+fn dial_rank(addr: &Multiaddr) -> u8 {
+    if addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
+        2
+    } else {
+        u8::from(is_quic(addr))
+    }
+}
+
+/// A dial to `peer` in [`dial_rank`] order. With no circuit among `addrs`
+/// (a peer that says it is reachable) one address at a time, so the
+/// connection is TCP whenever TCP works: QUIC, a round trip quicker, would
+/// win a race, and a tunnel over QUIC costs about twice the CPU per GiB
+/// (BENCHMARKS.md). With circuits, all at once: a NATed peer's own
+/// addresses can hang until the transport times out, and the relay must
+/// not wait for that.
+fn preferred_dial(
+    peer: PeerId,
+    mut addrs: Vec<Multiaddr>,
+    condition: PeerCondition,
+) -> libp2p::swarm::dial_opts::WithPeerIdWithAddresses {
+    addrs.sort_by_key(dial_rank);
+    let circuits = addrs.iter().any(|a| dial_rank(a) == 2);
+    let opts = DialOpts::peer_id(peer)
+        .condition(condition)
+        .addresses(addrs);
+    if circuits {
+        opts
+    } else {
+        opts.override_dial_concurrency_factor(std::num::NonZeroU8::MIN)
+    }
+}
+
+/// Whether `addr` is a QUIC address.
+fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter()
+        .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
 }
 
 /// Whether `addr` is a loopback address.
@@ -721,8 +771,17 @@ struct Conn {
     remote: Multiaddr,
     /// Through a relay (`/p2p-circuit`).
     relayed: bool,
+    /// Over QUIC.
+    quic: bool,
     /// We dialled it.
     dialer: bool,
+}
+
+/// What a peer uses our relay server for.
+#[derive(Default)]
+struct RelayUse {
+    reserved: bool,
+    circuits: usize,
 }
 
 /// Results that background work hands back to the event loop.
@@ -762,7 +821,8 @@ struct EventLoop {
     /// Bumped on every connection opened or closed.
     conn_tx: watch::Sender<u64>,
     /// Bootstrap peers and the address we dial them at.
-    bootstrap_peers: HashMap<PeerId, Multiaddr>,
+    /// Each bootstrap peer's addresses, in dial order.
+    bootstrap_peers: HashMap<PeerId, Vec<Multiaddr>>,
     /// Relays to reserve on, in order of preference: `--relay` ones, then
     /// bootstrap peers that turned out to speak the hop protocol.
     relay_candidates: Vec<(PeerId, Multiaddr)>,
@@ -770,11 +830,13 @@ struct EventLoop {
     relay_listeners: HashMap<ListenerId, PeerId>,
     /// Addresses those listeners reported.
     relay_addrs: Vec<Multiaddr>,
-    /// Client tunnels per provider peer (see [`ClientTunnelGuard`]).
-    tunnels: ClientTunnels,
-    /// Peers whose relayed connections are to be closed once their last
-    /// tunnel ends (DCUtR found a direct path).
+    /// Client tunnels per provider peer (see [`TunnelGuard`]).
+    tunnels: PeerTunnels,
+    /// Peers with redundant connections to close once their last tunnel
+    /// ends (see `retire_redundant`).
     retiring: HashSet<PeerId>,
+    /// Peers we relay for: a reservation, or circuits in either role.
+    relay_peers: HashMap<PeerId, RelayUse>,
     /// Set when our addresses changed; the directory entry is re-announced
     /// [`ANNOUNCE_DEBOUNCE`] later.
     addrs_changed_at: Option<tokio::time::Instant>,
@@ -849,7 +911,7 @@ impl EventLoop {
             }
             Command::TunnelsIdle(peer) => {
                 if self.retiring.contains(&peer) {
-                    self.retire_relayed(peer);
+                    self.retire_redundant(peer);
                 }
             }
             Command::DialAddr(addr, r) => {
@@ -897,9 +959,7 @@ impl EventLoop {
         // Our own dial even if another one (a DHT query's, say) is under
         // way: ours has the directory's addresses, and any connection that
         // comes up first answers the waiters.
-        let opts = DialOpts::peer_id(peer)
-            .condition(PeerCondition::Disconnected)
-            .addresses(addrs)
+        let opts = preferred_dial(peer, addrs, PeerCondition::Disconnected)
             .extend_addresses_through_behaviour()
             .build();
         let conn = opts.connection_id();
@@ -1005,17 +1065,15 @@ impl EventLoop {
     }
 
     fn redial_bootstrap(&mut self) {
-        let lost: Vec<(PeerId, Multiaddr)> = self
+        let lost: Vec<(PeerId, Vec<Multiaddr>)> = self
             .bootstrap_peers
             .iter()
             .filter(|(p, _)| !self.swarm.is_connected(p))
             .map(|(p, a)| (*p, a.clone()))
             .collect();
-        for (peer, addr) in lost {
-            let opts = DialOpts::peer_id(peer)
-                .condition(PeerCondition::DisconnectedAndNotDialing)
-                .addresses(vec![addr])
-                .build();
+        for (peer, addrs) in lost {
+            let opts =
+                preferred_dial(peer, addrs, PeerCondition::DisconnectedAndNotDialing).build();
             match self.swarm.dial(opts) {
                 Ok(()) => debug!(%peer, "redialling bootstrap peer"),
                 Err(e) => debug!(%peer, "bootstrap redial not started: {e}"),
@@ -1080,7 +1138,7 @@ impl EventLoop {
             })) => {
                 let known = self.relay_candidates.iter().any(|(p, _)| *p == peer_id);
                 if info.protocols.contains(&relay::HOP_PROTOCOL_NAME)
-                    && let Some(addr) = self.bootstrap_peers.get(&peer_id)
+                    && let Some(addr) = self.bootstrap_peers.get(&peer_id).and_then(|a| a.first())
                     && !known
                 {
                     info!(relay = %peer_id, "bootstrap peer is a relay");
@@ -1152,11 +1210,13 @@ impl EventLoop {
                 self.connections.entry(peer_id).or_default().insert(
                     connection_id,
                     Conn {
+                        quic: is_quic(&remote),
                         remote: remote.clone(),
                         relayed,
                         dialer: endpoint.is_dialer(),
                     },
                 );
+                self.retire_redundant(peer_id);
                 self.peer_tx.send_replace(self.connections.len());
                 self.conn_tx.send_modify(|n| *n += 1);
                 if let Some(r) = self.addr_dials.remove(&connection_id) {
@@ -1180,11 +1240,12 @@ impl EventLoop {
                     if conns.remove(&connection_id).is_some_and(|c| c.relayed) {
                         info!(peer = %peer_id, "relayed connection closed");
                     }
-                    if !conns.values().any(|c| c.relayed) {
+                    if conns.len() <= 1 {
                         self.retiring.remove(&peer_id);
                     }
                     if conns.is_empty() {
                         self.connections.remove(&peer_id);
+                        self.relay_peers.remove(&peer_id);
                     }
                 }
                 self.peer_tx.send_replace(self.connections.len());
@@ -1537,39 +1598,58 @@ impl EventLoop {
         }
         self.maintain_relays();
         for peer in self.retiring.clone() {
-            self.retire_relayed(peer);
+            self.retire_redundant(peer);
         }
     }
 
-    /// Close the relayed connections we dialled to `peer` once a direct one
-    /// exists and none of our tunnels can be riding on them.
-    fn retire_relayed(&mut self, peer: PeerId) {
+    /// Close the connections to `peer` that a better one made redundant,
+    /// once no tunnel with it is open either way. libp2p-stream puts each
+    /// new tunnel on a random connection to the peer, so a redundant one
+    /// would carry its share of them at its higher cost:
+    /// - relayed connections we dialled, once a direct one exists (DCUtR);
+    /// - QUIC ones, once a direct TCP one exists: a tunnel over QUIC costs
+    ///   about twice the CPU per GiB here (BENCHMARKS.md). Either side may
+    ///   close these, and both keep the TCP one.
+    ///
+    /// A peer that relays for us, or that we relay for, keeps everything:
+    /// its circuits and reservation may ride on any of its connections.
+    fn retire_redundant(&mut self, peer: PeerId) {
         let Some(conns) = self.connections.get(&peer) else {
             self.retiring.remove(&peer);
             return;
         };
-        if !conns.values().any(|c| !c.relayed) {
-            self.retiring.remove(&peer);
-            return;
-        }
-        let ours: Vec<ConnectionId> = conns
+        let direct = conns.values().any(|c| !c.relayed);
+        let direct_tcp = conns.values().any(|c| !c.relayed && !c.quic);
+        let redundant: Vec<(ConnectionId, &'static str)> = conns
             .iter()
-            .filter(|(_, c)| c.relayed && c.dialer)
-            .map(|(id, _)| *id)
+            .filter_map(|(id, c)| {
+                if c.relayed && c.dialer && direct {
+                    Some((*id, "relayed"))
+                } else if c.quic && !c.relayed && direct_tcp {
+                    Some((*id, "QUIC"))
+                } else {
+                    None
+                }
+            })
             .collect();
-        if ours.is_empty() {
+        let relay_involved = self.relay_candidates.iter().any(|(p, _)| *p == peer)
+            || self.relay_peers.contains_key(&peer);
+        if redundant.is_empty() || (relay_involved && redundant.iter().all(|(_, k)| *k == "QUIC")) {
             self.retiring.remove(&peer);
             return;
         }
         let busy = self.tunnels.count(&peer);
         if busy > 0 {
-            info!(%peer, tunnels = busy, "direct connection up; keeping the relayed one until its tunnels end");
+            debug!(%peer, tunnels = busy, "keeping a redundant connection until its tunnels end");
             self.retiring.insert(peer);
             return;
         }
         self.retiring.remove(&peer);
-        for id in ours {
-            info!(%peer, "closing the relayed connection: a direct one replaced it");
+        for (id, kind) in redundant {
+            if kind == "QUIC" && relay_involved {
+                continue;
+            }
+            info!(%peer, "closing a {kind} connection: a direct{} one replaced it", if kind == "QUIC" { " TCP" } else { "" });
             self.swarm.close_connection(id);
         }
     }
@@ -1601,7 +1681,7 @@ impl EventLoop {
         match ev.result {
             Ok(_) => {
                 info!(peer = %ev.remote_peer_id, "hole punch succeeded: direct connection");
-                self.retire_relayed(ev.remote_peer_id);
+                self.retire_redundant(ev.remote_peer_id);
             }
             Err(e) => {
                 info!(peer = %ev.remote_peer_id, "hole punch failed, the relay carries this connection: {e}")
@@ -1638,6 +1718,7 @@ impl EventLoop {
                 src_peer_id,
                 renewed,
             } => {
+                self.relay_peers.entry(src_peer_id).or_default().reserved = true;
                 if renewed {
                     debug!(peer = %src_peer_id, "relay: reservation renewed");
                 } else {
@@ -1649,12 +1730,22 @@ impl EventLoop {
                 status,
             } => warn!(peer = %src_peer_id, ?status, "relay: reservation denied"),
             relay::Event::ReservationTimedOut { src_peer_id } => {
-                debug!(peer = %src_peer_id, "relay: reservation expired")
+                debug!(peer = %src_peer_id, "relay: reservation expired");
+                self.relay_use_ended(src_peer_id, |u| u.reserved = false);
+            }
+            relay::Event::ReservationClosed { src_peer_id } => {
+                debug!(peer = %src_peer_id, "relay: reservation closed");
+                self.relay_use_ended(src_peer_id, |u| u.reserved = false);
             }
             relay::Event::CircuitReqAccepted {
                 src_peer_id,
                 dst_peer_id,
-            } => info!(src = %src_peer_id, dst = %dst_peer_id, "relay: circuit opened"),
+            } => {
+                info!(src = %src_peer_id, dst = %dst_peer_id, "relay: circuit opened");
+                for p in [src_peer_id, dst_peer_id] {
+                    self.relay_peers.entry(p).or_default().circuits += 1;
+                }
+            }
             relay::Event::CircuitReqDenied {
                 src_peer_id,
                 dst_peer_id,
@@ -1664,8 +1755,23 @@ impl EventLoop {
                 src_peer_id,
                 dst_peer_id,
                 error,
-            } => info!(src = %src_peer_id, dst = %dst_peer_id, ?error, "relay: circuit closed"),
+            } => {
+                info!(src = %src_peer_id, dst = %dst_peer_id, ?error, "relay: circuit closed");
+                for p in [src_peer_id, dst_peer_id] {
+                    self.relay_use_ended(p, |u| u.circuits = u.circuits.saturating_sub(1));
+                }
+            }
             other => debug!(?other, "relay event"),
+        }
+    }
+
+    fn relay_use_ended(&mut self, peer: PeerId, end: impl FnOnce(&mut RelayUse)) {
+        if let Some(u) = self.relay_peers.get_mut(&peer) {
+            end(u);
+            if !u.reserved && u.circuits == 0 {
+                self.relay_peers.remove(&peer);
+                self.retire_redundant(peer);
+            }
         }
     }
 }

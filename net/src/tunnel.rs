@@ -45,14 +45,14 @@ pub const PIPE_BUFFER: usize = 256 * 1024;
 pub struct TunnelStream {
     inner: Compat<libp2p::Stream>,
     path: crate::host::ConnPath,
-    _guard: Option<crate::host::ClientTunnelGuard>,
+    _guard: Option<crate::host::TunnelGuard>,
 }
 
 impl TunnelStream {
     pub(crate) fn new(
         inner: Compat<libp2p::Stream>,
         path: crate::host::ConnPath,
-        guard: Option<crate::host::ClientTunnelGuard>,
+        guard: Option<crate::host::TunnelGuard>,
     ) -> Self {
         TunnelStream {
             inner,
@@ -396,12 +396,17 @@ where
     }
 }
 
-/// Serve inbound tunnel streams until `cancel` fires.
-pub async fn serve(
+/// Serve inbound tunnel streams until `cancel` fires; each counts in
+/// `tunnels` while it lives.
+pub(crate) async fn serve(
     mut control: libp2p_stream::Control,
     validator: Arc<dyn TunnelValidator>,
     registry: TunnelRegistry,
     config: TunnelServerConfig,
+    tunnels: (
+        crate::host::PeerTunnels,
+        tokio::sync::mpsc::Sender<crate::host::Command>,
+    ),
     cancel: CancellationToken,
 ) {
     let mut incoming = match control.accept(TUNNEL_PROTOCOL) {
@@ -428,8 +433,10 @@ pub async fn serve(
         let registry = registry.clone();
         let cfg = config.clone();
         let cancel = cancel.clone();
+        let guard = tunnels.0.enter(peer, tunnels.1.clone());
         tasks.spawn(
             async move {
+                let _guard = guard;
                 let Ok(_permit) = permit else {
                     warn!("refused: too many tunnels");
                     refuse(

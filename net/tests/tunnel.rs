@@ -92,7 +92,7 @@ struct Pair {
 }
 
 async fn pair(backend: std::net::SocketAddr, handshake: Duration) -> Pair {
-    pair_with_client_cipher(backend, handshake, OverlayCipher::default()).await
+    pair_with(backend, handshake, &["/ip4/127.0.0.1/tcp/0"], |_| {}).await
 }
 
 /// As [`pair`], with the client node offering only `client_cipher`.
@@ -100,6 +100,20 @@ async fn pair_with_client_cipher(
     backend: std::net::SocketAddr,
     handshake: Duration,
     client_cipher: OverlayCipher,
+) -> Pair {
+    pair_with(backend, handshake, &["/ip4/127.0.0.1/tcp/0"], |c| {
+        c.overlay_cipher = client_cipher;
+    })
+    .await
+}
+
+/// A provider listening on `provider_listen`, and a client bootstrapped to
+/// all its addresses, then changed by `client`.
+async fn pair_with(
+    backend: std::net::SocketAddr,
+    handshake: Duration,
+    provider_listen: &[&str],
+    client: impl FnOnce(&mut xe_net::NetConfig),
 ) -> Pair {
     let provider_wallet = Wallet::from_seed([2; 32]);
     let consumer = Wallet::from_seed([1; 32]);
@@ -112,7 +126,10 @@ async fn pair_with_client_cipher(
     let dir = tempfile::tempdir().expect("tempdir");
     let key = xe_net::load_or_create_keypair(&dir.path().join("k")).expect("key");
     let mut cfg = xe_net::NetConfig::new(key);
-    cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
+    cfg.listen = provider_listen
+        .iter()
+        .map(|a| a.parse().expect("addr"))
+        .collect();
     cfg.validator = Some(validator);
     cfg.tunnel.handshake_timeout = handshake;
     let cancel = tokio_util::sync::CancellationToken::new();
@@ -126,10 +143,7 @@ async fn pair_with_client_cipher(
         tasks: net.tasks,
         _dir: dir,
     };
-    let client = node_with(provider.net.p2p_addrs().await.expect("addrs"), |c| {
-        c.overlay_cipher = client_cipher;
-    })
-    .await;
+    let client = node_with(provider.net.p2p_addrs().await.expect("addrs"), client).await;
     wait_peers(&client, 1).await;
     Pair {
         provider,
@@ -405,4 +419,101 @@ async fn send_and_check_digest(p: &Pair, lease: &LeaseHash, mib: usize) {
     r.read_to_end(&mut remote).await.expect("digest");
     let local = writer.await.expect("writer");
     assert_eq!(hex::encode(remote), hex::encode(local));
+}
+
+/// The transports of `node`'s connections to `peer`, e.g. `["quic", "tcp"]`.
+async fn transports(node: &TestNode, peer: PeerId) -> Vec<&'static str> {
+    let peers = node.net.peers().await.expect("peers");
+    let mut t: Vec<&'static str> = peers
+        .iter()
+        .filter(|p| p.peer_id == peer.to_string())
+        .flat_map(|p| p.addrs.iter())
+        .map(|a| {
+            if a.contains("/quic-v1") {
+                "quic"
+            } else {
+                "tcp"
+            }
+        })
+        .collect();
+    t.sort_unstable();
+    t
+}
+
+/// Waits (bounded) until `node`'s connections to `peer` use exactly `want`.
+async fn wait_transports(node: &TestNode, peer: PeerId, want: &[&str]) {
+    let mut changes = node.net.connection_changes();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = transports(node, peer).await;
+        let mut dedup = now.clone();
+        dedup.dedup();
+        if dedup == want {
+            return;
+        }
+        assert!(
+            tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_ok(),
+            "connections to {peer} still {now:?}, want {want:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_quic_connection_beside_a_tcp_one_retires_once_its_tunnels_end() {
+    // The client first reaches the provider over QUIC only and opens a
+    // tunnel; then a TCP connection comes up. New tunnels would be spread
+    // at random over both, so the QUIC one must go, but not under the
+    // open tunnel.
+    let listen = ["/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"];
+    let mut quic_only = Vec::new();
+    let mut tcp = None;
+    let p = pair_with(
+        echo_backend().await,
+        Duration::from_secs(30),
+        &listen,
+        |c| {
+            let all = std::mem::take(&mut c.bootstrap);
+            for a in all {
+                if a.to_string().contains("/quic-v1") {
+                    quic_only.push(a);
+                } else {
+                    tcp = Some(a);
+                }
+            }
+            c.bootstrap = quic_only.clone();
+        },
+    )
+    .await;
+    let provider = p.provider.net.peer_id();
+    wait_transports(&p.client, provider, &["quic"]).await;
+    let lease = accepted_lease(&p.provider.store, &p.consumer, &p.provider_wallet, 8);
+    let mut t = p.open(&lease).await.expect("tunnel over QUIC");
+
+    p.client
+        .net
+        .dial(tcp.expect("a TCP address"))
+        .await
+        .expect("dial TCP");
+    assert_eq!(transports(&p.client, provider).await, ["quic", "tcp"]);
+    // The tunnel on the QUIC connection is untouched.
+    t.write_all(b"still here").await.expect("write");
+    let mut back = [0u8; 10];
+    t.read_exact(&mut back).await.expect("echo");
+    assert_eq!(&back, b"still here");
+    assert!(
+        transports(&p.client, provider).await.contains(&"quic"),
+        "the QUIC connection was closed under an open tunnel"
+    );
+
+    drop(t);
+    wait_transports(&p.client, provider, &["tcp"]).await;
+    wait_transports(&p.provider, p.client.net.peer_id(), &["tcp"]).await;
+    // And tunnels still open, now over TCP.
+    let mut t = p.open(&lease).await.expect("tunnel over TCP");
+    t.write_all(b"again").await.expect("write");
+    let mut back = [0u8; 5];
+    t.read_exact(&mut back).await.expect("echo");
+    assert_eq!(&back, b"again");
 }
