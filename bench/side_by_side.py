@@ -697,6 +697,8 @@ Host *
         round_times.append(time.monotonic() - r0)
 
     total = time.monotonic() - t_start
+    if xe:
+        log(f"gateway -> provider connections at the end (paths 3, 4): {', '.join(gw_transports(xe)) or 'none'}")
     if r5 and not relayed_now(r5):
         failures.append("path 5: the gateway reached the provider directly at the end (hole punched?)")
     r5_note = None if r5 else (xe or {}).get("r5_error", "not selected")

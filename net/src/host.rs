@@ -411,7 +411,20 @@ impl NetHandle {
         }
         let mut attempt = 1;
         loop {
-            let mut stream = self.open_tunnel_stream(provider).await?;
+            let mut stream = match self.open_tunnel_stream(provider).await {
+                Ok(s) => s,
+                // The connection libp2p-stream picked closed under it (a
+                // redundant one was closed, say) while another remains.
+                Err(TunnelError::DialFailed { .. })
+                    if attempt < OPEN_ATTEMPTS
+                        && self.path_to(provider).await.unwrap_or(ConnPath::None)
+                            != ConnPath::None =>
+                {
+                    attempt += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             match tunnel::client_handshake(&mut stream, lease, self.client_handshake_timeout).await
             {
                 Ok(()) => {
@@ -832,8 +845,8 @@ struct EventLoop {
     relay_addrs: Vec<Multiaddr>,
     /// Client tunnels per provider peer (see [`TunnelGuard`]).
     tunnels: PeerTunnels,
-    /// Peers with redundant connections to close once their last tunnel
-    /// ends (see `retire_redundant`).
+    /// Peers whose relayed connections are to be closed once their last
+    /// tunnel ends (DCUtR found a direct path; see `retire_redundant`).
     retiring: HashSet<PeerId>,
     /// Peers we relay for: a reservation, or circuits in either role.
     relay_peers: HashMap<PeerId, RelayUse>,
@@ -1216,6 +1229,7 @@ impl EventLoop {
                         dialer: endpoint.is_dialer(),
                     },
                 );
+                self.close_if_born_redundant(peer_id, connection_id);
                 self.retire_redundant(peer_id);
                 self.peer_tx.send_replace(self.connections.len());
                 self.conn_tx.send_modify(|n| *n += 1);
@@ -1240,7 +1254,7 @@ impl EventLoop {
                     if conns.remove(&connection_id).is_some_and(|c| c.relayed) {
                         info!(peer = %peer_id, "relayed connection closed");
                     }
-                    if conns.len() <= 1 {
+                    if !conns.values().any(|c| c.relayed) {
                         self.retiring.remove(&peer_id);
                     }
                     if conns.is_empty() {
@@ -1602,54 +1616,67 @@ impl EventLoop {
         }
     }
 
-    /// Close the connections to `peer` that a better one made redundant,
-    /// once no tunnel with it is open either way. libp2p-stream puts each
-    /// new tunnel on a random connection to the peer, so a redundant one
-    /// would carry its share of them at its higher cost:
-    /// - relayed connections we dialled, once a direct one exists (DCUtR);
-    /// - QUIC ones, once a direct TCP one exists: a tunnel over QUIC costs
-    ///   about twice the CPU per GiB here (BENCHMARKS.md). Either side may
-    ///   close these, and both keep the TCP one.
-    ///
-    /// A peer that relays for us, or that we relay for, keeps everything:
-    /// its circuits and reservation may ride on any of its connections.
+    /// Close a QUIC connection that arrives beside a direct TCP one to the
+    /// same peer (an AutoNAT dial-back, a DHT query's dial): libp2p-stream
+    /// puts each new tunnel on a random connection to the peer, and a
+    /// tunnel over QUIC costs about twice the CPU per GiB (BENCHMARKS.md).
+    /// Only at birth, before gossip or a tunnel can be riding on it: closing
+    /// an older connection can drop a gossip message in flight on it (a
+    /// lease event then waits for the next sync, up to a minute).
+    /// Peers that relay for us, or that we relay for, keep everything,
+    /// since their circuits and reservation may ride on any connection.
+    fn close_if_born_redundant(&mut self, peer: PeerId, id: ConnectionId) {
+        let Some(conns) = self.connections.get(&peer) else {
+            return;
+        };
+        let Some(new) = conns.get(&id) else { return };
+        let tcp_beside = conns
+            .iter()
+            .any(|(other, c)| *other != id && !c.relayed && !c.quic);
+        if !new.quic || new.relayed || !tcp_beside {
+            return;
+        }
+        let relay_involved = self.relay_candidates.iter().any(|(p, _)| *p == peer)
+            || self.relay_peers.contains_key(&peer);
+        // Open tunnels do not matter: none is on this connection yet, and
+        // one that picks it in this instant is retried (`open_tunnel`).
+        if relay_involved {
+            return;
+        }
+        debug!(%peer, "closing a new QUIC connection: a direct TCP one exists");
+        self.swarm.close_connection(id);
+    }
+
+    /// Close the relayed connections we dialled to `peer` once a direct one
+    /// exists and no tunnel with it is open either way (ours, or ones we
+    /// serve), so none can be riding on them.
     fn retire_redundant(&mut self, peer: PeerId) {
         let Some(conns) = self.connections.get(&peer) else {
             self.retiring.remove(&peer);
             return;
         };
-        let direct = conns.values().any(|c| !c.relayed);
-        let direct_tcp = conns.values().any(|c| !c.relayed && !c.quic);
-        let redundant: Vec<(ConnectionId, &'static str)> = conns
+        if !conns.values().any(|c| !c.relayed) {
+            self.retiring.remove(&peer);
+            return;
+        }
+        let ours: Vec<ConnectionId> = conns
             .iter()
-            .filter_map(|(id, c)| {
-                if c.relayed && c.dialer && direct {
-                    Some((*id, "relayed"))
-                } else if c.quic && !c.relayed && direct_tcp {
-                    Some((*id, "QUIC"))
-                } else {
-                    None
-                }
-            })
+            .filter(|(_, c)| c.relayed && c.dialer)
+            .map(|(id, _)| *id)
             .collect();
-        let relay_involved = self.relay_candidates.iter().any(|(p, _)| *p == peer)
-            || self.relay_peers.contains_key(&peer);
-        if redundant.is_empty() || (relay_involved && redundant.iter().all(|(_, k)| *k == "QUIC")) {
+        if ours.is_empty() {
             self.retiring.remove(&peer);
             return;
         }
         let busy = self.tunnels.count(&peer);
         if busy > 0 {
-            debug!(%peer, tunnels = busy, "keeping a redundant connection until its tunnels end");
+            info!(%peer, tunnels = busy, "direct connection up; keeping the relayed one until its tunnels end");
             self.retiring.insert(peer);
             return;
         }
         self.retiring.remove(&peer);
-        for (id, kind) in redundant {
-            if kind == "QUIC" && relay_involved {
-                continue;
-            }
-            info!(%peer, "closing a {kind} connection: a direct{} one replaced it", if kind == "QUIC" { " TCP" } else { "" });
+        for id in ours {
+            info!(%peer, "closing the relayed connection: a direct one replaced it");
             self.swarm.close_connection(id);
         }
     }
@@ -1770,7 +1797,6 @@ impl EventLoop {
             end(u);
             if !u.reserved && u.circuits == 0 {
                 self.relay_peers.remove(&peer);
-                self.retire_redundant(peer);
             }
         }
     }
