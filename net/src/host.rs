@@ -165,13 +165,24 @@ impl std::fmt::Display for ConnPath {
 }
 
 /// Tunnels open (or being opened) with each peer, in either direction: the
-/// ones we opened as a client and the ones we serve as its provider.
-#[derive(Clone, Default)]
-pub(crate) struct PeerTunnels(Arc<Mutex<HashMap<PeerId, usize>>>);
+/// ones we opened as a client and the ones we serve as its provider. When
+/// the last one with a peer ends, the event loop is told through `idle`.
+#[derive(Clone)]
+pub(crate) struct PeerTunnels {
+    counts: Arc<Mutex<HashMap<PeerId, usize>>>,
+    idle: mpsc::Sender<Command>,
+}
 
 impl PeerTunnels {
+    fn new(idle: mpsc::Sender<Command>) -> Self {
+        PeerTunnels {
+            counts: Arc::default(),
+            idle,
+        }
+    }
+
     fn count(&self, peer: &PeerId) -> usize {
-        self.0
+        self.counts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(peer)
@@ -179,9 +190,9 @@ impl PeerTunnels {
             .unwrap_or(0)
     }
 
-    pub(crate) fn enter(&self, peer: PeerId, cmd: mpsc::Sender<Command>) -> TunnelGuard {
+    pub(crate) fn enter(&self, peer: PeerId) -> TunnelGuard {
         *self
-            .0
+            .counts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(peer)
@@ -189,7 +200,6 @@ impl PeerTunnels {
         TunnelGuard {
             tunnels: self.clone(),
             peer,
-            cmd,
         }
     }
 }
@@ -199,12 +209,15 @@ impl PeerTunnels {
 pub(crate) struct TunnelGuard {
     tunnels: PeerTunnels,
     peer: PeerId,
-    cmd: mpsc::Sender<Command>,
 }
 
 impl Drop for TunnelGuard {
     fn drop(&mut self) {
-        let mut m = self.tunnels.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self
+            .tunnels
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let idle = match m.get_mut(&self.peer) {
             Some(n) if *n > 1 => {
                 *n -= 1;
@@ -219,7 +232,7 @@ impl Drop for TunnelGuard {
         drop(m);
         if idle {
             // If the queue is full the periodic relay check catches up.
-            let _ = self.cmd.try_send(Command::TunnelsIdle(self.peer));
+            let _ = self.tunnels.idle.try_send(Command::TunnelsIdle(self.peer));
         }
     }
 }
@@ -393,7 +406,7 @@ impl NetHandle {
     ) -> Result<TunnelStream, TunnelError> {
         // Counted from before the dial, so a relayed connection that DCUtR
         // upgrades meanwhile is not closed under the stream being opened.
-        let guard = self.tunnels.enter(provider, self.cmd.clone());
+        let guard = self.tunnels.enter(provider);
         let (tx, rx) = oneshot::channel();
         self.cmd
             .send(Command::DialPeer(provider, addrs, tx))
@@ -529,7 +542,8 @@ pub async fn start(
     let nat = config.nat.clone();
     let stats = Arc::new(NetStats::default());
     let cipher = config.overlay_cipher;
-    let security = |counts: Arc<HandshakeCounts>| {
+    let security = || {
+        let counts = stats.handshakes.clone();
         move |k: &libp2p::identity::Keypair| SecurityUpgrade::new(k, cipher, counts)
     };
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
@@ -538,7 +552,7 @@ pub async fn start(
         // first and measured 20 % more CPU per GiB than noise (BENCHMARKS.md).
         .with_tcp(
             tcp::Config::default().nodelay(true),
-            security(stats.handshakes.clone()),
+            security(),
             crate::mux::config,
         )
         .map_err(|e| NetError::Transport(e.to_string()))?
@@ -548,7 +562,7 @@ pub async fn start(
         })
         .with_dns()
         .map_err(|e| NetError::Transport(e.to_string()))?
-        .with_relay_client(security(stats.handshakes.clone()), crate::mux::config)
+        .with_relay_client(security(), crate::mux::config)
         .map_err(|e| NetError::Transport(e.to_string()))?
         .with_behaviour(|key, relay_client| Behaviour::new(key, relay_client, &nat))
         .map_err(|e| NetError::Transport(e.to_string()))?
@@ -600,7 +614,7 @@ pub async fn start(
     let (conn_tx, conn_rx) = watch::channel(0u64);
     let (internal_tx, internal_rx) = mpsc::channel(1024);
     let registry = TunnelRegistry::default();
-    let tunnels = PeerTunnels::default();
+    let tunnels = PeerTunnels::new(cmd_tx.clone());
     let handle = NetHandle {
         cmd: cmd_tx.clone(),
         peer_id,
@@ -622,7 +636,7 @@ pub async fn start(
             validator,
             registry,
             config.tunnel.clone(),
-            (tunnels.clone(), cmd_tx.clone()),
+            tunnels.clone(),
             cancel.clone(),
         ));
     }
@@ -833,7 +847,6 @@ struct EventLoop {
     nat_tx: watch::Sender<NatInfo>,
     /// Bumped on every connection opened or closed.
     conn_tx: watch::Sender<u64>,
-    /// Bootstrap peers and the address we dial them at.
     /// Each bootstrap peer's addresses, in dial order.
     bootstrap_peers: HashMap<PeerId, Vec<Multiaddr>>,
     /// Relays to reserve on, in order of preference: `--relay` ones, then
@@ -843,10 +856,10 @@ struct EventLoop {
     relay_listeners: HashMap<ListenerId, PeerId>,
     /// Addresses those listeners reported.
     relay_addrs: Vec<Multiaddr>,
-    /// Client tunnels per provider peer (see [`TunnelGuard`]).
+    /// Tunnels with each peer, either direction (see [`TunnelGuard`]).
     tunnels: PeerTunnels,
     /// Peers whose relayed connections are to be closed once their last
-    /// tunnel ends (DCUtR found a direct path; see `retire_redundant`).
+    /// tunnel ends (DCUtR found a direct path).
     retiring: HashSet<PeerId>,
     /// Peers we relay for: a reservation, or circuits in either role.
     relay_peers: HashMap<PeerId, RelayUse>,
@@ -924,7 +937,7 @@ impl EventLoop {
             }
             Command::TunnelsIdle(peer) => {
                 if self.retiring.contains(&peer) {
-                    self.retire_redundant(peer);
+                    self.retire_relayed(peer);
                 }
             }
             Command::DialAddr(addr, r) => {
@@ -1230,7 +1243,7 @@ impl EventLoop {
                     },
                 );
                 self.close_if_born_redundant(peer_id, connection_id);
-                self.retire_redundant(peer_id);
+                self.retire_relayed(peer_id);
                 self.peer_tx.send_replace(self.connections.len());
                 self.conn_tx.send_modify(|n| *n += 1);
                 if let Some(r) = self.addr_dials.remove(&connection_id) {
@@ -1612,7 +1625,7 @@ impl EventLoop {
         }
         self.maintain_relays();
         for peer in self.retiring.clone() {
-            self.retire_redundant(peer);
+            self.retire_relayed(peer);
         }
     }
 
@@ -1650,7 +1663,7 @@ impl EventLoop {
     /// Close the relayed connections we dialled to `peer` once a direct one
     /// exists and no tunnel with it is open either way (ours, or ones we
     /// serve), so none can be riding on them.
-    fn retire_redundant(&mut self, peer: PeerId) {
+    fn retire_relayed(&mut self, peer: PeerId) {
         let Some(conns) = self.connections.get(&peer) else {
             self.retiring.remove(&peer);
             return;
@@ -1708,7 +1721,7 @@ impl EventLoop {
         match ev.result {
             Ok(_) => {
                 info!(peer = %ev.remote_peer_id, "hole punch succeeded: direct connection");
-                self.retire_redundant(ev.remote_peer_id);
+                self.retire_relayed(ev.remote_peer_id);
             }
             Err(e) => {
                 info!(peer = %ev.remote_peer_id, "hole punch failed, the relay carries this connection: {e}")

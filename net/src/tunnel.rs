@@ -403,10 +403,7 @@ pub(crate) async fn serve(
     validator: Arc<dyn TunnelValidator>,
     registry: TunnelRegistry,
     config: TunnelServerConfig,
-    tunnels: (
-        crate::host::PeerTunnels,
-        tokio::sync::mpsc::Sender<crate::host::Command>,
-    ),
+    tunnels: crate::host::PeerTunnels,
     cancel: CancellationToken,
 ) {
     let mut incoming = match control.accept(TUNNEL_PROTOCOL) {
@@ -433,7 +430,7 @@ pub(crate) async fn serve(
         let registry = registry.clone();
         let cfg = config.clone();
         let cancel = cancel.clone();
-        let guard = tunnels.0.enter(peer, tunnels.1.clone());
+        let guard = tunnels.enter(peer);
         tasks.spawn(
             async move {
                 let _guard = guard;
