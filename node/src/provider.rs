@@ -58,7 +58,16 @@ pub struct Provider {
     held: Mutex<HashMap<LeaseHash, ProvisionRequest>>,
     declined: Mutex<HashMap<LeaseHash, String>>,
     registry: Mutex<Option<TunnelRegistry>>,
+    /// Becomes true once start-up recovery has run. The network serves
+    /// tunnels before that (so a restart is not held up by a slow backend),
+    /// and a tunnel that arrives meanwhile must wait rather than be told
+    /// "no VM" for a lease whose VM is about to come back.
+    recovered: tokio::sync::watch::Sender<bool>,
 }
+
+/// How long a tunnel waits for start-up recovery before it is refused.
+/// Overlay tunnels are also bounded by their handshake timeout.
+const RECOVERY_WAIT: Duration = Duration::from_secs(30);
 
 impl Provider {
     /// A provider for `wallet`'s account.
@@ -76,6 +85,7 @@ impl Provider {
             held: Mutex::new(HashMap::new()),
             declined: Mutex::new(HashMap::new()),
             registry: Mutex::new(None),
+            recovered: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -263,13 +273,7 @@ impl Provider {
             .filter(|r| r.state() == LeaseState::Accepted)
             .map(Self::request)
             .collect();
-        for r in &keep {
-            let _ = self.reserve(r);
-        }
-        match self.vm.recover(&keep).await {
-            Ok(vms) => info!(recovered = vms.len(), "VMs recovered"),
-            Err(e) => error!("recovering VMs failed: {e}"),
-        }
+        self.recover_vms(&keep).await;
         let mut tasks = tokio::task::JoinSet::new();
         for r in mine
             .into_iter()
@@ -296,6 +300,31 @@ impl Provider {
         }
         tasks.shutdown().await;
         self.vm.shutdown().await;
+    }
+
+    /// Bring back the VMs of our accepted leases, then let waiting tunnels
+    /// through, whether or not recovery worked (a failed VM then answers
+    /// with its own error).
+    async fn recover_vms(&self, keep: &[ProvisionRequest]) {
+        for r in keep {
+            let _ = self.reserve(r);
+        }
+        match self.vm.recover(keep).await {
+            Ok(vms) => info!(recovered = vms.len(), "VMs recovered"),
+            Err(e) => error!("recovering VMs failed: {e}"),
+        }
+        self.recovered.send_replace(true);
+    }
+
+    async fn await_recovery(&self) -> Result<(), String> {
+        let mut done = self.recovered.subscribe();
+        match tokio::time::timeout(RECOVERY_WAIT, done.wait_for(|d| *d)).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(format!(
+                "the provider is still recovering its VMs after a restart (waited {} s); try again in a minute",
+                RECOVERY_WAIT.as_secs()
+            )),
+        }
     }
 
     fn spawn_take(
@@ -411,6 +440,7 @@ impl TunnelValidator for Provider {
     }
 
     async fn dial_ssh(&self, lease: &LeaseHash) -> Result<Box<dyn VmConn>, String> {
+        self.await_recovery().await?;
         let s = self
             .vm
             .dial_ssh(lease)
@@ -420,3 +450,6 @@ impl TunnelValidator for Provider {
         Ok(Box::new(s))
     }
 }
+
+#[cfg(test)]
+mod tests;
