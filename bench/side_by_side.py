@@ -475,7 +475,7 @@ def bench(a, d, t_start):
         raise RuntimeError("xe tunnel printed no port")
     threading.Thread(target=lambda: [None for _ in tun.stdout], daemon=True).start()
     xe = dict(gw=gw, prov=prov, gw_port=gw_port, lease=lease, lease_key=lease_key, vm_hk=vm_hk, t_port=t_port,
-              r5=None)
+              tun=tun, r5=None)
     log(f"gateway -> provider connections (paths 3, 4): {', '.join(gw_transports(xe)) or 'none'}")
     if not a.paths or "5" in a.paths.split(","):
         try:
@@ -586,6 +586,12 @@ Host *
         xe_pids["3"] = xe_pids["4"] = (gw.pid, prov.pid)
     if r5:
         xe_pids["5"] = (r5["gw"].pid, r5["prov"].pid)
+    # a third process on the path whose CPU is reported too: path 4's `xe tunnel`, path 5's relay
+    extra_pid = {}
+    if xe:
+        extra_pid["4"] = xe["tun"].pid
+    if r5:
+        extra_pid["5"] = r5["relay"].pid
     if a.paths:
         paths = [p for p in paths if p[0] in a.paths.split(",")]
 
@@ -650,7 +656,7 @@ Host *
     thr = {(p[0], dr): [] for p in paths for dr in ("up", "down")}
     cpu = {(p[0], dr): [] for p in paths for dr in ("up", "down")}  # gateway CPU s per GiB
     pcpu = {(p[0], dr): [] for p in paths for dr in ("up", "down")}  # provider CPU s per GiB
-    relay_cpu = {"up": [], "down": []}  # path 5's relay node, CPU s per GiB
+    extra_cpu = {(p[0], dr): [] for p in paths for dr in ("up", "down")}  # extra_pid's CPU s per GiB
     failures = []
     nbytes = a.bytes
     up_cmd = f"head -c {nbytes} /dev/zero | ssh -F {shlex.quote(cfg)} %s 'cat > /dev/null'"
@@ -667,7 +673,7 @@ Host *
             for dr, tmpl in (("up", up_cmd), ("down", down_cmd)):
                 pids = xe_pids.get(pid_)
                 g0, p0 = (cpu_secs(pids[0]), cpu_secs(pids[1])) if pids else (0, 0)
-                q0 = cpu_secs(r5["relay"].pid) if pid_ == "5" else 0
+                q0 = cpu_secs(extra_pid[pid_]) if pid_ in extra_pid else 0
                 t0 = time.monotonic()
                 pr = subprocess.Popen(["bash", "-o", "pipefail", "-c", tmpl % host], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
@@ -682,17 +688,19 @@ Host *
                     continue
                 dt = time.monotonic() - t0
                 g1, p1 = (cpu_secs(pids[0]), cpu_secs(pids[1])) if pids else (0, 0)
-                q1 = cpu_secs(r5["relay"].pid) if pid_ == "5" else 0
+                q1 = cpu_secs(extra_pid[pid_]) if pid_ in extra_pid else 0
                 if pr.returncode != 0 or (dr == "down" and int(out.split()[0] or 0) != nbytes):
                     failures.append(f"path {pid_} {dr}: rc {pr.returncode} {out[:40]!r} {err[-300:]!r}")
                     continue
                 thr[(pid_, dr)].append(nbytes / dt)
                 cpu[(pid_, dr)].append((g1 - g0) * GIB / nbytes)
                 pcpu[(pid_, dr)].append((p1 - p0) * GIB / nbytes)
-                if pid_ == "5":
-                    relay_cpu[dr].append((q1 - q0) * GIB / nbytes)
+                extra = ""
+                if pid_ in extra_pid:
+                    extra_cpu[(pid_, dr)].append((q1 - q0) * GIB / nbytes)
+                    extra = f", {'relay' if pid_ == '5' else 'xe tunnel'} cpu {q1 - q0:.2f}s"
                 log(f"round {rounds + 1} path {pid_} {dr}: {nbytes / dt / 1e6:.0f} MB/s "
-                    f"(gw cpu {g1 - g0:.2f}s, provider cpu {p1 - p0:.2f}s)")
+                    f"(gw cpu {g1 - g0:.2f}s, provider cpu {p1 - p0:.2f}s{extra})")
         rounds += 1
         round_times.append(time.monotonic() - r0)
 
@@ -703,7 +711,7 @@ Host *
         failures.append("path 5: the gateway reached the provider directly at the end (hole punched?)")
     r5_note = None if r5 else (xe or {}).get("r5_error", "not selected")
     report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbytes, relayed, r5_note, idle,
-           relay_cpu)
+           extra_cpu)
 
 
 def med(xs):
@@ -711,7 +719,7 @@ def med(xs):
 
 
 def report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbytes, relayed, r5_note, idle,
-           relay_cpu):
+           extra_cpu):
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
     out = []
@@ -760,8 +768,12 @@ def report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbyte
     elif relayed is not None:
         w("")
         w(f"Path 5: the gateway reached the provider {'through the relay only' if relayed else 'DIRECTLY (not relayed)'} "
-          f"when the transfers started. The relay node's CPU: {med(relay_cpu['up']):.2f} s/GiB up, "
-          f"{med(relay_cpu['down']):.2f} s/GiB down (median).")
+          f"when the transfers started. The relay node's CPU: {med(extra_cpu[('5', 'up')]):.2f} s/GiB up, "
+          f"{med(extra_cpu[('5', 'down')]):.2f} s/GiB down (median).")
+    if extra_cpu.get(("4", "up")) or extra_cpu.get(("4", "down")):
+        w("")
+        w(f"Path 4: the `xe tunnel` client process's CPU: {med(extra_cpu[('4', 'up')]):.2f} s/GiB up, "
+          f"{med(extra_cpu[('4', 'down')]):.2f} s/GiB down (median).")
     if idle:
         w("")
         w(f"Memory per idle session ({a.idle} sessions held at once; `ssh HOST 'echo up; sleep'`), "

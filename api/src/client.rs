@@ -13,7 +13,6 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
@@ -450,22 +449,6 @@ impl ApiClient {
     }
 }
 
-/// Copy both ways until both directions end, either fails, or `cancel`.
-async fn splice<A, B>(
-    a: &mut A,
-    b: &mut B,
-    cancel: &CancellationToken,
-) -> std::io::Result<(u64, u64)>
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    tokio::select! {
-        r = tokio::io::copy_bidirectional(a, b) => r,
-        () = cancel.cancelled() => Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "shutting down")),
-    }
-}
-
 /// `xe tunnel`: accept local TCP connections on `listener` until `cancel`,
 /// and carry each through its own HTTP tunnel to `lease`'s VM, signed with
 /// a fresh `X-Timestamp` signature by `key`. A connection that fails (the
@@ -515,8 +498,15 @@ pub async fn forward(
                 match opened {
                     Ok(mut up) => {
                         info!("tunnel open");
-                        match splice(&mut tcp, &mut up, &token).await {
+                        // The tunnels' own copy loop: its buffers grow to
+                        // 256 KiB under bulk data, where tokio's
+                        // copy_bidirectional stays at 8 KiB and cost this
+                        // process 0.6 CPU s/GiB instead of 0.45.
+                        match xe_net::tunnel::pipe(&mut tcp, &mut up, &token).await {
                             Ok((a, b)) => info!(sent = a, received = b, "connection closed"),
+                            Err(_) if token.is_cancelled() => {
+                                info!("connection closed: xe tunnel is stopping");
+                            }
                             Err(e) => info!("connection ended: {e}"),
                         }
                     }
