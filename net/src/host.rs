@@ -1261,8 +1261,18 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 connection_id,
+                num_established,
                 ..
             } => {
+                // Gossip in flight on the closed connection is lost, and
+                // gossipsub does not resend it over the ones that remain:
+                // pull what we may have missed now rather than at the next
+                // anti-entropy round (up to `resync_interval`). A peer
+                // that is gone altogether is synced when it reconnects.
+                if num_established > 0 {
+                    debug!(peer = %peer_id, "a connection closed, others remain: syncing");
+                    self.request_sync(peer_id, None);
+                }
                 if let Some(conns) = self.connections.get_mut(&peer_id) {
                     if conns.remove(&connection_id).is_some_and(|c| c.relayed) {
                         info!(peer = %peer_id, "relayed connection closed");

@@ -245,3 +245,44 @@ async fn lost_bootstrap_peer_is_redialled_after_it_restarts() {
     wait_peers(&a, 1).await;
     wait_state(&a.store, &ev.lease_hash(), LeaseState::Created).await;
 }
+
+/// Gossip in flight on a connection that closes is lost. The peers must
+/// catch up over the connection that remains at once, not at the next
+/// anti-entropy round (an hour here). The closing connection is a QUIC one
+/// born beside TCP, which the host closes itself.
+#[tokio::test]
+async fn a_closed_connection_beside_others_triggers_a_sync() {
+    let hour = |c: &mut xe_net::NetConfig| {
+        c.resync_interval = std::time::Duration::from_secs(3600);
+        c.listen = vec![
+            "/ip4/127.0.0.1/tcp/0".parse().expect("tcp"),
+            "/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("quic"),
+        ];
+    };
+    let consumer = Wallet::from_seed([1; 32]);
+    let provider = Wallet::from_seed([2; 32]);
+    let a = node_with(vec![], hour).await;
+    let b = node_with(vec![], hour).await;
+    // Written straight into b's store: never gossiped, so only a sync from
+    // b can bring either event to a.
+    let first = LeaseEvent::create(&consumer, lease_for(&consumer, &provider, 1));
+    b.store.apply_event(&first).expect("apply");
+    let addrs = a.net.p2p_addrs().await.expect("addrs");
+    let (quic, tcp): (Vec<_>, Vec<_>) = addrs
+        .into_iter()
+        .partition(|m| m.to_string().contains("/quic-v1"));
+    b.net
+        .dial(tcp.into_iter().next().expect("a TCP address"))
+        .await
+        .expect("dial TCP");
+    // The sync on first connect has run: a holds the first event.
+    wait_state(&a.store, &first.lease_hash(), LeaseState::Created).await;
+
+    let second = LeaseEvent::create(&consumer, lease_for(&consumer, &provider, 2));
+    b.store.apply_event(&second).expect("apply");
+    b.net
+        .dial(quic.into_iter().next().expect("a QUIC address"))
+        .await
+        .expect("dial QUIC");
+    wait_state(&a.store, &second.lease_hash(), LeaseState::Created).await;
+}
