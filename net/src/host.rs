@@ -64,6 +64,10 @@ pub struct NetConfig {
     pub nat: NatConfig,
     /// Cipher of TCP and relayed connections (see [`crate::secure`]).
     pub overlay_cipher: OverlayCipher,
+    /// Most tunnels with one peer, both directions together, before a new
+    /// one is refused here ([`TunnelError::TooManyTunnels`]). Capped at
+    /// [`MAX_TUNNELS_PER_PEER`].
+    pub max_tunnels_per_peer: usize,
 }
 
 impl NetConfig {
@@ -88,6 +92,7 @@ impl NetConfig {
             dial_timeout: Duration::from_secs(20),
             nat: NatConfig::default(),
             overlay_cipher: OverlayCipher::default(),
+            max_tunnels_per_peer: MAX_TUNNELS_PER_PEER,
         }
     }
 }
@@ -171,13 +176,15 @@ impl std::fmt::Display for ConnPath {
 pub(crate) struct PeerTunnels {
     counts: Arc<Mutex<HashMap<PeerId, usize>>>,
     idle: mpsc::Sender<Command>,
+    limit: usize,
 }
 
 impl PeerTunnels {
-    fn new(idle: mpsc::Sender<Command>) -> Self {
+    fn new(idle: mpsc::Sender<Command>, limit: usize) -> Self {
         PeerTunnels {
             counts: Arc::default(),
             idle,
+            limit: limit.min(MAX_TUNNELS_PER_PEER),
         }
     }
 
@@ -190,6 +197,7 @@ impl PeerTunnels {
             .unwrap_or(0)
     }
 
+    /// Count an inbound tunnel: its stream exists already.
     pub(crate) fn enter(&self, peer: PeerId) -> TunnelGuard {
         *self
             .counts
@@ -201,6 +209,24 @@ impl PeerTunnels {
             tunnels: self.clone(),
             peer,
         }
+    }
+
+    /// Count an outbound tunnel, unless `peer` is at the limit; checked and
+    /// counted under one lock, so a burst of opens cannot overshoot it.
+    fn try_enter(&self, peer: PeerId) -> Result<TunnelGuard, TunnelError> {
+        let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(peer).or_default();
+        if *n >= self.limit {
+            return Err(TunnelError::TooManyTunnels {
+                peer,
+                limit: self.limit,
+            });
+        }
+        *n += 1;
+        Ok(TunnelGuard {
+            tunnels: self.clone(),
+            peer,
+        })
     }
 }
 
@@ -406,7 +432,7 @@ impl NetHandle {
     ) -> Result<TunnelStream, TunnelError> {
         // Counted from before the dial, so a relayed connection that DCUtR
         // upgrades meanwhile is not closed under the stream being opened.
-        let guard = self.tunnels.enter(provider);
+        let guard = self.tunnels.try_enter(provider)?;
         let (tx, rx) = oneshot::channel();
         self.cmd
             .send(Command::DialPeer(provider, addrs, tx))
@@ -531,6 +557,12 @@ const OPEN_RETRY_PAUSE: Duration = Duration::from_millis(20);
 /// gateway at that many sessions to one provider.
 pub const MAX_STREAMS_PER_CONNECTION: usize = crate::mux::MAX_STREAMS;
 
+/// Most tunnels with one peer. One stream past a connection's limit makes
+/// yamux close the whole connection with every tunnel on it, so a gateway
+/// refuses the one tunnel instead, below the limit by enough streams for
+/// gossip, sync and the DHT.
+pub const MAX_TUNNELS_PER_PEER: usize = MAX_STREAMS_PER_CONNECTION - 256;
+
 /// Build the swarm, start listening and dialling, and spawn the event loop.
 /// Returns once every listen address is bound.
 pub async fn start(
@@ -614,7 +646,7 @@ pub async fn start(
     let (conn_tx, conn_rx) = watch::channel(0u64);
     let (internal_tx, internal_rx) = mpsc::channel(1024);
     let registry = TunnelRegistry::default();
-    let tunnels = PeerTunnels::new(cmd_tx.clone());
+    let tunnels = PeerTunnels::new(cmd_tx.clone(), config.max_tunnels_per_peer);
     let handle = NetHandle {
         cmd: cmd_tx.clone(),
         peer_id,

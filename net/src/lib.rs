@@ -29,7 +29,9 @@ pub mod replication;
 pub mod secure;
 pub mod tunnel;
 
-pub use host::{ConnPath, Net, NetConfig, NetHandle, NetStats, PeerInfo, start};
+pub use host::{
+    ConnPath, MAX_TUNNELS_PER_PEER, Net, NetConfig, NetHandle, NetStats, PeerInfo, start,
+};
 pub use identity::load_or_create_keypair;
 pub use libp2p::multiaddr::Protocol as libp2p_protocol;
 pub use libp2p::{Multiaddr, PeerId};

@@ -138,6 +138,18 @@ pub enum TunnelError {
     /// Stream I/O failed during the handshake.
     #[error("tunnel I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// Opening one more would put this peer's connection over its stream
+    /// limit, which would close it with every tunnel on it.
+    #[error(
+        "{limit} tunnels are already open with provider peer {peer}, the most one connection \
+         carries; wait for some to close or spread the load over more gateways"
+    )]
+    TooManyTunnels {
+        /// Peer.
+        peer: PeerId,
+        /// The limit.
+        limit: usize,
+    },
     /// The network task is gone.
     #[error("network is shutting down")]
     Shutdown,

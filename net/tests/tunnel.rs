@@ -500,3 +500,38 @@ async fn a_quic_connection_born_beside_a_tcp_one_is_closed_and_tunnels_stay_on_t
     }
     assert_eq!(transports(&p.client, provider).await, ["tcp"]);
 }
+
+/// One stream past a connection's limit would make yamux close it with
+/// every tunnel on it. The opener refuses the one tunnel instead, and the
+/// tunnels already open keep working. The limit is lowered to 2 here.
+#[tokio::test]
+async fn a_tunnel_past_the_per_peer_limit_is_refused_and_the_others_live_on() {
+    let p = pair_with(
+        echo_backend().await,
+        Duration::from_secs(30),
+        &["/ip4/127.0.0.1/tcp/0"],
+        |c| c.max_tunnels_per_peer = 2,
+    )
+    .await;
+    let lease = accepted_lease(&p.provider.store, &p.consumer, &p.provider_wallet, 9);
+    let mut first = p.open(&lease).await.expect("first tunnel");
+    let second = p.open(&lease).await.expect("second tunnel");
+    match p.open(&lease).await {
+        Err(TunnelError::TooManyTunnels { limit: 2, peer }) => {
+            assert_eq!(peer, p.provider.net.peer_id());
+        }
+        Err(e) => panic!("expected TooManyTunnels, got {e}"),
+        Ok(_) => panic!("a third tunnel opened past the limit of 2"),
+    }
+    first.write_all(b"still here").await.expect("write");
+    let mut back = [0u8; 10];
+    first.read_exact(&mut back).await.expect("echo");
+    assert_eq!(&back, b"still here");
+    // A slot frees when a tunnel ends.
+    drop(second);
+    let mut third = p.open(&lease).await.expect("a tunnel once one has closed");
+    third.write_all(b"x").await.expect("write");
+    let mut one = [0u8; 1];
+    third.read_exact(&mut one).await.expect("echo");
+    assert_eq!(&one, b"x");
+}
