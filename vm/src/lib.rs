@@ -35,6 +35,7 @@ use xe_store::{AccessPubKey, LeaseHash};
 
 pub mod dev;
 pub mod lima;
+mod local;
 mod registry;
 pub mod sshd;
 mod util;

@@ -14,7 +14,6 @@
 //! | `sshd.log` | sshd's stderr (`-e`); its tail goes into errors |
 //! | `sshd.pid` | our record of the listener, to find it after a crash |
 
-use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -23,11 +22,11 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tracing::{info, warn};
-use xe_store::LeaseHash;
 
-use crate::registry::{Begin, Registry};
+use crate::local::LocalBackend;
+use crate::registry::Registry;
 use crate::util::{self, LocalUser};
-use crate::{ProvisionRequest, VmError, VmInfo, VmManager, VmStatus};
+use crate::{ProvisionRequest, VmError, VmInfo, VmStatus};
 
 /// How long a fresh sshd may take to log "Server listening". It needs a few
 /// milliseconds; the margin covers a loaded CI machine.
@@ -61,7 +60,7 @@ pub struct SshdConfig {
 }
 
 /// A running per-lease sshd.
-struct SshdProc {
+pub(crate) struct SshdProc {
     child: Child,
     dir: PathBuf,
 }
@@ -106,13 +105,9 @@ impl SshdManager {
         })
     }
 
-    fn lease_dir(&self, lease: &LeaseHash) -> PathBuf {
-        self.state_dir.join(lease.to_hex())
-    }
-
     /// Write the lease's files and start its sshd. With `recovering`, the
     /// host key must already exist: a lease is never given a new one.
-    async fn start(
+    async fn launch(
         &self,
         req: &ProvisionRequest,
         recovering: bool,
@@ -359,139 +354,33 @@ pub fn render_config(port: u16, dir: &Path, user: &str) -> String {
 }
 
 #[async_trait::async_trait]
-impl VmManager for SshdManager {
-    fn backend(&self) -> &'static str {
-        "sshd"
+impl LocalBackend for SshdManager {
+    type Runtime = SshdProc;
+    const NAME: &'static str = "sshd";
+    const RUNTIME: &'static str = "sshd";
+
+    fn registry(&self) -> &Registry<SshdProc> {
+        &self.registry
     }
 
-    async fn provision(&self, req: &ProvisionRequest) -> Result<VmInfo, VmError> {
-        util::validate_access_key(&req.access_pub_key)?;
-        let (begin, old) = self.registry.begin(&req.lease)?;
-        if let Some(old) = old {
-            stop(old).await;
-        }
-        let generation = match begin {
-            Begin::AlreadyRunning(info) => return Ok(info),
-            Begin::Go(g) => g,
-        };
-        match self.start(req, false).await {
-            Ok((info, proc)) => {
-                match self
-                    .registry
-                    .finish(&req.lease, generation, info.clone(), Some(proc))
-                {
-                    Ok(()) => Ok(info),
-                    Err(proc) => {
-                        if let Some(proc) = proc {
-                            stop(proc).await;
-                        }
-                        Err(VmError::Failed {
-                            what: "provisioning".into(),
-                            detail: "the lease was torn down while its sshd was starting".into(),
-                        })
-                    }
-                }
-            }
-            Err(e) => {
-                warn!(lease = %req.lease.short(), error = %e, "sshd provisioning failed");
-                let mut info = VmInfo::new(req.lease, "sshd", VmStatus::Error);
-                info.error = Some(e.to_string());
-                let _ = self.registry.finish(&req.lease, generation, info, None);
-                Err(e)
-            }
-        }
+    fn state_dir(&self) -> &Path {
+        &self.state_dir
     }
 
-    async fn teardown(&self, lease: &LeaseHash) -> Result<(), VmError> {
-        if let Some((_, Some(proc))) = self.registry.remove(lease) {
-            stop(proc).await;
-        }
-        let dir = self.lease_dir(lease);
-        kill_stale(&dir).await;
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => info!(lease = %lease.short(), "sshd VM torn down"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(VmError::io(format!("removing {}", dir.display()))(e)),
-        }
-        Ok(())
+    async fn start(
+        &self,
+        req: &ProvisionRequest,
+        recovering: bool,
+    ) -> Result<(VmInfo, SshdProc), VmError> {
+        self.launch(req, recovering).await
     }
 
-    async fn dial_ssh(&self, lease: &LeaseHash) -> Result<tokio::net::TcpStream, VmError> {
-        let port = self.registry.running_port(lease)?;
-        util::connect_local(port).await.map_err(VmError::io(format!(
-            "connecting to the sshd of lease {}",
-            lease.short()
-        )))
+    async fn stop(&self, runtime: SshdProc) {
+        stop(runtime).await;
     }
 
-    async fn get(&self, lease: &LeaseHash) -> Option<VmInfo> {
-        self.registry.get(lease)
-    }
-
-    async fn list(&self) -> Vec<VmInfo> {
-        self.registry.list()
-    }
-
-    async fn recover(&self, keep: &[ProvisionRequest]) -> Result<Vec<VmInfo>, VmError> {
-        let wanted: HashSet<LeaseHash> = keep.iter().map(|r| r.lease).collect();
-        for lease in self.registry.leases() {
-            if !wanted.contains(&lease) {
-                self.teardown(&lease).await?;
-            }
-        }
-        let entries = fs::read_dir(&self.state_dir)
-            .map_err(VmError::io(format!("listing {}", self.state_dir.display())))?;
-        for entry in entries.flatten() {
-            // Only directories named like a lease are ours to remove.
-            let Some(lease) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<LeaseHash>().ok())
-            else {
-                continue;
-            };
-            if !wanted.contains(&lease) {
-                info!(lease = %lease.short(), "removing orphaned sshd VM");
-                self.teardown(&lease).await?;
-            }
-        }
-        let mut out = Vec::with_capacity(keep.len());
-        for req in keep {
-            if let Some(info) = self
-                .registry
-                .get(&req.lease)
-                .filter(|i| i.status == VmStatus::Running)
-            {
-                out.push(info);
-                continue;
-            }
-            let info = match self.start(req, true).await {
-                Ok((info, proc)) => {
-                    if let Some(old) = self.registry.set(info.clone(), Some(proc)) {
-                        stop(old).await;
-                    }
-                    info
-                }
-                Err(e) => {
-                    warn!(lease = %req.lease.short(), error = %e, "could not recover sshd VM");
-                    let mut info = VmInfo::new(req.lease, "sshd", VmStatus::Error);
-                    info.error = Some(e.to_string());
-                    if let Some(old) = self.registry.set(info.clone(), None) {
-                        stop(old).await;
-                    }
-                    info
-                }
-            };
-            out.push(info);
-        }
-        Ok(out)
-    }
-
-    async fn shutdown(&self) {
-        for (lease, proc) in self.registry.stop_all() {
-            stop(proc).await;
-            info!(lease = %lease.short(), "sshd stopped (state kept for recover)");
-        }
+    async fn clear_leftovers(&self, dir: &Path) {
+        kill_stale(dir).await;
     }
 }
 

@@ -11,9 +11,7 @@
 
 mod session;
 
-use std::collections::HashSet;
-use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,11 +23,11 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
-use xe_store::LeaseHash;
 
-use crate::registry::{Begin, Registry};
+use crate::local::LocalBackend;
+use crate::registry::Registry;
 use crate::util::{self, LocalUser};
-use crate::{ProvisionRequest, VmError, VmInfo, VmManager, VmStatus};
+use crate::{ProvisionRequest, VmError, VmInfo, VmStatus};
 
 /// Concurrent SSH connections per lease. A development shell needs a few;
 /// the cap keeps a runaway client from exhausting the provider.
@@ -54,7 +52,7 @@ const KEEPALIVE: Duration = Duration::from_secs(30);
 const HOST_KEY: &str = "host_key";
 
 /// One lease's embedded server.
-struct DevServer {
+pub(crate) struct DevServer {
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -83,11 +81,7 @@ impl DevManager {
         }
     }
 
-    fn lease_dir(&self, lease: &LeaseHash) -> PathBuf {
-        self.state_dir.join(lease.to_hex())
-    }
-
-    async fn start(
+    async fn launch(
         &self,
         req: &ProvisionRequest,
         recovering: bool,
@@ -203,134 +197,28 @@ async fn stop(server: DevServer) {
 }
 
 #[async_trait::async_trait]
-impl VmManager for DevManager {
-    fn backend(&self) -> &'static str {
-        "dev"
+impl LocalBackend for DevManager {
+    type Runtime = DevServer;
+    const NAME: &'static str = "dev";
+    const RUNTIME: &'static str = "server";
+
+    fn registry(&self) -> &Registry<DevServer> {
+        &self.registry
     }
 
-    async fn provision(&self, req: &ProvisionRequest) -> Result<VmInfo, VmError> {
-        util::validate_access_key(&req.access_pub_key)?;
-        let (begin, old) = self.registry.begin(&req.lease)?;
-        if let Some(old) = old {
-            stop(old).await;
-        }
-        let generation = match begin {
-            Begin::AlreadyRunning(info) => return Ok(info),
-            Begin::Go(g) => g,
-        };
-        match self.start(req, false).await {
-            Ok((info, server)) => {
-                match self
-                    .registry
-                    .finish(&req.lease, generation, info.clone(), Some(server))
-                {
-                    Ok(()) => Ok(info),
-                    Err(server) => {
-                        if let Some(server) = server {
-                            stop(server).await;
-                        }
-                        Err(VmError::Failed {
-                            what: "provisioning".into(),
-                            detail: "the lease was torn down while its server was starting".into(),
-                        })
-                    }
-                }
-            }
-            Err(e) => {
-                let mut info = VmInfo::new(req.lease, "dev", VmStatus::Error);
-                info.error = Some(e.to_string());
-                let _ = self.registry.finish(&req.lease, generation, info, None);
-                Err(e)
-            }
-        }
+    fn state_dir(&self) -> &Path {
+        &self.state_dir
     }
 
-    async fn teardown(&self, lease: &LeaseHash) -> Result<(), VmError> {
-        if let Some((_, Some(server))) = self.registry.remove(lease) {
-            stop(server).await;
-        }
-        let dir = self.lease_dir(lease);
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => info!(lease = %lease.short(), "dev VM torn down"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(VmError::io(format!("removing {}", dir.display()))(e)),
-        }
-        Ok(())
+    async fn start(
+        &self,
+        req: &ProvisionRequest,
+        recovering: bool,
+    ) -> Result<(VmInfo, DevServer), VmError> {
+        self.launch(req, recovering).await
     }
 
-    async fn dial_ssh(&self, lease: &LeaseHash) -> Result<tokio::net::TcpStream, VmError> {
-        let port = self.registry.running_port(lease)?;
-        util::connect_local(port).await.map_err(VmError::io(format!(
-            "connecting to the dev server of lease {}",
-            lease.short()
-        )))
-    }
-
-    async fn get(&self, lease: &LeaseHash) -> Option<VmInfo> {
-        self.registry.get(lease)
-    }
-
-    async fn list(&self) -> Vec<VmInfo> {
-        self.registry.list()
-    }
-
-    async fn recover(&self, keep: &[ProvisionRequest]) -> Result<Vec<VmInfo>, VmError> {
-        let wanted: HashSet<LeaseHash> = keep.iter().map(|r| r.lease).collect();
-        for lease in self.registry.leases() {
-            if !wanted.contains(&lease) {
-                self.teardown(&lease).await?;
-            }
-        }
-        match fs::read_dir(&self.state_dir) {
-            Ok(entries) => {
-                for entry in entries.flatten() {
-                    let Some(lease) = entry
-                        .file_name()
-                        .to_str()
-                        .and_then(|n| n.parse::<LeaseHash>().ok())
-                    else {
-                        continue;
-                    };
-                    if !wanted.contains(&lease) {
-                        info!(lease = %lease.short(), "removing orphaned dev VM state");
-                        self.teardown(&lease).await?;
-                    }
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(VmError::io(format!("listing {}", self.state_dir.display()))(e)),
-        }
-        let mut out = Vec::with_capacity(keep.len());
-        for req in keep {
-            if let Some(info) = self
-                .registry
-                .get(&req.lease)
-                .filter(|i| i.status == VmStatus::Running)
-            {
-                out.push(info);
-                continue;
-            }
-            let (info, server) = match self.start(req, true).await {
-                Ok((info, server)) => (info, Some(server)),
-                Err(e) => {
-                    warn!(lease = %req.lease.short(), error = %e, "could not recover dev VM");
-                    let mut info = VmInfo::new(req.lease, "dev", VmStatus::Error);
-                    info.error = Some(e.to_string());
-                    (info, None)
-                }
-            };
-            if let Some(old) = self.registry.set(info.clone(), server) {
-                stop(old).await;
-            }
-            out.push(info);
-        }
-        Ok(out)
-    }
-
-    async fn shutdown(&self) {
-        for (lease, server) in self.registry.stop_all() {
-            stop(server).await;
-            info!(lease = %lease.short(), "dev SSH server stopped (host key kept for recover)");
-        }
+    async fn stop(&self, runtime: DevServer) {
+        stop(runtime).await;
     }
 }
