@@ -12,69 +12,8 @@ use std::time::Duration;
 use common::*;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use xe_net::{ConnPath, Multiaddr, PeerId, Reachability, TunnelValidator, VmConn};
-use xe_store::{LeaseHash, LeaseState, Store, Wallet};
-
-/// Provider validator: any accepted lease of this store, backend = `backend`.
-struct Provider {
-    store: Store,
-    backend: std::net::SocketAddr,
-}
-
-#[async_trait::async_trait]
-impl TunnelValidator for Provider {
-    async fn validate_tunnel_lease(&self, lease: &LeaseHash, _: &PeerId) -> Result<(), String> {
-        match self.store.lease(lease).map_err(|e| e.to_string())? {
-            Some(r) if r.state() == LeaseState::Accepted => Ok(()),
-            _ => Err("no such accepted lease".into()),
-        }
-    }
-    async fn dial_ssh(&self, _: &LeaseHash) -> Result<Box<dyn VmConn>, String> {
-        let s = tokio::net::TcpStream::connect(self.backend)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(Box::new(s))
-    }
-}
-
-/// Backend that hashes what it receives and answers the digest at EOF.
-async fn hashing_backend() -> std::net::SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut h = Sha256::new();
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => h.update(&buf[..n]),
-                    }
-                }
-                let _ = s.write_all(&h.finalize()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
-/// Echo backend.
-async fn echo_backend() -> std::net::SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
+use xe_net::{ConnPath, Multiaddr, PeerId, Reachability};
+use xe_store::Wallet;
 
 async fn relay(enabled: bool) -> TestNode {
     node_with(vec![], |c| c.nat.relay_server = enabled).await
@@ -88,29 +27,20 @@ async fn provider(
     backend: std::net::SocketAddr,
     listen: Vec<Multiaddr>,
 ) -> TestNode {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(&dir.path().join("db")).expect("store");
-    let key = xe_net::load_or_create_keypair(&dir.path().join("p2p_key")).expect("key");
-    let mut cfg = xe_net::NetConfig::new(key);
-    cfg.listen = listen;
-    cfg.bootstrap = relay.net.p2p_addrs().await.expect("addrs");
-    cfg.nat.behind_nat = true;
-    cfg.validator = Some(Arc::new(Provider {
-        store: store.clone(),
-        backend,
-    }));
-    cfg.announce = Some(Arc::new(Wallet::from_seed(seed)));
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let net = xe_net::start(cfg, store.clone(), cancel.clone())
-        .await
-        .expect("start");
-    TestNode {
-        net: net.handle,
-        store,
-        cancel,
-        tasks: net.tasks,
-        _dir: dir,
-    }
+    let bootstrap = relay.net.p2p_addrs().await.expect("addrs");
+    let wallet = Arc::new(Wallet::from_seed(seed));
+    node_with_store(|store, cfg| {
+        cfg.listen = listen;
+        cfg.bootstrap = bootstrap;
+        cfg.nat.behind_nat = true;
+        cfg.validator = Some(Arc::new(Provider {
+            store: store.clone(),
+            me: wallet.address(),
+            backend,
+        }));
+        cfg.announce = Some(wallet);
+    })
+    .await
 }
 
 /// Wait (bounded) until `node` has at least one relay address.

@@ -10,79 +10,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use xe_net::tunnel::{MAX_ERROR_LEN, STATUS_ERR, TUNNEL_PROTOCOL};
-use xe_net::{OverlayCipher, PeerId, TunnelError, TunnelValidator, VmConn};
-use xe_store::{LeaseHash, LeaseState, Store, Wallet};
-
-/// A provider validator backed by a real store and a real TCP backend.
-struct Provider {
-    store: Store,
-    me: xe_store::AccountAddress,
-    backend: std::net::SocketAddr,
-}
-
-#[async_trait::async_trait]
-impl TunnelValidator for Provider {
-    async fn validate_tunnel_lease(&self, lease: &LeaseHash, _peer: &PeerId) -> Result<(), String> {
-        let rec = self
-            .store
-            .lease(lease)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("unknown lease {}", lease.short()))?;
-        if rec.lease.provider != self.me {
-            return Err("this node is not the lease's provider".into());
-        }
-        match rec.state() {
-            LeaseState::Accepted => Ok(()),
-            s => Err(format!("lease is {s}")),
-        }
-    }
-    async fn dial_ssh(&self, _lease: &LeaseHash) -> Result<Box<dyn VmConn>, String> {
-        let s = tokio::net::TcpStream::connect(self.backend)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(Box::new(s))
-    }
-}
-
-/// A TCP echo backend standing in for a VM's sshd.
-async fn echo_backend() -> std::net::SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
-/// A backend that hashes everything it receives, then answers with the
-/// 32-byte digest and closes.
-async fn hashing_backend() -> std::net::SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut h = Sha256::new();
-                let mut buf = vec![0u8; 256 * 1024];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => h.update(&buf[..n]),
-                    }
-                }
-                let _ = s.write_all(&h.finalize()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    addr
-}
+use xe_net::{OverlayCipher, PeerId, TunnelError};
+use xe_store::{LeaseHash, Store, Wallet};
 
 struct Pair {
     provider: TestNode,

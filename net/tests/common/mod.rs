@@ -4,8 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use xe_net::{Multiaddr, NetConfig, NetHandle};
+use xe_net::{Multiaddr, NetConfig, NetHandle, PeerId, TunnelValidator, VmConn};
 use xe_store::{Lease, LeaseEvent, LeaseHash, LeaseState, Store, Wallet};
 
 pub const HOST_KEY: &str =
@@ -26,13 +29,23 @@ impl Drop for TestNode {
 }
 
 pub async fn node_with(bootstrap: Vec<Multiaddr>, tweak: impl FnOnce(&mut NetConfig)) -> TestNode {
+    node_with_store(|store, cfg| {
+        cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
+        cfg.bootstrap = bootstrap;
+        tweak(cfg);
+        let _ = store;
+    })
+    .await
+}
+
+/// A node with a fresh store and key, configured by `setup`, which also
+/// sees the store (a provider's validator reads it).
+pub async fn node_with_store(setup: impl FnOnce(&Store, &mut NetConfig)) -> TestNode {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&dir.path().join("db")).expect("store");
     let key = xe_net::load_or_create_keypair(&dir.path().join("p2p_key")).expect("key");
     let mut cfg = NetConfig::new(key);
-    cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
-    cfg.bootstrap = bootstrap;
-    tweak(&mut cfg);
+    setup(&store, &mut cfg);
     let cancel = CancellationToken::new();
     let net = xe_net::start(cfg, store.clone(), cancel.clone())
         .await
@@ -111,4 +124,76 @@ pub fn accepted_lease(store: &Store, consumer: &Wallet, provider: &Wallet, n: u8
 
 pub fn arc<T>(t: T) -> Arc<T> {
     Arc::new(t)
+}
+
+/// A provider's validator backed by a real store and a real TCP backend:
+/// accepted leases of `me` are served by dialling `backend`.
+pub struct Provider {
+    pub store: Store,
+    pub me: xe_store::AccountAddress,
+    pub backend: std::net::SocketAddr,
+}
+
+#[async_trait::async_trait]
+impl TunnelValidator for Provider {
+    async fn validate_tunnel_lease(&self, lease: &LeaseHash, _peer: &PeerId) -> Result<(), String> {
+        let rec = self
+            .store
+            .lease(lease)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("unknown lease {}", lease.short()))?;
+        if rec.lease.provider != self.me {
+            return Err("this node is not the lease's provider".into());
+        }
+        match rec.state() {
+            LeaseState::Accepted => Ok(()),
+            s => Err(format!("lease is {s}")),
+        }
+    }
+    async fn dial_ssh(&self, _lease: &LeaseHash) -> Result<Box<dyn VmConn>, String> {
+        let s = tokio::net::TcpStream::connect(self.backend)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Box::new(s))
+    }
+}
+
+/// A TCP echo backend standing in for a VM's sshd; it passes EOF on.
+pub async fn echo_backend() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A backend that hashes everything it receives, then answers with the
+/// 32-byte SHA-256 digest and closes.
+pub async fn hashing_backend() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut h = Sha256::new();
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => h.update(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(&h.finalize()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
 }
