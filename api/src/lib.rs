@@ -11,7 +11,7 @@
 //! | `GET /leases/{hash}[?wait=SECS&since=STATE]` | one lease; with `wait`, a long poll that answers once the state differs from `since` |
 //! | `POST /leases` | submit a signed lease event (201 / 200 duplicate / 202 pending / 400 naming the failed check) |
 //! | `GET /providers` | directory entries |
-//! | `GET /vms`, `GET /vms/{lease}` | providers: VM status, errors, why a lease was declined |
+//! | `GET /vms`, `GET /vms/{lease}` | providers: VM status, errors, why a lease was declined (503 during start-up recovery) |
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `POST /tunnel/{hash}/tcp` | HTTP upgrade to a byte pipe to the lease VM's sshd (see [`auth`]) |
 //!

@@ -400,6 +400,15 @@ async fn show_vm(
             error: Some(reason),
         }));
     }
+    if p.recovering() {
+        return Err(HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "no VM for lease {lease} yet: this provider restarted and is still bringing its VMs back; ask again in a few seconds"
+            ),
+        )
+        .with_header(header::RETRY_AFTER, HeaderValue::from_static("5")));
+    }
     Err(HttpError::not_found(format!(
         "no VM for lease {lease} on this provider (not a lease for this provider, not seen yet, or already torn down)"
     )))

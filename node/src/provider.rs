@@ -111,6 +111,19 @@ impl Provider {
         &self.vm
     }
 
+    /// Start-up recovery of the VMs has not finished yet: a lease without
+    /// a VM may still get it back.
+    pub fn recovering(&self) -> bool {
+        !*self.recovered.borrow()
+    }
+
+    /// Returns once start-up recovery has run.
+    pub async fn recovered(&self) {
+        let mut done = self.recovered.subscribe();
+        // The sender lives as long as `self`, so this cannot fail.
+        let _ = done.wait_for(|d| *d).await;
+    }
+
     /// Why a lease was declined, if it was.
     pub fn declined(&self, lease: &LeaseHash) -> Option<String> {
         self.declined
@@ -317,8 +330,7 @@ impl Provider {
     }
 
     async fn await_recovery(&self) -> Result<(), String> {
-        let mut done = self.recovered.subscribe();
-        match tokio::time::timeout(RECOVERY_WAIT, done.wait_for(|d| *d)).await {
+        match tokio::time::timeout(RECOVERY_WAIT, self.recovered()).await {
             Ok(_) => Ok(()),
             Err(_) => Err(format!(
                 "the provider is still recovering its VMs after a restart (waited {} s); try again in a minute",
