@@ -65,8 +65,8 @@ pub struct NetConfig {
     /// Cipher of TCP and relayed connections (see [`crate::secure`]).
     pub overlay_cipher: OverlayCipher,
     /// Most tunnels with one peer, both directions together, before a new
-    /// one is refused here ([`TunnelError::TooManyTunnels`]). Capped at
-    /// [`MAX_TUNNELS_PER_PEER`].
+    /// one is refused here ([`TunnelError::TooManyTunnels`]). Kept between
+    /// 1 and [`MAX_TUNNELS_PER_PEER`].
     pub max_tunnels_per_peer: usize,
 }
 
@@ -184,7 +184,7 @@ impl PeerTunnels {
         PeerTunnels {
             counts: Arc::default(),
             idle,
-            limit: limit.min(MAX_TUNNELS_PER_PEER),
+            limit: limit.clamp(1, MAX_TUNNELS_PER_PEER),
         }
     }
 
