@@ -736,6 +736,7 @@ pub async fn start(
         relay_addrs: Vec::new(),
         tunnels,
         retiring: HashSet::new(),
+        quic_retiring: HashSet::new(),
         relay_peers: HashMap::new(),
         addrs_changed_at: None,
     };
@@ -893,6 +894,10 @@ struct EventLoop {
     /// Peers whose relayed connections are to be closed once their last
     /// tunnel ends (DCUtR found a direct path).
     retiring: HashSet<PeerId>,
+    /// Peers whose older QUIC connections are to be closed once their last
+    /// tunnel ends (a direct TCP one came up after them; see
+    /// `retire_older_quic`).
+    quic_retiring: HashSet<PeerId>,
     /// Peers we relay for: a reservation, or circuits in either role.
     relay_peers: HashMap<PeerId, RelayUse>,
     /// Set when our addresses changed; the directory entry is re-announced
@@ -970,6 +975,9 @@ impl EventLoop {
             Command::TunnelsIdle(peer) => {
                 if self.retiring.contains(&peer) {
                     self.retire_relayed(peer);
+                }
+                if self.quic_retiring.contains(&peer) {
+                    self.retire_older_quic(peer);
                 }
             }
             Command::DialAddr(addr, r) => {
@@ -1275,6 +1283,7 @@ impl EventLoop {
                     },
                 );
                 self.close_if_born_redundant(peer_id, connection_id);
+                self.retire_older_quic(peer_id);
                 self.retire_relayed(peer_id);
                 self.peer_tx.send_replace(self.connections.len());
                 self.conn_tx.send_modify(|n| *n += 1);
@@ -1311,6 +1320,9 @@ impl EventLoop {
                     }
                     if !conns.values().any(|c| c.relayed) {
                         self.retiring.remove(&peer_id);
+                    }
+                    if !conns.values().any(|c| c.quic && !c.relayed) {
+                        self.quic_retiring.remove(&peer_id);
                     }
                     if conns.is_empty() {
                         self.connections.remove(&peer_id);
@@ -1669,6 +1681,9 @@ impl EventLoop {
         for peer in self.retiring.clone() {
             self.retire_relayed(peer);
         }
+        for peer in self.quic_retiring.clone() {
+            self.retire_older_quic(peer);
+        }
     }
 
     /// Close a QUIC connection that arrives beside a direct TCP one to the
@@ -1700,6 +1715,40 @@ impl EventLoop {
         }
         debug!(%peer, "closing a new QUIC connection: a direct TCP one exists");
         self.swarm.close_connection(id);
+    }
+
+    /// Close QUIC connections to `peer` that came up before a direct TCP one
+    /// (the converse of `close_if_born_redundant`), once no tunnel with the
+    /// peer is open either way, so none can be riding on them. Gossip in
+    /// flight on them is recovered by the sync that every close with other
+    /// connections remaining starts. Relay-involved peers keep everything,
+    /// as there.
+    fn retire_older_quic(&mut self, peer: PeerId) {
+        let Some(conns) = self.connections.get(&peer) else {
+            self.quic_retiring.remove(&peer);
+            return;
+        };
+        let tcp = conns.values().any(|c| !c.relayed && !c.quic);
+        let quic: Vec<ConnectionId> = conns
+            .iter()
+            .filter(|(_, c)| c.quic && !c.relayed)
+            .map(|(id, _)| *id)
+            .collect();
+        let relay_involved = self.relay_candidates.iter().any(|(p, _)| *p == peer)
+            || self.relay_peers.contains_key(&peer);
+        if !tcp || quic.is_empty() || relay_involved {
+            self.quic_retiring.remove(&peer);
+            return;
+        }
+        if self.tunnels.count(&peer) > 0 {
+            self.quic_retiring.insert(peer);
+            return;
+        }
+        self.quic_retiring.remove(&peer);
+        for id in quic {
+            debug!(%peer, "closing an older QUIC connection: a direct TCP one exists");
+            self.swarm.close_connection(id);
+        }
     }
 
     /// Close the relayed connections we dialled to `peer` once a direct one

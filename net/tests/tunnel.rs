@@ -464,3 +464,48 @@ async fn a_tunnel_past_the_per_peer_limit_is_refused_and_the_others_live_on() {
     third.read_exact(&mut one).await.expect("echo");
     assert_eq!(&one, b"x");
 }
+
+/// The converse: a QUIC connection came first and a TCP one joins it (a
+/// peer that knew only our QUIC address, then dialled TCP). The QUIC one
+/// goes once no tunnel is open with the peer: while one is, it stays, since
+/// a tunnel may be riding on it.
+#[tokio::test]
+async fn an_older_quic_connection_goes_once_tcp_is_up_and_its_tunnels_end() {
+    let listen = ["/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"];
+    let mut tcp = None;
+    let p = pair_with(
+        echo_backend().await,
+        Duration::from_secs(30),
+        &listen,
+        |c| {
+            let (quic, t): (Vec<_>, Vec<_>) = std::mem::take(&mut c.bootstrap)
+                .into_iter()
+                .partition(|a| a.to_string().contains("/quic-v1"));
+            tcp = t.into_iter().next();
+            c.bootstrap = quic;
+        },
+    )
+    .await;
+    let provider = p.provider.net.peer_id();
+    wait_transports(&p.client, provider, &["quic"]).await;
+    let lease = accepted_lease(&p.provider.store, &p.consumer, &p.provider_wallet, 10);
+    let mut open = p.open(&lease).await.expect("tunnel over QUIC");
+    p.client
+        .net
+        .dial(tcp.expect("a TCP address"))
+        .await
+        .expect("dial TCP");
+    // A tunnel is open: both connections stay.
+    assert_eq!(transports(&p.client, provider).await, ["quic", "tcp"]);
+    open.write_all(b"ping").await.expect("write");
+    let mut back = [0u8; 4];
+    open.read_exact(&mut back).await.expect("echo");
+    assert_eq!(&back, b"ping");
+    drop(open);
+    wait_transports(&p.client, provider, &["tcp"]).await;
+    wait_transports(&p.provider, p.client.net.peer_id(), &["tcp"]).await;
+    let mut t = p.open(&lease).await.expect("tunnel over TCP");
+    t.write_all(b"pong").await.expect("write");
+    t.read_exact(&mut back).await.expect("echo");
+    assert_eq!(&back, b"pong");
+}
