@@ -894,9 +894,8 @@ struct EventLoop {
     /// Peers whose relayed connections are to be closed once their last
     /// tunnel ends (DCUtR found a direct path).
     retiring: HashSet<PeerId>,
-    /// Peers whose older QUIC connections are to be closed once their last
-    /// tunnel ends (a direct TCP one came up after them; see
-    /// `retire_older_quic`).
+    /// Peers whose QUIC connections are to be closed once their last tunnel
+    /// ends (a direct TCP one exists; see `retire_quic`).
     quic_retiring: HashSet<PeerId>,
     /// Peers we relay for: a reservation, or circuits in either role.
     relay_peers: HashMap<PeerId, RelayUse>,
@@ -977,7 +976,7 @@ impl EventLoop {
                     self.retire_relayed(peer);
                 }
                 if self.quic_retiring.contains(&peer) {
-                    self.retire_older_quic(peer);
+                    self.retire_quic(peer, None);
                 }
             }
             Command::DialAddr(addr, r) => {
@@ -1282,8 +1281,7 @@ impl EventLoop {
                         dialer: endpoint.is_dialer(),
                     },
                 );
-                self.close_if_born_redundant(peer_id, connection_id);
-                self.retire_older_quic(peer_id);
+                self.retire_quic(peer_id, Some(connection_id));
                 self.retire_relayed(peer_id);
                 self.peer_tx.send_replace(self.connections.len());
                 self.conn_tx.send_modify(|n| *n += 1);
@@ -1682,48 +1680,21 @@ impl EventLoop {
             self.retire_relayed(peer);
         }
         for peer in self.quic_retiring.clone() {
-            self.retire_older_quic(peer);
+            self.retire_quic(peer, None);
         }
     }
 
-    /// Close a QUIC connection that arrives beside a direct TCP one to the
-    /// same peer (an AutoNAT dial-back, a DHT query's dial): libp2p-stream
-    /// puts each new tunnel on a random connection to the peer, and a
-    /// tunnel over QUIC costs about twice the CPU per GiB (BENCHMARKS.md).
-    /// Only at birth, before gossip or a tunnel can be riding on it: closing
-    /// an older connection can drop a gossip message in flight on it (a
-    /// lease event then waits for the next sync, up to a minute).
-    /// Peers that relay for us, or that we relay for, keep everything,
-    /// since their circuits and reservation may ride on any connection.
-    fn close_if_born_redundant(&mut self, peer: PeerId, id: ConnectionId) {
-        let Some(conns) = self.connections.get(&peer) else {
-            return;
-        };
-        let Some(new) = conns.get(&id) else { return };
-        let tcp_beside = conns
-            .iter()
-            .any(|(other, c)| *other != id && !c.relayed && !c.quic);
-        if !new.quic || new.relayed || !tcp_beside {
-            return;
-        }
-        let relay_involved = self.relay_candidates.iter().any(|(p, _)| *p == peer)
-            || self.relay_peers.contains_key(&peer);
-        // Open tunnels do not matter: none is on this connection yet, and
-        // one that picks it in this instant is retried (`open_tunnel`).
-        if relay_involved {
-            return;
-        }
-        debug!(%peer, "closing a new QUIC connection: a direct TCP one exists");
-        self.swarm.close_connection(id);
-    }
-
-    /// Close QUIC connections to `peer` that came up before a direct TCP one
-    /// (the converse of `close_if_born_redundant`), once no tunnel with the
-    /// peer is open either way, so none can be riding on them. Gossip in
-    /// flight on them is recovered by the sync that every close with other
-    /// connections remaining starts. Relay-involved peers keep everything,
-    /// as there.
-    fn retire_older_quic(&mut self, peer: PeerId) {
+    /// Close the QUIC connections to `peer` that a direct TCP one made
+    /// redundant: libp2p-stream puts each new tunnel on a random connection
+    /// to the peer, and a tunnel over QUIC costs about twice the CPU per GiB
+    /// (BENCHMARKS.md). One just `born` beside TCP (an AutoNAT dial-back, a
+    /// DHT query's dial) goes at once: nothing rides on it yet, and a tunnel
+    /// that picks it in that instant is retried (`open_tunnel`). Older ones
+    /// go once no tunnel with the peer is open either way. Gossip in flight
+    /// on a closed connection is pulled by the sync the close starts.
+    /// Peers that relay for us, or that we relay for, keep everything:
+    /// their circuits and reservation may ride on any connection.
+    fn retire_quic(&mut self, peer: PeerId, born: Option<ConnectionId>) {
         let Some(conns) = self.connections.get(&peer) else {
             self.quic_retiring.remove(&peer);
             return;
@@ -1740,14 +1711,17 @@ impl EventLoop {
             self.quic_retiring.remove(&peer);
             return;
         }
-        if self.tunnels.count(&peer) > 0 {
-            self.quic_retiring.insert(peer);
-            return;
-        }
-        self.quic_retiring.remove(&peer);
-        for id in quic {
-            debug!(%peer, "closing an older QUIC connection: a direct TCP one exists");
+        let busy = self.tunnels.count(&peer) > 0;
+        let (now, later): (Vec<_>, Vec<_>) =
+            quic.into_iter().partition(|id| !busy || Some(*id) == born);
+        for id in now {
+            debug!(%peer, newborn = (Some(id) == born), "closing a QUIC connection: a direct TCP one exists");
             self.swarm.close_connection(id);
+        }
+        if later.is_empty() {
+            self.quic_retiring.remove(&peer);
+        } else {
+            self.quic_retiring.insert(peer);
         }
     }
 

@@ -180,12 +180,12 @@ fn encode_payload(public_key: &[u8], signature: &[u8]) -> Vec<u8> {
 /// The peer's identity, if `payload` is well formed and signs `remote_static`.
 fn verify_payload(payload: &[u8], remote_static: &[u8]) -> Result<PeerId, SecurityError> {
     let mut rest = payload;
+    let malformed = || SecurityError::Identity("malformed identity payload");
     let mut take = || -> Result<&[u8], SecurityError> {
-        let malformed = SecurityError::Identity("malformed identity payload");
-        let (len, tail) = rest.split_first_chunk::<2>().ok_or(malformed)?;
+        let (len, tail) = rest.split_first_chunk::<2>().ok_or_else(malformed)?;
         let len = u16::from_be_bytes(*len) as usize;
         if tail.len() < len {
-            return Err(SecurityError::Identity("malformed identity payload"));
+            return Err(malformed());
         }
         let (part, tail) = tail.split_at(len);
         rest = tail;
