@@ -1,6 +1,7 @@
 //! A small HTTP/1.1 client for the API (hyper's connection-level client,
 //! one TCP connection per request: the CLI makes a handful of requests, so
-//! pooling would buy nothing), and [`forward`], the engine of `xe tunnel`.
+//! pooling would buy nothing), and [`carry`] and [`forward`], the engines of
+//! `xe tunnel`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -449,11 +450,55 @@ impl ApiClient {
     }
 }
 
+/// Why [`carry`] ended without carrying a whole session.
+#[derive(Debug, thiserror::Error)]
+pub enum CarryError {
+    /// The node did not open the tunnel (its answer says why).
+    #[error("the node did not open the tunnel: {0}")]
+    Refused(#[from] ClientError),
+    /// The tunnel opened, then failed mid-session.
+    #[error("the tunnel broke: {0}")]
+    Broken(std::io::Error),
+    /// `cancel` fired.
+    #[error("stopped")]
+    Stopped,
+}
+
+/// Open one HTTP tunnel to `lease`'s VM, signed with a fresh `X-Timestamp`
+/// signature by `key`, and carry `local` through it until both directions
+/// end (half-closes are passed on) or `cancel` fires. Returns bytes
+/// (local → VM, VM → local).
+pub async fn carry<S>(
+    client: &ApiClient,
+    lease: &LeaseHash,
+    key: &LeaseKey,
+    local: &mut S,
+    cancel: &CancellationToken,
+) -> Result<(u64, u64), CarryError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    let auth = TunnelAuth::fresh(key, lease, now_secs());
+    let mut up = tokio::select! {
+        r = client.open_tunnel(lease, auth) => r?,
+        () = cancel.cancelled() => return Err(CarryError::Stopped),
+    };
+    info!("tunnel open");
+    // The tunnels' own copy loop: its buffers grow to 256 KiB under bulk
+    // data, where tokio's copy_bidirectional stays at 8 KiB and cost this
+    // process 0.6 CPU s/GiB instead of 0.45.
+    match xe_net::tunnel::pipe(local, &mut up, cancel).await {
+        Ok(n) => Ok(n),
+        Err(_) if cancel.is_cancelled() => Err(CarryError::Stopped),
+        Err(e) => Err(CarryError::Broken(e)),
+    }
+}
+
 /// `xe tunnel`: accept local TCP connections on `listener` until `cancel`,
-/// and carry each through its own HTTP tunnel to `lease`'s VM, signed with
-/// a fresh `X-Timestamp` signature by `key`. A connection that fails (the
-/// node refuses, the provider is down) is logged and closed; the listener
-/// keeps serving. Accept errors are retried with a back-off.
+/// and [`carry`] each through its own HTTP tunnel to `lease`'s VM. A
+/// connection that fails (the node refuses, the provider is down) is logged
+/// and closed; the listener keeps serving. Accept errors are retried with a
+/// back-off.
 pub async fn forward(
     listener: TcpListener,
     client: ApiClient,
@@ -490,27 +535,11 @@ pub async fn forward(
             async move {
                 let mut tcp = tcp;
                 let _ = tcp.set_nodelay(true);
-                let auth = TunnelAuth::fresh(&key, &lease, now_secs());
-                let opened = tokio::select! {
-                    r = client.open_tunnel(&lease, auth) => r,
-                    () = token.cancelled() => return,
-                };
-                match opened {
-                    Ok(mut up) => {
-                        info!("tunnel open");
-                        // The tunnels' own copy loop: its buffers grow to
-                        // 256 KiB under bulk data, where tokio's
-                        // copy_bidirectional stays at 8 KiB and cost this
-                        // process 0.6 CPU s/GiB instead of 0.45.
-                        match xe_net::tunnel::pipe(&mut tcp, &mut up, &token).await {
-                            Ok((a, b)) => info!(sent = a, received = b, "connection closed"),
-                            Err(_) if token.is_cancelled() => {
-                                info!("connection closed: xe tunnel is stopping");
-                            }
-                            Err(e) => info!("connection ended: {e}"),
-                        }
-                    }
-                    Err(e) => warn!("tunnel refused, closing this connection: {e}"),
+                match carry(&client, &lease, &key, &mut tcp, &token).await {
+                    Ok((a, b)) => info!(sent = a, received = b, "connection closed"),
+                    Err(CarryError::Stopped) => info!("connection closed: xe tunnel is stopping"),
+                    Err(e @ CarryError::Refused(_)) => warn!("{e}; closing this connection"),
+                    Err(e) => info!("connection ended: {e}"),
                 }
             }
             .instrument(span),

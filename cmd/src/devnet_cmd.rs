@@ -246,7 +246,7 @@ async fn drive(
     };
     let target = SshTarget {
         lease,
-        gateway: gateway.to_string(),
+        via: crate::ssh_cmd::Via::Gateway(gateway.to_string()),
         key: key.path().to_path_buf(),
         known_hosts: known_hosts.clone(),
         user,

@@ -8,6 +8,7 @@ mod lease_cmd;
 mod node_cmd;
 mod paths;
 mod ssh_cmd;
+mod stdio;
 mod tunnel_cmd;
 mod wallet_cmd;
 
@@ -58,12 +59,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // devnet prints its own progress; its nodes' logs are opt-in (RUST_LOG).
-    init_tracing(if matches!(cli.command, Command::Devnet(_)) {
-        "warn"
-    } else {
-        "info"
-    });
+    // devnet prints its own progress; a ProxyCommand's stderr is the ssh
+    // user's terminal.
+    init_tracing(
+        if matches!(cli.command, Command::Devnet(_))
+            || matches!(&cli.command, Command::Tunnel(t) if t.stdio)
+        {
+            "warn"
+        } else {
+            "info"
+        },
+    );
     let result = match cli.command {
         Command::Wallet(cmd) => wallet_cmd::run(cmd),
         Command::Node(args) => runtime().and_then(|rt| rt.block_on(node_cmd::run(args))),

@@ -1,6 +1,8 @@
 //! `xe ssh` and `xe ssh-config`: plain OpenSSH through the gateway, the
 //! way the seed describes — `ProxyCommand="ssh -W %h:%p LEASE@GATEWAY"` —
-//! so the consumer's SSH runs end to end with the VM's sshd.
+//! so the consumer's SSH runs end to end with the VM's sshd. With `--http`
+//! the ProxyCommand is `xe tunnel --stdio` instead: the node's HTTP
+//! tunnel, for networks that let only HTTP through.
 //!
 //! Host keys stay strictly checked without prompts: the VM's host key that
 //! the provider signed into the lease's accept is pinned in an xe-owned
@@ -16,13 +18,29 @@ use xe_store::{LeaseHash, LeaseKey, lease_key_path};
 
 use crate::paths::{WalletArg, xe_home};
 
-/// Everything needed to reach one lease's VM through a gateway.
+/// How the session reaches the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Via {
+    /// The SSH gateway at `host:port` (`ssh -W`).
+    Gateway(String),
+    /// The node's HTTP tunnel (`xe tunnel --stdio`, run as `xe`).
+    Http {
+        /// The `xe` binary to run.
+        xe: PathBuf,
+        /// The node's API URL.
+        node: String,
+        /// The wallet whose lease key signs the tunnel request.
+        wallet: PathBuf,
+    },
+}
+
+/// Everything needed to reach one lease's VM.
 #[derive(Debug, Clone)]
 pub struct SshTarget {
     /// The lease (SSH username at the gateway, host key alias at the VM).
     pub lease: LeaseHash,
-    /// Gateway `host:port`.
-    pub gateway: String,
+    /// The way in.
+    pub via: Via,
     /// The wallet's lease key (`ssh -i`).
     pub key: PathBuf,
     /// xe-owned known_hosts file.
@@ -91,7 +109,19 @@ impl SshTarget {
     /// `^…`, so OpenSSH older than 8.x accepts it; see
     /// [`gateway_hop_ciphers`] for builds that lack some of it.
     pub fn proxy_command(&self) -> anyhow::Result<String> {
-        let (host, port) = split_host_port(&self.gateway)?;
+        let gateway = match &self.via {
+            Via::Gateway(g) => g,
+            Via::Http { xe, node, wallet } => {
+                return Ok(format!(
+                    "{xe} tunnel --stdio --node {node} --wallet {wallet} {lease}",
+                    xe = shell_quote(xe),
+                    node = shell_quote(Path::new(node)),
+                    wallet = shell_quote(wallet),
+                    lease = self.lease,
+                ));
+            }
+        };
+        let (host, port) = split_host_port(gateway)?;
         let ciphers = gateway_hop_ciphers(local_ssh_ciphers().as_deref())
             .map(|c| format!("-o Ciphers={c} "))
             .unwrap_or_default();
@@ -195,6 +225,11 @@ pub struct TargetArgs {
     /// the --node's own SSH gateway].
     #[arg(long, env = "XE_GATEWAY", value_name = "HOST:PORT")]
     pub gateway: Option<String>,
+    /// Go through the --node's HTTP tunnel (`xe tunnel --stdio`) instead of
+    /// an SSH gateway: only the node's HTTP port needs to be reachable
+    /// (--gateway is then not used).
+    #[arg(long)]
+    pub http: bool,
     /// User on the VM.
     #[arg(long, default_value = "root")]
     pub user: String,
@@ -228,11 +263,9 @@ fn ask_node<T>(
 }
 
 impl TargetArgs {
-    fn target(&self) -> anyhow::Result<SshTarget> {
-        let lease: LeaseHash = self
-            .lease
-            .parse()
-            .with_context(|| format!("lease {:?}", self.lease))?;
+    /// The gateway's `host:port`: the flag, the config file, else the
+    /// --node's own SSH gateway.
+    fn gateway(&self) -> anyhow::Result<String> {
         let gateway = match (self.gateway.clone(), crate::paths::Config::load()?.gateway) {
             (Some(g), _) | (None, Some(g)) => g,
             (None, None) => {
@@ -254,6 +287,25 @@ impl TargetArgs {
             }
         };
         split_host_port(&gateway)?;
+        Ok(gateway)
+    }
+
+    fn target(&self) -> anyhow::Result<SshTarget> {
+        let lease: LeaseHash = self
+            .lease
+            .parse()
+            .with_context(|| format!("lease {:?}", self.lease))?;
+        let via = if self.http {
+            Via::Http {
+                xe: std::env::current_exe().context("locating the xe binary")?,
+                node: self.node.url()?,
+                // A config block runs from wherever ssh is started.
+                wallet: std::path::absolute(self.wallet.path())
+                    .context("making the wallet path absolute")?,
+            }
+        } else {
+            Via::Gateway(self.gateway()?)
+        };
         let wallet = self.wallet.path();
         let key = LeaseKey::load(&lease_key_path(&wallet))
             .with_context(|| format!("the lease key of wallet {}", wallet.display()))?;
@@ -277,7 +329,7 @@ impl TargetArgs {
         }
         Ok(SshTarget {
             lease,
-            gateway,
+            via,
             key: key.path().to_path_buf(),
             known_hosts,
             user: self.user.clone(),
@@ -359,7 +411,7 @@ mod tests {
     fn ssh_args_use_the_proxy_and_alias() {
         let t = SshTarget {
             lease: LeaseHash([0xab; 32]),
-            gateway: "127.0.0.1:2222".into(),
+            via: Via::Gateway("127.0.0.1:2222".into()),
             key: PathBuf::from("/k/w.lease_key"),
             known_hosts: PathBuf::from("/k/known_hosts"),
             user: "root".into(),

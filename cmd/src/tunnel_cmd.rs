@@ -2,6 +2,10 @@
 //! connection is carried to the lease VM's sshd through the node's HTTP
 //! upgrade tunnel (`POST /tunnel/{lease}/tcp`, fresh `X-Timestamp`
 //! signature per connection), so plain `ssh -p PORT root@127.0.0.1` works.
+//!
+//! `xe tunnel LEASE --stdio`: one tunnel carrying standard input and output,
+//! for `ssh -o ProxyCommand="xe tunnel --stdio LEASE" …` (what `xe ssh
+//! --http` runs): no local port, and only HTTP to the node is needed.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,6 +28,11 @@ pub struct TunnelArgs {
     /// Local address to listen on; port 0 picks a free one (printed).
     #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
+    /// Carry standard input and output through one tunnel instead of
+    /// listening (as an ssh ProxyCommand); nothing else is written to
+    /// standard output.
+    #[arg(long, conflicts_with = "listen")]
+    pub stdio: bool,
     /// User to show in the printed ssh command (the VM's login user).
     #[arg(long, default_value = "root")]
     pub user: String,
@@ -65,6 +74,9 @@ pub async fn run(args: TunnelArgs) -> anyhow::Result<ExitCode> {
     let key = LeaseKey::load(&wallet.lease_key_path())
         .with_context(|| format!("loading the lease key of {}", wallet_path.display()))?;
     let client = args.node.client()?;
+    if args.stdio {
+        return run_stdio(client, lease, key, signals).await;
+    }
     let view = client.lease(&lease).await.context("looking the lease up")?;
     if view.access_pub_key != key.access_pub_key() {
         bail!(
@@ -116,4 +128,31 @@ pub async fn run(args: TunnelArgs) -> anyhow::Result<ExitCode> {
     cancel.cancel();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), forward).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--stdio`. No lease lookup first: every connection of ssh pays for this
+/// one, and the node's refusal already says what is wrong with the lease.
+async fn run_stdio(
+    client: xe_api::client::ApiClient,
+    lease: LeaseHash,
+    key: LeaseKey,
+    mut signals: crate::node_cmd::ShutdownSignal,
+) -> anyhow::Result<ExitCode> {
+    use xe_api::client::{CarryError, carry};
+    let mut stdio = crate::stdio::stdio().context("standard input and output")?;
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        signals.recv().await;
+        stop.cancel();
+    });
+    match carry(&client, &lease, &key, &mut stdio, &cancel).await {
+        Ok(_) | Err(CarryError::Stopped) => Ok(ExitCode::SUCCESS),
+        Err(e @ CarryError::Refused(_)) => Err(anyhow::anyhow!(
+            "{e} (lease {}, node {}; `xe lease show {lease}` shows its state)",
+            lease.short(),
+            client.url()
+        )),
+        Err(e) => Err(e.into()),
+    }
 }

@@ -197,6 +197,20 @@ impl Net {
         ]
     }
 
+    /// `ssh` options for reaching the VM through the node's HTTP tunnel,
+    /// with `xe tunnel --stdio` as the ProxyCommand (no gateway SSH port).
+    fn http_proxy_opts(&self) -> Vec<String> {
+        let mut opts = self.proxy_opts(0);
+        opts[3] = format!(
+            "ProxyCommand={xe} tunnel --stdio --node http://{api} --wallet {wallet} {lease}",
+            xe = xe_bin().display(),
+            api = self.gw.field("api_addr"),
+            wallet = self.wallet.display(),
+            lease = self.lease
+        );
+        opts
+    }
+
     /// A session through the gateway that is up (it printed its marker)
     /// and then waits a long time.
     fn long_session(&self) -> Child {
@@ -440,6 +454,66 @@ fn every_access_path_reaches_the_vm() {
         .status();
     let _ = tunnel.wait();
     assert_eq!(ok(&out, "ssh through xe tunnel"), "via-http-tunnel\n");
+
+    // 7. `xe tunnel --stdio` as the ProxyCommand, as `xe ssh --http` runs
+    // it. The gateway setting points nowhere: only the node's HTTP port is
+    // used.
+    let xe_ssh_http = |extra: &[&str]| {
+        Command::new(xe_bin())
+            .args([
+                "ssh",
+                "--http",
+                "--wallet",
+                n.wallet.to_str().expect("utf8"),
+            ])
+            .arg("--node")
+            .arg(format!("http://{}", n.gw.field("api_addr")))
+            .args(["--known-hosts", xe_kh.to_str().expect("utf8")])
+            .arg(&n.lease)
+            .args(extra)
+            .env("XE_CONFIG", n.path("no-config.json"))
+            .env("XE_GATEWAY", "127.0.0.1:1")
+            .env_remove("SSH_AUTH_SOCK")
+            .stdin(Stdio::null())
+            .output()
+            .expect("xe ssh --http")
+    };
+    let printed = ok(&xe_ssh_http(&["--print"]), "xe ssh --http --print");
+    assert!(printed.contains("tunnel --stdio"), "{printed}");
+    assert!(!printed.contains(" -W "), "{printed}");
+    let out = xe_ssh_http(&["--", "echo", "via-http-stdio"]);
+    assert_eq!(ok(&out, "xe ssh --http"), "via-http-stdio\n");
+
+    // A wallet whose key is not the lease's: the node refuses, and the
+    // ProxyCommand says so on stderr, writes nothing on stdout and fails.
+    let other = n.path("other.seed");
+    ok(
+        &xe(&[
+            "wallet",
+            "create",
+            "--wallet",
+            other.to_str().expect("utf8"),
+        ]),
+        "wallet create",
+    );
+    let out = Command::new(xe_bin())
+        .args([
+            "tunnel",
+            "--stdio",
+            "--wallet",
+            other.to_str().expect("utf8"),
+        ])
+        .arg("--node")
+        .arg(format!("http://{}", n.gw.field("api_addr")))
+        .arg(&n.lease)
+        .stdin(Stdio::null())
+        .output()
+        .expect("xe tunnel --stdio");
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(out.stdout.is_empty(), "stdout: {:?}", text(&out.stdout));
+    assert!(err.contains("did not open the tunnel"), "{err}");
+    assert!(err.contains(&n.lease[..8]), "{err}");
 }
 
 fn sha256_file(p: &Path) -> String {
@@ -469,26 +543,33 @@ fn scp_50_mib_in_and_out_byte_exact() {
         std::process::id(),
         n.lease.get(..8).expect("hash")
     );
-    let scp = |from: &str, to: &str| {
-        Command::new("scp")
-            .args(["-q", "-O"])
-            .args(n.proxy_opts(n.gw_port()))
-            .args([from, to])
-            .env_remove("SSH_AUTH_SOCK")
-            .output()
-            .expect("scp")
-    };
-    ok(
-        &scp(src.to_str().expect("utf8"), &format!("root@vm:{remote}")),
-        "scp in",
-    );
-    let back = n.path("back.bin");
-    ok(
-        &scp(&format!("root@vm:{remote}"), back.to_str().expect("utf8")),
-        "scp out",
-    );
-    let _ = n.ssh_w(&format!("rm -f {remote}"));
-    assert_eq!(sha256_file(&back), sha256_file(&src));
+    // Through the gateway (-W), then through the HTTP tunnel on stdio.
+    for (way, opts) in [
+        ("gateway -W", n.proxy_opts(n.gw_port())),
+        ("xe tunnel --stdio", n.http_proxy_opts()),
+    ] {
+        let scp = |from: &str, to: &str| {
+            Command::new("scp")
+                .args(["-q", "-O"])
+                .args(&opts)
+                .args([from, to])
+                .env_remove("SSH_AUTH_SOCK")
+                .output()
+                .expect("scp")
+        };
+        ok(
+            &scp(src.to_str().expect("utf8"), &format!("root@vm:{remote}")),
+            &format!("scp in via {way}"),
+        );
+        let back = n.path("back.bin");
+        let _ = std::fs::remove_file(&back);
+        ok(
+            &scp(&format!("root@vm:{remote}"), back.to_str().expect("utf8")),
+            &format!("scp out via {way}"),
+        );
+        let _ = n.ssh_w(&format!("rm -f {remote}"));
+        assert_eq!(sha256_file(&back), sha256_file(&src), "via {way}");
+    }
 }
 
 /// Wait (bounded) for a child to exit, on the exit event.
