@@ -18,6 +18,8 @@ client->gateway hop of path 3 uses --gw-cipher, default the same):
              (network namespaces, 198.18.0.0/15) and reach each other through a relay node;
              checked to stay relayed (root, ip, iptables)
   6 socat    plain TCP relay in front of the direct sshd (the floor)
+  7 xe stdio as 4, but `xe tunnel --stdio` is ssh's ProxyCommand (what `xe ssh --http`
+             runs): pipes to ssh instead of a local TCP port; its CPU is read with bash's `times`
 
 Bulk: `head -c 1G /dev/zero | ssh HOST 'cat > /dev/null'` (up) and
 `ssh HOST 'head -c 1G /dev/zero' | wc -c` (down; wc checks the byte count),
@@ -475,7 +477,7 @@ def bench(a, d, t_start):
         raise RuntimeError("xe tunnel printed no port")
     threading.Thread(target=lambda: [None for _ in tun.stdout], daemon=True).start()
     xe = dict(gw=gw, prov=prov, gw_port=gw_port, lease=lease, lease_key=lease_key, vm_hk=vm_hk, t_port=t_port,
-              tun=tun, r5=None)
+              tun=tun, r5=None, url=url, wallet=wallet)
     log(f"gateway -> provider connections (paths 3, 4): {', '.join(gw_transports(xe)) or 'none'}")
     if not a.paths or "5" in a.paths.split(","):
         try:
@@ -497,6 +499,10 @@ def bench_paths(a, d, t_start, ck, p_direct, p_bastion, p_socat, hk_target, hk_b
 
     # ---- one ssh_config for every path --------------------------------------------------------
     r5 = xe.get("r5") if xe else None
+    xe_url = xe["url"] if xe else "none"
+    xe_wallet = xe["wallet"] if xe else "none"
+    # path 7's ProxyCommand writes its CPU (bash `times`) here when it exits
+    stdio_times = os.path.join(d, "stdio.times")
     kh = os.path.join(d, "known_hosts")
     with open(kh, "w") as f:
         f.write(f"target {hk_target}\nbastion {hk_bastion}\n{lease} {vm_hk}\n")
@@ -542,6 +548,10 @@ Host xetun
   Port {t_port}
   HostKeyAlias {lease}
   IdentityFile {lease_key}
+Host xestdio
+  ProxyCommand bash -c 'trap "" HUP; "$0" tunnel --stdio --node {xe_url} --wallet {xe_wallet} {lease}; times > {stdio_times}' {XE}
+  HostKeyAlias {lease}
+  IdentityFile {lease_key}
 Host xegw5
   HostName 127.0.0.1
   Port {r5["gw_port"] if r5 else 1}
@@ -575,15 +585,16 @@ Host *
         ("4", "xe tunnel (HTTP upgrade)", "xetun"),
         ("5", "xe gateway -W, provider through a relay (both behind NAT)", "vmrelay"),
         ("6", "socat TCP relay (floor)", "socat"),
+        ("7", "xe tunnel --stdio as ProxyCommand (HTTP upgrade)", "xestdio"),
     ]
     if not xe:
-        paths = [p for p in paths if p[0] not in ("3", "4")]
+        paths = [p for p in paths if p[0] not in ("3", "4", "7")]
     if not r5:
         paths = [p for p in paths if p[0] != "5"]
     # whose CPU is read around each transfer: (gateway, provider) per xe path
     xe_pids = {}
     if xe:
-        xe_pids["3"] = xe_pids["4"] = (gw.pid, prov.pid)
+        xe_pids["3"] = xe_pids["4"] = xe_pids["7"] = (gw.pid, prov.pid)
     if r5:
         xe_pids["5"] = (r5["gw"].pid, r5["prov"].pid)
     # a third process on the path whose CPU is reported too: path 4's `xe tunnel`, path 5's relay
@@ -674,6 +685,8 @@ Host *
                 pids = xe_pids.get(pid_)
                 g0, p0 = (cpu_secs(pids[0]), cpu_secs(pids[1])) if pids else (0, 0)
                 q0 = cpu_secs(extra_pid[pid_]) if pid_ in extra_pid else 0
+                if pid_ == "7" and os.path.exists(stdio_times):
+                    os.unlink(stdio_times)
                 t0 = time.monotonic()
                 pr = subprocess.Popen(["bash", "-o", "pipefail", "-c", tmpl % host], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
@@ -689,6 +702,8 @@ Host *
                 dt = time.monotonic() - t0
                 g1, p1 = (cpu_secs(pids[0]), cpu_secs(pids[1])) if pids else (0, 0)
                 q1 = cpu_secs(extra_pid[pid_]) if pid_ in extra_pid else 0
+                if pid_ == "7":
+                    q0, q1 = 0, bash_times_children(stdio_times, time.monotonic() + 10)
                 if pr.returncode != 0 or (dr == "down" and int(out.split()[0] or 0) != nbytes):
                     failures.append(f"path {pid_} {dr}: rc {pr.returncode} {out[:40]!r} {err[-300:]!r}")
                     continue
@@ -696,7 +711,7 @@ Host *
                 cpu[(pid_, dr)].append((g1 - g0) * GIB / nbytes)
                 pcpu[(pid_, dr)].append((p1 - p0) * GIB / nbytes)
                 extra = ""
-                if pid_ in extra_pid:
+                if pid_ in extra_pid or pid_ == "7":
                     extra_cpu[(pid_, dr)].append((q1 - q0) * GIB / nbytes)
                     extra = f", {'relay' if pid_ == '5' else 'xe tunnel'} cpu {q1 - q0:.2f}s"
                 log(f"round {rounds + 1} path {pid_} {dr}: {nbytes / dt / 1e6:.0f} MB/s "
@@ -716,6 +731,26 @@ Host *
 
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+def bash_times_children(path, deadline):
+    """Children's user+sys seconds from bash's `times` output (second line,
+    e.g. `0m1.234s 0m0.567s`); NaN if the file is unreadable or still
+    missing at `deadline` (ssh does not wait for its ProxyCommand, which
+    ignores ssh's SIGHUP here so that it can write the file)."""
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.05)  # `times >` creates the file before it writes the line
+    try:
+        with open(path) as f:
+            lines = f.read().split("\n")
+        total = 0.0
+        for t in lines[1].split():
+            m, sec = t.rstrip("s").split("m")
+            total += int(m) * 60 + float(sec)
+        return total
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbytes, relayed, r5_note, idle,
@@ -758,7 +793,7 @@ def report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbyte
             m = med(xs)
             r1 = m / med(thr[("1", dr)]) if thr.get(("1", dr)) else float("nan")
             r2 = m / med(thr[("2", dr)]) if thr.get(("2", dr)) else float("nan")
-            xe = pid_ in ("3", "4", "5")
+            xe = pid_ in ("3", "4", "5", "7")
             gc = f"{med(cpu[(pid_, dr)]):.2f}" if xe else "–"
             pc = f"{med(pcpu[(pid_, dr)]):.2f}" if xe else "–"
             w(f"| {pid_} {name} | {dr} | {m / 1e6:.0f} | {min(xs) / 1e6:.0f} | {max(xs) / 1e6:.0f} | {len(xs)} "
@@ -774,6 +809,10 @@ def report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbyte
         w("")
         w(f"Path 4: the `xe tunnel` client process's CPU: {med(extra_cpu[('4', 'up')]):.2f} s/GiB up, "
           f"{med(extra_cpu[('4', 'down')]):.2f} s/GiB down (median).")
+    if extra_cpu.get(("7", "up")) or extra_cpu.get(("7", "down")):
+        w("")
+        w(f"Path 7: the `xe tunnel --stdio` ProxyCommand's CPU: {med(extra_cpu[('7', 'up')]):.2f} s/GiB up, "
+          f"{med(extra_cpu[('7', 'down')]):.2f} s/GiB down (median).")
     if idle:
         w("")
         w(f"Memory per idle session ({a.idle} sessions held at once; `ssh HOST 'echo up; sleep'`), "

@@ -80,6 +80,13 @@ fn main() -> std::process::ExitCode {
         Command::Providers(args) => {
             runtime().and_then(|rt| rt.block_on(lease_cmd::run_providers(args)))
         }
+        // One stream: a second worker thread only adds wake-ups between
+        // threads (it doubled this process's CPU per GiB, BENCHMARKS.md).
+        Command::Tunnel(args) if args.stdio => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(tunnel_cmd::run(args))),
         Command::Tunnel(args) => runtime().and_then(|rt| rt.block_on(tunnel_cmd::run(args))),
     };
     match result {

@@ -20,10 +20,19 @@ type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 /// Standard input (read side) and standard output (write side).
 pub type Stdio = Join<Reader, Writer>;
 
+/// Pipe capacity asked for: 1 MiB (Linux's default 64 KiB is one wake-up
+/// per 64 KiB; the system's limit, /proc/sys/fs/pipe-max-size, is 1 MiB by
+/// default).
+const PIPE_SIZE: usize = 1 << 20;
+
 /// A duplicate of `fd` as a `File`, if it is a pipe.
 fn fifo(fd: std::os::fd::BorrowedFd<'_>) -> Option<File> {
     let file = File::from(fd.try_clone_to_owned().ok()?);
     let is_fifo = file.metadata().ok()?.file_type().is_fifo();
+    if is_fifo && std::env::var_os("XE_PIPE_SIZE_OFF").is_none() {
+        // Best effort: a smaller pipe still works.
+        let _ = rustix::pipe::fcntl_setpipe_size(&file, PIPE_SIZE);
+    }
     is_fifo.then_some(file)
 }
 
