@@ -29,7 +29,7 @@ const PIPE_SIZE: usize = 1 << 20;
 fn fifo(fd: std::os::fd::BorrowedFd<'_>) -> Option<File> {
     let file = File::from(fd.try_clone_to_owned().ok()?);
     let is_fifo = file.metadata().ok()?.file_type().is_fifo();
-    if is_fifo && std::env::var_os("XE_PIPE_SIZE_OFF").is_none() {
+    if is_fifo {
         // Best effort: a smaller pipe still works.
         let _ = rustix::pipe::fcntl_setpipe_size(&file, PIPE_SIZE);
     }
