@@ -20,6 +20,10 @@ client->gateway hop of path 3 uses --gw-cipher, default the same):
   6 socat    plain TCP relay in front of the direct sshd (the floor)
   7 xe stdio as 4, but `xe tunnel --stdio` is ssh's ProxyCommand (what `xe ssh --http`
              runs): pipes to ssh instead of a local TCP port; its CPU is read with bash's `times`
+  8 socat×3 three socat relays in a row in front of the direct sshd: the floor for any
+             path with three relaying processes (paths 4 and 7: xe tunnel, gateway, provider)
+  9 bastion+ ssh -J through the bastion, whose hop to the target goes through path 6's socat:
+             path 3's shape (ssh -W, a hop that ends SSH, one more relay) with OpenSSH and socat
 
 Bulk: `head -c 1G /dev/zero | ssh HOST 'cat > /dev/null'` (up) and
 `ssh HOST 'head -c 1G /dev/zero' | wc -c` (down; wc checks the byte count),
@@ -55,6 +59,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 GIB = 1 << 30
 
 STARTED = []  # Popen objects we started (and only these are stopped)
+SOCAT_CHAIN_PORT = [1]  # the first of path 8's three chained socats
 
 
 def log(*a):
@@ -430,6 +435,14 @@ def bench(a, d, t_start):
     start(["socat", f"TCP-LISTEN:{p_socat},bind=127.0.0.1,reuseaddr,fork", f"TCP:127.0.0.1:{p_direct}"],
           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(p_socat)
+    # path 8: three socats in a row, the floor for three relaying processes
+    chain = [free_port() for _ in range(3)]
+    for i, p_in in enumerate(chain):
+        p_out = chain[i + 1] if i + 1 < len(chain) else p_direct
+        start(["socat", f"TCP-LISTEN:{p_in},bind=127.0.0.1,reuseaddr,fork", f"TCP:127.0.0.1:{p_out}"],
+              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(p_in)
+    SOCAT_CHAIN_PORT[0] = chain[0]
 
     # ---- xe network ------------------------------------------------------------------------
     if a.no_xe:
@@ -531,6 +544,17 @@ Host socat
   Port {p_socat}
   HostKeyAlias target
   IdentityFile {ck}
+Host bastionsocat
+  HostName 127.0.0.1
+  Port {p_socat}
+  HostKeyAlias target
+  IdentityFile {ck}
+  ProxyJump bastion
+Host socat3
+  HostName 127.0.0.1
+  Port {SOCAT_CHAIN_PORT[0]}
+  HostKeyAlias target
+  IdentityFile {ck}
 Host xegw
   HostName 127.0.0.1
   Port {gw_port}
@@ -586,6 +610,8 @@ Host *
         ("5", "xe gateway -W, provider through a relay (both behind NAT)", "vmrelay"),
         ("6", "socat TCP relay (floor)", "socat"),
         ("7", "xe tunnel --stdio as ProxyCommand (HTTP upgrade)", "xestdio"),
+        ("8", "3 socat TCP relays in a row (floor for 3 relaying processes)", "socat3"),
+        ("9", "ssh -J bastion, then a socat relay (floor for path 3's extra hop)", "bastionsocat"),
     ]
     if not xe:
         paths = [p for p in paths if p[0] not in ("3", "4", "7")]

@@ -114,9 +114,9 @@ impl SshTarget {
             Via::Http { xe, node, wallet } => {
                 return Ok(format!(
                     "{xe} tunnel --stdio --node {node} --wallet {wallet} {lease}",
-                    xe = shell_quote(xe),
-                    node = shell_quote(Path::new(node)),
-                    wallet = shell_quote(wallet),
+                    xe = proxy_word(xe),
+                    node = proxy_word(Path::new(node)),
+                    wallet = proxy_word(wallet),
                     lease = self.lease,
                 ));
             }
@@ -128,8 +128,8 @@ impl SshTarget {
         Ok(format!(
             "ssh -F /dev/null -p {port} -i {key} -o IdentitiesOnly=yes -o BatchMode=yes \
              {ciphers}-o LogLevel=ERROR -o UserKnownHostsFile={kh} -o StrictHostKeyChecking=accept-new -W %h:%p {lease}@{host}",
-            key = shell_quote(&self.key),
-            kh = shell_quote(&self.known_hosts),
+            key = proxy_word(&self.key),
+            kh = proxy_word(&self.known_hosts),
             lease = self.lease,
         ))
     }
@@ -170,10 +170,16 @@ impl SshTarget {
     }
 }
 
+/// `p` as one word of a ProxyCommand: shell-quoted, and `%` doubled
+/// because ssh expands `%h`-style tokens there.
+fn proxy_word(p: &Path) -> String {
+    shell_quote(p).replace('%', "%%")
+}
+
 fn shell_quote(p: &Path) -> String {
     let s = p.display().to_string();
     if s.chars()
-        .all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c))
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+:@,=".contains(c))
     {
         s
     } else {
@@ -428,6 +434,35 @@ mod tests {
         assert!(
             joined.contains("-o Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20"),
             "{joined}"
+        );
+    }
+
+    #[test]
+    fn http_targets_proxy_through_xe_tunnel_on_stdio() {
+        let t = SshTarget {
+            lease: LeaseHash([0xcd; 32]),
+            via: Via::Http {
+                xe: PathBuf::from("/opt/my tools/100%/xe"),
+                node: "http://127.0.0.1:8080".into(),
+                wallet: PathBuf::from("/home/a/.xe/wallet.seed"),
+            },
+            key: PathBuf::from("/home/a/.xe/wallet.lease_key"),
+            known_hosts: PathBuf::from("/home/a/.xe/known_hosts"),
+            user: "root".into(),
+        };
+        let block = t.config_block("xe-cdcdcdcd").expect("block");
+        assert!(
+            block.contains(&format!(
+                "ProxyCommand '/opt/my tools/100%%/xe' tunnel --stdio --node http://127.0.0.1:8080 \
+                 --wallet /home/a/.xe/wallet.seed {}\n",
+                "cd".repeat(32)
+            )),
+            "{block}"
+        );
+        assert!(!block.contains("-W"), "{block}");
+        assert!(
+            block.contains(&format!("HostKeyAlias {}", "cd".repeat(32))),
+            "{block}"
         );
     }
 
