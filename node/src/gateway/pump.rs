@@ -17,9 +17,13 @@ use xe_net::tunnel::AdaptiveBuffer;
 use super::stats::GatewayStats;
 use super::tunnel::TunnelStream;
 
-/// Copy buffer for tunnel → channel at its largest: one SSH packet's worth
-/// (OpenSSH's maximum packet size for a forwarded channel is 32 KiB).
-const COPY_BUFFER: usize = 32 * 1024;
+/// Copy buffer for tunnel → channel at its largest. russh cuts a write into
+/// packets of the client's maximum size (32 KiB for OpenSSH) and its
+/// session task drains every queued packet before one socket write, so a
+/// 256 KiB read becomes one 256 KiB `send` instead of eight 32 KiB ones:
+/// path 3 down went 272/275 → 286/294 MB/s and the gateway's CPU 1.60 →
+/// 1.45 s/GiB (BENCHMARKS.md, eighth run).
+const COPY_BUFFER: usize = 256 * 1024;
 /// ... and at its smallest. It starts here, doubles while reads fill it
 /// and drops back on a tiny read, so an idle session holds 4 KiB, not 32
 /// (10,000 idle sessions twice over: 901 → 639 MiB of gateway RSS).
