@@ -138,7 +138,14 @@ async fn run_stdio(
     key: LeaseKey,
     mut signals: crate::node_cmd::ShutdownSignal,
 ) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
     use xe_api::client::{CarryError, carry};
+    if std::io::stdin().is_terminal() {
+        eprintln!(
+            "xe tunnel --stdio carries raw bytes to the VM's sshd; it is meant as ssh's ProxyCommand \
+             (`xe ssh --http {lease}` runs it for you). Ctrl-C to stop."
+        );
+    }
     let mut stdio = crate::stdio::stdio().context("standard input and output")?;
     let cancel = CancellationToken::new();
     let stop = cancel.clone();
