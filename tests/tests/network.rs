@@ -484,6 +484,45 @@ fn every_access_path_reaches_the_vm() {
     let out = xe_ssh_http(&["--", "echo", "via-http-stdio"]);
     assert_eq!(ok(&out, "xe ssh --http"), "via-http-stdio\n");
 
+    // The VM side ending first reaches the ProxyCommand's reader as EOF
+    // while its stdin is still open (a half-close, as a socket would give):
+    // sshd drops a client that does not speak SSH.
+    let mut raw = Command::new(xe_bin())
+        .args([
+            "tunnel",
+            "--stdio",
+            "--wallet",
+            n.wallet.to_str().expect("utf8"),
+        ])
+        .arg("--node")
+        .arg(format!("http://{}", n.gw.field("api_addr")))
+        .arg(&n.lease)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("xe tunnel --stdio");
+    let mut raw_in = raw.stdin.take().expect("stdin");
+    raw_in.write_all(b"not ssh\r\n").expect("write");
+    let mut raw_out = raw.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let r = raw_out.read_to_end(&mut got);
+        let _ = tx.send((r.is_ok(), got));
+    });
+    let (read_ok, got) = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("EOF on the ProxyCommand's stdout while its stdin is still open");
+    assert!(read_ok);
+    assert!(got.starts_with(b"SSH-2.0-"), "{:?}", text(&got));
+    drop(raw_in);
+    let (status, _) = wait_exit(raw, Duration::from_secs(30));
+    assert!(
+        status.code().is_some(),
+        "xe tunnel --stdio exits on its own"
+    );
+
     // A wallet whose key is not the lease's: the node refuses, and the
     // ProxyCommand says so on stderr, writes nothing on stdout and fails.
     let other = n.path("other.seed");
