@@ -487,16 +487,16 @@ fn every_access_path_reaches_the_vm() {
     // The VM side ending first reaches the ProxyCommand's reader as EOF
     // while its stdin is still open (a half-close, as a socket would give):
     // sshd drops a client that does not speak SSH.
-    let mut raw = Command::new(xe_bin())
-        .args([
-            "tunnel",
-            "--stdio",
-            "--wallet",
-            n.wallet.to_str().expect("utf8"),
-        ])
-        .arg("--node")
-        .arg(format!("http://{}", n.gw.field("api_addr")))
-        .arg(&n.lease)
+    let stdio_tunnel = |wallet: &Path| {
+        let mut c = Command::new(xe_bin());
+        c.args(["tunnel", "--stdio", "--wallet"])
+            .arg(wallet)
+            .arg("--node")
+            .arg(format!("http://{}", n.gw.field("api_addr")))
+            .arg(&n.lease);
+        c
+    };
+    let mut raw = stdio_tunnel(&n.wallet)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -535,16 +535,7 @@ fn every_access_path_reaches_the_vm() {
         ]),
         "wallet create",
     );
-    let out = Command::new(xe_bin())
-        .args([
-            "tunnel",
-            "--stdio",
-            "--wallet",
-            other.to_str().expect("utf8"),
-        ])
-        .arg("--node")
-        .arg(format!("http://{}", n.gw.field("api_addr")))
-        .arg(&n.lease)
+    let out = stdio_tunnel(&other)
         .stdin(Stdio::null())
         .output()
         .expect("xe tunnel --stdio");
