@@ -104,93 +104,6 @@ impl SshdManager {
             registry: Registry::new("sshd"),
         })
     }
-
-    /// Write the lease's files and start its sshd. With `recovering`, the
-    /// host key must already exist: a lease is never given a new one.
-    async fn launch(
-        &self,
-        req: &ProvisionRequest,
-        recovering: bool,
-    ) -> Result<(VmInfo, SshdProc), VmError> {
-        let dir = self.lease_dir(&req.lease);
-        let key_path = dir.join(HOST_KEY);
-        if recovering && !key_path.exists() {
-            return Err(VmError::Failed {
-                what: "recovering the lease's sshd".into(),
-                detail: format!(
-                    "{} is gone; not starting with a new host key",
-                    key_path.display()
-                ),
-            });
-        }
-        let key_line = util::authorized_key_line(&req.lease, &req.access_pub_key)?;
-        util::create_private_dir(&dir)?;
-        kill_stale(&dir).await;
-        let host_key = util::host_key_line(&util::load_or_create_host_key(&key_path)?)?;
-        util::write_private(
-            &dir.join(AUTHORIZED_KEYS),
-            format!("{key_line}\n").as_bytes(),
-        )?;
-        if self.user.is_root() {
-            ensure_privsep_dir()?;
-        }
-
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let port = util::free_local_port()?;
-            let config = render_config(port, &dir, &self.user.name);
-            util::write_private(&dir.join(CONFIG), config.as_bytes())?;
-            let log_path = dir.join(LOG);
-            let log = fs::File::create(&log_path)
-                .map_err(VmError::io(format!("creating {}", log_path.display())))?;
-            let child = Command::new(&self.sshd)
-                .arg("-D")
-                .arg("-e")
-                .arg("-f")
-                .arg(dir.join(CONFIG))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                // If the manager is dropped without shutdown, don't leave
-                // the listener behind.
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(VmError::io(format!("running {}", self.sshd.display())))?;
-            let mut proc = SshdProc {
-                child,
-                dir: dir.clone(),
-            };
-            if let Some(pid) = proc.child.id() {
-                util::write_private(&dir.join(PID), format!("{pid}\n").as_bytes())?;
-            }
-            match wait_ready(&mut proc.child, &log_path, port).await {
-                Ok(()) => {
-                    info!(lease = %req.lease.short(), port, "sshd running");
-                    let mut info = VmInfo::new(req.lease, "sshd", VmStatus::Running);
-                    info.ssh_port = Some(port);
-                    info.host_key = Some(host_key);
-                    return Ok((info, proc));
-                }
-                Err(Ready::BindRace) if attempt < BIND_ATTEMPTS => {
-                    warn!(lease = %req.lease.short(), port, "port taken before sshd bound it; trying another");
-                    stop(proc).await;
-                }
-                Err(Ready::BindRace) => {
-                    let detail = util::log_tail(&log_path);
-                    stop(proc).await;
-                    return Err(VmError::Failed {
-                        what: format!("starting sshd ({BIND_ATTEMPTS} ports tried)"),
-                        detail,
-                    });
-                }
-                Err(Ready::Error(e)) => {
-                    stop(proc).await;
-                    return Err(e);
-                }
-            }
-        }
-    }
 }
 
 /// Why sshd did not come up.
@@ -372,7 +285,84 @@ impl LocalBackend for SshdManager {
         req: &ProvisionRequest,
         recovering: bool,
     ) -> Result<(VmInfo, SshdProc), VmError> {
-        self.launch(req, recovering).await
+        let dir = self.lease_dir(&req.lease);
+        let key_path = dir.join(HOST_KEY);
+        if recovering && !key_path.exists() {
+            return Err(VmError::Failed {
+                what: "recovering the lease's sshd".into(),
+                detail: format!(
+                    "{} is gone; not starting with a new host key",
+                    key_path.display()
+                ),
+            });
+        }
+        let key_line = util::authorized_key_line(&req.lease, &req.access_pub_key)?;
+        util::create_private_dir(&dir)?;
+        kill_stale(&dir).await;
+        let host_key = util::host_key_line(&util::load_or_create_host_key(&key_path)?)?;
+        util::write_private(
+            &dir.join(AUTHORIZED_KEYS),
+            format!("{key_line}\n").as_bytes(),
+        )?;
+        if self.user.is_root() {
+            ensure_privsep_dir()?;
+        }
+
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let port = util::free_local_port()?;
+            let config = render_config(port, &dir, &self.user.name);
+            util::write_private(&dir.join(CONFIG), config.as_bytes())?;
+            let log_path = dir.join(LOG);
+            let log = fs::File::create(&log_path)
+                .map_err(VmError::io(format!("creating {}", log_path.display())))?;
+            let child = Command::new(&self.sshd)
+                .arg("-D")
+                .arg("-e")
+                .arg("-f")
+                .arg(dir.join(CONFIG))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                // If the manager is dropped without shutdown, don't leave
+                // the listener behind.
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(VmError::io(format!("running {}", self.sshd.display())))?;
+            let mut proc = SshdProc {
+                child,
+                dir: dir.clone(),
+            };
+            if let Some(pid) = proc.child.id() {
+                util::write_private(&dir.join(PID), format!("{pid}\n").as_bytes())?;
+            }
+            match wait_ready(&mut proc.child, &log_path, port).await {
+                Ok(()) => {
+                    info!(lease = %req.lease.short(), port, "sshd running");
+                    let mut info = VmInfo::new(req.lease, "sshd", VmStatus::Running);
+                    info.ssh_port = Some(port);
+                    info.host_key = Some(host_key);
+                    return Ok((info, proc));
+                }
+                Err(Ready::BindRace) if attempt < BIND_ATTEMPTS => {
+                    warn!(lease = %req.lease.short(), port, "port taken before sshd bound it; trying another");
+                    stop(proc).await;
+                }
+                Err(Ready::BindRace) => {
+                    let detail = util::log_tail(&log_path);
+                    stop(proc).await;
+                    return Err(VmError::Failed {
+                        what: format!("starting sshd ({BIND_ATTEMPTS} ports tried)"),
+                        detail,
+                    });
+                }
+                Err(Ready::Error(e)) => {
+                    stop(proc).await;
+                    return Err(e);
+                }
+            }
+        }
     }
 
     async fn stop(&self, runtime: SshdProc) {

@@ -80,56 +80,6 @@ impl DevManager {
             registry: Registry::new("dev"),
         }
     }
-
-    async fn launch(
-        &self,
-        req: &ProvisionRequest,
-        recovering: bool,
-    ) -> Result<(VmInfo, DevServer), VmError> {
-        util::validate_access_key(&req.access_pub_key)?;
-        let dir = self.lease_dir(&req.lease);
-        let key_path = dir.join(HOST_KEY);
-        if recovering && !key_path.exists() {
-            return Err(VmError::Failed {
-                what: "recovering the lease's dev server".into(),
-                detail: format!(
-                    "{} is gone; not starting with a new host key",
-                    key_path.display()
-                ),
-            });
-        }
-        util::create_private_dir(&dir)?;
-        let key = util::load_or_create_host_key(&key_path)?;
-        let host_key = util::host_key_line(&key)?;
-        // Bound before the port is reported: it accepts from this moment.
-        let listener = TcpListener::bind(("127.0.0.1", 0))
-            .await
-            .map_err(VmError::io("binding 127.0.0.1:0 for the dev SSH server"))?;
-        let port = listener
-            .local_addr()
-            .map_err(VmError::io("reading the dev server's port"))?
-            .port();
-        let server = DevServer {
-            cancel: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-        };
-        let ctx = session::Context {
-            lease: req.lease,
-            access_key: req.access_pub_key,
-            user: self.user.clone(),
-            cancel: server.cancel.clone(),
-            tasks: server.tasks.clone(),
-        };
-        server.tasks.spawn(
-            accept_loop(listener, Arc::new(server_config(key)), ctx)
-                .instrument(info_span!("dev_ssh", lease = %req.lease.short(), port)),
-        );
-        info!(lease = %req.lease.short(), port, "dev SSH server running (development only)");
-        let mut info = VmInfo::new(req.lease, "dev", VmStatus::Running);
-        info.ssh_port = Some(port);
-        info.host_key = Some(host_key);
-        Ok((info, server))
-    }
 }
 
 fn server_config(key: PrivateKey) -> Config {
@@ -215,7 +165,49 @@ impl LocalBackend for DevManager {
         req: &ProvisionRequest,
         recovering: bool,
     ) -> Result<(VmInfo, DevServer), VmError> {
-        self.launch(req, recovering).await
+        util::validate_access_key(&req.access_pub_key)?;
+        let dir = self.lease_dir(&req.lease);
+        let key_path = dir.join(HOST_KEY);
+        if recovering && !key_path.exists() {
+            return Err(VmError::Failed {
+                what: "recovering the lease's dev server".into(),
+                detail: format!(
+                    "{} is gone; not starting with a new host key",
+                    key_path.display()
+                ),
+            });
+        }
+        util::create_private_dir(&dir)?;
+        let key = util::load_or_create_host_key(&key_path)?;
+        let host_key = util::host_key_line(&key)?;
+        // Bound before the port is reported: it accepts from this moment.
+        let listener = TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .map_err(VmError::io("binding 127.0.0.1:0 for the dev SSH server"))?;
+        let port = listener
+            .local_addr()
+            .map_err(VmError::io("reading the dev server's port"))?
+            .port();
+        let server = DevServer {
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        };
+        let ctx = session::Context {
+            lease: req.lease,
+            access_key: req.access_pub_key,
+            user: self.user.clone(),
+            cancel: server.cancel.clone(),
+            tasks: server.tasks.clone(),
+        };
+        server.tasks.spawn(
+            accept_loop(listener, Arc::new(server_config(key)), ctx)
+                .instrument(info_span!("dev_ssh", lease = %req.lease.short(), port)),
+        );
+        info!(lease = %req.lease.short(), port, "dev SSH server running (development only)");
+        let mut info = VmInfo::new(req.lease, "dev", VmStatus::Running);
+        info.ssh_port = Some(port);
+        info.host_key = Some(host_key);
+        Ok((info, server))
     }
 
     async fn stop(&self, runtime: DevServer) {
