@@ -29,11 +29,10 @@ impl Drop for TestNode {
 }
 
 pub async fn node_with(bootstrap: Vec<Multiaddr>, tweak: impl FnOnce(&mut NetConfig)) -> TestNode {
-    node_with_store(|store, cfg| {
+    node_with_store(|_, cfg| {
         cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
         cfg.bootstrap = bootstrap;
         tweak(cfg);
-        let _ = store;
     })
     .await
 }
@@ -158,42 +157,47 @@ impl TunnelValidator for Provider {
     }
 }
 
-/// A TCP echo backend standing in for a VM's sshd; it passes EOF on.
-pub async fn echo_backend() -> std::net::SocketAddr {
+/// Serve every connection to a fresh loopback listener with `conn`, each
+/// in a task of its own.
+async fn backend<F, Fut>(conn: F) -> std::net::SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(conn(s));
         }
     });
     addr
 }
 
+/// A TCP echo backend standing in for a VM's sshd; it passes EOF on.
+pub async fn echo_backend() -> std::net::SocketAddr {
+    backend(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
+}
+
 /// A backend that hashes everything it receives, then answers with the
 /// 32-byte SHA-256 digest and closes.
 pub async fn hashing_backend() -> std::net::SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut h = Sha256::new();
-                let mut buf = vec![0u8; 256 * 1024];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => h.update(&buf[..n]),
-                    }
-                }
-                let _ = s.write_all(&h.finalize()).await;
-                let _ = s.shutdown().await;
-            });
+    backend(|mut s| async move {
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => h.update(&buf[..n]),
+            }
         }
-    });
-    addr
+        let _ = s.write_all(&h.finalize()).await;
+        let _ = s.shutdown().await;
+    })
+    .await
 }
