@@ -84,12 +84,20 @@ async fn world() -> World {
     }
 }
 
+impl World {
+    /// Start recovery in a task; returns once the backend is inside it.
+    async fn recovery_started(&self) -> tokio::task::JoinHandle<()> {
+        let p = self.provider.clone();
+        let recovery = tokio::spawn(async move { p.recover_vms(&[]).await });
+        self.backend.started.notified().await;
+        recovery
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_tunnel_that_arrives_during_recovery_waits_for_it() {
     let w = world().await;
-    let p = w.provider.clone();
-    let recovery = tokio::spawn(async move { p.recover_vms(&[]).await });
-    w.backend.started.notified().await;
+    let recovery = w.recovery_started().await;
 
     let p = w.provider.clone();
     let mut dial = tokio::spawn(async move { p.dial_ssh(&LEASE).await.map(drop) });
@@ -109,9 +117,7 @@ async fn a_tunnel_that_arrives_during_recovery_waits_for_it() {
 #[tokio::test(start_paused = true)]
 async fn a_recovery_that_never_ends_refuses_tunnels_with_advice() {
     let w = world().await;
-    let p = w.provider.clone();
-    let _recovery = tokio::spawn(async move { p.recover_vms(&[]).await });
-    w.backend.started.notified().await;
+    let _recovery = w.recovery_started().await;
     let Err(msg) = w.provider.dial_ssh(&LEASE).await.map(drop) else {
         panic!("a tunnel got through before recovery ended");
     };
