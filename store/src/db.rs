@@ -9,7 +9,8 @@
 //! (`SyncKey` bytes → nothing, every held event; mirrored in memory as a
 //! [`SyncSet`]), `by_lease` (hash ‖ id → timestamp, every held event of a
 //! lease, for compaction), `compacted` (hash → end time: tombstones, see
-//! [`crate::retention`]) and `directory`.
+//! [`crate::retention`]), `by_created` (newest-first listing, see
+//! [`crate::listing`]) and `directory`.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,6 +20,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::broadcast;
 
+use crate::codec::encode_event;
 use crate::directory::{DirectoryEntry, DirectoryError};
 use crate::ids::{AccountAddress, EventId, LeaseHash};
 use crate::lease::{EventError, LeaseEvent};
@@ -91,6 +93,7 @@ pub(crate) struct Inner {
     pub(crate) sync: sled::Tree,
     pub(crate) by_lease: sled::Tree,
     pub(crate) compacted: sled::Tree,
+    pub(crate) by_created: sled::Tree,
     pub(crate) directory: sled::Tree,
     /// The `sync` tree in memory, with its running fingerprint.
     pub(crate) set: RwLock<SyncSet>,
@@ -112,6 +115,14 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
         key: hex::encode(key),
         detail: e.to_string(),
+    })
+}
+
+/// An event as stored (see [`crate::codec`]).
+pub(crate) fn decode_ev(key: &[u8], v: &[u8]) -> Result<LeaseEvent, StoreError> {
+    crate::codec::decode_event(v).map_err(|detail| StoreError::Corrupt {
+        key: hex::encode(key),
+        detail,
     })
 }
 
@@ -138,6 +149,11 @@ impl Store {
         let pending_ids = db.open_tree("pending_ids")?;
         let sync = db.open_tree("sync")?;
         let by_lease = db.open_tree("by_lease")?;
+        let leases = db.open_tree("leases")?;
+        let by_created = db.open_tree("by_created")?;
+        if by_created.is_empty() && !leases.is_empty() {
+            crate::listing::rebuild_index(&leases, &by_created)?;
+        }
         // One walk of each tree at open; never again afterwards.
         let n_events = events.len();
         let n_pending = pending.len();
@@ -155,13 +171,14 @@ impl Store {
         }
         Ok(Store {
             inner: Arc::new(Inner {
-                leases: db.open_tree("leases")?,
+                leases,
                 events,
                 pending,
                 pending_ids,
                 sync,
                 by_lease,
                 compacted: db.open_tree("compacted")?,
+                by_created,
                 directory: db.open_tree("directory")?,
                 db,
                 set: RwLock::new(set),
@@ -183,7 +200,7 @@ impl Store {
     /// One held event (applied or pending) by id.
     pub fn event(&self, id: &EventId) -> Result<Option<LeaseEvent>, StoreError> {
         if let Some(v) = self.inner.events.get(id.0)? {
-            return Ok(Some(decode(&id.0, &v)?));
+            return Ok(Some(decode_ev(&id.0, &v)?));
         }
         let Some(hash) = self.inner.pending_ids.get(id.0)? else {
             return Ok(None);
@@ -191,7 +208,7 @@ impl Store {
         let mut pkey = hash.to_vec();
         pkey.extend_from_slice(&id.0);
         match self.inner.pending.get(&pkey)? {
-            Some(v) => Ok(Some(decode(&pkey, &v)?)),
+            Some(v) => Ok(Some(decode_ev(&pkey, &v)?)),
             None => Ok(None),
         }
     }
@@ -207,6 +224,7 @@ impl Store {
         let mut bytes = 0;
         for id in ids {
             if let Some(ev) = self.event(id)? {
+                // The JSON size: what the caller will send.
                 bytes += encode(&ev).len();
                 if bytes > max_bytes && !out.is_empty() {
                     break;
@@ -286,7 +304,7 @@ impl Store {
         iter.take(limit)
             .map(|r| {
                 let (k, v) = r?;
-                decode(&k, &v)
+                decode_ev(&k, &v)
             })
             .collect()
     }
@@ -383,7 +401,7 @@ impl Store {
             if self.inner.n_pending.load(Ordering::Relaxed) >= MAX_PENDING {
                 return Err(StoreError::PendingFull);
             }
-            let ev_bytes = encode(ev);
+            let ev_bytes = encode_event(ev);
             let r: Result<(), TransactionError<()>> = (
                 &self.inner.pending,
                 &self.inner.pending_ids,
@@ -413,8 +431,12 @@ impl Store {
             }),
             _ => None,
         };
-        let ev_bytes = encode(ev);
+        let ev_bytes = encode_event(ev);
         let rec_bytes = next.as_ref().map(encode);
+        let created_key = match (&current, &next) {
+            (None, Some(n)) => Some(crate::listing::created_key(n.lease.created_at, &hash)),
+            _ => None,
+        };
         let r: Result<(), TransactionError<()>> = (
             &self.inner.leases,
             &self.inner.events,
@@ -422,8 +444,12 @@ impl Store {
             &self.inner.pending_ids,
             &self.inner.sync,
             &self.inner.by_lease,
+            &self.inner.by_created,
         )
-            .transaction(|(l, e, p, pi, s, bl)| {
+            .transaction(|(l, e, p, pi, s, bl, bc)| {
+                if let Some(ck) = &created_key {
+                    bc.insert(&ck[..], &[])?;
+                }
                 if let Some(rb) = &rec_bytes {
                     l.insert(&hash.0, rb.as_slice())?;
                 }
@@ -490,7 +516,7 @@ impl Store {
             if !self.inner.pending.contains_key(&k)? {
                 continue;
             }
-            let ev: LeaseEvent = decode(&k, &v)?;
+            let ev: LeaseEvent = decode_ev(&k, &v)?;
             // Still waiting (a settle whose accept is not here yet) leaves
             // it pending; applying removes it from `pending` in the same
             // transaction that records it.
@@ -601,7 +627,7 @@ fn rebuild_sync_index(
 ) -> Result<(), StoreError> {
     for r in events.iter().chain(pending.iter()) {
         let (k, v) = r?;
-        let ev: LeaseEvent = decode(&k, &v)?;
+        let ev: LeaseEvent = decode_ev(&k, &v)?;
         let id = ev.id();
         let key = SyncKey {
             ts: ev.timestamp(),

@@ -129,6 +129,7 @@ impl Store {
         if ended_at(&rec, now).is_none_or(|e| e != end || e.saturating_add(window) >= now) {
             return Ok(0);
         }
+        let created = crate::listing::created_key(rec.lease.created_at, hash);
         let mut held: Vec<(SyncKey, bool)> = Vec::new();
         for r in self.inner.by_lease.scan_prefix(hash.0) {
             let (k, v) = r?;
@@ -154,9 +155,11 @@ impl Store {
             &inner.sync,
             &inner.by_lease,
             &inner.compacted,
+            &inner.by_created,
         )
-            .transaction(|(l, e, p, pi, s, bl, c)| {
+            .transaction(|(l, e, p, pi, s, bl, c, bc)| {
                 l.remove(&hash.0)?;
+                bc.remove(&created[..])?;
                 for (k, _) in &held {
                     let mut lk = hash.0.to_vec();
                     lk.extend_from_slice(&k.id.0);
