@@ -5,10 +5,9 @@
 //!
 //! Trees: `leases` (hash → record), `events` (id → applied event),
 //! `pending` (hash ‖ id → event waiting for its lease or accept),
-//! `pending_ids` (id → hash, so membership is one lookup), `sync`
-//! (`SyncKey` bytes → nothing, every held event; mirrored in memory as a
-//! [`SyncSet`]), `by_lease` (hash ‖ id → timestamp, every held event of a
-//! lease, for compaction), `compacted` (hash → end time: tombstones, see
+//! `pending_ids` (id → hash, so membership is one lookup), `by_lease`
+//! (hash ‖ id → timestamp: every held event, by lease for compaction, and
+//! the source of the in-memory [`SyncSet`] at open), `compacted` (hash → end time: tombstones, see
 //! [`crate::retention`]), `by_created` (newest-first listing, see
 //! [`crate::listing`]) and `directory`.
 
@@ -90,12 +89,11 @@ pub(crate) struct Inner {
     pub(crate) events: sled::Tree,
     pub(crate) pending: sled::Tree,
     pub(crate) pending_ids: sled::Tree,
-    pub(crate) sync: sled::Tree,
     pub(crate) by_lease: sled::Tree,
     pub(crate) compacted: sled::Tree,
     pub(crate) by_created: sled::Tree,
     pub(crate) directory: sled::Tree,
-    /// The `sync` tree in memory, with its running fingerprint.
+    /// Every held event as a sync key, with its running fingerprint.
     pub(crate) set: RwLock<SyncSet>,
     /// Counts kept beside the trees: sled's `len()` walks the whole tree,
     /// and the old pending-limit check called it on every pending insert,
@@ -115,6 +113,31 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
         key: hex::encode(key),
         detail: e.to_string(),
+    })
+}
+
+/// Signature and terms checks of a page, on two threads when the page is
+/// big enough to pay for one: verification is most of a join's CPU.
+fn check_all(evs: &[LeaseEvent]) -> Vec<Result<(), EventError>> {
+    let serial = |evs: &[LeaseEvent]| evs.iter().map(LeaseEvent::check_self).collect::<Vec<_>>();
+    if evs.len() < 64 {
+        return serial(evs);
+    }
+    let (a, b) = evs.split_at(evs.len() / 2);
+    std::thread::scope(|s| {
+        let other = s.spawn(|| serial(b));
+        let mut out = serial(a);
+        // A panicked thread (none is expected) is redone here.
+        out.extend(other.join().unwrap_or_else(|_| serial(b)));
+        out
+    })
+}
+
+/// A lease record as stored (see [`crate::codec`]).
+pub(crate) fn decode_rec(key: &[u8], v: &[u8]) -> Result<LeaseRecord, StoreError> {
+    crate::codec::decode_record(v).map_err(|detail| StoreError::Corrupt {
+        key: hex::encode(key),
+        detail,
     })
 }
 
@@ -147,7 +170,6 @@ impl Store {
         let events = db.open_tree("events")?;
         let pending = db.open_tree("pending")?;
         let pending_ids = db.open_tree("pending_ids")?;
-        let sync = db.open_tree("sync")?;
         let by_lease = db.open_tree("by_lease")?;
         let leases = db.open_tree("leases")?;
         let by_created = db.open_tree("by_created")?;
@@ -157,15 +179,17 @@ impl Store {
         // One walk of each tree at open; never again afterwards.
         let n_events = events.len();
         let n_pending = pending.len();
-        if sync.is_empty() && n_events + n_pending > 0 {
-            rebuild_sync_index(&events, &pending, &pending_ids, &sync, &by_lease)?;
+        if by_lease.is_empty() && n_events + n_pending > 0 {
+            rebuild_sync_index(&events, &pending, &pending_ids, &by_lease)?;
         }
         let mut set = SyncSet::new();
-        for r in sync.iter() {
-            let (k, _) = r?;
-            let key = SyncKey::from_bytes(&k).ok_or_else(|| StoreError::Corrupt {
+        // The sync set is not stored on its own: `by_lease` holds every
+        // held event's id and timestamp (one tree fewer to write per event).
+        for r in by_lease.iter() {
+            let (k, v) = r?;
+            let key = sync_key_of(&k, &v).ok_or_else(|| StoreError::Corrupt {
                 key: hex::encode(&k),
-                detail: "sync key is not 40 bytes".into(),
+                detail: "by_lease entry is not 64 + 8 bytes".into(),
             })?;
             set.insert(key);
         }
@@ -175,7 +199,6 @@ impl Store {
                 events,
                 pending,
                 pending_ids,
-                sync,
                 by_lease,
                 compacted: db.open_tree("compacted")?,
                 by_created,
@@ -255,7 +278,7 @@ impl Store {
     /// One lease.
     pub fn lease(&self, hash: &LeaseHash) -> Result<Option<LeaseRecord>, StoreError> {
         match self.inner.leases.get(hash.0)? {
-            Some(v) => Ok(Some(decode(&hash.0, &v)?)),
+            Some(v) => Ok(Some(decode_rec(&hash.0, &v)?)),
             None => Ok(None),
         }
     }
@@ -267,7 +290,7 @@ impl Store {
             .iter()
             .map(|r| {
                 let (k, v) = r?;
-                decode(&k, &v)
+                decode_rec(&k, &v)
             })
             .collect()
     }
@@ -328,7 +351,7 @@ impl Store {
     ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
         // Signatures are checked before taking the lock: that is the
         // expensive part, and it needs no state.
-        let checked: Vec<Result<(), EventError>> = evs.iter().map(LeaseEvent::check_self).collect();
+        let checked = check_all(evs);
         let _guard = self
             .inner
             .apply_lock
@@ -405,13 +428,11 @@ impl Store {
             let r: Result<(), TransactionError<()>> = (
                 &self.inner.pending,
                 &self.inner.pending_ids,
-                &self.inner.sync,
                 &self.inner.by_lease,
             )
-                .transaction(|(p, pi, s, bl)| {
+                .transaction(|(p, pi, bl)| {
                     p.insert(pkey.as_slice(), ev_bytes.as_slice())?;
                     pi.insert(&id.0, &hash.0)?;
-                    s.insert(&skey.to_bytes()[..], &[])?;
                     bl.insert(pkey.as_slice(), &skey.ts.to_be_bytes())?;
                     Ok::<_, ConflictableTransactionError<()>>(())
                 });
@@ -432,7 +453,7 @@ impl Store {
             _ => None,
         };
         let ev_bytes = encode_event(ev);
-        let rec_bytes = next.as_ref().map(encode);
+        let rec_bytes = next.as_ref().map(crate::codec::encode_record);
         let created_key = match (&current, &next) {
             (None, Some(n)) => Some(crate::listing::created_key(n.lease.created_at, &hash)),
             _ => None,
@@ -442,11 +463,10 @@ impl Store {
             &self.inner.events,
             &self.inner.pending,
             &self.inner.pending_ids,
-            &self.inner.sync,
             &self.inner.by_lease,
             &self.inner.by_created,
         )
-            .transaction(|(l, e, p, pi, s, bl, bc)| {
+            .transaction(|(l, e, p, pi, bl, bc)| {
                 if let Some(ck) = &created_key {
                     bc.insert(&ck[..], &[])?;
                 }
@@ -456,11 +476,9 @@ impl Store {
                 e.insert(&id.0, ev_bytes.as_slice())?;
                 p.remove(pkey.as_slice())?;
                 pi.remove(&id.0)?;
-                s.insert(&skey.to_bytes()[..], &[])?;
                 bl.insert(pkey.as_slice(), &skey.ts.to_be_bytes())?;
                 if let Some(v) = &voided {
                     e.remove(&v.id.0)?;
-                    s.remove(&v.to_bytes()[..])?;
                     let mut vk = hash.0.to_vec();
                     vk.extend_from_slice(&v.id.0);
                     bl.remove(vk)?;
@@ -541,13 +559,11 @@ impl Store {
         let r: Result<(), TransactionError<()>> = (
             &self.inner.pending,
             &self.inner.pending_ids,
-            &self.inner.sync,
             &self.inner.by_lease,
         )
-            .transaction(|(p, pi, s, bl)| {
+            .transaction(|(p, pi, bl)| {
                 p.remove(pkey)?;
                 pi.remove(&id.0)?;
-                s.remove(&skey.to_bytes()[..])?;
                 bl.remove(pkey)?;
                 Ok::<_, ConflictableTransactionError<()>>(())
             });
@@ -616,13 +632,19 @@ pub(crate) fn tx_error(e: TransactionError<()>) -> StoreError {
     }
 }
 
-/// Fill the `sync` and `pending_ids` trees from the events of a store
+/// The sync key a `by_lease` entry (hash ‖ id → timestamp) stands for.
+pub(crate) fn sync_key_of(k: &[u8], v: &[u8]) -> Option<SyncKey> {
+    let id = EventId::from_slice(k.get(32..64)?).ok()?;
+    let ts = u64::from_be_bytes(<[u8; 8]>::try_from(v).ok()?);
+    (k.len() == 64).then_some(SyncKey { ts, id })
+}
+
+/// Fill the `by_lease` and `pending_ids` trees from the events of a store
 /// written before they existed.
 fn rebuild_sync_index(
     events: &sled::Tree,
     pending: &sled::Tree,
     pending_ids: &sled::Tree,
-    sync: &sled::Tree,
     by_lease: &sled::Tree,
 ) -> Result<(), StoreError> {
     for r in events.iter().chain(pending.iter()) {
@@ -633,7 +655,6 @@ fn rebuild_sync_index(
             ts: ev.timestamp(),
             id,
         };
-        sync.insert(key.to_bytes(), &[])?;
         let mut lk = ev.lease_hash().0.to_vec();
         lk.extend_from_slice(&id.0);
         by_lease.insert(lk, &key.ts.to_be_bytes())?;
@@ -641,6 +662,6 @@ fn rebuild_sync_index(
             pending_ids.insert(id.0, &k[..32])?;
         }
     }
-    sync.flush()?;
+    by_lease.flush()?;
     Ok(())
 }

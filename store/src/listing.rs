@@ -9,7 +9,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::db::{Store, StoreError, decode};
+use crate::db::{Store, StoreError, decode_rec};
 use crate::ids::LeaseHash;
 use crate::record::LeaseRecord;
 
@@ -71,7 +71,7 @@ pub(crate) fn rebuild_index(
 ) -> Result<(), StoreError> {
     for r in leases.iter() {
         let (k, v) = r?;
-        let rec: LeaseRecord = decode(&k, &v)?;
+        let rec: LeaseRecord = decode_rec(&k, &v)?;
         by_created.insert(&created_key(rec.lease.created_at, &rec.hash)[..], &[])?;
     }
     by_created.flush()?;
