@@ -209,3 +209,52 @@ async fn offline_node_catches_up_exchanging_only_the_difference() {
     assert_eq!(fingerprint(&a.store), fingerprint(&b_store));
     cancel.cancel();
 }
+
+/// A lease compacted on A and still held by B (which keeps everything):
+/// B's reconciliation pushes its old events to A, and A takes none of
+/// them back. Nothing is revived.
+#[tokio::test]
+async fn a_compacted_lease_pushed_back_by_a_peer_is_not_revived() {
+    let a = node(vec![]).await;
+    let keep_all = |c: &mut xe_net::NetConfig| c.retention = None;
+    let b = node_with(a.net.p2p_addrs().await.expect("addrs"), keep_all).await;
+    wait_peers(&b, 1).await;
+    // Settled ten days ago, one-day lease: ended long before the window.
+    let consumer = Wallet::from_seed([1; 32]);
+    let provider = Wallet::from_seed([2; 32]);
+    let t = now_secs() - 10 * 86_400;
+    let mut l = lease_for(&consumer, &provider, 42);
+    l.created_at = t;
+    l.duration = 86_400;
+    let create = LeaseEvent::create(&consumer, l);
+    let h = create.lease_hash();
+    let old = vec![
+        create,
+        LeaseEvent::accept(&provider, h, t + 1, HOST_KEY.into()),
+        LeaseEvent::settle(&consumer, h, t + 2),
+    ];
+    a.store.apply_events(&old).expect("a");
+    b.store.apply_events(&old).expect("b");
+    a.store
+        .compact(now_secs(), xe_store::DEFAULT_RETENTION_SECS)
+        .expect("compact");
+    assert!(a.store.is_compacted(&h).expect("read"));
+    let before = fingerprint(&a.store);
+
+    let mut control = b.net.control();
+    let stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        control.open_stream(a.net.peer_id(), RECON_PROTOCOL),
+    )
+    .await
+    .expect("opened in time")
+    .expect("stream");
+    let report = session::initiate(&mut stream.compat(), &b.store, &ReconStats::default())
+        .await
+        .expect("session");
+    assert_eq!(report.sent, 3, "B offered its old events: {report:?}");
+    assert!(a.store.lease(&h).expect("read").is_none());
+    assert_eq!(a.store.event_count(), 0);
+    assert_eq!(a.store.pending_count(), 0);
+    assert_eq!(fingerprint(&a.store), before);
+}
