@@ -7,6 +7,7 @@ mod devnet_cmd;
 mod lease_cmd;
 mod node_cmd;
 mod paths;
+mod qemu_args;
 mod ssh_cmd;
 mod stdio;
 mod tunnel_cmd;

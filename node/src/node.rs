@@ -24,6 +24,9 @@ pub enum VmBackend {
         /// Cloud image location (local file or URL Lima can read).
         image: String,
     },
+    /// One QEMU VM per lease (its `state_dir` is replaced by
+    /// `DATA/vms/qemu`).
+    Qemu(xe_vm::qemu::QemuConfig),
     /// A real OpenSSH sshd per lease.
     Sshd {
         /// sshd binary, if not on PATH / in /usr/sbin.
@@ -44,6 +47,7 @@ impl std::fmt::Debug for VmBackend {
                 .field("limactl", limactl)
                 .field("image", image)
                 .finish(),
+            VmBackend::Qemu(c) => f.debug_tuple("Qemu").field(c).finish(),
             VmBackend::Sshd { sshd } => f.debug_struct("Sshd").field("sshd", sshd).finish(),
             VmBackend::Dev => f.write_str("Dev"),
             VmBackend::Custom(vm) => write!(f, "Custom({})", vm.backend()),
@@ -175,6 +179,11 @@ fn build_vm(
         VmBackend::Lima { limactl, image } => Arc::new(xe_vm::lima::LimaManager::new(
             xe_vm::lima::LimaConfig::new(limactl.clone(), data_dir.join("lima"), image.clone()),
         )?),
+        VmBackend::Qemu(c) => {
+            let mut c = c.clone();
+            c.state_dir = state.join("qemu");
+            Arc::new(xe_vm::qemu::QemuManager::new(c)?)
+        }
         VmBackend::Sshd { sshd } => {
             Arc::new(xe_vm::sshd::SshdManager::new(xe_vm::sshd::SshdConfig {
                 state_dir: state.join("sshd"),
