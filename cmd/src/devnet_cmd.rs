@@ -111,7 +111,9 @@ async fn start_nodes(dir: &Path, args: &DevnetArgs) -> anyhow::Result<Net3> {
             Backend::Dev => VmBackend::Dev,
             Backend::Sshd => VmBackend::Sshd { sshd: None },
             Backend::Qemu => VmBackend::Qemu(args.qemu.config()?),
-            Backend::Lima => bail!("devnet runs the dev, sshd or qemu backend; use --vm-backend qemu for a real VM on this host"),
+            Backend::Lima => bail!(
+                "devnet runs the dev, sshd or qemu backend; use --vm-backend qemu for a real VM on this host"
+            ),
         },
         capacity: Capacity::default(),
     });

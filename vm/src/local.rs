@@ -212,10 +212,14 @@ async fn recover<B: LocalBackend>(
 /// and a node's stop has a deadline); the state directories stay for
 /// [`recover`].
 async fn shutdown<B: LocalBackend>(b: &B) {
-    let stops = b.registry().stop_all().into_iter().map(|(lease, runtime)| async move {
-        b.stop_keeping_state(runtime).await;
-        info!(lease = %lease.short(), "{} stopped (state kept for recover)", B::RUNTIME);
-    });
+    let stops = b
+        .registry()
+        .stop_all()
+        .into_iter()
+        .map(|(lease, runtime)| async move {
+            b.stop_keeping_state(runtime).await;
+            info!(lease = %lease.short(), "{} stopped (state kept for recover)", B::RUNTIME);
+        });
     futures::future::join_all(stops).await;
 }
 

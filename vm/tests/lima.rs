@@ -448,7 +448,17 @@ async fn a_guest_without_the_generated_host_key_is_refused() {
         .provision(&request(lease, key.access_pub_key()))
         .await
         .expect_err("wrong host key");
-    assert!(e.to_string().contains("not the key generated for it"), "{e}");
-    assert_eq!(mgr.get(&lease).await.map(|i| i.status), Some(VmStatus::Error));
-    assert!(!fake.lima_home.join(instance_name(&lease)).exists(), "instance kept");
+    let presented = fake.host_key.rsplit_once(' ').expect("comment").0;
+    assert!(
+        e.to_string().contains("not the key generated for it") && e.to_string().contains(presented),
+        "{e}"
+    );
+    assert_eq!(
+        mgr.get(&lease).await.map(|i| i.status),
+        Some(VmStatus::Error)
+    );
+    assert!(
+        !fake.lima_home.join(instance_name(&lease)).exists(),
+        "instance kept"
+    );
 }

@@ -6,8 +6,8 @@
 pub mod netns;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 

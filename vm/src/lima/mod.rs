@@ -290,7 +290,8 @@ impl LimaManager {
         let host_key = self.read_host_key(&inst.name).await?;
         // VMs made before xe generated their keys have no file: theirs is
         // whatever the guest made, as it always was for them.
-        if let Ok(expected) = fs::read_to_string(self.host_key_path(&inst.name).with_extension("pub"))
+        if let Ok(expected) =
+            fs::read_to_string(self.host_key_path(&inst.name).with_extension("pub"))
             && util::normalize_host_key_line(&expected)? != host_key
         {
             return Err(VmError::Failed {

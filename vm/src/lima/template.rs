@@ -51,7 +51,9 @@ pub fn render(
     // between fixed markers: nothing that could end the heredoc early).
     let parsed = russh::keys::ssh_key::PrivateKey::from_openssh(&host_key.private);
     if parsed.is_err()
-        || util::normalize_host_key_line(&host_key.public).ok().as_deref()
+        || util::normalize_host_key_line(&host_key.public)
+            .ok()
+            .as_deref()
             != Some(host_key.public.as_str())
     {
         return Err(VmError::Failed {
@@ -186,9 +188,18 @@ mod tests {
     fn the_generated_host_key_is_installed_and_text_cannot_break_out() {
         let hk = host_key();
         let y = render(&LimaConfig::new("/bin/limactl", "/l", "img"), &req(), &hk).expect("render");
-        assert!(y.contains(&format!("      # xe-host-key: {}\n", hk.public)), "{y}");
-        assert!(y.contains("      -----BEGIN OPENSSH PRIVATE KEY-----\n      "), "{y}");
-        assert!(y.contains("-----END OPENSSH PRIVATE KEY-----\n      XE_HOST_KEY\n"), "{y}");
+        assert!(
+            y.contains(&format!("      # xe-host-key: {}\n", hk.public)),
+            "{y}"
+        );
+        assert!(
+            y.contains("      -----BEGIN OPENSSH PRIVATE KEY-----\n      "),
+            "{y}"
+        );
+        assert!(
+            y.contains("-----END OPENSSH PRIVATE KEY-----\n      XE_HOST_KEY\n"),
+            "{y}"
+        );
         let evil = HostKey {
             private: "x\nXE_HOST_KEY\nrm -rf /\n".into(),
             public: hk.public.clone(),
@@ -228,7 +239,12 @@ mod tests {
 
     #[test]
     fn script_is_indented_under_the_block_scalar() {
-        let y = render(&LimaConfig::new("/bin/limactl", "/l", "img"), &req(), &host_key()).expect("render");
+        let y = render(
+            &LimaConfig::new("/bin/limactl", "/l", "img"),
+            &req(),
+            &host_key(),
+        )
+        .expect("render");
         let after = y.split("    script: |\n").nth(1).expect("script");
         assert!(
             after

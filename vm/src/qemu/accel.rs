@@ -177,15 +177,22 @@ mod tests {
             "{got:?}"
         );
         let d = host(true, &["kvm"]);
-        assert!(run(AccelChoice::Auto, &d)
-            .expect("auto")
-            .reason
-            .contains("no hardware virtualisation"));
+        assert!(
+            run(AccelChoice::Auto, &d)
+                .expect("auto")
+                .reason
+                .contains("no hardware virtualisation")
+        );
     }
 
     #[test]
     fn choice_parses_and_refuses_unknown_names() {
         assert_eq!("tcg".parse::<AccelChoice>(), Ok(AccelChoice::Tcg));
-        assert!("hvf".parse::<AccelChoice>().unwrap_err().contains("auto, kvm or tcg"));
+        assert!(
+            "hvf"
+                .parse::<AccelChoice>()
+                .unwrap_err()
+                .contains("auto, kvm or tcg")
+        );
     }
 }

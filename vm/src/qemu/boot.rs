@@ -45,7 +45,9 @@ pub(crate) async fn copy_console(mut stderr: ChildStderr, dir: PathBuf) {
             .create(true)
             .append(true)
             .open(p)
-            .map_err(|e| tracing::warn!(path = %p.display(), error = %e, "cannot write the console log"))
+            .map_err(
+                |e| tracing::warn!(path = %p.display(), error = %e, "cannot write the console log"),
+            )
             .ok()
     };
     let mut file: Option<File> = open(&path);
@@ -100,9 +102,7 @@ impl client::Handler for RecordKey {
 /// One SSH key exchange with `127.0.0.1:port`, offering only ed25519 host
 /// keys; the key the server proved it holds.
 async fn probe_host_key(port: u16) -> Result<PublicKey, String> {
-    let stream = util::connect_local(port)
-        .await
-        .map_err(|e| e.to_string())?;
+    let stream = util::connect_local(port).await.map_err(|e| e.to_string())?;
     let seen = Arc::new(Mutex::new(None));
     let config = client::Config {
         preferred: russh::Preferred {
@@ -134,19 +134,18 @@ pub(crate) async fn wait_for_sshd(
     limit: Duration,
     dir: &Path,
 ) -> Result<(), VmError> {
-    let expected_key =
-        PublicKey::from_openssh(expected).map_err(|e| VmError::Failed {
-            what: "parsing the generated host key".into(),
-            detail: e.to_string(),
-        })?;
+    let expected_key = PublicKey::from_openssh(expected).map_err(|e| VmError::Failed {
+        what: "parsing the generated host key".into(),
+        detail: e.to_string(),
+    })?;
     loop {
-        if let Some(status) = child
-            .try_wait()
-            .map_err(VmError::io("waiting for QEMU"))?
-        {
+        if let Some(status) = child.try_wait().map_err(VmError::io("waiting for QEMU"))? {
             return Err(VmError::Failed {
                 what: "booting the VM".into(),
-                detail: format!("QEMU exited with {status} before the guest's sshd answered: {}", console_tail(dir)),
+                detail: format!(
+                    "QEMU exited with {status} before the guest's sshd answered: {}",
+                    console_tail(dir)
+                ),
             });
         }
         match probe_host_key(port).await {

@@ -158,26 +158,24 @@ fn tool_missing(tool: &str, given: &Path, hint: &str) -> VmError {
 /// A path that goes into a QEMU argument: absolute, existing, UTF-8, one
 /// line, no comma (QEMU's option syntax splits on it).
 fn input_file(what: &str, p: &Path, hint: &str) -> Result<PathBuf, VmError> {
-    let abs = fs::canonicalize(p).map_err(|e| {
-        VmError::InvalidConfig(format!("{what} {}: {e}; {hint}", p.display()))
-    })?;
+    let abs = fs::canonicalize(p)
+        .map_err(|e| VmError::InvalidConfig(format!("{what} {}: {e}; {hint}", p.display())))?;
     if !abs.is_file() {
         return Err(VmError::InvalidConfig(format!(
             "{what} {} is not a file; {hint}",
             abs.display()
         )));
     }
-    let s = abs.to_str().ok_or_else(|| {
-        VmError::InvalidConfig(format!("{what} {} is not UTF-8", abs.display()))
-    })?;
+    let s = abs
+        .to_str()
+        .ok_or_else(|| VmError::InvalidConfig(format!("{what} {} is not UTF-8", abs.display())))?;
     if s.chars().any(|c| c.is_control() || c == ',') {
         return Err(VmError::InvalidConfig(format!(
             "{what} {s:?} contains a comma or control character, which QEMU options cannot carry; rename it"
         )));
     }
-    fs::File::open(&abs).map_err(|e| {
-        VmError::InvalidConfig(format!("{what} {s} cannot be read: {e}"))
-    })?;
+    fs::File::open(&abs)
+        .map_err(|e| VmError::InvalidConfig(format!("{what} {s} cannot be read: {e}")))?;
     Ok(abs)
 }
 
@@ -185,21 +183,31 @@ impl QemuManager {
     /// Find QEMU and its tools, check the image and the boot options, and
     /// choose the accelerator (logged; TCG loudly). Starts no VM.
     pub fn new(mut config: QemuConfig) -> Result<Self, VmError> {
-        let qemu = util::find_program(Some(&config.qemu), "qemu-system-x86_64", &[])
-            .ok_or_else(|| {
-                tool_missing("qemu-system-x86_64", &config.qemu, "install QEMU (`apt-get install qemu-system-x86`) or pass --qemu-binary PATH")
+        let qemu =
+            util::find_program(Some(&config.qemu), "qemu-system-x86_64", &[]).ok_or_else(|| {
+                tool_missing(
+                    "qemu-system-x86_64",
+                    &config.qemu,
+                    "install QEMU (`apt-get install qemu-system-x86`) or pass --qemu-binary PATH",
+                )
             })?;
-        let qemu_img = util::find_program(Some(&config.qemu_img), "qemu-img", &[])
-            .ok_or_else(|| {
-                tool_missing("qemu-img", &config.qemu_img, "install it (`apt-get install qemu-utils`) or pass --qemu-img PATH")
+        let qemu_img =
+            util::find_program(Some(&config.qemu_img), "qemu-img", &[]).ok_or_else(|| {
+                tool_missing(
+                    "qemu-img",
+                    &config.qemu_img,
+                    "install it (`apt-get install qemu-utils`) or pass --qemu-img PATH",
+                )
             })?;
         let iso_tool = if config.seed.nocloud() {
-            Some(seed::find_iso_tool().ok_or_else(|| VmError::ToolMissing {
-                tool: "genisoimage".into(),
-                hint: "the NoCloud seed that cloud-init images read needs genisoimage \
+            Some(seed::find_iso_tool().ok_or_else(|| {
+                VmError::ToolMissing {
+                    tool: "genisoimage".into(),
+                    hint: "the NoCloud seed that cloud-init images read needs genisoimage \
                        (`apt-get install genisoimage`); or pass --qemu-seed fw-cfg for images \
                        that read fw_cfg (vm/images/build-debian.sh)"
-                    .into(),
+                        .into(),
+                }
             })?)
         } else {
             None
@@ -207,14 +215,22 @@ impl QemuManager {
         let image_hint = "build one with `sudo vm/images/build-debian.sh DIR`, or use an official cloud image (qcow2 or raw)";
         config.image = input_file("image", &config.image, image_hint)?;
         if let Some(k) = &config.kernel {
-            config.kernel = Some(input_file("kernel", k, "pass the vmlinuz beside the image")?);
+            config.kernel = Some(input_file(
+                "kernel",
+                k,
+                "pass the vmlinuz beside the image",
+            )?);
         } else if config.initrd.is_some() || config.append.is_some() {
             return Err(VmError::InvalidConfig(
                 "--qemu-initrd and --qemu-append need --qemu-kernel (direct kernel boot)".into(),
             ));
         }
         if let Some(i) = &config.initrd {
-            config.initrd = Some(input_file("initrd", i, "pass the initrd.img beside the image")?);
+            config.initrd = Some(input_file(
+                "initrd",
+                i,
+                "pass the initrd.img beside the image",
+            )?);
         }
         if let Some(a) = &config.append
             && a.chars().any(char::is_control)
@@ -240,7 +256,9 @@ impl QemuManager {
         }
         let setpriv = util::find_program(None, "setpriv", &["/usr/bin", "/bin"]);
         if setpriv.is_none() {
-            warn!("setpriv (util-linux) not found: a QEMU process will outlive a provider killed by SIGKILL until the next start");
+            warn!(
+                "setpriv (util-linux) not found: a QEMU process will outlive a provider killed by SIGKILL until the next start"
+            );
         }
         util::create_private_dir(&config.state_dir)?;
         config.state_dir = fs::canonicalize(&config.state_dir).map_err(VmError::io(format!(
@@ -328,7 +346,11 @@ impl QemuManager {
         push("-netdev");
         push(&format!(
             "user,id=n0,restrict={},hostfwd=tcp:127.0.0.1:{port}-:22",
-            if self.config.guest_outbound { "off" } else { "on" }
+            if self.config.guest_outbound {
+                "off"
+            } else {
+                "on"
+            }
         ));
         push("-device");
         push("virtio-net-pci,netdev=n0");
@@ -346,7 +368,13 @@ impl QemuManager {
                 a.push(i.into());
             }
             a.push("-append".into());
-            a.push(self.config.append.as_deref().unwrap_or(DEFAULT_APPEND).into());
+            a.push(
+                self.config
+                    .append
+                    .as_deref()
+                    .unwrap_or(DEFAULT_APPEND)
+                    .into(),
+            );
         }
         a.extend(boot.iter().cloned());
         a
@@ -415,7 +443,9 @@ impl QemuManager {
                         .and_then(Result::ok);
                     stop(vm, false).await;
                     let tail = boot::console_tail(dir);
-                    if tail.contains("Could not set up host forwarding rule") && attempt < BIND_ATTEMPTS {
+                    if tail.contains("Could not set up host forwarding rule")
+                        && attempt < BIND_ATTEMPTS
+                    {
                         warn!(lease = %req.lease.short(), port, "port taken before QEMU bound it; trying another");
                         continue;
                     }
@@ -458,9 +488,8 @@ fn image_info(qemu_img: &Path, image: &Path) -> Result<(String, u64), VmError> {
         .stdin(Stdio::null())
         .output()
         .map_err(VmError::io(format!("running {}", qemu_img.display())))?;
-    let bad = |detail: String| {
-        VmError::InvalidConfig(format!("image {}: {detail}", image.display()))
-    };
+    let bad =
+        |detail: String| VmError::InvalidConfig(format!("image {}: {detail}", image.display()));
     if !out.status.success() {
         return Err(bad(format!(
             "qemu-img info failed: {}",
@@ -489,7 +518,10 @@ async fn stop(mut vm: QemuVm, graceful: bool) {
         if graceful && !exited(&mut vm.child) {
             match q.execute("system_powerdown").await {
                 Ok(_) => {
-                    if tokio::time::timeout(POWERDOWN_TIMEOUT, vm.child.wait()).await.is_err() {
+                    if tokio::time::timeout(POWERDOWN_TIMEOUT, vm.child.wait())
+                        .await
+                        .is_err()
+                    {
                         warn!(dir = %vm.dir.display(), "guest did not power down within {POWERDOWN_TIMEOUT:?}; quitting QEMU");
                     }
                 }
@@ -500,7 +532,10 @@ async fn stop(mut vm: QemuVm, graceful: bool) {
             let _ = q.execute("quit").await;
         }
     }
-    if tokio::time::timeout(QUIT_TIMEOUT, vm.child.wait()).await.is_err() {
+    if tokio::time::timeout(QUIT_TIMEOUT, vm.child.wait())
+        .await
+        .is_err()
+    {
         warn!(?pid, "QEMU did not quit; killing it");
         if let Some(pid) = pid {
             util::kill_tree(pid);
@@ -557,7 +592,10 @@ impl LocalBackend for QemuManager {
                 if !dir.join(file).exists() {
                     return Err(VmError::Failed {
                         what: "recovering the lease's VM".into(),
-                        detail: format!("its {what} {} is gone; not starting a different machine under the same lease", dir.join(file).display()),
+                        detail: format!(
+                            "its {what} {} is gone; not starting a different machine under the same lease",
+                            dir.join(file).display()
+                        ),
                     });
                 }
             }

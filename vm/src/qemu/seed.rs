@@ -171,7 +171,9 @@ pub(crate) async fn write_nocloud(
     util::write_private(&src.join("meta-data"), meta_data(boot).as_bytes())?;
     let out = Command::new(iso_tool)
         .current_dir(dir)
-        .args(["-quiet", "-output", SEED_ISO, "-volid", "cidata", "-joliet", "-rock"])
+        .args([
+            "-quiet", "-output", SEED_ISO, "-volid", "cidata", "-joliet", "-rock",
+        ])
         .arg(src.join("user-data"))
         .arg(src.join("meta-data"))
         .stdin(Stdio::null())
@@ -182,7 +184,10 @@ pub(crate) async fn write_nocloud(
     let out = tokio::time::timeout(ISO_TIMEOUT, out)
         .await
         .map_err(|_| VmError::Timeout {
-            what: format!("{} did not finish within {ISO_TIMEOUT:?}", iso_tool.display()),
+            what: format!(
+                "{} did not finish within {ISO_TIMEOUT:?}",
+                iso_tool.display()
+            ),
             detail: String::new(),
         })?
         .map_err(VmError::io(format!("running {}", iso_tool.display())))?;
@@ -202,7 +207,7 @@ pub(crate) async fn write_nocloud(
     restrict(&dir.join(SEED_ISO))?;
     Ok(vec![
         "-drive".into(),
-        format!("file={SEED_ISO},if=virtio,format=raw,readonly=on,media=cdrom").into(),
+        format!("file={SEED_ISO},if=virtio,format=raw,readonly=on").into(),
     ])
 }
 
@@ -227,8 +232,7 @@ mod tests {
     fn boot_parts() -> (LeaseHash, String, String, String) {
         let kp = russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[7; 32]);
         let lease = LeaseHash([0xc3; 32]);
-        let key_line =
-            util::authorized_key_line(&lease, &AccessPubKey(kp.public.0)).expect("line");
+        let key_line = util::authorized_key_line(&lease, &AccessPubKey(kp.public.0)).expect("line");
         let dir = tempfile::tempdir().expect("tempdir");
         let hk = util::load_or_create_host_key(&dir.path().join("host_key")).expect("key");
         let private = hk
@@ -270,7 +274,10 @@ mod tests {
         };
         let dir = tempfile::tempdir().expect("tempdir");
         let args = write_fw_cfg(dir.path(), &boot, "host_key").expect("fw_cfg");
-        let args: Vec<String> = args.into_iter().map(|a| a.into_string().expect("utf8")).collect();
+        let args: Vec<String> = args
+            .into_iter()
+            .map(|a| a.into_string().expect("utf8"))
+            .collect();
         assert_eq!(
             args,
             [
@@ -284,6 +291,48 @@ mod tests {
         );
         let keys = std::fs::read_to_string(dir.path().join(AUTHORIZED_KEYS)).expect("keys");
         assert_eq!(keys, format!("{key_line}\n"));
+    }
+
+    /// The ISO cloud-init will look for: volume `cidata`, both files, and
+    /// no plain copy of the host key left beside it.
+    #[tokio::test]
+    async fn nocloud_seed_is_a_cidata_iso_with_both_files() {
+        let Some(tool) = find_iso_tool() else {
+            if std::env::var("XE_REQUIRE_QEMU").as_deref() == Ok("1") {
+                panic!("genisoimage is not installed but XE_REQUIRE_QEMU=1");
+            }
+            eprintln!(
+                "\n!!! SKIPPING nocloud_seed_is_a_cidata_iso_with_both_files: no genisoimage !!!\n"
+            );
+            return;
+        };
+        let (lease, key_line, private, public) = boot_parts();
+        let boot = FirstBoot {
+            lease: &lease,
+            key_line: &key_line,
+            host_key_private: &private,
+            host_key_public: &public,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let args = write_nocloud(dir.path(), &boot, &tool).await.expect("seed");
+        assert_eq!(args[1], "file=seed.iso,if=virtio,format=raw,readonly=on");
+        assert!(
+            !dir.path().join(SEED_DIR).exists(),
+            "plain seed files left behind"
+        );
+        let iso = dir.path().join(SEED_ISO);
+        let info = |args: &[&str]| {
+            let out = std::process::Command::new("isoinfo")
+                .args(args)
+                .arg("-i")
+                .arg(&iso)
+                .output()
+                .expect("isoinfo (genisoimage package)");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert!(info(&["-d"]).contains("Volume id: cidata"));
+        assert_eq!(info(&["-R", "-x", "/user-data"]), user_data(&boot));
+        assert_eq!(info(&["-R", "-x", "/meta-data"]), meta_data(&boot));
     }
 
     #[test]
