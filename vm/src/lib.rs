@@ -20,16 +20,18 @@
 //!
 //! # Layout
 //! - this file: the request/record types, [`VmError`], the [`VmManager`] trait.
-//! - [`qemu`]: one QEMU process per lease; `qemu/seed.rs` the first-boot
-//!   data (NoCloud and fw_cfg), `qemu/boot.rs` the console log and the
-//!   host-key check, `qemu/qmp.rs` the monitor, `qemu/accel.rs` KVM or TCG.
+//! - [`qemu`]: one QEMU process per lease; `qemu/process.rs` its command
+//!   line, start and stop, `qemu/seed.rs` the first-boot data (NoCloud and
+//!   fw_cfg), `qemu/boot.rs` the console log and the host-key check,
+//!   `qemu/qmp.rs` the monitor, `qemu/accel.rs` KVM or TCG.
 //! - [`sshd`]: one OpenSSH `sshd -D` process per lease.
 //! - [`lima`]: `limactl` create/start/list/stop/delete; [`lima::template`]
 //!   renders the per-lease instance YAML and provision script.
 //! - [`dev`]: the embedded SSH server; `dev/session.rs` bridges SSH channels
 //!   to local processes (PTY or pipes).
 //! - `registry.rs`: the in-memory lease → VM table shared by the backends.
-//! - `util.rs`: host keys, log tails, port waits, process trees, the local user.
+//! - `util.rs`: host keys, log tails, port waits, process trees (and the
+//!   pid records of a crashed node's processes), the local user.
 #![forbid(unsafe_code)]
 
 use std::fmt;
