@@ -152,6 +152,12 @@ pub enum NodeError {
     Gateway(String),
 }
 
+/// How long a stopping node waits for its tasks before aborting them. A
+/// provider powers its VMs down in that time (qemu: at most 15 s, all at
+/// once); a VM still running when its task is aborted is killed. Below the
+/// README's `TimeoutStopSec=30`.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(25);
+
 /// A running node.
 pub struct Node {
     /// The ledger.
@@ -279,11 +285,11 @@ impl Node {
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
         let drain = async { while self.tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(Duration::from_secs(10), drain)
+        if tokio::time::timeout(SHUTDOWN_DRAIN, drain)
             .await
             .is_err()
         {
-            warn!("some tasks did not stop in 10 s; aborting them");
+            warn!("some tasks did not stop in {SHUTDOWN_DRAIN:?}; aborting them");
             self.tasks.abort_all();
         }
         if let Err(e) = self.store.flush() {

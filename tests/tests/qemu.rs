@@ -251,8 +251,32 @@ fn leased_vms_are_real_isolated_and_survive_a_provider_kill() {
     let t = Instant::now();
     let big = create_lease(&api, &wallet, &account, 2, 1024, 4);
     let small = create_lease(&api, &wallet, &account, 1, 512, 2);
-    let (big, small) = (finish_lease(big, &api), finish_lease(small, &api));
-    eprintln!("two VMs accepted {:?} after the creates", t.elapsed());
+    let crash = create_lease(&api, &wallet, &account, 1, 256, 2);
+    let (big, small, crash) = (
+        finish_lease(big, &api),
+        finish_lease(small, &api),
+        finish_lease(crash, &api),
+    );
+    eprintln!("three VMs accepted {:?} after the creates", t.elapsed());
+    let qemu_dir = pdata.join("vms/qemu");
+    let papi = provider.field("api_addr");
+
+    // A QEMU that dies on its own is reported, not left "running".
+    let crash_pid = read_pid(&qemu_dir.join(&crash.hash).join("qemu.pid")).expect("pid");
+    let _ = Command::new("kill")
+        .args(["-KILL", &crash_pid.to_string()])
+        .status();
+    let mut last = serde_json::Value::Null;
+    within(Duration::from_secs(10), "a dead QEMU is reported", || {
+        last = http_get(&papi, &format!("/vms/{}", crash.hash)).1;
+        last["status"] == "error"
+    });
+    assert!(
+        last["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("QEMU exited on its own")),
+        "{last}"
+    );
     std::fs::write(
         dir.path().join("known_hosts"),
         format!(
@@ -346,7 +370,6 @@ fn leased_vms_are_real_isolated_and_survive_a_provider_kill() {
     .expect("known_hosts");
 
     // Settle the small lease: its QEMU exits and its disk is deleted.
-    let qemu_dir = pdata.join("vms/qemu");
     let small_dir = qemu_dir.join(&small.hash);
     let small_pid = read_pid(&small_dir.join("qemu.pid")).expect("small VM's pid");
     assert!(small_dir.join("disk.qcow2").exists());
@@ -385,6 +408,8 @@ fn leased_vms_are_real_isolated_and_survive_a_provider_kill() {
     // (what the guest had synced: a SIGKILL is a power cut to it).
     provider = NodeProc::start(&pdata, &strs(&pargs));
     let papi = provider.field("api_addr");
+    // The crashed lease's VM is booted again as well (its disk and key are
+    // kept); the test does not wait for it.
     let took = within(Duration::from_secs(400), "VM recovered", || {
         let (status, body) = http_get(&papi, &format!("/vms/{}", big.hash));
         assert!(body["status"] != "error", "recovery failed: {body}");

@@ -127,7 +127,8 @@ pub struct QemuManager {
     base_format: String,
     base_size: u64,
     accel: AccelDecision,
-    registry: Registry<QemuVm>,
+    /// Shared with each VM's exit watcher.
+    registry: std::sync::Arc<Registry<QemuVm>>,
 }
 
 fn tool_missing(tool: &str, given: &Path, hint: &str) -> VmError {
@@ -257,7 +258,7 @@ impl QemuManager {
             base_format,
             base_size,
             accel,
-            registry: Registry::new("qemu"),
+            registry: std::sync::Arc::new(Registry::new("qemu")),
         })
     }
 
@@ -336,7 +337,7 @@ impl LocalBackend for QemuManager {
     const RUNTIME: &'static str = "VM";
 
     fn registry(&self) -> &Registry<QemuVm> {
-        &self.registry
+        self.registry.as_ref()
     }
 
     fn state_dir(&self) -> &Path {

@@ -5,6 +5,8 @@ use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
@@ -30,7 +32,10 @@ const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct QemuVm {
     child: Child,
     qmp: Option<qmp::Qmp>,
+    /// Copies the console, then reports an exit nobody asked for.
     console: tokio::task::JoinHandle<()>,
+    /// Set before we stop it: its exit is then expected.
+    stopping: Arc<AtomicBool>,
     dir: PathBuf,
 }
 
@@ -81,9 +86,10 @@ impl QemuManager {
         push("-device");
         push("virtio-rng-pci");
         // QEMU itself may not exec, gain privileges or change limits.
+        // No -no-reboot: a consumer's `reboot` must reboot their VM. A guest
+        // that panics at boot (panic=-1) then reboots until its boot limit.
         push("-sandbox");
         push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
-        push("-no-reboot");
         if let Some(k) = &self.config.kernel {
             a.push("-kernel".into());
             a.push(k.into());
@@ -149,12 +155,38 @@ impl QemuManager {
                     detail: "its standard streams were not piped".into(),
                 });
             };
-            let console = tokio::spawn(boot::copy_console(stderr, dir.to_path_buf()));
+            let stopping = Arc::new(AtomicBool::new(false));
+            // A guest that powers itself off, or a QEMU that crashes, takes
+            // the VM away without us: say so in GET /vms instead of
+            // "running". (During boot the slot is not `Running` on this
+            // port yet, so this does nothing then.)
+            let console = tokio::spawn({
+                let (dir, stopping, registry, lease) = (
+                    dir.to_path_buf(),
+                    stopping.clone(),
+                    self.registry.clone(),
+                    req.lease,
+                );
+                async move {
+                    boot::copy_console(stderr, dir.clone()).await;
+                    if !stopping.load(Ordering::Acquire)
+                        && registry.fail_running(&lease, port, || {
+                            format!(
+                                "QEMU exited on its own (the guest powered off, or QEMU failed); the VM is down: {}",
+                                boot::console_tail(&dir)
+                            )
+                        })
+                    {
+                        warn!(lease = %lease.short(), "QEMU exited on its own; VM marked error");
+                    }
+                }
+            });
             let qmp = qmp::Qmp::connect(stdin, stdout).await;
             let mut vm = QemuVm {
                 child,
                 qmp: None,
                 console,
+                stopping,
                 dir: dir.to_path_buf(),
             };
             let qmp = match qmp {
@@ -206,6 +238,7 @@ impl QemuManager {
 /// Stop a QEMU: with `graceful`, a bounded guest power-down first; then
 /// `quit`; then SIGKILL by pid. Always reaps it.
 pub(super) async fn stop(mut vm: QemuVm, graceful: bool) {
+    vm.stopping.store(true, Ordering::Release);
     let pid = vm.child.id();
     let exited = |child: &mut Child| child.try_wait().map(|s| s.is_some()).unwrap_or(true);
     if let Some(q) = vm.qmp.as_mut() {
