@@ -20,15 +20,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use xe_store::{
-    AccountAddress, Applied, DirectoryEntry, LeaseEvent, LeaseHash, Store, StoreError, Wallet,
-};
+use xe_store::{AccountAddress, Applied, DirectoryEntry, LeaseEvent, LeaseHash, Store, Wallet};
 
 use crate::NetError;
 use crate::behaviour::{Behaviour, BehaviourEvent};
 use crate::nat::{MAX_RELAYS, NatConfig, NatInfo, RELAY_RETRY_INTERVAL, Reachability};
+use crate::replication::driver::Reconciler;
 use crate::replication::{
-    DIRECTORY_TOPIC, GossipMessage, LEASE_TOPIC, SYNC_PAGE, SyncRequest, SyncResponse,
+    self, DIRECTORY_TOPIC, GossipMessage, LEASE_TOPIC, SyncRequest, SyncResponse,
 };
 use crate::secure::{HandshakeCounts, OverlayCipher, SecurityUpgrade};
 use crate::tunnel::{
@@ -108,6 +107,8 @@ pub struct NetStats {
     pub last_replication_lag_secs: AtomicU64,
     /// Connections secured, by cipher.
     pub handshakes: Arc<HandshakeCounts>,
+    /// Reconciliation sessions and their bytes.
+    pub recon: replication::session::ReconStats,
 }
 
 /// Information about one connected peer.
@@ -662,9 +663,15 @@ pub async fn start(
         dial_timeout: config.dial_timeout,
     };
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(replication::driver::serve(
+        control.clone(),
+        store.clone(),
+        stats.clone(),
+        cancel.clone(),
+    ));
     if let Some(validator) = config.validator.clone() {
         tasks.spawn(tunnel::serve(
-            control,
+            control.clone(),
             validator,
             registry,
             config.tunnel.clone(),
@@ -703,6 +710,12 @@ pub async fn start(
         })
         .collect();
     info!(%peer_id, addrs = ?addrs, relay_server = config.nat.relay_server, behind_nat = forced_private, "p2p host listening");
+    let recon = Reconciler::new(
+        control.clone(),
+        store.clone(),
+        stats.clone(),
+        cancel.clone(),
+    );
     let mut lp = EventLoop {
         swarm,
         store,
@@ -717,6 +730,7 @@ pub async fn start(
         peer_dials: HashMap::new(),
         lookups: HashMap::new(),
         sync_requests: HashMap::new(),
+        recon,
         unsent: VecDeque::new(),
         announce: config.announce,
         announce_interval: config.announce_interval,
@@ -847,7 +861,6 @@ struct RelayUse {
 /// Results that background work hands back to the event loop.
 enum Internal {
     Validated(gossipsub::MessageId, PeerId, gossipsub::MessageAcceptance),
-    SyncNext(PeerId, xe_store::EventId),
 }
 
 /// Most messages kept for re-publishing when no peer was subscribed yet.
@@ -868,6 +881,7 @@ struct EventLoop {
     peer_dials: HashMap<PeerId, PeerDial>,
     lookups: HashMap<kad::QueryId, PeerId>,
     sync_requests: HashMap<request_response::OutboundRequestId, PeerId>,
+    recon: Reconciler,
     /// Gossip that found no subscribed peer; re-sent when one subscribes.
     unsent: VecDeque<Vec<u8>>,
     announce: Option<Arc<Wallet>>,
@@ -1152,24 +1166,24 @@ impl EventLoop {
             return;
         }
         let p = peers[rand::random::<usize>() % peers.len()];
-        self.request_sync(p, None);
+        self.request_sync(p, true);
     }
 
-    fn request_sync(&mut self, peer: PeerId, after: Option<xe_store::EventId>) {
+    /// Anti-entropy with `peer`: events by reconciliation, directory
+    /// entries by the sync protocol. Both ends see a connection open or
+    /// close, so for those only the end with the smaller peer id
+    /// reconciles (`either_end`: false): one session moves the events
+    /// both ways, two would move them twice.
+    fn request_sync(&mut self, peer: PeerId, either_end: bool) {
+        if either_end || *self.swarm.local_peer_id() < peer {
+            self.recon.start(peer);
+        }
         let id = self
             .swarm
             .behaviour_mut()
             .sync
-            .send_request(&peer, SyncRequest::Events { after });
+            .send_request(&peer, SyncRequest::Directory);
         self.sync_requests.insert(id, peer);
-        if after.is_none() {
-            let id = self
-                .swarm
-                .behaviour_mut()
-                .sync
-                .send_request(&peer, SyncRequest::Directory);
-            self.sync_requests.insert(id, peer);
-        }
     }
 
     fn on_internal(&mut self, msg: Internal) {
@@ -1183,11 +1197,6 @@ impl EventLoop {
                     .behaviour_mut()
                     .gossipsub
                     .report_message_validation_result(&id, &peer, acceptance);
-            }
-            Internal::SyncNext(peer, after) => {
-                if self.swarm.is_connected(&peer) {
-                    self.request_sync(peer, Some(after));
-                }
             }
         }
     }
@@ -1294,7 +1303,7 @@ impl EventLoop {
                 }
                 self.finish_dial(peer_id, Ok(()));
                 if num_established.get() == 1 {
-                    self.request_sync(peer_id, None);
+                    self.request_sync(peer_id, false);
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -1310,7 +1319,7 @@ impl EventLoop {
                 // that is gone altogether is synced when it reconnects.
                 if num_established > 0 {
                     debug!(peer = %peer_id, "a connection closed, others remain: syncing");
-                    self.request_sync(peer_id, None);
+                    self.request_sync(peer_id, false);
                 }
                 if let Some(conns) = self.connections.get_mut(&peer_id) {
                     if conns.remove(&connection_id).is_some_and(|c| c.relayed) {
@@ -1409,8 +1418,12 @@ impl EventLoop {
                 let stats = self.stats.clone();
                 // Applying flushes to disk: keep it off the event loop.
                 tokio::task::spawn_blocking(move || {
-                    let acceptance =
-                        validate_gossip(&store, &stats, &message.data, &propagation_source);
+                    let acceptance = replication::validate_gossip(
+                        &store,
+                        &stats,
+                        &message.data,
+                        &propagation_source,
+                    );
                     let _ = tx.blocking_send(Internal::Validated(
                         message_id,
                         propagation_source,
@@ -1433,29 +1446,7 @@ impl EventLoop {
                     },
                 ..
             } => {
-                let response = match request {
-                    SyncRequest::Events { after } => {
-                        match self.store.events_after(after, SYNC_PAGE + 1) {
-                            Ok(mut events) => {
-                                let more = events.len() > SYNC_PAGE;
-                                events.truncate(SYNC_PAGE);
-                                SyncResponse::Events { events, more }
-                            }
-                            Err(e) => SyncResponse::Error {
-                                message: e.to_string(),
-                            },
-                        }
-                    }
-                    SyncRequest::Directory => match self.store.directory() {
-                        Ok(mut entries) => {
-                            entries.truncate(1024);
-                            SyncResponse::Directory { entries }
-                        }
-                        Err(e) => SyncResponse::Error {
-                            message: e.to_string(),
-                        },
-                    },
-                };
+                let response = replication::answer_sync(&self.store, request);
                 if self
                     .swarm
                     .behaviour_mut()
@@ -1477,10 +1468,9 @@ impl EventLoop {
             } => {
                 self.sync_requests.remove(&request_id);
                 let store = self.store.clone();
-                let tx = self.internal_tx.clone();
                 let stats = self.stats.clone();
                 tokio::task::spawn_blocking(move || {
-                    apply_sync(&store, &stats, peer, response, &tx)
+                    replication::apply_sync(&store, &stats, peer, response)
                 });
             }
             request_response::Event::OutboundFailure {
@@ -1877,93 +1867,5 @@ impl EventLoop {
                 self.relay_peers.remove(&peer);
             }
         }
-    }
-}
-
-fn note_applied(stats: &NetStats, ev: &LeaseEvent) {
-    stats.events_applied.fetch_add(1, Ordering::Relaxed);
-    let lag = xe_store::now_secs().saturating_sub(ev.timestamp());
-    stats
-        .last_replication_lag_secs
-        .store(lag, Ordering::Relaxed);
-}
-
-fn validate_gossip(
-    store: &Store,
-    stats: &NetStats,
-    data: &[u8],
-    from: &PeerId,
-) -> gossipsub::MessageAcceptance {
-    use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
-    let msg: GossipMessage = match serde_json::from_slice(data) {
-        Ok(m) => m,
-        Err(e) => {
-            warn!(peer = %from, "undecodable gossip: {e}");
-            return Reject;
-        }
-    };
-    match msg {
-        GossipMessage::Event { event } => match store.apply_event(&event) {
-            Ok(Applied::Changed(_)) | Ok(Applied::Pending) => {
-                note_applied(stats, &event);
-                Accept
-            }
-            Ok(Applied::Duplicate) => Ignore,
-            Err(StoreError::Rejected(e)) => {
-                warn!(peer = %from, lease = %event.lease_hash().short(), "invalid lease event dropped: {e}");
-                Reject
-            }
-            Err(e) => {
-                warn!("store error applying gossip: {e}");
-                Ignore
-            }
-        },
-        GossipMessage::Directory { entry } => match store.put_directory(&entry) {
-            Ok(true) => Accept,
-            Ok(false) => Ignore,
-            Err(StoreError::Directory(xe_store::DirectoryError::Expired(_))) => Ignore,
-            Err(StoreError::Directory(e)) => {
-                warn!(peer = %from, "invalid directory entry dropped: {e}");
-                Reject
-            }
-            Err(e) => {
-                warn!("store error applying directory entry: {e}");
-                Ignore
-            }
-        },
-    }
-}
-
-fn apply_sync(
-    store: &Store,
-    stats: &NetStats,
-    peer: PeerId,
-    response: SyncResponse,
-    tx: &mpsc::Sender<Internal>,
-) {
-    match response {
-        SyncResponse::Events { events, more } => {
-            let last = events.last().map(LeaseEvent::id);
-            for ev in &events {
-                match store.apply_event(ev) {
-                    Ok(Applied::Changed(_)) | Ok(Applied::Pending) => note_applied(stats, ev),
-                    Ok(Applied::Duplicate) => {}
-                    Err(e) => {
-                        warn!(%peer, lease = %ev.lease_hash().short(), "sync: event refused: {e}")
-                    }
-                }
-            }
-            if let (true, Some(last)) = (more, last) {
-                let _ = tx.blocking_send(Internal::SyncNext(peer, last));
-            }
-        }
-        SyncResponse::Directory { entries } => {
-            for e in &entries {
-                if let Err(err) = store.put_directory(e) {
-                    debug!(%peer, "sync: directory entry refused: {err}");
-                }
-            }
-        }
-        SyncResponse::Error { message } => warn!(%peer, "peer could not answer sync: {message}"),
     }
 }

@@ -10,6 +10,9 @@
 //! - [`record`]: a lease's state derived from its facts; the transition rules.
 //! - [`directory`]: signed account → PeerId entries.
 //! - [`db`]: sled persistence with flushed writes and a change subscription.
+//! - [`retention`]: compaction of leases that ended long ago, tombstones.
+//! - [`syncset`]: the sorted set of held events with range fingerprints,
+//!   which reconciliation between nodes compares.
 #![forbid(unsafe_code)]
 
 pub mod db;
@@ -17,6 +20,8 @@ pub mod directory;
 pub mod ids;
 pub mod lease;
 pub mod record;
+pub mod retention;
+pub mod syncset;
 pub mod wallet;
 
 pub use db::{Applied, LeaseChange, Store, StoreError};
@@ -24,6 +29,8 @@ pub use directory::{DirectoryEntry, DirectoryError};
 pub use ids::{AccessPubKey, AccountAddress, AccountPubKey, EventId, HexError, LeaseHash, Sig};
 pub use lease::{EventError, EventKind, Lease, LeaseEvent};
 pub use record::{LeaseRecord, LeaseState};
+pub use retention::{Compacted, DEFAULT_RETENTION_SECS};
+pub use syncset::{SyncKey, SyncSet};
 pub use wallet::{LeaseKey, Wallet, WalletError, lease_key_path};
 
 /// Unix time in seconds.

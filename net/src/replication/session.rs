@@ -1,0 +1,532 @@
+//! One reconciliation session over a stream (`/xe/recon/1.0.0` between
+//! hosts; any byte stream in tests): the [`recon`](super::recon) rounds,
+//! then the transfers they found, pulled and pushed in pages.
+//!
+//! Frames are `length u32 ‖ tag u8 ‖ payload`:
+//!
+//! | tag | frame | sent by | payload |
+//! |---|---|---|---|
+//! | 1 | `Recon` | both | a reconciliation message |
+//! | 2 | `GetIds` | initiator | ids, 32 bytes each |
+//! | 3 | `GetRange` | initiator | lower key (40 bytes), upper bound (0, or 1 ‖ 40 bytes) |
+//! | 4 | `Put` | initiator | JSON array of events |
+//! | 5 | `Events` | responder | next key (0, or 1 ‖ 40 bytes) ‖ JSON array of events |
+//! | 6 | `Ack` | responder | events applied, u32 |
+//! | 7 | `Done` | initiator | — |
+//! | 8 | `Error` | either | UTF-8 text |
+//!
+//! The initiator learns the differences, so it both pulls what it lacks
+//! and pushes what the responder lacks; the responder answers each frame
+//! on its own and verifies every event it is given like any other.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use xe_store::syncset::{Bound, SyncKey};
+use xe_store::{Applied, EventId, LeaseEvent, Store, StoreError};
+
+use super::recon::{self, DecodeError, Findings, Message, Role};
+
+/// Largest frame accepted.
+pub const MAX_FRAME: usize = 2 * 1024 * 1024;
+/// Most reconciliation rounds in one session.
+pub const MAX_ROUNDS: usize = 64;
+/// Most frames a responder answers in one session (bounds a hostile peer;
+/// 100k leases take ~500 pages).
+pub const MAX_FRAMES: usize = 50_000;
+/// Most events in one `Events` or `Put` frame.
+pub const PAGE_EVENTS: usize = 1024;
+/// Most bytes of events in one frame (JSON).
+pub const PAGE_BYTES: usize = 1024 * 1024;
+/// Longest wait for one frame.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Counters across all sessions of a host (both roles).
+#[derive(Debug, Default)]
+pub struct ReconStats {
+    /// Sessions finished without error.
+    pub sessions: AtomicU64,
+    /// Sessions that failed.
+    pub failed: AtomicU64,
+    /// Frame bytes written (length prefixes included).
+    pub bytes_sent: AtomicU64,
+    /// Frame bytes read.
+    pub bytes_received: AtomicU64,
+    /// Events received and applied (new or pending).
+    pub applied: AtomicU64,
+}
+
+/// What one session did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Reconciliation rounds (message pairs).
+    pub rounds: usize,
+    /// Frame bytes written.
+    pub bytes_sent: u64,
+    /// Frame bytes read.
+    pub bytes_received: u64,
+    /// Events received.
+    pub received: usize,
+    /// Events received that were new here (applied or pending).
+    pub applied: usize,
+    /// Events sent.
+    pub sent: usize,
+}
+
+/// Why a session failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The stream failed.
+    #[error("reconciliation stream: {0}")]
+    Io(#[from] std::io::Error),
+    /// No frame within [`FRAME_TIMEOUT`].
+    #[error("reconciliation peer sent nothing for {0:?}")]
+    Timeout(Duration),
+    /// A frame over [`MAX_FRAME`].
+    #[error("reconciliation frame of {0} bytes is over the {MAX_FRAME} limit")]
+    FrameTooLarge(usize),
+    /// A reconciliation message did not decode.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// A frame was malformed or out of place.
+    #[error("reconciliation frame: {0}")]
+    Frame(String),
+    /// More rounds or frames than allowed.
+    #[error("reconciliation did not finish within {0}")]
+    TooLong(&'static str),
+    /// The peer reported an error.
+    #[error("reconciliation peer failed: {0}")]
+    Peer(String),
+    /// Our store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+enum Frame {
+    Recon(Vec<u8>),
+    GetIds(Vec<EventId>),
+    GetRange(SyncKey, Bound),
+    Put(Vec<LeaseEvent>),
+    Events(Option<SyncKey>, Vec<LeaseEvent>),
+    Ack(u32),
+    Done,
+    Error(String),
+}
+
+fn put_bound(b: &mut Vec<u8>, k: Option<&SyncKey>) {
+    match k {
+        None => b.push(0),
+        Some(k) => {
+            b.push(1);
+            b.extend_from_slice(&k.to_bytes());
+        }
+    }
+}
+
+fn take_bound(p: &[u8]) -> Result<(Option<SyncKey>, &[u8]), SessionError> {
+    let bad = || SessionError::Frame("bad key".into());
+    match p.first() {
+        Some(0) => Ok((None, &p[1..])),
+        Some(1) if p.len() >= 41 => Ok((
+            Some(SyncKey::from_bytes(&p[1..41]).ok_or_else(bad)?),
+            &p[41..],
+        )),
+        _ => Err(bad()),
+    }
+}
+
+fn events_json(evs: &[LeaseEvent]) -> Vec<u8> {
+    serde_json::to_vec(evs).expect("events serialise")
+}
+
+impl Frame {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        match self {
+            Frame::Recon(m) => {
+                b.push(1);
+                b.extend_from_slice(m);
+            }
+            Frame::GetIds(ids) => {
+                b.push(2);
+                for id in ids {
+                    b.extend_from_slice(&id.0);
+                }
+            }
+            Frame::GetRange(lo, hi) => {
+                b.push(3);
+                b.extend_from_slice(&lo.to_bytes());
+                put_bound(
+                    &mut b,
+                    match hi {
+                        Bound::Key(k) => Some(k),
+                        Bound::End => None,
+                    },
+                );
+            }
+            Frame::Put(evs) => {
+                b.push(4);
+                b.extend_from_slice(&events_json(evs));
+            }
+            Frame::Events(next, evs) => {
+                b.push(5);
+                put_bound(&mut b, next.as_ref());
+                b.extend_from_slice(&events_json(evs));
+            }
+            Frame::Ack(n) => {
+                b.push(6);
+                b.extend_from_slice(&n.to_be_bytes());
+            }
+            Frame::Done => b.push(7),
+            Frame::Error(m) => {
+                b.push(8);
+                b.extend_from_slice(m.as_bytes());
+            }
+        }
+        b
+    }
+
+    fn decode(b: &[u8]) -> Result<Frame, SessionError> {
+        let (tag, p) = b
+            .split_first()
+            .ok_or_else(|| SessionError::Frame("empty frame".into()))?;
+        let json = |p: &[u8]| {
+            serde_json::from_slice::<Vec<LeaseEvent>>(p)
+                .map_err(|e| SessionError::Frame(format!("events: {e}")))
+        };
+        Ok(match tag {
+            1 => Frame::Recon(p.to_vec()),
+            2 if p.len() % 32 == 0 => Frame::GetIds(
+                p.chunks_exact(32)
+                    .map(|c| EventId::from_slice(c).expect("32 bytes"))
+                    .collect(),
+            ),
+            3 if p.len() >= 40 => {
+                let lo = SyncKey::from_bytes(&p[..40])
+                    .ok_or_else(|| SessionError::Frame("bad key".into()))?;
+                let (hi, _) = take_bound(&p[40..])?;
+                Frame::GetRange(lo, hi.map_or(Bound::End, Bound::Key))
+            }
+            4 => Frame::Put(json(p)?),
+            5 => {
+                let (next, rest) = take_bound(p)?;
+                Frame::Events(next, json(rest)?)
+            }
+            6 if p.len() == 4 => Frame::Ack(u32::from_be_bytes([p[0], p[1], p[2], p[3]])),
+            7 => Frame::Done,
+            8 => Frame::Error(String::from_utf8_lossy(p).into_owned()),
+            t => {
+                return Err(SessionError::Frame(format!(
+                    "unknown or malformed frame tag {t}"
+                )));
+            }
+        })
+    }
+}
+
+struct Conn<'a, S> {
+    io: &'a mut S,
+    report: Report,
+    stats: &'a ReconStats,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
+    async fn send(&mut self, f: &Frame) -> Result<(), SessionError> {
+        let body = f.encode();
+        let n = body.len() + 4;
+        let len = u32::try_from(body.len()).map_err(|_| SessionError::FrameTooLarge(body.len()))?;
+        self.io.write_all(&len.to_be_bytes()).await?;
+        self.io.write_all(&body).await?;
+        self.io.flush().await?;
+        self.report.bytes_sent += n as u64;
+        self.stats.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> Result<Frame, SessionError> {
+        let read = async {
+            let mut len = [0u8; 4];
+            self.io.read_exact(&mut len).await?;
+            let len = u32::from_be_bytes(len) as usize;
+            if len > MAX_FRAME {
+                return Err(SessionError::FrameTooLarge(len));
+            }
+            let mut body = vec![0u8; len];
+            self.io.read_exact(&mut body).await?;
+            Ok(body)
+        };
+        let body = tokio::time::timeout(FRAME_TIMEOUT, read)
+            .await
+            .map_err(|_| SessionError::Timeout(FRAME_TIMEOUT))??;
+        let n = body.len() as u64 + 4;
+        self.report.bytes_received += n;
+        self.stats.bytes_received.fetch_add(n, Ordering::Relaxed);
+        match Frame::decode(&body)? {
+            Frame::Error(m) => Err(SessionError::Peer(m)),
+            f => Ok(f),
+        }
+    }
+
+    async fn apply(
+        &mut self,
+        store: &Store,
+        events: Vec<LeaseEvent>,
+    ) -> Result<usize, SessionError> {
+        self.report.received += events.len();
+        let store = store.clone();
+        let results = blocking(move || store.apply_events(&events)).await?;
+        let applied = results
+            .iter()
+            .filter(|r| matches!(r, Ok(Applied::Changed(_)) | Ok(Applied::Pending)))
+            .count();
+        for r in &results {
+            if let Err(e) = r {
+                tracing::debug!("reconciliation: event refused: {e}");
+            }
+        }
+        self.report.applied += applied;
+        self.stats
+            .applied
+            .fetch_add(applied as u64, Ordering::Relaxed);
+        Ok(applied)
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, SessionError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SessionError::Frame(format!("store task failed: {e}")))?
+        .map_err(SessionError::Store)
+}
+
+/// Load events for `keys` (in order), up to [`PAGE_EVENTS`] and
+/// [`PAGE_BYTES`]; returns them and the first key not taken.
+fn page(store: &Store, keys: &[SyncKey]) -> Result<(Vec<LeaseEvent>, Option<SyncKey>), StoreError> {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for (i, k) in keys.iter().enumerate() {
+        if out.len() >= PAGE_EVENTS {
+            return Ok((out, Some(*k)));
+        }
+        // A key whose event is gone (compacted meanwhile) is skipped.
+        if let Some(ev) = store.event(&k.id)? {
+            bytes += serde_json::to_vec(&ev).map_or(0, |v| v.len());
+            if bytes > PAGE_BYTES && !out.is_empty() {
+                return Ok((out, keys.get(i).copied()));
+            }
+            out.push(ev);
+        }
+    }
+    Ok((out, None))
+}
+
+/// Run a session as the initiator: reconcile, pull what we lack, push what
+/// the peer lacks.
+pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    store: &Store,
+    stats: &ReconStats,
+) -> Result<Report, SessionError> {
+    let mut c = Conn {
+        io,
+        report: Report::default(),
+        stats,
+    };
+    let r = run_initiator(&mut c, store).await;
+    finish(&mut c, r).await
+}
+
+async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Conn<'_, S>,
+    r: Result<(), SessionError>,
+) -> Result<Report, SessionError> {
+    match r {
+        Ok(()) => {
+            c.stats.sessions.fetch_add(1, Ordering::Relaxed);
+            Ok(std::mem::take(&mut c.report))
+        }
+        Err(e) => {
+            c.stats.failed.fetch_add(1, Ordering::Relaxed);
+            if !matches!(e, SessionError::Io(_) | SessionError::Peer(_)) {
+                let _ = c.send(&Frame::Error(e.to_string())).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn run_initiator<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Conn<'_, S>,
+    store: &Store,
+) -> Result<(), SessionError> {
+    let mut findings = Findings::default();
+    let mut msg = store.with_sync_set(recon::initial);
+    while !msg.is_done() {
+        c.report.rounds += 1;
+        if c.report.rounds > MAX_ROUNDS {
+            return Err(SessionError::TooLong("the round limit"));
+        }
+        c.send(&Frame::Recon(recon::encode(&msg))).await?;
+        let reply = match c.recv().await? {
+            Frame::Recon(b) => recon::decode(&b)?,
+            _ => {
+                return Err(SessionError::Frame(
+                    "expected a reconciliation message".into(),
+                ));
+            }
+        };
+        let s = store.clone();
+        let (next, f) = blocking(move || {
+            let mut f = findings;
+            let next = s.with_sync_set(|set| recon::process(set, &reply, Role::Initiator, &mut f));
+            Ok((next, f))
+        })
+        .await?;
+        msg = next;
+        findings = f;
+    }
+    pull(c, store, &findings).await?;
+    push(c, store, &findings).await?;
+    c.send(&Frame::Done).await
+}
+
+async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Conn<'_, S>,
+    store: &Store,
+    f: &Findings,
+) -> Result<(), SessionError> {
+    for chunk in f.need.chunks(PAGE_EVENTS) {
+        c.send(&Frame::GetIds(chunk.to_vec())).await?;
+        match c.recv().await? {
+            Frame::Events(_, evs) => c.apply(store, evs).await?,
+            _ => return Err(SessionError::Frame("expected events".into())),
+        };
+    }
+    for (lo, hi) in &f.need_ranges {
+        let mut cur = *lo;
+        for _ in 0..MAX_FRAMES {
+            c.send(&Frame::GetRange(cur, *hi)).await?;
+            let next = match c.recv().await? {
+                Frame::Events(next, evs) => {
+                    c.apply(store, evs).await?;
+                    next
+                }
+                _ => return Err(SessionError::Frame("expected events".into())),
+            };
+            match next {
+                // The responder's cursor must move forward and stay in range.
+                Some(k) if k > cur && Bound::Key(k) < *hi => cur = k,
+                Some(_) => return Err(SessionError::Frame("range cursor did not advance".into())),
+                None => break,
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn push<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Conn<'_, S>,
+    store: &Store,
+    f: &Findings,
+) -> Result<(), SessionError> {
+    let mut keys: Vec<SyncKey> = Vec::new();
+    store.with_sync_set(|set| {
+        for (lo, hi) in &f.have_ranges {
+            keys.extend(set.keys(lo, hi, usize::MAX));
+        }
+    });
+    // Ids found by list have no key at hand; any key order works for them
+    // (the timestamp only orders pages).
+    let by_id = f.have.iter().map(|id| SyncKey { ts: 0, id: *id });
+    let mut keys: Vec<SyncKey> = by_id.chain(keys).collect();
+    while !keys.is_empty() {
+        let s = store.clone();
+        // `page` looks at no more than a page of keys; copying only those
+        // keeps a big push linear.
+        let batch = keys[..keys.len().min(PAGE_EVENTS + 1)].to_vec();
+        let (evs, next) = blocking(move || page(&s, &batch)).await?;
+        let taken = next
+            .and_then(|n| keys.iter().position(|k| *k == n))
+            .unwrap_or(keys.len());
+        keys.drain(..taken.max(1));
+        if evs.is_empty() {
+            continue;
+        }
+        c.report.sent += evs.len();
+        c.send(&Frame::Put(evs)).await?;
+        match c.recv().await? {
+            Frame::Ack(_) => {}
+            _ => return Err(SessionError::Frame("expected an ack".into())),
+        }
+    }
+    Ok(())
+}
+
+/// Answer one session as the responder, until `Done` or the stream ends.
+pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    store: &Store,
+    stats: &ReconStats,
+) -> Result<Report, SessionError> {
+    let mut c = Conn {
+        io,
+        report: Report::default(),
+        stats,
+    };
+    let r = run_responder(&mut c, store).await;
+    finish(&mut c, r).await
+}
+
+async fn run_responder<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Conn<'_, S>,
+    store: &Store,
+) -> Result<(), SessionError> {
+    for _ in 0..MAX_FRAMES {
+        let s = store.clone();
+        match c.recv().await? {
+            Frame::Recon(b) => {
+                c.report.rounds += 1;
+                let msg: Message = recon::decode(&b)?;
+                let reply = blocking(move || {
+                    Ok(s.with_sync_set(|set| {
+                        recon::process(set, &msg, Role::Responder, &mut Findings::default())
+                    }))
+                })
+                .await?;
+                c.send(&Frame::Recon(recon::encode(&reply))).await?;
+            }
+            Frame::GetIds(ids) => {
+                let ids: Vec<EventId> = ids.into_iter().take(PAGE_EVENTS).collect();
+                let evs = blocking(move || s.events_by_ids(&ids, PAGE_BYTES)).await?;
+                c.report.sent += evs.len();
+                c.send(&Frame::Events(None, evs)).await?;
+            }
+            Frame::GetRange(lo, hi) => {
+                let (evs, next) = blocking(move || {
+                    let keys = s.with_sync_set(|set| set.keys(&lo, &hi, PAGE_EVENTS + 1));
+                    page(&s, &keys)
+                })
+                .await?;
+                c.report.sent += evs.len();
+                c.send(&Frame::Events(next, evs)).await?;
+            }
+            Frame::Put(evs) => {
+                if evs.len() > PAGE_EVENTS {
+                    return Err(SessionError::Frame("too many events in one put".into()));
+                }
+                let n = c.apply(store, evs).await?;
+                c.send(&Frame::Ack(n as u32)).await?;
+            }
+            Frame::Done => return Ok(()),
+            Frame::Events(..) | Frame::Ack(_) | Frame::Error(_) => {
+                return Err(SessionError::Frame(
+                    "a responder does not take that frame".into(),
+                ));
+            }
+        }
+    }
+    Err(SessionError::TooLong("the frame limit"))
+}
