@@ -3,7 +3,7 @@
 beyond the guest's own, and throughput into a VM through the gateway next
 to the same VM reached directly on its forwarded port.
 
-    sudo python3 bench/qemu_vm.py --image-dir DIR [--vms 1,2] [--mib 32] [--runs 3]
+    sudo python3 bench/qemu_vm.py --image-dir DIR [--vms 1,2] [--mib 32] [--runs 3] [--qemu-flags '…']
 
 DIR is what `vm/images/build-debian.sh DIR` wrote. Loopback only; one
 gateway and one provider node (target/release/xe, or XE_BIN), each its own
@@ -19,6 +19,7 @@ and downloads of --mib MiB through `ssh -W` via the gateway and direct to
 
 import argparse
 import json
+import shlex
 import os
 import statistics
 import subprocess
@@ -96,6 +97,7 @@ def main():
     ap.add_argument("--vms", default="1,2")
     ap.add_argument("--mib", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--qemu-flags", default="", help="extra provider flags, e.g. '--qemu-tcg-tb-mib 1024'")
     a = ap.parse_args()
     img = os.path.abspath(a.image_dir)
     d = tempfile.mkdtemp(prefix="xe-qemu-bench-")
@@ -107,7 +109,7 @@ def main():
         prov, pready = start_node(f"{d}/provider", [
             "--provide", "--vm-backend", "qemu", "--api-listen", "127.0.0.1:0",
             "--qemu-image", f"{img}/debian-12.qcow2", "--qemu-kernel", f"{img}/vmlinuz",
-            "--qemu-initrd", f"{img}/initrd.img", *boot])
+            "--qemu-initrd", f"{img}/initrd.img", *shlex.split(a.qemu_flags), *boot])
         gapi, papi = gready["api_addr"], pready["api_addr"]
         wallet = f"{d}/me.seed"
         xe("wallet", "create", "--wallet", wallet)

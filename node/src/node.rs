@@ -285,10 +285,7 @@ impl Node {
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
         let drain = async { while self.tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(SHUTDOWN_DRAIN, drain)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(SHUTDOWN_DRAIN, drain).await.is_err() {
             warn!("some tasks did not stop in {SHUTDOWN_DRAIN:?}; aborting them");
             self.tasks.abort_all();
         }

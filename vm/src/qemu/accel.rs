@@ -70,15 +70,17 @@ impl AccelDecision {
         format!("{} ({})", self.accel, self.reason)
     }
 
-    /// QEMU's `-accel` and `-cpu` values.
-    pub(crate) fn qemu_args(&self) -> [&'static str; 4] {
-        match self.accel {
+    /// QEMU's `-accel` and `-cpu` arguments; `tb_mib` is TCG's translation
+    /// cache (QEMU's own default, 1 GiB, is most of a TCG VM's memory).
+    pub(crate) fn qemu_args(&self, tb_mib: u32) -> [String; 4] {
+        let (accel, cpu) = match self.accel {
             // `host` passes the real CPU's features through.
-            Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
+            Accel::Kvm => ("kvm".to_string(), "host"),
             // `max`: every feature TCG can emulate, so a stock distribution
             // kernel finds what it expects; one host thread per vCPU.
-            Accel::Tcg => ["-accel", "tcg,thread=multi", "-cpu", "max"],
-        }
+            Accel::Tcg => (format!("tcg,thread=multi,tb-size={tb_mib}"), "max"),
+        };
+        ["-accel".into(), accel, "-cpu".into(), cpu.into()]
     }
 }
 

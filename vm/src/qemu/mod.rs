@@ -92,13 +92,17 @@ pub struct QemuConfig {
     /// Leases asking for less memory get this much (MiB): below it a stock
     /// kernel and systemd do not boot.
     pub min_memory_mb: u32,
+    /// TCG only: the translation cache per VM in MiB. QEMU's default (1024)
+    /// filled to ~560 MiB per booted VM here, more than a small guest's own
+    /// RAM; see BENCHMARKS.md for what a smaller cache costs in speed.
+    pub tcg_tb_mib: u32,
 }
 
 impl QemuConfig {
     /// Defaults: `qemu-system-x86_64` and `qemu-img` from `$PATH`, firmware
     /// boot, accelerator `auto`, both seeds, 300 s boot limit (a TCG boot
     /// takes 30-130 s on a loaded 2-core host), no outbound network,
-    /// at least 256 MiB.
+    /// at least 256 MiB, a 256 MiB TCG translation cache.
     pub fn new(state_dir: impl Into<PathBuf>, image: impl Into<PathBuf>) -> Self {
         QemuConfig {
             state_dir: state_dir.into(),
@@ -113,6 +117,7 @@ impl QemuConfig {
             boot_timeout: Duration::from_secs(300),
             guest_outbound: false,
             min_memory_mb: 256,
+            tcg_tb_mib: 256,
         }
     }
 }

@@ -56,8 +56,8 @@ impl QemuManager {
         push("-no-user-config");
         push("-machine");
         push("q35");
-        for s in self.accel.qemu_args() {
-            push(s);
+        for s in self.accel.qemu_args(self.config.tcg_tb_mib) {
+            push(&s);
         }
         push("-smp");
         push(&req.vcpus.max(1).to_string());
