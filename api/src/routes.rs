@@ -139,7 +139,18 @@ struct LeasesQuery {
     state: Option<String>,
     consumer: Option<String>,
     provider: Option<String>,
+    /// Most leases in one answer ([`LIST_DEFAULT`] if absent).
+    limit: Option<usize>,
+    /// Continue after this cursor (the previous page's `x-next-after`).
+    after: Option<String>,
 }
+
+/// Leases in one `GET /leases` answer unless `limit` says otherwise.
+const LIST_DEFAULT: usize = 1000;
+/// Most leases one answer may carry.
+const LIST_MAX: usize = 10_000;
+/// Response header with the cursor of the next page, when there may be one.
+const NEXT_HEADER: &str = "x-next-after";
 
 fn parse_state(s: &str) -> Result<LeaseState, HttpError> {
     s.parse::<LeaseState>()
@@ -165,10 +176,13 @@ async fn blocking<T: Send + 'static>(
         .map_err(HttpError::from)
 }
 
+/// Leases newest first, a page at a time: the store walks its creation
+/// index and decodes only what it returns, so a million leases cost one
+/// page of memory. The next page's cursor is in the `x-next-after` header.
 async fn list_leases(
     State(app): State<App>,
     q: Result<Query<LeasesQuery>, QueryRejection>,
-) -> Result<Json<Vec<LeaseView>>, HttpError> {
+) -> Result<Response, HttpError> {
     let Query(q) = q.map_err(query_error)?;
     let state = q.state.as_deref().map(parse_state).transpose()?;
     let consumer = q
@@ -181,23 +195,41 @@ async fn list_leases(
         .as_deref()
         .map(|s| parse_account("provider", s))
         .transpose()?;
+    let limit = q.limit.unwrap_or(LIST_DEFAULT);
+    if !(1..=LIST_MAX).contains(&limit) {
+        return Err(HttpError::bad_request(format!(
+            "limit: {limit} not in 1..={LIST_MAX}"
+        )));
+    }
+    let after = q
+        .after
+        .as_deref()
+        .map(|s| {
+            s.parse::<xe_store::LeaseCursor>()
+                .map_err(|e| HttpError::bad_request(format!("after: {e}")))
+        })
+        .transpose()?;
     let store = app.ctx.store.clone();
-    let records = blocking(move || store.leases()).await?;
     let now = now_secs();
-    let mut out: Vec<LeaseView> = records
+    let (records, next) = blocking(move || {
+        store.leases_newest_first(after.as_ref(), limit, |r| {
+            state.is_none_or(|s| r.state_at(now) == s)
+                && consumer.is_none_or(|c| r.lease.consumer_address() == c)
+                && provider.is_none_or(|p| r.lease.provider == p)
+        })
+    })
+    .await?;
+    let out: Vec<LeaseView> = records
         .iter()
         .map(|r| LeaseView::from_record(r, now))
-        .filter(|v| state.is_none_or(|s| v.state == s))
-        .filter(|v| consumer.is_none_or(|c| v.consumer == c))
-        .filter(|v| provider.is_none_or(|p| v.provider == p))
         .collect();
-    // Newest first: what a person listing leases looks for.
-    out.sort_by(|a, b| {
-        b.created_at
-            .cmp(&a.created_at)
-            .then(a.lease_hash.cmp(&b.lease_hash))
-    });
-    Ok(Json(out))
+    let mut resp = Json(out).into_response();
+    if let Some(c) = next
+        && let Ok(v) = HeaderValue::from_str(&c.to_string())
+    {
+        resp.headers_mut().insert(NEXT_HEADER, v);
+    }
+    Ok(resp)
 }
 
 #[derive(Debug, Deserialize)]

@@ -26,12 +26,11 @@ const HOST_KEY: &str =
 const JOIN_DEADLINE: Duration = Duration::from_secs(900);
 const NEW_LEASES: u32 = 400;
 
-/// `n` leases from nonce `first`, created over the last hour.
-fn ledger(first: u32, n: u32) -> Vec<LeaseEvent> {
+/// `n` leases from nonce `first`, created over 3,000 s from `t0`.
+fn ledger(first: u32, n: u32, t0: u64) -> Vec<LeaseEvent> {
     let consumer = Wallet::from_seed([1; 32]);
     let provider = Wallet::from_seed([2; 32]);
     let access = AccessPubKey(Wallet::from_seed([3; 32]).public_key().0);
-    let t0 = now_secs() - 3600;
     let mut out = Vec::with_capacity(n as usize * 5 / 2);
     for i in 0..n {
         let mut nonce = [0u8; 16];
@@ -148,7 +147,8 @@ fn mb(b: u64) -> String {
 
 async fn run(n: u32) {
     let t = Instant::now();
-    let events = ledger(0, n);
+    // History ends ten minutes ago; what B misses while away is newer.
+    let events = ledger(0, n, now_secs() - 4200);
     let total = events.len();
     let gen_s = t.elapsed().as_secs_f64();
 
@@ -201,7 +201,7 @@ async fn run(n: u32) {
 
     // Offline catch-up.
     b.stop().await;
-    let new = ledger(10_000_000, NEW_LEASES);
+    let new = ledger(10_000_000, NEW_LEASES, now_secs() - 600);
     a_store.apply_events(&new).expect("new");
     let (cpu0, t) = (cpu_secs(), Instant::now());
     let b = host(&b_store, b_key, a_addrs).await;

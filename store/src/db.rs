@@ -5,11 +5,11 @@
 //!
 //! Trees: `leases` (hash → record), `events` (id → applied event),
 //! `pending` (hash ‖ id → event waiting for its lease or accept),
-//! `pending_ids` (id → hash, so membership is one lookup), `sync`
-//! (`SyncKey` bytes → nothing, every held event; mirrored in memory as a
-//! [`SyncSet`]), `by_lease` (hash ‖ id → timestamp, every held event of a
-//! lease, for compaction), `compacted` (hash → end time: tombstones, see
-//! [`crate::retention`]) and `directory`.
+//! `pending_ids` (id → hash, so membership is one lookup), `by_lease`
+//! (hash ‖ id → timestamp: every held event, by lease for compaction, and
+//! the source of the in-memory [`SyncSet`] at open), `compacted` (hash → end time: tombstones, see
+//! [`crate::retention`]), `by_created` (newest-first listing, see
+//! [`crate::listing`]) and `directory`.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,6 +19,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::broadcast;
 
+use crate::codec::encode_event;
 use crate::directory::{DirectoryEntry, DirectoryError};
 use crate::ids::{AccountAddress, EventId, LeaseHash};
 use crate::lease::{EventError, LeaseEvent};
@@ -88,11 +89,11 @@ pub(crate) struct Inner {
     pub(crate) events: sled::Tree,
     pub(crate) pending: sled::Tree,
     pub(crate) pending_ids: sled::Tree,
-    pub(crate) sync: sled::Tree,
     pub(crate) by_lease: sled::Tree,
     pub(crate) compacted: sled::Tree,
+    pub(crate) by_created: sled::Tree,
     pub(crate) directory: sled::Tree,
-    /// The `sync` tree in memory, with its running fingerprint.
+    /// Every held event as a sync key, with its running fingerprint.
     pub(crate) set: RwLock<SyncSet>,
     /// Counts kept beside the trees: sled's `len()` walks the whole tree,
     /// and the old pending-limit check called it on every pending insert,
@@ -112,6 +113,39 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
         key: hex::encode(key),
         detail: e.to_string(),
+    })
+}
+
+/// Signature and terms checks of a page, on two threads when the page is
+/// big enough to pay for one: verification is most of a join's CPU.
+fn check_all(evs: &[LeaseEvent]) -> Vec<Result<(), EventError>> {
+    let serial = |evs: &[LeaseEvent]| evs.iter().map(LeaseEvent::check_self).collect::<Vec<_>>();
+    if evs.len() < 64 {
+        return serial(evs);
+    }
+    let (a, b) = evs.split_at(evs.len() / 2);
+    std::thread::scope(|s| {
+        let other = s.spawn(|| serial(b));
+        let mut out = serial(a);
+        // A panicked thread (none is expected) is redone here.
+        out.extend(other.join().unwrap_or_else(|_| serial(b)));
+        out
+    })
+}
+
+/// A lease record as stored (see [`crate::codec`]).
+pub(crate) fn decode_rec(key: &[u8], v: &[u8]) -> Result<LeaseRecord, StoreError> {
+    crate::codec::decode_record(v).map_err(|detail| StoreError::Corrupt {
+        key: hex::encode(key),
+        detail,
+    })
+}
+
+/// An event as stored (see [`crate::codec`]).
+pub(crate) fn decode_ev(key: &[u8], v: &[u8]) -> Result<LeaseEvent, StoreError> {
+    crate::codec::decode_event(v).map_err(|detail| StoreError::Corrupt {
+        key: hex::encode(key),
+        detail,
     })
 }
 
@@ -136,32 +170,38 @@ impl Store {
         let events = db.open_tree("events")?;
         let pending = db.open_tree("pending")?;
         let pending_ids = db.open_tree("pending_ids")?;
-        let sync = db.open_tree("sync")?;
         let by_lease = db.open_tree("by_lease")?;
+        let leases = db.open_tree("leases")?;
+        let by_created = db.open_tree("by_created")?;
+        if by_created.is_empty() && !leases.is_empty() {
+            crate::listing::rebuild_index(&leases, &by_created)?;
+        }
         // One walk of each tree at open; never again afterwards.
         let n_events = events.len();
         let n_pending = pending.len();
-        if sync.is_empty() && n_events + n_pending > 0 {
-            rebuild_sync_index(&events, &pending, &pending_ids, &sync, &by_lease)?;
+        if by_lease.is_empty() && n_events + n_pending > 0 {
+            rebuild_sync_index(&events, &pending, &pending_ids, &by_lease)?;
         }
         let mut set = SyncSet::new();
-        for r in sync.iter() {
-            let (k, _) = r?;
-            let key = SyncKey::from_bytes(&k).ok_or_else(|| StoreError::Corrupt {
+        // The sync set is not stored on its own: `by_lease` holds every
+        // held event's id and timestamp (one tree fewer to write per event).
+        for r in by_lease.iter() {
+            let (k, v) = r?;
+            let key = sync_key_of(&k, &v).ok_or_else(|| StoreError::Corrupt {
                 key: hex::encode(&k),
-                detail: "sync key is not 40 bytes".into(),
+                detail: "by_lease entry is not 64 + 8 bytes".into(),
             })?;
             set.insert(key);
         }
         Ok(Store {
             inner: Arc::new(Inner {
-                leases: db.open_tree("leases")?,
+                leases,
                 events,
                 pending,
                 pending_ids,
-                sync,
                 by_lease,
                 compacted: db.open_tree("compacted")?,
+                by_created,
                 directory: db.open_tree("directory")?,
                 db,
                 set: RwLock::new(set),
@@ -183,7 +223,7 @@ impl Store {
     /// One held event (applied or pending) by id.
     pub fn event(&self, id: &EventId) -> Result<Option<LeaseEvent>, StoreError> {
         if let Some(v) = self.inner.events.get(id.0)? {
-            return Ok(Some(decode(&id.0, &v)?));
+            return Ok(Some(decode_ev(&id.0, &v)?));
         }
         let Some(hash) = self.inner.pending_ids.get(id.0)? else {
             return Ok(None);
@@ -191,7 +231,7 @@ impl Store {
         let mut pkey = hash.to_vec();
         pkey.extend_from_slice(&id.0);
         match self.inner.pending.get(&pkey)? {
-            Some(v) => Ok(Some(decode(&pkey, &v)?)),
+            Some(v) => Ok(Some(decode_ev(&pkey, &v)?)),
             None => Ok(None),
         }
     }
@@ -207,6 +247,7 @@ impl Store {
         let mut bytes = 0;
         for id in ids {
             if let Some(ev) = self.event(id)? {
+                // The JSON size: what the caller will send.
                 bytes += encode(&ev).len();
                 if bytes > max_bytes && !out.is_empty() {
                     break;
@@ -237,7 +278,7 @@ impl Store {
     /// One lease.
     pub fn lease(&self, hash: &LeaseHash) -> Result<Option<LeaseRecord>, StoreError> {
         match self.inner.leases.get(hash.0)? {
-            Some(v) => Ok(Some(decode(&hash.0, &v)?)),
+            Some(v) => Ok(Some(decode_rec(&hash.0, &v)?)),
             None => Ok(None),
         }
     }
@@ -249,7 +290,7 @@ impl Store {
             .iter()
             .map(|r| {
                 let (k, v) = r?;
-                decode(&k, &v)
+                decode_rec(&k, &v)
             })
             .collect()
     }
@@ -286,7 +327,7 @@ impl Store {
         iter.take(limit)
             .map(|r| {
                 let (k, v) = r?;
-                decode(&k, &v)
+                decode_ev(&k, &v)
             })
             .collect()
     }
@@ -310,7 +351,7 @@ impl Store {
     ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
         // Signatures are checked before taking the lock: that is the
         // expensive part, and it needs no state.
-        let checked: Vec<Result<(), EventError>> = evs.iter().map(LeaseEvent::check_self).collect();
+        let checked = check_all(evs);
         let _guard = self
             .inner
             .apply_lock
@@ -383,17 +424,15 @@ impl Store {
             if self.inner.n_pending.load(Ordering::Relaxed) >= MAX_PENDING {
                 return Err(StoreError::PendingFull);
             }
-            let ev_bytes = encode(ev);
+            let ev_bytes = encode_event(ev);
             let r: Result<(), TransactionError<()>> = (
                 &self.inner.pending,
                 &self.inner.pending_ids,
-                &self.inner.sync,
                 &self.inner.by_lease,
             )
-                .transaction(|(p, pi, s, bl)| {
+                .transaction(|(p, pi, bl)| {
                     p.insert(pkey.as_slice(), ev_bytes.as_slice())?;
                     pi.insert(&id.0, &hash.0)?;
-                    s.insert(&skey.to_bytes()[..], &[])?;
                     bl.insert(pkey.as_slice(), &skey.ts.to_be_bytes())?;
                     Ok::<_, ConflictableTransactionError<()>>(())
                 });
@@ -413,28 +452,33 @@ impl Store {
             }),
             _ => None,
         };
-        let ev_bytes = encode(ev);
-        let rec_bytes = next.as_ref().map(encode);
+        let ev_bytes = encode_event(ev);
+        let rec_bytes = next.as_ref().map(crate::codec::encode_record);
+        let created_key = match (&current, &next) {
+            (None, Some(n)) => Some(crate::listing::created_key(n.lease.created_at, &hash)),
+            _ => None,
+        };
         let r: Result<(), TransactionError<()>> = (
             &self.inner.leases,
             &self.inner.events,
             &self.inner.pending,
             &self.inner.pending_ids,
-            &self.inner.sync,
             &self.inner.by_lease,
+            &self.inner.by_created,
         )
-            .transaction(|(l, e, p, pi, s, bl)| {
+            .transaction(|(l, e, p, pi, bl, bc)| {
+                if let Some(ck) = &created_key {
+                    bc.insert(&ck[..], &[])?;
+                }
                 if let Some(rb) = &rec_bytes {
                     l.insert(&hash.0, rb.as_slice())?;
                 }
                 e.insert(&id.0, ev_bytes.as_slice())?;
                 p.remove(pkey.as_slice())?;
                 pi.remove(&id.0)?;
-                s.insert(&skey.to_bytes()[..], &[])?;
                 bl.insert(pkey.as_slice(), &skey.ts.to_be_bytes())?;
                 if let Some(v) = &voided {
                     e.remove(&v.id.0)?;
-                    s.remove(&v.to_bytes()[..])?;
                     let mut vk = hash.0.to_vec();
                     vk.extend_from_slice(&v.id.0);
                     bl.remove(vk)?;
@@ -490,7 +534,7 @@ impl Store {
             if !self.inner.pending.contains_key(&k)? {
                 continue;
             }
-            let ev: LeaseEvent = decode(&k, &v)?;
+            let ev: LeaseEvent = decode_ev(&k, &v)?;
             // Still waiting (a settle whose accept is not here yet) leaves
             // it pending; applying removes it from `pending` in the same
             // transaction that records it.
@@ -515,13 +559,11 @@ impl Store {
         let r: Result<(), TransactionError<()>> = (
             &self.inner.pending,
             &self.inner.pending_ids,
-            &self.inner.sync,
             &self.inner.by_lease,
         )
-            .transaction(|(p, pi, s, bl)| {
+            .transaction(|(p, pi, bl)| {
                 p.remove(pkey)?;
                 pi.remove(&id.0)?;
-                s.remove(&skey.to_bytes()[..])?;
                 bl.remove(pkey)?;
                 Ok::<_, ConflictableTransactionError<()>>(())
             });
@@ -590,24 +632,29 @@ pub(crate) fn tx_error(e: TransactionError<()>) -> StoreError {
     }
 }
 
-/// Fill the `sync` and `pending_ids` trees from the events of a store
+/// The sync key a `by_lease` entry (hash ‖ id → timestamp) stands for.
+pub(crate) fn sync_key_of(k: &[u8], v: &[u8]) -> Option<SyncKey> {
+    let id = EventId::from_slice(k.get(32..64)?).ok()?;
+    let ts = u64::from_be_bytes(<[u8; 8]>::try_from(v).ok()?);
+    (k.len() == 64).then_some(SyncKey { ts, id })
+}
+
+/// Fill the `by_lease` and `pending_ids` trees from the events of a store
 /// written before they existed.
 fn rebuild_sync_index(
     events: &sled::Tree,
     pending: &sled::Tree,
     pending_ids: &sled::Tree,
-    sync: &sled::Tree,
     by_lease: &sled::Tree,
 ) -> Result<(), StoreError> {
     for r in events.iter().chain(pending.iter()) {
         let (k, v) = r?;
-        let ev: LeaseEvent = decode(&k, &v)?;
+        let ev: LeaseEvent = decode_ev(&k, &v)?;
         let id = ev.id();
         let key = SyncKey {
             ts: ev.timestamp(),
             id,
         };
-        sync.insert(key.to_bytes(), &[])?;
         let mut lk = ev.lease_hash().0.to_vec();
         lk.extend_from_slice(&id.0);
         by_lease.insert(lk, &key.ts.to_be_bytes())?;
@@ -615,6 +662,6 @@ fn rebuild_sync_index(
             pending_ids.insert(id.0, &k[..32])?;
         }
     }
-    sync.flush()?;
+    by_lease.flush()?;
     Ok(())
 }

@@ -9,16 +9,20 @@
 //! - [`lease`]: lease terms, signed events, the canonical encoding.
 //! - [`record`]: a lease's state derived from its facts; the transition rules.
 //! - [`directory`]: signed account → PeerId entries.
+//! - [`codec`]: the compact stored form of events.
 //! - [`db`]: sled persistence with flushed writes and a change subscription.
+//! - [`listing`]: leases newest first, a page at a time.
 //! - [`retention`]: compaction of leases that ended long ago, tombstones.
 //! - [`syncset`]: the sorted set of held events with range fingerprints,
 //!   which reconciliation between nodes compares.
 #![forbid(unsafe_code)]
 
+pub mod codec;
 pub mod db;
 pub mod directory;
 pub mod ids;
 pub mod lease;
+pub mod listing;
 pub mod record;
 pub mod retention;
 pub mod syncset;
@@ -28,6 +32,7 @@ pub use db::{Applied, LeaseChange, Store, StoreError};
 pub use directory::{DirectoryEntry, DirectoryError};
 pub use ids::{AccessPubKey, AccountAddress, AccountPubKey, EventId, HexError, LeaseHash, Sig};
 pub use lease::{EventError, EventKind, Lease, LeaseEvent};
+pub use listing::LeaseCursor;
 pub use record::{LeaseRecord, LeaseState};
 pub use retention::{Compacted, DEFAULT_RETENTION_SECS};
 pub use syncset::{SyncKey, SyncSet};

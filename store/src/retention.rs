@@ -48,7 +48,7 @@ use std::sync::atomic::Ordering;
 use sled::Transactional;
 use sled::transaction::ConflictableTransactionError;
 
-use crate::db::{Store, StoreError, decode, tx_error};
+use crate::db::{Store, StoreError, decode_rec, tx_error};
 use crate::ids::{EventId, LeaseHash};
 use crate::record::{LeaseRecord, LeaseState};
 use crate::syncset::SyncKey;
@@ -91,7 +91,7 @@ impl Store {
         let mut due: Vec<(LeaseHash, u64)> = Vec::new();
         for r in self.inner.leases.iter() {
             let (k, v) = r?;
-            let rec: LeaseRecord = decode(&k, &v)?;
+            let rec: LeaseRecord = decode_rec(&k, &v)?;
             if let Some(end) = ended_at(&rec, now)
                 && end.saturating_add(window) < now
             {
@@ -129,6 +129,7 @@ impl Store {
         if ended_at(&rec, now).is_none_or(|e| e != end || e.saturating_add(window) >= now) {
             return Ok(0);
         }
+        let created = crate::listing::created_key(rec.lease.created_at, hash);
         let mut held: Vec<(SyncKey, bool)> = Vec::new();
         for r in self.inner.by_lease.scan_prefix(hash.0) {
             let (k, v) = r?;
@@ -151,19 +152,19 @@ impl Store {
             &inner.events,
             &inner.pending,
             &inner.pending_ids,
-            &inner.sync,
             &inner.by_lease,
             &inner.compacted,
+            &inner.by_created,
         )
-            .transaction(|(l, e, p, pi, s, bl, c)| {
+            .transaction(|(l, e, p, pi, bl, c, bc)| {
                 l.remove(&hash.0)?;
+                bc.remove(&created[..])?;
                 for (k, _) in &held {
                     let mut lk = hash.0.to_vec();
                     lk.extend_from_slice(&k.id.0);
                     e.remove(&k.id.0)?;
                     p.remove(lk.as_slice())?;
                     pi.remove(&k.id.0)?;
-                    s.remove(&k.to_bytes()[..])?;
                     bl.remove(lk)?;
                 }
                 c.insert(&hash.0, &end.to_be_bytes())?;

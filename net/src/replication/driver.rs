@@ -8,6 +8,8 @@
 //! - Incoming sessions are answered by spawned tasks behind a semaphore
 //!   (the inbound stream queue holds nothing: the accept loop only spawns);
 //!   over the limit, the stream is dropped and the peer retries next round.
+//! - Compaction of ended leases runs here too, at start and every
+//!   [`COMPACT_INTERVAL`]: it changes the sync set, so it belongs with it.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -34,6 +36,37 @@ pub const MAX_INBOUND_SESSIONS: usize = 8;
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest one session may run (a 100k-lease join takes well under this).
 const SESSION_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How often ended leases are compacted. Nodes run the same rule on their
+/// own clocks; the interval bounds how long two nodes' sets differ by the
+/// leases one of them has compacted and the other not yet.
+pub const COMPACT_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Compact leases that ended more than `window` ago, now and every
+/// [`COMPACT_INTERVAL`], until `cancel`.
+pub async fn compact_periodically(store: Store, window: Duration, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(COMPACT_INTERVAL);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let s = store.clone();
+        let w = window.as_secs();
+        match tokio::task::spawn_blocking(move || s.compact(xe_store::now_secs(), w)).await {
+            Ok(Ok(done)) if done.leases > 0 => {
+                tracing::info!(
+                    leases = done.leases,
+                    events = done.events,
+                    "compacted ended leases"
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!("compaction failed: {e}"),
+            Err(e) => warn!("compaction task failed: {e}"),
+        }
+    }
+}
 
 /// Whether a peer's session is running, and whether another was asked for.
 type Running = Arc<Mutex<HashMap<PeerId, bool>>>;

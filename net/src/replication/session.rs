@@ -407,20 +407,26 @@ async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     }
     for (lo, hi) in &f.need_ranges {
         let mut cur = *lo;
+        c.send(&Frame::GetRange(cur, *hi)).await?;
         for _ in 0..MAX_FRAMES {
-            c.send(&Frame::GetRange(cur, *hi)).await?;
-            let next = match c.recv().await? {
-                Frame::Events(next, evs) => {
-                    c.apply(store, evs).await?;
-                    next
-                }
+            let (next, evs) = match c.recv().await? {
+                Frame::Events(next, evs) => (next, evs),
                 _ => return Err(SessionError::Frame("expected events".into())),
             };
+            // Ask for the next page before applying this one, so the
+            // responder reads it while we verify and write.
             match next {
                 // The responder's cursor must move forward and stay in range.
-                Some(k) if k > cur && Bound::Key(k) < *hi => cur = k,
+                Some(k) if k > cur && Bound::Key(k) < *hi => {
+                    cur = k;
+                    c.send(&Frame::GetRange(cur, *hi)).await?;
+                }
                 Some(_) => return Err(SessionError::Frame("range cursor did not advance".into())),
-                None => break,
+                None => {}
+            }
+            c.apply(store, evs).await?;
+            if next.is_none() {
+                break;
             }
         }
     }

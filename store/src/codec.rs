@@ -1,0 +1,354 @@
+//! The stored form of an event: the canonical fields in fixed-width binary
+//! (about 140–220 bytes) instead of the JSON transport form (450–600, all
+//! hex). Values written before this form existed are JSON and still read:
+//! a JSON value starts with `{`, a binary one with its kind byte (1–4).
+//!
+//! ```text
+//! create  0x01 ‖ consumer 32 ‖ provider 32 ‖ vcpus u32 ‖ memory_mb u32 ‖ disk_gb u32
+//!              ‖ duration u64 ‖ access key 32 ‖ created_at u64 ‖ nonce 16 ‖ sig 64
+//! accept  0x02 ‖ lease 32 ‖ signer 32 ‖ accepted_at u64 ‖ len u16 ‖ host key ‖ sig 64
+//! settle  0x03 ‖ lease 32 ‖ signer 32 ‖ at u64 ‖ sig 64
+//! cancel  0x04 ‖ lease 32 ‖ signer 32 ‖ at u64 ‖ sig 64
+//! ```
+//!
+//! Integers are big-endian, as in the signed encoding.
+//!
+//! A lease record is stored the same way (JSON before, still read):
+//!
+//! ```text
+//! record  0x01 ‖ create event without its kind byte (204 bytes)
+//!              ‖ 0 | 1 ‖ accepted_at u64 ‖ event id 32 ‖ len u16 ‖ host key
+//!              ‖ 0 | 1 ‖ settled by 32 ‖ at u64 ‖ event id 32
+//!              ‖ 0 | 1 ‖ cancelled by 32 ‖ at u64 ‖ event id 32
+//! ```
+
+use crate::ids::{AccessPubKey, AccountAddress, AccountPubKey, EventId, LeaseHash, Sig};
+use crate::lease::{Lease, LeaseEvent};
+use crate::record::{AcceptFact, EndFact, LeaseRecord};
+
+/// The stored bytes of a lease record.
+pub fn encode_record(rec: &LeaseRecord) -> Vec<u8> {
+    let create = LeaseEvent::Create {
+        lease: rec.lease.clone(),
+        sig: rec.create_sig,
+    };
+    let mut b = vec![1u8];
+    b.extend_from_slice(&encode_event(&create)[1..]);
+    match &rec.accept {
+        None => b.push(0),
+        Some(a) => {
+            b.push(1);
+            b.extend_from_slice(&a.accepted_at.to_be_bytes());
+            b.extend_from_slice(&a.event_id.0);
+            let len = u16::try_from(a.vm_host_key.len()).unwrap_or(u16::MAX);
+            b.extend_from_slice(&len.to_be_bytes());
+            b.extend_from_slice(&a.vm_host_key.as_bytes()[..usize::from(len)]);
+        }
+    }
+    for end in [&rec.settle, &rec.cancel] {
+        match end {
+            None => b.push(0),
+            Some(e) => {
+                b.push(1);
+                b.extend_from_slice(&e.by.0);
+                b.extend_from_slice(&e.at.to_be_bytes());
+                b.extend_from_slice(&e.event_id.0);
+            }
+        }
+    }
+    b
+}
+
+/// Read a stored record (binary, or JSON from before).
+pub fn decode_record(v: &[u8]) -> Result<LeaseRecord, String> {
+    if v.first() == Some(&b'{') {
+        return serde_json::from_slice(v).map_err(|e| e.to_string());
+    }
+    const CREATE: usize = 204;
+    if v.first() != Some(&1) || v.len() < 1 + CREATE {
+        return Err("not a record".into());
+    }
+    let mut ev = vec![1u8];
+    ev.extend_from_slice(&v[1..1 + CREATE]);
+    let LeaseEvent::Create { lease, sig } = decode_event(&ev)? else {
+        return Err("record does not start with a create".into());
+    };
+    let mut r = R(&v[1 + CREATE..]);
+    let accept = match r.take::<1>()?[0] {
+        0 => None,
+        _ => {
+            let accepted_at = r.u64()?;
+            let event_id = EventId(r.take()?);
+            let len = usize::from(u16::from_be_bytes(r.take()?));
+            if r.0.len() < len {
+                return Err("truncated host key".into());
+            }
+            let vm_host_key = String::from_utf8(r.0[..len].to_vec()).map_err(|e| e.to_string())?;
+            r.0 = &r.0[len..];
+            Some(AcceptFact {
+                accepted_at,
+                vm_host_key,
+                event_id,
+            })
+        }
+    };
+    let mut end = || -> Result<Option<EndFact>, String> {
+        Ok(match r.take::<1>()?[0] {
+            0 => None,
+            _ => Some(EndFact {
+                by: AccountAddress(r.take()?),
+                at: r.u64()?,
+                event_id: EventId(r.take()?),
+            }),
+        })
+    };
+    let settle = end()?;
+    let cancel = end()?;
+    if !r.0.is_empty() {
+        return Err(format!("{} trailing bytes", r.0.len()));
+    }
+    Ok(LeaseRecord {
+        hash: lease.hash(),
+        lease,
+        create_sig: sig,
+        accept,
+        settle,
+        cancel,
+    })
+}
+
+/// The stored bytes of an event.
+pub fn encode_event(ev: &LeaseEvent) -> Vec<u8> {
+    let mut b = Vec::with_capacity(224);
+    let ended = |b: &mut Vec<u8>, tag: u8, h: &LeaseHash, s: &AccountPubKey, at: u64, sig: &Sig| {
+        b.push(tag);
+        b.extend_from_slice(&h.0);
+        b.extend_from_slice(&s.0);
+        b.extend_from_slice(&at.to_be_bytes());
+        b.extend_from_slice(&sig.0);
+    };
+    match ev {
+        LeaseEvent::Create { lease, sig } => {
+            b.push(1);
+            b.extend_from_slice(&lease.consumer.0);
+            b.extend_from_slice(&lease.provider.0);
+            b.extend_from_slice(&lease.vcpus.to_be_bytes());
+            b.extend_from_slice(&lease.memory_mb.to_be_bytes());
+            b.extend_from_slice(&lease.disk_gb.to_be_bytes());
+            b.extend_from_slice(&lease.duration.to_be_bytes());
+            b.extend_from_slice(&lease.access_pub_key.0);
+            b.extend_from_slice(&lease.created_at.to_be_bytes());
+            b.extend_from_slice(&lease.nonce);
+            b.extend_from_slice(&sig.0);
+        }
+        LeaseEvent::Accept {
+            lease_hash,
+            signer,
+            accepted_at,
+            vm_host_key,
+            sig,
+        } => {
+            b.push(2);
+            b.extend_from_slice(&lease_hash.0);
+            b.extend_from_slice(&signer.0);
+            b.extend_from_slice(&accepted_at.to_be_bytes());
+            // check_self bounds the key to 1 KiB, far below u16.
+            let len = u16::try_from(vm_host_key.len()).unwrap_or(u16::MAX);
+            b.extend_from_slice(&len.to_be_bytes());
+            b.extend_from_slice(&vm_host_key.as_bytes()[..usize::from(len)]);
+            b.extend_from_slice(&sig.0);
+        }
+        LeaseEvent::Settle {
+            lease_hash,
+            signer,
+            at,
+            sig,
+        } => ended(&mut b, 3, lease_hash, signer, *at, sig),
+        LeaseEvent::Cancel {
+            lease_hash,
+            signer,
+            at,
+            sig,
+        } => ended(&mut b, 4, lease_hash, signer, *at, sig),
+    }
+    b
+}
+
+struct R<'a>(&'a [u8]);
+
+impl R<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        if self.0.len() < N {
+            return Err("truncated".into());
+        }
+        let mut a = [0u8; N];
+        a.copy_from_slice(&self.0[..N]);
+        self.0 = &self.0[N..];
+        Ok(a)
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        self.take::<4>().map(u32::from_be_bytes)
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        self.take::<8>().map(u64::from_be_bytes)
+    }
+}
+
+/// Read stored bytes (binary, or JSON from before).
+pub fn decode_event(v: &[u8]) -> Result<LeaseEvent, String> {
+    if v.first() == Some(&b'{') {
+        return serde_json::from_slice(v).map_err(|e| e.to_string());
+    }
+    let (&tag, rest) = v.split_first().ok_or("empty value")?;
+    let mut r = R(rest);
+    let ev = match tag {
+        1 => {
+            let lease = Lease {
+                consumer: AccountPubKey(r.take()?),
+                provider: AccountAddress(r.take()?),
+                vcpus: r.u32()?,
+                memory_mb: r.u32()?,
+                disk_gb: r.u32()?,
+                duration: r.u64()?,
+                access_pub_key: AccessPubKey(r.take()?),
+                created_at: r.u64()?,
+                nonce: r.take()?,
+            };
+            LeaseEvent::Create {
+                lease,
+                sig: Sig(r.take()?),
+            }
+        }
+        2 => {
+            let lease_hash = LeaseHash(r.take()?);
+            let signer = AccountPubKey(r.take()?);
+            let accepted_at = r.u64()?;
+            let len = usize::from(u16::from_be_bytes(r.take()?));
+            if r.0.len() < len {
+                return Err("truncated host key".into());
+            }
+            let vm_host_key = String::from_utf8(r.0[..len].to_vec()).map_err(|e| e.to_string())?;
+            r.0 = &r.0[len..];
+            LeaseEvent::Accept {
+                lease_hash,
+                signer,
+                accepted_at,
+                vm_host_key,
+                sig: Sig(r.take()?),
+            }
+        }
+        3 | 4 => {
+            let lease_hash = LeaseHash(r.take()?);
+            let signer = AccountPubKey(r.take()?);
+            let at = r.u64()?;
+            let sig = Sig(r.take()?);
+            if tag == 3 {
+                LeaseEvent::Settle {
+                    lease_hash,
+                    signer,
+                    at,
+                    sig,
+                }
+            } else {
+                LeaseEvent::Cancel {
+                    lease_hash,
+                    signer,
+                    at,
+                    sig,
+                }
+            }
+        }
+        t => return Err(format!("unknown event kind byte {t}")),
+    };
+    if !r.0.is_empty() {
+        return Err(format!("{} trailing bytes", r.0.len()));
+    }
+    Ok(ev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wallet::Wallet;
+
+    #[test]
+    fn every_kind_round_trips_and_json_still_reads() {
+        let c = Wallet::from_seed([1; 32]);
+        let p = Wallet::from_seed([2; 32]);
+        let create_again = || {
+            LeaseEvent::create(
+                &c,
+                Lease {
+                    consumer: c.public_key(),
+                    provider: p.address(),
+                    vcpus: 2,
+                    memory_mb: 1024,
+                    disk_gb: 10,
+                    duration: 3600,
+                    access_pub_key: AccessPubKey(Wallet::from_seed([3; 32]).public_key().0),
+                    created_at: 1_700_000_000,
+                    nonce: [7; 16],
+                },
+            )
+        };
+        let create = LeaseEvent::create(
+            &c,
+            Lease {
+                consumer: c.public_key(),
+                provider: p.address(),
+                vcpus: 2,
+                memory_mb: 1024,
+                disk_gb: 10,
+                duration: 3600,
+                access_pub_key: AccessPubKey(Wallet::from_seed([3; 32]).public_key().0),
+                created_at: 1_700_000_000,
+                nonce: [7; 16],
+            },
+        );
+        let h = create.lease_hash();
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOZkcJ0O9Yl3MY5Wa7sObHRBuqoN2Ig0tGuo6dU2dQmD vm";
+        for ev in [
+            create,
+            LeaseEvent::accept(&p, h, 1_700_000_001, key.into()),
+            LeaseEvent::settle(&c, h, 1_700_000_002),
+            LeaseEvent::cancel(&c, h, 1_700_000_003),
+        ] {
+            let b = encode_event(&ev);
+            assert!(b.len() < 260, "{} bytes", b.len());
+            assert_eq!(decode_event(&b), Ok(ev.clone()));
+            let json = serde_json::to_vec(&ev).expect("json");
+            assert_eq!(decode_event(&json), Ok(ev.clone()));
+            assert!(decode_event(&b[..b.len() - 1]).is_err());
+        }
+        let LeaseEvent::Create { lease, sig } = create_again() else {
+            unreachable!()
+        };
+        let mut rec = LeaseRecord::from_create(lease, sig);
+        for step in 0..3 {
+            let b = encode_record(&rec);
+            assert!(b.len() < 420, "{} bytes", b.len());
+            assert_eq!(decode_record(&b), Ok(rec.clone()));
+            let json = serde_json::to_vec(&rec).expect("json");
+            assert_eq!(decode_record(&json), Ok(rec.clone()));
+            match step {
+                0 => {
+                    rec.accept = Some(AcceptFact {
+                        accepted_at: 5,
+                        vm_host_key: key.into(),
+                        event_id: EventId([4; 32]),
+                    })
+                }
+                _ => {
+                    rec.settle = Some(EndFact {
+                        by: c.public_key().address(),
+                        at: 9,
+                        event_id: EventId([5; 32]),
+                    })
+                }
+            }
+        }
+        assert!(decode_event(&[9, 0]).is_err());
+        assert!(decode_event(&[]).is_err());
+    }
+}
