@@ -401,6 +401,7 @@ fn vm_view(info: xe_vm::VmInfo) -> VmView {
         ssh_port: info.ssh_port,
         host_key: info.host_key,
         error: info.error,
+        accelerator: info.accelerator,
     }
 }
 
@@ -430,6 +431,7 @@ async fn show_vm(
             ssh_port: None,
             host_key: None,
             error: Some(reason),
+            accelerator: None,
         }));
     }
     if p.recovering() {

@@ -176,7 +176,7 @@ pub struct VmView {
     /// `provisioning`, `running`, `stopped`, `error`, or `declined` (the
     /// provider did not take the lease; `error` says why).
     pub status: String,
-    /// `lima`, `sshd` or `dev`; absent when declined.
+    /// `qemu`, `lima`, `sshd` or `dev`; absent when declined.
     pub backend: Option<String>,
     /// The VM sshd's local port on the provider, while running.
     pub ssh_port: Option<u16>,
@@ -184,4 +184,8 @@ pub struct VmView {
     pub host_key: Option<String>,
     /// What went wrong (provisioning error, or the decline reason).
     pub error: Option<String>,
+    /// For real VMs (qemu): the accelerator and why it was chosen, e.g.
+    /// `tcg (/sys/module/kvm_pvm is present: …)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accelerator: Option<String>,
 }

@@ -22,16 +22,20 @@ pub struct DevnetArgs {
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
     /// VM backend of the provider node: dev (embedded SSH server, shell on
-    /// this machine) or sshd (real OpenSSH per lease).
+    /// this machine), sshd (real OpenSSH per lease) or qemu (a real VM per
+    /// lease; needs --qemu-image).
     #[arg(long, value_enum, default_value = "dev")]
     pub vm_backend: Backend,
+    #[command(flatten)]
+    pub qemu: crate::qemu_args::QemuArgs,
     /// Start, run CMD in the VM through the gateway with real OpenSSH,
     /// print its output, stop, and exit with CMD's status.
     #[arg(long, requires = "cmd")]
     pub once: bool,
-    /// Seconds to wait for the lease to be accepted.
-    #[arg(long, default_value_t = 120)]
-    pub timeout: u64,
+    /// Seconds to wait for the lease to be accepted [default: 120; with
+    /// qemu, the boot timeout plus 60].
+    #[arg(long)]
+    pub timeout: Option<u64>,
     /// With --once: the command to run in the VM.
     #[arg(last = true)]
     pub cmd: Vec<String>,
@@ -68,7 +72,8 @@ impl Net3 {
     }
 }
 
-async fn start_nodes(dir: &Path, backend: Backend) -> anyhow::Result<Net3> {
+async fn start_nodes(dir: &Path, args: &DevnetArgs) -> anyhow::Result<Net3> {
+    let backend = args.vm_backend;
     step("starting gateway node (SSH gateway on 127.0.0.1, libp2p on loopback)…");
     let mut g = NodeConfig::new(dir.join("gateway"));
     g.p2p_listen = loopback_listen();
@@ -105,7 +110,10 @@ async fn start_nodes(dir: &Path, backend: Backend) -> anyhow::Result<Net3> {
         backend: match backend {
             Backend::Dev => VmBackend::Dev,
             Backend::Sshd => VmBackend::Sshd { sshd: None },
-            Backend::Lima => bail!("devnet runs the dev or sshd backend; Lima needs a real host"),
+            Backend::Qemu => VmBackend::Qemu(args.qemu.config()?),
+            Backend::Lima => bail!(
+                "devnet runs the dev, sshd or qemu backend; use --vm-backend qemu for a real VM on this host"
+            ),
         },
         capacity: Capacity::default(),
     });
@@ -149,10 +157,29 @@ async fn wait_lease(
             }
         }
     };
-    tokio::time::timeout(timeout, wait)
-        .await
-        .with_context(|| format!("lease {} not {want} after {timeout:?}", lease.short()))?
+    // A VM's boot takes up to minutes (TCG): say that we are still waiting.
+    let started = tokio::time::Instant::now();
+    let progress = async {
+        let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            step(&format!(
+                "  still waiting for {want} ({} s of {} s)…",
+                started.elapsed().as_secs(),
+                timeout.as_secs()
+            ));
+        }
+    };
+    tokio::select! {
+        r = tokio::time::timeout(timeout, wait) => r
+            .with_context(|| format!("lease {} not {want} after {timeout:?}", lease.short()))?,
+        () = progress => unreachable!("the progress ticker never ends"),
+    }
 }
+
+/// How often a long wait prints that it is still waiting.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(15);
 
 /// Wait until the gateway's directory knows the provider (bounded).
 async fn wait_directory(
@@ -185,8 +212,11 @@ pub async fn run(args: DevnetArgs) -> anyhow::Result<ExitCode> {
         }
     };
     std::fs::create_dir_all(&dir)?;
-    let timeout = Duration::from_secs(args.timeout);
-    let net = start_nodes(&dir, args.vm_backend).await?;
+    let timeout = Duration::from_secs(args.timeout.unwrap_or(match args.vm_backend {
+        Backend::Qemu => args.qemu.qemu_boot_timeout + 60,
+        _ => 120,
+    }));
+    let net = start_nodes(&dir, &args).await?;
     let result = drive(&dir, &net, &args, timeout, &mut signals).await;
     step("stopping all nodes…");
     net.shutdown().await;

@@ -261,6 +261,9 @@ async fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
 /// (which is not a ledger change) promptly.
 const POLL: Duration = Duration::from_secs(2);
 
+/// How often `--wait` repeats a status that has not changed.
+const PROGRESS: Duration = Duration::from_secs(15);
+
 async fn wait_accepted(
     client: &ApiClient,
     hash: &LeaseHash,
@@ -272,6 +275,7 @@ async fn wait_accepted(
         timeout.as_secs()
     );
     let mut last_vm: Option<String> = None;
+    let mut last_print = Instant::now();
     loop {
         let left = timeout.saturating_sub(start.elapsed());
         if left.is_zero() {
@@ -307,9 +311,12 @@ async fn wait_accepted(
                 Some(e) => format!("{}: {e}", vm.status),
                 None => vm.status.clone(),
             };
-            if last_vm.as_deref() != Some(line.as_str()) {
-                eprintln!("provider VM: {line}");
+            // A real VM's boot takes up to minutes: repeat an unchanged
+            // status now and then so the wait visibly goes on.
+            if last_vm.as_deref() != Some(line.as_str()) || last_print.elapsed() >= PROGRESS {
+                eprintln!("provider VM: {line} ({} s)", start.elapsed().as_secs());
                 last_vm = Some(line);
+                last_print = Instant::now();
             }
             if vm.status == "declined" || vm.status == "error" {
                 bail!(

@@ -7,6 +7,7 @@ mod devnet_cmd;
 mod lease_cmd;
 mod node_cmd;
 mod paths;
+mod qemu_args;
 mod ssh_cmd;
 mod stdio;
 mod tunnel_cmd;
@@ -26,13 +27,13 @@ enum Command {
     #[command(subcommand)]
     Wallet(wallet_cmd::WalletCmd),
     /// Run a node: replica, provider (--provide) and/or SSH gateway (--ssh-port).
-    Node(node_cmd::NodeArgs),
+    Node(Box<node_cmd::NodeArgs>),
     /// Run plain OpenSSH to a lease's VM through a gateway (ProxyCommand -W).
     Ssh(ssh_cmd::SshArgs),
     /// Print a ~/.ssh/config block for a lease (for scp, sftp, rsync, IDEs).
     SshConfig(ssh_cmd::SshConfigArgs),
     /// Start a gateway, a provider and a consumer on loopback and show the whole system working.
-    Devnet(devnet_cmd::DevnetArgs),
+    Devnet(Box<devnet_cmd::DevnetArgs>),
     /// Create, show, list, settle and cancel leases through a node's HTTP API.
     #[command(subcommand)]
     Lease(lease_cmd::LeaseCmd),
@@ -72,10 +73,10 @@ fn main() -> std::process::ExitCode {
     );
     let result = match cli.command {
         Command::Wallet(cmd) => wallet_cmd::run(cmd),
-        Command::Node(args) => runtime().and_then(|rt| rt.block_on(node_cmd::run(args))),
+        Command::Node(args) => runtime().and_then(|rt| rt.block_on(node_cmd::run(*args))),
         Command::Ssh(args) => ssh_cmd::run_ssh(args),
         Command::SshConfig(args) => ssh_cmd::run_config(args),
-        Command::Devnet(args) => runtime().and_then(|rt| rt.block_on(devnet_cmd::run(args))),
+        Command::Devnet(args) => runtime().and_then(|rt| rt.block_on(devnet_cmd::run(*args))),
         Command::Lease(cmd) => runtime().and_then(|rt| rt.block_on(lease_cmd::run(cmd))),
         Command::Providers(args) => {
             runtime().and_then(|rt| rt.block_on(lease_cmd::run_providers(args)))

@@ -14,6 +14,8 @@ use xe_node::{Capacity, Node, NodeConfig, ProvideConfig, SshConfig, VmBackend};
 pub enum Backend {
     /// Lima VMs via `limactl` (production).
     Lima,
+    /// One QEMU VM per lease, of the lease's size (Linux; needs --qemu-image).
+    Qemu,
     /// A real OpenSSH sshd per lease on 127.0.0.1 (host or container access).
     Sshd,
     /// Embedded SSH server giving a shell on THIS machine. Development only.
@@ -52,6 +54,8 @@ pub struct NodeArgs {
         default_value = "https://dl-cdn.alpinelinux.org/alpine/v3.20/releases/cloud/nocloud_alpine-3.20.3-x86_64-bios-cloudinit-r0.qcow2"
     )]
     pub lima_image: String,
+    #[command(flatten)]
+    pub qemu: crate::qemu_args::QemuArgs,
     /// sshd binary (sshd backend) [default: /usr/sbin/sshd or PATH].
     #[arg(long, value_name = "PATH")]
     pub sshd: Option<PathBuf>,
@@ -197,6 +201,7 @@ impl NodeArgs {
                         limactl: self.limactl.clone(),
                         image: self.lima_image.clone(),
                     },
+                    Backend::Qemu => VmBackend::Qemu(self.qemu.config()?),
                     Backend::Sshd => VmBackend::Sshd {
                         sshd: self.sshd.clone(),
                     },

@@ -24,6 +24,9 @@ pub enum VmBackend {
         /// Cloud image location (local file or URL Lima can read).
         image: String,
     },
+    /// One QEMU VM per lease (its `state_dir` is replaced by
+    /// `DATA/vms/qemu`).
+    Qemu(xe_vm::qemu::QemuConfig),
     /// A real OpenSSH sshd per lease.
     Sshd {
         /// sshd binary, if not on PATH / in /usr/sbin.
@@ -44,6 +47,7 @@ impl std::fmt::Debug for VmBackend {
                 .field("limactl", limactl)
                 .field("image", image)
                 .finish(),
+            VmBackend::Qemu(c) => f.debug_tuple("Qemu").field(c).finish(),
             VmBackend::Sshd { sshd } => f.debug_struct("Sshd").field("sshd", sshd).finish(),
             VmBackend::Dev => f.write_str("Dev"),
             VmBackend::Custom(vm) => write!(f, "Custom({})", vm.backend()),
@@ -148,6 +152,12 @@ pub enum NodeError {
     Gateway(String),
 }
 
+/// How long a stopping node waits for its tasks before aborting them. A
+/// provider powers its VMs down in that time (qemu: at most 15 s, all at
+/// once); a VM still running when its task is aborted is killed. Below the
+/// README's `TimeoutStopSec=30`.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(25);
+
 /// A running node.
 pub struct Node {
     /// The ledger.
@@ -175,6 +185,11 @@ fn build_vm(
         VmBackend::Lima { limactl, image } => Arc::new(xe_vm::lima::LimaManager::new(
             xe_vm::lima::LimaConfig::new(limactl.clone(), data_dir.join("lima"), image.clone()),
         )?),
+        VmBackend::Qemu(c) => {
+            let mut c = c.clone();
+            c.state_dir = state.join("qemu");
+            Arc::new(xe_vm::qemu::QemuManager::new(c)?)
+        }
         VmBackend::Sshd { sshd } => {
             Arc::new(xe_vm::sshd::SshdManager::new(xe_vm::sshd::SshdConfig {
                 state_dir: state.join("sshd"),
@@ -270,11 +285,8 @@ impl Node {
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
         let drain = async { while self.tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(Duration::from_secs(10), drain)
-            .await
-            .is_err()
-        {
-            warn!("some tasks did not stop in 10 s; aborting them");
+        if tokio::time::timeout(SHUTDOWN_DRAIN, drain).await.is_err() {
+            warn!("some tasks did not stop in {SHUTDOWN_DRAIN:?}; aborting them");
             self.tasks.abort_all();
         }
         if let Err(e) = self.store.flush() {

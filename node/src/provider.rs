@@ -286,7 +286,15 @@ impl Provider {
             .filter(|r| r.state() == LeaseState::Accepted)
             .map(Self::request)
             .collect();
-        self.recover_vms(&keep).await;
+        // A stop during recovery (VM boots take minutes) must not wait for
+        // it: what is booting is dropped (and killed), what is up is stopped.
+        tokio::select! {
+            () = self.recover_vms(&keep) => {}
+            () = cancel.cancelled() => {
+                self.vm.shutdown().await;
+                return;
+            }
+        }
         let mut tasks = tokio::task::JoinSet::new();
         for r in mine
             .into_iter()

@@ -3,11 +3,12 @@
 //! A provider hands each accepted lease a "VM": something that runs an SSH
 //! server on `127.0.0.1:{port}` that accepts exactly the lease's access key.
 //! The provider role (in `xe-node`) only talks to the [`VmManager`] trait;
-//! the backend is chosen with `xe node --provide --vm-backend lima|sshd|dev`.
+//! the backend is chosen with `xe node --provide --vm-backend qemu|lima|sshd|dev`.
 //!
 //! | backend | what a lease gets | for |
 //! |---|---|---|
-//! | [`lima::LimaManager`] | a QEMU VM driven by `limactl`, root login with the lease key | production (the seed's) |
+//! | [`qemu::QemuManager`] | an isolated QEMU VM of the lease's size, root login with the lease key | Linux providers |
+//! | [`lima::LimaManager`] | a QEMU VM driven by `limactl`, root login with the lease key | providers with Lima (the seed's) |
 //! | [`sshd::SshdManager`] | a real OpenSSH `sshd` per lease on the host | providers handing out the host or a container; end-to-end tests |
 //! | [`dev::DevManager`] | an embedded russh server giving a shell on the host | development only (`xe devnet` without OpenSSH server) |
 //!
@@ -19,13 +20,18 @@
 //!
 //! # Layout
 //! - this file: the request/record types, [`VmError`], the [`VmManager`] trait.
+//! - [`qemu`]: one QEMU process per lease; `qemu/process.rs` its command
+//!   line, start and stop, `qemu/seed.rs` the first-boot data (NoCloud and
+//!   fw_cfg), `qemu/boot.rs` the console log and the host-key check,
+//!   `qemu/qmp.rs` the monitor, `qemu/accel.rs` KVM or TCG.
 //! - [`sshd`]: one OpenSSH `sshd -D` process per lease.
 //! - [`lima`]: `limactl` create/start/list/stop/delete; [`lima::template`]
 //!   renders the per-lease instance YAML and provision script.
 //! - [`dev`]: the embedded SSH server; `dev/session.rs` bridges SSH channels
 //!   to local processes (PTY or pipes).
 //! - `registry.rs`: the in-memory lease → VM table shared by the backends.
-//! - `util.rs`: host keys, log tails, port waits, process trees, the local user.
+//! - `util.rs`: host keys, log tails, port waits, process trees (and the
+//!   pid records of a crashed node's processes), the local user.
 #![forbid(unsafe_code)]
 
 use std::fmt;
@@ -36,6 +42,7 @@ use xe_store::{AccessPubKey, LeaseHash};
 pub mod dev;
 pub mod lima;
 mod local;
+pub mod qemu;
 mod registry;
 pub mod sshd;
 mod util;
@@ -98,6 +105,10 @@ pub struct VmInfo {
     pub host_key: Option<String>,
     /// Why the VM is in `Error` (with log tails where there are any).
     pub error: Option<String>,
+    /// For real VMs: the accelerator and why it was chosen
+    /// (`"tcg (/sys/module/kvm_pvm is present: …)"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accelerator: Option<String>,
 }
 
 impl VmInfo {
@@ -109,6 +120,7 @@ impl VmInfo {
             ssh_port: None,
             host_key: None,
             error: None,
+            accelerator: None,
         }
     }
 }
@@ -229,12 +241,12 @@ pub trait VmManager: Send + Sync + 'static {
 }
 
 /// The user name a consumer logs into a lease's VM as, per backend:
-/// `root` for lima; for sshd the node's own user (`root` when the node runs
+/// `root` for lima and qemu; for sshd the node's own user (`root` when the node runs
 /// as root) because an unprivileged sshd can only log in its own user; for
 /// dev any name is accepted, the node's user is suggested.
 pub fn default_vm_user(backend: &str) -> String {
     match backend {
-        "lima" => "root".to_string(),
+        "lima" | "qemu" => "root".to_string(),
         _ => LocalUser::current().name,
     }
 }

@@ -1,5 +1,6 @@
-//! What the two backends whose "VM" is a local process share (`dev`: an
-//! in-process SSH server; `sshd`: a per-lease OpenSSH sshd): the lease's
+//! What the backends whose VM is a local process share (`dev`: an
+//! in-process SSH server; `sshd`: a per-lease OpenSSH sshd; `qemu`: a
+//! QEMU virtual machine): the lease's
 //! state directory, `{state_dir}/{lease hex}/`, and the provision,
 //! teardown, recovery and shutdown around starting and stopping it. Each
 //! backend supplies only [`LocalBackend`]; [`VmManager`] follows.
@@ -36,8 +37,14 @@ pub(crate) trait LocalBackend: Send + Sync {
         recovering: bool,
     ) -> Result<(VmInfo, Self::Runtime), VmError>;
 
-    /// Stop a runtime and wait for it.
+    /// Stop a runtime and wait for it (teardown: its state is discarded).
     async fn stop(&self, runtime: Self::Runtime);
+
+    /// Stop a runtime whose state is kept for [`recover`] (node shutdown);
+    /// a VM gets the chance to shut down cleanly.
+    async fn stop_keeping_state(&self, runtime: Self::Runtime) {
+        self.stop(runtime).await;
+    }
 
     /// Clean up what an earlier run of the node may have left in `dir`
     /// before it is removed.
@@ -177,15 +184,14 @@ async fn recover<B: LocalBackend>(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(VmError::io(format!("listing {}", dir.display()))(e)),
     }
-    let mut out = Vec::with_capacity(keep.len());
-    for req in keep {
+    // Every kept lease starts at once: a VM's boot takes up to minutes.
+    let starts = keep.iter().map(|req| async move {
         if let Some(info) = b
             .registry()
             .get(&req.lease)
             .filter(|i| i.status == VmStatus::Running)
         {
-            out.push(info);
-            continue;
+            return info;
         }
         let (info, runtime) = match b.start(req, true).await {
             Ok((info, runtime)) => (info, Some(runtime)),
@@ -197,17 +203,24 @@ async fn recover<B: LocalBackend>(
         if let Some(old) = b.registry().set(info.clone(), runtime) {
             b.stop(old).await;
         }
-        out.push(info);
-    }
-    Ok(out)
+        info
+    });
+    Ok(futures::future::join_all(starts).await)
 }
 
-/// Stop every runtime; the state directories stay for [`recover`].
+/// Stop every runtime, all at once (a VM's clean power-down takes seconds,
+/// and a node's stop has a deadline); the state directories stay for
+/// [`recover`].
 async fn shutdown<B: LocalBackend>(b: &B) {
-    for (lease, runtime) in b.registry().stop_all() {
-        b.stop(runtime).await;
-        info!(lease = %lease.short(), "{} stopped (state kept for recover)", B::RUNTIME);
-    }
+    let stops = b
+        .registry()
+        .stop_all()
+        .into_iter()
+        .map(|(lease, runtime)| async move {
+            b.stop_keeping_state(runtime).await;
+            info!(lease = %lease.short(), "{} stopped (state kept for recover)", B::RUNTIME);
+        });
+    futures::future::join_all(stops).await;
 }
 
 fn error_info<B: LocalBackend>(lease: LeaseHash, e: &VmError) -> VmInfo {

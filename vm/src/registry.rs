@@ -140,6 +140,29 @@ impl<R> Registry<R> {
         }
     }
 
+    /// The VM serving `lease` on `port` went away on its own (its process
+    /// exited): mark it `Error` with `why()`. A slot that is not that VM any
+    /// more (torn down, re-provisioned on another port) is left alone.
+    pub(crate) fn fail_running(
+        &self,
+        lease: &LeaseHash,
+        port: u16,
+        why: impl FnOnce() -> String,
+    ) -> bool {
+        let mut slots = self.lock();
+        match slots.get_mut(lease) {
+            Some(slot)
+                if slot.info.status == VmStatus::Running && slot.info.ssh_port == Some(port) =>
+            {
+                slot.info.status = VmStatus::Error;
+                slot.info.ssh_port = None;
+                slot.info.error = Some(why());
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Take every runtime out and mark its VM `Stopped` (shutdown).
     pub(crate) fn stop_all(&self) -> Vec<(LeaseHash, R)> {
         let mut out = Vec::new();

@@ -173,21 +173,14 @@ async fn stop(mut proc: SshdProc) {
     let _ = fs::remove_file(proc.dir.join(PID));
 }
 
-/// Kill an sshd left by an earlier run of the node (crash, kill -9): the pid
-/// recorded in the lease dir, if that process still runs our config.
+/// Kill an sshd left by an earlier run of the node, if that process still
+/// runs our config.
 async fn kill_stale(dir: &Path) {
-    let Some(pid) = fs::read_to_string(dir.join(PID))
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok())
-    else {
-        return;
-    };
     let config = dir.join(CONFIG);
-    if util::proc_cmdline(pid).is_some_and(|c| c.contains(&*config.to_string_lossy())) {
-        warn!(pid, dir = %dir.display(), "killing an sshd left by an earlier run");
-        util::kill_tree_and_wait(pid).await;
-    }
-    let _ = fs::remove_file(dir.join(PID));
+    util::kill_recorded(&dir.join(PID), "an sshd", |pid| {
+        util::proc_cmdline(pid).is_some_and(|c| c.contains(&*config.to_string_lossy()))
+    })
+    .await;
 }
 
 /// Debian's sshd refuses to start as root without its privilege separation

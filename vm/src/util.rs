@@ -433,6 +433,23 @@ pub(crate) fn is_dead(pid: u32) -> bool {
     }
 }
 
+/// Kill what an earlier run of the node left running (crash, kill -9): the
+/// pid recorded in `pid_file`, if `is_ours(pid)` says that process is still
+/// the one we started (pids are reused). The record is removed either way.
+pub(crate) async fn kill_recorded(pid_file: &Path, what: &str, is_ours: impl Fn(u32) -> bool) {
+    let Some(pid) = fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    if is_ours(pid) {
+        tracing::warn!(pid, file = %pid_file.display(), "killing {what} left by an earlier run");
+        kill_tree_and_wait(pid).await;
+    }
+    let _ = fs::remove_file(pid_file);
+}
+
 /// [`kill_tree`], then wait (bounded) until `pid` is dead: SIGKILL is
 /// delivered asynchronously, and a port is only free once the process is.
 pub(crate) async fn kill_tree_and_wait(pid: u32) {

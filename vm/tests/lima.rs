@@ -81,7 +81,14 @@ case "$cmd" in
       printf '{{"name":"%s","status":"%s","sshLocalPort":%s,"dir":"%s","arch":"x86_64"}}\n' \
         "$(basename "$d")" "$(cat "$d/status")" "$(cat '{root}/port')" "$d"
     done ;;
-  shell) echo '{host_key}' ;;
+  shell)
+    # The guest's host key: the one the provision script installed, unless
+    # the test wants a guest that ignored it (or the instance has no template).
+    if [ -e '{root}/wrong-host-key' ] || [ ! -f "$LIMA_HOME/$3/lima.yaml" ]; then
+      echo '{host_key}'
+    else
+      sed -n 's/^ *# xe-host-key: //p' "$LIMA_HOME/$3/lima.yaml"
+    fi ;;
   stop) [ -d "$LIMA_HOME/$last" ] && echo Stopped > "$LIMA_HOME/$last/status" ;;
   delete) rm -rf "$LIMA_HOME/$last" ;;
   *) echo "stand-in limactl: unknown command $cmd" >&2; exit 2 ;;
@@ -152,9 +159,18 @@ async fn provision_and_teardown_run_the_expected_limactl_sequence() {
     assert_eq!(info.status, VmStatus::Running);
     assert_eq!(info.backend, "lima");
     assert_eq!(info.ssh_port, Some(fake.port()));
-    // Normalised: the guest's comment is dropped.
-    let expected_key = fake.host_key.rsplit_once(' ').expect("comment").0;
-    assert_eq!(info.host_key.as_deref(), Some(expected_key));
+    // The key the provider generated before the VM existed (and kept,
+    // 0600, beside the template, which holds it too).
+    let generated = fake.lima_home.join("_xe").join(format!("{name}.pub"));
+    let expected_key = fs::read_to_string(&generated).expect("generated host key");
+    assert_eq!(info.host_key.as_deref(), Some(expected_key.trim()));
+    for secret in [format!("{name}.host_key"), format!("{name}.yaml")] {
+        let mode = fs::metadata(fake.lima_home.join("_xe").join(&secret))
+            .expect("secret file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{secret}");
+    }
 
     let template = fake.lima_home.join("_xe").join(format!("{name}.yaml"));
     assert_eq!(
@@ -190,7 +206,10 @@ async fn provision_and_teardown_run_the_expected_limactl_sequence() {
     let authorized = key
         .access_pub_key()
         .to_openssh(&format!("xe-lease-{}", lease.short()));
-    let key_lines: Vec<&str> = yaml.lines().filter(|l| l.contains("ssh-ed25519")).collect();
+    let key_lines: Vec<&str> = yaml
+        .lines()
+        .filter(|l| l.contains("ssh-ed25519") && l.contains("authorized_keys"))
+        .collect();
     assert_eq!(
         key_lines,
         vec![
@@ -216,6 +235,7 @@ async fn provision_and_teardown_run_the_expected_limactl_sequence() {
     );
     assert!(!fake.lima_home.join(&name).exists());
     assert!(!template.exists());
+    assert!(!generated.exists(), "the host key outlived its VM");
     assert_eq!(mgr.get(&lease).await, None);
     mgr.teardown(&lease).await.expect("idempotent");
     assert_eq!(fake.calls().len(), 6, "a second teardown runs nothing");
@@ -411,5 +431,34 @@ fn missing_limactl_is_tool_missing() {
     assert!(
         matches!(&e, VmError::ToolMissing { tool, .. } if tool == "limactl"),
         "{e}"
+    );
+}
+
+/// A guest that did not install the generated host key (its provision
+/// script failed) is not accepted: consumers would pin a key it lacks.
+#[tokio::test]
+async fn a_guest_without_the_generated_host_key_is_refused() {
+    let fake = Fake::new();
+    fs::write(fake.root.join("wrong-host-key"), "").expect("marker");
+    let mgr = fake.manager();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let key = lease_key(tmp.path(), "lease");
+    let lease = random_lease();
+    let e = mgr
+        .provision(&request(lease, key.access_pub_key()))
+        .await
+        .expect_err("wrong host key");
+    let presented = fake.host_key.rsplit_once(' ').expect("comment").0;
+    assert!(
+        e.to_string().contains("not the key generated for it") && e.to_string().contains(presented),
+        "{e}"
+    );
+    assert_eq!(
+        mgr.get(&lease).await.map(|i| i.status),
+        Some(VmStatus::Error)
+    );
+    assert!(
+        !fake.lima_home.join(instance_name(&lease)).exists(),
+        "instance kept"
     );
 }

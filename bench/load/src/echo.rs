@@ -73,6 +73,7 @@ impl VmManager for EchoVms {
             ssh_port: Some(self.addr.port()),
             host_key: Some(self.host_key.clone()),
             error: None,
+            accelerator: None,
         };
         self.vms
             .lock()

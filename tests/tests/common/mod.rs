@@ -6,8 +6,9 @@
 pub mod netns;
 
 use std::io::{BufRead, BufReader};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 /// The `xe` binary built alongside this test (target/<profile>/xe), or `XE_BIN`.
@@ -25,6 +26,47 @@ pub fn xe_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// `xe ARGS…`, waited for.
+pub fn xe(args: &[&str]) -> Output {
+    Command::new(xe_bin()).args(args).output().expect("run xe")
+}
+
+/// The stdout of a command that must have succeeded.
+pub fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// One HTTP/1.1 GET against a node's API, returning the JSON body.
+pub fn http_get(addr: &str, path: &str) -> (u16, serde_json::Value) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect api");
+    s.set_read_timeout(Some(Duration::from_secs(70)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let status: u16 = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 /// Whether OpenSSH's sshd is installed. When it is not, tests that need it
