@@ -218,6 +218,25 @@ async fn run(n: u32) {
     let rss = rss_mib();
     b.stop().await;
     a.stop().await;
+    // Listing: one page from the index, then (for comparison) every record.
+    let (r0, t) = (rss_mib(), Instant::now());
+    let (page, _) = a_store
+        .leases_newest_first(None, 1000, |_| true)
+        .expect("page");
+    let page_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let r1 = rss_mib();
+    let t = Instant::now();
+    let all = a_store.leases().expect("all");
+    let all_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let r2 = rss_mib();
+    eprintln!(
+        "listing {n} leases: first page of {} in {page_ms:.1} ms, RSS +{:.1} MiB; all {} in {all_ms:.0} ms, RSS +{:.1} MiB more",
+        page.len(),
+        r1 - r0,
+        all.len(),
+        r2 - r1
+    );
+    drop(all);
 
     println!(
         "| {n} | {total} | {gen_s:.1} s | {write_s:.1} s ({:.0}/s) | {} ({:.0} B/event) | {} | {join_s:.1} s, {}, {join_cpu:.1} s CPU{} | {} B, {} round, {eq_ms:.1} ms, {eq_cpu_ms:.0} ms CPU | {} events: {catch_s:.2} s, {} (events' JSON {}), {catch_cpu:.2} s CPU{} | {rss:.0} MiB |",
