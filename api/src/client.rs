@@ -308,7 +308,7 @@ impl ApiClient {
         self.get_json("/node").await
     }
 
-    /// `GET /leases` with optional filters.
+    /// `GET /leases` with optional filters: every page.
     pub async fn leases(
         &self,
         state: Option<LeaseState>,
@@ -321,12 +321,34 @@ impl ApiClient {
         if let Some(c) = consumer {
             q.push(format!("consumer={c}"));
         }
-        let path = if q.is_empty() {
-            "/leases".to_string()
-        } else {
-            format!("/leases?{}", q.join("&"))
-        };
-        self.get_json(&path).await
+        // The node answers a page at a time (newest first); follow the
+        // cursor so a listing is never silently cut at one page.
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut page_q = q.clone();
+            if let Some(a) = &after {
+                page_q.push(format!("after={a}"));
+            }
+            let path = if page_q.is_empty() {
+                "/leases".to_string()
+            } else {
+                format!("/leases?{}", page_q.join("&"))
+            };
+            let r = self.request(Method::GET, &path, None).await?;
+            let page: Vec<LeaseView> = r.json()?;
+            let next = r
+                .headers
+                .get("x-next-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            out.extend(page);
+            match next {
+                // A cursor that does not move would loop for ever.
+                Some(n) if after.as_deref() != Some(n.as_str()) => after = Some(n),
+                _ => return Ok(out),
+            }
+        }
     }
 
     /// `GET /metrics`: the Prometheus text.
