@@ -72,6 +72,21 @@ fn qemu_flags(img: &Path) -> Vec<String> {
     .collect()
 }
 
+/// A consumer wallet (and its lease key) in `dir`.
+fn new_wallet(dir: &Path) -> PathBuf {
+    let wallet = dir.join("me.seed");
+    ok(
+        &xe(&[
+            "wallet",
+            "create",
+            "--wallet",
+            wallet.to_str().expect("utf8"),
+        ]),
+        "wallet create",
+    );
+    wallet
+}
+
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -235,16 +250,7 @@ fn leased_vms_are_real_isolated_and_survive_a_provider_kill() {
     let pdata = dir.path().join("provider");
     let mut provider = NodeProc::start(&pdata, &strs(&pargs));
     let api = gw.field("api_addr");
-    let wallet = dir.path().join("me.seed");
-    ok(
-        &xe(&[
-            "wallet",
-            "create",
-            "--wallet",
-            wallet.to_str().expect("utf8"),
-        ]),
-        "wallet create",
-    );
+    let wallet = new_wallet(dir.path());
     let account = provider.field("account");
 
     // Two leases at once: two VMs boot side by side.
@@ -503,16 +509,7 @@ fn boot_failures_are_reported_not_left_waiting() {
     flags.extend(["--qemu-boot-timeout".into(), "8".into()]);
     let slow = NodeProc::start(&dir.path().join("d"), &strs(&flags));
 
-    let wallet = dir.path().join("me.seed");
-    ok(
-        &xe(&[
-            "wallet",
-            "create",
-            "--wallet",
-            wallet.to_str().expect("utf8"),
-        ]),
-        "wallet create",
-    );
+    let wallet = new_wallet(dir.path());
     for (node, expect) in [(&broken, "QEMU exited"), (&slow, "within 8s")] {
         let api = node.field("api_addr");
         let out = xe(&[

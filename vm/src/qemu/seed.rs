@@ -229,7 +229,20 @@ mod tests {
     use super::*;
     use xe_store::AccessPubKey;
 
-    fn boot_parts() -> (LeaseHash, String, String, String) {
+    struct Parts(LeaseHash, String, String, String);
+
+    impl Parts {
+        fn boot(&self) -> FirstBoot<'_> {
+            FirstBoot {
+                lease: &self.0,
+                key_line: &self.1,
+                host_key_private: &self.2,
+                host_key_public: &self.3,
+            }
+        }
+    }
+
+    fn boot_parts() -> Parts {
         let kp = russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[7; 32]);
         let lease = LeaseHash([0xc3; 32]);
         let key_line = util::authorized_key_line(&lease, &AccessPubKey(kp.public.0)).expect("line");
@@ -240,18 +253,14 @@ mod tests {
             .expect("encode")
             .to_string();
         let public = util::host_key_line(&hk).expect("public");
-        (lease, key_line, private, public)
+        Parts(lease, key_line, private, public)
     }
 
     #[test]
     fn user_data_carries_exactly_the_lease_items() {
-        let (lease, key_line, private, public) = boot_parts();
-        let boot = FirstBoot {
-            lease: &lease,
-            key_line: &key_line,
-            host_key_private: &private,
-            host_key_public: &public,
-        };
+        let parts = boot_parts();
+        let boot = parts.boot();
+        let (lease, key_line, public) = (parts.0, &parts.1, &parts.3);
         let ud = user_data(&boot);
         assert!(ud.starts_with("#cloud-config\n"));
         assert!(ud.contains(&format!("      - \"{key_line}\"\n")), "{ud}");
@@ -265,13 +274,9 @@ mod tests {
 
     #[test]
     fn fw_cfg_items_name_files_in_the_lease_dir() {
-        let (lease, key_line, private, public) = boot_parts();
-        let boot = FirstBoot {
-            lease: &lease,
-            key_line: &key_line,
-            host_key_private: &private,
-            host_key_public: &public,
-        };
+        let parts = boot_parts();
+        let boot = parts.boot();
+        let key_line = &parts.1;
         let dir = tempfile::tempdir().expect("tempdir");
         let args = write_fw_cfg(dir.path(), &boot, "host_key").expect("fw_cfg");
         let args: Vec<String> = args
@@ -306,13 +311,8 @@ mod tests {
             );
             return;
         };
-        let (lease, key_line, private, public) = boot_parts();
-        let boot = FirstBoot {
-            lease: &lease,
-            key_line: &key_line,
-            host_key_private: &private,
-            host_key_public: &public,
-        };
+        let parts = boot_parts();
+        let boot = parts.boot();
         let dir = tempfile::tempdir().expect("tempdir");
         let args = write_nocloud(dir.path(), &boot, &tool).await.expect("seed");
         assert_eq!(args[1], "file=seed.iso,if=virtio,format=raw,readonly=on");
