@@ -275,7 +275,7 @@ mod tests {
     fn every_kind_round_trips_and_json_still_reads() {
         let c = Wallet::from_seed([1; 32]);
         let p = Wallet::from_seed([2; 32]);
-        let create_again = || {
+        let signed_create = || {
             LeaseEvent::create(
                 &c,
                 Lease {
@@ -291,20 +291,7 @@ mod tests {
                 },
             )
         };
-        let create = LeaseEvent::create(
-            &c,
-            Lease {
-                consumer: c.public_key(),
-                provider: p.address(),
-                vcpus: 2,
-                memory_mb: 1024,
-                disk_gb: 10,
-                duration: 3600,
-                access_pub_key: AccessPubKey(Wallet::from_seed([3; 32]).public_key().0),
-                created_at: 1_700_000_000,
-                nonce: [7; 16],
-            },
-        );
+        let create = signed_create();
         let h = create.lease_hash();
         let key =
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOZkcJ0O9Yl3MY5Wa7sObHRBuqoN2Ig0tGuo6dU2dQmD vm";
@@ -321,7 +308,7 @@ mod tests {
             assert_eq!(decode_event(&json), Ok(ev.clone()));
             assert!(decode_event(&b[..b.len() - 1]).is_err());
         }
-        let LeaseEvent::Create { lease, sig } = create_again() else {
+        let LeaseEvent::Create { lease, sig } = signed_create() else {
             unreachable!()
         };
         let mut rec = LeaseRecord::from_create(lease, sig);

@@ -47,7 +47,7 @@ mod registry;
 pub mod sshd;
 mod util;
 
-pub use util::{LocalUser, parse_access_key};
+pub use util::{LocalUser, VmHostKey, parse_access_key};
 
 /// What a provider asks of a backend for one lease.
 #[derive(Clone, Debug, PartialEq, Eq)]

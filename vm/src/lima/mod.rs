@@ -331,12 +331,7 @@ impl LimaManager {
         if let Some(parent) = key_path.parent() {
             util::create_private_dir(parent)?;
         }
-        let host_key = util::load_or_create_host_key(&key_path)?;
-        let host_key = template::HostKey {
-            private: fs::read_to_string(&key_path)
-                .map_err(VmError::io(format!("reading {}", key_path.display())))?,
-            public: util::host_key_line(&host_key)?,
-        };
+        let host_key = util::load_or_create_vm_host_key(&key_path)?;
         let yaml = template::render(&self.config, req, &host_key)?;
         if self.instance_dir(&name).exists() {
             // Left by an earlier failed attempt or a crash: start clean.

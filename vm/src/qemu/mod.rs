@@ -372,18 +372,14 @@ impl LocalBackend for QemuManager {
         let key_line = util::authorized_key_line(&req.lease, &req.access_pub_key)?;
         util::create_private_dir(&dir)?;
         kill_stale(&dir).await;
-        let key = util::load_or_create_host_key(&key_path)?;
-        let host_key = util::host_key_line(&key)?;
-        let private = fs::read_to_string(&key_path)
-            .map_err(VmError::io(format!("reading {}", key_path.display())))?;
+        let key = util::load_or_create_vm_host_key(&key_path)?;
         if !recovering {
             self.create_overlay(&dir, req.disk_gb).await?;
         }
         let first = seed::FirstBoot {
             lease: &req.lease,
             key_line: &key_line,
-            host_key_private: &private,
-            host_key_public: &host_key,
+            host_key: &key,
         };
         let mut boot_args = Vec::new();
         if self.config.seed.fw_cfg() {
@@ -392,7 +388,7 @@ impl LocalBackend for QemuManager {
         if let Some(tool) = &self.iso_tool {
             boot_args.extend(seed::write_nocloud(&dir, &first, tool).await?);
         }
-        let (vm, port) = match self.boot(req, &dir, &boot_args, &host_key).await {
+        let (vm, port) = match self.boot(req, &dir, &boot_args, &key.public).await {
             Ok(up) => up,
             Err(e) => {
                 // A fresh lease's disk holds nothing yet; don't keep it
@@ -406,7 +402,7 @@ impl LocalBackend for QemuManager {
         };
         let mut info = VmInfo::new(req.lease, "qemu", VmStatus::Running);
         info.ssh_port = Some(port);
-        info.host_key = Some(host_key);
+        info.host_key = Some(key.public);
         info.accelerator = Some(self.accel.summary());
         Ok((info, vm))
     }

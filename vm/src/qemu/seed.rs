@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::process::Command;
 use xe_store::LeaseHash;
 
-use crate::{VmError, util};
+use crate::{VmError, VmHostKey, util};
 
 /// Files in the lease directory (QEMU runs with it as its working
 /// directory, so these names are all it sees).
@@ -73,10 +73,8 @@ pub(crate) struct FirstBoot<'a> {
     pub lease: &'a LeaseHash,
     /// From [`util::authorized_key_line`].
     pub key_line: &'a str,
-    /// The host key's OpenSSH private encoding (our own, validated).
-    pub host_key_private: &'a str,
-    /// `ssh-ed25519 AAAA…`.
-    pub host_key_public: &'a str,
+    /// The host key generated for the VM.
+    pub host_key: &'a VmHostKey,
 }
 
 impl FirstBoot<'_> {
@@ -116,7 +114,7 @@ pub(crate) fn write_fw_cfg(
 /// off, the host key is the pre-generated one and no other is made.
 pub(crate) fn user_data(boot: &FirstBoot<'_>) -> String {
     let mut private = String::new();
-    for line in boot.host_key_private.lines() {
+    for line in boot.host_key.private.lines() {
         private.push_str("      ");
         private.push_str(line);
         private.push('\n');
@@ -144,7 +142,7 @@ pub(crate) fn user_data(boot: &FirstBoot<'_>) -> String {
         lease = boot.lease,
         hostname = boot.hostname(),
         key = boot.key_line,
-        public = boot.host_key_public,
+        public = boot.host_key.public,
     )
 }
 
@@ -229,15 +227,14 @@ mod tests {
     use super::*;
     use xe_store::AccessPubKey;
 
-    struct Parts(LeaseHash, String, String, String);
+    struct Parts(LeaseHash, String, VmHostKey);
 
     impl Parts {
         fn boot(&self) -> FirstBoot<'_> {
             FirstBoot {
                 lease: &self.0,
                 key_line: &self.1,
-                host_key_private: &self.2,
-                host_key_public: &self.3,
+                host_key: &self.2,
             }
         }
     }
@@ -247,20 +244,15 @@ mod tests {
         let lease = LeaseHash([0xc3; 32]);
         let key_line = util::authorized_key_line(&lease, &AccessPubKey(kp.public.0)).expect("line");
         let dir = tempfile::tempdir().expect("tempdir");
-        let hk = util::load_or_create_host_key(&dir.path().join("host_key")).expect("key");
-        let private = hk
-            .to_openssh(russh::keys::ssh_key::LineEnding::LF)
-            .expect("encode")
-            .to_string();
-        let public = util::host_key_line(&hk).expect("public");
-        Parts(lease, key_line, private, public)
+        let hk = util::load_or_create_vm_host_key(&dir.path().join("host_key")).expect("key");
+        Parts(lease, key_line, hk)
     }
 
     #[test]
     fn user_data_carries_exactly_the_lease_items() {
         let parts = boot_parts();
         let boot = parts.boot();
-        let (lease, key_line, public) = (parts.0, &parts.1, &parts.3);
+        let (lease, key_line, public) = (parts.0, &parts.1, &parts.2.public);
         let ud = user_data(&boot);
         assert!(ud.starts_with("#cloud-config\n"));
         assert!(ud.contains(&format!("      - \"{key_line}\"\n")), "{ud}");
