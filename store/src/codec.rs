@@ -13,109 +13,10 @@
 //!
 //! Integers are big-endian, as in the signed encoding.
 //!
-//! A lease record is stored the same way (JSON before, still read):
-//!
-//! ```text
-//! record  0x01 ‖ create event without its kind byte (204 bytes)
-//!              ‖ 0 | 1 ‖ accepted_at u64 ‖ event id 32 ‖ len u16 ‖ host key
-//!              ‖ 0 | 1 ‖ settled by 32 ‖ at u64 ‖ event id 32
-//!              ‖ 0 | 1 ‖ cancelled by 32 ‖ at u64 ‖ event id 32
-//! ```
+//! Lease bundles (see `layout`) store these bytes too.
 
-use crate::ids::{AccessPubKey, AccountAddress, AccountPubKey, EventId, LeaseHash, Sig};
+use crate::ids::{AccessPubKey, AccountAddress, AccountPubKey, LeaseHash, Sig};
 use crate::lease::{Lease, LeaseEvent};
-use crate::record::{AcceptFact, EndFact, LeaseRecord};
-
-/// The stored bytes of a lease record.
-pub fn encode_record(rec: &LeaseRecord) -> Vec<u8> {
-    let create = LeaseEvent::Create {
-        lease: rec.lease.clone(),
-        sig: rec.create_sig,
-    };
-    let mut b = vec![1u8];
-    b.extend_from_slice(&encode_event(&create)[1..]);
-    match &rec.accept {
-        None => b.push(0),
-        Some(a) => {
-            b.push(1);
-            b.extend_from_slice(&a.accepted_at.to_be_bytes());
-            b.extend_from_slice(&a.event_id.0);
-            let len = u16::try_from(a.vm_host_key.len()).unwrap_or(u16::MAX);
-            b.extend_from_slice(&len.to_be_bytes());
-            b.extend_from_slice(&a.vm_host_key.as_bytes()[..usize::from(len)]);
-        }
-    }
-    for end in [&rec.settle, &rec.cancel] {
-        match end {
-            None => b.push(0),
-            Some(e) => {
-                b.push(1);
-                b.extend_from_slice(&e.by.0);
-                b.extend_from_slice(&e.at.to_be_bytes());
-                b.extend_from_slice(&e.event_id.0);
-            }
-        }
-    }
-    b
-}
-
-/// Read a stored record (binary, or JSON from before).
-pub fn decode_record(v: &[u8]) -> Result<LeaseRecord, String> {
-    if v.first() == Some(&b'{') {
-        return serde_json::from_slice(v).map_err(|e| e.to_string());
-    }
-    const CREATE: usize = 204;
-    if v.first() != Some(&1) || v.len() < 1 + CREATE {
-        return Err("not a record".into());
-    }
-    let mut ev = vec![1u8];
-    ev.extend_from_slice(&v[1..1 + CREATE]);
-    let LeaseEvent::Create { lease, sig } = decode_event(&ev)? else {
-        return Err("record does not start with a create".into());
-    };
-    let mut r = R(&v[1 + CREATE..]);
-    let accept = match r.take::<1>()?[0] {
-        0 => None,
-        _ => {
-            let accepted_at = r.u64()?;
-            let event_id = EventId(r.take()?);
-            let len = usize::from(u16::from_be_bytes(r.take()?));
-            if r.0.len() < len {
-                return Err("truncated host key".into());
-            }
-            let vm_host_key = String::from_utf8(r.0[..len].to_vec()).map_err(|e| e.to_string())?;
-            r.0 = &r.0[len..];
-            Some(AcceptFact {
-                accepted_at,
-                vm_host_key,
-                event_id,
-            })
-        }
-    };
-    let mut end = || -> Result<Option<EndFact>, String> {
-        Ok(match r.take::<1>()?[0] {
-            0 => None,
-            _ => Some(EndFact {
-                by: AccountAddress(r.take()?),
-                at: r.u64()?,
-                event_id: EventId(r.take()?),
-            }),
-        })
-    };
-    let settle = end()?;
-    let cancel = end()?;
-    if !r.0.is_empty() {
-        return Err(format!("{} trailing bytes", r.0.len()));
-    }
-    Ok(LeaseRecord {
-        hash: lease.hash(),
-        lease,
-        create_sig: sig,
-        accept,
-        settle,
-        cancel,
-    })
-}
 
 /// The stored bytes of an event.
 pub fn encode_event(ev: &LeaseEvent) -> Vec<u8> {
@@ -307,33 +208,6 @@ mod tests {
             let json = serde_json::to_vec(&ev).expect("json");
             assert_eq!(decode_event(&json), Ok(ev.clone()));
             assert!(decode_event(&b[..b.len() - 1]).is_err());
-        }
-        let LeaseEvent::Create { lease, sig } = signed_create() else {
-            unreachable!()
-        };
-        let mut rec = LeaseRecord::from_create(lease, sig);
-        for step in 0..3 {
-            let b = encode_record(&rec);
-            assert!(b.len() < 420, "{} bytes", b.len());
-            assert_eq!(decode_record(&b), Ok(rec.clone()));
-            let json = serde_json::to_vec(&rec).expect("json");
-            assert_eq!(decode_record(&json), Ok(rec.clone()));
-            match step {
-                0 => {
-                    rec.accept = Some(AcceptFact {
-                        accepted_at: 5,
-                        vm_host_key: key.into(),
-                        event_id: EventId([4; 32]),
-                    })
-                }
-                _ => {
-                    rec.settle = Some(EndFact {
-                        by: c.public_key().address(),
-                        at: 9,
-                        event_id: EventId([5; 32]),
-                    })
-                }
-            }
         }
         assert!(decode_event(&[9, 0]).is_err());
         assert!(decode_event(&[]).is_err());

@@ -1,34 +1,24 @@
-//! sled persistence: leases, the applied-event log, pending events, the
-//! sync set and the directory. [`Store::apply_event`] flushes before it
-//! returns, so an acknowledged event survives a crash;
-//! [`Store::apply_events`] applies a whole page under one flush.
-//!
-//! Trees: `leases` (hash → record), `events` (id → applied event),
-//! `pending` (hash ‖ id → event waiting for its lease or accept),
-//! `pending_ids` (id → hash, so membership is one lookup), `by_lease`
-//! (hash ‖ id → timestamp: every held event, by lease for compaction, and
-//! the source of the in-memory [`SyncSet`] at open), `compacted` (hash → end time: tombstones, see
-//! [`crate::retention`]), `by_created` (newest-first listing, see
-//! [`crate::listing`]) and `directory`.
+//! sled persistence: the ledger (one tree, keys in [`crate::layout`]) and
+//! the directory. [`Store::apply_event`] flushes before it returns, so an
+//! acknowledged event survives a crash; [`Store::apply_events`] applies a
+//! whole page as one atomic batch under one flush (see [`crate::apply`]).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::broadcast;
 
-use crate::codec::encode_event;
+use crate::apply::{bundle_in, corrupt};
 use crate::directory::{DirectoryEntry, DirectoryError};
 use crate::ids::{AccountAddress, EventId, LeaseHash};
+use crate::layout::{self, Bundle, IndexEntry};
 use crate::lease::{EventError, LeaseEvent};
-use crate::record::{LeaseRecord, LeaseState, Outcome};
+use crate::page::Page;
+use crate::record::{LeaseRecord, LeaseState};
 use crate::syncset::{SyncKey, SyncSet};
 
-/// Most pending (not yet applicable) events kept, so a peer cannot fill
-/// the disk with events for leases that will never exist.
-pub const MAX_PENDING: usize = 100_000;
+pub use crate::apply::MAX_PENDING;
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
@@ -85,24 +75,18 @@ pub struct Store {
 
 pub(crate) struct Inner {
     pub(crate) db: sled::Db,
-    pub(crate) leases: sled::Tree,
-    pub(crate) events: sled::Tree,
-    pub(crate) pending: sled::Tree,
-    pub(crate) pending_ids: sled::Tree,
-    pub(crate) by_lease: sled::Tree,
-    pub(crate) compacted: sled::Tree,
-    pub(crate) by_created: sled::Tree,
+    pub(crate) ledger: sled::Tree,
     pub(crate) directory: sled::Tree,
     /// Every held event as a sync key, with its running fingerprint.
     pub(crate) set: RwLock<SyncSet>,
-    /// Counts kept beside the trees: sled's `len()` walks the whole tree,
-    /// and the old pending-limit check called it on every pending insert,
-    /// which made a join quadratic.
+    /// Counts kept beside the tree: sled's `len()` walks the whole tree,
+    /// and a pending-limit check that called it on every pending insert
+    /// once made a join quadratic.
     pub(crate) n_events: AtomicUsize,
     pub(crate) n_pending: AtomicUsize,
-    /// Serialises read-modify-write of lease records.
+    /// Serialises read-modify-write of lease bundles.
     pub(crate) apply_lock: Mutex<()>,
-    changes: broadcast::Sender<LeaseChange>,
+    pub(crate) changes: broadcast::Sender<LeaseChange>,
     directory_changes: broadcast::Sender<AccountAddress>,
 }
 
@@ -110,43 +94,12 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     key: &[u8],
     v: &[u8],
 ) -> Result<T, StoreError> {
-    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
-        key: hex::encode(key),
-        detail: e.to_string(),
-    })
-}
-
-/// Signature and terms checks of a page, on two threads when the page is
-/// big enough to pay for one: verification is most of a join's CPU.
-fn check_all(evs: &[LeaseEvent]) -> Vec<Result<(), EventError>> {
-    let serial = |evs: &[LeaseEvent]| evs.iter().map(LeaseEvent::check_self).collect::<Vec<_>>();
-    if evs.len() < 64 {
-        return serial(evs);
-    }
-    let (a, b) = evs.split_at(evs.len() / 2);
-    std::thread::scope(|s| {
-        let other = s.spawn(|| serial(b));
-        let mut out = serial(a);
-        // A panicked thread (none is expected) is redone here.
-        out.extend(other.join().unwrap_or_else(|_| serial(b)));
-        out
-    })
-}
-
-/// A lease record as stored (see [`crate::codec`]).
-pub(crate) fn decode_rec(key: &[u8], v: &[u8]) -> Result<LeaseRecord, StoreError> {
-    crate::codec::decode_record(v).map_err(|detail| StoreError::Corrupt {
-        key: hex::encode(key),
-        detail,
-    })
+    serde_json::from_slice(v).map_err(|e| corrupt(key, e.to_string()))
 }
 
 /// An event as stored (see [`crate::codec`]).
 pub(crate) fn decode_ev(key: &[u8], v: &[u8]) -> Result<LeaseEvent, StoreError> {
-    crate::codec::decode_event(v).map_err(|detail| StoreError::Corrupt {
-        key: hex::encode(key),
-        detail,
-    })
+    crate::codec::decode_event(v).map_err(|d| corrupt(key, d))
 }
 
 pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
@@ -167,42 +120,26 @@ impl Store {
     fn from_db(db: sled::Db) -> Result<Self, StoreError> {
         let (changes, _) = broadcast::channel(1024);
         let (directory_changes, _) = broadcast::channel(256);
-        let events = db.open_tree("events")?;
-        let pending = db.open_tree("pending")?;
-        let pending_ids = db.open_tree("pending_ids")?;
-        let by_lease = db.open_tree("by_lease")?;
-        let leases = db.open_tree("leases")?;
-        let by_created = db.open_tree("by_created")?;
-        if by_created.is_empty() && !leases.is_empty() {
-            crate::listing::rebuild_index(&leases, &by_created)?;
-        }
-        // One walk of each tree at open; never again afterwards.
-        let n_events = events.len();
-        let n_pending = pending.len();
-        if by_lease.is_empty() && n_events + n_pending > 0 {
-            rebuild_sync_index(&events, &pending, &pending_ids, &by_lease)?;
-        }
+        let ledger = db.open_tree("ledger")?;
+        // The sync set and the counters come from one walk of the index at
+        // open; never again afterwards.
         let mut set = SyncSet::new();
-        // The sync set is not stored on its own: `by_lease` holds every
-        // held event's id and timestamp (one tree fewer to write per event).
-        for r in by_lease.iter() {
+        let (mut n_events, mut n_pending) = (0, 0);
+        for r in ledger.scan_prefix([layout::INDEX]) {
             let (k, v) = r?;
-            let key = sync_key_of(&k, &v).ok_or_else(|| StoreError::Corrupt {
-                key: hex::encode(&k),
-                detail: "by_lease entry is not 64 + 8 bytes".into(),
-            })?;
-            set.insert(key);
+            let e = IndexEntry::decode(&v).ok_or_else(|| corrupt(&k, "bad index entry"))?;
+            let id = EventId::from_slice(&k[1..]).map_err(|e| corrupt(&k, e.to_string()))?;
+            set.insert(SyncKey { ts: e.ts, id });
+            if e.pending {
+                n_pending += 1;
+            } else {
+                n_events += 1;
+            }
         }
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(Inner {
-                leases,
-                events,
-                pending,
-                pending_ids,
-                by_lease,
-                compacted: db.open_tree("compacted")?,
-                by_created,
                 directory: db.open_tree("directory")?,
+                ledger,
                 db,
                 set: RwLock::new(set),
                 n_events: AtomicUsize::new(n_events),
@@ -211,7 +148,16 @@ impl Store {
                 changes,
                 directory_changes,
             }),
-        })
+        };
+        crate::migrate::from_trees(&store)?;
+        Ok(store)
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, ()> {
+        self.inner
+            .apply_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Read the sync set (held briefly: writers wait on it).
@@ -220,24 +166,40 @@ impl Store {
         f(&set)
     }
 
-    /// One held event (applied or pending) by id.
-    pub fn event(&self, id: &EventId) -> Result<Option<LeaseEvent>, StoreError> {
-        if let Some(v) = self.inner.events.get(id.0)? {
-            return Ok(Some(decode_ev(&id.0, &v)?));
-        }
-        let Some(hash) = self.inner.pending_ids.get(id.0)? else {
-            return Ok(None);
-        };
-        let mut pkey = hash.to_vec();
-        pkey.extend_from_slice(&id.0);
-        match self.inner.pending.get(&pkey)? {
-            Some(v) => Ok(Some(decode_ev(&pkey, &v)?)),
+    fn index(&self, id: &EventId) -> Result<Option<IndexEntry>, StoreError> {
+        let k = layout::index_key(id);
+        match self.inner.ledger.get(k)? {
+            Some(v) => Ok(Some(
+                IndexEntry::decode(&v).ok_or_else(|| corrupt(&k, "bad index entry"))?,
+            )),
             None => Ok(None),
         }
     }
 
+    fn bundle(&self, hash: &LeaseHash) -> Result<Option<Bundle>, StoreError> {
+        bundle_in(&Page::new(&self.inner), hash)
+    }
+
+    /// One held event (applied or pending) by id.
+    pub fn event(&self, id: &EventId) -> Result<Option<LeaseEvent>, StoreError> {
+        let Some(e) = self.index(id)? else {
+            return Ok(None);
+        };
+        if e.pending {
+            let k = layout::pending_key(&e.lease, id);
+            return match self.inner.ledger.get(k)? {
+                Some(v) => Ok(Some(decode_ev(&k, &v)?)),
+                None => Ok(None),
+            };
+        }
+        Ok(self
+            .bundle(&e.lease)?
+            .and_then(|b| b.events().find(|ev| ev.id() == *id).cloned()))
+    }
+
     /// The held events for `ids`, skipping any not held (compacted or
-    /// never seen), at most `max_bytes` of JSON in all (at least one).
+    /// never seen), at most `max_bytes` of their stored form in all (at
+    /// least one).
     pub fn events_by_ids(
         &self,
         ids: &[EventId],
@@ -245,10 +207,22 @@ impl Store {
     ) -> Result<Vec<LeaseEvent>, StoreError> {
         let mut out = Vec::new();
         let mut bytes = 0;
+        // Neighbouring ids are often one lease's events: its bundle is
+        // read once for them.
+        let mut last: Option<(LeaseHash, Bundle)> = None;
         for id in ids {
-            if let Some(ev) = self.event(id)? {
-                // The JSON size: what the caller will send.
-                bytes += encode(&ev).len();
+            let Some(e) = self.index(id)? else { continue };
+            let ev = if e.pending {
+                self.event(id)?
+            } else {
+                if last.as_ref().is_none_or(|(h, _)| *h != e.lease) {
+                    last = self.bundle(&e.lease)?.map(|b| (e.lease, b));
+                }
+                last.as_ref()
+                    .and_then(|(_, b)| b.events().find(|ev| ev.id() == *id).cloned())
+            };
+            if let Some(ev) = ev {
+                bytes += crate::codec::encode_event(&ev).len();
                 if bytes > max_bytes && !out.is_empty() {
                     break;
                 }
@@ -259,7 +233,8 @@ impl Store {
     }
 
     /// Lease state changes from now on. A lagging receiver should re-scan
-    /// with [`Store::leases`]; changes are not replayed after a restart.
+    /// with [`Store::leases_newest_first`]; changes are not replayed after
+    /// a restart.
     pub fn subscribe(&self) -> broadcast::Receiver<LeaseChange> {
         self.inner.changes.subscribe()
     }
@@ -277,27 +252,45 @@ impl Store {
 
     /// One lease.
     pub fn lease(&self, hash: &LeaseHash) -> Result<Option<LeaseRecord>, StoreError> {
-        match self.inner.leases.get(hash.0)? {
-            Some(v) => Ok(Some(decode_rec(&hash.0, &v)?)),
+        match self.bundle(hash)? {
+            Some(b) => Ok(Some(
+                b.record()
+                    .map_err(|d| corrupt(&layout::lease_key(hash), d))?,
+            )),
             None => Ok(None),
         }
     }
 
-    /// Every lease.
+    /// Every lease record, decoded one at a time (memory stays flat).
+    pub fn for_each_lease(
+        &self,
+        mut f: impl FnMut(LeaseRecord) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        for r in self.inner.ledger.scan_prefix([layout::LEASE]) {
+            let (k, v) = r?;
+            let hash = LeaseHash::from_slice(&k[1..]).map_err(|e| corrupt(&k, e.to_string()))?;
+            let rec = Bundle::decode(&hash, &v)
+                .and_then(|b| b.record())
+                .map_err(|d| corrupt(&k, d))?;
+            f(rec)?;
+        }
+        Ok(())
+    }
+
+    /// Every lease, in one vector (tests and small stores; a node lists
+    /// with [`Store::leases_newest_first`] or [`Store::for_each_lease`]).
     pub fn leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
-        self.inner
-            .leases
-            .iter()
-            .map(|r| {
-                let (k, v) = r?;
-                decode_rec(&k, &v)
-            })
-            .collect()
+        let mut out = Vec::new();
+        self.for_each_lease(|r| {
+            out.push(r);
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// Whether an event (applied or pending) is known.
     pub fn has_event(&self, id: &EventId) -> Result<bool, StoreError> {
-        Ok(self.inner.events.contains_key(id.0)? || self.inner.pending_ids.contains_key(id.0)?)
+        Ok(self.inner.ledger.contains_key(layout::index_key(id))?)
     }
 
     /// Number of applied events.
@@ -311,277 +304,40 @@ impl Store {
     }
 
     /// Applied events with id greater than `after`, in id order, at most
-    /// `limit` (the sync protocol's page).
+    /// `limit` (the old sync protocol's page).
     pub fn events_after(
         &self,
         after: Option<EventId>,
         limit: usize,
     ) -> Result<Vec<LeaseEvent>, StoreError> {
-        let iter = match after {
-            Some(a) => self.inner.events.range((
-                std::ops::Bound::Excluded(a.0.to_vec()),
-                std::ops::Bound::Unbounded,
-            )),
-            None => self.inner.events.iter(),
+        let from = match after {
+            Some(a) => std::ops::Bound::Excluded(layout::index_key(&a).to_vec()),
+            None => std::ops::Bound::Included(vec![layout::INDEX]),
         };
-        iter.take(limit)
-            .map(|r| {
-                let (k, v) = r?;
-                decode_ev(&k, &v)
-            })
-            .collect()
-    }
-
-    /// Validate and apply one event. A refused event changes nothing; an
-    /// event whose lease (or accept) is not known yet is kept pending and
-    /// applied when its dependency lands.
-    pub fn apply_event(&self, ev: &LeaseEvent) -> Result<Applied, StoreError> {
-        let mut results = self.apply_events(std::slice::from_ref(ev))?;
-        results.pop().unwrap_or(Ok(Applied::Duplicate))
-    }
-
-    /// Validate and apply a page of events with one flush for all of them:
-    /// the per-event flush capped a join at ~1,600 events/s. Each event
-    /// gets its own result (a refused one changes nothing); the outer error
-    /// is a failed flush, after which nothing of the page may be assumed
-    /// durable. Change notifications go out after the flush.
-    pub fn apply_events(
-        &self,
-        evs: &[LeaseEvent],
-    ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
-        // Signatures are checked before taking the lock: that is the
-        // expensive part, and it needs no state.
-        let checked = check_all(evs);
-        let _guard = self
-            .inner
-            .apply_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let mut changes = Vec::new();
-        let mut results = Vec::with_capacity(evs.len());
-        let mut wrote = false;
-        for (ev, ok) in evs.iter().zip(checked) {
-            let r = match ok {
-                Err(e) => Err(StoreError::Rejected(e)),
-                Ok(()) => match self.apply_locked(ev, &mut changes) {
-                    Err(e @ (StoreError::Db(_) | StoreError::Corrupt { .. })) => return Err(e),
-                    r => r,
-                },
-            };
-            wrote |= matches!(r, Ok(Applied::Pending) | Ok(Applied::Changed(_)));
-            results.push(r);
-        }
-        if wrote || !changes.is_empty() {
-            self.inner.db.flush()?;
-        }
-        for c in changes {
-            // No receivers is fine.
-            let _ = self.inner.changes.send(c);
-        }
-        Ok(results)
-    }
-
-    fn set_mut(&self) -> std::sync::RwLockWriteGuard<'_, SyncSet> {
-        self.inner.set.write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn apply_locked(
-        &self,
-        ev: &LeaseEvent,
-        changes: &mut Vec<LeaseChange>,
-    ) -> Result<Applied, StoreError> {
-        let hash = ev.lease_hash();
-        let id = ev.id();
-        // A compacted lease's events are refused as known: a replay is not
-        // misbehaviour (a peer may simply be behind), but it changes nothing.
-        if self.inner.events.contains_key(id.0)? || self.inner.compacted.contains_key(hash.0)? {
-            return Ok(Applied::Duplicate);
-        }
-        let current = self.lease(&hash)?;
-        let (next, wait) = match (&current, ev) {
-            (None, LeaseEvent::Create { lease, sig }) => {
-                (Some(LeaseRecord::from_create(lease.clone(), *sig)), false)
+        let to = std::ops::Bound::Excluded(vec![layout::INDEX + 1]);
+        let mut out = Vec::new();
+        for r in self.inner.ledger.range((from, to)) {
+            if out.len() >= limit {
+                break;
             }
-            (None, _) => (None, true),
-            (Some(_), LeaseEvent::Create { .. }) => (None, false),
-            (Some(rec), _) => match rec.apply(ev)? {
-                Outcome::Changed(r) => (Some(*r), false),
-                Outcome::Unchanged => (None, false),
-                Outcome::Wait(_) => (None, true),
-            },
-        };
-        let mut pkey = hash.0.to_vec();
-        pkey.extend_from_slice(&id.0);
-        let skey = SyncKey {
-            ts: ev.timestamp(),
-            id,
-        };
-        let was_pending = self.inner.pending_ids.contains_key(id.0)?;
-        if wait {
-            if was_pending {
-                return Ok(Applied::Duplicate);
-            }
-            if self.inner.n_pending.load(Ordering::Relaxed) >= MAX_PENDING {
-                return Err(StoreError::PendingFull);
-            }
-            let ev_bytes = encode_event(ev);
-            let r: Result<(), TransactionError<()>> = (
-                &self.inner.pending,
-                &self.inner.pending_ids,
-                &self.inner.by_lease,
-            )
-                .transaction(|(p, pi, bl)| {
-                    p.insert(pkey.as_slice(), ev_bytes.as_slice())?;
-                    pi.insert(&id.0, &hash.0)?;
-                    bl.insert(pkey.as_slice(), &skey.ts.to_be_bytes())?;
-                    Ok::<_, ConflictableTransactionError<()>>(())
-                });
-            r.map_err(tx_error)?;
-            self.inner.n_pending.fetch_add(1, Ordering::Relaxed);
-            self.set_mut().insert(skey);
-            return Ok(Applied::Pending);
-        }
-        // An accept that voids a cancel drops the cancel from the ledger
-        // too: a node that saw the accept first refuses that cancel, so
-        // keeping it here would leave the two nodes' sets different for
-        // ever, costing a reconciliation round trip every time they meet.
-        let voided = match (&current, &next) {
-            (Some(cur), Some(n)) if n.cancel.is_none() => cur.cancel.as_ref().map(|c| SyncKey {
-                ts: c.at,
-                id: c.event_id,
-            }),
-            _ => None,
-        };
-        let ev_bytes = encode_event(ev);
-        let rec_bytes = next.as_ref().map(crate::codec::encode_record);
-        let created_key = match (&current, &next) {
-            (None, Some(n)) => Some(crate::listing::created_key(n.lease.created_at, &hash)),
-            _ => None,
-        };
-        let r: Result<(), TransactionError<()>> = (
-            &self.inner.leases,
-            &self.inner.events,
-            &self.inner.pending,
-            &self.inner.pending_ids,
-            &self.inner.by_lease,
-            &self.inner.by_created,
-        )
-            .transaction(|(l, e, p, pi, bl, bc)| {
-                if let Some(ck) = &created_key {
-                    bc.insert(&ck[..], &[])?;
-                }
-                if let Some(rb) = &rec_bytes {
-                    l.insert(&hash.0, rb.as_slice())?;
-                }
-                e.insert(&id.0, ev_bytes.as_slice())?;
-                p.remove(pkey.as_slice())?;
-                pi.remove(&id.0)?;
-                bl.insert(pkey.as_slice(), &skey.ts.to_be_bytes())?;
-                if let Some(v) = &voided {
-                    e.remove(&v.id.0)?;
-                    let mut vk = hash.0.to_vec();
-                    vk.extend_from_slice(&v.id.0);
-                    bl.remove(vk)?;
-                }
-                Ok::<_, ConflictableTransactionError<()>>(())
-            });
-        r.map_err(tx_error)?;
-        self.inner.n_events.fetch_add(1, Ordering::Relaxed);
-        if was_pending {
-            self.inner.n_pending.fetch_sub(1, Ordering::Relaxed);
-        }
-        {
-            let mut set = self.set_mut();
-            set.insert(skey);
-            if let Some(v) = &voided
-                && set.remove(v)
-            {
-                self.inner.n_events.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-        let Some(next) = next else {
-            return Ok(Applied::Duplicate);
-        };
-        let now = crate::now_secs();
-        let new = next.state_at(now);
-        let old = current.as_ref().map(|c| c.state_at(now));
-        if old != Some(new) {
-            changes.push(LeaseChange {
-                lease: hash,
-                old,
-                new,
-            });
-        }
-        self.retry_pending(&hash, changes)?;
-        Ok(Applied::Changed(new))
-    }
-
-    /// Re-apply events that were waiting on this lease.
-    fn retry_pending(
-        &self,
-        hash: &LeaseHash,
-        changes: &mut Vec<LeaseChange>,
-    ) -> Result<(), StoreError> {
-        let waiting: Vec<(sled::IVec, sled::IVec)> = self
-            .inner
-            .pending
-            .scan_prefix(hash.0)
-            .collect::<Result<_, _>>()?;
-        for (k, v) in waiting {
-            // Applying one of them retries this lease's pending events
-            // again (recursively), which may already have applied or
-            // dropped the rest of this list.
-            if !self.inner.pending.contains_key(&k)? {
+            let (k, v) = r?;
+            let e = IndexEntry::decode(&v).ok_or_else(|| corrupt(&k, "bad index entry"))?;
+            if e.pending {
                 continue;
             }
-            let ev: LeaseEvent = decode_ev(&k, &v)?;
-            // Still waiting (a settle whose accept is not here yet) leaves
-            // it pending; applying removes it from `pending` in the same
-            // transaction that records it.
-            match self.apply_locked(&ev, changes) {
-                Ok(_) => {}
-                Err(StoreError::Rejected(e)) => {
-                    tracing::warn!(lease = %hash.short(), error = %e, "dropping pending event that no longer applies");
-                    self.drop_pending(&k, &ev)?;
-                }
-                Err(e) => return Err(e),
+            let id = EventId::from_slice(&k[1..]).map_err(|e| corrupt(&k, e.to_string()))?;
+            if let Some(ev) = self.event(&id)? {
+                out.push(ev);
             }
         }
-        Ok(())
-    }
-
-    fn drop_pending(&self, pkey: &[u8], ev: &LeaseEvent) -> Result<(), StoreError> {
-        let id = ev.id();
-        let skey = SyncKey {
-            ts: ev.timestamp(),
-            id,
-        };
-        let r: Result<(), TransactionError<()>> = (
-            &self.inner.pending,
-            &self.inner.pending_ids,
-            &self.inner.by_lease,
-        )
-            .transaction(|(p, pi, bl)| {
-                p.remove(pkey)?;
-                pi.remove(&id.0)?;
-                bl.remove(pkey)?;
-                Ok::<_, ConflictableTransactionError<()>>(())
-            });
-        r.map_err(tx_error)?;
-        self.inner.n_pending.fetch_sub(1, Ordering::Relaxed);
-        self.set_mut().remove(&skey);
-        Ok(())
+        Ok(out)
     }
 
     /// Validate and store a directory entry if it is newer than what we have.
     /// Returns whether it replaced anything.
     pub fn put_directory(&self, entry: &DirectoryEntry) -> Result<bool, StoreError> {
         entry.check(crate::now_secs())?;
-        let _guard = self
-            .inner
-            .apply_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _guard = self.lock();
         let addr = entry.address();
         if let Some(old) = self.directory_raw(&addr)?
             && (old.issued_at, &old.sig.0[..]) >= (entry.issued_at, &entry.sig.0[..])
@@ -623,45 +379,4 @@ impl Store {
         }
         Ok(out)
     }
-}
-
-pub(crate) fn tx_error(e: TransactionError<()>) -> StoreError {
-    match e {
-        TransactionError::Storage(s) => StoreError::Db(s),
-        TransactionError::Abort(()) => StoreError::Db(sled::Error::ReportableBug("aborted".into())),
-    }
-}
-
-/// The sync key a `by_lease` entry (hash ‖ id → timestamp) stands for.
-pub(crate) fn sync_key_of(k: &[u8], v: &[u8]) -> Option<SyncKey> {
-    let id = EventId::from_slice(k.get(32..64)?).ok()?;
-    let ts = u64::from_be_bytes(<[u8; 8]>::try_from(v).ok()?);
-    (k.len() == 64).then_some(SyncKey { ts, id })
-}
-
-/// Fill the `by_lease` and `pending_ids` trees from the events of a store
-/// written before they existed.
-fn rebuild_sync_index(
-    events: &sled::Tree,
-    pending: &sled::Tree,
-    pending_ids: &sled::Tree,
-    by_lease: &sled::Tree,
-) -> Result<(), StoreError> {
-    for r in events.iter().chain(pending.iter()) {
-        let (k, v) = r?;
-        let ev: LeaseEvent = decode_ev(&k, &v)?;
-        let id = ev.id();
-        let key = SyncKey {
-            ts: ev.timestamp(),
-            id,
-        };
-        let mut lk = ev.lease_hash().0.to_vec();
-        lk.extend_from_slice(&id.0);
-        by_lease.insert(lk, &key.ts.to_be_bytes())?;
-        if k.len() == 64 {
-            pending_ids.insert(id.0, &k[..32])?;
-        }
-    }
-    by_lease.flush()?;
-    Ok(())
 }

@@ -10,19 +10,24 @@
 //! - [`record`]: a lease's state derived from its facts; the transition rules.
 //! - [`directory`]: signed account → PeerId entries.
 //! - [`codec`]: the compact stored form of events.
-//! - [`db`]: sled persistence with flushed writes and a change subscription.
+//! - [`db`]: sled persistence with flushed writes and a change subscription;
+//!   the keys are in `layout`, a page of events is applied by `apply`.
 //! - [`listing`]: leases newest first, a page at a time.
 //! - [`retention`]: compaction of leases that ended long ago, tombstones.
 //! - [`syncset`]: the sorted set of held events with range fingerprints,
 //!   which reconciliation between nodes compares.
 #![forbid(unsafe_code)]
 
+mod apply;
 pub mod codec;
 pub mod db;
 pub mod directory;
 pub mod ids;
+mod layout;
 pub mod lease;
 pub mod listing;
+mod migrate;
+mod page;
 pub mod record;
 pub mod retention;
 pub mod syncset;

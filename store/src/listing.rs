@@ -1,16 +1,17 @@
 //! Leases newest first, a page at a time, from an index: `GET /leases` on
 //! a million leases must not decode (or hold) a million records.
 //!
-//! The `by_created` tree's key is `created_at` (big-endian) ‖ the lease
-//! hash with every bit flipped; walked backwards it gives the newest
+//! The index key is `C` ‖ `created_at` (big-endian) ‖ the lease hash with
+//! every bit flipped (see [`crate::layout`]); walked backwards it gives the newest
 //! first and, within one second, hashes in ascending order (the order the
 //! HTTP API always used).
 
 use std::fmt;
 use std::str::FromStr;
 
-use crate::db::{Store, StoreError, decode_rec};
+use crate::db::{Store, StoreError};
 use crate::ids::LeaseHash;
+use crate::layout;
 use crate::record::LeaseRecord;
 
 /// Where a page ends: the next page starts after it.
@@ -45,10 +46,11 @@ impl FromStr for LeaseCursor {
     }
 }
 
-pub(crate) fn created_key(created_at: u64, hash: &LeaseHash) -> [u8; 40] {
-    let mut k = [0u8; 40];
-    k[..8].copy_from_slice(&created_at.to_be_bytes());
-    for (d, s) in k[8..].iter_mut().zip(hash.0) {
+pub(crate) fn created_key(created_at: u64, hash: &LeaseHash) -> [u8; 41] {
+    let mut k = [0u8; 41];
+    k[0] = layout::CREATED;
+    k[1..9].copy_from_slice(&created_at.to_be_bytes());
+    for (d, s) in k[9..].iter_mut().zip(hash.0) {
         *d = !s;
     }
     k
@@ -56,26 +58,13 @@ pub(crate) fn created_key(created_at: u64, hash: &LeaseHash) -> [u8; 40] {
 
 fn hash_of(key: &[u8]) -> Option<LeaseHash> {
     let mut h = [0u8; 32];
-    if key.len() != 40 {
+    if key.len() != 41 {
         return None;
     }
-    for (d, s) in h.iter_mut().zip(&key[8..]) {
+    for (d, s) in h.iter_mut().zip(&key[9..]) {
         *d = !s;
     }
     Some(LeaseHash(h))
-}
-
-pub(crate) fn rebuild_index(
-    leases: &sled::Tree,
-    by_created: &sled::Tree,
-) -> Result<(), StoreError> {
-    for r in leases.iter() {
-        let (k, v) = r?;
-        let rec: LeaseRecord = decode_rec(&k, &v)?;
-        by_created.insert(&created_key(rec.lease.created_at, &rec.hash)[..], &[])?;
-    }
-    by_created.flush()?;
-    Ok(())
 }
 
 impl Store {
@@ -90,12 +79,13 @@ impl Store {
         limit: usize,
         mut keep: impl FnMut(&LeaseRecord) -> bool,
     ) -> Result<(Vec<LeaseRecord>, Option<LeaseCursor>), StoreError> {
+        let from = vec![layout::CREATED];
         let iter = match after {
             Some(c) => self
                 .inner
-                .by_created
-                .range(..created_key(c.created_at, &c.hash).to_vec()),
-            None => self.inner.by_created.iter(),
+                .ledger
+                .range(from..created_key(c.created_at, &c.hash).to_vec()),
+            None => self.inner.ledger.range(from..vec![layout::CREATED + 1]),
         };
         let mut out = Vec::new();
         for r in iter.rev() {

@@ -43,13 +43,11 @@
 //! - Tombstones are never dropped: 40 bytes (plus sled's overhead) per
 //!   ended lease against ~4.5 KB on disk for its events, record and indexes.
 
-use std::sync::atomic::Ordering;
-
-use sled::Transactional;
-use sled::transaction::ConflictableTransactionError;
-
-use crate::db::{Store, StoreError, decode_rec, tx_error};
-use crate::ids::{EventId, LeaseHash};
+use crate::apply::bundle_in;
+use crate::db::{Store, StoreError, decode_ev};
+use crate::ids::LeaseHash;
+use crate::layout;
+use crate::page::Page;
 use crate::record::{LeaseRecord, LeaseState};
 use crate::syncset::SyncKey;
 
@@ -81,7 +79,10 @@ pub struct Compacted {
 impl Store {
     /// Whether this lease was compacted (its events are refused).
     pub fn is_compacted(&self, hash: &LeaseHash) -> Result<bool, StoreError> {
-        Ok(self.inner.compacted.contains_key(hash.0)?)
+        Ok(self
+            .inner
+            .ledger
+            .contains_key(layout::tombstone_key(hash))?)
     }
 
     /// Compact every lease that ended more than `window` seconds before
@@ -89,98 +90,76 @@ impl Store {
     /// test is [`ended_at`], on the record as stored.
     pub fn compact(&self, now: u64, window: u64) -> Result<Compacted, StoreError> {
         let mut due: Vec<(LeaseHash, u64)> = Vec::new();
-        for r in self.inner.leases.iter() {
-            let (k, v) = r?;
-            let rec: LeaseRecord = decode_rec(&k, &v)?;
+        self.for_each_lease(|rec| {
             if let Some(end) = ended_at(&rec, now)
                 && end.saturating_add(window) < now
             {
                 due.push((rec.hash, end));
             }
-        }
+            Ok(())
+        })?;
         let mut done = Compacted::default();
-        for (hash, end) in due {
-            done.events += self.compact_one(&hash, end, now, window)?;
-            done.leases += 1;
+        // Pages of a bounded size: the lock is not held for a whole pass.
+        for chunk in due.chunks(256) {
+            let _guard = self.lock();
+            let mut page = Page::new(&self.inner);
+            for (hash, end) in chunk {
+                let n = compact_one(&mut page, hash, *end, now, window)?;
+                if n > 0 {
+                    done.events += n;
+                    done.leases += 1;
+                }
+            }
+            page.commit()?;
         }
         if done.leases > 0 {
             self.inner.db.flush()?;
         }
         Ok(done)
     }
+}
 
-    fn compact_one(
-        &self,
-        hash: &LeaseHash,
-        end: u64,
-        now: u64,
-        window: u64,
-    ) -> Result<usize, StoreError> {
-        let _guard = self
-            .inner
-            .apply_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        // Re-read under the lock: an event applied since the scan may have
-        // moved the end (a later accept, say).
-        let Some(rec) = self.lease(hash)? else {
-            return Ok(0);
-        };
-        if ended_at(&rec, now).is_none_or(|e| e != end || e.saturating_add(window) >= now) {
-            return Ok(0);
-        }
-        let created = crate::listing::created_key(rec.lease.created_at, hash);
-        let mut held: Vec<(SyncKey, bool)> = Vec::new();
-        for r in self.inner.by_lease.scan_prefix(hash.0) {
-            let (k, v) = r?;
-            let id = EventId::from_slice(&k[32..]).map_err(|e| StoreError::Corrupt {
-                key: hex::encode(&k),
-                detail: e.to_string(),
-            })?;
-            let ts = <[u8; 8]>::try_from(&v[..])
-                .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::Corrupt {
-                    key: hex::encode(&k),
-                    detail: "index value is not 8 bytes".into(),
-                })?;
-            let pending = self.inner.pending_ids.contains_key(id.0)?;
-            held.push((SyncKey { ts, id }, pending));
-        }
-        let inner = &self.inner;
-        let r = (
-            &inner.leases,
-            &inner.events,
-            &inner.pending,
-            &inner.pending_ids,
-            &inner.by_lease,
-            &inner.compacted,
-            &inner.by_created,
-        )
-            .transaction(|(l, e, p, pi, bl, c, bc)| {
-                l.remove(&hash.0)?;
-                bc.remove(&created[..])?;
-                for (k, _) in &held {
-                    let mut lk = hash.0.to_vec();
-                    lk.extend_from_slice(&k.id.0);
-                    e.remove(&k.id.0)?;
-                    p.remove(lk.as_slice())?;
-                    pi.remove(&k.id.0)?;
-                    bl.remove(lk)?;
-                }
-                c.insert(&hash.0, &end.to_be_bytes())?;
-                Ok::<_, ConflictableTransactionError<()>>(())
-            });
-        r.map_err(tx_error)?;
-        let mut set = inner.set.write().unwrap_or_else(|p| p.into_inner());
-        for (k, pending) in &held {
-            set.remove(k);
-            let counter = if *pending {
-                &inner.n_pending
-            } else {
-                &inner.n_events
-            };
-            counter.fetch_sub(1, Ordering::Relaxed);
-        }
-        Ok(held.len())
+/// Remove one lease's events, record and index entries and leave its
+/// tombstone; the number of events removed (0: not due after all).
+fn compact_one(
+    page: &mut Page<'_>,
+    hash: &LeaseHash,
+    end: u64,
+    now: u64,
+    window: u64,
+) -> Result<usize, StoreError> {
+    // Re-read under the lock: an event applied since the scan may have
+    // moved the end (a later accept, say).
+    let Some(bundle) = bundle_in(page, hash)? else {
+        return Ok(0);
+    };
+    let rec = bundle
+        .record()
+        .map_err(|d| crate::apply::corrupt(&layout::lease_key(hash), d))?;
+    if ended_at(&rec, now).is_none_or(|e| e != end || e.saturating_add(window) >= now) {
+        return Ok(0);
     }
+    let mut removed = 0;
+    for ev in bundle.events() {
+        let id = ev.id();
+        page.del(&layout::index_key(&id));
+        page.set_op(
+            SyncKey {
+                ts: ev.timestamp(),
+                id,
+            },
+            false,
+        );
+        page.d_events -= 1;
+        removed += 1;
+    }
+    for (k, v) in page.scan_prefix(&layout::pending_prefix(hash))? {
+        let ev = decode_ev(&k, &v)?;
+        crate::apply::drop_pending(page, &k, &ev);
+        removed += 1;
+    }
+    page.del(&layout::lease_key(hash));
+    page.del(&crate::listing::created_key(rec.lease.created_at, hash));
+    page.put(&layout::tombstone_key(hash), end.to_be_bytes().to_vec());
+    Ok(removed)
 }

@@ -1,0 +1,264 @@
+//! Applying events: signature checks outside the lock, then each event's
+//! read-modify-write of its lease's bundle inside one [`Page`], one
+//! `apply_batch` and one flush for the whole page.
+
+use crate::codec::encode_event;
+use crate::db::{Applied, LeaseChange, Store, StoreError, decode_ev};
+use crate::ids::LeaseHash;
+use crate::layout::{self, Bundle, IndexEntry};
+use crate::lease::{EventError, LeaseEvent};
+use crate::page::Page;
+use crate::record::{LeaseRecord, Outcome};
+use crate::syncset::SyncKey;
+
+/// Most pending (not yet applicable) events kept, so a peer cannot fill
+/// the disk with events for leases that will never exist.
+pub const MAX_PENDING: usize = 100_000;
+
+/// Signature and terms checks of a page, on two threads when the page is
+/// big enough to pay for one: verification is most of a join's CPU.
+fn check_all(evs: &[LeaseEvent]) -> Vec<Result<(), EventError>> {
+    let serial = |evs: &[LeaseEvent]| evs.iter().map(LeaseEvent::check_self).collect::<Vec<_>>();
+    if evs.len() < 64 {
+        return serial(evs);
+    }
+    let (a, b) = evs.split_at(evs.len() / 2);
+    std::thread::scope(|s| {
+        let other = s.spawn(|| serial(b));
+        let mut out = serial(a);
+        // A panicked thread (none is expected) is redone here.
+        out.extend(other.join().unwrap_or_else(|_| serial(b)));
+        out
+    })
+}
+
+pub(crate) fn corrupt(key: &[u8], detail: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        key: hex::encode(key),
+        detail: detail.into(),
+    }
+}
+
+/// The bundle of a lease as the page sees it.
+pub(crate) fn bundle_in(page: &Page<'_>, hash: &LeaseHash) -> Result<Option<Bundle>, StoreError> {
+    let k = layout::lease_key(hash);
+    match page.get(&k)? {
+        Some(v) => Bundle::decode(hash, &v)
+            .map(Some)
+            .map_err(|d| corrupt(&k, d)),
+        None => Ok(None),
+    }
+}
+
+fn record_of(hash: &LeaseHash, b: &Bundle) -> Result<LeaseRecord, StoreError> {
+    b.record().map_err(|d| corrupt(&layout::lease_key(hash), d))
+}
+
+impl Store {
+    /// Validate and apply one event. A refused event changes nothing; an
+    /// event whose lease (or accept) is not known yet is kept pending and
+    /// applied when its dependency lands. Durable when it returns.
+    pub fn apply_event(&self, ev: &LeaseEvent) -> Result<Applied, StoreError> {
+        let mut results = self.apply_events(std::slice::from_ref(ev))?;
+        results.pop().unwrap_or(Ok(Applied::Duplicate))
+    }
+
+    /// Validate and apply a page of events as one atomic write with one
+    /// flush: a transaction and a flush per event capped a join at a few
+    /// thousand events/s. Each event gets its own result (a refused one
+    /// changes nothing); the outer error is a failed write or flush, after
+    /// which nothing of the page may be assumed durable. Change
+    /// notifications go out after the flush.
+    pub fn apply_events(
+        &self,
+        evs: &[LeaseEvent],
+    ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+        // Signatures are checked before taking the lock: that is the
+        // expensive part, and it needs no state.
+        let checked = check_all(evs);
+        let _guard = self.lock();
+        let mut page = Page::new(&self.inner);
+        let mut changes = Vec::new();
+        let mut results = Vec::with_capacity(evs.len());
+        for (ev, ok) in evs.iter().zip(checked) {
+            let r = match ok {
+                Err(e) => Err(StoreError::Rejected(e)),
+                Ok(()) => match apply_one(&mut page, ev, &mut changes) {
+                    Err(e @ (StoreError::Db(_) | StoreError::Corrupt { .. })) => return Err(e),
+                    r => r,
+                },
+            };
+            results.push(r);
+        }
+        if !page.is_empty() {
+            page.commit()?;
+            self.inner.db.flush()?;
+        }
+        for c in changes {
+            // No receivers is fine.
+            let _ = self.inner.changes.send(c);
+        }
+        Ok(results)
+    }
+}
+
+fn apply_one(
+    page: &mut Page<'_>,
+    ev: &LeaseEvent,
+    changes: &mut Vec<LeaseChange>,
+) -> Result<Applied, StoreError> {
+    let hash = ev.lease_hash();
+    let id = ev.id();
+    let ikey = layout::index_key(&id);
+    let held = match page.get(&ikey)? {
+        Some(v) => Some(IndexEntry::decode(&v).ok_or_else(|| corrupt(&ikey, "bad index entry"))?),
+        None => None,
+    };
+    // A compacted lease's events are refused as known: a replay is not
+    // misbehaviour (a peer may simply be behind), but it changes nothing.
+    if held.is_some_and(|e| !e.pending) || page.contains(&layout::tombstone_key(&hash))? {
+        return Ok(Applied::Duplicate);
+    }
+    let was_pending = held.is_some();
+    let mut bundle = bundle_in(page, &hash)?;
+    let current = match &bundle {
+        Some(b) => Some(record_of(&hash, b)?),
+        None => None,
+    };
+    let (next, wait) = match (&current, ev) {
+        (None, LeaseEvent::Create { lease, sig }) => {
+            (Some(LeaseRecord::from_create(lease.clone(), *sig)), false)
+        }
+        (None, _) => (None, true),
+        (Some(_), LeaseEvent::Create { .. }) => (None, false),
+        (Some(rec), _) => match rec.apply(ev)? {
+            Outcome::Changed(r) => (Some(*r), false),
+            Outcome::Unchanged => (None, false),
+            Outcome::Wait(_) => (None, true),
+        },
+    };
+    let skey = SyncKey {
+        ts: ev.timestamp(),
+        id,
+    };
+    let pkey = layout::pending_key(&hash, &id);
+    if wait {
+        if was_pending {
+            return Ok(Applied::Duplicate);
+        }
+        if page.pending_total() >= MAX_PENDING {
+            return Err(StoreError::PendingFull);
+        }
+        page.put(&pkey, encode_event(ev));
+        let entry = IndexEntry {
+            lease: hash,
+            ts: skey.ts,
+            pending: true,
+        };
+        page.put(&ikey, entry.encode().to_vec());
+        page.d_pending += 1;
+        page.set_op(skey, true);
+        return Ok(Applied::Pending);
+    }
+    match &mut bundle {
+        None => {
+            bundle = Some(Bundle::new(ev.clone()));
+            if let Some(n) = &next {
+                let ck = crate::listing::created_key(n.lease.created_at, &hash);
+                page.put(&ck, Vec::new());
+            }
+        }
+        Some(b) => b.others.push(ev.clone()),
+    }
+    // An accept that voids a cancel drops the cancel from the ledger too:
+    // a node that saw the accept first refuses that cancel, so keeping it
+    // here would leave the two nodes' sets different for ever, costing a
+    // reconciliation round trip every time they meet.
+    if let (Some(cur), Some(n), Some(b)) = (&current, &next, &mut bundle)
+        && n.cancel.is_none()
+        && let Some(c) = &cur.cancel
+        && b.remove(&c.event_id)
+    {
+        page.del(&layout::index_key(&c.event_id));
+        page.set_op(
+            SyncKey {
+                ts: c.at,
+                id: c.event_id,
+            },
+            false,
+        );
+        page.d_events -= 1;
+    }
+    let b = bundle.as_ref().expect("set above");
+    page.put(&layout::lease_key(&hash), b.encode());
+    let entry = IndexEntry {
+        lease: hash,
+        ts: skey.ts,
+        pending: false,
+    };
+    page.put(&ikey, entry.encode().to_vec());
+    if was_pending {
+        page.del(&pkey);
+        page.d_pending -= 1;
+    }
+    page.d_events += 1;
+    page.set_op(skey, true);
+    let Some(next) = next else {
+        return Ok(Applied::Duplicate);
+    };
+    let now = crate::now_secs();
+    let new = next.state_at(now);
+    let old = current.as_ref().map(|c| c.state_at(now));
+    if old != Some(new) {
+        changes.push(LeaseChange {
+            lease: hash,
+            old,
+            new,
+        });
+    }
+    retry_pending(page, &hash, changes)?;
+    Ok(Applied::Changed(new))
+}
+
+/// Re-apply events that were waiting on this lease.
+fn retry_pending(
+    page: &mut Page<'_>,
+    hash: &LeaseHash,
+    changes: &mut Vec<LeaseChange>,
+) -> Result<(), StoreError> {
+    let prefix = layout::pending_prefix(hash);
+    for (k, v) in page.scan_prefix(&prefix)? {
+        // Applying one of them retries this lease's pending events again
+        // (recursively), which may already have applied or dropped the
+        // rest of this list.
+        if !page.contains(&k)? {
+            continue;
+        }
+        let ev = decode_ev(&k, &v)?;
+        // Still waiting (a settle whose accept is not here yet) leaves it
+        // pending; applying removes it from `P` in the same page.
+        match apply_one(page, &ev, changes) {
+            Ok(_) => {}
+            Err(StoreError::Rejected(e)) => {
+                tracing::warn!(lease = %hash.short(), error = %e, "dropping pending event that no longer applies");
+                drop_pending(page, &k, &ev);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn drop_pending(page: &mut Page<'_>, pkey: &[u8], ev: &LeaseEvent) {
+    let id = ev.id();
+    page.del(pkey);
+    page.del(&layout::index_key(&id));
+    page.d_pending -= 1;
+    page.set_op(
+        SyncKey {
+            ts: ev.timestamp(),
+            id,
+        },
+        false,
+    );
+}

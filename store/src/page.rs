@@ -1,0 +1,125 @@
+//! One atomic write to the ledger tree: reads see the page's own earlier
+//! writes, and nothing reaches sled (or the in-memory sync set and
+//! counters) until [`Page::commit`] applies it as one `apply_batch`. A
+//! page that fails half way leaves the store as it was.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::atomic::Ordering;
+
+use crate::db::{Inner, StoreError};
+use crate::syncset::SyncKey;
+
+pub(crate) struct Page<'a> {
+    inner: &'a Inner,
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    set: Vec<(SyncKey, bool)>,
+    pub d_events: isize,
+    pub d_pending: isize,
+}
+
+impl<'a> Page<'a> {
+    pub fn new(inner: &'a Inner) -> Self {
+        Page {
+            inner,
+            writes: BTreeMap::new(),
+            set: Vec::new(),
+            d_events: 0,
+            d_pending: 0,
+        }
+    }
+
+    pub fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(w) = self.writes.get(k) {
+            return Ok(w.clone());
+        }
+        Ok(self.inner.ledger.get(k)?.map(|v| v.to_vec()))
+    }
+
+    pub fn contains(&self, k: &[u8]) -> Result<bool, StoreError> {
+        if let Some(w) = self.writes.get(k) {
+            return Ok(w.is_some());
+        }
+        Ok(self.inner.ledger.contains_key(k)?)
+    }
+
+    pub fn put(&mut self, k: &[u8], v: Vec<u8>) {
+        self.writes.insert(k.to_vec(), Some(v));
+    }
+
+    pub fn del(&mut self, k: &[u8]) {
+        self.writes.insert(k.to_vec(), None);
+    }
+
+    /// Every entry under `prefix` as this page would leave it.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut out: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for r in self.inner.ledger.scan_prefix(prefix) {
+            let (k, v) = r?;
+            out.insert(k.to_vec(), v.to_vec());
+        }
+        let from = Bound::Included(prefix.to_vec());
+        for (k, w) in self
+            .writes
+            .range((from, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+        {
+            match w {
+                Some(v) => out.insert(k.clone(), v.clone()),
+                None => out.remove(k),
+            };
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// A held event joins (`true`) or leaves the sync set at commit.
+    pub fn set_op(&mut self, key: SyncKey, insert: bool) {
+        self.set.push((key, insert));
+    }
+
+    pub fn pending_total(&self) -> usize {
+        self.inner
+            .n_pending
+            .load(Ordering::Relaxed)
+            .saturating_add_signed(self.d_pending)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+
+    /// Write the page (not yet flushed) and publish it to the sync set and
+    /// the counters. Callers hold the store's apply lock.
+    pub fn commit(self) -> Result<(), StoreError> {
+        if self.writes.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (k, w) in self.writes {
+            match w {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        self.inner.ledger.apply_batch(batch)?;
+        let mut set = self.inner.set.write().unwrap_or_else(|p| p.into_inner());
+        for (key, insert) in self.set {
+            if insert {
+                set.insert(key);
+            } else {
+                set.remove(&key);
+            }
+        }
+        add(&self.inner.n_events, self.d_events);
+        add(&self.inner.n_pending, self.d_pending);
+        Ok(())
+    }
+}
+
+fn add(counter: &std::sync::atomic::AtomicUsize, d: isize) {
+    if d >= 0 {
+        counter.fetch_add(d.unsigned_abs(), Ordering::Relaxed);
+    } else {
+        counter.fetch_sub(d.unsigned_abs(), Ordering::Relaxed);
+    }
+}
