@@ -197,20 +197,21 @@ impl Store {
             .and_then(|b| b.events().find(|ev| ev.id() == *id).cloned()))
     }
 
-    /// The held events for `ids`, skipping any not held (compacted or
-    /// never seen), at most `max_bytes` of their stored form in all (at
-    /// least one).
+    /// The held events for `ids`, in order, skipping any not held
+    /// (compacted or never seen), at most `max_bytes` of their stored form
+    /// in all (at least one); with how many of `ids` were looked at (the
+    /// rest did not fit).
     pub fn events_by_ids(
         &self,
         ids: &[EventId],
         max_bytes: usize,
-    ) -> Result<Vec<LeaseEvent>, StoreError> {
+    ) -> Result<(Vec<LeaseEvent>, usize), StoreError> {
         let mut out = Vec::new();
         let mut bytes = 0;
         // Neighbouring ids are often one lease's events: its bundle is
         // read once for them.
         let mut last: Option<(LeaseHash, Bundle)> = None;
-        for id in ids {
+        for (i, id) in ids.iter().enumerate() {
             let Some(e) = self.index(id)? else { continue };
             let ev = if e.pending {
                 self.event(id)?
@@ -224,12 +225,12 @@ impl Store {
             if let Some(ev) = ev {
                 bytes += crate::codec::encode_event(&ev).len();
                 if bytes > max_bytes && !out.is_empty() {
-                    break;
+                    return Ok((out, i));
                 }
                 out.push(ev);
             }
         }
-        Ok(out)
+        Ok((out, ids.len()))
     }
 
     /// Lease state changes from now on. A lagging receiver should re-scan

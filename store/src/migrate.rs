@@ -23,7 +23,10 @@ const PAGE: usize = 1024;
 pub(crate) fn from_trees(store: &Store) -> Result<(), StoreError> {
     let db = &store.inner.db;
     let names = db.tree_names();
-    if !OLD_TREES.iter().any(|t| names.iter().any(|n| n == t.as_bytes())) {
+    if !OLD_TREES
+        .iter()
+        .any(|t| names.iter().any(|n| n == t.as_bytes()))
+    {
         return Ok(());
     }
     let mut moved = 0usize;

@@ -65,7 +65,11 @@ fn an_old_layout_store_is_carried_over_whole() {
         let state = |h| s.lease(h).expect("read").map(|r| r.state());
         assert_eq!(state(&h1), Some(LeaseState::Accepted), "round {round}");
         assert_eq!(state(&h2), Some(LeaseState::Created), "round {round}");
-        assert_eq!((s.event_count(), s.pending_count()), (3, 1), "round {round}");
+        assert_eq!(
+            (s.event_count(), s.pending_count()),
+            (3, 1),
+            "round {round}"
+        );
         assert!(s.is_compacted(&gone).expect("read"), "round {round}");
         assert_eq!(s.event(&s2.id()).expect("read"), Some(s2.clone()));
         assert_eq!(s.with_sync_set(|set| set.len()), 4, "round {round}");
@@ -77,7 +81,10 @@ fn an_old_layout_store_is_carried_over_whole() {
             .map(|n| String::from_utf8_lossy(n).into_owned())
             .collect();
         for old in ["events", "pending", "compacted", "leases"] {
-            assert!(!names.iter().any(|n| n == old), "{old} still there: {names:?}");
+            assert!(
+                !names.iter().any(|n| n == old),
+                "{old} still there: {names:?}"
+            );
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Reconciliation sessions between hosts, on raw libp2p streams
-//! (`/xe/recon/1.0.0`), outside the swarm's event loop: the loop only asks
+//! (`/xe/recon/2.0.0`), outside the swarm's event loop: the loop only asks
 //! for a session with a peer.
 //!
 //! - At most one outgoing session per peer; a request that comes while

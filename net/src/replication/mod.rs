@@ -5,7 +5,7 @@
 //! every message is validated by the store before it is applied or
 //! forwarded. Anti-entropy — on connecting, when one of several
 //! connections closes, and every `resync_interval` with a random peer —
-//! is range-based set reconciliation over `/xe/recon/1.0.0`
+//! is range-based set reconciliation over `/xe/recon/2.0.0`
 //! ([`recon`], [`session`]): peers that agree exchange one fingerprint.
 //! Directory entries still come by `/xe/sync/1.0.0`, which also still
 //! answers the paged full event sync of older nodes.
@@ -30,7 +30,7 @@ pub mod recon;
 pub mod session;
 
 /// The reconciliation protocol (version 1 of the wire form in [`recon`]).
-pub const RECON_PROTOCOL: StreamProtocol = StreamProtocol::new("/xe/recon/1.0.0");
+pub const RECON_PROTOCOL: StreamProtocol = StreamProtocol::new("/xe/recon/2.0.0");
 
 /// Topic for lease events.
 pub const LEASE_TOPIC: &str = "xe/lease-events/1";
