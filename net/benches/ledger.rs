@@ -209,9 +209,10 @@ async fn run(n: u32) {
     let catch_s = t.elapsed().as_secs_f64();
     let catch_cpu = cpu_secs() - cpu0;
     let catch_bytes = recon_bytes(&b.net.stats().recon);
-    let new_json: usize = new
+    // What the new events themselves take on the wire (length + stored form).
+    let new_wire: usize = new
         .iter()
-        .map(|e| serde_json::to_vec(e).map_or(0, |v| v.len()))
+        .map(|e| 2 + xe_store::codec::encode_event(e).len())
         .sum();
     b_store.flush().expect("flush");
     let disk_b = du(dir_b.path());
@@ -239,7 +240,7 @@ async fn run(n: u32) {
     drop(all);
 
     println!(
-        "| {n} | {total} | {gen_s:.1} s | {write_s:.1} s ({:.0}/s) | {} ({:.0} B/event) | {} | {join_s:.1} s, {}, {join_cpu:.1} s CPU{} | {} B, {} round, {eq_ms:.1} ms, {eq_cpu_ms:.0} ms CPU | {} events: {catch_s:.2} s, {} (events' JSON {}), {catch_cpu:.2} s CPU{} | {rss:.0} MiB |",
+        "| {n} | {total} | {gen_s:.1} s | {write_s:.1} s ({:.0}/s) | {} ({:.0} B/event) | {} | {join_s:.1} s, {}, {join_cpu:.1} s CPU{} | {} B, {} round, {eq_ms:.1} ms, {eq_cpu_ms:.0} ms CPU | {} events: {catch_s:.2} s, {} (the events themselves: {}), {catch_cpu:.2} s CPU{} | {rss:.0} MiB |",
         total as f64 / write_s,
         mb(disk_a),
         disk_a as f64 / total as f64,
@@ -250,7 +251,7 @@ async fn run(n: u32) {
         eq.rounds,
         new.len(),
         mb(catch_bytes),
-        mb(new_json as u64),
+        mb(new_wire as u64),
         if caught { "" } else { " **NOT DONE**" },
     );
 }
