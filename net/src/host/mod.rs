@@ -180,12 +180,19 @@ impl std::fmt::Display for ConnPath {
 #[derive(Clone)]
 pub(crate) struct PeerTunnels {
     counts: Arc<Mutex<HashMap<PeerId, usize>>>,
-    idle: mpsc::Sender<Command>,
+    idle: mpsc::Sender<PeerId>,
     limit: usize,
 }
 
+/// [`PeerTunnels::try_enter`]'s refusal: `peer` has `limit` tunnels already.
+#[derive(Debug)]
+pub(crate) struct TooManyTunnels {
+    pub(crate) peer: PeerId,
+    pub(crate) limit: usize,
+}
+
 impl PeerTunnels {
-    fn new(idle: mpsc::Sender<Command>, limit: usize) -> Self {
+    fn new(idle: mpsc::Sender<PeerId>, limit: usize) -> Self {
         PeerTunnels {
             counts: Arc::default(),
             idle,
@@ -218,11 +225,11 @@ impl PeerTunnels {
 
     /// Count an outbound tunnel, unless `peer` is at the limit; checked and
     /// counted under one lock, so a burst of opens cannot overshoot it.
-    fn try_enter(&self, peer: PeerId) -> Result<TunnelGuard, TunnelError> {
+    fn try_enter(&self, peer: PeerId) -> Result<TunnelGuard, TooManyTunnels> {
         let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(peer).or_default();
         if *n >= self.limit {
-            return Err(TunnelError::TooManyTunnels {
+            return Err(TooManyTunnels {
                 peer,
                 limit: self.limit,
             });
@@ -263,7 +270,7 @@ impl Drop for TunnelGuard {
         drop(m);
         if idle {
             // If the queue is full the periodic relay check catches up.
-            let _ = self.tunnels.idle.try_send(Command::TunnelsIdle(self.peer));
+            let _ = self.tunnels.idle.try_send(self.peer);
         }
     }
 }
@@ -274,7 +281,6 @@ pub(crate) enum Command {
     ListenAddrs(Reply<Vec<Multiaddr>>),
     Peers(Reply<Vec<PeerInfo>>),
     Path(PeerId, Reply<ConnPath>),
-    TunnelsIdle(PeerId),
     DialAddr(Multiaddr, Reply<Result<PeerId, String>>),
     DialPeer(PeerId, Vec<Multiaddr>, Reply<Result<(), TunnelError>>),
     Publish(GossipMessage),
@@ -437,7 +443,12 @@ impl NetHandle {
     ) -> Result<TunnelStream, TunnelError> {
         // Counted from before the dial, so a relayed connection that DCUtR
         // upgrades meanwhile is not closed under the stream being opened.
-        let guard = self.tunnels.try_enter(provider)?;
+        let guard =
+            self.tunnels
+                .try_enter(provider)
+                .map_err(
+                    |TooManyTunnels { peer, limit }| TunnelError::TooManyTunnels { peer, limit },
+                )?;
         let (tx, rx) = oneshot::channel();
         self.cmd
             .send(Command::DialPeer(provider, addrs, tx))
@@ -649,9 +660,13 @@ pub async fn start(
         relay_addrs: Vec::new(),
     });
     let (conn_tx, conn_rx) = watch::channel(0u64);
+    // Peers whose last tunnel ended, from `TunnelGuard`s; as deep as the
+    // command queue this once shared. When it is full the relay tick
+    // catches up.
+    let (idle_tx, idle_rx) = mpsc::channel(256);
     let (internal_tx, internal_rx) = mpsc::channel(1024);
     let registry = TunnelRegistry::default();
-    let tunnels = PeerTunnels::new(cmd_tx.clone(), config.max_tunnels_per_peer);
+    let tunnels = PeerTunnels::new(idle_tx, config.max_tunnels_per_peer);
     let handle = NetHandle {
         cmd: cmd_tx.clone(),
         peer_id,
@@ -732,6 +747,7 @@ pub async fn start(
         store,
         listen_addrs: Vec::new(),
         cmd_rx,
+        idle_rx,
         internal_tx,
         internal_rx,
         peer_tx,
@@ -882,6 +898,8 @@ struct EventLoop {
     store: Store,
     listen_addrs: Vec<Multiaddr>,
     cmd_rx: mpsc::Receiver<Command>,
+    /// Peers whose last tunnel ended (see [`TunnelGuard`]).
+    idle_rx: mpsc::Receiver<PeerId>,
     internal_tx: mpsc::Sender<Internal>,
     internal_rx: mpsc::Receiver<Internal>,
     peer_tx: watch::Sender<usize>,
@@ -954,6 +972,7 @@ impl EventLoop {
                 biased;
                 () = cancel.cancelled() => break,
                 Some(cmd) = self.cmd_rx.recv() => self.on_command(cmd),
+                Some(peer) = self.idle_rx.recv() => self.on_tunnels_idle(peer),
                 Some(msg) = self.internal_rx.recv() => self.on_internal(msg),
                 ev = self.swarm.select_next_some() => self.on_swarm(ev),
                 _ = announce.tick(), if self.announce.is_some() => self.announce_self(),
@@ -996,14 +1015,6 @@ impl EventLoop {
             Command::Path(peer, r) => {
                 let _ = r.send(self.path_to(&peer));
             }
-            Command::TunnelsIdle(peer) => {
-                if self.retiring.contains(&peer) {
-                    self.retire_relayed(peer);
-                }
-                if self.quic_retiring.contains(&peer) {
-                    self.retire_quic(peer, None);
-                }
-            }
             Command::DialAddr(addr, r) => {
                 let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
                 let id = opts.connection_id();
@@ -1019,6 +1030,15 @@ impl EventLoop {
             Command::DialPeer(peer, addrs, r) => self.dial_peer(peer, addrs, r),
             Command::Publish(msg) => self.publish(&msg),
             Command::Announce => self.announce_self(),
+        }
+    }
+
+    fn on_tunnels_idle(&mut self, peer: PeerId) {
+        if self.retiring.contains(&peer) {
+            self.retire_relayed(peer);
+        }
+        if self.quic_retiring.contains(&peer) {
+            self.retire_quic(peer, None);
         }
     }
 
