@@ -1,6 +1,8 @@
 //! The node's libp2p host: one task owns the swarm (the event loop); the
 //! rest of the node talks to it through the cloneable [`NetHandle`].
 
+mod dial;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,7 +12,6 @@ use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
 use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
-use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, Swarm, autonat, dcutr, gossipsub, identify, kad, relay, request_response,
@@ -34,6 +35,7 @@ use crate::tunnel::{
     self, DEFAULT_HANDSHAKE_TIMEOUT, TUNNEL_PROTOCOL, TunnelError, TunnelRegistry,
     TunnelServerConfig, TunnelStream, TunnelValidator,
 };
+use dial::{BOOTSTRAP_REDIAL_INTERVAL, Dialer, is_circuit, is_loopback, is_quic, peer_of};
 
 /// How a node joins the overlay.
 pub struct NetConfig {
@@ -705,24 +707,7 @@ pub async fn start(
             cancel.clone(),
         ));
     }
-    let mut bootstrap_peers: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
-    for addr in &config.bootstrap {
-        match peer_of(addr) {
-            Some(p) => bootstrap_peers.entry(p).or_default().push(addr.clone()),
-            None => warn!(%addr, "bootstrap address has no /p2p/<peer id>; not dialled"),
-        }
-    }
-    for (peer, addrs) in &mut bootstrap_peers {
-        addrs.sort_by_key(dial_rank);
-        let opts = preferred_dial(
-            *peer,
-            addrs.clone(),
-            PeerCondition::DisconnectedAndNotDialing,
-        );
-        if let Err(e) = swarm.dial(opts.build()) {
-            warn!(%peer, "bootstrap dial failed: {e}");
-        }
-    }
+    let dial = Dialer::new(&mut swarm, &config.bootstrap);
     let relay_candidates = config
         .nat
         .relays
@@ -753,9 +738,7 @@ pub async fn start(
         peer_tx,
         stats,
         connections: HashMap::new(),
-        addr_dials: HashMap::new(),
-        peer_dials: HashMap::new(),
-        lookups: HashMap::new(),
+        dial,
         sync_requests: HashMap::new(),
         recon,
         unsent: VecDeque::new(),
@@ -771,7 +754,6 @@ pub async fn start(
         },
         nat_tx,
         conn_tx,
-        bootstrap_peers,
         relay_candidates,
         relay_listeners: HashMap::new(),
         relay_addrs: Vec::new(),
@@ -789,81 +771,9 @@ pub async fn start(
     Ok(Net { handle, tasks })
 }
 
-/// The peer a multiaddr ends in (`…/p2p/<peer id>`).
-fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
-    match addr.iter().last() {
-        Some(Protocol::P2p(p)) => Some(p),
-        _ => None,
-    }
-}
-
-/// Dial order: TCP, then QUIC, then relayed circuits.
-fn dial_rank(addr: &Multiaddr) -> u8 {
-    if addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
-        2
-    } else {
-        u8::from(is_quic(addr))
-    }
-}
-
-/// A dial to `peer` in [`dial_rank`] order. With no circuit among `addrs`
-/// (a peer that says it is reachable) one address at a time, so the
-/// connection is TCP whenever TCP works: QUIC, a round trip quicker, would
-/// win a race, and a tunnel over QUIC costs about twice the CPU per GiB
-/// (BENCHMARKS.md). With circuits, all at once: a NATed peer's own
-/// addresses can hang until the transport times out, and the relay must
-/// not wait for that.
-fn preferred_dial(
-    peer: PeerId,
-    mut addrs: Vec<Multiaddr>,
-    condition: PeerCondition,
-) -> libp2p::swarm::dial_opts::WithPeerIdWithAddresses {
-    addrs.sort_by_key(dial_rank);
-    let circuits = addrs.iter().any(|a| dial_rank(a) == 2);
-    let opts = DialOpts::peer_id(peer)
-        .condition(condition)
-        .addresses(addrs);
-    if circuits {
-        opts
-    } else {
-        opts.override_dial_concurrency_factor(std::num::NonZeroU8::MIN)
-    }
-}
-
-/// Whether `addr` is a QUIC address.
-fn is_quic(addr: &Multiaddr) -> bool {
-    addr.iter()
-        .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
-}
-
-/// Whether `addr` is a loopback address.
-fn is_loopback(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| match p {
-        Protocol::Ip4(ip) => ip.is_loopback(),
-        Protocol::Ip6(ip) => ip.is_loopback(),
-        _ => false,
-    })
-}
-
-fn is_circuit(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| p == Protocol::P2pCircuit)
-}
-
-/// How often bootstrap peers we lost are dialled again. A node whose only
-/// peer restarted (a provider behind NAT and its relay, say) must find its
-/// way back by itself; a failed dial is one TCP connect, cheap at this rate.
-const BOOTSTRAP_REDIAL_INTERVAL: Duration = Duration::from_secs(5);
-
 /// How long address changes are collected before one re-announcement
 /// (a relay reservation reports several addresses at once).
 const ANNOUNCE_DEBOUNCE: Duration = Duration::from_millis(300);
-
-/// Tunnel opens waiting for a connection to one peer.
-struct PeerDial {
-    /// Our dial, once started (none while the DHT is asked for addresses).
-    conn: Option<ConnectionId>,
-    replies: Vec<Reply<Result<(), TunnelError>>>,
-}
 
 /// One open connection.
 struct Conn {
@@ -906,9 +816,7 @@ struct EventLoop {
     stats: Arc<NetStats>,
     /// Open connections per peer.
     connections: HashMap<PeerId, HashMap<ConnectionId, Conn>>,
-    addr_dials: HashMap<ConnectionId, Reply<Result<PeerId, String>>>,
-    peer_dials: HashMap<PeerId, PeerDial>,
-    lookups: HashMap<kad::QueryId, PeerId>,
+    dial: Dialer,
     sync_requests: HashMap<request_response::OutboundRequestId, PeerId>,
     recon: Reconciler,
     /// Gossip that found no subscribed peer; re-sent when one subscribes.
@@ -923,8 +831,6 @@ struct EventLoop {
     nat_tx: watch::Sender<NatInfo>,
     /// Bumped on every connection opened or closed.
     conn_tx: watch::Sender<u64>,
-    /// Each bootstrap peer's addresses, in dial order.
-    bootstrap_peers: HashMap<PeerId, Vec<Multiaddr>>,
     /// Relays to reserve on, in order of preference: `--relay` ones, then
     /// bootstrap peers that turned out to speak the hop protocol.
     relay_candidates: Vec<(PeerId, Multiaddr)>,
@@ -978,7 +884,7 @@ impl EventLoop {
                 _ = announce.tick(), if self.announce.is_some() => self.announce_self(),
                 _ = resync.tick() => self.resync_random(),
                 _ = relays.tick() => self.on_relay_tick(),
-                _ = redial.tick() => self.redial_bootstrap(),
+                _ = redial.tick() => self.dial.redial_bootstrap(&mut self.swarm),
                 () = settle, if changed.is_some() => {
                     self.addrs_changed_at = None;
                     self.announce_self();
@@ -986,11 +892,7 @@ impl EventLoop {
                 }
             }
         }
-        for (_, dial) in self.peer_dials.drain() {
-            for r in dial.replies {
-                let _ = r.send(Err(TunnelError::Shutdown));
-            }
-        }
+        self.dial.shut_down();
         debug!("p2p event loop stopped");
     }
 
@@ -1015,19 +917,10 @@ impl EventLoop {
             Command::Path(peer, r) => {
                 let _ = r.send(self.path_to(&peer));
             }
-            Command::DialAddr(addr, r) => {
-                let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
-                let id = opts.connection_id();
-                match self.swarm.dial(opts) {
-                    Ok(()) => {
-                        self.addr_dials.insert(id, r);
-                    }
-                    Err(e) => {
-                        let _ = r.send(Err(e.to_string()));
-                    }
-                }
+            Command::DialAddr(addr, r) => self.dial.dial_addr(&mut self.swarm, addr, r),
+            Command::DialPeer(peer, addrs, r) => {
+                self.dial.dial_peer(&mut self.swarm, peer, addrs, r)
             }
-            Command::DialPeer(peer, addrs, r) => self.dial_peer(peer, addrs, r),
             Command::Publish(msg) => self.publish(&msg),
             Command::Announce => self.announce_self(),
         }
@@ -1039,78 +932,6 @@ impl EventLoop {
         }
         if self.quic_retiring.contains(&peer) {
             self.retire_quic(peer, None);
-        }
-    }
-
-    fn dial_peer(
-        &mut self,
-        peer: PeerId,
-        addrs: Vec<Multiaddr>,
-        r: Reply<Result<(), TunnelError>>,
-    ) {
-        if self.swarm.is_connected(&peer) {
-            let _ = r.send(Ok(()));
-            return;
-        }
-        for a in &addrs {
-            self.swarm.add_peer_address(peer, a.clone());
-        }
-        if let Some(d) = self.peer_dials.get_mut(&peer) {
-            d.replies.push(r);
-            return;
-        }
-        self.peer_dials.insert(
-            peer,
-            PeerDial {
-                conn: None,
-                replies: vec![r],
-            },
-        );
-        // Our own dial even if another one (a DHT query's, say) is under
-        // way: ours has the directory's addresses, and any connection that
-        // comes up first answers the waiters.
-        let opts = preferred_dial(peer, addrs, PeerCondition::Disconnected)
-            .extend_addresses_through_behaviour()
-            .build();
-        let conn = opts.connection_id();
-        match self.swarm.dial(opts) {
-            Ok(()) => {
-                if let Some(d) = self.peer_dials.get_mut(&peer) {
-                    d.conn = Some(conn);
-                }
-            }
-            Err(e) => match e {
-                libp2p::swarm::DialError::NoAddresses => {
-                    debug!(%peer, "no known address; asking the DHT");
-                    let q = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
-                    self.lookups.insert(q, peer);
-                }
-                e => self.finish_dial(
-                    peer,
-                    Err(TunnelError::DialFailed {
-                        peer,
-                        detail: e.to_string(),
-                    }),
-                ),
-            },
-        }
-    }
-
-    fn finish_dial(&mut self, peer: PeerId, result: Result<(), TunnelError>) {
-        let replies = self
-            .peer_dials
-            .remove(&peer)
-            .map(|d| d.replies)
-            .unwrap_or_default();
-        for r in replies {
-            let _ = r.send(match &result {
-                Ok(()) => Ok(()),
-                Err(TunnelError::PeerNotFound(p)) => Err(TunnelError::PeerNotFound(*p)),
-                Err(e) => Err(TunnelError::DialFailed {
-                    peer,
-                    detail: e.to_string(),
-                }),
-            });
         }
     }
 
@@ -1174,23 +995,6 @@ impl EventLoop {
         }
     }
 
-    fn redial_bootstrap(&mut self) {
-        let lost: Vec<(PeerId, Vec<Multiaddr>)> = self
-            .bootstrap_peers
-            .iter()
-            .filter(|(p, _)| !self.swarm.is_connected(p))
-            .map(|(p, a)| (*p, a.clone()))
-            .collect();
-        for (peer, addrs) in lost {
-            let opts =
-                preferred_dial(peer, addrs, PeerCondition::DisconnectedAndNotDialing).build();
-            match self.swarm.dial(opts) {
-                Ok(()) => debug!(%peer, "redialling bootstrap peer"),
-                Err(e) => debug!(%peer, "bootstrap redial not started: {e}"),
-            }
-        }
-    }
-
     fn resync_random(&mut self) {
         let peers: Vec<PeerId> = self.connections.keys().copied().collect();
         if peers.is_empty() {
@@ -1243,7 +1047,7 @@ impl EventLoop {
             })) => {
                 let known = self.relay_candidates.iter().any(|(p, _)| *p == peer_id);
                 if info.protocols.contains(&relay::HOP_PROTOCOL_NAME)
-                    && let Some(addr) = self.bootstrap_peers.get(&peer_id).and_then(|a| a.first())
+                    && let Some(addr) = self.dial.bootstrap_addr(&peer_id)
                     && !known
                 {
                     info!(relay = %peer_id, "bootstrap peer is a relay");
@@ -1266,34 +1070,7 @@ impl EventLoop {
                 id,
                 result,
                 ..
-            })) => {
-                if let Some(peer) = self.lookups.remove(&id) {
-                    let found = match result {
-                        kad::QueryResult::GetClosestPeers(Ok(ok)) => {
-                            ok.peers.into_iter().find(|p| p.peer_id == peer)
-                        }
-                        _ => None,
-                    };
-                    match found {
-                        Some(info) if !info.addrs.is_empty() => {
-                            let opts = DialOpts::peer_id(peer).addresses(info.addrs).build();
-                            if let Some(d) = self.peer_dials.get_mut(&peer) {
-                                d.conn = Some(opts.connection_id());
-                            }
-                            if let Err(e) = self.swarm.dial(opts) {
-                                self.finish_dial(
-                                    peer,
-                                    Err(TunnelError::DialFailed {
-                                        peer,
-                                        detail: e.to_string(),
-                                    }),
-                                );
-                            }
-                        }
-                        _ => self.finish_dial(peer, Err(TunnelError::PeerNotFound(peer))),
-                    }
-                }
-            }
+            })) => self.dial.on_lookup(&mut self.swarm, id, result),
             SwarmEvent::Behaviour(_) => {}
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -1325,14 +1102,14 @@ impl EventLoop {
                 self.retire_relayed(peer_id);
                 self.peer_tx.send_replace(self.connections.len());
                 self.conn_tx.send_modify(|n| *n += 1);
-                if let Some(r) = self.addr_dials.remove(&connection_id) {
-                    let _ = r.send(Ok(peer_id));
-                }
-                if endpoint.is_dialer() && !relayed && self.bootstrap_peers.contains_key(&peer_id) {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, remote);
-                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
-                }
-                self.finish_dial(peer_id, Ok(()));
+                self.dial.on_connected(
+                    &mut self.swarm,
+                    peer_id,
+                    connection_id,
+                    remote,
+                    relayed,
+                    endpoint.is_dialer(),
+                );
                 if num_established.get() == 1 {
                     self.request_sync(peer_id, false);
                 }
@@ -1374,29 +1151,9 @@ impl EventLoop {
                 connection_id,
                 peer_id,
                 error,
-            } => {
-                if let Some(r) = self.addr_dials.remove(&connection_id) {
-                    let _ = r.send(Err(error.to_string()));
-                }
-                // Only our own dial's failure answers the waiters: another
-                // dial to the same peer (a DHT query's) may fail while ours
-                // is still trying.
-                if let Some(peer) = peer_id
-                    && !self.swarm.is_connected(&peer)
-                    && self
-                        .peer_dials
-                        .get(&peer)
-                        .is_some_and(|d| d.conn == Some(connection_id))
-                {
-                    self.finish_dial(
-                        peer,
-                        Err(TunnelError::DialFailed {
-                            peer,
-                            detail: error.to_string(),
-                        }),
-                    );
-                }
-            }
+            } => self
+                .dial
+                .on_dial_error(&self.swarm, connection_id, peer_id, error),
             SwarmEvent::NewListenAddr { address, .. } => self.on_new_listen_addr(address),
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
