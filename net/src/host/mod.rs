@@ -2,17 +2,18 @@
 //! rest of the node talks to it through the cloneable [`NetHandle`].
 
 mod dial;
+pub(crate) mod peers;
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
 use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
-use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::swarm::SwarmEvent;
 use libp2p::{
     Multiaddr, PeerId, Swarm, autonat, dcutr, gossipsub, identify, kad, relay, request_response,
     tcp,
@@ -36,6 +37,8 @@ use crate::tunnel::{
     TunnelServerConfig, TunnelStream, TunnelValidator,
 };
 use dial::{BOOTSTRAP_REDIAL_INTERVAL, Dialer, is_circuit, is_loopback, is_quic, peer_of};
+use peers::{Conn, PeerTunnels, Peers, TooManyTunnels};
+pub use peers::{ConnPath, MAX_STREAMS_PER_CONNECTION, MAX_TUNNELS_PER_PEER, PeerInfo};
 
 /// How a node joins the overlay.
 pub struct NetConfig {
@@ -115,166 +118,6 @@ pub struct NetStats {
     pub handshakes: Arc<HandshakeCounts>,
     /// Reconciliation sessions and their bytes.
     pub recon: replication::session::ReconStats,
-}
-
-/// Information about one connected peer.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct PeerInfo {
-    /// The peer.
-    pub peer_id: String,
-    /// Remote address of each connection (a relayed connection the peer
-    /// dialled shows as `/p2p/<peer>` only; see `relayed`).
-    pub addrs: Vec<String>,
-    /// Whether any connection is relayed (`/p2p-circuit`).
-    pub relayed: bool,
-    /// Whether any connection is direct (not through a relay).
-    pub direct: bool,
-}
-
-impl PeerInfo {
-    /// The kind of connection this node has to the peer.
-    pub fn path(&self) -> ConnPath {
-        ConnPath::from_flags(self.direct, self.relayed)
-    }
-}
-
-/// How this node is connected to a peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ConnPath {
-    /// Only direct connections.
-    Direct,
-    /// Only relayed connections (`/p2p-circuit`).
-    Relayed,
-    /// Both: DCUtR upgraded a relayed connection and the relayed one is
-    /// kept until the tunnels that may ride on it have ended. A new
-    /// stream goes over either (libp2p-stream picks a connection).
-    DirectAndRelayed,
-    /// Not connected.
-    None,
-}
-
-impl ConnPath {
-    fn from_flags(direct: bool, relayed: bool) -> Self {
-        match (direct, relayed) {
-            (true, false) => ConnPath::Direct,
-            (false, true) => ConnPath::Relayed,
-            (true, true) => ConnPath::DirectAndRelayed,
-            (false, false) => ConnPath::None,
-        }
-    }
-}
-
-impl std::fmt::Display for ConnPath {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ConnPath::Direct => "direct",
-            ConnPath::Relayed => "relayed",
-            ConnPath::DirectAndRelayed => "direct+relayed",
-            ConnPath::None => "none",
-        })
-    }
-}
-
-/// Tunnels open (or being opened) with each peer, in either direction: the
-/// ones we opened as a client and the ones we serve as its provider. When
-/// the last one with a peer ends, the event loop is told through `idle`.
-#[derive(Clone)]
-pub(crate) struct PeerTunnels {
-    counts: Arc<Mutex<HashMap<PeerId, usize>>>,
-    idle: mpsc::Sender<PeerId>,
-    limit: usize,
-}
-
-/// [`PeerTunnels::try_enter`]'s refusal: `peer` has `limit` tunnels already.
-#[derive(Debug)]
-pub(crate) struct TooManyTunnels {
-    pub(crate) peer: PeerId,
-    pub(crate) limit: usize,
-}
-
-impl PeerTunnels {
-    fn new(idle: mpsc::Sender<PeerId>, limit: usize) -> Self {
-        PeerTunnels {
-            counts: Arc::default(),
-            idle,
-            limit: limit.clamp(1, MAX_TUNNELS_PER_PEER),
-        }
-    }
-
-    fn count(&self, peer: &PeerId) -> usize {
-        self.counts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(peer)
-            .copied()
-            .unwrap_or(0)
-    }
-
-    /// Count an inbound tunnel: its stream exists already.
-    pub(crate) fn enter(&self, peer: PeerId) -> TunnelGuard {
-        *self
-            .counts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(peer)
-            .or_default() += 1;
-        TunnelGuard {
-            tunnels: self.clone(),
-            peer,
-        }
-    }
-
-    /// Count an outbound tunnel, unless `peer` is at the limit; checked and
-    /// counted under one lock, so a burst of opens cannot overshoot it.
-    fn try_enter(&self, peer: PeerId) -> Result<TunnelGuard, TooManyTunnels> {
-        let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(peer).or_default();
-        if *n >= self.limit {
-            return Err(TooManyTunnels {
-                peer,
-                limit: self.limit,
-            });
-        }
-        *n += 1;
-        Ok(TunnelGuard {
-            tunnels: self.clone(),
-            peer,
-        })
-    }
-}
-
-/// One tunnel with `peer`; when the last one ends the event loop is told,
-/// so it can close connections that a better one made redundant.
-pub(crate) struct TunnelGuard {
-    tunnels: PeerTunnels,
-    peer: PeerId,
-}
-
-impl Drop for TunnelGuard {
-    fn drop(&mut self) {
-        let mut m = self
-            .tunnels
-            .counts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let idle = match m.get_mut(&self.peer) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                false
-            }
-            Some(_) => {
-                m.remove(&self.peer);
-                true
-            }
-            None => false,
-        };
-        drop(m);
-        if idle {
-            // If the queue is full the periodic relay check catches up.
-            let _ = self.tunnels.idle.try_send(self.peer);
-        }
-    }
 }
 
 type Reply<T> = oneshot::Sender<T>;
@@ -570,17 +413,6 @@ pub struct Net {
 const OPEN_ATTEMPTS: u32 = 6;
 const OPEN_RETRY_PAUSE: Duration = Duration::from_millis(20);
 
-/// Most concurrent streams (one per tunnel) on one connection, over yamux
-/// (see [`crate::mux`]) or QUIC. The defaults (512 and 256) would cap a
-/// gateway at that many sessions to one provider.
-pub const MAX_STREAMS_PER_CONNECTION: usize = crate::mux::MAX_STREAMS;
-
-/// Most tunnels with one peer. One stream past a connection's limit makes
-/// yamux close the whole connection with every tunnel on it, so a gateway
-/// refuses the one tunnel instead, below the limit by enough streams for
-/// gossip, sync and the DHT.
-pub const MAX_TUNNELS_PER_PEER: usize = MAX_STREAMS_PER_CONNECTION - 256;
-
 /// Build the swarm, start listening and dialling, and spawn the event loop.
 /// Returns once every listen address is bound.
 pub async fn start(
@@ -735,9 +567,8 @@ pub async fn start(
         idle_rx,
         internal_tx,
         internal_rx,
-        peer_tx,
+        peers: Peers::new(tunnels, peer_tx, conn_tx),
         stats,
-        connections: HashMap::new(),
         dial,
         sync_requests: HashMap::new(),
         recon,
@@ -753,13 +584,9 @@ pub async fn start(
             Reachability::Unknown
         },
         nat_tx,
-        conn_tx,
         relay_candidates,
         relay_listeners: HashMap::new(),
         relay_addrs: Vec::new(),
-        tunnels,
-        retiring: HashSet::new(),
-        quic_retiring: HashSet::new(),
         relay_peers: HashMap::new(),
         addrs_changed_at: None,
     };
@@ -774,19 +601,6 @@ pub async fn start(
 /// How long address changes are collected before one re-announcement
 /// (a relay reservation reports several addresses at once).
 const ANNOUNCE_DEBOUNCE: Duration = Duration::from_millis(300);
-
-/// One open connection.
-struct Conn {
-    /// The remote's address (for a relayed connection we accepted, only
-    /// `/p2p/<peer>` is known).
-    remote: Multiaddr,
-    /// Through a relay (`/p2p-circuit`).
-    relayed: bool,
-    /// Over QUIC.
-    quic: bool,
-    /// We dialled it.
-    dialer: bool,
-}
 
 /// What a peer uses our relay server for.
 #[derive(Default)]
@@ -812,10 +626,8 @@ struct EventLoop {
     idle_rx: mpsc::Receiver<PeerId>,
     internal_tx: mpsc::Sender<Internal>,
     internal_rx: mpsc::Receiver<Internal>,
-    peer_tx: watch::Sender<usize>,
     stats: Arc<NetStats>,
-    /// Open connections per peer.
-    connections: HashMap<PeerId, HashMap<ConnectionId, Conn>>,
+    peers: Peers,
     dial: Dialer,
     sync_requests: HashMap<request_response::OutboundRequestId, PeerId>,
     recon: Reconciler,
@@ -829,8 +641,6 @@ struct EventLoop {
     /// Current verdict (AutoNAT's, or forced by `behind_nat`).
     reachability: Reachability,
     nat_tx: watch::Sender<NatInfo>,
-    /// Bumped on every connection opened or closed.
-    conn_tx: watch::Sender<u64>,
     /// Relays to reserve on, in order of preference: `--relay` ones, then
     /// bootstrap peers that turned out to speak the hop protocol.
     relay_candidates: Vec<(PeerId, Multiaddr)>,
@@ -838,14 +648,6 @@ struct EventLoop {
     relay_listeners: HashMap<ListenerId, PeerId>,
     /// Addresses those listeners reported.
     relay_addrs: Vec<Multiaddr>,
-    /// Tunnels with each peer, either direction (see [`TunnelGuard`]).
-    tunnels: PeerTunnels,
-    /// Peers whose relayed connections are to be closed once their last
-    /// tunnel ends (DCUtR found a direct path).
-    retiring: HashSet<PeerId>,
-    /// Peers whose QUIC connections are to be closed once their last tunnel
-    /// ends (a direct TCP one exists; see `retire_quic`).
-    quic_retiring: HashSet<PeerId>,
     /// Peers we relay for: a reservation, or circuits in either role.
     relay_peers: HashMap<PeerId, RelayUse>,
     /// Set when our addresses changed; the directory entry is re-announced
@@ -902,20 +704,10 @@ impl EventLoop {
                 let _ = r.send(self.listen_addrs.clone());
             }
             Command::Peers(r) => {
-                let peers = self
-                    .connections
-                    .iter()
-                    .map(|(p, conns)| PeerInfo {
-                        peer_id: p.to_string(),
-                        addrs: conns.values().map(|c| c.remote.to_string()).collect(),
-                        relayed: conns.values().any(|c| c.relayed),
-                        direct: conns.values().any(|c| !c.relayed),
-                    })
-                    .collect();
-                let _ = r.send(peers);
+                let _ = r.send(self.peers.list());
             }
             Command::Path(peer, r) => {
-                let _ = r.send(self.path_to(&peer));
+                let _ = r.send(self.peers.path_to(&peer));
             }
             Command::DialAddr(addr, r) => self.dial.dial_addr(&mut self.swarm, addr, r),
             Command::DialPeer(peer, addrs, r) => {
@@ -927,12 +719,14 @@ impl EventLoop {
     }
 
     fn on_tunnels_idle(&mut self, peer: PeerId) {
-        if self.retiring.contains(&peer) {
-            self.retire_relayed(peer);
-        }
-        if self.quic_retiring.contains(&peer) {
-            self.retire_quic(peer, None);
-        }
+        let relay_involved = self.relay_involved(&peer);
+        self.peers
+            .on_tunnels_idle(&mut self.swarm, peer, relay_involved);
+    }
+
+    /// Whether `peer` relays for us or we for it.
+    fn relay_involved(&self, peer: &PeerId) -> bool {
+        self.relay_candidates.iter().any(|(p, _)| p == peer) || self.relay_peers.contains_key(peer)
     }
 
     fn publish(&mut self, msg: &GossipMessage) {
@@ -996,11 +790,9 @@ impl EventLoop {
     }
 
     fn resync_random(&mut self) {
-        let peers: Vec<PeerId> = self.connections.keys().copied().collect();
-        if peers.is_empty() {
+        let Some(p) = self.peers.random() else {
             return;
-        }
-        let p = peers[rand::random::<usize>() % peers.len()];
+        };
         self.request_sync(p, true);
     }
 
@@ -1089,7 +881,10 @@ impl EventLoop {
                 } else {
                     debug!(peer = %peer_id, %remote, "connected");
                 }
-                self.connections.entry(peer_id).or_default().insert(
+                let relay_involved = self.relay_involved(&peer_id);
+                self.peers.on_established(
+                    &mut self.swarm,
+                    peer_id,
                     connection_id,
                     Conn {
                         quic: is_quic(&remote),
@@ -1097,11 +892,8 @@ impl EventLoop {
                         relayed,
                         dialer: endpoint.is_dialer(),
                     },
+                    relay_involved,
                 );
-                self.retire_quic(peer_id, Some(connection_id));
-                self.retire_relayed(peer_id);
-                self.peer_tx.send_replace(self.connections.len());
-                self.conn_tx.send_modify(|n| *n += 1);
                 self.dial.on_connected(
                     &mut self.swarm,
                     peer_id,
@@ -1129,23 +921,9 @@ impl EventLoop {
                     debug!(peer = %peer_id, "a connection closed, others remain: syncing");
                     self.request_sync(peer_id, false);
                 }
-                if let Some(conns) = self.connections.get_mut(&peer_id) {
-                    if conns.remove(&connection_id).is_some_and(|c| c.relayed) {
-                        info!(peer = %peer_id, "relayed connection closed");
-                    }
-                    if !conns.values().any(|c| c.relayed) {
-                        self.retiring.remove(&peer_id);
-                    }
-                    if !conns.values().any(|c| c.quic && !c.relayed) {
-                        self.quic_retiring.remove(&peer_id);
-                    }
-                    if conns.is_empty() {
-                        self.connections.remove(&peer_id);
-                        self.relay_peers.remove(&peer_id);
-                    }
+                if self.peers.on_closed(peer_id, connection_id) {
+                    self.relay_peers.remove(&peer_id);
                 }
-                self.peer_tx.send_replace(self.connections.len());
-                self.conn_tx.send_modify(|n| *n += 1);
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
@@ -1277,16 +1055,6 @@ impl EventLoop {
 
 /// NAT traversal: reachability, relay reservations, hole punching.
 impl EventLoop {
-    fn path_to(&self, peer: &PeerId) -> ConnPath {
-        match self.connections.get(peer) {
-            Some(conns) => ConnPath::from_flags(
-                conns.values().any(|c| !c.relayed),
-                conns.values().any(|c| c.relayed),
-            ),
-            None => ConnPath::None,
-        }
-    }
-
     fn addrs_changed(&mut self) {
         if self.addrs_changed_at.is_none() {
             self.addrs_changed_at = Some(tokio::time::Instant::now());
@@ -1454,87 +1222,16 @@ impl EventLoop {
             );
         }
         self.maintain_relays();
-        for peer in self.retiring.clone() {
-            self.retire_relayed(peer);
-        }
-        for peer in self.quic_retiring.clone() {
-            self.retire_quic(peer, None);
-        }
-    }
-
-    /// Close the QUIC connections to `peer` that a direct TCP one made
-    /// redundant: libp2p-stream puts each new tunnel on a random connection
-    /// to the peer, and a tunnel over QUIC costs about twice the CPU per GiB
-    /// (BENCHMARKS.md). One just `born` beside TCP (an AutoNAT dial-back, a
-    /// DHT query's dial) goes at once: nothing rides on it yet, and a tunnel
-    /// that picks it in that instant is retried (`open_tunnel`). Older ones
-    /// go once no tunnel with the peer is open either way. Gossip in flight
-    /// on a closed connection is pulled by the sync the close starts.
-    /// Peers that relay for us, or that we relay for, keep everything:
-    /// their circuits and reservation may ride on any connection.
-    fn retire_quic(&mut self, peer: PeerId, born: Option<ConnectionId>) {
-        let Some(conns) = self.connections.get(&peer) else {
-            self.quic_retiring.remove(&peer);
-            return;
-        };
-        let tcp = conns.values().any(|c| !c.relayed && !c.quic);
-        let quic: Vec<ConnectionId> = conns
-            .iter()
-            .filter(|(_, c)| c.quic && !c.relayed)
-            .map(|(id, _)| *id)
-            .collect();
-        let relay_involved = self.relay_candidates.iter().any(|(p, _)| *p == peer)
-            || self.relay_peers.contains_key(&peer);
-        if !tcp || quic.is_empty() || relay_involved {
-            self.quic_retiring.remove(&peer);
-            return;
-        }
-        let busy = self.tunnels.count(&peer) > 0;
-        let (now, later): (Vec<_>, Vec<_>) =
-            quic.into_iter().partition(|id| !busy || Some(*id) == born);
-        for id in now {
-            debug!(%peer, newborn = (Some(id) == born), "closing a QUIC connection: a direct TCP one exists");
-            self.swarm.close_connection(id);
-        }
-        if later.is_empty() {
-            self.quic_retiring.remove(&peer);
-        } else {
-            self.quic_retiring.insert(peer);
-        }
-    }
-
-    /// Close the relayed connections we dialled to `peer` once a direct one
-    /// exists and no tunnel with it is open either way (ours, or ones we
-    /// serve), so none can be riding on them.
-    fn retire_relayed(&mut self, peer: PeerId) {
-        let Some(conns) = self.connections.get(&peer) else {
-            self.retiring.remove(&peer);
-            return;
-        };
-        if !conns.values().any(|c| !c.relayed) {
-            self.retiring.remove(&peer);
-            return;
-        }
-        let ours: Vec<ConnectionId> = conns
-            .iter()
-            .filter(|(_, c)| c.relayed && c.dialer)
-            .map(|(id, _)| *id)
-            .collect();
-        if ours.is_empty() {
-            self.retiring.remove(&peer);
-            return;
-        }
-        let busy = self.tunnels.count(&peer);
-        if busy > 0 {
-            info!(%peer, tunnels = busy, "direct connection up; keeping the relayed one until its tunnels end");
-            self.retiring.insert(peer);
-            return;
-        }
-        self.retiring.remove(&peer);
-        for id in ours {
-            info!(%peer, "closing the relayed connection: a direct one replaced it");
-            self.swarm.close_connection(id);
-        }
+        let Self {
+            swarm,
+            peers,
+            relay_candidates,
+            relay_peers,
+            ..
+        } = self;
+        peers.retire_pending(swarm, |peer| {
+            relay_candidates.iter().any(|(p, _)| p == peer) || relay_peers.contains_key(peer)
+        });
     }
 
     fn on_autonat(&mut self, ev: autonat::Event) {
@@ -1564,7 +1261,8 @@ impl EventLoop {
         match ev.result {
             Ok(_) => {
                 info!(peer = %ev.remote_peer_id, "hole punch succeeded: direct connection");
-                self.retire_relayed(ev.remote_peer_id);
+                self.peers
+                    .retire_relayed(&mut self.swarm, ev.remote_peer_id);
             }
             Err(e) => {
                 info!(peer = %ev.remote_peer_id, "hole punch failed, the relay carries this connection: {e}")
