@@ -2,6 +2,7 @@
 //! rest of the node talks to it through the cloneable [`NetHandle`].
 
 mod dial;
+mod nat;
 pub(crate) mod peers;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -11,13 +12,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
-use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{
-    Multiaddr, PeerId, Swarm, autonat, dcutr, gossipsub, identify, kad, relay, request_response,
-    tcp,
-};
+use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, kad, request_response, tcp};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
@@ -26,7 +23,7 @@ use xe_store::{AccountAddress, Applied, DirectoryEntry, LeaseEvent, LeaseHash, S
 
 use crate::NetError;
 use crate::behaviour::{Behaviour, BehaviourEvent};
-use crate::nat::{MAX_RELAYS, NatConfig, NatInfo, RELAY_RETRY_INTERVAL, Reachability};
+use crate::nat::{NatConfig, NatInfo, RELAY_RETRY_INTERVAL, Reachability};
 use crate::replication::driver::Reconciler;
 use crate::replication::{
     self, DIRECTORY_TOPIC, GossipMessage, LEASE_TOPIC, SyncRequest, SyncResponse,
@@ -36,7 +33,8 @@ use crate::tunnel::{
     self, DEFAULT_HANDSHAKE_TIMEOUT, TUNNEL_PROTOCOL, TunnelError, TunnelRegistry,
     TunnelServerConfig, TunnelStream, TunnelValidator,
 };
-use dial::{BOOTSTRAP_REDIAL_INTERVAL, Dialer, is_circuit, is_loopback, is_quic, peer_of};
+use dial::{BOOTSTRAP_REDIAL_INTERVAL, Dialer, is_quic};
+use nat::{ANNOUNCE_DEBOUNCE, Nat};
 use peers::{Conn, PeerTunnels, Peers, TooManyTunnels};
 pub use peers::{ConnPath, MAX_STREAMS_PER_CONNECTION, MAX_TUNNELS_PER_PEER, PeerInfo};
 
@@ -540,18 +538,7 @@ pub async fn start(
         ));
     }
     let dial = Dialer::new(&mut swarm, &config.bootstrap);
-    let relay_candidates = config
-        .nat
-        .relays
-        .iter()
-        .filter_map(|a| match peer_of(a) {
-            Some(p) => Some((p, a.clone())),
-            None => {
-                warn!(%a, "--relay address does not end in /p2p/<peer id>; ignored");
-                None
-            }
-        })
-        .collect();
+    let relay_candidates = nat::relay_candidates(&config.nat.relays);
     info!(%peer_id, addrs = ?addrs, relay_server = config.nat.relay_server, behind_nat = forced_private, "p2p host listening");
     let recon = Reconciler::new(
         control.clone(),
@@ -562,7 +549,6 @@ pub async fn start(
     let mut lp = EventLoop {
         swarm,
         store,
-        listen_addrs: Vec::new(),
         cmd_rx,
         idle_rx,
         internal_tx,
@@ -577,36 +563,14 @@ pub async fn start(
         announce_interval: config.announce_interval,
         directory_ttl: config.directory_ttl,
         resync_interval: config.resync_interval,
-        nat: config.nat,
-        reachability: if forced_private {
-            Reachability::Private
-        } else {
-            Reachability::Unknown
-        },
-        nat_tx,
-        relay_candidates,
-        relay_listeners: HashMap::new(),
-        relay_addrs: Vec::new(),
-        relay_peers: HashMap::new(),
-        addrs_changed_at: None,
+        nat: Nat::new(config.nat, nat_tx, relay_candidates),
     };
     for a in addrs {
-        lp.on_new_listen_addr(a);
+        lp.nat.on_new_listen_addr(&mut lp.swarm, a);
     }
-    lp.apply_reachability();
+    lp.nat.apply_reachability(&mut lp.swarm);
     tasks.spawn(lp.run(cancel));
     Ok(Net { handle, tasks })
-}
-
-/// How long address changes are collected before one re-announcement
-/// (a relay reservation reports several addresses at once).
-const ANNOUNCE_DEBOUNCE: Duration = Duration::from_millis(300);
-
-/// What a peer uses our relay server for.
-#[derive(Default)]
-struct RelayUse {
-    reserved: bool,
-    circuits: usize,
 }
 
 /// Results that background work hands back to the event loop.
@@ -620,7 +584,6 @@ const MAX_UNSENT: usize = 1024;
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     store: Store,
-    listen_addrs: Vec<Multiaddr>,
     cmd_rx: mpsc::Receiver<Command>,
     /// Peers whose last tunnel ended (see [`TunnelGuard`]).
     idle_rx: mpsc::Receiver<PeerId>,
@@ -637,22 +600,7 @@ struct EventLoop {
     announce_interval: Duration,
     directory_ttl: Duration,
     resync_interval: Duration,
-    nat: NatConfig,
-    /// Current verdict (AutoNAT's, or forced by `behind_nat`).
-    reachability: Reachability,
-    nat_tx: watch::Sender<NatInfo>,
-    /// Relays to reserve on, in order of preference: `--relay` ones, then
-    /// bootstrap peers that turned out to speak the hop protocol.
-    relay_candidates: Vec<(PeerId, Multiaddr)>,
-    /// Our listeners on relays (`RELAY/p2p-circuit`).
-    relay_listeners: HashMap<ListenerId, PeerId>,
-    /// Addresses those listeners reported.
-    relay_addrs: Vec<Multiaddr>,
-    /// Peers we relay for: a reservation, or circuits in either role.
-    relay_peers: HashMap<PeerId, RelayUse>,
-    /// Set when our addresses changed; the directory entry is re-announced
-    /// [`ANNOUNCE_DEBOUNCE`] later.
-    addrs_changed_at: Option<tokio::time::Instant>,
+    nat: Nat,
 }
 
 fn topic_for(msg: &GossipMessage) -> gossipsub::IdentTopic {
@@ -672,7 +620,7 @@ impl EventLoop {
         let mut redial = tokio::time::interval(BOOTSTRAP_REDIAL_INTERVAL);
         redial.tick().await;
         loop {
-            let changed = self.addrs_changed_at;
+            let changed = self.nat.addrs_changed_at();
             let settle = tokio::time::sleep_until(
                 changed.unwrap_or_else(tokio::time::Instant::now) + ANNOUNCE_DEBOUNCE,
             );
@@ -685,12 +633,16 @@ impl EventLoop {
                 ev = self.swarm.select_next_some() => self.on_swarm(ev),
                 _ = announce.tick(), if self.announce.is_some() => self.announce_self(),
                 _ = resync.tick() => self.resync_random(),
-                _ = relays.tick() => self.on_relay_tick(),
+                _ = relays.tick() => {
+                    self.nat.on_relay_tick(&mut self.swarm);
+                    self.peers
+                        .retire_pending(&mut self.swarm, |p| self.nat.relay_involved(p));
+                }
                 _ = redial.tick() => self.dial.redial_bootstrap(&mut self.swarm),
                 () = settle, if changed.is_some() => {
-                    self.addrs_changed_at = None;
+                    self.nat.addrs_announced();
                     self.announce_self();
-                    self.publish_nat_info();
+                    self.nat.publish_nat_info();
                 }
             }
         }
@@ -701,7 +653,7 @@ impl EventLoop {
     fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::ListenAddrs(r) => {
-                let _ = r.send(self.listen_addrs.clone());
+                let _ = r.send(self.nat.listen_addrs());
             }
             Command::Peers(r) => {
                 let _ = r.send(self.peers.list());
@@ -719,14 +671,9 @@ impl EventLoop {
     }
 
     fn on_tunnels_idle(&mut self, peer: PeerId) {
-        let relay_involved = self.relay_involved(&peer);
+        let relay_involved = self.nat.relay_involved(&peer);
         self.peers
             .on_tunnels_idle(&mut self.swarm, peer, relay_involved);
-    }
-
-    /// Whether `peer` relays for us or we for it.
-    fn relay_involved(&self, peer: &PeerId) -> bool {
-        self.relay_candidates.iter().any(|(p, _)| p == peer) || self.relay_peers.contains_key(peer)
     }
 
     fn publish(&mut self, msg: &GossipMessage) {
@@ -766,7 +713,7 @@ impl EventLoop {
         let Some(wallet) = self.announce.clone() else {
             return;
         };
-        let addrs = self.announced_addrs();
+        let addrs = self.nat.announced_addrs(&self.swarm);
         // Entries are ordered by issue time: an update in the same second as
         // the previous one (addresses change in bursts at start-up) must
         // still win, so it is issued at least one second later.
@@ -837,27 +784,26 @@ impl EventLoop {
                 info,
                 ..
             })) => {
-                let known = self.relay_candidates.iter().any(|(p, _)| *p == peer_id);
-                if info.protocols.contains(&relay::HOP_PROTOCOL_NAME)
-                    && let Some(addr) = self.dial.bootstrap_addr(&peer_id)
-                    && !known
-                {
-                    info!(relay = %peer_id, "bootstrap peer is a relay");
-                    self.relay_candidates.push((peer_id, addr.clone()));
-                    self.maintain_relays();
-                } else if known {
-                    // (Re)connected to a relay: reserve again now if the
-                    // reservation was lost, rather than at the next retry.
-                    self.maintain_relays();
-                }
+                self.nat.on_identify(
+                    &mut self.swarm,
+                    peer_id,
+                    &info.protocols,
+                    self.dial.bootstrap_addr(&peer_id),
+                );
                 for a in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Autonat(e)) => self.on_autonat(e),
-            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => self.on_dcutr(e),
-            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => self.on_relay_client(e),
-            SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => self.on_relay_server(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(e)) => {
+                self.nat.on_autonat(&mut self.swarm, e)
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => {
+                if let Some(peer) = nat::hole_punched(e) {
+                    self.peers.retire_relayed(&mut self.swarm, peer);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => self.nat.on_relay_client(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => self.nat.on_relay_server(e),
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,
                 result,
@@ -881,7 +827,7 @@ impl EventLoop {
                 } else {
                     debug!(peer = %peer_id, %remote, "connected");
                 }
-                let relay_involved = self.relay_involved(&peer_id);
+                let relay_involved = self.nat.relay_involved(&peer_id);
                 self.peers.on_established(
                     &mut self.swarm,
                     peer_id,
@@ -922,7 +868,7 @@ impl EventLoop {
                     self.request_sync(peer_id, false);
                 }
                 if self.peers.on_closed(peer_id, connection_id) {
-                    self.relay_peers.remove(&peer_id);
+                    self.nat.peer_gone(&peer_id);
                 }
             }
             SwarmEvent::OutgoingConnectionError {
@@ -932,41 +878,24 @@ impl EventLoop {
             } => self
                 .dial
                 .on_dial_error(&self.swarm, connection_id, peer_id, error),
-            SwarmEvent::NewListenAddr { address, .. } => self.on_new_listen_addr(address),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                self.nat.on_new_listen_addr(&mut self.swarm, address)
+            }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
-                self.listen_addrs.retain(|a| a != &address);
-                if is_circuit(&address) {
-                    self.relay_addrs.retain(|a| a != &address);
-                }
-                self.addrs_changed();
-                self.sync_relay_externals();
+                self.nat.on_expired_listen_addr(&mut self.swarm, address)
             }
             SwarmEvent::ListenerClosed {
                 listener_id,
                 addresses,
                 reason,
-            } => {
-                for a in &addresses {
-                    self.listen_addrs.retain(|x| x != a);
-                    self.relay_addrs.retain(|x| x != a);
-                }
-                if let Some(relay) = self.relay_listeners.remove(&listener_id) {
-                    match reason {
-                        Ok(()) => info!(%relay, "relay listener closed"),
-                        Err(e) => {
-                            warn!(%relay, "relay reservation failed or lost: {e}; retrying in {}s", RELAY_RETRY_INTERVAL.as_secs())
-                        }
-                    }
-                }
-                self.addrs_changed();
-            }
+            } => self.nat.on_listener_closed(listener_id, addresses, reason),
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 info!(%address, "external address confirmed");
-                self.addrs_changed();
+                self.nat.addrs_changed();
             }
             SwarmEvent::ExternalAddrExpired { address } => {
                 debug!(%address, "external address expired");
-                self.addrs_changed();
+                self.nat.addrs_changed();
             }
             other => debug!(?other, "swarm event"),
         }
@@ -1049,309 +978,6 @@ impl EventLoop {
                 debug!(%peer, "sync request failed: {error}");
             }
             _ => {}
-        }
-    }
-}
-
-/// NAT traversal: reachability, relay reservations, hole punching.
-impl EventLoop {
-    fn addrs_changed(&mut self) {
-        if self.addrs_changed_at.is_none() {
-            self.addrs_changed_at = Some(tokio::time::Instant::now());
-        }
-    }
-
-    fn publish_nat_info(&mut self) {
-        let info = NatInfo {
-            reachability: self.reachability,
-            relay_addrs: self.relay_addrs.iter().map(ToString::to_string).collect(),
-        };
-        self.nat_tx.send_if_modified(|cur| {
-            if *cur == info {
-                false
-            } else {
-                *cur = info;
-                true
-            }
-        });
-    }
-
-    fn on_new_listen_addr(&mut self, address: Multiaddr) {
-        if is_circuit(&address) {
-            info!(%address, "reachable through a relay");
-            if !self.relay_addrs.contains(&address) {
-                self.relay_addrs.push(address);
-            }
-        } else if !self.listen_addrs.contains(&address) {
-            self.listen_addrs.push(address);
-            self.sync_relay_externals();
-        }
-        self.addrs_changed();
-    }
-
-    /// A relay server only serves reservations once it has an external
-    /// address, and advertises exactly those to its clients. Without
-    /// `--external-addr`, use the listen addresses — the non-loopback ones
-    /// when there are any, so NAT'd peers are not told to dial 127.0.0.1 —
-    /// and none once AutoNAT says nobody can dial them.
-    fn sync_relay_externals(&mut self) {
-        if !self.nat.relay_server || !self.nat.external_addrs.is_empty() {
-            return;
-        }
-        let any_routable = self.listen_addrs.iter().any(|a| !is_loopback(a));
-        let want: Vec<Multiaddr> = if self.reachability == Reachability::Private {
-            Vec::new()
-        } else {
-            self.listen_addrs
-                .iter()
-                .filter(|a| !any_routable || !is_loopback(a))
-                .cloned()
-                .collect()
-        };
-        let have: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
-        for a in &want {
-            if !have.contains(a) {
-                self.swarm.add_external_address(a.clone());
-            }
-        }
-        for a in have {
-            if !is_circuit(&a) && self.listen_addrs.contains(&a) && !want.contains(&a) {
-                self.swarm.remove_external_address(&a);
-            }
-        }
-    }
-
-    /// The directory entry's addresses, best first: confirmed external
-    /// addresses (our public address, or our relay circuit), then relay
-    /// addresses, then listen addresses — at most `MAX_ADDRS`, each once.
-    fn announced_addrs(&self) -> Vec<String> {
-        let me = *self.swarm.local_peer_id();
-        let mut out: Vec<String> = Vec::new();
-        let all = self
-            .swarm
-            .external_addresses()
-            .chain(self.relay_addrs.iter())
-            .chain(self.listen_addrs.iter());
-        for a in all {
-            // A confirmed relay address ends in /p2p/<us>; listeners report
-            // it without. Announce one form.
-            let mut a = a.clone();
-            if a.iter().last() == Some(Protocol::P2p(me)) {
-                a.pop();
-            }
-            let s = a.to_string();
-            if !out.contains(&s) {
-                out.push(s);
-            }
-        }
-        out.truncate(xe_store::directory::MAX_ADDRS);
-        out
-    }
-
-    /// Whether this node should be listening through relays now.
-    fn wants_relays(&self) -> bool {
-        self.nat.behind_nat
-            || !self.nat.relays.is_empty()
-            || self.reachability == Reachability::Private
-    }
-
-    fn apply_reachability(&mut self) {
-        // A node others cannot dial is no use in their routing tables
-        // (it would only slow their lookups); it still queries the DHT.
-        let mode = if self.reachability == Reachability::Private {
-            kad::Mode::Client
-        } else {
-            kad::Mode::Server
-        };
-        self.swarm.behaviour_mut().kad.set_mode(Some(mode));
-        if self.reachability == Reachability::Private
-            && self.nat.relay_server
-            && self.nat.external_addrs.is_empty()
-        {
-            warn!(
-                "relay server enabled but this node is not publicly reachable: not relaying (pass --external-addr if peers can reach it, or --no-relay-server)"
-            );
-        }
-        self.sync_relay_externals();
-        self.maintain_relays();
-        self.publish_nat_info();
-    }
-
-    /// Reserve on relays while we need them; drop the reservations once
-    /// AutoNAT finds us publicly reachable (unless forced).
-    fn maintain_relays(&mut self) {
-        if !self.wants_relays() {
-            if self.reachability == Reachability::Public && !self.relay_listeners.is_empty() {
-                info!("publicly reachable: dropping relay reservations");
-                for id in self.relay_listeners.keys().copied().collect::<Vec<_>>() {
-                    self.swarm.remove_listener(id);
-                }
-            }
-            return;
-        }
-        let mut active: HashSet<PeerId> = self.relay_listeners.values().copied().collect();
-        for (relay, addr) in self.relay_candidates.clone() {
-            if active.len() >= MAX_RELAYS {
-                break;
-            }
-            if active.contains(&relay) {
-                continue;
-            }
-            let circuit = addr.with(Protocol::P2pCircuit);
-            match self.swarm.listen_on(circuit.clone()) {
-                Ok(id) => {
-                    info!(%relay, addr = %circuit, "reserving a slot on relay");
-                    self.relay_listeners.insert(id, relay);
-                    active.insert(relay);
-                }
-                Err(e) => warn!(%relay, addr = %circuit, "cannot listen through relay: {e}"),
-            }
-        }
-        if active.is_empty() && self.relay_candidates.is_empty() {
-            debug!(
-                "not publicly reachable and no relay known yet (--relay, or a bootstrap peer running --relay-server)"
-            );
-        }
-    }
-
-    fn on_relay_tick(&mut self) {
-        if self.wants_relays() && self.relay_candidates.is_empty() {
-            warn!(
-                reachability = %self.reachability,
-                "not publicly reachable and no relay available: pass --relay or bootstrap to a node with --relay-server"
-            );
-        }
-        self.maintain_relays();
-        let Self {
-            swarm,
-            peers,
-            relay_candidates,
-            relay_peers,
-            ..
-        } = self;
-        peers.retire_pending(swarm, |peer| {
-            relay_candidates.iter().any(|(p, _)| p == peer) || relay_peers.contains_key(peer)
-        });
-    }
-
-    fn on_autonat(&mut self, ev: autonat::Event) {
-        match ev {
-            autonat::Event::StatusChanged { old, new } => {
-                info!(?old, ?new, "AutoNAT status changed");
-                if self.nat.behind_nat {
-                    return;
-                }
-                let r = match new {
-                    autonat::NatStatus::Public(_) => Reachability::Public,
-                    autonat::NatStatus::Private => Reachability::Private,
-                    // Keep acting on the last verdict while AutoNAT re-checks.
-                    autonat::NatStatus::Unknown => return,
-                };
-                if r != self.reachability {
-                    self.reachability = r;
-                    self.apply_reachability();
-                }
-            }
-            autonat::Event::InboundProbe(e) => debug!(?e, "AutoNAT inbound probe"),
-            autonat::Event::OutboundProbe(e) => debug!(?e, "AutoNAT outbound probe"),
-        }
-    }
-
-    fn on_dcutr(&mut self, ev: dcutr::Event) {
-        match ev.result {
-            Ok(_) => {
-                info!(peer = %ev.remote_peer_id, "hole punch succeeded: direct connection");
-                self.peers
-                    .retire_relayed(&mut self.swarm, ev.remote_peer_id);
-            }
-            Err(e) => {
-                info!(peer = %ev.remote_peer_id, "hole punch failed, the relay carries this connection: {e}")
-            }
-        }
-    }
-
-    fn on_relay_client(&mut self, ev: relay::client::Event) {
-        match ev {
-            relay::client::Event::ReservationReqAccepted {
-                relay_peer_id,
-                renewal,
-                limit,
-            } => {
-                if renewal {
-                    debug!(relay = %relay_peer_id, "relay reservation renewed");
-                } else {
-                    info!(relay = %relay_peer_id, ?limit, "relay reservation accepted");
-                }
-            }
-            relay::client::Event::OutboundCircuitEstablished {
-                relay_peer_id,
-                limit,
-            } => debug!(relay = %relay_peer_id, ?limit, "outbound circuit established"),
-            relay::client::Event::InboundCircuitEstablished { src_peer_id, limit } => {
-                debug!(src = %src_peer_id, ?limit, "inbound circuit established")
-            }
-        }
-    }
-
-    fn on_relay_server(&mut self, ev: relay::Event) {
-        match ev {
-            relay::Event::ReservationReqAccepted {
-                src_peer_id,
-                renewed,
-            } => {
-                self.relay_peers.entry(src_peer_id).or_default().reserved = true;
-                if renewed {
-                    debug!(peer = %src_peer_id, "relay: reservation renewed");
-                } else {
-                    info!(peer = %src_peer_id, "relay: reservation accepted");
-                }
-            }
-            relay::Event::ReservationReqDenied {
-                src_peer_id,
-                status,
-            } => warn!(peer = %src_peer_id, ?status, "relay: reservation denied"),
-            relay::Event::ReservationTimedOut { src_peer_id } => {
-                debug!(peer = %src_peer_id, "relay: reservation expired");
-                self.relay_use_ended(src_peer_id, |u| u.reserved = false);
-            }
-            relay::Event::ReservationClosed { src_peer_id } => {
-                debug!(peer = %src_peer_id, "relay: reservation closed");
-                self.relay_use_ended(src_peer_id, |u| u.reserved = false);
-            }
-            relay::Event::CircuitReqAccepted {
-                src_peer_id,
-                dst_peer_id,
-            } => {
-                info!(src = %src_peer_id, dst = %dst_peer_id, "relay: circuit opened");
-                for p in [src_peer_id, dst_peer_id] {
-                    self.relay_peers.entry(p).or_default().circuits += 1;
-                }
-            }
-            relay::Event::CircuitReqDenied {
-                src_peer_id,
-                dst_peer_id,
-                status,
-            } => warn!(src = %src_peer_id, dst = %dst_peer_id, ?status, "relay: circuit denied"),
-            relay::Event::CircuitClosed {
-                src_peer_id,
-                dst_peer_id,
-                error,
-            } => {
-                info!(src = %src_peer_id, dst = %dst_peer_id, ?error, "relay: circuit closed");
-                for p in [src_peer_id, dst_peer_id] {
-                    self.relay_use_ended(p, |u| u.circuits = u.circuits.saturating_sub(1));
-                }
-            }
-            other => debug!(?other, "relay event"),
-        }
-    }
-
-    fn relay_use_ended(&mut self, peer: PeerId, end: impl FnOnce(&mut RelayUse)) {
-        if let Some(u) = self.relay_peers.get_mut(&peer) {
-            end(u);
-            if !u.reserved && u.circuits == 0 {
-                self.relay_peers.remove(&peer);
-            }
         }
     }
 }
