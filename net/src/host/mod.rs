@@ -4,30 +4,29 @@
 mod dial;
 mod nat;
 pub(crate) mod peers;
+mod replication;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, kad, request_response, tcp};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, tcp};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 use xe_store::{AccountAddress, Applied, DirectoryEntry, LeaseEvent, LeaseHash, Store, Wallet};
 
 use crate::NetError;
 use crate::behaviour::{Behaviour, BehaviourEvent};
 use crate::nat::{NatConfig, NatInfo, RELAY_RETRY_INTERVAL, Reachability};
-use crate::replication::driver::Reconciler;
-use crate::replication::{
-    self, DIRECTORY_TOPIC, GossipMessage, LEASE_TOPIC, SyncRequest, SyncResponse,
-};
+use crate::replication::GossipMessage;
+use crate::replication::driver::{self, Reconciler};
 use crate::secure::{HandshakeCounts, OverlayCipher, SecurityUpgrade};
 use crate::tunnel::{
     self, DEFAULT_HANDSHAKE_TIMEOUT, TUNNEL_PROTOCOL, TunnelError, TunnelRegistry,
@@ -37,6 +36,7 @@ use dial::{BOOTSTRAP_REDIAL_INTERVAL, Dialer, is_quic};
 use nat::{ANNOUNCE_DEBOUNCE, Nat};
 use peers::{Conn, PeerTunnels, Peers, TooManyTunnels};
 pub use peers::{ConnPath, MAX_STREAMS_PER_CONNECTION, MAX_TUNNELS_PER_PEER, PeerInfo};
+use replication::Replication;
 
 /// How a node joins the overlay.
 pub struct NetConfig {
@@ -115,7 +115,7 @@ pub struct NetStats {
     /// Connections secured, by cipher.
     pub handshakes: Arc<HandshakeCounts>,
     /// Reconciliation sessions and their bytes.
-    pub recon: replication::session::ReconStats,
+    pub recon: crate::replication::session::ReconStats,
 }
 
 type Reply<T> = oneshot::Sender<T>;
@@ -496,7 +496,6 @@ pub async fn start(
     // command queue this once shared. When it is full the relay tick
     // catches up.
     let (idle_tx, idle_rx) = mpsc::channel(256);
-    let (internal_tx, internal_rx) = mpsc::channel(1024);
     let registry = TunnelRegistry::default();
     let tunnels = PeerTunnels::new(idle_tx, config.max_tunnels_per_peer);
     let handle = NetHandle {
@@ -514,14 +513,14 @@ pub async fn start(
         dial_timeout: config.dial_timeout,
     };
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(replication::driver::serve(
+    tasks.spawn(driver::serve(
         control.clone(),
         store.clone(),
         stats.clone(),
         cancel.clone(),
     ));
     if let Some(window) = config.retention {
-        tasks.spawn(replication::driver::compact_periodically(
+        tasks.spawn(driver::compact_periodically(
             store.clone(),
             window,
             cancel.clone(),
@@ -548,20 +547,12 @@ pub async fn start(
     );
     let mut lp = EventLoop {
         swarm,
-        store,
         cmd_rx,
         idle_rx,
-        internal_tx,
-        internal_rx,
         peers: Peers::new(tunnels, peer_tx, conn_tx),
-        stats,
         dial,
-        sync_requests: HashMap::new(),
-        recon,
-        unsent: VecDeque::new(),
-        announce: config.announce,
+        replication: Replication::new(store, stats, recon, config.announce, config.directory_ttl),
         announce_interval: config.announce_interval,
-        directory_ttl: config.directory_ttl,
         resync_interval: config.resync_interval,
         nat: Nat::new(config.nat, nat_tx, relay_candidates),
     };
@@ -573,41 +564,17 @@ pub async fn start(
     Ok(Net { handle, tasks })
 }
 
-/// Results that background work hands back to the event loop.
-enum Internal {
-    Validated(gossipsub::MessageId, PeerId, gossipsub::MessageAcceptance),
-}
-
-/// Most messages kept for re-publishing when no peer was subscribed yet.
-const MAX_UNSENT: usize = 1024;
-
 struct EventLoop {
     swarm: Swarm<Behaviour>,
-    store: Store,
     cmd_rx: mpsc::Receiver<Command>,
     /// Peers whose last tunnel ended (see [`TunnelGuard`]).
     idle_rx: mpsc::Receiver<PeerId>,
-    internal_tx: mpsc::Sender<Internal>,
-    internal_rx: mpsc::Receiver<Internal>,
-    stats: Arc<NetStats>,
     peers: Peers,
     dial: Dialer,
-    sync_requests: HashMap<request_response::OutboundRequestId, PeerId>,
-    recon: Reconciler,
-    /// Gossip that found no subscribed peer; re-sent when one subscribes.
-    unsent: VecDeque<Vec<u8>>,
-    announce: Option<Arc<Wallet>>,
+    replication: Replication,
     announce_interval: Duration,
-    directory_ttl: Duration,
     resync_interval: Duration,
     nat: Nat,
-}
-
-fn topic_for(msg: &GossipMessage) -> gossipsub::IdentTopic {
-    gossipsub::IdentTopic::new(match msg {
-        GossipMessage::Event { .. } => LEASE_TOPIC,
-        GossipMessage::Directory { .. } => DIRECTORY_TOPIC,
-    })
 }
 
 impl EventLoop {
@@ -629,9 +596,11 @@ impl EventLoop {
                 () = cancel.cancelled() => break,
                 Some(cmd) = self.cmd_rx.recv() => self.on_command(cmd),
                 Some(peer) = self.idle_rx.recv() => self.on_tunnels_idle(peer),
-                Some(msg) = self.internal_rx.recv() => self.on_internal(msg),
+                Some(msg) = self.replication.internal() => {
+                    self.replication.on_internal(&mut self.swarm, msg)
+                }
                 ev = self.swarm.select_next_some() => self.on_swarm(ev),
-                _ = announce.tick(), if self.announce.is_some() => self.announce_self(),
+                _ = announce.tick(), if self.replication.announces() => self.announce_self(),
                 _ = resync.tick() => self.resync_random(),
                 _ = relays.tick() => {
                     self.nat.on_relay_tick(&mut self.swarm);
@@ -665,7 +634,7 @@ impl EventLoop {
             Command::DialPeer(peer, addrs, r) => {
                 self.dial.dial_peer(&mut self.swarm, peer, addrs, r)
             }
-            Command::Publish(msg) => self.publish(&msg),
+            Command::Publish(msg) => self.replication.publish(&mut self.swarm, &msg),
             Command::Announce => self.announce_self(),
         }
     }
@@ -676,63 +645,10 @@ impl EventLoop {
             .on_tunnels_idle(&mut self.swarm, peer, relay_involved);
     }
 
-    fn publish(&mut self, msg: &GossipMessage) {
-        let data = serde_json::to_vec(msg).expect("gossip messages serialise");
-        let topic = topic_for(msg);
-        match self
-            .swarm
-            .behaviour_mut()
-            .gossipsub
-            .publish(topic, data.clone())
-        {
-            Ok(_) | Err(gossipsub::PublishError::Duplicate) => {}
-            Err(gossipsub::PublishError::NoPeersSubscribedToTopic)
-            | Err(gossipsub::PublishError::AllQueuesFull(_)) => {
-                // Not lost: peers pull it by sync on connect, and we re-send
-                // as soon as one subscribes.
-                if self.unsent.len() >= MAX_UNSENT {
-                    self.unsent.pop_front();
-                }
-                self.unsent.push_back(data);
-            }
-            Err(e) => warn!("gossip publish failed: {e}"),
-        }
-    }
-
-    fn flush_unsent(&mut self) {
-        let pending: Vec<Vec<u8>> = self.unsent.drain(..).collect();
-        for data in pending {
-            let Ok(msg) = serde_json::from_slice::<GossipMessage>(&data) else {
-                continue;
-            };
-            self.publish(&msg);
-        }
-    }
-
     fn announce_self(&mut self) {
-        let Some(wallet) = self.announce.clone() else {
-            return;
-        };
-        let addrs = self.nat.announced_addrs(&self.swarm);
-        // Entries are ordered by issue time: an update in the same second as
-        // the previous one (addresses change in bursts at start-up) must
-        // still win, so it is issued at least one second later.
-        let prev = self
-            .store
-            .peer_for_account(&wallet.address())
-            .ok()
-            .flatten()
-            .map_or(0, |e| e.issued_at.saturating_add(1));
-        let entry = DirectoryEntry::sign(
-            &wallet,
-            self.swarm.local_peer_id().to_string(),
-            addrs,
-            xe_store::now_secs().max(prev),
-            self.directory_ttl.as_secs(),
-        );
-        match self.store.put_directory(&entry) {
-            Ok(_) => self.publish(&GossipMessage::Directory { entry }),
-            Err(e) => warn!("could not store own directory entry: {e}"),
+        if self.replication.announces() {
+            let addrs = self.nat.announced_addrs(&self.swarm);
+            self.replication.announce(&mut self.swarm, addrs);
         }
     }
 
@@ -740,45 +656,17 @@ impl EventLoop {
         let Some(p) = self.peers.random() else {
             return;
         };
-        self.request_sync(p, true);
-    }
-
-    /// Anti-entropy with `peer`: events by reconciliation, directory
-    /// entries by the sync protocol. Both ends see a connection open or
-    /// close, so for those only the end with the smaller peer id
-    /// reconciles (`either_end`: false): one session moves the events
-    /// both ways, two would move them twice.
-    fn request_sync(&mut self, peer: PeerId, either_end: bool) {
-        if either_end || *self.swarm.local_peer_id() < peer {
-            self.recon.start(peer);
-        }
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .sync
-            .send_request(&peer, SyncRequest::Directory);
-        self.sync_requests.insert(id, peer);
-    }
-
-    fn on_internal(&mut self, msg: Internal) {
-        match msg {
-            Internal::Validated(id, peer, acceptance) => {
-                if matches!(acceptance, gossipsub::MessageAcceptance::Reject) {
-                    self.stats.invalid_messages.fetch_add(1, Ordering::Relaxed);
-                }
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .report_message_validation_result(&id, &peer, acceptance);
-            }
-        }
+        self.replication.request_sync(&mut self.swarm, p, true);
     }
 
     fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
-            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.on_gossip(e),
-            SwarmEvent::Behaviour(BehaviourEvent::Sync(e)) => self.on_sync(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => {
+                self.replication.on_gossip(&mut self.swarm, e)
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(e)) => {
+                self.replication.on_sync(&mut self.swarm, e)
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
@@ -849,7 +737,8 @@ impl EventLoop {
                     endpoint.is_dialer(),
                 );
                 if num_established.get() == 1 {
-                    self.request_sync(peer_id, false);
+                    self.replication
+                        .request_sync(&mut self.swarm, peer_id, false);
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -865,7 +754,8 @@ impl EventLoop {
                 // that is gone altogether is synced when it reconnects.
                 if num_established > 0 {
                     debug!(peer = %peer_id, "a connection closed, others remain: syncing");
-                    self.request_sync(peer_id, false);
+                    self.replication
+                        .request_sync(&mut self.swarm, peer_id, false);
                 }
                 if self.peers.on_closed(peer_id, connection_id) {
                     self.nat.peer_gone(&peer_id);
@@ -898,86 +788,6 @@ impl EventLoop {
                 self.nat.addrs_changed();
             }
             other => debug!(?other, "swarm event"),
-        }
-    }
-
-    fn on_gossip(&mut self, ev: gossipsub::Event) {
-        match ev {
-            gossipsub::Event::Message {
-                propagation_source,
-                message_id,
-                message,
-            } => {
-                let store = self.store.clone();
-                let tx = self.internal_tx.clone();
-                let stats = self.stats.clone();
-                // Applying flushes to disk: keep it off the event loop.
-                tokio::task::spawn_blocking(move || {
-                    let acceptance = replication::validate_gossip(
-                        &store,
-                        &stats,
-                        &message.data,
-                        &propagation_source,
-                    );
-                    let _ = tx.blocking_send(Internal::Validated(
-                        message_id,
-                        propagation_source,
-                        acceptance,
-                    ));
-                });
-            }
-            gossipsub::Event::Subscribed { .. } if !self.unsent.is_empty() => self.flush_unsent(),
-            _ => {}
-        }
-    }
-
-    fn on_sync(&mut self, ev: request_response::Event<SyncRequest, SyncResponse>) {
-        match ev {
-            request_response::Event::Message {
-                peer,
-                message:
-                    request_response::Message::Request {
-                        request, channel, ..
-                    },
-                ..
-            } => {
-                let response = replication::answer_sync(&self.store, request);
-                if self
-                    .swarm
-                    .behaviour_mut()
-                    .sync
-                    .send_response(channel, response)
-                    .is_err()
-                {
-                    debug!(%peer, "sync requester went away");
-                }
-            }
-            request_response::Event::Message {
-                peer,
-                message:
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                self.sync_requests.remove(&request_id);
-                let store = self.store.clone();
-                let stats = self.stats.clone();
-                tokio::task::spawn_blocking(move || {
-                    replication::apply_sync(&store, &stats, peer, response)
-                });
-            }
-            request_response::Event::OutboundFailure {
-                peer,
-                error,
-                request_id,
-                ..
-            } => {
-                self.sync_requests.remove(&request_id);
-                debug!(%peer, "sync request failed: {error}");
-            }
-            _ => {}
         }
     }
 }
