@@ -11,7 +11,7 @@ use libp2p::swarm::{ConnectionId, DialError};
 use libp2p::{Multiaddr, PeerId, Swarm, kad};
 use tracing::{debug, warn};
 
-use super::Reply;
+use super::handle::Reply;
 use crate::behaviour::Behaviour;
 use crate::tunnel::TunnelError;
 
