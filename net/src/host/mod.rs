@@ -1,5 +1,18 @@
 //! The node's libp2p host: one task owns the swarm (the event loop); the
 //! rest of the node talks to it through the cloneable [`NetHandle`].
+//!
+//! # Layout
+//! - this file: [`NetConfig`], and [`start`], which builds the swarm.
+//! - `handle`: [`NetHandle`] and the `Command`s it sends the event loop.
+//! - `event_loop`: the task that owns the swarm; it hands each event to
+//!   the part below that owns its state, with `&mut swarm`.
+//! - `peers`: connections, tunnels per peer ([`MAX_TUNNELS_PER_PEER`]),
+//!   [`ConnPath`], and closing connections a better one made redundant.
+//! - `dial`: address order and the dials someone waits on.
+//! - `nat`: our addresses, reachability and relays (the settings and
+//!   public types are in [`crate::nat`]).
+//! - `replication`: gossip, sync and the directory entry (the protocols
+//!   are in [`crate::replication`]).
 
 mod dial;
 mod event_loop;
