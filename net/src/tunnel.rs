@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 use xe_store::LeaseHash;
 
+use crate::host::peers::{self, ConnPath, PeerTunnels};
+
 /// The protocol id.
 pub const TUNNEL_PROTOCOL: StreamProtocol = StreamProtocol::new("/xe/tunnel/2.0.0");
 /// Status byte: tunnel established.
@@ -44,15 +46,15 @@ pub const PIPE_BUFFER: usize = 256 * 1024;
 /// tunnel may be riding on it (see [`crate::nat`]).
 pub struct TunnelStream {
     inner: Compat<libp2p::Stream>,
-    path: crate::host::ConnPath,
-    _guard: Option<crate::host::TunnelGuard>,
+    path: ConnPath,
+    _guard: Option<peers::TunnelGuard>,
 }
 
 impl TunnelStream {
     pub(crate) fn new(
         inner: Compat<libp2p::Stream>,
-        path: crate::host::ConnPath,
-        guard: Option<crate::host::TunnelGuard>,
+        path: ConnPath,
+        guard: Option<peers::TunnelGuard>,
     ) -> Self {
         TunnelStream {
             inner,
@@ -62,7 +64,7 @@ impl TunnelStream {
     }
 
     /// How this node was connected to the provider when the tunnel opened.
-    pub fn path(&self) -> crate::host::ConnPath {
+    pub fn path(&self) -> ConnPath {
         self.path
     }
 }
@@ -415,7 +417,7 @@ pub(crate) async fn serve(
     validator: Arc<dyn TunnelValidator>,
     registry: TunnelRegistry,
     config: TunnelServerConfig,
-    tunnels: crate::host::PeerTunnels,
+    tunnels: PeerTunnels,
     cancel: CancellationToken,
 ) {
     let mut incoming = match control.accept(TUNNEL_PROTOCOL) {

@@ -1,0 +1,335 @@
+//! Dialling: which of a peer's addresses goes first, and the dials someone
+//! waits on — an address, a peer a tunnel is for (through the DHT when no
+//! address is known), and the bootstrap peers, redialled when lost.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, DialError};
+use libp2p::{Multiaddr, PeerId, Swarm, kad};
+use tracing::{debug, warn};
+
+use super::handle::Reply;
+use crate::behaviour::Behaviour;
+use crate::tunnel::TunnelError;
+
+/// The peer a multiaddr ends in (`…/p2p/<peer id>`).
+pub(super) fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(Protocol::P2p(p)) => Some(p),
+        _ => None,
+    }
+}
+
+/// Dial order: TCP, then QUIC, then relayed circuits.
+fn dial_rank(addr: &Multiaddr) -> u8 {
+    if addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
+        2
+    } else {
+        u8::from(is_quic(addr))
+    }
+}
+
+/// A dial to `peer` in [`dial_rank`] order. With no circuit among `addrs`
+/// (a peer that says it is reachable) one address at a time, so the
+/// connection is TCP whenever TCP works: QUIC, a round trip quicker, would
+/// win a race, and a tunnel over QUIC costs about twice the CPU per GiB
+/// (BENCHMARKS.md). With circuits, all at once: a NATed peer's own
+/// addresses can hang until the transport times out, and the relay must
+/// not wait for that.
+fn preferred_dial(
+    peer: PeerId,
+    mut addrs: Vec<Multiaddr>,
+    condition: PeerCondition,
+) -> libp2p::swarm::dial_opts::WithPeerIdWithAddresses {
+    addrs.sort_by_key(dial_rank);
+    let circuits = addrs.iter().any(|a| dial_rank(a) == 2);
+    let opts = DialOpts::peer_id(peer)
+        .condition(condition)
+        .addresses(addrs);
+    if circuits {
+        opts
+    } else {
+        opts.override_dial_concurrency_factor(std::num::NonZeroU8::MIN)
+    }
+}
+
+/// Whether `addr` is a QUIC address.
+pub(super) fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter()
+        .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
+}
+
+/// Whether `addr` is a loopback address.
+pub(super) fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
+}
+
+pub(super) fn is_circuit(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| p == Protocol::P2pCircuit)
+}
+
+/// How often bootstrap peers we lost are dialled again. A node whose only
+/// peer restarted (a provider behind NAT and its relay, say) must find its
+/// way back by itself; a failed dial is one TCP connect, cheap at this rate.
+pub(super) const BOOTSTRAP_REDIAL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Tunnel opens waiting for a connection to one peer.
+struct PeerDial {
+    /// Our dial, once started (none while the DHT is asked for addresses).
+    conn: Option<ConnectionId>,
+    replies: Vec<Reply<Result<(), TunnelError>>>,
+}
+
+/// The dials the event loop answers when their connection comes up or
+/// fails, and the bootstrap peers it keeps connected.
+pub(super) struct Dialer {
+    /// Each bootstrap peer's addresses, in dial order.
+    bootstrap_peers: HashMap<PeerId, Vec<Multiaddr>>,
+    addr_dials: HashMap<ConnectionId, Reply<Result<PeerId, String>>>,
+    peer_dials: HashMap<PeerId, PeerDial>,
+    lookups: HashMap<kad::QueryId, PeerId>,
+}
+
+impl Dialer {
+    /// Dial the `bootstrap` peers (each address must end in `/p2p/<peer id>`).
+    pub(super) fn new(swarm: &mut Swarm<Behaviour>, bootstrap: &[Multiaddr]) -> Self {
+        let mut bootstrap_peers: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+        for addr in bootstrap {
+            match peer_of(addr) {
+                Some(p) => bootstrap_peers.entry(p).or_default().push(addr.clone()),
+                None => warn!(%addr, "bootstrap address has no /p2p/<peer id>; not dialled"),
+            }
+        }
+        for (peer, addrs) in &mut bootstrap_peers {
+            addrs.sort_by_key(dial_rank);
+            let opts = preferred_dial(
+                *peer,
+                addrs.clone(),
+                PeerCondition::DisconnectedAndNotDialing,
+            );
+            if let Err(e) = swarm.dial(opts.build()) {
+                warn!(%peer, "bootstrap dial failed: {e}");
+            }
+        }
+        Dialer {
+            bootstrap_peers,
+            addr_dials: HashMap::new(),
+            peer_dials: HashMap::new(),
+            lookups: HashMap::new(),
+        }
+    }
+
+    /// The first address of `peer`, if it is a bootstrap peer.
+    pub(super) fn bootstrap_addr(&self, peer: &PeerId) -> Option<&Multiaddr> {
+        self.bootstrap_peers.get(peer).and_then(|a| a.first())
+    }
+
+    pub(super) fn dial_addr(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        addr: Multiaddr,
+        r: Reply<Result<PeerId, String>>,
+    ) {
+        let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
+        let id = opts.connection_id();
+        match swarm.dial(opts) {
+            Ok(()) => {
+                self.addr_dials.insert(id, r);
+            }
+            Err(e) => {
+                let _ = r.send(Err(e.to_string()));
+            }
+        }
+    }
+
+    pub(super) fn dial_peer(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        r: Reply<Result<(), TunnelError>>,
+    ) {
+        if swarm.is_connected(&peer) {
+            let _ = r.send(Ok(()));
+            return;
+        }
+        for a in &addrs {
+            swarm.add_peer_address(peer, a.clone());
+        }
+        if let Some(d) = self.peer_dials.get_mut(&peer) {
+            d.replies.push(r);
+            return;
+        }
+        self.peer_dials.insert(
+            peer,
+            PeerDial {
+                conn: None,
+                replies: vec![r],
+            },
+        );
+        // Our own dial even if another one (a DHT query's, say) is under
+        // way: ours has the directory's addresses, and any connection that
+        // comes up first answers the waiters.
+        let opts = preferred_dial(peer, addrs, PeerCondition::Disconnected)
+            .extend_addresses_through_behaviour()
+            .build();
+        let conn = opts.connection_id();
+        match swarm.dial(opts) {
+            Ok(()) => {
+                if let Some(d) = self.peer_dials.get_mut(&peer) {
+                    d.conn = Some(conn);
+                }
+            }
+            Err(e) => match e {
+                DialError::NoAddresses => {
+                    debug!(%peer, "no known address; asking the DHT");
+                    let q = swarm.behaviour_mut().kad.get_closest_peers(peer);
+                    self.lookups.insert(q, peer);
+                }
+                e => self.finish_dial(
+                    peer,
+                    Err(TunnelError::DialFailed {
+                        peer,
+                        detail: e.to_string(),
+                    }),
+                ),
+            },
+        }
+    }
+
+    fn finish_dial(&mut self, peer: PeerId, result: Result<(), TunnelError>) {
+        let replies = self
+            .peer_dials
+            .remove(&peer)
+            .map(|d| d.replies)
+            .unwrap_or_default();
+        for r in replies {
+            let _ = r.send(match &result {
+                Ok(()) => Ok(()),
+                Err(TunnelError::PeerNotFound(p)) => Err(TunnelError::PeerNotFound(*p)),
+                Err(e) => Err(TunnelError::DialFailed {
+                    peer,
+                    detail: e.to_string(),
+                }),
+            });
+        }
+    }
+
+    /// A DHT lookup that [`Dialer::dial_peer`] started has an answer.
+    pub(super) fn on_lookup(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        id: kad::QueryId,
+        result: kad::QueryResult,
+    ) {
+        if let Some(peer) = self.lookups.remove(&id) {
+            let found = match result {
+                kad::QueryResult::GetClosestPeers(Ok(ok)) => {
+                    ok.peers.into_iter().find(|p| p.peer_id == peer)
+                }
+                _ => None,
+            };
+            match found {
+                Some(info) if !info.addrs.is_empty() => {
+                    let opts = DialOpts::peer_id(peer).addresses(info.addrs).build();
+                    if let Some(d) = self.peer_dials.get_mut(&peer) {
+                        d.conn = Some(opts.connection_id());
+                    }
+                    if let Err(e) = swarm.dial(opts) {
+                        self.finish_dial(
+                            peer,
+                            Err(TunnelError::DialFailed {
+                                peer,
+                                detail: e.to_string(),
+                            }),
+                        );
+                    }
+                }
+                _ => self.finish_dial(peer, Err(TunnelError::PeerNotFound(peer))),
+            }
+        }
+    }
+
+    /// A connection to `peer_id` came up: answer whoever waits on it.
+    pub(super) fn on_connected(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer_id: PeerId,
+        connection_id: ConnectionId,
+        remote: Multiaddr,
+        relayed: bool,
+        dialer: bool,
+    ) {
+        if let Some(r) = self.addr_dials.remove(&connection_id) {
+            let _ = r.send(Ok(peer_id));
+        }
+        if dialer && !relayed && self.bootstrap_peers.contains_key(&peer_id) {
+            swarm.behaviour_mut().kad.add_address(&peer_id, remote);
+            let _ = swarm.behaviour_mut().kad.bootstrap();
+        }
+        self.finish_dial(peer_id, Ok(()));
+    }
+
+    pub(super) fn on_dial_error(
+        &mut self,
+        swarm: &Swarm<Behaviour>,
+        connection_id: ConnectionId,
+        peer_id: Option<PeerId>,
+        error: DialError,
+    ) {
+        if let Some(r) = self.addr_dials.remove(&connection_id) {
+            let _ = r.send(Err(error.to_string()));
+        }
+        // Only our own dial's failure answers the waiters: another
+        // dial to the same peer (a DHT query's) may fail while ours
+        // is still trying.
+        if let Some(peer) = peer_id
+            && !swarm.is_connected(&peer)
+            && self
+                .peer_dials
+                .get(&peer)
+                .is_some_and(|d| d.conn == Some(connection_id))
+        {
+            self.finish_dial(
+                peer,
+                Err(TunnelError::DialFailed {
+                    peer,
+                    detail: error.to_string(),
+                }),
+            );
+        }
+    }
+
+    pub(super) fn redial_bootstrap(&self, swarm: &mut Swarm<Behaviour>) {
+        let lost: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .bootstrap_peers
+            .iter()
+            .filter(|(p, _)| !swarm.is_connected(p))
+            .map(|(p, a)| (*p, a.clone()))
+            .collect();
+        for (peer, addrs) in lost {
+            let opts =
+                preferred_dial(peer, addrs, PeerCondition::DisconnectedAndNotDialing).build();
+            match swarm.dial(opts) {
+                Ok(()) => debug!(%peer, "redialling bootstrap peer"),
+                Err(e) => debug!(%peer, "bootstrap redial not started: {e}"),
+            }
+        }
+    }
+
+    /// The host stopped: tell every waiting tunnel open.
+    pub(super) fn shut_down(&mut self) {
+        for (_, dial) in self.peer_dials.drain() {
+            for r in dial.replies {
+                let _ = r.send(Err(TunnelError::Shutdown));
+            }
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! The node's libp2p host: one task owns the swarm (the event loop); the
+//! rest of the node talks to it through the cloneable [`NetHandle`].
+//!
+//! # Layout
+//! - this file: [`NetConfig`], and [`start`], which builds the swarm.
+//! - `handle`: [`NetHandle`] and the `Command`s it sends the event loop.
+//! - `event_loop`: the task that owns the swarm; it hands each event to
+//!   the part below that owns its state, with `&mut swarm`.
+//! - `peers`: connections, tunnels per peer ([`MAX_TUNNELS_PER_PEER`]),
+//!   [`ConnPath`], and closing connections a better one made redundant.
+//! - `dial`: address order and the dials someone waits on.
+//! - `nat`: our addresses, reachability and relays (the settings and
+//!   public types are in [`crate::nat`]).
+//! - `replication`: gossip, sync and the directory entry (the protocols
+//!   are in [`crate::replication`]).
+
+mod dial;
+mod event_loop;
+mod handle;
+mod nat;
+pub(crate) mod peers;
+mod replication;
+
+pub use handle::NetHandle;
+pub use peers::{ConnPath, MAX_STREAMS_PER_CONNECTION, MAX_TUNNELS_PER_PEER, PeerInfo};
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, tcp};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use xe_store::{Store, Wallet};
+
+use crate::NetError;
+use crate::behaviour::Behaviour;
+use crate::nat::{NatConfig, NatInfo, Reachability};
+use crate::replication::driver::{self, Reconciler};
+use crate::secure::{HandshakeCounts, OverlayCipher, SecurityUpgrade};
+use crate::tunnel::{
+    self, DEFAULT_HANDSHAKE_TIMEOUT, TunnelRegistry, TunnelServerConfig, TunnelValidator,
+};
+use dial::Dialer;
+use event_loop::EventLoop;
+use nat::Nat;
+use peers::{PeerTunnels, Peers};
+use replication::Replication;
+
+/// How a node joins the overlay.
+pub struct NetConfig {
+    /// Identity (see [`crate::load_or_create_keypair`]).
+    pub keypair: libp2p::identity::Keypair,
+    /// Addresses to listen on (`/ip4/0.0.0.0/tcp/0`, `/ip4/…/udp/0/quic-v1`).
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start (each must end in `/p2p/<peer id>`).
+    pub bootstrap: Vec<Multiaddr>,
+    /// If set, sign and publish this account's directory entry.
+    pub announce: Option<Arc<Wallet>>,
+    /// How often the directory entry is re-published.
+    pub announce_interval: Duration,
+    /// Validity of a published directory entry.
+    pub directory_ttl: Duration,
+    /// How often to re-sync with one connected peer (anti-entropy).
+    pub resync_interval: Duration,
+    /// Leases that ended longer ago than this are compacted out of the
+    /// store (see `xe_store::retention`); `None` keeps everything.
+    pub retention: Option<Duration>,
+    /// Provider role: validates and serves inbound tunnels.
+    pub validator: Option<Arc<dyn TunnelValidator>>,
+    /// Provider-side tunnel limits.
+    pub tunnel: TunnelServerConfig,
+    /// Client-side handshake deadline.
+    pub client_handshake_timeout: Duration,
+    /// Deadline for connecting to a provider.
+    pub dial_timeout: Duration,
+    /// Relay server, relays to reserve on, AutoNAT and hole punching.
+    pub nat: NatConfig,
+    /// Cipher of TCP and relayed connections (see [`crate::secure`]).
+    pub overlay_cipher: OverlayCipher,
+    /// Most tunnels with one peer, both directions together, before a new
+    /// one is refused here ([`crate::TunnelError::TooManyTunnels`]). Kept between
+    /// 1 and [`MAX_TUNNELS_PER_PEER`].
+    pub max_tunnels_per_peer: usize,
+}
+
+impl NetConfig {
+    /// Defaults for `keypair`: loopback TCP+QUIC on random ports.
+    pub fn new(keypair: libp2p::identity::Keypair) -> Self {
+        NetConfig {
+            keypair,
+            listen: vec![
+                "/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr"),
+                "/ip4/127.0.0.1/udp/0/quic-v1"
+                    .parse()
+                    .expect("valid multiaddr"),
+            ],
+            bootstrap: Vec::new(),
+            announce: None,
+            announce_interval: Duration::from_secs(300),
+            directory_ttl: Duration::from_secs(1800),
+            resync_interval: Duration::from_secs(60),
+            retention: Some(Duration::from_secs(xe_store::DEFAULT_RETENTION_SECS)),
+            validator: None,
+            tunnel: TunnelServerConfig::default(),
+            client_handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            dial_timeout: Duration::from_secs(20),
+            nat: NatConfig::default(),
+            overlay_cipher: OverlayCipher::default(),
+            max_tunnels_per_peer: MAX_TUNNELS_PER_PEER,
+        }
+    }
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct NetStats {
+    /// Gossip messages rejected by validation.
+    pub invalid_messages: AtomicU64,
+    /// Lease events applied from the network (gossip or sync).
+    pub events_applied: AtomicU64,
+    /// Seconds between an applied event's own timestamp and its arrival.
+    pub last_replication_lag_secs: AtomicU64,
+    /// Connections secured, by cipher.
+    pub handshakes: Arc<HandshakeCounts>,
+    /// Reconciliation sessions and their bytes.
+    pub recon: crate::replication::session::ReconStats,
+}
+
+/// A running host.
+pub struct Net {
+    /// Handle for the rest of the node.
+    pub handle: NetHandle,
+    /// The event loop and tunnel server; end when the token is cancelled.
+    pub tasks: tokio::task::JoinSet<()>,
+}
+
+/// Build the swarm, start listening and dialling, and spawn the event loop.
+/// Returns once every listen address is bound.
+pub async fn start(
+    config: NetConfig,
+    store: Store,
+    cancel: CancellationToken,
+) -> Result<Net, NetError> {
+    let peer_id = config.keypair.public().to_peer_id();
+    let nat = config.nat.clone();
+    let stats = Arc::new(NetStats::default());
+    let cipher = config.overlay_cipher;
+    let security = || {
+        let counts = stats.handshakes.clone();
+        move |k: &libp2p::identity::Keypair| SecurityUpgrade::new(k, cipher, counts)
+    };
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
+        .with_tokio()
+        // Noise with AES-GCM, not TLS: libp2p-tls puts ChaCha20-Poly1305
+        // first and measured 20 % more CPU per GiB than noise (BENCHMARKS.md).
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            security(),
+            crate::mux::config,
+        )
+        .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_quic_config(|mut c| {
+            c.max_concurrent_stream_limit = MAX_STREAMS_PER_CONNECTION as u32;
+            c
+        })
+        .with_dns()
+        .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_relay_client(security(), crate::mux::config)
+        .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_behaviour(|key, relay_client| Behaviour::new(key, relay_client, &nat))
+        .map_err(|e| NetError::Transport(e.to_string()))?
+        // Tunnels and gossip keep connections busy; an idle one is cheap to keep.
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        .build();
+    let mut listeners = HashSet::new();
+    for addr in &config.listen {
+        let id = swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen(addr.clone(), e.to_string()))?;
+        listeners.insert(id);
+    }
+    // Wait until each listener has an address, so callers can read ports.
+    let mut addrs = Vec::new();
+    let deadline = tokio::time::sleep(Duration::from_secs(10));
+    tokio::pin!(deadline);
+    while !listeners.is_empty() {
+        tokio::select! {
+            ev = swarm.select_next_some() => match ev {
+                SwarmEvent::NewListenAddr { listener_id, address } => {
+                    listeners.remove(&listener_id);
+                    addrs.push(address);
+                }
+                SwarmEvent::ListenerClosed { addresses, reason, .. } => {
+                    return Err(NetError::Listen(addresses.first().cloned().unwrap_or(Multiaddr::empty()), format!("{reason:?}")));
+                }
+                SwarmEvent::ListenerError { error, .. } => return Err(NetError::Listen(Multiaddr::empty(), error.to_string())),
+                _ => {}
+            },
+            () = &mut deadline => return Err(NetError::Listen(Multiaddr::empty(), "no listen address after 10 s".into())),
+        }
+    }
+    for a in &config.nat.external_addrs {
+        swarm.add_external_address(a.clone());
+    }
+    let control = swarm.behaviour().stream.new_control();
+    let (cmd_tx, cmd_rx) = mpsc::channel(256);
+    let (peer_tx, peer_rx) = watch::channel(0);
+    let forced_private = config.nat.behind_nat;
+    let (nat_tx, nat_rx) = watch::channel(NatInfo {
+        reachability: if forced_private {
+            Reachability::Private
+        } else {
+            Reachability::Unknown
+        },
+        relay_addrs: Vec::new(),
+    });
+    let (conn_tx, conn_rx) = watch::channel(0u64);
+    // Peers whose last tunnel ended, from `TunnelGuard`s; as deep as the
+    // command queue this once shared. When it is full the relay tick
+    // catches up.
+    let (idle_tx, idle_rx) = mpsc::channel(256);
+    let registry = TunnelRegistry::default();
+    let tunnels = PeerTunnels::new(idle_tx, config.max_tunnels_per_peer);
+    let handle = NetHandle {
+        cmd: cmd_tx.clone(),
+        peer_id,
+        control: control.clone(),
+        registry: registry.clone(),
+        store: store.clone(),
+        stats: stats.clone(),
+        peer_count: peer_rx,
+        nat: nat_rx,
+        conn_changes: conn_rx,
+        tunnels: tunnels.clone(),
+        client_handshake_timeout: config.client_handshake_timeout,
+        dial_timeout: config.dial_timeout,
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(driver::serve(
+        control.clone(),
+        store.clone(),
+        stats.clone(),
+        cancel.clone(),
+    ));
+    if let Some(window) = config.retention {
+        tasks.spawn(driver::compact_periodically(
+            store.clone(),
+            window,
+            cancel.clone(),
+        ));
+    }
+    if let Some(validator) = config.validator.clone() {
+        tasks.spawn(tunnel::serve(
+            control.clone(),
+            validator,
+            registry,
+            config.tunnel.clone(),
+            tunnels.clone(),
+            cancel.clone(),
+        ));
+    }
+    let dial = Dialer::new(&mut swarm, &config.bootstrap);
+    let relay_candidates = nat::relay_candidates(&config.nat.relays);
+    info!(%peer_id, addrs = ?addrs, relay_server = config.nat.relay_server, behind_nat = forced_private, "p2p host listening");
+    let recon = Reconciler::new(
+        control.clone(),
+        store.clone(),
+        stats.clone(),
+        cancel.clone(),
+    );
+    let mut nat = Nat::new(config.nat, nat_tx, relay_candidates);
+    for a in addrs {
+        nat.on_new_listen_addr(&mut swarm, a);
+    }
+    nat.apply_reachability(&mut swarm);
+    let lp = EventLoop {
+        swarm,
+        cmd_rx,
+        idle_rx,
+        peers: Peers::new(tunnels, peer_tx, conn_tx),
+        dial,
+        nat,
+        replication: Replication::new(store, stats, recon, config.announce, config.directory_ttl),
+        announce_interval: config.announce_interval,
+        resync_interval: config.resync_interval,
+    };
+    tasks.spawn(lp.run(cancel));
+    Ok(Net { handle, tasks })
+}
