@@ -216,13 +216,15 @@ async fn offline_node_catches_up_exchanging_only_the_difference() {
 #[tokio::test]
 async fn a_compacted_lease_pushed_back_by_a_peer_is_not_revived() {
     let a = node(vec![]).await;
-    let keep_all = |c: &mut xe_net::NetConfig| c.retention = None;
+    let keep_all = |c: &mut xe_net::NetConfig| c.compact = false;
     let b = node_with(a.net.p2p_addrs().await.expect("addrs"), keep_all).await;
     wait_peers(&b, 1).await;
-    // Settled ten days ago, one-day lease: ended long before the window.
+    // A one-day lease created 4.5 days ago and settled at once: it ended
+    // (at its expiry) 3.5 days ago, past the 3-day window, and its create
+    // is not stale yet (that is 5 days after creation), so B still takes it.
     let consumer = Wallet::from_seed([1; 32]);
     let provider = Wallet::from_seed([2; 32]);
-    let t = now_secs() - 10 * 86_400;
+    let t = now_secs() - 4 * 86_400 - 43_200;
     let mut l = lease_for(&consumer, &provider, 42);
     l.created_at = t;
     l.duration = 86_400;
@@ -235,9 +237,7 @@ async fn a_compacted_lease_pushed_back_by_a_peer_is_not_revived() {
     ];
     a.store.apply_events(&old).expect("a");
     b.store.apply_events(&old).expect("b");
-    a.store
-        .compact(now_secs(), xe_store::DEFAULT_RETENTION_SECS)
-        .expect("compact");
+    a.store.compact(now_secs()).expect("compact");
     assert!(a.store.is_compacted(&h).expect("read"));
     let before = fingerprint(&a.store);
 

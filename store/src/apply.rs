@@ -121,6 +121,13 @@ fn apply_one(
     }
     let was_pending = held.is_some();
     let mut bundle = bundle_in(page, &hash)?;
+    // A lease that ended a window ago everywhere is forgotten: its create
+    // is refused as stale (see `retention`), like a tombstoned one.
+    if let (None, LeaseEvent::Create { lease, .. }) = (&bundle, ev)
+        && crate::retention::stale_at(lease, page.retention()) < crate::now_secs()
+    {
+        return Ok(Applied::Duplicate);
+    }
     let current = match &bundle {
         Some(b) => Some(record_of(&hash, b)?),
         None => None,

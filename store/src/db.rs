@@ -4,7 +4,7 @@
 //! whole page as one atomic batch under one flush (see [`crate::apply`]).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use tokio::sync::broadcast;
@@ -84,6 +84,8 @@ pub(crate) struct Inner {
     /// once made a join quadratic.
     pub(crate) n_events: AtomicUsize,
     pub(crate) n_pending: AtomicUsize,
+    /// The retention window, seconds (see [`crate::retention`]).
+    pub(crate) retention: AtomicU64,
     /// Serialises read-modify-write of lease bundles.
     pub(crate) apply_lock: Mutex<()>,
     pub(crate) changes: broadcast::Sender<LeaseChange>,
@@ -144,6 +146,7 @@ impl Store {
                 set: RwLock::new(set),
                 n_events: AtomicUsize::new(n_events),
                 n_pending: AtomicUsize::new(n_pending),
+                retention: AtomicU64::new(crate::retention::DEFAULT_RETENTION_SECS),
                 apply_lock: Mutex::new(()),
                 changes,
                 directory_changes,
@@ -151,6 +154,21 @@ impl Store {
         };
         crate::migrate::from_trees(&store)?;
         Ok(store)
+    }
+
+    /// The retention window in seconds: how long an ended lease is kept,
+    /// and (with its terms) when its create is refused as stale.
+    pub fn retention(&self) -> u64 {
+        self.inner.retention.load(Ordering::Relaxed)
+    }
+
+    /// Set the retention window (default three days, at least one).
+    pub fn set_retention(&self, secs: u64) -> Result<(), crate::retention::WindowTooShort> {
+        if secs < crate::retention::MIN_RETENTION_SECS {
+            return Err(crate::retention::WindowTooShort(secs));
+        }
+        self.inner.retention.store(secs, Ordering::Relaxed);
+        Ok(())
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, ()> {

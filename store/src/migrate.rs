@@ -7,7 +7,8 @@
 
 use crate::db::{Store, StoreError, decode_ev};
 use crate::layout;
-use crate::lease::LeaseEvent;
+use crate::lease::{LeaseEvent, limits};
+use crate::record::OFFER_LIFETIME_SECS;
 
 const OLD_TREES: [&str; 7] = [
     "events",
@@ -32,11 +33,18 @@ pub(crate) fn from_trees(store: &Store) -> Result<(), StoreError> {
     let mut moved = 0usize;
     {
         let compacted = db.open_tree("compacted")?;
+        // An old tombstone holds the lease's end, not its terms: it is kept
+        // as long as the longest lease could still be replayed.
+        let keep = OFFER_LIFETIME_SECS + limits::DURATION_SECS.end() + store.retention();
         for r in compacted.iter() {
             let (k, v) = r?;
+            let end = <[u8; 8]>::try_from(&v[..]).map_or(0, u64::from_be_bytes);
             let mut key = vec![layout::TOMBSTONE];
             key.extend_from_slice(&k);
-            store.inner.ledger.insert(key, v)?;
+            store
+                .inner
+                .ledger
+                .insert(key, &end.saturating_add(keep).to_be_bytes())?;
         }
         let mut evs: Vec<LeaseEvent> = Vec::new();
         for tree in ["events", "pending"] {

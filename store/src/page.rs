@@ -84,6 +84,10 @@ impl<'a> Page<'a> {
             .saturating_add_signed(self.d_pending)
     }
 
+    pub fn retention(&self) -> u64 {
+        self.inner.retention.load(Ordering::Relaxed)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
     }

@@ -1,18 +1,25 @@
 //! Retention: a lease that ended more than a window ago leaves the store
-//! and the sync set; a tombstone (its hash and end time, 40 bytes) stays so
-//! that its events, re-published by anyone, are refused.
+//! and the sync set; a tombstone (its hash and the time its create goes
+//! stale) stays until then so that its events, re-published by anyone, are
+//! refused. After that the lease is forgotten entirely: its create is
+//! refused as stale everywhere, so the store holds live leases plus about
+//! one window of history, not all of history.
 //!
 //! # When a lease ends, for compaction
 //!
-//! - cancelled: at the cancel's time;
-//! - expired: at `accepted_at + duration`;
-//! - settled: at the later of the settle's time and the expiry. A lease
-//!   settled early is kept until it would have expired anyway, so that a
-//!   replay of its create and accept *without* the settle can only ever
-//!   make an expired lease, never one that grants access (see below).
+//! Never later than its [`LeaseRecord::latest_end`] (creation + the offer
+//! lifetime + duration), whatever its events say:
 //!
-//! Created leases (never accepted nor cancelled) have not ended and are
-//! kept; so are pending events of leases never seen.
+//! - cancelled: at the cancel's time, or when the offer lapses if earlier;
+//! - lapsed (never accepted within a day): when the offer lapses;
+//! - expired: at `accepted_at + duration`;
+//! - settled: at its expiry, however early it was settled. A lease settled
+//!   early is kept until it would have expired anyway, so that a replay of
+//!   its create and accept *without* the settle can only ever make an
+//!   expired lease, never one that grants access (see below).
+//!
+//! Created leases whose offer is open and accepted ones have not ended and
+//! are kept; pending events are kept for a window after their own time.
 //!
 //! # The window
 //!
@@ -21,50 +28,71 @@
 //! while it was away reaches it before its peers forget it), and nodes
 //! whose clocks differ by minutes compact the same leases within minutes
 //! of each other, so the old events they still exchange meanwhile are few.
-//! A longer window costs disk and sync-set size in proportion.
+//! A longer window costs disk and sync-set size in proportion. It may not
+//! be shorter than the offer lifetime (one day), or a cancelled lease
+//! could be forgotten while its create could still be accepted.
 //!
 //! # What an old event can do after compaction
 //!
-//! - On a node that compacted the lease: nothing. Every event naming a
-//!   tombstoned lease is answered `Duplicate` without being written, so
-//!   it is neither applied, nor gossiped on, nor counted as invalid.
-//! - On a node that never held the lease (joined after everyone compacted
-//!   it, or lost its store): tombstones are not replicated (they are not
-//!   signed facts; a peer could forge them to erase live leases), so the
-//!   node takes the replayed events. A replayed create + accept of an
-//!   expired or settled lease gives an *expired* lease (the settled one
-//!   was kept until its expiry, above), which grants nothing and is
-//!   compacted again at the node's next pass. A replayed create of a
-//!   *cancelled* lease gives a *created* lease again: it grants nothing,
-//!   but a provider whose store was wiped could accept it anew. That is
-//!   the one revival left, and only after the provider lost its own
-//!   tombstone; refusing to accept creates older than the window would
-//!   close it (a provider-side rule, not implemented here).
-//! - Tombstones are never dropped: 40 bytes (plus sled's overhead) per
-//!   ended lease against ~4.5 KB on disk for its events, record and indexes.
+//! - On a node that compacted the lease, while it keeps the tombstone:
+//!   nothing. Every event naming a tombstoned lease is answered
+//!   `Duplicate` without being written, so it is neither applied, nor
+//!   gossiped on, nor counted as invalid.
+//! - Once the lease's create is stale ([`stale_at`]: its latest end plus
+//!   a window), on any node: nothing. The create is refused as stale
+//!   (`Duplicate`, unwritten), so the tombstone is no longer needed and is
+//!   dropped; other events of the lease wait as pending for a lease that
+//!   never comes and are dropped a window after their own time.
+//! - In between, on a node that never held the lease (joined after
+//!   everyone compacted it, or lost its store): tombstones are not
+//!   replicated (they are not signed facts; a peer could forge them to
+//!   erase live leases), so the node takes the replayed events. Every
+//!   compacted lease ended a window ago, and the window is at least the
+//!   offer lifetime, so a replay of any subset of its events gives an
+//!   *expired* lease: a cancelled or lapsed lease's offer has lapsed (no
+//!   accept is taken after a day, by every node), a settled lease was kept
+//!   until its expiry. It grants nothing, no provider can accept it, and
+//!   the node compacts it again at its next pass.
 
 use crate::apply::bundle_in;
 use crate::db::{Store, StoreError, decode_ev};
 use crate::ids::LeaseHash;
 use crate::layout;
+use crate::lease::Lease;
 use crate::page::Page;
-use crate::record::{LeaseRecord, LeaseState};
+use crate::record::{LeaseRecord, LeaseState, OFFER_LIFETIME_SECS};
 use crate::syncset::SyncKey;
 
 /// Default retention window: three days (see the module docs).
 pub const DEFAULT_RETENTION_SECS: u64 = 3 * 24 * 3600;
+/// The shortest window allowed: the offer lifetime.
+pub const MIN_RETENTION_SECS: u64 = OFFER_LIFETIME_SECS;
+
+/// A retention window that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "retention window of {0} s is shorter than the one-day offer lifetime ({MIN_RETENTION_SECS} s): a cancelled lease could be forgotten while its create can still be accepted; use at least 1 day"
+)]
+pub struct WindowTooShort(pub u64);
 
 /// When a lease ended, for compaction; `None` while it has not.
 pub fn ended_at(rec: &LeaseRecord, now: u64) -> Option<u64> {
-    match rec.state_at(now) {
-        LeaseState::Cancelled => rec.cancel.as_ref().map(|c| c.at),
-        LeaseState::Expired => rec.expires_at(),
-        LeaseState::Settled => {
-            let at = rec.settle.as_ref().map_or(0, |s| s.at);
-            Some(at.max(rec.expires_at().unwrap_or(0)))
+    let end = match rec.state_at(now) {
+        LeaseState::Cancelled => rec.cancel.as_ref().map_or(0, |c| c.at),
+        LeaseState::Expired | LeaseState::Settled => {
+            rec.expires_at().unwrap_or_else(|| rec.offer_lapses_at())
         }
-        LeaseState::Created | LeaseState::Accepted => None,
-    }
+        LeaseState::Created | LeaseState::Accepted => return None,
+    };
+    Some(end.min(rec.latest_end()))
+}
+
+/// When a lease's create is refused as stale: a window after the latest
+/// it can have ended. Every node has compacted it by then.
+pub fn stale_at(lease: &Lease, window: u64) -> u64 {
+    LeaseRecord::from_create(lease.clone(), crate::ids::Sig([0; 64]))
+        .latest_end()
+        .saturating_add(window)
 }
 
 /// What one compaction pass did.
@@ -72,12 +100,15 @@ pub fn ended_at(rec: &LeaseRecord, now: u64) -> Option<u64> {
 pub struct Compacted {
     /// Leases removed (tombstoned).
     pub leases: usize,
-    /// Events removed with them.
+    /// Events removed with them, and pending events that waited too long.
     pub events: usize,
+    /// Tombstones dropped (their leases' creates are stale now).
+    pub tombstones: usize,
 }
 
 impl Store {
-    /// Whether this lease was compacted (its events are refused).
+    /// Whether this lease was compacted and its tombstone is still kept
+    /// (its events are refused).
     pub fn is_compacted(&self, hash: &LeaseHash) -> Result<bool, StoreError> {
         Ok(self
             .inner
@@ -85,10 +116,13 @@ impl Store {
             .contains_key(layout::tombstone_key(hash))?)
     }
 
-    /// Compact every lease that ended more than `window` seconds before
-    /// `now`. One flush for the pass. Live leases are never touched: the
-    /// test is [`ended_at`], on the record as stored.
-    pub fn compact(&self, now: u64, window: u64) -> Result<Compacted, StoreError> {
+    /// Compact every lease that ended more than the retention window
+    /// before `now`, drop pending events a window older than `now` and
+    /// tombstones whose lease is stale. One flush for the pass. Live
+    /// leases are never touched: the test is [`ended_at`], on the record
+    /// as stored.
+    pub fn compact(&self, now: u64) -> Result<Compacted, StoreError> {
+        let window = self.retention();
         let mut due: Vec<(LeaseHash, u64)> = Vec::new();
         self.for_each_lease(|rec| {
             if let Some(end) = ended_at(&rec, now)
@@ -112,7 +146,25 @@ impl Store {
             }
             page.commit()?;
         }
-        if done.leases > 0 {
+        let _guard = self.lock();
+        let mut page = Page::new(&self.inner);
+        for (k, v) in page.scan_prefix(&[layout::PENDING])? {
+            let ev = decode_ev(&k, &v)?;
+            if ev.timestamp().saturating_add(window) < now {
+                crate::apply::drop_pending(&mut page, &k, &ev);
+                done.events += 1;
+            }
+        }
+        for (k, v) in page.scan_prefix(&[layout::TOMBSTONE])? {
+            let stale = <[u8; 8]>::try_from(&v[..]).map(u64::from_be_bytes);
+            if stale.is_ok_and(|t| t < now) {
+                page.del(&k);
+                done.tombstones += 1;
+            }
+        }
+        let wrote = !page.is_empty();
+        page.commit()?;
+        if done.leases > 0 || wrote {
             self.inner.db.flush()?;
         }
         Ok(done)
@@ -160,6 +212,7 @@ fn compact_one(
     }
     page.del(&layout::lease_key(hash));
     page.del(&crate::listing::created_key(rec.lease.created_at, hash));
-    page.put(&layout::tombstone_key(hash), end.to_be_bytes().to_vec());
+    let stale = stale_at(&rec.lease, window);
+    page.put(&layout::tombstone_key(hash), stale.to_be_bytes().to_vec());
     Ok(removed)
 }

@@ -11,7 +11,14 @@ fn access_key() -> AccessPubKey {
     AccessPubKey(Wallet::from_seed([3; 32]).public_key().0)
 }
 
+/// Terms created three hours ago: old enough for the expiry test's
+/// accept two hours ago, young enough that every accept is in the offer's
+/// lifetime and the create is far from stale.
 fn lease_terms(consumer: &Wallet, provider: &Wallet) -> Lease {
+    lease_terms_at(consumer, provider, now_secs() - 3 * 3600)
+}
+
+fn lease_terms_at(consumer: &Wallet, provider: &Wallet, created_at: u64) -> Lease {
     Lease {
         consumer: consumer.public_key(),
         provider: provider.address(),
@@ -20,7 +27,7 @@ fn lease_terms(consumer: &Wallet, provider: &Wallet) -> Lease {
         disk_gb: 10,
         duration: 3600,
         access_pub_key: access_key(),
-        created_at: 1_700_000_000,
+        created_at,
         nonce: [7; 16],
     }
 }
@@ -53,7 +60,18 @@ fn fixture() -> Fixture {
 /// A change to the encoding, the hash or the signing message fails here.
 #[test]
 fn encoding_test_vector() {
-    let f = fixture();
+    let (consumer, provider) = (wallet(1), wallet(2));
+    let create = LeaseEvent::create(
+        &consumer,
+        lease_terms_at(&consumer, &provider, 1_700_000_000),
+    );
+    let f = Fixture {
+        hash: create.lease_hash(),
+        create,
+        consumer,
+        provider,
+        stranger: wallet(9),
+    };
     let LeaseEvent::Create { sig, .. } = &f.create else {
         unreachable!()
     };
@@ -264,6 +282,34 @@ fn cancel_after_accept_is_refused() {
         "{e}"
     );
     assert_eq!(snapshot(&s), before);
+}
+
+/// An accept signed more than the offer lifetime after the lease's
+/// creation is refused and changes nothing; a lease nobody accepted in
+/// time reads as expired; an accept at the last second still counts.
+#[test]
+fn an_accept_after_the_offer_lapsed_is_refused() {
+    use xe_store::record::OFFER_LIFETIME_SECS;
+    let (consumer, provider) = (wallet(1), wallet(2));
+    let t = now_secs() - OFFER_LIFETIME_SECS - 600;
+    let create = LeaseEvent::create(&consumer, lease_terms_at(&consumer, &provider, t));
+    let h = create.lease_hash();
+    let s = store();
+    assert_eq!(
+        s.apply_event(&create).expect("create"),
+        Applied::Changed(LeaseState::Expired),
+        "a lapsed offer is expired"
+    );
+    let before = snapshot(&s);
+    let late = LeaseEvent::accept(&provider, h, t + OFFER_LIFETIME_SECS + 1, HOST_KEY.into());
+    let e = s.apply_event(&late).unwrap_err();
+    assert!(e.to_string().contains("the offer had lapsed"), "{e}");
+    assert_eq!(snapshot(&s), before);
+    let in_time = LeaseEvent::accept(&provider, h, t + OFFER_LIFETIME_SECS, HOST_KEY.into());
+    assert_eq!(
+        s.apply_event(&in_time).expect("accept"),
+        Applied::Changed(LeaseState::Accepted)
+    );
 }
 
 #[test]

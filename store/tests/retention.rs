@@ -2,7 +2,7 @@
 //! dropped, compacted ones never come back, and the sync set follows.
 
 use proptest::prelude::*;
-use xe_store::retention::ended_at;
+use xe_store::retention::{ended_at, stale_at};
 use xe_store::syncset::{Bound, Fingerprint, SyncKey};
 use xe_store::{
     AccessPubKey, Applied, Lease, LeaseEvent, LeaseHash, LeaseRecord, Store, Wallet, now_secs,
@@ -99,10 +99,17 @@ proptest! {
         }
         let before: Vec<Option<LeaseRecord>> =
             all.iter().map(|(h, _)| s.lease(h).expect("read")).collect();
-        s.compact(now, WINDOW).expect("compact");
+        s.compact(now).expect("compact");
         let kept = Store::temporary().expect("fresh");
         for ((h, evs), rec) in all.iter().zip(before) {
-            let rec = rec.expect("every lease was applied");
+            let LeaseEvent::Create { lease, .. } = &evs[0] else { unreachable!() };
+            // A create already stale is never taken: nothing to compact.
+            if stale_at(lease, WINDOW) < now {
+                prop_assert!(rec.is_none(), "stale create taken");
+                prop_assert!(!s.is_compacted(h).expect("read"));
+                continue;
+            }
+            let rec = rec.expect("every lease that is not stale was applied");
             let due = ended_at(&rec, now).is_some_and(|e| e + WINDOW < now);
             if due {
                 prop_assert!(s.lease(h).expect("read").is_none(), "ended lease kept");
@@ -129,18 +136,19 @@ proptest! {
 fn a_replayed_old_event_resurrects_nothing() {
     let now = now_secs();
     let s = Store::temporary().expect("store");
-    // Settled early (two hours into a one-day lease), ten days ago.
-    let settled = lease_events(1, now - 10 * DAY, DAY, Some(10), Some(7200), None);
-    // Cancelled ten days ago.
-    let cancelled = lease_events(2, now - 10 * DAY, DAY, None, None, Some(5));
-    // Expired a week ago.
-    let expired = lease_events(3, now - 8 * DAY, DAY, Some(1), None, None);
+    // Created 4.5 days ago: ended more than the 3-day window ago, and not
+    // stale yet (that is 5 days after creation for a one-day lease).
+    let t = now - 4 * DAY - DAY / 2;
+    // Settled early (two hours into a one-day lease).
+    let settled = lease_events(1, t, DAY, Some(10), Some(7200), None);
+    let cancelled = lease_events(2, t, DAY, None, None, Some(5));
+    let expired = lease_events(3, t, DAY, Some(1), None, None);
     // Live: accepted an hour ago for a day.
     let live = lease_events(4, now - 3600, DAY, Some(1), None, None);
     for evs in [&settled, &cancelled, &expired, &live] {
         apply_all(&s, evs);
     }
-    let done = s.compact(now, WINDOW).expect("compact");
+    let done = s.compact(now).expect("compact");
     assert_eq!(done.leases, 3);
     assert_eq!(done.events, 3 + 2 + 2);
     let fp = fingerprint(&s);
@@ -185,12 +193,80 @@ fn a_replayed_old_event_resurrects_nothing() {
 fn an_event_never_seen_for_a_compacted_lease_is_refused_too() {
     let now = now_secs();
     let s = Store::temporary().expect("store");
-    let expired = lease_events(5, now - 9 * DAY, DAY, Some(1), None, None);
+    let t = now - 4 * DAY - DAY / 2;
+    let expired = lease_events(5, t, DAY, Some(1), None, None);
     apply_all(&s, &expired);
-    assert_eq!(s.compact(now, WINDOW).expect("compact").leases, 1);
+    assert_eq!(s.compact(now).expect("compact").leases, 1);
     let (consumer, _) = wallets();
-    let late = LeaseEvent::settle(&consumer, expired[0].lease_hash(), now - 9 * DAY + 100);
+    let late = LeaseEvent::settle(&consumer, expired[0].lease_hash(), t + 100);
     assert_eq!(s.apply_event(&late).expect("apply"), Applied::Duplicate);
     assert!(s.lease(&expired[0].lease_hash()).expect("read").is_none());
     assert_eq!(s.event_count(), 0);
+}
+
+/// A create whose lease must have ended a window ago (creation + the
+/// one-day offer + duration + window) is refused as stale and leaves
+/// nothing behind: this is what lets tombstones go.
+#[test]
+fn a_stale_create_is_refused_and_stores_nothing() {
+    let now = now_secs();
+    let s = Store::temporary().expect("store");
+    let old = lease_events(6, now - 6 * DAY, DAY, Some(1), Some(5), None);
+    for r in s.apply_events(&old).expect("page") {
+        assert!(matches!(
+            r.expect("apply"),
+            Applied::Duplicate | Applied::Pending
+        ));
+    }
+    let h = old[0].lease_hash();
+    assert!(s.lease(&h).expect("read").is_none());
+    assert_eq!(s.event_count(), 0);
+    // Its accept and settle wait for a create that never comes, and go a
+    // window after their own time.
+    assert_eq!(s.pending_count(), 2);
+    let done = s.compact(now).expect("compact");
+    assert_eq!((done.leases, done.events), (0, 2));
+    assert_eq!(s.pending_count(), 0);
+    assert_eq!(s.with_sync_set(|set| set.len()), 0);
+}
+
+/// A tombstone is kept until the lease's create is stale, then dropped; a
+/// recent pending event is kept; a lapsed offer (never accepted) is
+/// compacted like any ended lease.
+#[test]
+fn tombstones_go_when_the_create_is_stale() {
+    let now = now_secs();
+    let s = Store::temporary().expect("store");
+    let t = now - 4 * DAY - DAY / 2;
+    let lapsed = lease_events(7, t, DAY, None, None, None);
+    apply_all(&s, &lapsed);
+    let h = lapsed[0].lease_hash();
+    assert_eq!(
+        s.lease(&h).expect("read").map(|r| r.state()),
+        Some(xe_store::LeaseState::Expired)
+    );
+    let (consumer, _) = wallets();
+    let waiting = LeaseEvent::settle(&consumer, LeaseHash([0x42; 32]), now - 60);
+    assert_eq!(s.apply_event(&waiting).expect("apply"), Applied::Pending);
+    assert_eq!(s.compact(now).expect("compact").leases, 1);
+    assert!(s.is_compacted(&h).expect("read"));
+    assert_eq!(s.pending_count(), 1, "a recent pending event is kept");
+    let LeaseEvent::Create { lease, .. } = &lapsed[0] else {
+        unreachable!()
+    };
+    let stale = stale_at(lease, WINDOW);
+    assert_eq!(s.compact(stale - 1).expect("compact").tombstones, 0);
+    assert!(s.is_compacted(&h).expect("read"));
+    assert_eq!(s.compact(stale + 1).expect("compact").tombstones, 1);
+    assert!(!s.is_compacted(&h).expect("read"));
+}
+
+#[test]
+fn a_window_shorter_than_the_offer_lifetime_is_refused() {
+    let s = Store::temporary().expect("store");
+    let e = s.set_retention(3600).expect_err("refused");
+    assert!(e.to_string().contains("use at least 1 day"), "{e}");
+    assert_eq!(s.retention(), WINDOW);
+    s.set_retention(2 * DAY).expect("two days");
+    assert_eq!(s.retention(), 2 * DAY);
 }

@@ -67,9 +67,10 @@ pub struct NetConfig {
     pub directory_ttl: Duration,
     /// How often to re-sync with one connected peer (anti-entropy).
     pub resync_interval: Duration,
-    /// Leases that ended longer ago than this are compacted out of the
-    /// store (see `xe_store::retention`); `None` keeps everything.
-    pub retention: Option<Duration>,
+    /// Compact the store every `COMPACT_INTERVAL`: leases that ended more
+    /// than the store's retention window ago leave it (see
+    /// `xe_store::retention`; the window is `Store::set_retention`).
+    pub compact: bool,
     /// Provider role: validates and serves inbound tunnels.
     pub validator: Option<Arc<dyn TunnelValidator>>,
     /// Provider-side tunnel limits.
@@ -104,7 +105,7 @@ impl NetConfig {
             announce_interval: Duration::from_secs(300),
             directory_ttl: Duration::from_secs(1800),
             resync_interval: Duration::from_secs(60),
-            retention: Some(Duration::from_secs(xe_store::DEFAULT_RETENTION_SECS)),
+            compact: true,
             validator: None,
             tunnel: TunnelServerConfig::default(),
             client_handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
@@ -247,12 +248,8 @@ pub async fn start(
         stats.clone(),
         cancel.clone(),
     ));
-    if let Some(window) = config.retention {
-        tasks.spawn(driver::compact_periodically(
-            store.clone(),
-            window,
-            cancel.clone(),
-        ));
+    if config.compact {
+        tasks.spawn(driver::compact_periodically(store.clone(), cancel.clone()));
     }
     if let Some(validator) = config.validator.clone() {
         tasks.spawn(tunnel::serve(

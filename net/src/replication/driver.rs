@@ -42,9 +42,9 @@ const SESSION_TIMEOUT: Duration = Duration::from_secs(600);
 /// leases one of them has compacted and the other not yet.
 pub const COMPACT_INTERVAL: Duration = Duration::from_secs(600);
 
-/// Compact leases that ended more than `window` ago, now and every
-/// [`COMPACT_INTERVAL`], until `cancel`.
-pub async fn compact_periodically(store: Store, window: Duration, cancel: CancellationToken) {
+/// Compact leases that ended more than the store's retention window ago,
+/// now and every [`COMPACT_INTERVAL`], until `cancel`.
+pub async fn compact_periodically(store: Store, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(COMPACT_INTERVAL);
     loop {
         tokio::select! {
@@ -52,12 +52,12 @@ pub async fn compact_periodically(store: Store, window: Duration, cancel: Cancel
             _ = tick.tick() => {}
         }
         let s = store.clone();
-        let w = window.as_secs();
-        match tokio::task::spawn_blocking(move || s.compact(xe_store::now_secs(), w)).await {
-            Ok(Ok(done)) if done.leases > 0 => {
+        match tokio::task::spawn_blocking(move || s.compact(xe_store::now_secs())).await {
+            Ok(Ok(done)) if done.leases + done.events + done.tombstones > 0 => {
                 tracing::info!(
                     leases = done.leases,
                     events = done.events,
+                    tombstones = done.tombstones,
                     "compacted ended leases"
                 );
             }

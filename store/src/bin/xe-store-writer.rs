@@ -26,11 +26,15 @@ fn main() {
             disk_gb: 1,
             duration: 600,
             access_pub_key: xe_store::AccessPubKey(access.0),
-            created_at: 1_700_000_000,
+            created_at: xe_store::now_secs(),
             nonce,
         };
         let ev = LeaseEvent::create(&consumer, lease);
-        store.apply_event(&ev).expect("apply");
+        let applied = store.apply_event(&ev).expect("apply");
+        assert!(
+            matches!(applied, xe_store::Applied::Changed(_)),
+            "{applied:?}"
+        );
         writeln!(out, "{}", ev.lease_hash()).expect("stdout");
         out.flush().expect("flush");
     }
