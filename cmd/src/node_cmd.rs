@@ -100,6 +100,12 @@ pub struct NodeArgs {
     /// Seconds between directory re-announcements (providers).
     #[arg(long, default_value_t = 300)]
     pub announce_interval: u64,
+    /// Days an ended lease stays in this node's ledger copy before it is
+    /// compacted (at least 1, the offer lifetime). Shorter saves disk; a
+    /// node offline for longer than this may miss how a lease ended.
+    #[arg(long, value_name = "DAYS", default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(1..=365))]
+    pub ledger_retention_days: u64,
 
     /// Serve circuit relay v2 so peers behind NAT are reachable through
     /// this node [default: on when the SSH gateway is enabled].
@@ -193,6 +199,7 @@ impl NodeArgs {
         cfg.handshake_timeout = Duration::from_secs(self.handshake_timeout.max(1));
         cfg.announce_interval = Duration::from_secs(self.announce_interval.max(5));
         cfg.max_tunnels = self.max_tunnels;
+        cfg.ledger_retention = Duration::from_secs(self.ledger_retention_days * 86_400);
         cfg.overlay_cipher = self.overlay_cipher;
         if self.provide {
             cfg.provide = Some(ProvideConfig {

@@ -100,6 +100,8 @@ pub struct NodeConfig {
     pub max_tunnels: usize,
     /// Cipher of the overlay's TCP and relayed connections.
     pub overlay_cipher: xe_net::OverlayCipher,
+    /// How long an ended lease stays in the store (see `xe_store::retention`).
+    pub ledger_retention: Duration,
 }
 
 impl NodeConfig {
@@ -120,6 +122,7 @@ impl NodeConfig {
             nat: xe_net::NatConfig::default(),
             max_tunnels: xe_net::tunnel::TunnelServerConfig::default().max_tunnels,
             overlay_cipher: xe_net::OverlayCipher::default(),
+            ledger_retention: Duration::from_secs(xe_store::DEFAULT_RETENTION_SECS),
         }
     }
 }
@@ -150,6 +153,9 @@ pub enum NodeError {
     /// Gateway failure.
     #[error("ssh gateway: {0}")]
     Gateway(String),
+    /// The ledger retention window cannot be used.
+    #[error(transparent)]
+    Retention(#[from] xe_store::WindowTooShort),
 }
 
 /// How long a stopping node waits for its tasks before aborting them. A
@@ -209,6 +215,7 @@ impl Node {
             source,
         })?;
         let store = Store::open(&cfg.data_dir.join("db"))?;
+        store.set_retention(cfg.ledger_retention.as_secs())?;
         let wallet = Arc::new(Wallet::load_or_create(&cfg.wallet)?);
         let keypair = xe_net::load_or_create_keypair(&cfg.data_dir.join("p2p_key"))?;
         let cancel = CancellationToken::new();

@@ -137,6 +137,18 @@ impl Provider {
         rec.lease.provider == self.wallet.address()
     }
 
+    /// The leases naming this provider (from the store's index: not the
+    /// whole ledger). A failed read is logged and treated as none: the
+    /// next rescan tries again.
+    fn my_leases(&self) -> Vec<LeaseRecord> {
+        self.store
+            .leases_for_provider(&self.wallet.address())
+            .unwrap_or_else(|e| {
+                error!("reading this provider's leases failed: {e}");
+                Vec::new()
+            })
+    }
+
     fn request(rec: &LeaseRecord) -> ProvisionRequest {
         ProvisionRequest {
             lease: rec.hash,
@@ -274,13 +286,7 @@ impl Provider {
         *self.registry.lock().unwrap_or_else(|p| p.into_inner()) = Some(net.registry().clone());
         // Subscribe before scanning so nothing is missed in between.
         let mut changes = self.store.subscribe();
-        let mine: Vec<LeaseRecord> = self
-            .store
-            .leases()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|r| self.names_me(r))
-            .collect();
+        let mine = self.my_leases();
         let keep: Vec<ProvisionRequest> = mine
             .iter()
             .filter(|r| r.state() == LeaseState::Accepted)
@@ -425,10 +431,7 @@ impl Provider {
             .keys()
             .copied()
             .collect();
-        for rec in self.store.leases().unwrap_or_default() {
-            if !self.names_me(&rec) {
-                continue;
-            }
+        for rec in self.my_leases() {
             let st = rec.state();
             if held.contains(&rec.hash) && st.is_final() {
                 self.end(&rec.hash, st).await;

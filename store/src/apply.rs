@@ -173,6 +173,7 @@ fn apply_one(
             if let Some(n) = &next {
                 let ck = crate::listing::created_key(n.lease.created_at, &hash);
                 page.put(&ck, Vec::new());
+                page.put(&layout::provider_key(&n.lease.provider, &hash), Vec::new());
             }
         }
         Some(b) => b.others.push(ev.clone()),
