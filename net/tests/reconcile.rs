@@ -193,15 +193,15 @@ async fn offline_node_catches_up_exchanging_only_the_difference() {
     let s = &back.handle.stats().recon;
     let total = s.bytes_sent.load(std::sync::atomic::Ordering::Relaxed)
         + s.bytes_received.load(std::sync::atomic::Ordering::Relaxed);
-    // The new events' JSON, plus a bound for the ranges that located them.
-    let payload: usize = new
-        .iter()
-        .map(|e| serde_json::to_vec(e).expect("json").len())
-        .sum();
-    let full: usize = old
-        .iter()
-        .map(|e| serde_json::to_vec(e).expect("json").len())
-        .sum();
+    // The new events' wire form (length + stored form), plus a bound for
+    // the ranges that located them.
+    let wire = |evs: &[LeaseEvent]| -> usize {
+        evs.iter()
+            .map(|e| 2 + xe_store::codec::encode_event(e).len())
+            .sum()
+    };
+    let payload = wire(&new);
+    let full = wire(&old);
     assert!(
         (total as usize) < payload + payload / 10 + 32 * 1024,
         "{total} bytes for {d} events of {payload} bytes (the old ones: {full})"

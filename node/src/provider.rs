@@ -68,6 +68,9 @@ pub struct Provider {
 /// How long a tunnel waits for start-up recovery before it is refused.
 /// Overlay tunnels are also bounded by their handshake timeout.
 const RECOVERY_WAIT: Duration = Duration::from_secs(30);
+/// How often the whole ledger is scanned for created leases naming us, in
+/// case a change was missed without the feed saying so.
+const FULL_SCAN_INTERVAL: Duration = Duration::from_secs(3600);
 
 impl Provider {
     /// A provider for `wallet`'s account.
@@ -137,16 +140,37 @@ impl Provider {
         rec.lease.provider == self.wallet.address()
     }
 
-    /// The leases naming this provider (from the store's index: not the
-    /// whole ledger). A failed read is logged and treated as none: the
-    /// next rescan tries again.
+    /// The leases naming this provider, read one record at a time (memory
+    /// grows with this provider's leases, time with the ledger: ≈ 5 s at a
+    /// million leases, so only at start-up, after a missed change and
+    /// hourly). A failed read is logged and treated as none: the next scan
+    /// tries again.
     fn my_leases(&self) -> Vec<LeaseRecord> {
-        self.store
-            .leases_for_provider(&self.wallet.address())
-            .unwrap_or_else(|e| {
-                error!("reading this provider's leases failed: {e}");
-                Vec::new()
-            })
+        let mut mine = Vec::new();
+        let r = self.store.for_each_lease(|rec| {
+            if self.names_me(&rec) {
+                mine.push(rec);
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            error!("reading this provider's leases failed: {e}");
+        }
+        mine
+    }
+
+    /// The records of the leases whose VMs we hold.
+    fn held_leases(&self) -> Vec<LeaseRecord> {
+        let held: Vec<LeaseHash> = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        held.iter()
+            .filter_map(|h| self.store.lease(h).ok().flatten())
+            .collect()
     }
 
     fn request(rec: &LeaseRecord) -> ProvisionRequest {
@@ -308,6 +332,8 @@ impl Provider {
         {
             self.spawn_take(&mut tasks, &net, r, &cancel);
         }
+        let mut full_scan = tokio::time::interval(FULL_SCAN_INTERVAL);
+        full_scan.tick().await;
         loop {
             let next_expiry = self.next_expiry();
             let sleep = next_expiry.map_or(Duration::from_secs(3600), |t| {
@@ -319,10 +345,11 @@ impl Provider {
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 change = changes.recv() => match change {
                     Ok(c) => self.on_change(&mut tasks, &net, c.lease, c.new, &cancel).await,
-                    Err(RecvError::Lagged(_)) => self.rescan(&mut tasks, &net, &cancel).await,
+                    Err(RecvError::Lagged(_)) => self.rescan(&mut tasks, &net, &cancel, true).await,
                     Err(RecvError::Closed) => break,
                 },
-                () = tokio::time::sleep(sleep) => self.rescan(&mut tasks, &net, &cancel).await,
+                _ = full_scan.tick() => self.rescan(&mut tasks, &net, &cancel, true).await,
+                () = tokio::time::sleep(sleep) => self.rescan(&mut tasks, &net, &cancel, false).await,
             }
         }
         tasks.shutdown().await;
@@ -416,13 +443,14 @@ impl Provider {
             .min()
     }
 
-    /// Re-check everything we hold (expiry, missed changes) and take any
-    /// created lease we have not seen.
+    /// Re-check everything we hold (expiry, missed changes) and, on a
+    /// `full` scan, take any created lease we have not seen.
     async fn rescan(
         self: &Arc<Self>,
         tasks: &mut tokio::task::JoinSet<()>,
         net: &NetHandle,
         cancel: &CancellationToken,
+        full: bool,
     ) {
         let held: HashSet<LeaseHash> = self
             .held
@@ -431,7 +459,12 @@ impl Provider {
             .keys()
             .copied()
             .collect();
-        for rec in self.my_leases() {
+        let recs = if full {
+            self.my_leases()
+        } else {
+            self.held_leases()
+        };
+        for rec in recs {
             let st = rec.state();
             if held.contains(&rec.hash) && st.is_final() {
                 self.end(&rec.hash, st).await;

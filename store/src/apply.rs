@@ -32,6 +32,31 @@ fn check_all(evs: &[LeaseEvent]) -> Vec<Result<(), EventError>> {
     })
 }
 
+/// A page of events with the result of each one's own checks (signature,
+/// terms, host key); only [`Verified::check`] makes one.
+pub struct Verified {
+    events: Vec<LeaseEvent>,
+    checked: Vec<Result<(), EventError>>,
+}
+
+impl Verified {
+    /// Check every event of a page (on two threads for a big page).
+    pub fn check(events: Vec<LeaseEvent>) -> Self {
+        let checked = check_all(&events);
+        Verified { events, checked }
+    }
+
+    /// Events in the page.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Whether the page is empty.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
 pub(crate) fn corrupt(key: &[u8], detail: impl Into<String>) -> StoreError {
     StoreError::Corrupt {
         key: hex::encode(key),
@@ -76,6 +101,24 @@ impl Store {
         // Signatures are checked before taking the lock: that is the
         // expensive part, and it needs no state.
         let checked = check_all(evs);
+        self.apply_checked(evs, checked)
+    }
+
+    /// [`Store::apply_events`] for a page already checked with
+    /// [`Verified::check`], so that a caller can check the next page while
+    /// this one is written.
+    pub fn apply_verified(
+        &self,
+        page: Verified,
+    ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+        self.apply_checked(&page.events, page.checked)
+    }
+
+    fn apply_checked(
+        &self,
+        evs: &[LeaseEvent],
+        checked: Vec<Result<(), EventError>>,
+    ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
         let _guard = self.lock();
         let mut page = Page::new(&self.inner);
         let mut changes = Vec::new();
@@ -109,18 +152,27 @@ fn apply_one(
 ) -> Result<Applied, StoreError> {
     let hash = ev.lease_hash();
     let id = ev.id();
+    let skey = SyncKey {
+        ts: ev.timestamp(),
+        id,
+    };
     let ikey = layout::index_key(&id);
-    let held = match page.get(&ikey)? {
+    let held = match page.get_index(&ikey, &skey)? {
         Some(v) => Some(IndexEntry::decode(&v).ok_or_else(|| corrupt(&ikey, "bad index entry"))?),
         None => None,
     };
-    // A compacted lease's events are refused as known: a replay is not
-    // misbehaviour (a peer may simply be behind), but it changes nothing.
-    if held.is_some_and(|e| !e.pending) || page.contains(&layout::tombstone_key(&hash))? {
+    if held.is_some_and(|e| !e.pending) {
         return Ok(Applied::Duplicate);
     }
     let was_pending = held.is_some();
     let mut bundle = bundle_in(page, &hash)?;
+    // A compacted lease's events are refused as known: a replay is not
+    // misbehaviour (a peer may simply be behind), but it changes nothing.
+    // Compaction removes the bundle as it writes the tombstone, so only a
+    // lease without a bundle can have one.
+    if bundle.is_none() && page.contains(&layout::tombstone_key(&hash))? {
+        return Ok(Applied::Duplicate);
+    }
     // A lease that ended a window ago everywhere is forgotten: its create
     // is refused as stale (see `retention`), like a tombstoned one.
     if let (None, LeaseEvent::Create { lease, .. }) = (&bundle, ev)
@@ -143,10 +195,6 @@ fn apply_one(
             Outcome::Unchanged => (None, false),
             Outcome::Wait(_) => (None, true),
         },
-    };
-    let skey = SyncKey {
-        ts: ev.timestamp(),
-        id,
     };
     let pkey = layout::pending_key(&hash, &id);
     if wait {
@@ -173,7 +221,6 @@ fn apply_one(
             if let Some(n) = &next {
                 let ck = crate::listing::created_key(n.lease.created_at, &hash);
                 page.put(&ck, Vec::new());
-                page.put(&layout::provider_key(&n.lease.provider, &hash), Vec::new());
             }
         }
         Some(b) => b.others.push(ev.clone()),
@@ -224,7 +271,11 @@ fn apply_one(
             new,
         });
     }
-    retry_pending(page, &hash, changes)?;
+    // Most pages (a join's in time order) leave nothing pending: then
+    // there is no prefix to scan.
+    if page.any_pending() {
+        retry_pending(page, &hash, changes)?;
+    }
     Ok(Applied::Changed(new))
 }
 

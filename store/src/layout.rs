@@ -8,7 +8,6 @@
 //! P ‖ lease hash ‖ id     → a pending event (its lease or accept not here yet)
 //! C ‖ created_at ‖ !hash  → ()   newest-first listing (see `listing`)
 //! T ‖ lease hash          → tombstone: when its create is stale (u64)
-//! V ‖ provider ‖ lease    → ()   a provider's leases (start-up and rescans)
 //! ```
 //!
 //! A lease's record is not stored: it is the fold of its bundle's events
@@ -23,7 +22,7 @@
 //! ```
 
 use crate::codec::{decode_event, encode_event};
-use crate::ids::{AccountAddress, EventId, LeaseHash};
+use crate::ids::{EventId, LeaseHash};
 use crate::lease::LeaseEvent;
 use crate::record::{LeaseRecord, Outcome};
 
@@ -32,7 +31,6 @@ pub(crate) const INDEX: u8 = b'I';
 pub(crate) const PENDING: u8 = b'P';
 pub(crate) const CREATED: u8 = b'C';
 pub(crate) const TOMBSTONE: u8 = b'T';
-pub(crate) const PROVIDER: u8 = b'V';
 
 const BUNDLE_V: u8 = 2;
 const CREATE_BODY: usize = 204;
@@ -55,18 +53,6 @@ pub(crate) fn pending_key(h: &LeaseHash, id: &EventId) -> [u8; 65] {
     k[1..33].copy_from_slice(&h.0);
     k[33..].copy_from_slice(&id.0);
     k
-}
-
-pub(crate) fn provider_key(provider: &AccountAddress, h: &LeaseHash) -> [u8; 65] {
-    let mut k = [0u8; 65];
-    k[0] = PROVIDER;
-    k[1..33].copy_from_slice(&provider.0);
-    k[33..].copy_from_slice(&h.0);
-    k
-}
-
-pub(crate) fn provider_prefix(provider: &AccountAddress) -> [u8; 33] {
-    prefixed(PROVIDER, &provider.0)
 }
 
 pub(crate) fn pending_prefix(h: &LeaseHash) -> [u8; 33] {

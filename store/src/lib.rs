@@ -33,6 +33,7 @@ pub mod retention;
 pub mod syncset;
 pub mod wallet;
 
+pub use apply::Verified;
 pub use db::{Applied, LeaseChange, Store, StoreError};
 pub use directory::{DirectoryEntry, DirectoryError};
 pub use ids::{AccessPubKey, AccountAddress, AccountPubKey, EventId, HexError, LeaseHash, Sig};

@@ -112,30 +112,4 @@ impl Store {
             });
         Ok((out, next))
     }
-
-    /// The leases that name `provider`, read from their own index: a
-    /// provider's start-up and rescans cost its own leases, not the
-    /// network's.
-    pub fn leases_for_provider(
-        &self,
-        provider: &crate::ids::AccountAddress,
-    ) -> Result<Vec<LeaseRecord>, StoreError> {
-        let mut out = Vec::new();
-        for r in self
-            .inner
-            .ledger
-            .scan_prefix(layout::provider_prefix(provider))
-        {
-            let (k, _) = r?;
-            let Ok(hash) = LeaseHash::from_slice(&k[33..]) else {
-                continue;
-            };
-            // Compaction removes the entry with the bundle; a miss is a
-            // race with it.
-            if let Some(rec) = self.lease(&hash)? {
-                out.push(rec);
-            }
-        }
-        Ok(out)
-    }
 }

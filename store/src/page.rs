@@ -36,6 +36,29 @@ impl<'a> Page<'a> {
         Ok(self.inner.ledger.get(k)?.map(|v| v.to_vec()))
     }
 
+    /// `get` for an event's index entry, answered from the in-memory sync
+    /// set when the event is not held at all (a join's every event): the
+    /// set and the `I` entries change together, under the apply lock, so
+    /// only a key the set holds needs a read of the tree.
+    pub fn get_index(&self, k: &[u8], key: &SyncKey) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(w) = self.writes.get(k) {
+            return Ok(w.clone());
+        }
+        let held = {
+            let set = self.inner.set.read().unwrap_or_else(|p| p.into_inner());
+            set.contains(key)
+        };
+        if !held {
+            return Ok(None);
+        }
+        Ok(self.inner.ledger.get(k)?.map(|v| v.to_vec()))
+    }
+
+    /// Whether any event is pending, here or in the page.
+    pub fn any_pending(&self) -> bool {
+        self.pending_total() > 0
+    }
+
     pub fn contains(&self, k: &[u8]) -> Result<bool, StoreError> {
         if let Some(w) = self.writes.get(k) {
             return Ok(w.is_some());

@@ -212,7 +212,6 @@ fn compact_one(
     }
     page.del(&layout::lease_key(hash));
     page.del(&crate::listing::created_key(rec.lease.created_at, hash));
-    page.del(&layout::provider_key(&rec.lease.provider, hash));
     let stale = stale_at(&rec.lease, window);
     page.put(&layout::tombstone_key(hash), stale.to_be_bytes().to_vec());
     Ok(removed)

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use xe_store::syncset::{Bound, SyncKey};
-use xe_store::{Applied, EventId, LeaseEvent, Store, StoreError, codec};
+use xe_store::{Applied, EventId, LeaseEvent, Store, StoreError, Verified, codec};
 
 use super::recon::{self, DecodeError, Findings, Message, Role};
 
@@ -317,11 +317,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         self.report.received += events.len();
         let store = store.clone();
         let results = blocking(move || store.apply_events(&events)).await?;
+        Ok(self.account(&results))
+    }
+
+    /// Count what a page did.
+    fn account(&mut self, results: &[Result<Applied, StoreError>]) -> usize {
         let applied = results
             .iter()
             .filter(|r| matches!(r, Ok(Applied::Changed(_)) | Ok(Applied::Pending)))
             .count();
-        for r in &results {
+        for r in results {
             if let Err(e) = r {
                 tracing::debug!("reconciliation: event refused: {e}");
             }
@@ -330,8 +335,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         self.stats
             .applied
             .fetch_add(applied as u64, Ordering::Relaxed);
-        Ok(applied)
+        applied
     }
+}
+
+/// A page being written in a blocking thread.
+type Writing = tokio::task::JoinHandle<Result<Vec<Result<Applied, StoreError>>, StoreError>>;
+
+async fn written(w: Writing) -> Result<Vec<Result<Applied, StoreError>>, SessionError> {
+    w.await
+        .map_err(|e| SessionError::Frame(format!("store task failed: {e}")))?
+        .map_err(SessionError::Store)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -434,6 +448,10 @@ async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
             _ => return Err(SessionError::Frame("expected events".into())),
         };
     }
+    // A range moves as a pipeline: while page N is written (one thread,
+    // under the store's lock), page N+1 is verified (two threads) and page
+    // N+2 is read by the responder. Pages are still written in order.
+    let mut writing: Option<Writing> = None;
     for (lo, hi) in &f.need_ranges {
         let mut cur = *lo;
         c.send(&Frame::GetRange(cur, *hi)).await?;
@@ -442,8 +460,6 @@ async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
                 Frame::Events(next, evs) => (next, evs),
                 _ => return Err(SessionError::Frame("expected events".into())),
             };
-            // Ask for the next page before applying this one, so the
-            // responder reads it while we verify and write.
             match next {
                 // The responder's cursor must move forward and stay in range.
                 Some(k) if k > cur && Bound::Key(k) < *hi => {
@@ -453,11 +469,26 @@ async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
                 Some(_) => return Err(SessionError::Frame("range cursor did not advance".into())),
                 None => {}
             }
-            c.apply(store, evs).await?;
+            c.report.received += evs.len();
+            let verified = tokio::task::spawn_blocking(move || Verified::check(evs))
+                .await
+                .map_err(|e| SessionError::Frame(format!("verify task failed: {e}")))?;
+            if let Some(w) = writing.take() {
+                let results = written(w).await?;
+                c.account(&results);
+            }
+            let s = store.clone();
+            writing = Some(tokio::task::spawn_blocking(move || {
+                s.apply_verified(verified)
+            }));
             if next.is_none() {
                 break;
             }
         }
+    }
+    if let Some(w) = writing {
+        let results = written(w).await?;
+        c.account(&results);
     }
     Ok(())
 }
