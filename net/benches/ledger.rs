@@ -174,6 +174,13 @@ async fn run(n: u32) {
     let dir_b = tempfile::tempdir().expect("tmp");
     let b_store = Store::open(dir_b.path()).expect("b");
     let b_key = libp2p::identity::Keypair::generate_ed25519();
+    // The end with the smaller peer id starts the session on connect: it
+    // decides whether B pulls the ledger or A pushes it.
+    let direction = if b_key.public().to_peer_id() < a.net.peer_id() {
+        "B pulls"
+    } else {
+        "A pushes"
+    };
 
     // Join.
     let (cpu0, t) = (cpu_secs(), Instant::now());
@@ -240,7 +247,7 @@ async fn run(n: u32) {
     drop(all);
 
     println!(
-        "| {n} | {total} | {gen_s:.1} s | {write_s:.1} s ({:.0}/s) | {} ({:.0} B/event) | {} | {join_s:.1} s, {}, {join_cpu:.1} s CPU{} | {} B, {} round, {eq_ms:.1} ms, {eq_cpu_ms:.0} ms CPU | {} events: {catch_s:.2} s, {} (the events themselves: {}), {catch_cpu:.2} s CPU{} | {rss:.0} MiB |",
+        "| {n} | {total} | {gen_s:.1} s | {write_s:.1} s ({:.0}/s) | {} ({:.0} B/event) | {} | {join_s:.1} s, {}, {join_cpu:.1} s CPU, {direction}{} | {} B, {} round, {eq_ms:.1} ms, {eq_cpu_ms:.0} ms CPU | {} events: {catch_s:.2} s, {} (the events themselves: {}), {catch_cpu:.2} s CPU{} | {rss:.0} MiB |",
         total as f64 / write_s,
         mb(disk_a),
         disk_a as f64 / total as f64,

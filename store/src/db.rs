@@ -3,6 +3,8 @@
 //! acknowledged event survives a crash; [`Store::apply_events`] applies a
 //! whole page as one atomic batch under one flush (see [`crate::apply`]).
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -226,19 +228,29 @@ impl Store {
     ) -> Result<(Vec<LeaseEvent>, usize), StoreError> {
         let mut out = Vec::new();
         let mut bytes = 0;
-        // Neighbouring ids are often one lease's events: its bundle is
-        // read once for them.
-        let mut last: Option<(LeaseHash, Bundle)> = None;
+        // A page of a time range holds a few events of each lease, rarely
+        // next to one another (other leases' events of the same seconds
+        // sit between): each lease's bundle is read, and its events' ids
+        // computed, once for the page.
+        let mut leases: HashMap<LeaseHash, Vec<(EventId, LeaseEvent)>> = HashMap::new();
         for (i, id) in ids.iter().enumerate() {
             let Some(e) = self.index(id)? else { continue };
             let ev = if e.pending {
                 self.event(id)?
             } else {
-                if last.as_ref().is_none_or(|(h, _)| *h != e.lease) {
-                    last = self.bundle(&e.lease)?.map(|b| (e.lease, b));
-                }
-                last.as_ref()
-                    .and_then(|(_, b)| b.events().find(|ev| ev.id() == *id).cloned())
+                let evs = match leases.entry(e.lease) {
+                    Entry::Occupied(o) => o.into_mut(),
+                    Entry::Vacant(v) => {
+                        let b = self.bundle(&e.lease)?;
+                        let evs = b.map_or_else(Vec::new, |b| {
+                            b.events().map(|ev| (ev.id(), ev.clone())).collect()
+                        });
+                        v.insert(evs)
+                    }
+                };
+                evs.iter()
+                    .find(|(eid, _)| eid == id)
+                    .map(|(_, ev)| ev.clone())
             };
             if let Some(ev) = ev {
                 bytes += crate::codec::encode_event(&ev).len();

@@ -508,6 +508,10 @@ async fn push<S: AsyncRead + AsyncWrite + Unpin>(
     // (the timestamp only orders pages).
     let by_id = f.have.iter().map(|id| SyncKey { ts: 0, id: *id });
     let mut keys: Vec<SyncKey> = by_id.chain(keys).collect();
+    // Two pages in flight: the responder verifies and writes one while we
+    // read the next from our store (a fresh node that a full node pushes
+    // to joins as fast as one that pulls).
+    let mut unacked = 0usize;
     while !keys.is_empty() {
         let s = store.clone();
         // `page` looks at no more than a page of keys; copying only those
@@ -521,14 +525,30 @@ async fn push<S: AsyncRead + AsyncWrite + Unpin>(
         if evs.is_empty() {
             continue;
         }
+        if unacked == PUTS_IN_FLIGHT {
+            recv_ack(c).await?;
+            unacked -= 1;
+        }
         c.report.sent += evs.len();
         c.send(&Frame::Put(evs)).await?;
-        match c.recv().await? {
-            Frame::Ack(_) => {}
-            _ => return Err(SessionError::Frame("expected an ack".into())),
-        }
+        unacked += 1;
+    }
+    for _ in 0..unacked {
+        recv_ack(c).await?;
     }
     Ok(())
+}
+
+/// Pages pushed before the first is acknowledged.
+const PUTS_IN_FLIGHT: usize = 2;
+
+async fn recv_ack<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Conn<'_, S>,
+) -> Result<(), SessionError> {
+    match c.recv().await? {
+        Frame::Ack(_) => Ok(()),
+        _ => Err(SessionError::Frame("expected an ack".into())),
+    }
 }
 
 /// Answer one session as the responder, until `Done` or the stream ends.
