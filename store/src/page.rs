@@ -10,6 +10,9 @@ use std::sync::atomic::Ordering;
 use crate::db::{Inner, StoreError};
 use crate::syncset::SyncKey;
 
+/// A key and its value.
+pub(crate) type Entry = (Vec<u8>, Vec<u8>);
+
 pub(crate) struct Page<'a> {
     inner: &'a Inner,
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
@@ -75,7 +78,7 @@ impl<'a> Page<'a> {
     }
 
     /// Every entry under `prefix` as this page would leave it.
-    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
         let mut out: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
         for r in self.inner.ledger.scan_prefix(prefix) {
             let (k, v) = r?;
