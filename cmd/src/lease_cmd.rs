@@ -191,12 +191,12 @@ pub async fn run(cmd: LeaseCmd) -> anyhow::Result<ExitCode> {
             lease,
             node,
             wallet,
-        } => end_lease(&lease, &node, &wallet, LeaseEvent::settle, "settling").await,
+        } => end_lease(&lease, &node, &wallet, End::Settle).await,
         LeaseCmd::Cancel {
             lease,
             node,
             wallet,
-        } => end_lease(&lease, &node, &wallet, LeaseEvent::cancel, "cancelling").await,
+        } => end_lease(&lease, &node, &wallet, End::Cancel).await,
     }
 }
 
@@ -405,20 +405,58 @@ pub async fn run_providers(args: ProvidersArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Sign a settle or cancel with the wallet and submit it to the node.
+/// How a lease is ended from the CLI.
+#[derive(Clone, Copy)]
+enum End {
+    Settle,
+    Cancel,
+}
+
+/// Settle or cancel, after checking with the node that the lease exists
+/// and is in a state the event can end: an event for an unknown lease
+/// would only wait, pending, for a lease that may never come, and the
+/// command would have reported success.
 async fn end_lease(
     lease: &str,
     node: &NodeUrlArg,
     wallet: &WalletArg,
-    sign: fn(&Wallet, LeaseHash, u64) -> LeaseEvent,
-    what: &str,
+    end: End,
 ) -> anyhow::Result<ExitCode> {
     let hash = parse_lease(lease)?;
     let w = load_wallet(wallet)?;
-    let r = node
-        .client()?
+    let client = node.client()?;
+    let (verb, sign): (&str, fn(&Wallet, LeaseHash, u64) -> LeaseEvent) = match end {
+        End::Settle => ("settle", LeaseEvent::settle),
+        End::Cancel => ("cancel", LeaseEvent::cancel),
+    };
+    let view = match client.lease(&hash).await {
+        Ok(v) => v,
+        Err(xe_api::client::ClientError::Status { status, .. }) if status.as_u16() == 404 => {
+            anyhow::bail!(
+                "lease {} is not known to the node at {}: nothing was sent. Check the hash (`xe lease list`), or wait until the node has the lease if it was created elsewhere moments ago",
+                hash.short(),
+                client.url()
+            );
+        }
+        Err(e) => return Err(e).context(format!("looking up lease {}", hash.short())),
+    };
+    let refusal = match (end, view.state) {
+        (_, st) if st.is_final() => Some(format!("it is already {st}; nothing to {verb}")),
+        (End::Settle, LeaseState::Created) => {
+            Some("it is not accepted yet: withdraw it with `xe lease cancel` instead".to_string())
+        }
+        (End::Cancel, LeaseState::Accepted) => {
+            Some("it is already accepted: end it with `xe lease settle` instead".to_string())
+        }
+        _ => None,
+    };
+    if let Some(why) = refusal {
+        anyhow::bail!("cannot {verb} lease {}: {why}", hash.short());
+    }
+    let r = client
         .submit(&sign(&w, hash, now_secs()))
         .await
-        .context(what.to_string())?;
+        .context(format!("{verb} lease {}", hash.short()))?;
     report_submit(&r);
     Ok(ExitCode::SUCCESS)
 }

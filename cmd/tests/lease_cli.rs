@@ -438,6 +438,30 @@ async fn lease_create_wait_reports_the_decline_and_the_timeout() {
     );
     assert!(list.contains(&lease), "{list}");
 
+    // Ending a lease the node does not know, or one that has ended, fails
+    // with the reason and sends nothing (before, an unknown lease's settle
+    // went pending and the command said nothing was wrong).
+    let unknown = "cd".repeat(32);
+    for (args, want) in [
+        (["settle", unknown.as_str()], "is not known to the node"),
+        (
+            ["settle", lease.as_str()],
+            "it is already cancelled; nothing to settle",
+        ),
+        (
+            ["cancel", lease.as_str()],
+            "it is already cancelled; nothing to cancel",
+        ),
+    ] {
+        let out = xe(&[
+            "lease", args[0], args[1], "--node", &url, "--wallet", wallet,
+        ])
+        .await;
+        assert!(!out.status.success(), "xe lease {args:?} reported success");
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(want), "xe lease {args:?}: {stderr}");
+    }
+
     // A provider nobody runs: no answer within --timeout, non-zero exit.
     let nobody = "ab".repeat(32);
     let out = xe(&[
