@@ -58,6 +58,27 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// `xe lease show L | head -1`: once the reader is gone, `println!`
+/// panics on the broken pipe. A printing command then stops quietly, with
+/// the status a writer killed by SIGPIPE has (128 + 13), as other command
+/// line tools do. (Restoring SIGPIPE itself needs `unsafe`, and would also
+/// apply to a node's or a tunnel's pipes.)
+fn quiet_on_broken_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let p = info.payload();
+        let msg = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // devnet prints its own progress; a ProxyCommand's stderr is the ssh
@@ -71,6 +92,12 @@ fn main() -> std::process::ExitCode {
             "info"
         },
     );
+    if matches!(
+        cli.command,
+        Command::Wallet(_) | Command::Lease(_) | Command::Providers(_) | Command::SshConfig(_)
+    ) {
+        quiet_on_broken_stdout();
+    }
     let result = match cli.command {
         Command::Wallet(cmd) => wallet_cmd::run(cmd),
         Command::Node(args) => runtime().and_then(|rt| rt.block_on(node_cmd::run(*args))),

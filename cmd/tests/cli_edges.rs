@@ -1,0 +1,53 @@
+//! The `xe` binary at its edges: flags refused before anything starts, a
+//! closed stdout.
+
+use std::process::Command;
+
+const XE: &str = env!("CARGO_BIN_EXE_xe");
+
+#[test]
+fn a_ledger_retention_below_one_day_is_refused_with_the_range() {
+    let dir = tempfile::tempdir().expect("tmp");
+    for bad in ["0", "366", "two"] {
+        let out = Command::new(XE)
+            .args(["node", "--data"])
+            .arg(dir.path())
+            .args(["--ledger-retention-days", bad])
+            .output()
+            .expect("run xe");
+        assert!(
+            !out.status.success(),
+            "--ledger-retention-days {bad} accepted"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--ledger-retention-days"), "{bad}: {err}");
+        // Nothing was created: the flag is checked before the store opens.
+        assert!(!dir.path().join("db").exists(), "{bad}: store created");
+    }
+}
+
+/// `xe wallet show | head -1`: the reader is gone before xe prints. xe
+/// stops quietly with a broken pipe's status, not a panic (rc 101).
+#[test]
+fn a_closed_stdout_ends_a_printing_command_quietly() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let wallet = dir.path().join("w.seed");
+    let created = Command::new(XE)
+        .args(["wallet", "create", "--wallet"])
+        .arg(&wallet)
+        .output()
+        .expect("run xe");
+    assert!(created.status.success(), "{created:?}");
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(XE)
+        .args(["wallet", "show", "--wallet"])
+        .arg(&wallet)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run xe");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(141), "{err}");
+}
