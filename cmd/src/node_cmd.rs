@@ -60,19 +60,19 @@ pub struct NodeArgs {
     #[arg(long, value_name = "PATH")]
     pub sshd: Option<PathBuf>,
     /// Most leases hosted at once.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least_one())]
     pub max_leases: usize,
     /// Most vCPUs across all leases.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_vcpus: u32,
     /// Most memory (MiB) across all leases.
-    #[arg(long, default_value_t = 256 * 1024)]
+    #[arg(long, default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_memory_mb: u64,
     /// Most disk (GiB) across all leases.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_disk_gb: u64,
     /// Most tunnels (SSH sessions) served at once across all leases.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = at_least_one())]
     pub max_tunnels: usize,
     /// Cipher of the overlay's TCP and relayed connections: `aes-gcm`
     /// (offered first, standard ChaCha20 noise for peers without it) or
@@ -88,17 +88,17 @@ pub struct NodeArgs {
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0")]
     pub ssh_listen: String,
     /// Most concurrent SSH connections (the seed's maxSSHConnections).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = at_least_one())]
     pub max_ssh_connections: usize,
-    /// Seconds an SSH client has to authenticate.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds an SSH client has to authenticate (1-3600).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub ssh_auth_grace: u64,
 
-    /// Tunnel handshake deadline in seconds (both sides).
-    #[arg(long, default_value_t = 30)]
+    /// Tunnel handshake deadline in seconds, both sides (1-600).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub handshake_timeout: u64,
-    /// Seconds between directory re-announcements (providers).
-    #[arg(long, default_value_t = 300)]
+    /// Seconds between directory re-announcements, providers (5-86400).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(5..=86_400))]
     pub announce_interval: u64,
     /// Days an ended lease stays in this node's ledger copy before it is
     /// compacted (at least 1, the offer lifetime). Shorter saves disk; a
@@ -169,6 +169,12 @@ fn api_listen(args: &NodeArgs) -> anyhow::Result<Option<SocketAddr>> {
     Ok((args.api_port != 0).then_some(SocketAddr::new(ip, args.api_port)))
 }
 
+/// A count that must be at least one (0 would refuse everything while
+/// looking configured).
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
 impl NodeArgs {
     /// The data directory.
     pub fn data_dir(&self) -> PathBuf {
@@ -196,8 +202,8 @@ impl NodeArgs {
                 );
             }
         }
-        cfg.handshake_timeout = Duration::from_secs(self.handshake_timeout.max(1));
-        cfg.announce_interval = Duration::from_secs(self.announce_interval.max(5));
+        cfg.handshake_timeout = Duration::from_secs(self.handshake_timeout);
+        cfg.announce_interval = Duration::from_secs(self.announce_interval);
         cfg.max_tunnels = self.max_tunnels;
         cfg.ledger_retention = Duration::from_secs(self.ledger_retention_days * 86_400);
         cfg.overlay_cipher = self.overlay_cipher;
@@ -226,7 +232,7 @@ impl NodeArgs {
             cfg.ssh = Some(SshConfig {
                 listen,
                 max_connections: self.max_ssh_connections,
-                auth_grace: Duration::from_secs(self.ssh_auth_grace.max(1)),
+                auth_grace: Duration::from_secs(self.ssh_auth_grace),
             });
         }
         for r in &self.relay {

@@ -6,7 +6,7 @@ use std::process::Command;
 const XE: &str = env!("CARGO_BIN_EXE_xe");
 
 #[test]
-fn a_ledger_retention_below_one_day_is_refused_with_the_range() {
+fn node_flags_that_cannot_work_are_refused_with_their_range() {
     let dir = tempfile::tempdir().expect("tmp");
     for bad in ["0", "366", "two"] {
         let out = Command::new(XE)
