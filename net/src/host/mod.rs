@@ -178,6 +178,9 @@ pub async fn start(
         // Tunnels and gossip keep connections busy; an idle one is cheap to keep.
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
         .build();
+    for addr in &config.listen {
+        refuse_if_taken(addr)?;
+    }
     let mut listeners = HashSet::new();
     for addr in &config.listen {
         let id = swarm
@@ -288,4 +291,37 @@ pub async fn start(
     };
     tasks.spawn(lp.run(cancel));
     Ok(Net { handle, tasks })
+}
+
+/// libp2p binds listen ports with `SO_REUSEPORT` (so that dials can leave
+/// from them, for hole punching), which lets a second node on the host bind
+/// the same port and take half the first one's connections at random. A
+/// plain bind of the same address, dropped at once, fails exactly when
+/// another socket already listens there: then this node refuses to start.
+fn refuse_if_taken(addr: &Multiaddr) -> Result<(), NetError> {
+    use libp2p::multiaddr::Protocol;
+    let mut it = addr.iter();
+    let ip: std::net::IpAddr = match it.next() {
+        Some(Protocol::Ip4(a)) => a.into(),
+        Some(Protocol::Ip6(a)) => a.into(),
+        _ => return Ok(()),
+    };
+    let taken = |e: std::io::Error| {
+        NetError::Listen(
+            addr.clone(),
+            format!(
+                "{e}: another process (another xe node?) already listens there; stop it or choose another port with --p2p-listen"
+            ),
+        )
+    };
+    match it.next() {
+        Some(Protocol::Tcp(port)) if port != 0 => {
+            std::net::TcpListener::bind((ip, port)).map_err(taken)?;
+        }
+        Some(Protocol::Udp(port)) if port != 0 => {
+            std::net::UdpSocket::bind((ip, port)).map_err(taken)?;
+        }
+        _ => {}
+    }
+    Ok(())
 }
