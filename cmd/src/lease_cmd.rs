@@ -425,9 +425,9 @@ async fn end_lease(
     let hash = parse_lease(lease)?;
     let w = load_wallet(wallet)?;
     let client = node.client()?;
-    let (verb, sign): (&str, fn(&Wallet, LeaseHash, u64) -> LeaseEvent) = match end {
-        End::Settle => ("settle", LeaseEvent::settle),
-        End::Cancel => ("cancel", LeaseEvent::cancel),
+    let verb = match end {
+        End::Settle => "settle",
+        End::Cancel => "cancel",
     };
     let view = match client.lease(&hash).await {
         Ok(v) => v,
@@ -454,7 +454,10 @@ async fn end_lease(
         anyhow::bail!("cannot {verb} lease {}: {why}", hash.short());
     }
     let r = client
-        .submit(&sign(&w, hash, now_secs()))
+        .submit(&match end {
+            End::Settle => LeaseEvent::settle(&w, hash, now_secs()),
+            End::Cancel => LeaseEvent::cancel(&w, hash, now_secs()),
+        })
         .await
         .context(format!("{verb} lease {}", hash.short()))?;
     report_submit(&r);
