@@ -46,16 +46,18 @@ pub struct CreateArgs {
     /// The provider's account address (64 hex; see `xe providers`).
     #[arg(long, value_name = "ADDR")]
     pub provider: String,
-    /// Virtual CPUs.
+    /// Virtual CPUs (1-256).
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
-    /// Memory in MiB.
+    /// Memory in MiB (128-1048576).
     #[arg(long, default_value_t = 1024)]
     pub memory_mb: u32,
-    /// Disk in GiB.
+    /// Disk in GiB (1-65536).
     #[arg(long, default_value_t = 10)]
     pub disk_gb: u32,
-    /// Lease length in seconds, counted from acceptance.
+    /// Lease length in seconds, counted from acceptance (60-31622400: a
+    /// minute to 366 days). The provider must accept within a day of
+    /// creation or the offer lapses.
     #[arg(long, value_name = "SECS", default_value_t = 3600)]
     pub duration: u64,
     /// Wait until the provider accepts (or reports why not).

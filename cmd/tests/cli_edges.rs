@@ -51,3 +51,27 @@ fn a_closed_stdout_ends_a_printing_command_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(141), "{err}");
 }
+
+/// `xe lease create --help` states the ranges the ledger enforces (read
+/// from `xe_store::lease::limits`, so the text cannot drift from them).
+#[test]
+fn lease_create_help_shows_the_term_ranges() {
+    use xe_store::lease::limits;
+    let out = Command::new(XE)
+        .args(["lease", "create", "--help"])
+        .output()
+        .expect("run xe");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for range in [
+        format!("{}-{}", limits::VCPUS.start(), limits::VCPUS.end()),
+        format!("{}-{}", limits::MEMORY_MB.start(), limits::MEMORY_MB.end()),
+        format!("{}-{}", limits::DISK_GB.start(), limits::DISK_GB.end()),
+        format!(
+            "{}-{}",
+            limits::DURATION_SECS.start(),
+            limits::DURATION_SECS.end()
+        ),
+    ] {
+        assert!(help.contains(&range), "{range} not in:\n{help}");
+    }
+}

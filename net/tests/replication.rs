@@ -96,8 +96,10 @@ async fn late_joiner_catches_up_by_sync() {
     wait_state(&late.store, &last.expect("some"), LeaseState::Created).await;
     // Every lease arrived, not only the last.
     let mut rx = late.store.subscribe();
+    // A page's records are readable a moment before its counters move
+    // (both before its change notifications go out): wait for both.
     let all = async {
-        while late.store.leases().expect("leases").len() < 300 {
+        while late.store.leases().expect("leases").len() < 300 || late.store.event_count() < 300 {
             let _ = rx.recv().await;
         }
     };
@@ -105,14 +107,26 @@ async fn late_joiner_catches_up_by_sync() {
         .await
         .expect("all 300 leases synced");
     assert_eq!(late.store.event_count(), 300);
-    assert_eq!(
-        late.store
-            .peer_for_account(&provider.address())
-            .expect("dir")
-            .expect("entry")
-            .peer_id,
-        a.net.peer_id().to_string()
-    );
+    // The directory comes by its own request beside the reconciliation,
+    // which may finish first: wait for the entry (subscribed before the
+    // first look, so its arrival is not missed).
+    let mut dir_rx = late.store.subscribe_directory();
+    let entry = async {
+        loop {
+            if let Some(e) = late
+                .store
+                .peer_for_account(&provider.address())
+                .expect("dir")
+            {
+                return e;
+            }
+            let _ = dir_rx.recv().await;
+        }
+    };
+    let entry = tokio::time::timeout(std::time::Duration::from_secs(20), entry)
+        .await
+        .expect("directory entry synced");
+    assert_eq!(entry.peer_id, a.net.peer_id().to_string());
 }
 
 /// A -- B -- C in a line: an invalid event from A is rejected by B, counted,
