@@ -365,6 +365,16 @@ impl ApiClient {
         self.get_json(&format!("/leases/{hash}")).await
     }
 
+    /// `GET /leases/{hash or unique prefix}`: the node resolves a prefix of
+    /// at least 8 hex digits (404 if none matches, 409 listing candidates
+    /// if several do). `lease` must be hex: it is put in the path as is.
+    pub async fn lease_by_prefix(&self, lease: &str) -> Result<LeaseView, ClientError> {
+        if !lease.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ClientError::Decode(format!("lease {lease:?} is not hex")));
+        }
+        self.get_json(&format!("/leases/{lease}")).await
+    }
+
     /// `GET /leases/{hash}?wait=…&since=…`: answers as soon as the lease's
     /// state is no longer `since`, or after `wait` with the current state.
     pub async fn lease_wait(

@@ -167,6 +167,45 @@ fn parse_lease(s: &str) -> Result<LeaseHash, HttpError> {
         .map_err(|e| HttpError::bad_request(e.to_string()))
 }
 
+/// Shortest lease-hash prefix `GET /leases/{prefix}` resolves: the short
+/// form xe prints.
+const MIN_PREFIX: usize = 8;
+
+/// A full hash, or a unique prefix of at least [`MIN_PREFIX`] hex digits
+/// of a lease this node holds (like git's abbreviated ids).
+async fn resolve_lease(app: &App, raw: &str) -> Result<LeaseHash, HttpError> {
+    let p = raw.to_ascii_lowercase();
+    if p.len() == 64 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return parse_lease(raw);
+    }
+    if p.len() < MIN_PREFIX || p.len() > 64 {
+        return Err(HttpError::bad_request(format!(
+            "lease {raw:?}: give the 64-hex lease hash or at least its first {MIN_PREFIX} hex digits"
+        )));
+    }
+    let store = app.ctx.store.clone();
+    let q = p.clone();
+    let found = blocking(move || store.lease_hashes_with_prefix(&q, 6)).await?;
+    match found.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(HttpError::not_found(format!(
+            "no lease here starts with {p} (`xe lease list` shows this node's leases)"
+        ))),
+        many => Err(HttpError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "lease prefix {p} is ambiguous: it matches {}{}; give more digits",
+                many.iter()
+                    .take(5)
+                    .map(|h| h.to_hex())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if many.len() > 5 { ", …" } else { "" }
+            ),
+        )),
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, HttpError> {
@@ -243,7 +282,7 @@ async fn show_lease(
     Path(raw): Path<String>,
     q: Result<Query<ShowQuery>, QueryRejection>,
 ) -> Result<Json<LeaseView>, HttpError> {
-    let hash = parse_lease(&raw)?;
+    let hash = resolve_lease(&app, &raw).await?;
     let Query(q) = q.map_err(query_error)?;
     let wait = match q.wait.as_deref() {
         None => None,

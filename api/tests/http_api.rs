@@ -138,7 +138,31 @@ async fn read_routes_answer_json() {
     assert_eq!(r.error(), format!("unknown lease {}", "ab".repeat(32)));
     let r = get(api.addr, "/leases/12345").await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    assert_eq!(r.error(), "lease hash: expected 64 hex characters, got 5");
+    assert_eq!(
+        r.error(),
+        "lease \"12345\": give the 64-hex lease hash or at least its first 8 hex digits"
+    );
+    let r = get(api.addr, "/leases/12345xyz").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        r.error(),
+        "lease hash: invalid character 'x' at position 5 (expected 0-9, a-f)"
+    );
+    // The short form xe prints (and any longer prefix, any case) names the
+    // lease when it is unique here.
+    let full = active.to_string();
+    for prefix in [&full[..8], &full[..13], &full.to_uppercase()[..20]] {
+        let r = get(api.addr, &format!("/leases/{prefix}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{prefix}: {}", r.error());
+        assert_eq!(r.json()["lease_hash"], full.as_str());
+    }
+    let r = get(api.addr, "/leases/00000000").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(
+        r.error().starts_with("no lease here starts with 00000000"),
+        "{}",
+        r.error()
+    );
     // A long poll whose state already differs from `since` answers at once.
     let r = get(api.addr, &format!("/leases/{active}?wait=30&since=created")).await;
     assert_eq!(r.json()["state"], "accepted");

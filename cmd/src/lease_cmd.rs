@@ -144,18 +144,25 @@ fn load_wallet(w: &WalletArg) -> anyhow::Result<Wallet> {
     })
 }
 
-fn parse_lease(s: &str) -> anyhow::Result<LeaseHash> {
-    s.trim()
-        .parse::<LeaseHash>()
-        .map_err(|e| anyhow::anyhow!("{e}"))
+/// A lease as typed: the 64-hex hash, or (the node resolves it) a unique
+/// prefix of at least 8 hex digits, like the short form xe prints.
+fn lease_arg(s: &str) -> anyhow::Result<String> {
+    let s = s.trim().to_ascii_lowercase();
+    if s.len() == 64 {
+        s.parse::<LeaseHash>().map_err(|e| anyhow::anyhow!("{e}"))?;
+        return Ok(s);
+    }
+    if (8..64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(s);
+    }
+    bail!("lease {s:?}: expected the 64-hex lease hash or at least its first 8 hex digits")
 }
 
 pub async fn run(cmd: LeaseCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         LeaseCmd::Create(args) => create(args).await,
         LeaseCmd::Show { lease, json, node } => {
-            let hash = parse_lease(&lease)?;
-            let v = node.client()?.lease(&hash).await?;
+            let v = node.client()?.lease_by_prefix(&lease_arg(&lease)?).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -424,24 +431,25 @@ async fn end_lease(
     wallet: &WalletArg,
     end: End,
 ) -> anyhow::Result<ExitCode> {
-    let hash = parse_lease(lease)?;
+    let lease = lease_arg(lease)?;
     let w = load_wallet(wallet)?;
     let client = node.client()?;
     let verb = match end {
         End::Settle => "settle",
         End::Cancel => "cancel",
     };
-    let view = match client.lease(&hash).await {
+    let view = match client.lease_by_prefix(&lease).await {
         Ok(v) => v,
         Err(xe_api::client::ClientError::Status { status, .. }) if status.as_u16() == 404 => {
             anyhow::bail!(
                 "lease {} is not known to the node at {}: nothing was sent. Check the hash (`xe lease list`), or wait until the node has the lease if it was created elsewhere moments ago",
-                hash.short(),
+                &lease[..8],
                 client.url()
             );
         }
-        Err(e) => return Err(e).context(format!("looking up lease {}", hash.short())),
+        Err(e) => return Err(e).context(format!("looking up lease {}", &lease[..8])),
     };
+    let hash = view.lease_hash;
     let refusal = match (end, view.state) {
         (_, st) if st.is_final() => Some(format!("it is already {st}; nothing to {verb}")),
         (End::Settle, LeaseState::Created) => {

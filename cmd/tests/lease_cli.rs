@@ -422,11 +422,18 @@ async fn lease_create_wait_reports_the_decline_and_the_timeout() {
         "hash still printed: {:?}",
         text(&out.stdout)
     );
+    // The short form xe prints is enough to name the lease.
     let out = xe(&[
-        "lease", "cancel", &lease, "--node", &url, "--wallet", wallet,
+        "lease",
+        "cancel",
+        &lease[..8],
+        "--node",
+        &url,
+        "--wallet",
+        wallet,
     ])
     .await;
-    ok(&out, "xe lease cancel");
+    ok(&out, "xe lease cancel <8-hex prefix>");
     assert!(
         text(&out.stderr).contains("cancelled"),
         "{}",
@@ -437,6 +444,18 @@ async fn lease_create_wait_reports_the_decline_and_the_timeout() {
         "xe lease list",
     );
     assert!(list.contains(&lease), "{list}");
+    let shown = ok(
+        &xe(&["lease", "show", &lease[..12], "--json", "--node", &url]).await,
+        "xe lease show <prefix>",
+    );
+    assert!(shown.contains(&lease), "{shown}");
+    let out = xe(&["lease", "show", "abc", "--node", &url]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("at least its first 8 hex digits"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // Ending a lease the node does not know, or one that has ended, fails
     // with the reason and sends nothing (before, an unknown lease's settle
@@ -519,7 +538,9 @@ async fn lease_create_wait_reports_the_decline_and_the_timeout() {
     );
     let out = xe(&["lease", "show", "12", "--node", &url]).await;
     assert!(
-        text(&out.stderr).contains("lease hash: expected 64 hex characters, got 2"),
+        text(&out.stderr).contains(
+            "lease \"12\": expected the 64-hex lease hash or at least its first 8 hex digits"
+        ),
         "{}",
         text(&out.stderr)
     );

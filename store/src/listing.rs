@@ -112,4 +112,31 @@ impl Store {
             });
         Ok((out, next))
     }
+
+    /// The hashes of up to `limit` leases whose hex form starts with
+    /// `prefix` (lowercase hex, any length), in hash order: what a user
+    /// types when they copy the 8-hex short form xe prints.
+    pub fn lease_hashes_with_prefix(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<LeaseHash>, StoreError> {
+        let whole = hex::decode(&prefix[..prefix.len() / 2 * 2]).unwrap_or_default();
+        let mut key = vec![layout::LEASE];
+        key.extend_from_slice(&whole);
+        let mut out = Vec::new();
+        for r in self.inner.ledger.scan_prefix(key) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, _) = r?;
+            let Ok(h) = LeaseHash::from_slice(&k[1..]) else {
+                continue;
+            };
+            if h.to_hex().starts_with(prefix) {
+                out.push(h);
+            }
+        }
+        Ok(out)
+    }
 }

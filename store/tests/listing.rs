@@ -69,3 +69,33 @@ fn pages_follow_one_another_newest_first_with_ties_by_hash() {
         .expect("all");
     assert_eq!(all, want);
 }
+
+/// A hex prefix of any length finds the leases it starts; a short one may
+/// match several (the caller decides what is ambiguous).
+#[test]
+fn leases_are_found_by_a_prefix_of_their_hash() {
+    let s = Store::temporary().expect("store");
+    let t = now_secs();
+    let evs: Vec<LeaseEvent> = (0..40).map(|i| create(i, t - 60)).collect();
+    s.apply_events(&evs).expect("apply");
+    let h = evs[7].lease_hash();
+    let hex = h.to_hex();
+    for n in [8, 9, 64] {
+        assert_eq!(
+            s.lease_hashes_with_prefix(&hex[..n], 5).expect("read"),
+            vec![h],
+            "{n} digits"
+        );
+    }
+    // One hex digit: about 40/16 of them, each starting with it, sorted.
+    let some = s.lease_hashes_with_prefix(&hex[..1], 100).expect("read");
+    assert!(some.contains(&h));
+    assert!(some.iter().all(|x| x.to_hex().starts_with(&hex[..1])));
+    assert!(some.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(
+        s.lease_hashes_with_prefix(&hex[..1], 1)
+            .expect("read")
+            .len(),
+        1
+    );
+}
