@@ -146,7 +146,7 @@ fn load_wallet(w: &WalletArg) -> anyhow::Result<Wallet> {
 
 /// A lease as typed: the 64-hex hash, or (the node resolves it) a unique
 /// prefix of at least 8 hex digits, like the short form xe prints.
-fn lease_arg(s: &str) -> anyhow::Result<String> {
+pub(crate) fn lease_arg(s: &str) -> anyhow::Result<String> {
     let s = s.trim().to_ascii_lowercase();
     if s.len() == 64 {
         s.parse::<LeaseHash>().map_err(|e| anyhow::anyhow!("{e}"))?;

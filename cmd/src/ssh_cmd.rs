@@ -225,7 +225,8 @@ fn has_pin(known_hosts: &Path, lease: &LeaseHash) -> bool {
 /// Flags shared by `xe ssh` and `xe ssh-config`.
 #[derive(Args, Debug, Clone)]
 pub struct TargetArgs {
-    /// The lease hash (64 hex).
+    /// The lease hash (64 hex), or a unique prefix of at least 8 hex digits
+    /// (the --node resolves it).
     pub lease: String,
     /// SSH gateway HOST:PORT [default: "gateway" in ~/.xe/config.json, else
     /// the --node's own SSH gateway].
@@ -297,10 +298,16 @@ impl TargetArgs {
     }
 
     fn target(&self) -> anyhow::Result<SshTarget> {
-        let lease: LeaseHash = self
-            .lease
-            .parse()
-            .with_context(|| format!("lease {:?}", self.lease))?;
+        let typed = crate::lease_cmd::lease_arg(&self.lease)?;
+        let lease: LeaseHash = if typed.len() == 64 {
+            typed.parse().with_context(|| format!("lease {typed:?}"))?
+        } else {
+            // A prefix: the node knows which lease it names (the full hash
+            // is the SSH username and the host key alias).
+            ask_node(&self.node, "resolving the lease prefix", async |c| {
+                Ok(c.lease_by_prefix(&typed).await?.lease_hash)
+            })?
+        };
         let via = if self.http {
             Via::Http {
                 xe: std::env::current_exe().context("locating the xe binary")?,

@@ -23,7 +23,7 @@ use crate::paths::WalletArg;
 /// `xe tunnel` flags.
 #[derive(Args, Debug)]
 pub struct TunnelArgs {
-    /// The lease hash.
+    /// The lease hash, or a unique prefix of at least 8 hex digits.
     pub lease: String,
     /// Local address to listen on; port 0 picks a free one (printed).
     #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:0")]
@@ -63,17 +63,22 @@ fn pin_vm_host_key(wallet: &Path, lease: &LeaseHash, host_key: &str) -> anyhow::
 
 pub async fn run(args: TunnelArgs) -> anyhow::Result<ExitCode> {
     let mut signals = crate::node_cmd::ShutdownSignal::install()?;
-    let lease: LeaseHash = args
-        .lease
-        .trim()
-        .parse()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let typed = crate::lease_cmd::lease_arg(&args.lease)?;
     let wallet_path = args.wallet.path();
     let wallet = Wallet::load(&wallet_path)
         .with_context(|| format!("loading the wallet {}", wallet_path.display()))?;
     let key = LeaseKey::load(&wallet.lease_key_path())
         .with_context(|| format!("loading the lease key of {}", wallet_path.display()))?;
     let client = args.node.client()?;
+    let lease: LeaseHash = if typed.len() == 64 {
+        typed.parse().map_err(|e| anyhow::anyhow!("{e}"))?
+    } else {
+        client
+            .lease_by_prefix(&typed)
+            .await
+            .context("resolving the lease prefix")?
+            .lease_hash
+    };
     if args.stdio {
         return run_stdio(client, lease, key, signals).await;
     }

@@ -252,13 +252,14 @@ async fn lease_create_wait_then_ssh_through_xe_tunnel() {
     );
     assert!(list.contains(&lease), "{list}");
 
-    // xe tunnel on a free port; real ssh through it, twice.
+    // xe tunnel on a free port (named by the short form xe prints); real
+    // ssh through it, twice.
     let user = xe_vm::default_vm_user("sshd");
     let tunnel_log = dir.path().join("tunnel.log");
     let mut tunnel = Command::new(XE)
         .args([
             "tunnel",
-            &lease,
+            &lease[..8],
             "--listen",
             "127.0.0.1:0",
             "--user",
