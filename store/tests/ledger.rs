@@ -15,7 +15,11 @@ fn access_key() -> AccessPubKey {
 /// accept two hours ago, young enough that every accept is in the offer's
 /// lifetime and the create is far from stale.
 fn lease_terms(consumer: &Wallet, provider: &Wallet) -> Lease {
-    lease_terms_at(consumer, provider, now_secs() - 3 * 3600)
+    // One creation time for the whole test process: the fixture is built
+    // more than once per test, and must be the same lease each time.
+    static CREATED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let created = *CREATED.get_or_init(|| now_secs() - 3 * 3600);
+    lease_terms_at(consumer, provider, created)
 }
 
 fn lease_terms_at(consumer: &Wallet, provider: &Wallet, created_at: u64) -> Lease {
