@@ -75,3 +75,28 @@ fn lease_create_help_shows_the_term_ranges() {
         assert!(help.contains(&range), "{range} not in:\n{help}");
     }
 }
+
+/// Logs written to a file or a pipe carry no ANSI colour codes (and a node
+/// on a taken port says so and stops).
+#[test]
+fn logs_to_a_pipe_are_plain_text() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let out = Command::new(XE)
+        .args(["node", "--data"])
+        .arg(dir.path())
+        .args(["--p2p-listen", &format!("/ip4/127.0.0.1/tcp/{port}")])
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .output()
+        .expect("run xe");
+    assert!(!out.status.success(), "a node started on a taken port");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already listens there"), "{err}");
+    assert!(err.contains("INFO"), "no log lines to check: {err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "colour codes in piped logs: {err:?}"
+    );
+}
