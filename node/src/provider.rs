@@ -159,16 +159,20 @@ impl Provider {
         mine
     }
 
-    /// The records of the leases whose VMs we hold.
-    fn held_leases(&self) -> Vec<LeaseRecord> {
-        let held: Vec<LeaseHash> = self
-            .held
+    /// The leases whose VMs we hold.
+    fn held_hashes(&self) -> HashSet<LeaseHash> {
+        self.held
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .keys()
             .copied()
-            .collect();
-        held.iter()
+            .collect()
+    }
+
+    /// Their records.
+    fn held_leases(&self) -> Vec<LeaseRecord> {
+        self.held_hashes()
+            .iter()
             .filter_map(|h| self.store.lease(h).ok().flatten())
             .collect()
     }
@@ -430,16 +434,9 @@ impl Provider {
 
     /// Earliest expiry among leases we hold.
     fn next_expiry(&self) -> Option<u64> {
-        let held: Vec<LeaseHash> = self
-            .held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .copied()
-            .collect();
-        held.iter()
-            .filter_map(|h| self.store.lease(h).ok().flatten())
-            .filter_map(|r| r.expires_at())
+        self.held_leases()
+            .iter()
+            .filter_map(LeaseRecord::expires_at)
             .min()
     }
 
@@ -452,13 +449,7 @@ impl Provider {
         cancel: &CancellationToken,
         full: bool,
     ) {
-        let held: HashSet<LeaseHash> = self
-            .held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .copied()
-            .collect();
+        let held = self.held_hashes();
         let recs = if full {
             self.my_leases()
         } else {

@@ -45,16 +45,6 @@ impl Verified {
         let checked = check_all(&events);
         Verified { events, checked }
     }
-
-    /// Events in the page.
-    pub fn len(&self) -> usize {
-        self.events.len()
-    }
-
-    /// Whether the page is empty.
-    pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
-    }
 }
 
 pub(crate) fn corrupt(key: &[u8], detail: impl Into<String>) -> StoreError {

@@ -168,34 +168,38 @@ pub fn decode_event(v: &[u8]) -> Result<LeaseEvent, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::wallet::Wallet;
+
+    pub(crate) const HOST_KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOZkcJ0O9Yl3MY5Wa7sObHRBuqoN2Ig0tGuo6dU2dQmD vm";
+
+    /// A lease from consumer `c` to provider `p`, created at a fixed time.
+    pub(crate) fn signed_create(c: &Wallet, p: &Wallet) -> LeaseEvent {
+        LeaseEvent::create(
+            c,
+            Lease {
+                consumer: c.public_key(),
+                provider: p.address(),
+                vcpus: 2,
+                memory_mb: 1024,
+                disk_gb: 10,
+                duration: 3600,
+                access_pub_key: AccessPubKey(Wallet::from_seed([3; 32]).public_key().0),
+                created_at: 1_700_000_000,
+                nonce: [7; 16],
+            },
+        )
+    }
 
     #[test]
     fn every_kind_round_trips_and_json_still_reads() {
         let c = Wallet::from_seed([1; 32]);
         let p = Wallet::from_seed([2; 32]);
-        let signed_create = || {
-            LeaseEvent::create(
-                &c,
-                Lease {
-                    consumer: c.public_key(),
-                    provider: p.address(),
-                    vcpus: 2,
-                    memory_mb: 1024,
-                    disk_gb: 10,
-                    duration: 3600,
-                    access_pub_key: AccessPubKey(Wallet::from_seed([3; 32]).public_key().0),
-                    created_at: 1_700_000_000,
-                    nonce: [7; 16],
-                },
-            )
-        };
-        let create = signed_create();
+        let create = signed_create(&c, &p);
         let h = create.lease_hash();
-        let key =
-            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOZkcJ0O9Yl3MY5Wa7sObHRBuqoN2Ig0tGuo6dU2dQmD vm";
+        let key = HOST_KEY;
         for ev in [
             create,
             LeaseEvent::accept(&p, h, 1_700_000_001, key.into()),

@@ -206,15 +206,23 @@ impl Store {
             return Ok(None);
         };
         if e.pending {
-            let k = layout::pending_key(&e.lease, id);
-            return match self.inner.ledger.get(k)? {
-                Some(v) => Ok(Some(decode_ev(&k, &v)?)),
-                None => Ok(None),
-            };
+            return self.pending_event(&e.lease, id);
         }
         Ok(self
             .bundle(&e.lease)?
             .and_then(|b| b.events().find(|ev| ev.id() == *id).cloned()))
+    }
+
+    fn pending_event(
+        &self,
+        lease: &LeaseHash,
+        id: &EventId,
+    ) -> Result<Option<LeaseEvent>, StoreError> {
+        let k = layout::pending_key(lease, id);
+        match self.inner.ledger.get(k)? {
+            Some(v) => Ok(Some(decode_ev(&k, &v)?)),
+            None => Ok(None),
+        }
     }
 
     /// The held events for `ids`, in order, skipping any not held
@@ -236,7 +244,7 @@ impl Store {
         for (i, id) in ids.iter().enumerate() {
             let Some(e) = self.index(id)? else { continue };
             let ev = if e.pending {
-                self.event(id)?
+                self.pending_event(&e.lease, id)?
             } else {
                 let evs = match leases.entry(e.lease) {
                     Entry::Occupied(o) => o.into_mut(),

@@ -203,31 +203,16 @@ fn body_len(kind: u8, body: &[u8]) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::AccessPubKey;
-    use crate::lease::Lease;
+    use crate::codec::tests::{HOST_KEY, signed_create};
     use crate::wallet::Wallet;
 
     #[test]
     fn bundles_round_trip_and_fold_into_the_record() {
         let c = Wallet::from_seed([1; 32]);
         let p = Wallet::from_seed([2; 32]);
-        let create = LeaseEvent::create(
-            &c,
-            Lease {
-                consumer: c.public_key(),
-                provider: p.address(),
-                vcpus: 2,
-                memory_mb: 1024,
-                disk_gb: 10,
-                duration: 3600,
-                access_pub_key: AccessPubKey(Wallet::from_seed([3; 32]).public_key().0),
-                created_at: 1_700_000_000,
-                nonce: [7; 16],
-            },
-        );
+        let create = signed_create(&c, &p);
         let h = create.lease_hash();
-        let key =
-            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOZkcJ0O9Yl3MY5Wa7sObHRBuqoN2Ig0tGuo6dU2dQmD vm";
+        let key = HOST_KEY;
         let mut b = Bundle::new(create);
         for ev in [
             LeaseEvent::accept(&p, h, 1_700_000_001, key.into()),

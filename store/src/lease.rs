@@ -87,7 +87,26 @@ mod hex16 {
     }
 }
 
+/// How long a created lease waits for its provider. An accept signed more
+/// than this after the lease's creation is refused, and a lease nobody
+/// accepted by then has lapsed (its state is `expired`). This bounds when
+/// any lease can end (creation + this + duration), which is what lets
+/// nodes forget a compacted lease entirely once that time is a retention
+/// window past (see `retention`).
+pub const OFFER_LIFETIME_SECS: u64 = 24 * 3600;
+
 impl Lease {
+    /// Unix second after which no accept is taken for this lease.
+    pub fn offer_lapses_at(&self) -> u64 {
+        self.created_at.saturating_add(OFFER_LIFETIME_SECS)
+    }
+
+    /// The latest this lease can end whatever events come: its offer
+    /// lapses unaccepted, or the latest possible accept expires.
+    pub fn latest_end(&self) -> u64 {
+        self.offer_lapses_at().saturating_add(self.duration)
+    }
+
     /// The canonical v1 byte encoding (see the module docs).
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(11 + 32 + 32 + 12 + 8 + 32 + 8 + 16);

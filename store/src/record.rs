@@ -11,13 +11,7 @@ use crate::lease::{EventError, EventKind, Lease, LeaseEvent};
 /// for clocks that disagree between consumer and provider.
 pub const CLOCK_SKEW_SECS: u64 = 300;
 
-/// How long a created lease waits for its provider. An accept signed more
-/// than this after the lease's creation is refused, and a lease nobody
-/// accepted by then has lapsed (its state is `expired`). This bounds when
-/// any lease can end (creation + this + duration), which is what lets
-/// nodes forget a compacted lease entirely once that time is a retention
-/// window past (see `retention`).
-pub const OFFER_LIFETIME_SECS: u64 = 24 * 3600;
+pub use crate::lease::OFFER_LIFETIME_SECS;
 
 /// Where a lease stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -152,17 +146,6 @@ impl LeaseRecord {
             .map(|a| a.accepted_at.saturating_add(self.lease.duration))
     }
 
-    /// Unix second after which no accept is taken for this lease.
-    pub fn offer_lapses_at(&self) -> u64 {
-        self.lease.created_at.saturating_add(OFFER_LIFETIME_SECS)
-    }
-
-    /// The latest this lease can end whatever events come: its offer
-    /// lapses unaccepted, or the latest possible accept expires.
-    pub fn latest_end(&self) -> u64 {
-        self.offer_lapses_at().saturating_add(self.lease.duration)
-    }
-
     /// The state at unix time `now`.
     pub fn state_at(&self, now: u64) -> LeaseState {
         if self.settle.is_some() {
@@ -174,7 +157,7 @@ impl LeaseRecord {
             }
         } else if self.cancel.is_some() {
             LeaseState::Cancelled
-        } else if now >= self.offer_lapses_at() {
+        } else if now >= self.lease.offer_lapses_at() {
             LeaseState::Expired
         } else {
             LeaseState::Created
@@ -222,7 +205,7 @@ impl LeaseRecord {
                         reason: "accepted_at is before the lease was created",
                     });
                 }
-                if *accepted_at > self.offer_lapses_at() {
+                if *accepted_at > self.lease.offer_lapses_at() {
                     return Err(EventError::BadTransition {
                         kind,
                         lease,

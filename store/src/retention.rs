@@ -7,7 +7,7 @@
 //!
 //! # When a lease ends, for compaction
 //!
-//! Never later than its [`LeaseRecord::latest_end`] (creation + the offer
+//! Never later than its [`Lease::latest_end`] (creation + the offer
 //! lifetime + duration), whatever its events say:
 //!
 //! - cancelled: at the cancel's time, or when the offer lapses if earlier;
@@ -79,20 +79,18 @@ pub struct WindowTooShort(pub u64);
 pub fn ended_at(rec: &LeaseRecord, now: u64) -> Option<u64> {
     let end = match rec.state_at(now) {
         LeaseState::Cancelled => rec.cancel.as_ref().map_or(0, |c| c.at),
-        LeaseState::Expired | LeaseState::Settled => {
-            rec.expires_at().unwrap_or_else(|| rec.offer_lapses_at())
-        }
+        LeaseState::Expired | LeaseState::Settled => rec
+            .expires_at()
+            .unwrap_or_else(|| rec.lease.offer_lapses_at()),
         LeaseState::Created | LeaseState::Accepted => return None,
     };
-    Some(end.min(rec.latest_end()))
+    Some(end.min(rec.lease.latest_end()))
 }
 
 /// When a lease's create is refused as stale: a window after the latest
 /// it can have ended. Every node has compacted it by then.
 pub fn stale_at(lease: &Lease, window: u64) -> u64 {
-    LeaseRecord::from_create(lease.clone(), crate::ids::Sig([0; 64]))
-        .latest_end()
-        .saturating_add(window)
+    lease.latest_end().saturating_add(window)
 }
 
 /// What one compaction pass did.

@@ -272,7 +272,15 @@ struct Conn<'a, S> {
     stats: &'a ReconStats,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
+impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
+    fn new(io: &'a mut S, stats: &'a ReconStats) -> Self {
+        Conn {
+            io,
+            report: Report::default(),
+            stats,
+        }
+    }
+
     async fn send(&mut self, f: &Frame) -> Result<(), SessionError> {
         let body = f.encode();
         let n = body.len() + 4;
@@ -373,11 +381,7 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
     store: &Store,
     stats: &ReconStats,
 ) -> Result<Report, SessionError> {
-    let mut c = Conn {
-        io,
-        report: Report::default(),
-        stats,
-    };
+    let mut c = Conn::new(io, stats);
     let r = run_initiator(&mut c, store).await;
     finish(&mut c, r).await
 }
@@ -557,11 +561,7 @@ pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
     store: &Store,
     stats: &ReconStats,
 ) -> Result<Report, SessionError> {
-    let mut c = Conn {
-        io,
-        report: Report::default(),
-        stats,
-    };
+    let mut c = Conn::new(io, stats);
     let r = run_responder(&mut c, store).await;
     finish(&mut c, r).await
 }
