@@ -12,6 +12,7 @@ use xe_store::{
 };
 
 use crate::paths::WalletArg;
+use crate::when;
 
 /// Which node's API to talk to.
 #[derive(Args, Debug, Clone)]
@@ -304,9 +305,9 @@ async fn wait_accepted(
         match v.state {
             LeaseState::Accepted => {
                 eprintln!(
-                    "accepted after {} s; expires at unix {}; VM host key: {}",
+                    "accepted after {} s; expires {}; VM host key: {}",
                     start.elapsed().as_secs(),
-                    v.expires_at.unwrap_or_default(),
+                    time(v.expires_at, now_secs()),
                     v.vm_host_key.as_deref().unwrap_or("?")
                 );
                 return Ok(());
@@ -344,33 +345,44 @@ fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
         .map_or_else(|| "-".to_string(), ToString::to_string)
 }
 
+/// A unix time as ISO 8601 + relative, or `-`.
+fn time(ts: Option<u64>, now: u64) -> String {
+    ts.map_or_else(|| "-".to_string(), |t| when::at(t, now))
+}
+
 fn print_lease(v: &LeaseView) {
+    let now = now_secs();
     println!("lease:          {}", v.lease_hash);
     println!("state:          {}", v.state);
     println!("consumer:       {}", v.consumer);
     println!("provider:       {}", v.provider);
     println!("access key:     {}", v.access_pub_key);
     println!(
-        "resources:      {} vCPU, {} MiB memory, {} GiB disk, {} s",
-        v.vcpus, v.memory_mb, v.disk_gb, v.duration
+        "resources:      {} vCPU, {} MiB memory, {} GiB disk, for {} ({} s)",
+        v.vcpus,
+        v.memory_mb,
+        v.disk_gb,
+        when::span(v.duration),
+        v.duration
     );
-    println!("created at:     {}", v.created_at);
-    println!("accepted at:    {}", opt(&v.accepted_at));
-    println!("expires at:     {}", opt(&v.expires_at));
+    println!("created at:     {}", time(Some(v.created_at), now));
+    println!("accepted at:    {}", time(v.accepted_at, now));
+    println!("expires at:     {}", time(v.expires_at, now));
     println!("vm host key:    {}", opt(&v.vm_host_key));
     if v.settled_at.is_some() {
         println!(
             "settled at:     {} by {}",
-            opt(&v.settled_at),
+            time(v.settled_at, now),
             opt(&v.settled_by)
         );
     }
     if v.cancelled_at.is_some() {
-        println!("cancelled at:   {}", opt(&v.cancelled_at));
+        println!("cancelled at:   {}", time(v.cancelled_at, now));
     }
 }
 
 fn print_lease_table(leases: &[LeaseView]) {
+    let now = now_secs();
     println!(
         "{:<64}  {:<9}  {:<8}  {:>4}  {:>7}  {:>5}  EXPIRES",
         "LEASE", "STATE", "PROVIDER", "VCPU", "MEM_MB", "DISK"
@@ -384,7 +396,7 @@ fn print_lease_table(leases: &[LeaseView]) {
             v.vcpus,
             v.memory_mb,
             v.disk_gb,
-            opt(&v.expires_at)
+            time(v.expires_at, now)
         );
     }
 }
@@ -398,15 +410,15 @@ pub async fn run_providers(args: ProvidersArgs) -> anyhow::Result<ExitCode> {
     let now = now_secs();
     println!(
         "{:<64}  {:<52}  {:<9}  {:>10}  ADDRS",
-        "ADDRESS", "PEER_ID", "CONNECTED", "EXPIRES_IN"
+        "ADDRESS", "PEER_ID", "CONNECTED", "ENTRY_ENDS"
     );
     for p in ps {
         println!(
-            "{:<64}  {:<52}  {:<9}  {:>9}s  {}",
+            "{:<64}  {:<52}  {:<9}  {:>10}  {}",
             p.address,
             p.peer_id,
             if p.connected { "yes" } else { "no" },
-            p.expires_at.saturating_sub(now),
+            when::relative(p.expires_at, now),
             p.addrs.join(" ")
         );
     }

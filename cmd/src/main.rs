@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod devnet_cmd;
+mod lease_check;
 mod lease_cmd;
 mod node_cmd;
 mod paths;
@@ -12,6 +13,7 @@ mod ssh_cmd;
 mod stdio;
 mod tunnel_cmd;
 mod wallet_cmd;
+mod when;
 
 /// SSH access to leased VMs across a libp2p overlay.
 #[derive(Parser)]
@@ -125,8 +127,43 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes on one line, like `{:#}`, but a cause whose
+/// text is already part of the message is not said again: many errors
+/// (io, libp2p, ours) put their source in their own text *and* return it
+/// as `source()`, and "refused (os error 111): refused (os error 111)"
+/// reads as two failures.
+pub(crate) fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = anyhow::Error::new(io).context("cannot connect: refused (is it running?)");
+        assert_eq!(
+            super::error_text(&e),
+            "cannot connect: refused (is it running?)"
+        );
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(super::error_text(&e), "outer: inner");
     }
 }

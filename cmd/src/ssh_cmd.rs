@@ -253,7 +253,7 @@ pub struct TargetArgs {
     pub wallet: WalletArg,
 }
 
-/// Ask the node's API; only used for what the user did not give.
+/// Ask the node's API.
 fn ask_node<T>(
     node: &crate::lease_cmd::NodeUrlArg,
     what: &str,
@@ -264,9 +264,26 @@ fn ask_node<T>(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(f(client)).with_context(|| {
-        format!("{what} from the xe node at {url} (pass --node URL of a node with --api-port, or give it directly)")
+    rt.block_on(f(client)).map_err(|e| {
+        // Only a node that could not be asked gets the --node hint; one
+        // that answered has said what is wrong.
+        if unreachable(&e) {
+            e.context(format!(
+                "{what} from the xe node at {url} (pass --node URL of a node with --api-port, or give it directly)"
+            ))
+        } else {
+            e
+        }
     })
+}
+
+/// The node could not be asked at all (as opposed to answering "no").
+fn unreachable(e: &anyhow::Error) -> bool {
+    use xe_api::client::ClientError as C;
+    matches!(
+        e.downcast_ref::<C>(),
+        Some(C::Connect { .. } | C::Timeout(_) | C::Tls { .. } | C::Http { .. })
+    )
 }
 
 impl TargetArgs {
@@ -299,26 +316,6 @@ impl TargetArgs {
 
     fn target(&self) -> anyhow::Result<SshTarget> {
         let typed = crate::lease_cmd::lease_arg(&self.lease)?;
-        let lease: LeaseHash = if typed.len() == 64 {
-            typed.parse().with_context(|| format!("lease {typed:?}"))?
-        } else {
-            // A prefix: the node knows which lease it names (the full hash
-            // is the SSH username and the host key alias).
-            ask_node(&self.node, "resolving the lease prefix", async |c| {
-                Ok(c.lease_by_prefix(&typed).await?.lease_hash)
-            })?
-        };
-        let via = if self.http {
-            Via::Http {
-                xe: std::env::current_exe().context("locating the xe binary")?,
-                node: self.node.url()?,
-                // A config block runs from wherever ssh is started.
-                wallet: std::path::absolute(self.wallet.path())
-                    .context("making the wallet path absolute")?,
-            }
-        } else {
-            Via::Gateway(self.gateway()?)
-        };
         let wallet = self.wallet.path();
         let key = LeaseKey::load(&lease_key_path(&wallet))
             .with_context(|| format!("the lease key of wallet {}", wallet.display()))?;
@@ -326,18 +323,49 @@ impl TargetArgs {
             .known_hosts
             .clone()
             .unwrap_or_else(|| xe_home().join("known_hosts"));
+        // The node resolves a prefix and says whether the lease lets this
+        // key in now, before ssh turns any refusal into "Permission denied".
+        let checked = ask_node(&self.node, "checking the lease", async |c| {
+            crate::lease_check::usable_lease(&c, &typed, &key).await
+        });
+        let (lease, vm_host_key): (LeaseHash, Option<String>) = match checked {
+            Ok(v) => (v.lease_hash, v.vm_host_key),
+            // Everything ssh needs is at hand: a node that is down must not
+            // keep the consumer from a VM the gateway would let them into.
+            Err(e)
+                if unreachable(&e)
+                    && typed.len() == 64
+                    && (self.host_key.is_some()
+                        || typed.parse().is_ok_and(|l| has_pin(&known_hosts, &l))) =>
+            {
+                eprintln!(
+                    "xe: could not check lease {} with the node ({}); trying anyway",
+                    &typed[..8],
+                    crate::error_text(&e)
+                );
+                (
+                    typed.parse().with_context(|| format!("lease {typed:?}"))?,
+                    None,
+                )
+            }
+            Err(e) => return Err(e),
+        };
+        let via = if self.http {
+            Via::Http {
+                xe: std::env::current_exe().context("locating the xe binary")?,
+                node: self.node.url()?,
+                // A config block runs from wherever ssh is started.
+                wallet: std::path::absolute(&wallet).context("making the wallet path absolute")?,
+            }
+        } else {
+            Via::Gateway(self.gateway()?)
+        };
         if let Some(hk) = &self.host_key {
             pin_host_key(&known_hosts, &lease, hk)?;
         }
         if !has_pin(&known_hosts, &lease) {
-            let hk = ask_node(&self.node, "reading the lease's VM host key", async |c| {
-                c.lease(&lease).await?.vm_host_key.with_context(|| {
-                    format!(
-                        "lease {} is not accepted yet (no VM host key published)",
-                        lease.short()
-                    )
-                })
-            })?;
+            let hk = vm_host_key
+                .with_context(|| format!("lease {} has no VM host key published", lease.short()))?;
             pin_host_key(&known_hosts, &lease, &hk)?;
         }
         Ok(SshTarget {

@@ -2,164 +2,13 @@
 //! built `xe` binary against a real `xe node --provide --api-listen …`
 //! process, and real OpenSSH through `xe tunnel`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
-use std::time::Duration;
+use std::process::Stdio;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::io::BufReader;
+use tokio::process::Command;
 
-const XE: &str = env!("CARGO_BIN_EXE_xe");
-const SSHD: &str = "/usr/sbin/sshd";
-const SSH: &str = "/usr/bin/ssh";
-/// Bound on every wait.
-const LIMIT: Duration = Duration::from_secs(90);
-
-fn openssh_available(test: &str) -> bool {
-    let missing: Vec<&str> = [SSHD, SSH]
-        .into_iter()
-        .filter(|b| !Path::new(b).is_file())
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("XE_REQUIRE_SSHD").as_deref() == Ok("1") {
-        panic!("{test}: XE_REQUIRE_SSHD=1 but OpenSSH is missing: {missing:?}");
-    }
-    eprintln!(
-        "SKIPPED {test}: OpenSSH missing ({missing:?}); set XE_REQUIRE_SSHD=1 to make this a failure"
-    );
-    false
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-async fn read_line(out: &mut BufReader<ChildStdout>, what: &str) -> String {
-    let mut line = String::new();
-    let n = tokio::time::timeout(LIMIT, out.read_line(&mut line))
-        .await
-        .unwrap_or_else(|_| panic!("no {what} within {LIMIT:?}"))
-        .expect("read stdout");
-    assert!(n > 0, "stdout closed before {what}");
-    line.trim_end().to_string()
-}
-
-/// Ask a child we started to stop (SIGTERM, by its PID) and wait for it.
-async fn terminate(child: &mut Child) -> std::process::ExitStatus {
-    if let Some(pid) = child.id() {
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .await;
-    }
-    match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
-        Ok(s) => s.expect("wait"),
-        Err(_) => {
-            let _ = child.start_kill();
-            panic!("process did not stop within 30 s of SIGTERM");
-        }
-    }
-}
-
-/// An `xe node` process with its API on a free loopback port.
-struct NodeProc {
-    child: Child,
-    ready: serde_json::Value,
-    log: PathBuf,
-}
-
-impl NodeProc {
-    async fn start(dir: &Path, extra: &[&str]) -> NodeProc {
-        let log = dir.join("node.log");
-        let child = Command::new(XE)
-            .arg("node")
-            .arg("--data")
-            .arg(dir.join("node"))
-            .args([
-                "--p2p-listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--api-listen",
-                "127.0.0.1:0",
-            ])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn xe node");
-        let mut me = NodeProc {
-            child,
-            ready: serde_json::Value::Null,
-            log,
-        };
-        let mut out = BufReader::new(me.child.stdout.take().expect("stdout"));
-        let line = read_line(&mut out, "the ready line").await;
-        me.ready = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("ready line {line:?}: {e}\n{}", me.log_text()));
-        me
-    }
-
-    fn url(&self) -> String {
-        format!(
-            "http://{}",
-            self.ready["api_addr"]
-                .as_str()
-                .expect("api_addr in the ready line")
-        )
-    }
-
-    fn account(&self) -> String {
-        self.ready["account"].as_str().expect("account").to_string()
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        // A failed test still stops the node gracefully, so it stops the
-        // sshd processes it started.
-        if let (Ok(None), Some(pid)) = (self.child.try_wait(), self.child.id()) {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
-    }
-}
-
-/// Run `xe ARGS` to completion.
-async fn xe(args: &[&str]) -> Output {
-    let mut cmd = Command::new(XE);
-    cmd.args(args)
-        .env_remove("XE_NODE")
-        .env_remove("XE_WALLET")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    tokio::time::timeout(LIMIT, cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("xe {args:?} did not finish within {LIMIT:?}"))
-        .expect("run xe")
-}
-
-fn ok(out: &Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-fn last_line(s: &str) -> String {
-    s.lines().last().unwrap_or_default().to_string()
-}
+mod common;
+use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_create_wait_then_ssh_through_xe_tunnel() {
@@ -251,6 +100,32 @@ async fn lease_create_wait_then_ssh_through_xe_tunnel() {
         "xe lease list",
     );
     assert!(list.contains(&lease), "{list}");
+
+    // Another wallet's key is not this lease's access key: xe ssh says so
+    // instead of starting an ssh that the gateway would refuse.
+    let other = dir.path().join("other.seed");
+    let other = other.to_str().expect("utf-8");
+    ok(
+        &xe(&["wallet", "create", "--wallet", other]).await,
+        "xe wallet create (other)",
+    );
+    let out = xe(&[
+        "ssh",
+        &lease[..8],
+        "--http",
+        "--node",
+        &url,
+        "--wallet",
+        other,
+    ])
+    .await;
+    assert!(!out.status.success(), "ssh with another wallet's key");
+    assert!(
+        text(&out.stderr).contains("does not admit the lease key")
+            && text(&out.stderr).contains("another wallet"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // xe tunnel on a free port (named by the short form xe prints); real
     // ssh through it, twice.
@@ -423,6 +298,24 @@ async fn lease_create_wait_reports_the_decline_and_the_timeout() {
         "hash still printed: {:?}",
         text(&out.stdout)
     );
+    // xe ssh says why before ssh could say "Permission denied".
+    let out = xe(&[
+        "ssh",
+        &lease[..8],
+        "--node",
+        &url,
+        "--wallet",
+        wallet,
+        "--gateway",
+        "127.0.0.1:9",
+    ])
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains(&format!("lease {} is not accepted yet", &lease[..8])),
+        "{}",
+        text(&out.stderr)
+    );
     // The short form xe prints is enough to name the lease.
     let out = xe(&[
         "lease",
@@ -445,11 +338,44 @@ async fn lease_create_wait_reports_the_decline_and_the_timeout() {
         "xe lease list",
     );
     assert!(list.contains(&lease), "{list}");
+    let out = xe(&[
+        "ssh",
+        &lease,
+        "--node",
+        &url,
+        "--wallet",
+        wallet,
+        "--gateway",
+        "127.0.0.1:9",
+    ])
+    .await;
+    assert!(
+        text(&out.stderr).contains("is cancelled: it grants no access"),
+        "{}",
+        text(&out.stderr)
+    );
     let shown = ok(
         &xe(&["lease", "show", &lease[..12], "--json", "--node", &url]).await,
         "xe lease show <prefix>",
     );
     assert!(shown.contains(&lease), "{shown}");
+    // Scripts keep unix seconds; people get ISO 8601 and how long ago.
+    let json: serde_json::Value = serde_json::from_str(&shown).expect("lease show --json");
+    assert!(json["created_at"].is_u64(), "{shown}");
+    let human = ok(
+        &xe(&["lease", "show", &lease[..8], "--node", &url]).await,
+        "xe lease show",
+    );
+    let created = human
+        .lines()
+        .find(|l| l.starts_with("created at:"))
+        .unwrap_or_else(|| panic!("no created line:\n{human}"));
+    let year = &created["created at:".len()..].trim_start()[..4];
+    assert!(
+        year.starts_with("20") && created.contains("Z (") && created.ends_with(" ago)")
+            || created.ends_with("(now)"),
+        "created time not ISO 8601 + relative: {created:?}"
+    );
     let out = xe(&["lease", "show", "abc", "--node", &url]).await;
     assert!(!out.status.success());
     assert!(
@@ -551,9 +477,9 @@ async fn lease_create_wait_reports_the_decline_and_the_timeout() {
         "{}",
         text(&out.stderr)
     );
-    let out = xe(&["providers", "--node", "https://example.invalid"]).await;
+    let out = xe(&["providers", "--node", "ftp://example.invalid"]).await;
     assert!(
-        text(&out.stderr).contains("https is not supported"),
+        text(&out.stderr).contains("only http:// and https:// URLs are supported"),
         "{}",
         text(&out.stderr)
     );

@@ -22,6 +22,11 @@ use xe_store::{LeaseEvent, LeaseHash, LeaseKey, LeaseState, now_secs};
 use crate::auth::{SIGNATURE_HEADER, TIMESTAMP_HEADER, TunnelAuth, UPGRADE_PROTOCOL};
 use crate::types::{ErrorBody, LeaseView, NodeInfo, ProviderView, SubmitResult, VmView};
 
+mod tls;
+mod url;
+
+pub use url::NodeUrl;
+
 /// Default node URL of the CLI.
 pub const DEFAULT_NODE_URL: &str = "http://127.0.0.1:8080";
 /// Default deadline for one request (connect, send, read the answer).
@@ -52,6 +57,14 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// TLS to an `https://` node failed.
+    #[error("TLS with {addr} failed: {detail}")]
+    Tls {
+        /// host:port.
+        addr: String,
+        /// What failed and what to do.
+        detail: String,
+    },
     /// The HTTP exchange failed.
     #[error("HTTP exchange with {addr} failed: {detail}")]
     Http {
@@ -76,73 +89,6 @@ pub enum ClientError {
     /// The deadline passed.
     #[error("no answer from the node within {0:?}")]
     Timeout(Duration),
-}
-
-/// A parsed `http://host[:port]` node URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeUrl {
-    host: String,
-    port: u16,
-}
-
-impl NodeUrl {
-    /// `host:port`, for connecting and the Host header.
-    pub fn authority(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
-    }
-}
-
-impl std::fmt::Display for NodeUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "http://{}", self.authority())
-    }
-}
-
-impl std::str::FromStr for NodeUrl {
-    type Err = ClientError;
-    fn from_str(s: &str) -> Result<Self, ClientError> {
-        let bad = |detail: &str| ClientError::Url {
-            url: s.to_string(),
-            detail: detail.to_string(),
-        };
-        let rest = if let Some(r) = s.strip_prefix("http://") {
-            r
-        } else if s.starts_with("https://") {
-            return Err(bad(
-                "https is not supported; the API speaks plain HTTP (keep it on loopback, or put a TLS proxy in front and tunnel to it)",
-            ));
-        } else if s.contains("://") {
-            return Err(bad("only http:// URLs are supported"));
-        } else {
-            s
-        };
-        let authority = rest.trim_end_matches('/');
-        if authority.contains('/') || authority.contains('?') {
-            return Err(bad("expected http://HOST[:PORT] with no path"));
-        }
-        let uri: axum::http::uri::Authority = authority
-            .parse()
-            .map_err(|e| bad(&format!("not a host[:port]: {e}")))?;
-        if uri.as_str().contains('@') {
-            return Err(bad("user info is not supported"));
-        }
-        let host = uri
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        if host.is_empty() {
-            return Err(bad("missing host"));
-        }
-        Ok(NodeUrl {
-            host,
-            port: uri.port_u16().unwrap_or(80),
-        })
-    }
 }
 
 /// A client of one node's API.
@@ -210,13 +156,20 @@ impl ApiClient {
         self
     }
 
-    async fn connect(&self) -> Result<TcpStream, ClientError> {
+    async fn connect(&self) -> Result<tls::Conn, ClientError> {
         let addr = self.url.authority();
         let tcp = TcpStream::connect((self.url.host.as_str(), self.url.port))
             .await
-            .map_err(|source| ClientError::Connect { addr, source })?;
+            .map_err(|source| ClientError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
-        Ok(tcp)
+        if self.url.tls {
+            tls::wrap(tcp, &self.url.host, &addr).await
+        } else {
+            Ok(Box::pin(tcp))
+        }
     }
 
     fn http_err(&self, e: impl std::fmt::Display) -> ClientError {
