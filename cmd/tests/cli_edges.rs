@@ -100,3 +100,54 @@ fn logs_to_a_pipe_are_plain_text() {
         "colour codes in piped logs: {err:?}"
     );
 }
+
+/// `--node` pointing at a web server that is not an xe node: one line that
+/// says so, not the server's HTML page.
+#[test]
+fn a_node_url_that_is_not_an_xe_node_is_named_as_such() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    // Serves exactly the two requests below, then ends.
+    let server = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let (mut c, _) = listener.accept().expect("accept");
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let page = "<!DOCTYPE html>\n<html><body><h1>Not Found</h1></body></html>\n";
+            let _ = write!(
+                c,
+                "HTTP/1.1 404 Not Found\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
+                page.len()
+            );
+        }
+    });
+    for args in [
+        vec!["providers", "--node", url.as_str()],
+        vec!["lease", "show", "12345678", "--node", url.as_str()],
+    ] {
+        let out = Command::new(XE).args(&args).output().expect("run xe");
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("is not an xe node's") && !err.contains("<html"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+    }
+    server.join().expect("server");
+}
+
+/// An error whose text already names its cause does not repeat it.
+#[test]
+fn a_refused_connection_is_reported_once() {
+    // Port 1 on loopback: nothing listens there on a test machine.
+    let out = Command::new(XE)
+        .args(["providers", "--node", "http://127.0.0.1:1"])
+        .output()
+        .expect("run xe");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("Connection refused").count(), 1, "{err}");
+    assert!(err.contains("XE_NODE"), "says what to do: {err}");
+}

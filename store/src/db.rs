@@ -34,6 +34,12 @@ pub enum StoreError {
     /// Too many pending events.
     #[error("too many pending events ({MAX_PENDING}); refusing more until their leases arrive")]
     PendingFull,
+    /// Another process holds the store's lock.
+    #[error(
+        "the ledger in {} is in use by another process (most likely another `xe node` with the same --data): stop that node, or give this one its own --data directory",
+        .0.display()
+    )]
+    InUse(std::path::PathBuf),
     /// sled failed.
     #[error("store: {0}")]
     Db(#[from] sled::Error),
@@ -113,7 +119,16 @@ pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
 impl Store {
     /// Open (or create) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        Self::from_db(sled::Config::new().path(dir).open()?)
+        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
+            // sled takes an exclusive lock on its file and reports a held
+            // one only as this text in an I/O error (sled 0.34's
+            // `Config::open`); say who holds it and what to do.
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                StoreError::InUse(dir.to_path_buf())
+            }
+            e => StoreError::Db(e),
+        })?;
+        Self::from_db(db)
     }
 
     /// A throwaway in-memory store (tests).

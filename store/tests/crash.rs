@@ -38,3 +38,25 @@ fn acknowledged_writes_survive_sigkill() {
         drop(store);
     }
 }
+
+/// A second node on the same data directory is told who holds it, not
+/// shown sled's raw lock error — and the first node's store is untouched.
+#[test]
+fn a_store_in_use_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = xe_store::Store::open(dir.path()).expect("open");
+    let second = xe_store::Store::open(dir.path())
+        .err()
+        .expect("second open must fail");
+    assert!(
+        matches!(&second, xe_store::StoreError::InUse(p) if p == dir.path()),
+        "{second}"
+    );
+    let text = second.to_string();
+    assert!(
+        text.contains("in use by another process") && text.contains("--data"),
+        "{text}"
+    );
+    assert_eq!(first.event_count(), 0);
+    first.flush().expect("the first store still works");
+}

@@ -429,8 +429,13 @@ fn missing_limactl_is_tool_missing() {
     .err()
     .expect("must fail");
     assert!(
-        matches!(&e, VmError::ToolMissing { tool, .. } if tool == "limactl"),
+        matches!(&e, VmError::ToolMissing { tool, .. } if tool == "/nonexistent/bin/limactl"),
         "{e}"
+    );
+    // The path once, then what to do; no "not found: … not found".
+    assert_eq!(
+        e.to_string(),
+        "/nonexistent/bin/limactl not found: install Lima (≥ 1.0) and QEMU, or pass the path of limactl with --limactl"
     );
 }
 

@@ -116,7 +116,7 @@ impl RawResponse {
     fn error(&self) -> ClientError {
         let message = serde_json::from_slice::<ErrorBody>(&self.body)
             .map(|e| e.error)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&self.body).trim().to_string());
+            .unwrap_or_else(|_| self.foreign_body());
         ClientError::Status {
             status: self.status,
             message,
@@ -132,7 +132,41 @@ impl RawResponse {
         if !self.status.is_success() {
             return Err(self.error());
         }
-        serde_json::from_slice(&self.body).map_err(|e| ClientError::Decode(e.to_string()))
+        serde_json::from_slice(&self.body).map_err(|e| {
+            if self.is_json() {
+                ClientError::Decode(e.to_string())
+            } else {
+                ClientError::Decode(self.foreign_body())
+            }
+        })
+    }
+
+    fn is_json(&self) -> bool {
+        self.headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"))
+    }
+
+    /// A body that is not the API's JSON. A node's own plain-text answers
+    /// (axum's rejections) are short and shown as they are; anything else —
+    /// a web page, a proxy's error — means `--node` names something else,
+    /// and printing it would bury that under markup.
+    fn foreign_body(&self) -> String {
+        let kind = self
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("no content type");
+        let text = String::from_utf8_lossy(&self.body);
+        let text = text.trim();
+        if kind.starts_with("text/plain") && text.len() <= 300 && !text.contains('\n') {
+            return text.to_string();
+        }
+        format!(
+            "the answer is not an xe node's ({kind}, {} bytes): is --node the URL of an xe node's API?",
+            self.body.len()
+        )
     }
 }
 

@@ -128,11 +128,10 @@ impl LimaManager {
         let limactl =
             util::find_program(Some(&config.limactl), "limactl", &[]).ok_or_else(|| {
                 VmError::ToolMissing {
-                    tool: "limactl".into(),
-                    hint: format!(
-                        "{} not found; install Lima (≥ 1.0) and QEMU, or pass the path of limactl",
-                        config.limactl.display()
-                    ),
+                    tool: config.limactl.display().to_string(),
+                    hint:
+                        "install Lima (≥ 1.0) and QEMU, or pass the path of limactl with --limactl"
+                            .into(),
                 }
             })?;
         if config.image.trim().is_empty() || config.image.chars().any(char::is_control) {
