@@ -333,7 +333,32 @@ async fn drive(
         lease
     );
     println!();
-    println!("# 4. the HTTP-upgrade tunnel: a local port, then plain ssh to it:");
+    println!("# 4. the same session through the node's HTTP-upgrade tunnel (only HTTP needed):");
+    println!(
+        "{} ssh --http --node http://{} --wallet {} --known-hosts {} --user {} {}",
+        xe.display(),
+        net.api_addr,
+        wallet_path.display(),
+        known_hosts.display(),
+        target.user,
+        lease
+    );
+    println!();
+    println!(
+        "# 5. an ~/.ssh/config block, for scp, sftp, rsync and IDEs (then: ssh xe-{}):",
+        lease.short()
+    );
+    println!(
+        "{} ssh-config --wallet {} --gateway {} --known-hosts {} --user {} {} >> ~/.ssh/config",
+        xe.display(),
+        wallet_path.display(),
+        gateway,
+        known_hosts.display(),
+        target.user,
+        lease
+    );
+    println!();
+    println!("# 6. the HTTP-upgrade tunnel as a local port, then plain ssh to it:");
     println!(
         "{} tunnel --wallet {} --node http://{} --listen 127.0.0.1:0 {}   # prints PORT",
         xe.display(),

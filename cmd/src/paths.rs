@@ -10,6 +10,12 @@ pub fn xe_home() -> PathBuf {
         .join(".xe")
 }
 
+/// `~/.xe/known_hosts`: the VM host keys `xe ssh` and `xe tunnel` pin,
+/// each under its lease's alias.
+pub fn default_known_hosts() -> PathBuf {
+    xe_home().join("known_hosts")
+}
+
 /// `~/.xe/wallet.seed`.
 pub fn default_wallet() -> PathBuf {
     xe_home().join("wallet.seed")

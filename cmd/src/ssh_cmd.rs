@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use xe_store::{LeaseHash, LeaseKey, lease_key_path};
 
-use crate::paths::{WalletArg, xe_home};
+use crate::paths::WalletArg;
 
 /// How the session reaches the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -322,7 +322,7 @@ impl TargetArgs {
         let known_hosts = self
             .known_hosts
             .clone()
-            .unwrap_or_else(|| xe_home().join("known_hosts"));
+            .unwrap_or_else(crate::paths::default_known_hosts);
         // The node resolves a prefix and says whether the lease lets this
         // key in now, before ssh turns any refusal into "Permission denied".
         let checked = ask_node(&self.node, "checking the lease", async |c| {

@@ -8,14 +8,14 @@
 //! --http` runs): no local port, and only HTTP to the node is needed.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
-use xe_store::{LeaseHash, LeaseKey, LeaseState, Wallet};
+use xe_store::{LeaseHash, LeaseKey, Wallet};
 
 use crate::lease_cmd::NodeUrlArg;
 use crate::paths::WalletArg;
@@ -36,29 +36,14 @@ pub struct TunnelArgs {
     /// User to show in the printed ssh command (the VM's login user).
     #[arg(long, default_value = "root")]
     pub user: String,
+    /// known_hosts file that pins VM host keys, shared with `xe ssh`
+    /// [default: ~/.xe/known_hosts].
+    #[arg(long, value_name = "PATH", conflicts_with = "stdio")]
+    pub known_hosts: Option<PathBuf>,
     #[command(flatten)]
     pub node: NodeUrlArg,
     #[command(flatten)]
     pub wallet: WalletArg,
-}
-
-/// Write (or replace) the VM's host key under the alias `lease` in a
-/// known_hosts file next to the wallet, so ssh can check the VM it reaches
-/// is the one the provider signed for, whatever local port is used.
-fn pin_vm_host_key(wallet: &Path, lease: &LeaseHash, host_key: &str) -> anyhow::Result<PathBuf> {
-    let dir = wallet.parent().unwrap_or(Path::new("."));
-    let file = dir.join("tunnel_known_hosts");
-    let alias = lease.to_hex();
-    let old = std::fs::read_to_string(&file).unwrap_or_default();
-    let mut lines: Vec<&str> = old
-        .lines()
-        .filter(|l| l.split_whitespace().next() != Some(alias.as_str()))
-        .collect();
-    let entry = format!("{alias} {host_key}");
-    lines.push(&entry);
-    std::fs::write(&file, format!("{}\n", lines.join("\n")))
-        .with_context(|| format!("writing {}", file.display()))?;
-    Ok(file)
 }
 
 pub async fn run(args: TunnelArgs) -> anyhow::Result<ExitCode> {
@@ -82,25 +67,18 @@ pub async fn run(args: TunnelArgs) -> anyhow::Result<ExitCode> {
     if args.stdio {
         return run_stdio(client, lease, key, signals).await;
     }
-    let view = client.lease(&lease).await.context("looking the lease up")?;
-    if view.access_pub_key != key.access_pub_key() {
-        bail!(
-            "lease {} was created for access key {}, but {}'s lease key is {}: use the wallet that created it (--wallet)",
-            lease.short(),
-            view.access_pub_key,
-            wallet_path.display(),
-            key.access_pub_key()
-        );
-    }
-    if view.state != LeaseState::Accepted {
-        bail!(
-            "lease {} is {}, not accepted: there is no VM to reach",
-            lease.short(),
-            view.state
-        );
-    }
+    let view = crate::lease_check::usable_lease(&client, &lease.to_hex(), &key).await?;
+    // One file for xe ssh and xe tunnel: a lease's key is pinned once,
+    // under its own alias, whichever way the VM is reached.
+    let known_hosts = args
+        .known_hosts
+        .clone()
+        .unwrap_or_else(crate::paths::default_known_hosts);
     let known_hosts = match &view.vm_host_key {
-        Some(k) => Some(pin_vm_host_key(&wallet_path, &lease, k)?),
+        Some(k) => {
+            crate::ssh_cmd::pin_host_key(&known_hosts, &lease, k)?;
+            Some(known_hosts)
+        }
         None => None,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

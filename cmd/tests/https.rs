@@ -156,8 +156,20 @@ async fn https_node_urls_work_for_requests_and_the_ssh_tunnel() {
     let user = xe_vm::default_vm_user("sshd");
     let out = xe_env(
         &[
-            "ssh", "--http", "--node", &url, "--wallet", wallet, "--user", &user, &lease, "--",
-            "echo", "via-tls",
+            "ssh",
+            "--http",
+            "--node",
+            &url,
+            "--wallet",
+            wallet,
+            "--user",
+            &user,
+            "--known-hosts",
+            dir.path().join("known_hosts").to_str().expect("utf-8"),
+            &lease,
+            "--",
+            "echo",
+            "via-tls",
         ],
         &trust,
     )

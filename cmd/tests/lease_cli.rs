@@ -131,6 +131,12 @@ async fn lease_create_wait_then_ssh_through_xe_tunnel() {
     // ssh through it, twice.
     let user = xe_vm::default_vm_user("sshd");
     let tunnel_log = dir.path().join("tunnel.log");
+    let kh = dir
+        .path()
+        .join("known_hosts")
+        .to_str()
+        .expect("utf-8")
+        .to_string();
     let mut tunnel = Command::new(XE)
         .args([
             "tunnel",
@@ -139,6 +145,8 @@ async fn lease_create_wait_then_ssh_through_xe_tunnel() {
             "127.0.0.1:0",
             "--user",
             &user,
+            "--known-hosts",
+            &kh,
             "--node",
             &url,
             "--wallet",
@@ -165,6 +173,18 @@ async fn lease_create_wait_then_ssh_through_xe_tunnel() {
         "{ssh_line}"
     );
     assert!(ssh_line.contains("StrictHostKeyChecking=yes"), "{ssh_line}");
+    // The same known_hosts as xe ssh, the key under the lease's alias.
+    assert!(
+        ssh_line.contains(&format!("-o UserKnownHostsFile={kh} ")),
+        "{ssh_line}"
+    );
+    let pinned = std::fs::read_to_string(&kh).expect("known_hosts written");
+    assert!(
+        pinned
+            .lines()
+            .any(|l| l.starts_with(&format!("{lease} ssh-ed25519 "))),
+        "{pinned}"
+    );
     assert!(
         ssh_line.ends_with(&format!("{user}@127.0.0.1")),
         "{ssh_line}"

@@ -361,6 +361,10 @@ fn every_access_path_reaches_the_vm() {
         ])
         .arg(format!("http://{}", n.gw.field("api_addr")))
         .args(["--listen", "127.0.0.1:0"])
+        .args([
+            "--known-hosts",
+            n.path("xe_known_hosts").to_str().expect("utf8"),
+        ])
         .arg(&n.lease)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
