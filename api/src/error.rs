@@ -69,6 +69,7 @@ impl IntoResponse for HttpError {
 
 impl From<xe_store::StoreError> for HttpError {
     fn from(e: xe_store::StoreError) -> Self {
-        HttpError::internal(format!("store: {e}"))
+        // The store's own texts already say "store: …" where it matters.
+        HttpError::internal(e.to_string())
     }
 }

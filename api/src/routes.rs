@@ -359,7 +359,7 @@ async fn submit_event(
     })?;
     let event: LeaseEvent = serde_json::from_slice(&body).map_err(|e| {
         HttpError::bad_request(format!(
-            "body is not a lease event ({{\"kind\": \"create\"|\"accept\"|\"settle\"|\"cancel\", …}}): {e}"
+            "body is not a lease event ({{\"kind\": \"create\"|\"accept\"|\"settle\"|\"cancel\"|\"decline\", …}}): {e}"
         ))
     })?;
     let lease_hash = event.lease_hash();

@@ -51,6 +51,12 @@ pub struct LeaseView {
     pub settled_by: Option<AccountAddress>,
     /// Unix seconds it was cancelled.
     pub cancelled_at: Option<u64>,
+    /// Unix seconds the provider declined it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declined_at: Option<u64>,
+    /// The provider's reason for declining it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decline_reason: Option<String>,
 }
 
 impl LeaseView {
@@ -74,6 +80,8 @@ impl LeaseView {
             settled_at: rec.settle.as_ref().map(|s| s.at),
             settled_by: rec.settle.as_ref().map(|s| s.by),
             cancelled_at: rec.cancel.as_ref().map(|c| c.at),
+            declined_at: rec.decline.as_ref().map(|d| d.at),
+            decline_reason: rec.decline.as_ref().map(|d| d.reason.clone()),
         }
     }
 }

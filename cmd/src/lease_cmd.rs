@@ -64,7 +64,8 @@ pub struct CreateArgs {
     /// Wait until the provider accepts (or reports why not).
     #[arg(long)]
     pub wait: bool,
-    /// With --wait: give up (exit status 1) after this many seconds.
+    /// With --wait: give up (exit status 1) after this many seconds; 0
+    /// waits without a limit.
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     pub timeout: u64,
     #[command(flatten)]
@@ -256,7 +257,9 @@ async fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
         key.path().display()
     );
     let outcome = if args.wait {
-        wait_accepted(&client, &hash, Duration::from_secs(args.timeout)).await
+        warn_if_unknown_provider(&client, &provider).await;
+        let limit = (args.timeout > 0).then(|| Duration::from_secs(args.timeout));
+        wait_accepted(&client, &hash, limit).await
     } else {
         Ok(())
     };
@@ -267,41 +270,66 @@ async fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Longest single long poll; short enough to notice a provider's decline
-/// (which is not a ledger change) promptly.
+/// Longest single long poll: the provider's own node also reports the VM's
+/// progress (not a ledger change) between polls.
 const POLL: Duration = Duration::from_secs(2);
 
 /// How often `--wait` repeats a status that has not changed.
 const PROGRESS: Duration = Duration::from_secs(15);
 
+/// A provider no node has announced is most likely a typo, or offline:
+/// say so before a wait that would otherwise only time out.
+async fn warn_if_unknown_provider(client: &ApiClient, provider: &AccountAddress) {
+    match client.providers().await {
+        Ok(ps) if !ps.iter().any(|p| &p.address == provider) => eprintln!(
+            "warning: provider {} is not in the directory of the node at {} (no provider node with that              address has announced itself): check the address with `xe providers`; waiting anyway",
+            provider.short(),
+            client.url()
+        ),
+        Ok(ps) => {
+            if let Some(p) = ps.iter().find(|p| &p.address == provider)
+                && !p.connected
+            {
+                eprintln!(
+                    "note: provider {} is known but not connected to the node at {} right now",
+                    provider.short(),
+                    client.url()
+                );
+            }
+        }
+        Err(e) => eprintln!("warning: could not read the node's provider directory: {e}"),
+    }
+}
+
 async fn wait_accepted(
     client: &ApiClient,
     hash: &LeaseHash,
-    timeout: Duration,
+    limit: Option<Duration>,
 ) -> anyhow::Result<()> {
     let start = Instant::now();
-    eprintln!(
-        "waiting up to {} s for the provider to accept…",
-        timeout.as_secs()
-    );
+    match limit {
+        Some(t) => eprintln!(
+            "waiting up to {} for the provider to accept…",
+            when::span(t.as_secs())
+        ),
+        None => eprintln!("waiting for the provider to accept (no time limit)…"),
+    }
+    let short = hash.short();
     let mut last_vm: Option<String> = None;
     let mut last_print = Instant::now();
     loop {
-        let left = timeout.saturating_sub(start.elapsed());
-        if left.is_zero() {
+        let left = limit.map(|t| t.saturating_sub(start.elapsed()));
+        if left.is_some_and(|l| l.is_zero()) {
             bail!(
-                "lease {hash} was not accepted within {} s (still created: the provider may be offline or busy; \
-                 `xe lease show {hash}` to check, `xe lease cancel {hash}` to withdraw)",
-                timeout.as_secs()
+                "lease {short} was not accepted within {} s; it is still open (created): the provider may be \
+                 offline or busy. `xe lease show {short}` to check, `xe lease cancel {short}` to withdraw it",
+                limit.map_or(0, |t| t.as_secs())
             );
         }
-        let v = client
-            .lease_wait(
-                hash,
-                LeaseState::Created,
-                left.min(POLL).max(Duration::from_secs(1)),
-            )
-            .await?;
+        let poll = left
+            .map_or(POLL, |l| l.min(POLL))
+            .max(Duration::from_secs(1));
+        let v = client.lease_wait(hash, LeaseState::Created, poll).await?;
         match v.state {
             LeaseState::Accepted => {
                 eprintln!(
@@ -313,9 +341,15 @@ async fn wait_accepted(
                 return Ok(());
             }
             LeaseState::Created => {}
-            s => bail!("lease {hash} is {s}, it will not be accepted"),
+            LeaseState::Declined => bail!(
+                "the provider declined lease {short}: {}. The lease is closed (nothing to cancel); \
+                 create a new one with fewer resources, or with another provider (`xe providers`)",
+                v.decline_reason.as_deref().unwrap_or("no reason given")
+            ),
+            LeaseState::Cancelled => bail!("lease {short} was cancelled while waiting"),
+            s => bail!("lease {short} is {s}; it will not be accepted"),
         }
-        // On the provider's own node, the VM's progress and any decline.
+        // On the provider's own node, the VM's progress.
         if let Some(vm) = client.vm(hash).await? {
             let line = match &vm.error {
                 Some(e) => format!("{}: {e}", vm.status),
@@ -328,14 +362,10 @@ async fn wait_accepted(
                 last_vm = Some(line);
                 last_print = Instant::now();
             }
-            if vm.status == "declined" || vm.status == "error" {
-                bail!(
-                    "the provider did not take lease {hash}: {}",
-                    vm.error.as_deref().unwrap_or(&vm.status)
-                );
-            }
-        } else {
+        } else if last_print.elapsed() >= PROGRESS || last_vm.is_none() {
             eprintln!("state: created ({} s)", start.elapsed().as_secs());
+            last_vm = Some(String::new());
+            last_print = Instant::now();
         }
     }
 }

@@ -273,14 +273,24 @@ async fn lease_create_wait_then_ssh_through_xe_tunnel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_create_wait_reports_the_decline_and_the_timeout() {
     let dir = tempfile::tempdir().expect("tempdir");
-    // The dev backend is never started here: nothing is provisioned.
     let node = NodeProc::start(
-        dir.path(),
+        &dir.path().join("provider"),
         &["--provide", "--vm-backend", "dev", "--max-vcpus", "2"],
     )
     .await;
-    let url = node.url();
     let provider = node.account();
+    // The consumer talks to its own node, as the README shows: the decline
+    // reaches it through the ledger, not through the provider's API.
+    let bootstrap = node.ready["p2p_addrs"][0]
+        .as_str()
+        .expect("p2p_addrs in the ready line")
+        .to_string();
+    let consumer = NodeProc::start(
+        &dir.path().join("consumer"),
+        &["--bootstrap", &bootstrap, "--ssh-port", "0"],
+    )
+    .await;
+    let url = consumer.url();
     let wallet = dir.path().join("me.seed");
     let wallet = wallet.to_str().expect("utf-8");
     ok(
@@ -308,16 +318,68 @@ async fn lease_create_wait_reports_the_decline_and_the_timeout() {
     assert!(!out.status.success(), "declined lease reported success");
     let stderr = text(&out.stderr);
     assert!(
-        stderr.contains("did not take lease") && stderr.contains("over capacity"),
+        stderr.contains("the provider declined lease")
+            && stderr.contains("over capacity")
+            && stderr.contains("nothing to cancel"),
         "{stderr}"
     );
-    let lease = last_line(&text(&out.stdout));
+    let declined = last_line(&text(&out.stdout));
     assert_eq!(
-        lease.len(),
+        declined.len(),
         64,
         "hash still printed: {:?}",
         text(&out.stdout)
     );
+    let shown = ok(
+        &xe(&["lease", "show", &declined, "--json", "--node", &url]).await,
+        "xe lease show (declined)",
+    );
+    let v: serde_json::Value = serde_json::from_str(&shown).expect("json");
+    assert_eq!(v["state"], "declined", "{shown}");
+    assert!(
+        v["decline_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("over capacity")),
+        "{shown}"
+    );
+    let out = xe(&[
+        "lease", "cancel", &declined, "--node", &url, "--wallet", wallet,
+    ])
+    .await;
+    assert!(
+        text(&out.stderr).contains("it is already declined; nothing to cancel"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A provider nobody runs: a warning first, then no answer within
+    // --timeout, non-zero exit, and the lease is said to be still open.
+    let nobody = "ab".repeat(32);
+    let out = xe(&[
+        "lease",
+        "create",
+        "--provider",
+        &nobody,
+        "--wait",
+        "--timeout",
+        "2",
+        "--node",
+        &url,
+        "--wallet",
+        wallet,
+    ])
+    .await;
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("is not in the directory")
+            && stderr.contains("was not accepted within 2 s")
+            && stderr.contains("still open")
+            && stderr.contains("xe lease cancel"),
+        "{stderr}"
+    );
+    let lease = last_line(&text(&out.stdout));
+    assert_eq!(lease.len(), 64, "{:?}", text(&out.stdout));
     // xe ssh says why before ssh could say "Permission denied".
     let out = xe(&[
         "ssh",
@@ -428,27 +490,33 @@ async fn lease_create_wait_reports_the_decline_and_the_timeout() {
         assert!(stderr.contains(want), "xe lease {args:?}: {stderr}");
     }
 
-    // A provider nobody runs: no answer within --timeout, non-zero exit.
-    let nobody = "ab".repeat(32);
+    // --timeout 0 waits without a limit, so a lease accepted later is a
+    // success, not a failure at 0 s.
     let out = xe(&[
         "lease",
         "create",
         "--provider",
-        &nobody,
+        &provider,
+        "--vcpus",
+        "1",
+        "--memory-mb",
+        "256",
+        "--disk-gb",
+        "1",
         "--wait",
         "--timeout",
-        "2",
+        "0",
         "--node",
         &url,
         "--wallet",
         wallet,
     ])
     .await;
-    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    ok(&out, "xe lease create --wait --timeout 0");
     assert!(
-        text(&out.stderr).contains("was not accepted within 2 s"),
-        "{}",
-        text(&out.stderr)
+        stderr.contains("no time limit") && stderr.contains("accepted after"),
+        "{stderr}"
     );
 
     // Precise errors for bad input, before anything is sent.
@@ -504,6 +572,13 @@ async fn lease_create_wait_reports_the_decline_and_the_timeout() {
         text(&out.stderr)
     );
 
+    let mut consumer = consumer;
+    let st = terminate(&mut consumer.child).await;
+    assert!(
+        st.success(),
+        "consumer xe node exit {st}:\n{}",
+        consumer.log_text()
+    );
     let mut node = node;
     let st = terminate(&mut node.child).await;
     assert!(st.success(), "xe node exit {st}:\n{}", node.log_text());

@@ -127,13 +127,22 @@ impl Provider {
         let _ = done.wait_for(|d| *d).await;
     }
 
-    /// Why a lease was declined, if it was.
+    /// Why a lease was declined, if it was: this node's own account of it
+    /// (with details the public reason leaves out), else the ledger's.
     pub fn declined(&self, lease: &LeaseHash) -> Option<String> {
-        self.declined
+        let local = self
+            .declined
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(lease)
-            .cloned()
+            .cloned();
+        local.or_else(|| {
+            self.store
+                .lease(lease)
+                .ok()
+                .flatten()
+                .and_then(|r| r.decline.map(|d| d.reason))
+        })
     }
 
     fn names_me(&self, rec: &LeaseRecord) -> bool {
@@ -241,11 +250,7 @@ impl Provider {
         let req = Self::request(&rec);
         if let Err(reason) = self.reserve(&req) {
             if reason != "already held" {
-                warn!(%reason, "lease declined");
-                self.declined
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(rec.hash, reason);
+                self.decline(net, &rec.hash, &reason, reason.clone()).await;
             }
             return;
         }
@@ -264,10 +269,15 @@ impl Provider {
             Err(e) => {
                 error!("provisioning failed: {e}");
                 self.release(&rec.hash);
-                self.declined
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(rec.hash, format!("provisioning failed: {e}"));
+                // The ledger is public: the consumer learns that it failed,
+                // the operator (GET /vms/{lease}) learns how.
+                self.decline(
+                    net,
+                    &rec.hash,
+                    "the VM could not be started on this provider (the provider's operator sees why in its GET /vms/{lease})",
+                    format!("provisioning failed: {e}"),
+                )
+                .await;
                 return;
             }
         };
@@ -288,6 +298,23 @@ impl Provider {
                 let _ = self.vm.teardown(&rec.hash).await;
                 self.release(&rec.hash);
             }
+        }
+    }
+
+    /// Refuse a lease for good: a signed decline on the ledger tells the
+    /// consumer (through any node) at once, and every node's record ends.
+    /// `local` is what this node's `GET /vms/{lease}` shows.
+    async fn decline(&self, net: &NetHandle, lease: &LeaseHash, public: &str, local: String) {
+        warn!(reason = %local, "lease declined");
+        self.declined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(*lease, local);
+        let ev = LeaseEvent::decline(&self.wallet, *lease, now_secs(), public);
+        if let Err(e) = net.publish_event(ev).await {
+            // Still declined here (never retried while this node runs); the
+            // consumer only waits out the offer.
+            error!("could not publish the decline: {e}");
         }
     }
 

@@ -215,24 +215,28 @@ fn apply_one(
         }
         Some(b) => b.others.push(ev.clone()),
     }
-    // An accept that voids a cancel drops the cancel from the ledger too:
-    // a node that saw the accept first refuses that cancel, so keeping it
-    // here would leave the two nodes' sets different for ever, costing a
-    // reconciliation round trip every time they meet.
-    if let (Some(cur), Some(n), Some(b)) = (&current, &next, &mut bundle)
-        && n.cancel.is_none()
-        && let Some(c) = &cur.cancel
-        && b.remove(&c.event_id)
-    {
-        page.del(&layout::index_key(&c.event_id));
-        page.set_op(
-            SyncKey {
-                ts: c.at,
-                id: c.event_id,
-            },
-            false,
-        );
-        page.d_events -= 1;
+    // An accept that voids a cancel or a decline drops it from the ledger
+    // too: a node that saw the accept first refuses that event, so keeping
+    // it here would leave the two nodes' sets different for ever, costing
+    // a reconciliation round trip every time they meet.
+    if let (Some(cur), Some(n), Some(b)) = (&current, &next, &mut bundle) {
+        let voided_cancel = cur
+            .cancel
+            .as_ref()
+            .filter(|_| n.cancel.is_none())
+            .map(|c| (c.at, c.event_id));
+        let voided_decline = cur
+            .decline
+            .as_ref()
+            .filter(|_| n.decline.is_none())
+            .map(|d| (d.at, d.event_id));
+        for (ts, id) in [voided_cancel, voided_decline].into_iter().flatten() {
+            if b.remove(&id) {
+                page.del(&layout::index_key(&id));
+                page.set_op(SyncKey { ts, id }, false);
+                page.d_events -= 1;
+            }
+        }
     }
     let b = bundle.as_ref().expect("set above");
     page.put(&layout::lease_key(&hash), b.encode());

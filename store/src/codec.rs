@@ -1,7 +1,7 @@
 //! The stored form of an event: the canonical fields in fixed-width binary
 //! (about 140–220 bytes) instead of the JSON transport form (450–600, all
 //! hex). Values written before this form existed are JSON and still read:
-//! a JSON value starts with `{`, a binary one with its kind byte (1–4).
+//! a JSON value starts with `{`, a binary one with its kind byte (1–5).
 //!
 //! ```text
 //! create  0x01 ‖ consumer 32 ‖ provider 32 ‖ vcpus u32 ‖ memory_mb u32 ‖ disk_gb u32
@@ -9,6 +9,7 @@
 //! accept  0x02 ‖ lease 32 ‖ signer 32 ‖ accepted_at u64 ‖ len u16 ‖ host key ‖ sig 64
 //! settle  0x03 ‖ lease 32 ‖ signer 32 ‖ at u64 ‖ sig 64
 //! cancel  0x04 ‖ lease 32 ‖ signer 32 ‖ at u64 ‖ sig 64
+//! decline 0x05 ‖ lease 32 ‖ signer 32 ‖ at u64 ‖ len u16 ‖ reason ‖ sig 64
 //! ```
 //!
 //! Integers are big-endian, as in the signed encoding.
@@ -53,10 +54,21 @@ pub fn encode_event(ev: &LeaseEvent) -> Vec<u8> {
             b.extend_from_slice(&lease_hash.0);
             b.extend_from_slice(&signer.0);
             b.extend_from_slice(&accepted_at.to_be_bytes());
-            // check_self bounds the key to 1 KiB, far below u16.
-            let len = u16::try_from(vm_host_key.len()).unwrap_or(u16::MAX);
-            b.extend_from_slice(&len.to_be_bytes());
-            b.extend_from_slice(&vm_host_key.as_bytes()[..usize::from(len)]);
+            text(&mut b, vm_host_key);
+            b.extend_from_slice(&sig.0);
+        }
+        LeaseEvent::Decline {
+            lease_hash,
+            signer,
+            at,
+            reason,
+            sig,
+        } => {
+            b.push(5);
+            b.extend_from_slice(&lease_hash.0);
+            b.extend_from_slice(&signer.0);
+            b.extend_from_slice(&at.to_be_bytes());
+            text(&mut b, reason);
             b.extend_from_slice(&sig.0);
         }
         LeaseEvent::Settle {
@@ -73,6 +85,14 @@ pub fn encode_event(ev: &LeaseEvent) -> Vec<u8> {
         } => ended(&mut b, 4, lease_hash, signer, *at, sig),
     }
     b
+}
+
+/// `len u16 ‖ bytes`. check_self bounds every such field (host key 1 KiB,
+/// reason 300 B) far below u16.
+fn text(b: &mut Vec<u8>, t: &str) {
+    let len = u16::try_from(t.len()).unwrap_or(u16::MAX);
+    b.extend_from_slice(&len.to_be_bytes());
+    b.extend_from_slice(&t.as_bytes()[..usize::from(len)]);
 }
 
 struct R<'a>(&'a [u8]);
@@ -92,6 +112,15 @@ impl R<'_> {
     }
     fn u64(&mut self) -> Result<u64, String> {
         self.take::<8>().map(u64::from_be_bytes)
+    }
+    fn text(&mut self, what: &str) -> Result<String, String> {
+        let len = usize::from(u16::from_be_bytes(self.take()?));
+        if self.0.len() < len {
+            return Err(format!("truncated {what}"));
+        }
+        let t = String::from_utf8(self.0[..len].to_vec()).map_err(|e| e.to_string())?;
+        self.0 = &self.0[len..];
+        Ok(t)
     }
 }
 
@@ -124,12 +153,7 @@ pub fn decode_event(v: &[u8]) -> Result<LeaseEvent, String> {
             let lease_hash = LeaseHash(r.take()?);
             let signer = AccountPubKey(r.take()?);
             let accepted_at = r.u64()?;
-            let len = usize::from(u16::from_be_bytes(r.take()?));
-            if r.0.len() < len {
-                return Err("truncated host key".into());
-            }
-            let vm_host_key = String::from_utf8(r.0[..len].to_vec()).map_err(|e| e.to_string())?;
-            r.0 = &r.0[len..];
+            let vm_host_key = r.text("host key")?;
             LeaseEvent::Accept {
                 lease_hash,
                 signer,
@@ -159,6 +183,13 @@ pub fn decode_event(v: &[u8]) -> Result<LeaseEvent, String> {
                 }
             }
         }
+        5 => LeaseEvent::Decline {
+            lease_hash: LeaseHash(r.take()?),
+            signer: AccountPubKey(r.take()?),
+            at: r.u64()?,
+            reason: r.text("reason")?,
+            sig: Sig(r.take()?),
+        },
         t => return Err(format!("unknown event kind byte {t}")),
     };
     if !r.0.is_empty() {
@@ -205,6 +236,12 @@ pub(crate) mod tests {
             LeaseEvent::accept(&p, h, 1_700_000_001, key.into()),
             LeaseEvent::settle(&c, h, 1_700_000_002),
             LeaseEvent::cancel(&c, h, 1_700_000_003),
+            LeaseEvent::decline(
+                &p,
+                h,
+                1_700_000_004,
+                "over capacity: 4 vCPUs needed, 2 free",
+            ),
         ] {
             let b = encode_event(&ev);
             assert!(b.len() < 260, "{} bytes", b.len());

@@ -186,9 +186,10 @@ impl Bundle {
 fn body_len(kind: u8, body: &[u8]) -> Result<usize, String> {
     let len = match kind {
         1 => CREATE_BODY,
-        2 => {
-            // signer 32 ‖ accepted_at 8 ‖ len u16 ‖ key ‖ sig 64
-            let l = body.get(40..42).ok_or("truncated accept")?;
+        // accept: signer 32 ‖ accepted_at 8 ‖ len u16 ‖ key ‖ sig 64;
+        // decline: signer 32 ‖ at 8 ‖ len u16 ‖ reason ‖ sig 64
+        2 | 5 => {
+            let l = body.get(40..42).ok_or("truncated accept or decline")?;
             42 + usize::from(u16::from_be_bytes([l[0], l[1]])) + 64
         }
         3 | 4 => 32 + 8 + 64,
@@ -204,6 +205,7 @@ fn body_len(kind: u8, body: &[u8]) -> Result<usize, String> {
 mod tests {
     use super::*;
     use crate::codec::tests::{HOST_KEY, signed_create};
+    use crate::record::LeaseState;
     use crate::wallet::Wallet;
 
     #[test]
@@ -231,6 +233,51 @@ mod tests {
         // Create + 2 accepts + 2 settles, each stored once and without
         // the lease hash (an accept with this key is 190 bytes, a settle 105).
         assert_eq!(b.encode().len(), 205 + 2 * 190 + 2 * 105);
+    }
+
+    #[test]
+    fn a_decline_bundles_and_folds_and_an_accept_voids_it() {
+        let c = Wallet::from_seed([1; 32]);
+        let p = Wallet::from_seed([2; 32]);
+        let create = signed_create(&c, &p);
+        let h = create.lease_hash();
+        let mut b = Bundle::new(create);
+        b.others
+            .push(LeaseEvent::decline(&p, h, 1_700_000_002, "over capacity"));
+        let bytes = b.encode();
+        assert_eq!(Bundle::decode(&h, &bytes), Ok(b.clone()));
+        let rec = b.record().expect("record");
+        assert_eq!(rec.state_at(1_700_000_003), LeaseState::Declined);
+        assert_eq!(rec.decline.map(|d| d.reason), Some("over capacity".into()));
+        // Same facts, either order: the accept wins, the decline is void.
+        b.others
+            .push(LeaseEvent::accept(&p, h, 1_700_000_004, HOST_KEY.into()));
+        let rec = b.record().expect("record");
+        assert_eq!(rec.state_at(1_700_000_005), LeaseState::Accepted);
+        assert!(rec.decline.is_none());
+        // Accept first: the decline is refused (the store also drops a
+        // decline that an accept voided, so both orders keep one set).
+        let mut accepted = Bundle::new(b.create.clone());
+        accepted.others.push(b.others[1].clone());
+        assert_eq!(
+            accepted
+                .record()
+                .expect("record")
+                .apply(&b.others[0])
+                .map(|_| ()),
+            Err(crate::lease::EventError::BadTransition {
+                kind: crate::lease::EventKind::Decline,
+                lease: h,
+                reason: "the lease is already accepted; settle it instead",
+            })
+        );
+        // Only the provider may decline.
+        let by_consumer = LeaseEvent::decline(&c, h, 1_700_000_002, "no");
+        let fresh = Bundle::new(signed_create(&c, &p)).record().expect("record");
+        assert!(matches!(
+            fresh.apply(&by_consumer),
+            Err(crate::lease::EventError::WrongSigner { .. })
+        ));
     }
 
     #[test]

@@ -26,6 +26,7 @@
 //! accept: "xe/accept/v1" ‖ lease_hash ‖ signer_pk ‖ accepted_at u64 ‖ len u16 ‖ vm_host_key (OpenSSH text)
 //! settle: "xe/settle/v1" ‖ lease_hash ‖ signer_pk ‖ at u64
 //! cancel: "xe/cancel/v1" ‖ lease_hash ‖ signer_pk ‖ at u64
+//! decline: "xe/decline/v1" ‖ lease_hash ‖ signer_pk ‖ at u64 ‖ len u16 ‖ reason (UTF-8)
 //! ```
 //!
 //! and an event's id is `sha256(signing message ‖ signature)`. JSON is only
@@ -50,6 +51,8 @@ pub mod limits {
     pub const DURATION_SECS: std::ops::RangeInclusive<u64> = 60..=366 * 24 * 3600;
     /// Longest VM host key line an accept may carry.
     pub const VM_HOST_KEY_LEN: usize = 1024;
+    /// Longest reason a decline may carry (bytes of UTF-8).
+    pub const DECLINE_REASON_LEN: usize = 300;
 }
 
 /// The terms of a lease, as the consumer signs them.
@@ -179,6 +182,8 @@ pub enum EventKind {
     Settle,
     /// Consumer withdraws before acceptance.
     Cancel,
+    /// Named provider refuses the lease, with a reason, before accepting.
+    Decline,
 }
 
 impl std::fmt::Display for EventKind {
@@ -188,6 +193,7 @@ impl std::fmt::Display for EventKind {
             EventKind::Accept => "accept",
             EventKind::Settle => "settle",
             EventKind::Cancel => "cancel",
+            EventKind::Decline => "decline",
         })
     }
 }
@@ -238,6 +244,22 @@ pub enum LeaseEvent {
         /// Signature.
         sig: Sig,
     },
+    /// The provider will not host the lease (provider only, before
+    /// accepting): over capacity, a VM that failed to start. Everyone
+    /// learns at once why, instead of waiting out the offer.
+    Decline {
+        /// Which lease.
+        lease_hash: LeaseHash,
+        /// Provider account key.
+        signer: AccountPubKey,
+        /// Unix seconds.
+        at: u64,
+        /// Why, for the consumer: one line, at most
+        /// [`limits::DECLINE_REASON_LEN`] bytes.
+        reason: String,
+        /// Signature.
+        sig: Sig,
+    },
 }
 
 /// Why an event was refused. Each variant names the check that failed.
@@ -283,6 +305,14 @@ pub enum EventError {
         /// Why.
         reason: &'static str,
     },
+    /// The decline's reason is not one short printable line.
+    #[error("decline for lease {lease}: reason {detail}")]
+    BadReason {
+        /// Lease.
+        lease: LeaseHash,
+        /// What was wrong.
+        detail: String,
+    },
     /// The accept's host key is malformed.
     #[error("accept for lease {lease}: vm_host_key {detail}")]
     BadHostKey {
@@ -310,6 +340,7 @@ impl LeaseEvent {
             LeaseEvent::Accept { .. } => EventKind::Accept,
             LeaseEvent::Settle { .. } => EventKind::Settle,
             LeaseEvent::Cancel { .. } => EventKind::Cancel,
+            LeaseEvent::Decline { .. } => EventKind::Decline,
         }
     }
 
@@ -319,7 +350,8 @@ impl LeaseEvent {
             LeaseEvent::Create { lease, .. } => lease.hash(),
             LeaseEvent::Accept { lease_hash, .. }
             | LeaseEvent::Settle { lease_hash, .. }
-            | LeaseEvent::Cancel { lease_hash, .. } => *lease_hash,
+            | LeaseEvent::Cancel { lease_hash, .. }
+            | LeaseEvent::Decline { lease_hash, .. } => *lease_hash,
         }
     }
 
@@ -329,7 +361,8 @@ impl LeaseEvent {
             LeaseEvent::Create { lease, .. } => lease.consumer,
             LeaseEvent::Accept { signer, .. }
             | LeaseEvent::Settle { signer, .. }
-            | LeaseEvent::Cancel { signer, .. } => *signer,
+            | LeaseEvent::Cancel { signer, .. }
+            | LeaseEvent::Decline { signer, .. } => *signer,
         }
     }
 
@@ -338,7 +371,9 @@ impl LeaseEvent {
         match self {
             LeaseEvent::Create { lease, .. } => lease.created_at,
             LeaseEvent::Accept { accepted_at, .. } => *accepted_at,
-            LeaseEvent::Settle { at, .. } | LeaseEvent::Cancel { at, .. } => *at,
+            LeaseEvent::Settle { at, .. }
+            | LeaseEvent::Cancel { at, .. }
+            | LeaseEvent::Decline { at, .. } => *at,
         }
     }
 
@@ -347,7 +382,8 @@ impl LeaseEvent {
             LeaseEvent::Create { sig, .. }
             | LeaseEvent::Accept { sig, .. }
             | LeaseEvent::Settle { sig, .. }
-            | LeaseEvent::Cancel { sig, .. } => sig,
+            | LeaseEvent::Cancel { sig, .. }
+            | LeaseEvent::Decline { sig, .. } => sig,
         }
     }
 
@@ -384,6 +420,19 @@ impl LeaseEvent {
                 at,
                 ..
             } => tagged(b"xe/cancel/v1", lease_hash, signer, *at),
+            LeaseEvent::Decline {
+                lease_hash,
+                signer,
+                at,
+                reason,
+                ..
+            } => {
+                let mut m = tagged(b"xe/decline/v1", lease_hash, signer, *at);
+                let len = u16::try_from(reason.len()).unwrap_or(u16::MAX);
+                m.extend_from_slice(&len.to_be_bytes());
+                m.extend_from_slice(reason.as_bytes());
+                m
+            }
         }
     }
 
@@ -408,6 +457,12 @@ impl LeaseEvent {
         } = self
         {
             check_host_key(lease_hash, vm_host_key)?;
+        }
+        if let LeaseEvent::Decline {
+            lease_hash, reason, ..
+        } = self
+        {
+            check_reason(lease_hash, reason)?;
         }
         if !self.signer().verify(&self.signing_message(), self.sig()) {
             return Err(EventError::BadSignature {
@@ -467,6 +522,23 @@ impl LeaseEvent {
         ev
     }
 
+    /// Sign a decline with the provider's wallet; `reason` is fitted with
+    /// [`decline_reason`].
+    pub fn decline(wallet: &Wallet, lease_hash: LeaseHash, at: u64, reason: &str) -> Self {
+        let mut ev = LeaseEvent::Decline {
+            lease_hash,
+            signer: wallet.public_key(),
+            at,
+            reason: decline_reason(reason),
+            sig: Sig([0; 64]),
+        };
+        let s = wallet.sign(&ev.signing_message());
+        if let LeaseEvent::Decline { sig, .. } = &mut ev {
+            *sig = s;
+        }
+        ev
+    }
+
     /// Sign a cancel with the consumer's wallet.
     pub fn cancel(wallet: &Wallet, lease_hash: LeaseHash, at: u64) -> Self {
         let mut ev = LeaseEvent::Cancel {
@@ -480,6 +552,52 @@ impl LeaseEvent {
             *sig = s;
         }
         ev
+    }
+}
+
+/// A decline's reason is shown to people: one line of printable text.
+fn check_reason(lease: &LeaseHash, reason: &str) -> Result<(), EventError> {
+    let bad = |detail: String| {
+        Err(EventError::BadReason {
+            lease: *lease,
+            detail,
+        })
+    };
+    if reason.trim().is_empty() {
+        return bad("is empty; say why the lease is declined".into());
+    }
+    if reason.len() > limits::DECLINE_REASON_LEN {
+        return bad(format!(
+            "is {} bytes, at most {} allowed",
+            reason.len(),
+            limits::DECLINE_REASON_LEN
+        ));
+    }
+    if reason.chars().any(char::is_control) {
+        return bad("contains a control character (line break, escape, NUL)".into());
+    }
+    Ok(())
+}
+
+/// Fit `reason` into a decline: control characters become spaces and it
+/// is cut (on a character boundary) to [`limits::DECLINE_REASON_LEN`].
+pub fn decline_reason(reason: &str) -> String {
+    let mut out: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if out.len() > limits::DECLINE_REASON_LEN {
+        let mut cut = limits::DECLINE_REASON_LEN - '…'.len_utf8();
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push('…');
+    }
+    if out.trim().is_empty() {
+        "declined".to_string()
+    } else {
+        out
     }
 }
 

@@ -25,6 +25,9 @@ pub enum LeaseState {
     Settled,
     /// Withdrawn by the consumer before acceptance.
     Cancelled,
+    /// Refused by the provider before acceptance (the reason is in the
+    /// record's decline).
+    Declined,
     /// Accepted, but `accepted_at + duration` has passed; or never
     /// accepted within [`OFFER_LIFETIME_SECS`] of its creation.
     Expired,
@@ -32,11 +35,12 @@ pub enum LeaseState {
 
 impl LeaseState {
     /// All states, for metrics and filters.
-    pub const ALL: [LeaseState; 5] = [
+    pub const ALL: [LeaseState; 6] = [
         LeaseState::Created,
         LeaseState::Accepted,
         LeaseState::Settled,
         LeaseState::Cancelled,
+        LeaseState::Declined,
         LeaseState::Expired,
     ];
 
@@ -47,6 +51,7 @@ impl LeaseState {
             LeaseState::Accepted => "accepted",
             LeaseState::Settled => "settled",
             LeaseState::Cancelled => "cancelled",
+            LeaseState::Declined => "declined",
             LeaseState::Expired => "expired",
         }
     }
@@ -55,7 +60,10 @@ impl LeaseState {
     pub fn is_final(&self) -> bool {
         matches!(
             self,
-            LeaseState::Settled | LeaseState::Cancelled | LeaseState::Expired
+            LeaseState::Settled
+                | LeaseState::Cancelled
+                | LeaseState::Declined
+                | LeaseState::Expired
         )
     }
 }
@@ -72,7 +80,7 @@ impl std::str::FromStr for LeaseState {
         LeaseState::ALL
             .into_iter()
             .find(|st| st.as_str() == s)
-            .ok_or_else(|| format!("unknown lease state {s:?} (expected created, accepted, settled, cancelled or expired)"))
+            .ok_or_else(|| format!("unknown lease state {s:?} (expected created, accepted, settled, cancelled, declined or expired)"))
     }
 }
 
@@ -98,6 +106,17 @@ pub struct EndFact {
     pub event_id: EventId,
 }
 
+/// The provider's refusal, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeclineFact {
+    /// Unix seconds.
+    pub at: u64,
+    /// Why, as the provider put it.
+    pub reason: String,
+    /// The event's id (tie-break).
+    pub event_id: EventId,
+}
+
 /// Everything known about one lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRecord {
@@ -113,6 +132,9 @@ pub struct LeaseRecord {
     pub settle: Option<EndFact>,
     /// Cancellation, if any (only while not accepted).
     pub cancel: Option<EndFact>,
+    /// The provider's refusal, if any (only while not accepted).
+    #[serde(default)]
+    pub decline: Option<DeclineFact>,
 }
 
 /// What applying an event to a record did.
@@ -136,6 +158,7 @@ impl LeaseRecord {
             accept: None,
             settle: None,
             cancel: None,
+            decline: None,
         }
     }
 
@@ -157,6 +180,8 @@ impl LeaseRecord {
             }
         } else if self.cancel.is_some() {
             LeaseState::Cancelled
+        } else if self.decline.is_some() {
+            LeaseState::Declined
         } else if now >= self.lease.offer_lapses_at() {
             LeaseState::Expired
         } else {
@@ -172,9 +197,10 @@ impl LeaseRecord {
     /// Apply a self-checked event for this lease. Checks the signer's
     /// entitlement and the transition; never mutates `self`.
     ///
-    /// Order tolerance: competing accepts (or settles, or cancels) keep the
-    /// smallest `(timestamp, event id)`; an accept that races a cancel wins
-    /// (the consumer then settles), so every node converges on one record.
+    /// Order tolerance: competing accepts (or settles, cancels, declines)
+    /// keep the smallest `(timestamp, event id)`; an accept that races a
+    /// cancel or a decline wins (the consumer then settles), so every node
+    /// converges on one record.
     pub fn apply(&self, ev: &LeaseEvent) -> Result<Outcome, EventError> {
         let kind = ev.kind();
         let lease = self.hash;
@@ -223,8 +249,10 @@ impl LeaseRecord {
                     }
                     _ => next.accept = Some(fact),
                 }
-                // An accept that raced a cancel wins; the cancel is void.
+                // An accept that raced a cancel or a decline wins; they
+                // are void.
                 next.cancel = None;
+                next.decline = None;
             }
             LeaseEvent::Settle { at, .. } => {
                 if signer != provider && signer != consumer {
@@ -276,6 +304,34 @@ impl LeaseRecord {
                         return Ok(Outcome::Unchanged);
                     }
                     _ => next.cancel = Some(fact),
+                }
+            }
+            LeaseEvent::Decline { at, reason, .. } => {
+                if signer != provider {
+                    return Err(EventError::WrongSigner {
+                        kind,
+                        lease,
+                        signer,
+                        allowed: "the lease's provider",
+                    });
+                }
+                if self.accept.is_some() {
+                    return Err(EventError::BadTransition {
+                        kind,
+                        lease,
+                        reason: "the lease is already accepted; settle it instead",
+                    });
+                }
+                let fact = DeclineFact {
+                    at: *at,
+                    reason: reason.clone(),
+                    event_id: id,
+                };
+                match &self.decline {
+                    Some(d) if (d.at, d.event_id) <= (fact.at, id) => {
+                        return Ok(Outcome::Unchanged);
+                    }
+                    _ => next.decline = Some(fact),
                 }
             }
         }

@@ -10,7 +10,8 @@
 //! Never later than its [`Lease::latest_end`] (creation + the offer
 //! lifetime + duration), whatever its events say:
 //!
-//! - cancelled: at the cancel's time, or when the offer lapses if earlier;
+//! - cancelled or declined: at the cancel's (decline's) time, or when the
+//!   offer lapses if earlier;
 //! - lapsed (never accepted within a day): when the offer lapses;
 //! - expired: at `accepted_at + duration`;
 //! - settled: at its expiry, however early it was settled. A lease settled
@@ -49,7 +50,7 @@
 //!   erase live leases), so the node takes the replayed events. Every
 //!   compacted lease ended a window ago, and the window is at least the
 //!   offer lifetime, so a replay of any subset of its events gives an
-//!   *expired* lease: a cancelled or lapsed lease's offer has lapsed (no
+//!   *expired* lease: a cancelled, declined or lapsed lease's offer has lapsed (no
 //!   accept is taken after a day, by every node), a settled lease was kept
 //!   until its expiry. It grants nothing, no provider can accept it, and
 //!   the node compacts it again at its next pass.
@@ -79,6 +80,7 @@ pub struct WindowTooShort(pub u64);
 pub fn ended_at(rec: &LeaseRecord, now: u64) -> Option<u64> {
     let end = match rec.state_at(now) {
         LeaseState::Cancelled => rec.cancel.as_ref().map_or(0, |c| c.at),
+        LeaseState::Declined => rec.decline.as_ref().map_or(0, |d| d.at),
         LeaseState::Expired | LeaseState::Settled => rec
             .expires_at()
             .unwrap_or_else(|| rec.lease.offer_lapses_at()),

@@ -73,6 +73,7 @@ pub struct NodeProc {
 
 impl NodeProc {
     pub async fn start(dir: &Path, extra: &[&str]) -> NodeProc {
+        std::fs::create_dir_all(dir).expect("node dir");
         let log = dir.join("node.log");
         let child = Command::new(XE)
             .arg("node")
