@@ -5,7 +5,8 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `GET /health` | liveness |
+//! | `GET /health` | liveness: always 200 while serving; peers and each bootstrap address's status |
+//! | `GET /ready` | readiness: 200 `{"ready":true,…}` once listening and (if given `--bootstrap`) connected to a bootstrap peer; else 503 with `reason` naming each address and its last cause |
 //! | `GET /node` | peer id, account, listen addresses, ports, peers, roles |
 //! | `GET /leases[?state=&consumer=&provider=]` | leases in the local ledger copy |
 //! | `GET /leases/{hash}[?wait=SECS&since=STATE]` | one lease; with `wait`, a long poll that answers once the state differs from `since` |

@@ -20,12 +20,13 @@ use xe_store::{
 };
 
 use crate::error::HttpError;
-use crate::types::{LeaseView, NodeInfo, PeerView, ProviderView, SubmitResult, VmView};
+use crate::types::{LeaseView, NodeInfo, PeerView, ProviderView, ReadyView, SubmitResult, VmView};
 use crate::{App, MAX_LEASE_WAIT};
 
 pub(crate) fn router(app: App) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/node", get(node_info))
         .route("/leases", get(list_leases).post(submit_event))
         .route("/leases/{hash}", get(show_lease))
@@ -80,11 +81,33 @@ async fn rate_limit(State(app): State<App>, req: Request, next: Next) -> Respons
     next.run(req).await
 }
 
+/// Liveness: 200 whenever the process serves, with the bootstrap status
+/// for whoever looks (`/ready` is what a probe should gate on).
 async fn health(State(app): State<App>) -> Json<serde_json::Value> {
+    let view = ready_view(&app);
     Json(serde_json::json!({
         "status": "ok",
-        "peers": *app.ctx.net.peer_count().borrow(),
+        "peers": view.peers,
+        "bootstrap": view.bootstrap,
     }))
+}
+
+/// Readiness: 200 when the node is ready, else 503 with the reason
+/// (see [`xe_net::Readiness`]).
+async fn ready(State(app): State<App>) -> (StatusCode, Json<ReadyView>) {
+    let view = ready_view(&app);
+    let status = if view.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(view))
+}
+
+fn ready_view(app: &App) -> ReadyView {
+    let net = &app.ctx.net;
+    let peers = *net.peer_count().borrow();
+    ReadyView::new(&net.readiness(), peers)
 }
 
 async fn node_info(State(app): State<App>) -> Result<Json<NodeInfo>, HttpError> {

@@ -127,6 +127,52 @@ pub struct NodeInfo {
     pub reachability: String,
 }
 
+/// `GET /ready` (200 when `ready`, else 503), and the `bootstrap` part of
+/// `GET /health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyView {
+    /// Listening, and connected to a bootstrap peer if given any.
+    pub ready: bool,
+    /// Why not, naming each bootstrap address and its last cause.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Connected peers.
+    pub peers: usize,
+    /// Each `--bootstrap` address, in the order given.
+    pub bootstrap: Vec<BootstrapView>,
+}
+
+/// One `--bootstrap` address in [`ReadyView`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapView {
+    /// The address as given.
+    pub addr: String,
+    /// Whether its peer is connected now.
+    pub connected: bool,
+    /// Why the last dial to it failed, since it was last connected.
+    pub last_error: Option<String>,
+}
+
+impl ReadyView {
+    /// The view of `r`, with `peers` connected peers.
+    pub fn new(r: &xe_net::Readiness, peers: usize) -> Self {
+        ReadyView {
+            ready: r.is_ready(),
+            reason: r.reason(),
+            peers,
+            bootstrap: r
+                .bootstrap
+                .iter()
+                .map(|b| BootstrapView {
+                    addr: b.addr.to_string(),
+                    connected: b.connected,
+                    last_error: b.last_error.as_ref().map(ToString::to_string),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// One connected peer in [`NodeInfo`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerView {

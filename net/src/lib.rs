@@ -30,7 +30,8 @@ pub mod secure;
 pub mod tunnel;
 
 pub use host::{
-    ConnPath, MAX_TUNNELS_PER_PEER, Net, NetConfig, NetHandle, NetStats, PeerInfo, start,
+    BootstrapError, BootstrapStatus, ConnPath, MAX_TUNNELS_PER_PEER, Net, NetConfig, NetHandle,
+    NetStats, PeerInfo, Readiness, start,
 };
 pub use identity::load_or_create_keypair;
 pub use libp2p::multiaddr::Protocol as libp2p_protocol;

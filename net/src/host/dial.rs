@@ -9,8 +9,10 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError};
 use libp2p::{Multiaddr, PeerId, Swarm, kad};
-use tracing::{debug, warn};
+use tokio::sync::watch;
+use tracing::debug;
 
+use super::bootstrap::{Bootstrap, BootstrapStatus};
 use super::handle::Reply;
 use crate::behaviour::Behaviour;
 use crate::tunnel::TunnelError;
@@ -92,19 +94,26 @@ struct PeerDial {
 pub(super) struct Dialer {
     /// Each bootstrap peer's addresses, in dial order.
     bootstrap_peers: HashMap<PeerId, Vec<Multiaddr>>,
+    /// How each bootstrap address stands, for `/ready` and the logs.
+    pub(super) bootstrap: Bootstrap,
     addr_dials: HashMap<ConnectionId, Reply<Result<PeerId, String>>>,
     peer_dials: HashMap<PeerId, PeerDial>,
     lookups: HashMap<kad::QueryId, PeerId>,
 }
 
 impl Dialer {
-    /// Dial the `bootstrap` peers (each address must end in `/p2p/<peer id>`).
-    pub(super) fn new(swarm: &mut Swarm<Behaviour>, bootstrap: &[Multiaddr]) -> Self {
+    /// Dial the `bootstrap` peers (each address must end in `/p2p/<peer id>`;
+    /// one that does not is reported, not dialled). Also returns the watch
+    /// of their status.
+    pub(super) fn new(
+        swarm: &mut Swarm<Behaviour>,
+        bootstrap: &[Multiaddr],
+    ) -> (Self, watch::Receiver<Vec<BootstrapStatus>>) {
+        let (mut status, status_rx) = Bootstrap::new(bootstrap);
         let mut bootstrap_peers: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
         for addr in bootstrap {
-            match peer_of(addr) {
-                Some(p) => bootstrap_peers.entry(p).or_default().push(addr.clone()),
-                None => warn!(%addr, "bootstrap address has no /p2p/<peer id>; not dialled"),
+            if let Some(p) = peer_of(addr) {
+                bootstrap_peers.entry(p).or_default().push(addr.clone());
             }
         }
         for (peer, addrs) in &mut bootstrap_peers {
@@ -115,15 +124,17 @@ impl Dialer {
                 PeerCondition::DisconnectedAndNotDialing,
             );
             if let Err(e) = swarm.dial(opts.build()) {
-                warn!(%peer, "bootstrap dial failed: {e}");
+                status.on_dial_not_started(*peer, &e);
             }
         }
-        Dialer {
+        let dialer = Dialer {
             bootstrap_peers,
+            bootstrap: status,
             addr_dials: HashMap::new(),
             peer_dials: HashMap::new(),
             lookups: HashMap::new(),
-        }
+        };
+        (dialer, status_rx)
     }
 
     /// The first address of `peer`, if it is a bootstrap peer.
@@ -287,6 +298,7 @@ impl Dialer {
         if let Some(r) = self.addr_dials.remove(&connection_id) {
             let _ = r.send(Err(error.to_string()));
         }
+        self.bootstrap.on_dial_error(peer_id, &error);
         // Only our own dial's failure answers the waiters: another
         // dial to the same peer (a DHT query's) may fail while ours
         // is still trying.
@@ -307,7 +319,7 @@ impl Dialer {
         }
     }
 
-    pub(super) fn redial_bootstrap(&self, swarm: &mut Swarm<Behaviour>) {
+    pub(super) fn redial_bootstrap(&mut self, swarm: &mut Swarm<Behaviour>) {
         let lost: Vec<(PeerId, Vec<Multiaddr>)> = self
             .bootstrap_peers
             .iter()
@@ -319,7 +331,10 @@ impl Dialer {
                 preferred_dial(peer, addrs, PeerCondition::DisconnectedAndNotDialing).build();
             match swarm.dial(opts) {
                 Ok(()) => debug!(%peer, "redialling bootstrap peer"),
-                Err(e) => debug!(%peer, "bootstrap redial not started: {e}"),
+                Err(e) => {
+                    debug!(%peer, "bootstrap redial not started: {e}");
+                    self.bootstrap.on_dial_not_started(peer, &e);
+                }
             }
         }
     }

@@ -195,6 +195,7 @@ impl EventLoop {
                     endpoint.is_dialer(),
                 );
                 if num_established.get() == 1 {
+                    self.dial.bootstrap.on_peer_connected(peer_id, true);
                     self.replication
                         .request_sync(&mut self.swarm, peer_id, false);
                 }
@@ -214,6 +215,9 @@ impl EventLoop {
                     debug!(peer = %peer_id, "a connection closed, others remain: syncing");
                     self.replication
                         .request_sync(&mut self.swarm, peer_id, false);
+                }
+                if num_established == 0 {
+                    self.dial.bootstrap.on_peer_connected(peer_id, false);
                 }
                 if self.peers.on_closed(peer_id, connection_id) {
                     self.nat.peer_gone(&peer_id);

@@ -12,6 +12,7 @@ use tracing::debug;
 use xe_store::{AccountAddress, Applied, DirectoryEntry, LeaseEvent, LeaseHash, Store};
 
 use super::NetStats;
+use super::bootstrap::{BootstrapStatus, Readiness};
 use super::peers::{ConnPath, PeerInfo, PeerTunnels, TooManyTunnels};
 use crate::NetError;
 use crate::nat::{NatInfo, Reachability};
@@ -50,6 +51,7 @@ pub struct NetHandle {
     pub(super) peer_count: watch::Receiver<usize>,
     pub(super) nat: watch::Receiver<NatInfo>,
     pub(super) conn_changes: watch::Receiver<u64>,
+    pub(super) bootstrap: watch::Receiver<Vec<BootstrapStatus>>,
     pub(super) tunnels: PeerTunnels,
     pub(super) client_handshake_timeout: Duration,
     pub(super) dial_timeout: Duration,
@@ -139,6 +141,20 @@ impl NetHandle {
     /// changes, then look at [`NetHandle::peers`] or [`NetHandle::path_to`]).
     pub fn connection_changes(&self) -> watch::Receiver<u64> {
         self.conn_changes.clone()
+    }
+
+    /// A watch of each `--bootstrap` address's status, in the order given:
+    /// connected or not, and why its last dial failed (await changes).
+    pub fn bootstrap(&self) -> watch::Receiver<Vec<BootstrapStatus>> {
+        self.bootstrap.clone()
+    }
+
+    /// Whether this node is ready (`GET /ready`): listening, and connected
+    /// to a bootstrap peer if it was given any. See [`Readiness`].
+    pub fn readiness(&self) -> Readiness {
+        Readiness {
+            bootstrap: self.bootstrap.borrow().clone(),
+        }
     }
 
     /// How this node is connected to `peer` right now.

@@ -9,11 +9,14 @@
 //! - `peers`: connections, tunnels per peer ([`MAX_TUNNELS_PER_PEER`]),
 //!   [`ConnPath`], and closing connections a better one made redundant.
 //! - `dial`: address order and the dials someone waits on.
+//! - `bootstrap`: each `--bootstrap` address's status and cause of failure,
+//!   and [`Readiness`] (`GET /ready`).
 //! - `nat`: our addresses, reachability and relays (the settings and
 //!   public types are in [`crate::nat`]).
 //! - `replication`: gossip, sync and the directory entry (the protocols
 //!   are in [`crate::replication`]).
 
+mod bootstrap;
 mod dial;
 mod event_loop;
 mod handle;
@@ -21,6 +24,7 @@ mod nat;
 pub(crate) mod peers;
 mod replication;
 
+pub use bootstrap::{BOOTSTRAP_WARN_AFTER, BootstrapError, BootstrapStatus, Readiness};
 pub use handle::NetHandle;
 pub use peers::{ConnPath, MAX_STREAMS_PER_CONNECTION, MAX_TUNNELS_PER_PEER, PeerInfo};
 
@@ -59,6 +63,9 @@ pub struct NetConfig {
     pub listen: Vec<Multiaddr>,
     /// Peers to dial at start (each must end in `/p2p/<peer id>`).
     pub bootstrap: Vec<Multiaddr>,
+    /// When to warn that no bootstrap peer connected yet
+    /// ([`BOOTSTRAP_WARN_AFTER`]; tests shorten it).
+    pub bootstrap_warn_after: Duration,
     /// If set, sign and publish this account's directory entry.
     pub announce: Option<Arc<Wallet>>,
     /// How often the directory entry is re-published.
@@ -101,6 +108,7 @@ impl NetConfig {
                     .expect("valid multiaddr"),
             ],
             bootstrap: Vec::new(),
+            bootstrap_warn_after: BOOTSTRAP_WARN_AFTER,
             announce: None,
             announce_interval: Duration::from_secs(300),
             directory_ttl: Duration::from_secs(1800),
@@ -230,6 +238,7 @@ pub async fn start(
     let (idle_tx, idle_rx) = mpsc::channel(256);
     let registry = TunnelRegistry::default();
     let tunnels = PeerTunnels::new(idle_tx, config.max_tunnels_per_peer);
+    let (dial, bootstrap_rx) = Dialer::new(&mut swarm, &config.bootstrap);
     let handle = NetHandle {
         cmd: cmd_tx.clone(),
         peer_id,
@@ -240,6 +249,7 @@ pub async fn start(
         peer_count: peer_rx,
         nat: nat_rx,
         conn_changes: conn_rx,
+        bootstrap: bootstrap_rx.clone(),
         tunnels: tunnels.clone(),
         client_handshake_timeout: config.client_handshake_timeout,
         dial_timeout: config.dial_timeout,
@@ -264,7 +274,11 @@ pub async fn start(
             cancel.clone(),
         ));
     }
-    let dial = Dialer::new(&mut swarm, &config.bootstrap);
+    tasks.spawn(bootstrap::warn_if_unconnected(
+        bootstrap_rx,
+        config.bootstrap_warn_after,
+        cancel.clone(),
+    ));
     let relay_candidates = nat::relay_candidates(&config.nat.relays);
     info!(%peer_id, addrs = ?addrs, relay_server = config.nat.relay_server, behind_nat = forced_private, "p2p host listening");
     let recon = Reconciler::new(

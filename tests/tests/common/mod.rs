@@ -124,7 +124,9 @@ impl NodeProc {
         NodeProc::spawn(cmd, data)
     }
 
-    fn spawn(mut cmd: Command, data: &Path) -> NodeProc {
+    /// Start `cmd` (an `xe node` command line, with its environment) and
+    /// wait (bounded) for its ready line; its log goes to `DATA/node.log`.
+    pub fn spawn(mut cmd: Command, data: &Path) -> NodeProc {
         std::fs::create_dir_all(data).expect("data dir");
         let log = data.join("node.log");
         let logf = std::fs::File::create(&log).expect("log file");
