@@ -138,11 +138,18 @@ async fn run_stdio(
     });
     match carry(&client, &lease, &key, &mut stdio, &cancel).await {
         Ok(_) | Err(CarryError::Stopped) => Ok(ExitCode::SUCCESS),
-        Err(e @ CarryError::Refused(_)) => Err(anyhow::anyhow!(
-            "{e} (lease {}, node {}; `xe lease show {lease}` shows its state)",
-            lease.short(),
-            client.url()
-        )),
+        // A refusal about the lease (4xx) points at the lease's state; a
+        // provider that cannot be reached (502) has said all there is.
+        Err(e @ CarryError::Refused(xe_api::client::ClientError::Status { status, .. }))
+            if status.is_client_error() =>
+        {
+            Err(anyhow::anyhow!(
+                "{e} (lease {}, node {}; `xe lease show {}` shows its state)",
+                lease.short(),
+                client.url(),
+                lease.short()
+            ))
+        }
         Err(e) => Err(e.into()),
     }
 }

@@ -125,6 +125,22 @@ pub enum TunnelError {
         /// Reason.
         detail: String,
     },
+    /// The lease's provider could not be reached at any address the
+    /// directory (or the DHT) gave for it. ASCII only: OpenSSH shows other
+    /// bytes of a channel-open failure as octal escapes.
+    #[error(
+        "provider {} is unreachable: {cause} (last announced: {}); it may be offline: try again later, or ask its operator",
+        .provider.short(),
+        xe_store::human::relative(*.announced_at, xe_store::now_secs())
+    )]
+    ProviderUnreachable {
+        /// The provider's account.
+        provider: xe_store::AccountAddress,
+        /// When its directory entry was signed (unix seconds).
+        announced_at: u64,
+        /// Why, in a few words.
+        cause: String,
+    },
     /// The peer does not speak the tunnel protocol.
     #[error("provider peer {0} does not support {TUNNEL_PROTOCOL}")]
     Unsupported(PeerId),

@@ -22,6 +22,7 @@ mod apply;
 pub mod codec;
 pub mod db;
 pub mod directory;
+pub mod human;
 pub mod ids;
 mod layout;
 pub mod lease;

@@ -709,6 +709,31 @@ fn restarts_and_a_second_gateway_serve_the_same_lease() {
     // Provider restart: the lease's VM (its per-lease sshd) comes back.
     let p_dir = n.provider.data.clone();
     assert_eq!(n.provider.stop().code(), Some(0));
+    // Meanwhile the provider is offline: both ways in say so, once, in
+    // words (not "stdio forwarding failed" alone, not libp2p's dial dump).
+    let short = n.provider.field("account")[..8].to_string();
+    let down = [
+        ("gateway", n.ssh_w("echo while-down")),
+        (
+            "http",
+            Command::new("ssh")
+                .args(n.http_proxy_opts())
+                .args(["root@vm", "echo while-down"])
+                .env_remove("SSH_AUTH_SOCK")
+                .stdin(Stdio::null())
+                .output()
+                .expect("ssh"),
+        ),
+    ];
+    for (way, out) in down {
+        assert!(!out.status.success(), "{way}: reached a stopped provider");
+        let err = text(&out.stderr);
+        let said = format!("provider {short} is unreachable");
+        assert_eq!(err.matches(&said).count(), 1, "{way}: {err}");
+        assert!(err.contains("(last announced: "), "{way}: {err}");
+        assert!(err.is_ascii(), "{way}: {err}");
+        assert!(err.len() < 700, "{way}: {} bytes:\n{err}", err.len());
+    }
     let boot = n.gw.bootstrap_args();
     let mut pargs: Vec<&str> = vec!["--provide", "--vm-backend", "sshd"];
     pargs.extend(boot.iter().map(String::as_str));

@@ -548,10 +548,17 @@ fn boot_failures_are_reported_not_left_waiting() {
             !lease_dir.join("disk.qcow2").exists(),
             "a failed VM's disk is kept"
         );
+        // Not accepted, and the consumer is told at once through the
+        // ledger (without the provider's paths and console).
         let (_, lease) = http_get(&api, &format!("/leases/{hash}"));
         assert_eq!(
-            lease["state"], "created",
-            "a VM that never booted was accepted"
+            lease["state"], "declined",
+            "a VM that never booted was accepted, or left waiting: {lease}"
+        );
+        let reason = lease["decline_reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("could not be started") && !reason.contains("console"),
+            "{lease}"
         );
     }
     // No QEMU of these providers is left.

@@ -74,6 +74,45 @@ impl BootstrapError {
     }
 }
 
+/// A failed dial in a few words: each distinct cause once, with how many
+/// of the peer's addresses it applies to. libp2p's own text lists every
+/// address with its nested transport errors, the cause repeated at every
+/// level — hundreds of characters for one "refused".
+pub(crate) fn dial_cause(error: &DialError) -> String {
+    match error {
+        DialError::Transport(errs) => {
+            let mut causes: Vec<(String, usize)> = Vec::new();
+            for (_, e) in errs {
+                let c = BootstrapError::from_transport(e).to_string();
+                match causes.iter_mut().find(|(k, _)| *k == c) {
+                    Some((_, n)) => *n += 1,
+                    None => causes.push((c, 1)),
+                }
+            }
+            let said: Vec<String> = causes
+                .into_iter()
+                .map(|(c, n)| {
+                    if n > 1 {
+                        format!("{c} (at {n} addresses)")
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            if said.is_empty() {
+                "no address could be dialled".to_string()
+            } else {
+                said.join("; ")
+            }
+        }
+        DialError::WrongPeerId { obtained, .. } => format!(
+            "the node at its address has another peer id ({obtained}): the provider moved or its entry is stale"
+        ),
+        DialError::NoAddresses => "no known address".to_string(),
+        e => e.to_string(),
+    }
+}
+
 /// Walk `e`'s chain (looking inside `io::Error`s too, whose `source()`
 /// skips the error they wrap) for an I/O kind we have words for; else the
 /// innermost message.

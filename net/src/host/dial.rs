@@ -208,7 +208,7 @@ impl Dialer {
                     peer,
                     Err(TunnelError::DialFailed {
                         peer,
-                        detail: e.to_string(),
+                        detail: super::bootstrap::dial_cause(&e),
                     }),
                 ),
             },
@@ -225,6 +225,12 @@ impl Dialer {
             let _ = r.send(match &result {
                 Ok(()) => Ok(()),
                 Err(TunnelError::PeerNotFound(p)) => Err(TunnelError::PeerNotFound(*p)),
+                // The cause as it is: wrapping the whole error's text
+                // would say "could not connect to peer P" twice.
+                Err(TunnelError::DialFailed { detail, .. }) => Err(TunnelError::DialFailed {
+                    peer,
+                    detail: detail.clone(),
+                }),
                 Err(e) => Err(TunnelError::DialFailed {
                     peer,
                     detail: e.to_string(),
@@ -258,7 +264,7 @@ impl Dialer {
                             peer,
                             Err(TunnelError::DialFailed {
                                 peer,
-                                detail: e.to_string(),
+                                detail: super::bootstrap::dial_cause(&e),
                             }),
                         );
                     }
@@ -313,7 +319,7 @@ impl Dialer {
                 peer,
                 Err(TunnelError::DialFailed {
                     peer,
-                    detail: error.to_string(),
+                    detail: super::bootstrap::dial_cause(&error),
                 }),
             );
         }

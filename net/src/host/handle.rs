@@ -316,6 +316,19 @@ impl NetHandle {
             ))
         })?;
         let addrs = entry.addrs.iter().filter_map(|a| a.parse().ok()).collect();
-        self.open_tunnel(peer, addrs, lease).await
+        // Said once, about the provider the consumer knows (its account),
+        // not the peer id and every address libp2p tried.
+        let unreachable = |cause: String| TunnelError::ProviderUnreachable {
+            provider: *provider,
+            announced_at: entry.issued_at,
+            cause,
+        };
+        match self.open_tunnel(peer, addrs, lease).await {
+            Err(TunnelError::DialFailed { detail, .. }) => Err(unreachable(detail)),
+            Err(TunnelError::PeerNotFound(_)) => Err(unreachable(
+                "no address for it is known here, and the DHT has none either".to_string(),
+            )),
+            r => r,
+        }
     }
 }
