@@ -377,22 +377,47 @@ fn russh_config(config: &GatewayConfig, key: PrivateKey) -> russh::server::Confi
         keepalive_interval: Some(config.keepalive_interval),
         keepalive_max: 3,
         nodelay: true,
-        preferred: russh::Preferred {
-            cipher: std::borrow::Cow::Borrowed(GATEWAY_CIPHERS),
-            ..Default::default()
-        },
+        preferred: gateway_algorithms(),
         ..Default::default()
     }
 }
 
-/// russh's default list plus aes128-gcm, which OpenSSH offers and which
-/// costs a third less CPU than aes256-gcm. The client's order decides.
+/// The algorithms the gateway offers, set explicitly so a russh upgrade
+/// never widens them silently. ssh-audit flagged russh's defaults: the
+/// encrypt-and-MAC `hmac-sha2-*` (only the `-etm` forms stay),
+/// `diffie-hellman-group14-sha256` (and the other finite-field groups) and
+/// pre-auth `zlib` (only the delayed `zlib@openssh.com` stays). The
+/// client's order decides among what is left.
+fn gateway_algorithms() -> russh::Preferred {
+    use std::borrow::Cow::Borrowed;
+    russh::Preferred {
+        kex: Borrowed(GATEWAY_KEX),
+        key: Borrowed(&[russh::keys::Algorithm::Ed25519]),
+        host_key_certificates: Borrowed(&[]),
+        cipher: Borrowed(GATEWAY_CIPHERS),
+        mac: Borrowed(&[russh::mac::HMAC_SHA256_ETM, russh::mac::HMAC_SHA512_ETM]),
+        compression: Borrowed(&[russh::compression::NONE, russh::compression::ZLIB_LEGACY]),
+    }
+}
+
+/// Post-quantum hybrid first (OpenSSH 9.9+), then X25519. The last two are
+/// not algorithms but markers russh must see in this list to advertise
+/// `ext-info-s` (server-sig-algs) and strict KEX (the Terrapin fix).
+const GATEWAY_KEX: &[russh::kex::Name] = &[
+    russh::kex::MLKEM768X25519_SHA256,
+    russh::kex::CURVE25519,
+    russh::kex::CURVE25519_PRE_RFC_8731,
+    russh::kex::EXTENSION_SUPPORT_AS_SERVER,
+    russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+];
+
+/// AEAD first; aes128-gcm costs a third less CPU than aes256-gcm.
+/// AES-192 and every CBC mode are left out.
 const GATEWAY_CIPHERS: &[russh::cipher::Name] = &[
     russh::cipher::CHACHA20_POLY1305,
-    russh::cipher::AES_128_GCM,
     russh::cipher::AES_256_GCM,
+    russh::cipher::AES_128_GCM,
     russh::cipher::AES_256_CTR,
-    russh::cipher::AES_192_CTR,
     russh::cipher::AES_128_CTR,
 ];
 
