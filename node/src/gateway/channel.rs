@@ -88,8 +88,49 @@ pub(crate) async fn open_tunnel(ctx: &ChannelCtx) -> Result<(TunnelStream, Activ
     Err(reason)
 }
 
-/// Serve a `direct-tcpip` channel. The requested destination was only
-/// logged: the lease decides where bytes go.
+/// Names a client may use for the VM's sshd in `direct-tcpip` (`-W`, `-J`,
+/// `-L`): what `xe ssh` and `xe ssh-config` pass (`vm`), loopback names
+/// (the VM seen from itself), the lease hash and the `xe-<8 hex>` alias
+/// `xe ssh-config` suggests. Anything else would silently reach sshd
+/// while the user asked for another service, so it is refused.
+pub(crate) fn is_vm_ssh_target(lease: &xe_store::LeaseHash, host: &str, port: u32) -> bool {
+    if port != VM_SSH_PORT {
+        return false;
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let hex = lease.to_hex();
+    ["vm", "localhost", "127.0.0.1", "::1"]
+        .iter()
+        .any(|h| host.eq_ignore_ascii_case(h))
+        || host.eq_ignore_ascii_case(&hex)
+        || host
+            .strip_prefix("xe-")
+            .is_some_and(|p| p.eq_ignore_ascii_case(&hex[..8]))
+}
+
+/// The port `direct-tcpip` must name: the VM's sshd is the only service the
+/// gateway reaches.
+const VM_SSH_PORT: u32 = 22;
+
+/// The channel-open failure text for any other target. OpenSSH prints it
+/// as "channel 0: open failed: administratively prohibited: …".
+pub(crate) fn target_refusal(
+    lease: &xe_store::LeaseHash,
+    host: &str,
+    port: u32,
+    gateway: SocketAddr,
+) -> String {
+    format!(
+        "xe gateway: only the VM's SSH is reachable through the gateway, not {}:{port}; \
+         accepted: vm:22 (also localhost, 127.0.0.1, ::1, the lease hash or xe-{} as the host, port 22). \
+         For another port let the VM's sshd forward it: ssh -J {lease}@{gateway} -L PORT:localhost:PORT root@vm",
+        super::auth::loggable(host),
+        &lease.to_hex()[..8],
+    )
+}
+
+/// Serve a `direct-tcpip` channel to the VM's sshd (the target was checked
+/// with [`is_vm_ssh_target`]).
 pub(crate) async fn direct_tcpip(channel: Channel<Msg>, reply: ChannelOpenHandle, ctx: ChannelCtx) {
     let opened = tokio::select! {
         // Dropping `reply` rejects the channel.

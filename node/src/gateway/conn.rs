@@ -223,11 +223,25 @@ impl Handler for ConnHandler {
         reply: ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        info!(
-            parent: &self.span,
-            requested = %format!("{}:{port_to_connect}", loggable(host_to_connect)),
-            "direct-tcpip: the lease decides the destination; the requested host:port is only logged"
-        );
+        if let Some(lease) = &self.lease
+            && !channel::is_vm_ssh_target(&lease.hash, host_to_connect, port_to_connect)
+        {
+            self.shared.stats.record_channel_refused();
+            info!(
+                parent: &self.span,
+                requested = %format!("{}:{port_to_connect}", loggable(host_to_connect)),
+                "direct-tcpip to something other than the VM's SSH; refusing"
+            );
+            let reason =
+                channel::target_refusal(&lease.hash, host_to_connect, port_to_connect, self.local);
+            reply
+                .reject(ChannelOpenFailure::Other {
+                    code: ChannelOpenFailure::AdministrativelyProhibited.code(),
+                    reason,
+                })
+                .await;
+            return Ok(());
+        }
         let Some(ctx) = self.channel_ctx(session, "direct-tcpip") else {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
