@@ -39,6 +39,10 @@ const WEAK: &[(&str, &str)] = &[
         "no matching MAC found",
     ),
     ("Ciphers=aes128-cbc", "no matching cipher found"),
+    (
+        "HostKeyAlgorithms=rsa-sha2-512,ecdsa-sha2-nistp256",
+        "no matching host key type found",
+    ),
     ("Ciphers=aes192-ctr", "no matching cipher found"),
 ];
 

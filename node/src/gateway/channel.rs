@@ -271,8 +271,12 @@ pub(crate) async fn finish_with_error(
     pty: bool,
     token: &CancellationToken,
 ) {
-    let nl = if pty { "\r\n" } else { "\n" };
-    let message = format!("xe gateway: {line}{nl}").into_bytes();
+    let mut message = format!("xe gateway: {line}\n");
+    if pty {
+        // A PTY's output is raw: a bare LF would not return the cursor.
+        message = message.replace('\n', "\r\n");
+    }
+    let message = message.into_bytes();
     let _ = token
         .run_until_cancelled(async {
             let _ = wr.extended_data_bytes(1, message).await;

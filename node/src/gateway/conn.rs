@@ -4,11 +4,12 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use russh::keys::Certificate;
+use russh::keys::ssh_key::PublicKey;
 use russh::server::{
     Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
 };
@@ -24,6 +25,7 @@ use super::Shared;
 use super::auth::{self, loggable};
 use super::channel::{self, ChannelCtx, ChannelSlot};
 use super::pump::Killable;
+use super::refusal::{Refusals, Verdict};
 use super::registry::Registration;
 use super::stats::{AuthFailure, ConnectionRefusal};
 
@@ -62,23 +64,44 @@ pub(crate) struct ConnHandler {
     channel_count: Arc<AtomicUsize>,
     sessions: HashSet<ChannelId>,
     started: HashSet<ChannelId>,
+    refusals: Refusals,
 }
 
 impl ConnHandler {
-    fn reject(&self, reason: AuthFailure, user: &str, algorithm: &str) -> Auth {
+    /// Log and (the first time) count a rejected attempt.
+    fn note_rejection(
+        &self,
+        verdict: Verdict,
+        reason: AuthFailure,
+        user: &str,
+        key: Option<&PublicKey>,
+    ) {
+        if verdict == Verdict::Repeat {
+            return;
+        }
         self.shared.stats.record_auth_failure(reason);
+        let fingerprint = key.map(|k| k.fingerprint(russh::keys::HashAlg::Sha256).to_string());
         warn!(
             parent: &self.span,
             peer = %self.peer,
             %reason,
             user = %loggable(user),
-            key_type = %algorithm,
+            key_type = %key.map(|k| k.algorithm().to_string()).unwrap_or_default(),
+            fingerprint = %fingerprint.unwrap_or_default(),
             "SSH authentication rejected"
         );
-        Auth::Reject {
-            proceed_with_methods: None,
-            partial_success: false,
-        }
+    }
+
+    /// Reject a key for `reason`, telling the user why once the client has
+    /// no other key to try (see `refusal.rs`).
+    async fn reject_key(&mut self, reason: AuthFailure, user: &str, key: &PublicKey) -> Auth {
+        let lease = auth::parse_username(user).ok();
+        let (verdict, auth) = self
+            .refusals
+            .at_key(reason, user, lease.as_ref(), key)
+            .await;
+        self.note_rejection(verdict, reason, user, Some(key));
+        auth
     }
 
     /// A context for a new channel, if the connection is authenticated and
@@ -130,6 +153,21 @@ impl ConnHandler {
 impl Handler for ConnHandler {
     type Error = russh::Error;
 
+    /// OpenSSH's first request names the user and no key: whatever does
+    /// not depend on the key is decided here, where the reason can still
+    /// reach the user before the client gives up.
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        let checked =
+            auth::parse_username(user).and_then(|h| auth::active_lease(&self.shared.store, &h));
+        let Err(reason) = checked else {
+            return Ok(Auth::reject());
+        };
+        let lease = auth::parse_username(user).ok();
+        let (verdict, auth) = self.refusals.at_none(reason, user, lease.as_ref()).await;
+        self.note_rejection(verdict, reason, user, None);
+        Ok(auth)
+    }
+
     async fn auth_publickey_offered(
         &mut self,
         user: &str,
@@ -140,7 +178,7 @@ impl Handler for ConnHandler {
         Ok(
             match auth::check(&self.shared.store, user, offer.public_key) {
                 Ok(_) => Auth::Accept,
-                Err(reason) => self.reject(reason, user, offer.algorithm.as_str()),
+                Err(reason) => self.reject_key(reason, user, offer.public_key).await,
             },
         )
     }
@@ -152,7 +190,7 @@ impl Handler for ConnHandler {
     ) -> Result<Auth, Self::Error> {
         let rec = match auth::check(&self.shared.store, user, key.public_key) {
             Ok(rec) => rec,
-            Err(reason) => return Ok(self.reject(reason, user, key.algorithm.as_str())),
+            Err(reason) => return Ok(self.reject_key(reason, user, key.public_key).await),
         };
         // Register, then look again: a lease that ends before this line is
         // caught by the second read, one that ends after it by the watcher.
@@ -162,7 +200,7 @@ impl Handler for ConnHandler {
             .register(rec.hash, self.conn_id, self.kill.clone());
         let rec = match auth::active_lease(&self.shared.store, &rec.hash) {
             Ok(rec) => rec,
-            Err(reason) => return Ok(self.reject(reason, user, key.algorithm.as_str())),
+            Err(reason) => return Ok(self.reject_key(reason, user, key.public_key).await),
         };
         self.pending = Some(AuthInfo {
             lease: rec.hash,
@@ -178,11 +216,8 @@ impl Handler for ConnHandler {
         user: &str,
         certificate: &Certificate,
     ) -> Result<Auth, Self::Error> {
-        Ok(self.reject(
-            AuthFailure::WrongKeyType,
-            user,
-            certificate.algorithm().as_str(),
-        ))
+        let key = PublicKey::new(certificate.public_key().clone(), "");
+        Ok(self.reject_key(AuthFailure::WrongKeyType, user, &key).await)
     }
 
     async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
@@ -488,6 +523,7 @@ async fn serve_inner(
     let channels_token = shutdown.child_token();
     let _channels_guard = channels_token.clone().drop_guard();
     let (auth_tx, mut auth_rx) = oneshot::channel();
+    let handle_slot = Arc::new(OnceLock::new());
     let handler = ConnHandler {
         shared: shared.clone(),
         conn_id,
@@ -502,6 +538,7 @@ async fn serve_inner(
         channel_count: Arc::new(AtomicUsize::new(0)),
         sessions: HashSet::new(),
         started: HashSet::new(),
+        refusals: Refusals::new(handle_slot.clone(), shared.config.max_auth_attempts),
     };
 
     let grace_deadline = Instant::now() + shared.config.auth_grace;
@@ -526,6 +563,9 @@ async fn serve_inner(
         }
     };
     let handle = session.handle();
+    // Before any authentication request can arrive (that takes the key
+    // exchange's round trips), so a refusal can always be sent.
+    let _ = handle_slot.set(handle.clone());
     tokio::pin!(session);
 
     let mut authed: Option<AuthInfo> = None;

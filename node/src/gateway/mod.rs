@@ -61,6 +61,7 @@ mod conn;
 pub mod hostkey;
 mod join;
 mod pump;
+mod refusal;
 mod registry;
 pub mod stats;
 pub mod tunnel;
@@ -392,13 +393,41 @@ fn gateway_algorithms() -> russh::Preferred {
     use std::borrow::Cow::Borrowed;
     russh::Preferred {
         kex: Borrowed(GATEWAY_KEX),
-        key: Borrowed(&[russh::keys::Algorithm::Ed25519]),
+        key: Borrowed(GATEWAY_KEY_ALGORITHMS),
         host_key_certificates: Borrowed(&[]),
         cipher: Borrowed(GATEWAY_CIPHERS),
         mac: Borrowed(&[russh::mac::HMAC_SHA256_ETM, russh::mac::HMAC_SHA512_ETM]),
         compression: Borrowed(&[russh::compression::NONE, russh::compression::ZLIB_LEGACY]),
     }
 }
+
+/// The host key russh offers is filtered to the keys it has (one ed25519
+/// key), so clients see `ssh-ed25519` only. The list also becomes the
+/// `server-sig-algs` extension, which tells clients which *user* keys are
+/// worth offering: OpenSSH silently skips an RSA key not listed there, and
+/// the user would get a bare "Permission denied" instead of being told that
+/// a lease takes only its ed25519 key (see `refusal.rs`).
+const GATEWAY_KEY_ALGORITHMS: &[russh::keys::Algorithm] = {
+    use russh::keys::{Algorithm, EcdsaCurve, HashAlg};
+    &[
+        Algorithm::Ed25519,
+        Algorithm::Ecdsa {
+            curve: EcdsaCurve::NistP256,
+        },
+        Algorithm::Ecdsa {
+            curve: EcdsaCurve::NistP384,
+        },
+        Algorithm::Ecdsa {
+            curve: EcdsaCurve::NistP521,
+        },
+        Algorithm::Rsa {
+            hash: Some(HashAlg::Sha512),
+        },
+        Algorithm::Rsa {
+            hash: Some(HashAlg::Sha256),
+        },
+    ]
+};
 
 /// Post-quantum hybrid first (OpenSSH 9.9+), then X25519. The last two are
 /// not algorithms but markers russh must see in this list to advertise
