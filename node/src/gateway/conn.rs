@@ -394,8 +394,12 @@ impl Handler for ConnHandler {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        info!(parent: &self.span, subsystem = %loggable(name), "refusing subsystem (use ssh -J or ProxyCommand for sftp)");
-        session.channel_failure(channel)
+        // Accepted like exec: the channel task runs it in the VM or, without
+        // an agent, tells the user how to reach sftp instead (a refused
+        // request would only print "subsystem request failed").
+        debug!(parent: &self.span, subsystem = %loggable(name), "subsystem requested");
+        let ok = self.is_session(channel) && self.started.insert(channel);
+        Self::reply(session, channel, ok)
     }
 
     async fn x11_request(

@@ -55,6 +55,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 use xe_store::Store;
 
+mod agent;
 mod auth;
 mod channel;
 mod conn;
