@@ -9,20 +9,24 @@
 //!
 //! # What a client gets
 //! - **`direct-tcpip`** (`ssh -W`, `ssh -J`, `xe ssh`): the recommended
-//!   path. The channel is accepted once the tunnel is up and carries the
+//!   path. Only the VM's SSH is a valid target (`vm:22`, or localhost,
+//!   127.0.0.1, ::1, the lease hash, `xe-<8 hex>`, port 22); anything else
+//!   is refused "administratively prohibited" with the accepted targets.
+//!   The channel is accepted once the tunnel is up and carries the
 //!   client's own SSH session to the VM's sshd, end to end.
-//! - **`session` without a PTY** (the gateway as a `ProxyCommand` without
-//!   `-W`): on `shell`/`exec` the channel is joined to the tunnel byte for
-//!   byte, as the seed does.
-//! - **`session` with a PTY and a forwarded agent** (`ssh -A -t`): the
-//!   gateway logs in to the VM itself, with the client's agent, after
-//!   checking the VM's host key against the lease's accept, and joins the
-//!   two sessions.
-//! - **`session` with a PTY and no agent**: a short explanation of how to
-//!   connect, on stderr, exit status 1.
+//! - **`shell` without a PTY** (the gateway as a `ProxyCommand` without
+//!   `-W`): the channel is joined to the tunnel byte for byte, as the seed
+//!   does.
+//! - **anything else with a forwarded agent** (`ssh -A` with a terminal, a
+//!   command or a subsystem such as sftp, PTY or not): the gateway logs in
+//!   to the VM itself, with the client's agent, after checking the VM's
+//!   host key against the lease's accept, forwards the agent on into the
+//!   VM, and joins the two sessions.
+//! - **anything else without an agent** (plain `ssh LEASE@gw cmd`, scp,
+//!   sftp): how to connect instead, on stderr, exit status 1.
 //!
-//! Everything else (x11, remote forwarding, streamlocal, subsystems) is
-//! refused.
+//! Everything else (x11, remote forwarding, streamlocal) is refused. A
+//! refused login is told why in one line (`refusal.rs`).
 //!
 //! # Limits
 //! At most [`GatewayConfig::max_connections`] connections (the accept loop
@@ -36,7 +40,9 @@
 //! - this file: configuration, [`Gateway`], the accept loop.
 //! - `conn.rs`: the russh handler and the per-connection task.
 //! - `channel.rs`: per-channel tasks (`direct-tcpip`, `session`).
-//! - `join.rs`: the PTY + agent session joined to the VM.
+//! - `join.rs`: a session run in the VM with the forwarded agent;
+//!   `agent.rs`: that agent passed on into the VM.
+//! - `refusal.rs`: what a refused user is told, and how it reaches them.
 //! - `pump.rs`: channel ↔ tunnel copy with half-close; a cuttable stream.
 //! - `auth.rs`, `registry.rs`: who may log in; lease → connections.
 //! - [`hostkey`], [`stats`], [`tunnel`]: public parts.

@@ -264,10 +264,10 @@ pub(crate) fn needs_agent_text(lease: &LeaseHash, what: &str, gateway: SocketAdd
         "lease {short} is active, but {what} through the gateway needs your SSH agent \
          (ssh -A with the lease key loaded), which this connection did not forward.\n\
          Connect end to end with the VM's sshd instead:\n\
-         \x20 xe ssh {hash}\n\
+         \x20 xe ssh {hash} --gateway {gateway}\n\
          \x20 ssh -J {hash}@{gateway} root@vm\n\
          For scp, sftp, rsync and IDEs (scp does not forward an agent), add a host entry:\n\
-         \x20 xe ssh-config {hash} >> ~/.ssh/config   (then: scp FILE xe-{short}:, sftp xe-{short})\n\
+         \x20 xe ssh-config {hash} --gateway {gateway} >> ~/.ssh/config   (then: scp FILE xe-{short}:, sftp xe-{short})\n\
          \x20 or pass -o ProxyJump={hash}@{gateway} and use root@vm as the host.\n\
          Or forward the agent that holds the lease key:\n\
          \x20 ssh -A -p {port} {hash}@{ip}",
