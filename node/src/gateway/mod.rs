@@ -38,7 +38,7 @@
 //!
 //! # Layout
 //! - this file: configuration, [`Gateway`], the accept loop.
-//! - `conn.rs`: the russh handler and the per-connection task.
+//! - `conn.rs`: the russh handler; `lifecycle.rs`: the per-connection task.
 //! - `channel.rs`: per-channel tasks (`direct-tcpip`, `session`).
 //! - `join.rs`: a session run in the VM with the forwarded agent;
 //!   `agent.rs`: that agent passed on into the VM.
@@ -67,6 +67,7 @@ mod channel;
 mod conn;
 pub mod hostkey;
 mod join;
+mod lifecycle;
 mod pump;
 mod refusal;
 mod registry;
@@ -317,7 +318,7 @@ impl Gateway {
                     backoff = ACCEPT_BACKOFF_MIN;
                     match slots.clone().try_acquire_owned() {
                         Ok(permit) => {
-                            shared.tracker.spawn(conn::serve(
+                            shared.tracker.spawn(lifecycle::serve(
                                 shared.clone(),
                                 tcp,
                                 peer,
