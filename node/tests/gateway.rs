@@ -296,3 +296,55 @@ async fn direct_tcpip_propagates_half_close() {
     assert!(stdout.starts_with("SSH-2.0-OpenSSH"), "stdout {stdout:?}");
     s.gw.stop().await;
 }
+
+/// `direct-tcpip` reaches only the VM's SSH: the names `xe ssh` and users
+/// pass for it work; any other host or port is refused with a text that
+/// says what is accepted (it used to reach sshd silently).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tcpip_accepts_only_the_vm_ssh() {
+    require_openssh!("direct_tcpip_accepts_only_the_vm_ssh");
+    let s = Scene::new(Backend::Sshd, |_| {}).await;
+    let hex = s.lease.to_string();
+    let w = |target: &str| {
+        let mut cmd = s.gw_ssh(&hex, s.key.path());
+        cmd.args(["-W", target]);
+        cmd
+    };
+    for ok in [
+        "vm:22".to_string(),
+        "localhost:22".into(),
+        "127.0.0.1:22".into(),
+        "[::1]:22".into(),
+        format!("{}:22", hex.to_uppercase()),
+        format!("xe-{}:22", &hex[..8]),
+    ] {
+        let out = run(&mut w(&ok), CMD_LIMIT).await;
+        assert!(out.status.success(), "{ok}: {}", text(&out.stderr));
+        assert!(text(&out.stdout).starts_with("SSH-2.0-OpenSSH"), "{ok}");
+    }
+    for bad in [
+        "example.com:80",
+        "vm:80",
+        "10.0.0.1:22",
+        "xe-00000000:22",
+        "localhost:2222",
+    ] {
+        let out = run(&mut w(bad), CMD_LIMIT).await;
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{bad} was let through");
+        assert!(
+            text(&out.stdout).is_empty(),
+            "{bad}: {:?}",
+            text(&out.stdout)
+        );
+        assert!(
+            stderr.contains(
+                "open failed: administratively prohibited: xe gateway: only the VM's SSH"
+            ),
+            "{bad}: {stderr:?}"
+        );
+        assert!(stderr.contains("accepted: vm:22"), "{bad}: {stderr:?}");
+    }
+    assert_eq!(s.gw.stats.tunnels_active(), 0);
+    s.gw.stop().await;
+}

@@ -32,16 +32,23 @@ fn failures(stats: &GatewayStats) -> Vec<(AuthFailure, u64)> {
         .collect()
 }
 
-/// Run `cmd` (an ssh to the gateway), expect OpenSSH's auth failure, and
-/// expect exactly one new rejection, for `reason`.
-async fn expect_refused(s: &Scene, mut cmd: Command, reason: AuthFailure) {
+/// Run `cmd` (an ssh to the gateway), expect it refused with the reason
+/// `says` on OpenSSH's stderr (the disconnect description, as OpenSSH
+/// prints it), and exactly one new rejection, for `reason`.
+async fn expect_refused(s: &Scene, mut cmd: Command, reason: AuthFailure, says: &str) {
     let before = s.gw.stats.auth_failures(reason);
     let out = run(&mut cmd, CMD_LIMIT).await;
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(255), "{reason}: stderr {stderr:?}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("Received disconnect from 127.0.0.1"))
+        .unwrap_or_else(|| panic!("{reason}: no disconnect reason in {stderr:?}"));
+    assert!(line.contains(": xe gateway: "), "{reason}: {line:?}");
+    assert!(line.contains(says), "{reason}: want {says:?} in {line:?}");
     assert!(
-        stderr.contains("Permission denied"),
-        "{reason}: stderr {stderr:?}"
+        !stderr.contains("Permission denied"),
+        "{reason}: {stderr:?}"
     );
     assert_eq!(
         s.gw.stats.auth_failures(reason),
@@ -51,35 +58,79 @@ async fn expect_refused(s: &Scene, mut cmd: Command, reason: AuthFailure) {
     );
 }
 
+/// `SHA256:…` of the public key next to `key`, as ssh-keygen prints it.
+async fn fingerprint(key: &std::path::Path) -> String {
+    let out = run(Command::new("ssh-keygen").arg("-lf").arg(key), CMD_LIMIT).await;
+    assert!(out.status.success(), "ssh-keygen -l: {}", text(&out.stderr));
+    text(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .expect("fingerprint field")
+        .to_string()
+}
+
+/// Every refusal reaches OpenSSH's stderr as one line naming the lease and
+/// what to do (not a bare "Permission denied"), and is counted once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_refusal_is_counted_under_its_reason() {
     require_openssh!("every_refusal_is_counted_under_its_reason");
     let s = Scene::new(Backend::Failing("unused"), |_| {}).await;
     let lease = s.lease.to_string();
 
-    // A different ed25519 key.
+    let short = |h: &xe_store::LeaseHash| h.short();
+
+    // A different ed25519 key: named by fingerprint, with what to use.
     let other = LeaseKey::load_or_create(&s.path("other.lease_key")).expect("other key");
+    let other_fp = fingerprint(other.path()).await;
     let mut cmd = s.gw_ssh(&lease, other.path());
     cmd.arg("true");
-    expect_refused(&s, cmd, AuthFailure::WrongKey).await;
+    let says = format!(
+        "the key you offered (ssh-ed25519 {other_fp}) is not lease {}'s access key; use -i ~/.xe/wallet.lease_key",
+        short(&s.lease)
+    );
+    expect_refused(&s, cmd, AuthFailure::WrongKey, &says).await;
 
     // An RSA key.
     let rsa = s.path("id_rsa");
     common::ssh_keygen(&rsa, "rsa").await;
     let mut cmd = s.gw_ssh(&lease, &rsa);
     cmd.arg("true");
-    expect_refused(&s, cmd, AuthFailure::WrongKeyType).await;
+    let says = format!(
+        "lease {} takes only its ssh-ed25519 access key; you offered",
+        short(&s.lease)
+    );
+    expect_refused(&s, cmd, AuthFailure::WrongKeyType, &says).await;
 
-    // A username that is not 64 hex characters.
+    // A username that is not 64 hex characters. (OpenSSH itself refuses
+    // to send control characters; the unit tests cover their removal.)
     let mut cmd = s.gw_ssh("root", s.key.path());
     cmd.arg("true");
-    expect_refused(&s, cmd, AuthFailure::MalformedUsername).await;
-
-    // A lease nobody has heard of.
-    let unknown = hex::encode(rand::random::<[u8; 32]>());
-    let mut cmd = s.gw_ssh(&unknown, s.key.path());
+    let says = "the username must be the 64-hex lease hash (xe lease create prints it), got 'root'";
+    expect_refused(&s, cmd, AuthFailure::MalformedUsername, says).await;
+    // ... and only 80 characters of it are echoed.
+    let mut cmd = s.gw_ssh(&"x".repeat(300), s.key.path());
     cmd.arg("true");
-    expect_refused(&s, cmd, AuthFailure::UnknownLease).await;
+    let says = format!("got '{}", "x".repeat(80));
+    expect_refused(&s, cmd, AuthFailure::MalformedUsername, &says).await;
+    let out = run(&mut s.gw_ssh(&"x".repeat(300), s.key.path()), CMD_LIMIT).await;
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains(&"x".repeat(80)), "{stderr:?}");
+    assert!(
+        !stderr.contains(&format!("'{}", "x".repeat(81))),
+        "{stderr:?}"
+    );
+
+    // A lease nobody has heard of (or not replicated here yet).
+    let unknown: xe_store::LeaseHash = hex::encode(rand::random::<[u8; 32]>())
+        .parse()
+        .expect("hash");
+    let mut cmd = s.gw_ssh(&unknown.to_string(), s.key.path());
+    cmd.arg("true");
+    let says = format!(
+        "unknown lease {u}: it is not on this gateway's ledger (yet); if you just created it, wait",
+        u = short(&unknown)
+    );
+    expect_refused(&s, cmd, AuthFailure::UnknownLease, &says).await;
 
     // A settled lease for the right key.
     let settled = s
@@ -88,7 +139,8 @@ async fn every_refusal_is_counted_under_its_reason() {
     s.ledger.settle(settled);
     let mut cmd = s.gw_ssh(&settled.to_string(), s.key.path());
     cmd.arg("true");
-    expect_refused(&s, cmd, AuthFailure::LeaseSettled).await;
+    let says = format!("lease {} is settled and grants no access", short(&settled));
+    expect_refused(&s, cmd, AuthFailure::LeaseSettled, &says).await;
 
     // An expired lease: accepted two hours ago for one hour.
     let expired = s.ledger.lease(
@@ -99,7 +151,8 @@ async fn every_refusal_is_counted_under_its_reason() {
     );
     let mut cmd = s.gw_ssh(&expired.to_string(), s.key.path());
     cmd.arg("true");
-    expect_refused(&s, cmd, AuthFailure::LeaseExpired).await;
+    let says = format!("lease {} has expired", short(&expired));
+    expect_refused(&s, cmd, AuthFailure::LeaseExpired, &says).await;
 
     // A lease the provider has not accepted yet.
     let created = s.ledger.lease(
@@ -110,7 +163,11 @@ async fn every_refusal_is_counted_under_its_reason() {
     );
     let mut cmd = s.gw_ssh(&created.to_string(), s.key.path());
     cmd.arg("true");
-    expect_refused(&s, cmd, AuthFailure::LeaseNotAccepted).await;
+    let says = format!(
+        "lease {} is not accepted by its provider yet",
+        short(&created)
+    );
+    expect_refused(&s, cmd, AuthFailure::LeaseNotAccepted, &says).await;
 
     // A lease the consumer cancelled before acceptance.
     let cancelled = s.ledger.lease(
@@ -122,10 +179,14 @@ async fn every_refusal_is_counted_under_its_reason() {
     s.ledger.cancel(cancelled);
     let mut cmd = s.gw_ssh(&cancelled.to_string(), s.key.path());
     cmd.arg("true");
-    expect_refused(&s, cmd, AuthFailure::LeaseCancelled).await;
+    let says = format!("lease {} was cancelled", short(&cancelled));
+    expect_refused(&s, cmd, AuthFailure::LeaseCancelled, &says).await;
 
     assert_eq!(s.gw.stats.auth_successes(), 0);
-    assert_eq!(failures(&s.gw.stats).iter().map(|(_, n)| n).sum::<u64>(), 8);
+    assert_eq!(
+        failures(&s.gw.stats).iter().map(|(_, n)| n).sum::<u64>(),
+        10
+    );
     s.gw.stop().await;
 }
 
@@ -185,7 +246,8 @@ async fn settling_a_lease_closes_its_sessions() {
     // And the lease no longer opens.
     let mut cmd = s.gw_ssh(&s.lease.to_string(), s.key.path());
     cmd.arg("true");
-    expect_refused(&s, cmd, AuthFailure::LeaseSettled).await;
+    let says = format!("lease {} is settled", s.lease.short());
+    expect_refused(&s, cmd, AuthFailure::LeaseSettled, &says).await;
     s.gw.stop().await;
 }
 
@@ -461,5 +523,52 @@ async fn channels_per_connection_are_capped() {
     assert_eq!(s.gw.stats.snapshot().channels_refused, 1);
     assert_eq!(s.gw.stats.connections_active(), 1);
     drop(child);
+    s.gw.stop().await;
+}
+
+/// Refusing a wrong key waits until the client has offered all its keys:
+/// with two wrong keys ahead of the right one in the agent, the client
+/// still logs in; with only wrong keys, the refusal names each of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_keys_before_the_right_one_do_not_lock_the_client_out() {
+    require_openssh!("wrong_keys_before_the_right_one_do_not_lock_the_client_out");
+    let s = Scene::new(Backend::Failing("provider unreachable"), |_| {}).await;
+    let agent = common::Agent::start(s.dir.path()).await;
+    let mut fps = Vec::new();
+    for name in ["a_ed25519", "b_ed25519"] {
+        let k = s.path(name);
+        common::ssh_keygen(&k, "ed25519").await;
+        agent.add(&k).await;
+        fps.push(fingerprint(&k).await);
+    }
+    let via_agent = || {
+        let mut cmd = Command::new("ssh");
+        cmd.args(Scene::base_opts(true))
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", s.gw_known_hosts.display()))
+            .arg("-p")
+            .arg(s.gw.addr.port().to_string())
+            .arg(format!("{}@127.0.0.1", s.lease))
+            .arg("-T")
+            .env("SSH_AUTH_SOCK", &agent.sock);
+        cmd
+    };
+
+    let out = run(&mut via_agent(), CMD_LIMIT).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(255), "{stderr:?}");
+    for fp in &fps {
+        assert!(stderr.contains(fp.as_str()), "{fp} not named in {stderr:?}");
+    }
+    assert!(stderr.contains("is not lease"), "{stderr:?}");
+    assert_eq!(s.gw.stats.auth_failures(AuthFailure::WrongKey), 2);
+
+    agent.add(s.key.path()).await;
+    let out = run(&mut via_agent(), CMD_LIMIT).await;
+    let stderr = text(&out.stderr);
+    // Logged in: the session then fails on the tunnel, not on auth.
+    assert_eq!(out.status.code(), Some(1), "{stderr:?}");
+    assert!(stderr.contains("provider unreachable"), "{stderr:?}");
+    assert_eq!(s.gw.stats.auth_successes(), 1);
     s.gw.stop().await;
 }

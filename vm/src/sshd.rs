@@ -217,6 +217,21 @@ fn check_config_path(p: &Path) -> Result<(), VmError> {
     Ok(())
 }
 
+/// What the per-lease sshd negotiates, explicitly: ssh-audit flagged
+/// OpenSSH's defaults for finite-field and NIST-curve key exchange,
+/// encrypt-and-MAC, SHA-1 and UMAC-64 MACs. Post-quantum hybrid and X25519
+/// only (OpenSSH 9.2 in Debian 12 has `sntrup761x25519-sha512@openssh.com`;
+/// the plain name only arrived in 9.9, so it is left out); AEAD and CTR
+/// ciphers; encrypt-then-MAC SHA-2; ed25519 host keys (the only kind the
+/// backend creates). The gateway's own client (`join.rs`) and russh-based
+/// clients speak all of this.
+const ALGORITHMS: &str = "\
+KexAlgorithms sntrup761x25519-sha512@openssh.com,curve25519-sha256,curve25519-sha256@libssh.org
+Ciphers chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-gcm@openssh.com,aes256-ctr,aes128-ctr
+MACs hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com
+HostKeyAlgorithms ssh-ed25519
+";
+
 /// The per-lease sshd_config. Everything is explicit because `-f` replaces
 /// the system config entirely.
 pub fn render_config(port: u16, dir: &Path, user: &str) -> String {
@@ -253,7 +268,9 @@ pub fn render_config(port: u16, dir: &Path, user: &str) -> String {
          PrintMotd no\n\
          PrintLastLog no\n\
          LogLevel INFO\n\
-         Subsystem sftp internal-sftp\n",
+         Subsystem sftp internal-sftp\n\
+         {algorithms}",
+        algorithms = ALGORITHMS,
         host_key = q(HOST_KEY),
         authorized_keys = q(AUTHORIZED_KEYS),
     )
@@ -384,6 +401,9 @@ mod tests {
             "UsePAM no",
             "PidFile none",
             "PermitRootLogin prohibit-password",
+            "KexAlgorithms sntrup761x25519-sha512@openssh.com,curve25519-sha256,curve25519-sha256@libssh.org",
+            "MACs hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com",
+            "HostKeyAlgorithms ssh-ed25519",
         ] {
             assert!(c.lines().any(|l| l == line), "missing {line:?} in\n{c}");
         }

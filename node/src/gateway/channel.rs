@@ -5,10 +5,11 @@
 //!
 //! - `direct-tcpip` ([`direct_tcpip`]): open the tunnel, accept the channel
 //!   only once it is up, copy bytes. End to end with the VM's sshd.
-//! - `session` ([`session`]): collect the requests up to `shell`/`exec`,
-//!   then either copy raw bytes (no PTY: the gateway used as a
-//!   `ProxyCommand`), join an SSH session to the VM (PTY and a forwarded
-//!   agent), or explain how to connect (PTY, no agent).
+//! - `session` ([`session`]): collect the requests up to `shell`/`exec`/
+//!   `subsystem`, then either copy raw bytes (a shell without a PTY: the
+//!   gateway used as a `ProxyCommand`), join an SSH session to the VM
+//!   (anything else, with a forwarded agent), or explain how to connect
+//!   (anything else, no agent).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ use tracing::{info, warn};
 use xe_store::LeaseRecord;
 
 use super::Shared;
+use super::auth;
 use super::pump::{Prelude, PumpEnd, pump};
 use super::stats::ActiveGuard;
 use super::tunnel::TunnelStream;
@@ -88,8 +90,49 @@ pub(crate) async fn open_tunnel(ctx: &ChannelCtx) -> Result<(TunnelStream, Activ
     Err(reason)
 }
 
-/// Serve a `direct-tcpip` channel. The requested destination was only
-/// logged: the lease decides where bytes go.
+/// Names a client may use for the VM's sshd in `direct-tcpip` (`-W`, `-J`,
+/// `-L`): what `xe ssh` and `xe ssh-config` pass (`vm`), loopback names
+/// (the VM seen from itself), the lease hash and the `xe-<8 hex>` alias
+/// `xe ssh-config` suggests. Anything else would silently reach sshd
+/// while the user asked for another service, so it is refused.
+pub(crate) fn is_vm_ssh_target(lease: &xe_store::LeaseHash, host: &str, port: u32) -> bool {
+    if port != VM_SSH_PORT {
+        return false;
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let hex = lease.to_hex();
+    ["vm", "localhost", "127.0.0.1", "::1"]
+        .iter()
+        .any(|h| host.eq_ignore_ascii_case(h))
+        || host.eq_ignore_ascii_case(&hex)
+        || host
+            .strip_prefix("xe-")
+            .is_some_and(|p| p.eq_ignore_ascii_case(&hex[..8]))
+}
+
+/// The port `direct-tcpip` must name: the VM's sshd is the only service the
+/// gateway reaches.
+const VM_SSH_PORT: u32 = 22;
+
+/// The channel-open failure text for any other target. OpenSSH prints it
+/// as "channel 0: open failed: administratively prohibited: …".
+pub(crate) fn target_refusal(
+    lease: &xe_store::LeaseHash,
+    host: &str,
+    port: u32,
+    gateway: SocketAddr,
+) -> String {
+    format!(
+        "xe gateway: only the VM's SSH is reachable through the gateway, not {}:{port}; \
+         accepted: vm:22 (also localhost, 127.0.0.1, ::1, the lease hash or xe-{} as the host, port 22). \
+         For another port let the VM's sshd forward it: ssh -J {lease}@{gateway} -L PORT:localhost:PORT root@vm",
+        auth::loggable(host),
+        &lease.to_hex()[..8],
+    )
+}
+
+/// Serve a `direct-tcpip` channel to the VM's sshd (the target was checked
+/// with [`is_vm_ssh_target`]).
 pub(crate) async fn direct_tcpip(channel: Channel<Msg>, reply: ChannelOpenHandle, ctx: ChannelCtx) {
     let opened = tokio::select! {
         // Dropping `reply` rejects the channel.
@@ -230,8 +273,12 @@ pub(crate) async fn finish_with_error(
     pty: bool,
     token: &CancellationToken,
 ) {
-    let nl = if pty { "\r\n" } else { "\n" };
-    let message = format!("xe gateway: {line}{nl}").into_bytes();
+    let mut message = format!("xe gateway: {line}\n");
+    if pty {
+        // A PTY's output is raw: a bare LF would not return the cursor.
+        message = message.replace('\n', "\r\n");
+    }
+    let message = message.into_bytes();
     let _ = token
         .run_until_cancelled(async {
             let _ = wr.extended_data_bytes(1, message).await;
@@ -242,18 +289,41 @@ pub(crate) async fn finish_with_error(
         .await;
 }
 
-/// Serve a `session` channel.
+/// What a session channel asked to run.
+#[derive(Debug, Clone)]
+pub(crate) enum Request {
+    Shell,
+    Exec(Vec<u8>),
+    /// e.g. `sftp` (what scp, sftp and IDEs ask for).
+    Subsystem(String),
+}
+
+impl Request {
+    /// What was asked for, for the help text and logs.
+    pub(crate) fn what(&self) -> String {
+        match self {
+            Request::Shell => "a terminal".to_string(),
+            Request::Exec(_) => "a command".to_string(),
+            Request::Subsystem(name) => format!("the {} subsystem", auth::loggable(name)),
+        }
+    }
+}
+
+/// Serve a `session` channel: the raw byte pipe for a shell without a PTY
+/// (the gateway as a `ProxyCommand`), the VM for anything else when the
+/// client forwarded its agent, and otherwise how to connect instead.
 pub(crate) async fn session(mut channel: Channel<Msg>, ctx: ChannelCtx) {
     let mut setup = SessionSetup::default();
-    let command: Option<Vec<u8>> = loop {
+    let request = loop {
         let msg = tokio::select! {
             _ = ctx.token.cancelled() => return,
             m = channel.wait() => m,
         };
         match msg {
             None | Some(ChannelMsg::Close) => return,
-            Some(ChannelMsg::RequestShell { .. }) => break None,
-            Some(ChannelMsg::Exec { command, .. }) => break Some(command),
+            Some(ChannelMsg::RequestShell { .. }) => break Request::Shell,
+            Some(ChannelMsg::Exec { command, .. }) => break Request::Exec(command),
+            Some(ChannelMsg::RequestSubsystem { name, .. }) => break Request::Subsystem(name),
             Some(m) => setup.absorb(m),
         }
         if setup.prelude.is_full() {
@@ -265,10 +335,10 @@ pub(crate) async fn session(mut channel: Channel<Msg>, ctx: ChannelCtx) {
             return;
         }
     };
-    match (&setup.pty, setup.agent) {
-        (None, _) => raw_session(channel, setup, ctx).await,
-        (Some(_), true) => super::join::joined_session(channel, setup, command, ctx).await,
-        (Some(_), false) => explain(channel, &ctx).await,
+    match (&request, setup.pty.is_some(), setup.agent) {
+        (Request::Shell, false, _) => raw_session(channel, setup, ctx).await,
+        (_, _, true) => super::join::joined_session(channel, setup, request, ctx).await,
+        (_, pty, false) => explain(channel, &ctx, &request, pty).await,
     }
 }
 
@@ -319,24 +389,14 @@ async fn raw_session(mut channel: Channel<Msg>, mut setup: SessionSetup, ctx: Ch
     }
 }
 
-/// A PTY without a forwarded agent: the gateway cannot log in to the VM on
-/// the user's behalf, and raw protocol bytes must never reach a terminal.
-async fn explain(channel: Channel<Msg>, ctx: &ChannelCtx) {
-    info!("PTY requested without a forwarded agent: explaining how to connect");
-    let hash = ctx.lease.hash;
-    let gw = ctx.local;
-    let text = format!(
-        "lease {short} is active, but a terminal through the gateway needs your SSH agent.\r\n\
-         Connect with one of:\r\n\
-         \x20 xe ssh {hash}\r\n\
-         \x20 ssh -J {hash}@{gw} root@vm     (end to end with the VM's sshd)\r\n\
-         \x20 ssh -A -p {port} {hash}@{ip}    (forward the agent that holds the lease key)",
-        short = hash.short(),
-        port = gw.port(),
-        ip = gw.ip(),
-    );
+/// No forwarded agent: the gateway cannot log in to the VM on the user's
+/// behalf, and raw protocol bytes must never reach a terminal, a command's
+/// output or an sftp client.
+async fn explain(channel: Channel<Msg>, ctx: &ChannelCtx, request: &Request, pty: bool) {
+    info!(request = %request.what(), pty, "no forwarded agent: explaining how to connect");
+    let text = super::refusal::needs_agent_text(&ctx.lease.hash, &request.what(), ctx.local);
     let (_, wr) = channel.split();
-    finish_with_error(&wr, &text, true, &ctx.token).await;
+    finish_with_error(&wr, &text, pty, &ctx.token).await;
 }
 
 #[cfg(test)]

@@ -1,10 +1,21 @@
-//! A terminal through the gateway: the client asked for a PTY and forwarded
-//! its agent. The gateway logs in to the VM's sshd as an SSH client (over
-//! the tunnel), checks the VM's host key against the one the provider
-//! published in the lease's accept, authenticates with the *forwarded*
-//! agent (the gateway never holds the lease key), and joins the two
-//! sessions: PTY size, `window-change`, env, the command, signals, exit
-//! status / exit signal, EOF.
+//! A session run in the VM by the gateway: the client forwarded its agent
+//! and asked for a terminal, a command or a subsystem (sftp), with or
+//! without a PTY. The gateway logs in to the VM's sshd as an SSH client
+//! (over the tunnel), checks the VM's host key against the one the
+//! provider published in the lease's accept, authenticates with the
+//! *forwarded* agent (the gateway never holds the lease key), forwards that
+//! agent on into the VM (`agent.rs`), and joins the two sessions: PTY size,
+//! `window-change`, env, the request, signals, exit status / exit signal,
+//! EOF.
+//!
+//! # Ending
+//! The VM's CLOSE ends the join, never the client's: the exit status is
+//! relayed before the client can close. The VM's EOF is held back until
+//! its exit status (or exit signal, or CLOSE) arrives, because a client
+//! that has sent its own EOF closes the channel as soon as it sees ours
+//! (PuTTY does), and OpenSSH's sshd sends EOF *before* exit-status: passing
+//! EOF on at once let plink's CLOSE overtake the status (rc 0 for `exit
+//! 21`, 4 runs in 20).
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -20,8 +31,11 @@ use russh::{Channel, ChannelMsg, Disconnect, client};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{info, warn};
 
-use super::channel::{ChannelCtx, SessionSetup, drain_while, finish_with_error, open_tunnel};
-use super::pump::Killable;
+use super::agent::AgentRelay;
+use super::channel::{
+    ChannelCtx, Request, SessionSetup, drain_while, finish_with_error, open_tunnel,
+};
+use super::pump::{Killable, Prelude};
 use super::stats::{ActiveGuard, GatewayStats};
 
 /// Bound on the whole login to the VM (tunnel, handshake, agent, auth,
@@ -31,14 +45,31 @@ const VM_LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Keepalive towards the VM, so a dead provider path is noticed.
 const VM_KEEPALIVE: Duration = Duration::from_secs(30);
 
-/// Checks the VM's host key against the lease's published one.
+/// After the client closed its channel, how long the VM gets to close its
+/// side (sshd answers our CLOSE at once) before the join is cut.
+const VM_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// The gateway's client towards the VM: checks the VM's host key against
+/// the lease's published one, and joins the agent channels the VM opens to
+/// the consumer's agent.
 struct VmHostCheck {
     expected: PublicKey,
     mismatch: Arc<AtomicBool>,
+    agent: AgentRelay,
 }
 
 impl client::Handler for VmHostCheck {
     type Error = russh::Error;
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        channel: Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.agent.relay(channel, reply);
+        Ok(())
+    }
 
     async fn check_server_key(
         &mut self,
@@ -106,6 +137,7 @@ async fn connect_vm(ctx: &ChannelCtx, kill: CancellationToken) -> Result<VmSessi
     let check = VmHostCheck {
         expected,
         mismatch: mismatch.clone(),
+        agent: AgentRelay::new(ctx.handle.clone(), ctx.shared.tracker.clone(), kill.clone()),
     };
     let mut handle = client::connect_stream(Arc::new(config), Killable::new(tunnel, kill), check)
         .await
@@ -159,14 +191,14 @@ async fn connect_vm(ctx: &ChannelCtx, kill: CancellationToken) -> Result<VmSessi
     })
 }
 
-/// Serve a session channel that has a PTY and a forwarded agent.
+/// Serve a session channel whose client forwarded its agent.
 pub(crate) async fn joined_session(
     mut channel: Channel<Msg>,
     mut setup: SessionSetup,
-    command: Option<Vec<u8>>,
+    request: Request,
     ctx: ChannelCtx,
 ) {
-    info!("PTY with a forwarded agent: logging in to the VM");
+    info!(request = %request.what(), pty = setup.pty.is_some(), "forwarded agent: logging in to the VM");
     let kill = ctx.token.child_token();
     let login =
         async { tokio::time::timeout(VM_LOGIN_TIMEOUT, connect_vm(&ctx, kill.clone())).await };
@@ -179,7 +211,7 @@ pub(crate) async fn joined_session(
         Ok(Err(line)) => {
             warn!(reason = %line, "login to the VM failed");
             let (_, wr) = channel.split();
-            finish_with_error(&wr, &line, true, &ctx.token).await;
+            finish_with_error(&wr, &line, setup.pty.is_some(), &ctx.token).await;
             return;
         }
         Err(_) => {
@@ -190,7 +222,7 @@ pub(crate) async fn joined_session(
             );
             warn!(reason = %line, "login to the VM failed");
             let (_, wr) = channel.split();
-            finish_with_error(&wr, &line, true, &ctx.token).await;
+            finish_with_error(&wr, &line, setup.pty.is_some(), &ctx.token).await;
             return;
         }
     };
@@ -205,7 +237,8 @@ pub(crate) async fn joined_session(
     // Replies to pty-req and exec/shell come back in order.
     let mut expect = VecDeque::new();
     let start = async {
-        let mut ok = true;
+        let mut ok = vm_channel.agent_forward(true).await.is_ok();
+        expect.push_back(Expect::Agent);
         if let Some(p) = &setup.pty {
             ok &= vm_channel
                 .request_pty(
@@ -224,17 +257,12 @@ pub(crate) async fn joined_session(
         for (k, v) in std::mem::take(&mut setup.env) {
             ok &= vm_channel.set_env(false, k, v).await.is_ok();
         }
-        ok &= match command {
-            Some(c) => vm_channel.exec(true, c).await.is_ok(),
-            None => vm_channel.request_shell(true).await.is_ok(),
+        ok &= match request {
+            Request::Shell => vm_channel.request_shell(true).await.is_ok(),
+            Request::Exec(c) => vm_channel.exec(true, c).await.is_ok(),
+            Request::Subsystem(name) => vm_channel.request_subsystem(true, name).await.is_ok(),
         };
         expect.push_back(Expect::Command);
-        for chunk in std::mem::take(&mut setup.prelude.data) {
-            ok &= vm_channel.data_bytes(chunk).await.is_ok();
-        }
-        if setup.prelude.eof {
-            ok &= vm_channel.eof().await.is_ok();
-        }
         ok
     };
     match ctx.token.run_until_cancelled(start).await {
@@ -243,18 +271,22 @@ pub(crate) async fn joined_session(
         Some(false) => {
             let (_, wr) = channel.split();
             let line = "the connection to the VM closed while starting the session";
-            finish_with_error(&wr, line, true, &ctx.token).await;
+            finish_with_error(&wr, line, setup.pty.is_some(), &ctx.token).await;
             return;
         }
     }
 
-    join_pump(channel, vm_channel, expect, &ctx, ctx.shared.stats.clone()).await;
+    let pty = setup.pty.is_some();
+    let prelude = std::mem::take(&mut setup.prelude);
+    let stats = ctx.shared.stats.clone();
+    join_pump(channel, vm_channel, expect, prelude, pty, &ctx, stats).await;
     let bye = vm_handle.disconnect(Disconnect::ByApplication, "", "en");
     let _ = ctx.token.run_until_cancelled(bye).await;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expect {
+    Agent,
     Pty,
     Command,
 }
@@ -270,10 +302,18 @@ enum DownEnd {
     ClientGone,
 }
 
+/// Text for the client's stderr, with the line ending a PTY needs.
+fn stderr_line(line: &str, pty: bool) -> Vec<u8> {
+    let nl = if pty { "\r\n" } else { "\n" };
+    format!("xe gateway: {line}{nl}").into_bytes()
+}
+
 async fn join_pump(
     channel: Channel<Msg>,
     vm_channel: Channel<client::Msg>,
     mut expect: VecDeque<Expect>,
+    prelude: Prelude,
+    pty: bool,
     ctx: &ChannelCtx,
     stats: Arc<GatewayStats>,
 ) {
@@ -283,7 +323,21 @@ async fn join_pump(
     let handle = ctx.handle.clone();
 
     let up_stats = stats.clone();
+    // What the client sent while the gateway logged in goes first. sshd
+    // opens a session channel with a zero window and opens it only once the
+    // request succeeded, so this may wait: it must not hold up `down`,
+    // which reads the request's reply (a refused one never opens it).
     let up = async move {
+        for chunk in prelude.data {
+            let n = chunk.len();
+            if vwr.data_bytes(chunk).await.is_err() {
+                return (UpEnd::VmGone, vwr);
+            }
+            up_stats.add_client_to_vm(n);
+        }
+        if prelude.eof && vwr.eof().await.is_err() {
+            return (UpEnd::VmGone, vwr);
+        }
         loop {
             let ok = match srd.wait().await {
                 Some(ChannelMsg::Data { data }) => {
@@ -314,6 +368,8 @@ async fn join_pump(
 
     let down = async move {
         let mut exit_seen = false;
+        // The VM's EOF, held until its exit status (see the module doc).
+        let mut eof_held = false;
         let mut eof_sent = false;
         loop {
             let ok = match vrd.wait().await {
@@ -330,12 +386,22 @@ async fn join_pump(
                     ok
                 }
                 Some(ChannelMsg::Eof) => {
-                    eof_sent = true;
-                    swr.eof().await.is_ok()
+                    if exit_seen {
+                        eof_sent = true;
+                        swr.eof().await.is_ok()
+                    } else {
+                        eof_held = true;
+                        true
+                    }
                 }
                 Some(ChannelMsg::ExitStatus { exit_status }) => {
                     exit_seen = true;
-                    swr.exit_status(exit_status).await.is_ok()
+                    let mut ok = swr.exit_status(exit_status).await.is_ok();
+                    if eof_held && !eof_sent {
+                        eof_sent = true;
+                        ok &= swr.eof().await.is_ok();
+                    }
+                    ok
                 }
                 Some(ChannelMsg::ExitSignal {
                     signal_name,
@@ -344,10 +410,15 @@ async fn join_pump(
                     lang_tag,
                 }) => {
                     exit_seen = true;
-                    handle
+                    let mut ok = handle
                         .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
                         .await
-                        .is_ok()
+                        .is_ok();
+                    if eof_held && !eof_sent {
+                        eof_sent = true;
+                        ok &= swr.eof().await.is_ok();
+                    }
+                    ok
                 }
                 Some(ChannelMsg::Success) => {
                     expect.pop_front();
@@ -355,6 +426,16 @@ async fn join_pump(
                 }
                 Some(ChannelMsg::Failure) => match expect.pop_front() {
                     Some(Expect::Command) => return (DownEnd::Refused, swr),
+                    Some(Expect::Agent) => {
+                        // The session still works, only without the agent.
+                        warn!("the VM refused agent forwarding");
+                        let line = stderr_line(
+                            "the VM's sshd refused agent forwarding (AllowAgentForwarding no?); \
+                             your agent is not available inside the VM",
+                            pty,
+                        );
+                        swr.extended_data_bytes(1, line).await.is_ok()
+                    }
                     // The VM could not allocate a PTY: the command still
                     // runs, as with OpenSSH.
                     _ => true,
@@ -378,38 +459,49 @@ async fn join_pump(
 
     tokio::pin!(up);
     tokio::pin!(down);
-    enum Finished {
-        Up(UpEnd, russh::ChannelWriteHalf<client::Msg>),
-        Down(DownEnd, russh::ChannelWriteHalf<Msg>),
-    }
-    let finished = tokio::select! {
-        _ = ctx.token.cancelled() => return,
-        (end, vwr) = &mut up => Finished::Up(end, vwr),
-        (end, swr) = &mut down => Finished::Down(end, swr),
-    };
-    // Whatever is left to say is said only while the connection lives.
     let token = &ctx.token;
-    match finished {
-        Finished::Up(end, vwr) => {
+    // Only the VM side ends the join: when the client closes first, the VM
+    // is asked to close too and what it still sends is drained.
+    enum First {
+        Down(DownEnd, russh::ChannelWriteHalf<Msg>),
+        Up(UpEnd, russh::ChannelWriteHalf<client::Msg>),
+    }
+    let first = tokio::select! {
+        _ = token.cancelled() => return,
+        (end, swr) = &mut down => First::Down(end, swr),
+        (end, vwr) = &mut up => First::Up(end, vwr),
+    };
+    let (end, swr) = match first {
+        First::Down(end, swr) => (end, swr),
+        First::Up(end, vwr) => {
             match end {
                 UpEnd::ClientClosed => info!("client closed the session; closing it on the VM"),
                 UpEnd::VmGone => warn!("the connection to the VM went away"),
             }
             let _ = token.run_until_cancelled(vwr.close()).await;
+            let rest = tokio::time::timeout(VM_CLOSE_GRACE, token.run_until_cancelled(&mut down));
+            match rest.await {
+                Ok(Some(d)) => d,
+                Ok(None) => return,
+                Err(_) => {
+                    warn!(grace = ?VM_CLOSE_GRACE, "the VM did not close the session after the client did");
+                    return;
+                }
+            }
         }
-        Finished::Down(
-            DownEnd::VmClosed {
-                exit_seen,
-                eof_sent,
-            },
-            swr,
-        ) => {
+    };
+    // Whatever is left to say is said only while the connection lives.
+    match end {
+        DownEnd::VmClosed {
+            exit_seen,
+            eof_sent,
+        } => {
             info!(exit_seen, "the VM closed the session");
             let _ = token
                 .run_until_cancelled(async {
                     if !exit_seen {
-                        let line = b"xe gateway: the VM session ended without an exit status\r\n";
-                        let _ = swr.extended_data_bytes(1, line.to_vec()).await;
+                        let line = stderr_line("the VM session ended without an exit status", pty);
+                        let _ = swr.extended_data_bytes(1, line).await;
                         let _ = swr.exit_status(255).await;
                     }
                     if !eof_sent {
@@ -419,11 +511,11 @@ async fn join_pump(
                 })
                 .await;
         }
-        Finished::Down(DownEnd::Refused, swr) => {
-            let line = "the VM refused to start the shell or command";
+        DownEnd::Refused => {
+            let line = "the VM refused to start the shell, command or subsystem";
             warn!("{line}");
-            finish_with_error(&swr, line, true, token).await;
+            finish_with_error(&swr, line, pty, token).await;
         }
-        Finished::Down(DownEnd::ClientGone, _) => info!("client went away"),
+        DownEnd::ClientGone => info!("client went away"),
     }
 }

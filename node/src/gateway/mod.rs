@@ -9,20 +9,24 @@
 //!
 //! # What a client gets
 //! - **`direct-tcpip`** (`ssh -W`, `ssh -J`, `xe ssh`): the recommended
-//!   path. The channel is accepted once the tunnel is up and carries the
+//!   path. Only the VM's SSH is a valid target (`vm:22`, or localhost,
+//!   127.0.0.1, ::1, the lease hash, `xe-<8 hex>`, port 22); anything else
+//!   is refused "administratively prohibited" with the accepted targets.
+//!   The channel is accepted once the tunnel is up and carries the
 //!   client's own SSH session to the VM's sshd, end to end.
-//! - **`session` without a PTY** (the gateway as a `ProxyCommand` without
-//!   `-W`): on `shell`/`exec` the channel is joined to the tunnel byte for
-//!   byte, as the seed does.
-//! - **`session` with a PTY and a forwarded agent** (`ssh -A -t`): the
-//!   gateway logs in to the VM itself, with the client's agent, after
-//!   checking the VM's host key against the lease's accept, and joins the
-//!   two sessions.
-//! - **`session` with a PTY and no agent**: a short explanation of how to
-//!   connect, on stderr, exit status 1.
+//! - **`shell` without a PTY** (the gateway as a `ProxyCommand` without
+//!   `-W`): the channel is joined to the tunnel byte for byte, as the seed
+//!   does.
+//! - **anything else with a forwarded agent** (`ssh -A` with a terminal, a
+//!   command or a subsystem such as sftp, PTY or not): the gateway logs in
+//!   to the VM itself, with the client's agent, after checking the VM's
+//!   host key against the lease's accept, forwards the agent on into the
+//!   VM, and joins the two sessions.
+//! - **anything else without an agent** (plain `ssh LEASE@gw cmd`, scp,
+//!   sftp): how to connect instead, on stderr, exit status 1.
 //!
-//! Everything else (x11, remote forwarding, streamlocal, subsystems) is
-//! refused.
+//! Everything else (x11, remote forwarding, streamlocal) is refused. A
+//! refused login is told why in one line (`refusal.rs`).
 //!
 //! # Limits
 //! At most [`GatewayConfig::max_connections`] connections (the accept loop
@@ -34,9 +38,11 @@
 //!
 //! # Layout
 //! - this file: configuration, [`Gateway`], the accept loop.
-//! - `conn.rs`: the russh handler and the per-connection task.
+//! - `conn.rs`: the russh handler; `lifecycle.rs`: the per-connection task.
 //! - `channel.rs`: per-channel tasks (`direct-tcpip`, `session`).
-//! - `join.rs`: the PTY + agent session joined to the VM.
+//! - `join.rs`: a session run in the VM with the forwarded agent;
+//!   `agent.rs`: that agent passed on into the VM.
+//! - `refusal.rs`: what a refused user is told, and how it reaches them.
 //! - `pump.rs`: channel ↔ tunnel copy with half-close; a cuttable stream.
 //! - `auth.rs`, `registry.rs`: who may log in; lease → connections.
 //! - [`hostkey`], [`stats`], [`tunnel`]: public parts.
@@ -55,12 +61,15 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 use xe_store::Store;
 
+mod agent;
 mod auth;
 mod channel;
 mod conn;
 pub mod hostkey;
 mod join;
+mod lifecycle;
 mod pump;
+mod refusal;
 mod registry;
 pub mod stats;
 pub mod tunnel;
@@ -309,7 +318,7 @@ impl Gateway {
                     backoff = ACCEPT_BACKOFF_MIN;
                     match slots.clone().try_acquire_owned() {
                         Ok(permit) => {
-                            shared.tracker.spawn(conn::serve(
+                            shared.tracker.spawn(lifecycle::serve(
                                 shared.clone(),
                                 tcp,
                                 peer,
@@ -377,22 +386,75 @@ fn russh_config(config: &GatewayConfig, key: PrivateKey) -> russh::server::Confi
         keepalive_interval: Some(config.keepalive_interval),
         keepalive_max: 3,
         nodelay: true,
-        preferred: russh::Preferred {
-            cipher: std::borrow::Cow::Borrowed(GATEWAY_CIPHERS),
-            ..Default::default()
-        },
+        preferred: gateway_algorithms(),
         ..Default::default()
     }
 }
 
-/// russh's default list plus aes128-gcm, which OpenSSH offers and which
-/// costs a third less CPU than aes256-gcm. The client's order decides.
+/// The algorithms the gateway offers, set explicitly so a russh upgrade
+/// never widens them silently. ssh-audit flagged russh's defaults: the
+/// encrypt-and-MAC `hmac-sha2-*` (only the `-etm` forms stay),
+/// `diffie-hellman-group14-sha256` (and the other finite-field groups) and
+/// pre-auth `zlib` (only the delayed `zlib@openssh.com` stays). The
+/// client's order decides among what is left.
+fn gateway_algorithms() -> russh::Preferred {
+    use std::borrow::Cow::Borrowed;
+    russh::Preferred {
+        kex: Borrowed(GATEWAY_KEX),
+        key: Borrowed(GATEWAY_KEY_ALGORITHMS),
+        host_key_certificates: Borrowed(&[]),
+        cipher: Borrowed(GATEWAY_CIPHERS),
+        mac: Borrowed(&[russh::mac::HMAC_SHA256_ETM, russh::mac::HMAC_SHA512_ETM]),
+        compression: Borrowed(&[russh::compression::NONE, russh::compression::ZLIB_LEGACY]),
+    }
+}
+
+/// The host key russh offers is filtered to the keys it has (one ed25519
+/// key), so clients see `ssh-ed25519` only. The list also becomes the
+/// `server-sig-algs` extension, which tells clients which *user* keys are
+/// worth offering: OpenSSH silently skips an RSA key not listed there, and
+/// the user would get a bare "Permission denied" instead of being told that
+/// a lease takes only its ed25519 key (see `refusal.rs`).
+const GATEWAY_KEY_ALGORITHMS: &[russh::keys::Algorithm] = {
+    use russh::keys::{Algorithm, EcdsaCurve, HashAlg};
+    &[
+        Algorithm::Ed25519,
+        Algorithm::Ecdsa {
+            curve: EcdsaCurve::NistP256,
+        },
+        Algorithm::Ecdsa {
+            curve: EcdsaCurve::NistP384,
+        },
+        Algorithm::Ecdsa {
+            curve: EcdsaCurve::NistP521,
+        },
+        Algorithm::Rsa {
+            hash: Some(HashAlg::Sha512),
+        },
+        Algorithm::Rsa {
+            hash: Some(HashAlg::Sha256),
+        },
+    ]
+};
+
+/// Post-quantum hybrid first (OpenSSH 9.9+), then X25519. The last two are
+/// not algorithms but markers russh must see in this list to advertise
+/// `ext-info-s` (server-sig-algs) and strict KEX (the Terrapin fix).
+const GATEWAY_KEX: &[russh::kex::Name] = &[
+    russh::kex::MLKEM768X25519_SHA256,
+    russh::kex::CURVE25519,
+    russh::kex::CURVE25519_PRE_RFC_8731,
+    russh::kex::EXTENSION_SUPPORT_AS_SERVER,
+    russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+];
+
+/// AEAD first; aes128-gcm costs a third less CPU than aes256-gcm.
+/// AES-192 and every CBC mode are left out.
 const GATEWAY_CIPHERS: &[russh::cipher::Name] = &[
     russh::cipher::CHACHA20_POLY1305,
-    russh::cipher::AES_128_GCM,
     russh::cipher::AES_256_GCM,
+    russh::cipher::AES_128_GCM,
     russh::cipher::AES_256_CTR,
-    russh::cipher::AES_192_CTR,
     russh::cipher::AES_128_CTR,
 ];
 

@@ -293,6 +293,7 @@ impl Vm {
                      StrictModes no\n\
                      PermitRootLogin prohibit-password\n\
                      AcceptEnv XE_*\n\
+                     Subsystem sftp internal-sftp\n\
                      LogLevel INFO\n",
                     host = host_key.display(),
                     keys = auth_keys.display(),

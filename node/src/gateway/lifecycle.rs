@@ -1,0 +1,210 @@
+//! The task that owns one connection's life: the SSH handshake under the
+//! grace time, then waiting for the end — the client leaving, the grace
+//! time without authentication, the lease ending or expiring, shutdown —
+//! and closing the connection with a reason.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use russh::Disconnect;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span, debug, info};
+
+use super::Shared;
+use super::auth;
+use super::conn::{AuthInfo, ConnHandler};
+use super::pump::Killable;
+use super::stats::ConnectionRefusal;
+
+/// How long a closing connection gets to deliver its disconnect message,
+/// and then to finish, before its transport is cut. Two of these stay well
+/// inside the promise that an ended lease's connections close within 1 s.
+const DISCONNECT_GRACE: Duration = Duration::from_millis(250);
+
+/// Longest wait armed for a lease's expiry; re-armed when reached. Keeps
+/// `Instant` arithmetic far from overflow for absurd expiry times.
+const MAX_EXPIRY_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// Why the connection task ended the connection.
+#[derive(Debug)]
+enum End {
+    Closed(Option<String>),
+    GraceExpired,
+    LeaseEnded(&'static str),
+    Shutdown,
+}
+
+/// An `Instant` for a unix time in seconds (now, if it has passed).
+fn instant_for_unix(secs: u64) -> Instant {
+    let target = UNIX_EPOCH + Duration::from_secs(secs);
+    let wait = target
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    Instant::now() + wait.min(MAX_EXPIRY_WAIT)
+}
+
+/// Serve one accepted TCP connection until it ends. Holds `permit` (one of
+/// `max_connections`) for its whole life.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+) {
+    let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("ssh", conn = conn_id, %peer, lease = tracing::field::Empty);
+    serve_inner(shared, tcp, peer, permit, shutdown, conn_id, span.clone())
+        .instrument(span)
+        .await;
+}
+
+async fn serve_inner(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+    conn_id: u64,
+    span: Span,
+) {
+    let _permit = permit;
+    let _active = shared.stats.connection_opened();
+    let local = match tcp.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            debug!(error = %e, "connection gone before it was served");
+            return;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    debug!("connection accepted");
+
+    // Cutting the transport is the last resort that always ends russh's
+    // session task; the guard does it whenever this function returns.
+    let transport = CancellationToken::new();
+    let _transport_guard = transport.clone().drop_guard();
+    let kill = CancellationToken::new();
+    let channels_token = shutdown.child_token();
+    let _channels_guard = channels_token.clone().drop_guard();
+    let (auth_tx, mut auth_rx) = oneshot::channel();
+    let handle_slot = Arc::new(OnceLock::new());
+    let handler = ConnHandler::new(
+        shared.clone(),
+        conn_id,
+        peer,
+        local,
+        span,
+        kill.clone(),
+        channels_token.clone(),
+        auth_tx,
+        handle_slot.clone(),
+    );
+
+    let grace_deadline = Instant::now() + shared.config.auth_grace;
+    let started = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = tokio::time::timeout_at(
+            grace_deadline,
+            russh::server::run_stream(shared.russh.clone(), Killable::new(tcp, transport.clone()), handler),
+        ) => r,
+    };
+    let session = match started {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            shared.stats.record_refusal(ConnectionRefusal::Handshake);
+            info!(error = %e, "SSH version exchange failed; closing");
+            return;
+        }
+        Err(_) => {
+            shared.stats.record_refusal(ConnectionRefusal::AuthTimeout);
+            info!(grace = ?shared.config.auth_grace, "no SSH version exchange within the grace time; closing");
+            return;
+        }
+    };
+    let handle = session.handle();
+    // Before any authentication request can arrive (that takes the key
+    // exchange's round trips), so a refusal can always be sent.
+    let _ = handle_slot.set(handle.clone());
+    tokio::pin!(session);
+
+    let mut authed: Option<AuthInfo> = None;
+    let mut auth_pending = true;
+    let mut expiry: Option<Instant> = None;
+    let end = loop {
+        tokio::select! {
+            r = &mut session => break End::Closed(r.err().map(|e| e.to_string())),
+            a = &mut auth_rx, if auth_pending => {
+                auth_pending = false;
+                if let Ok(info) = a {
+                    expiry = info.expires_at.map(instant_for_unix);
+                    authed = Some(info);
+                }
+            }
+            _ = tokio::time::sleep_until(grace_deadline), if authed.is_none() => break End::GraceExpired,
+            _ = tokio::time::sleep_until(expiry.unwrap_or(grace_deadline)), if expiry.is_some() => {
+                // Look again rather than trust the timer: the state decides.
+                let Some(info) = &authed else { break End::LeaseEnded("expired") };
+                match auth::active_lease(&shared.store, &info.lease) {
+                    Ok(rec) => {
+                        let next = rec.expires_at().map(instant_for_unix);
+                        // Never spin: re-arm at least a little in the future.
+                        let floor = Instant::now() + Duration::from_millis(100);
+                        expiry = next.map(|t| t.max(floor));
+                    }
+                    Err(reason) => break End::LeaseEnded(reason.as_str()),
+                }
+            }
+            _ = kill.cancelled() => {
+                let why = authed
+                    .as_ref()
+                    .and_then(|i| auth::active_lease(&shared.store, &i.lease).err())
+                    .map(|r| r.as_str())
+                    .unwrap_or("lease_ended");
+                break End::LeaseEnded(why);
+            }
+            _ = shutdown.cancelled() => break End::Shutdown,
+        }
+    };
+
+    let message = match &end {
+        End::Closed(err) => {
+            info!(error = ?err, "connection closed");
+            return;
+        }
+        End::GraceExpired => {
+            shared.stats.record_refusal(ConnectionRefusal::AuthTimeout);
+            info!(grace = ?shared.config.auth_grace, "not authenticated within the grace time; closing");
+            "authentication timed out".to_string()
+        }
+        End::LeaseEnded(why) => {
+            shared.stats.record_lease_disconnect();
+            info!(reason = %why, "lease no longer grants access; closing the connection");
+            format!("the lease no longer grants access ({why})")
+        }
+        End::Shutdown => {
+            info!("gateway shutting down; closing the connection");
+            "the gateway is shutting down".to_string()
+        }
+    };
+    // Stop the channel tasks first: their tunnels close, and russh can no
+    // longer be blocked on a channel nobody reads.
+    channels_token.cancel();
+    let _ = tokio::time::timeout(
+        DISCONNECT_GRACE,
+        handle.disconnect(Disconnect::ByApplication, message, "en".into()),
+    )
+    .await;
+    if tokio::time::timeout(DISCONNECT_GRACE, &mut session)
+        .await
+        .is_err()
+    {
+        debug!("client did not close after the disconnect; cutting the connection");
+    }
+    // `_transport_guard` cuts the transport on return.
+}
