@@ -130,7 +130,7 @@ async fn pty_without_agent_explains_how_to_connect() {
     let all = format!("{stdout}{stderr}");
     for hint in [
         format!("xe ssh {}", s.lease),
-        "ssh -J".into(),
+        format!("-o HostKeyAlias={}", s.lease),
         "ssh -A".into(),
     ] {
         assert!(all.contains(&hint), "missing {hint:?} in {all:?}");

@@ -182,10 +182,23 @@ async fn every_refusal_is_counted_under_its_reason() {
     let says = format!("lease {} was cancelled", short(&cancelled));
     expect_refused(&s, cmd, AuthFailure::LeaseCancelled, &says).await;
 
+    // A lease its provider declined.
+    let declined = s.ledger.lease(
+        s.key.access_pub_key(),
+        None,
+        3600,
+        common::UNUSED_VM_HOST_KEY,
+    );
+    s.ledger.decline(declined, "over capacity");
+    let mut cmd = s.gw_ssh(&declined.to_string(), s.key.path());
+    cmd.arg("true");
+    let says = format!("lease {} was declined by its provider", short(&declined));
+    expect_refused(&s, cmd, AuthFailure::LeaseDeclined, &says).await;
+
     assert_eq!(s.gw.stats.auth_successes(), 0);
     assert_eq!(
         failures(&s.gw.stats).iter().map(|(_, n)| n).sum::<u64>(),
-        10
+        11
     );
     s.gw.stop().await;
 }

@@ -37,7 +37,10 @@ async fn scene_with_agent() -> (Scene, Agent) {
 fn assert_help(all: &str, s: &Scene) {
     for hint in [
         format!("xe ssh {}", s.lease),
-        format!("ssh -J {}@", s.lease),
+        // The VM's key under the lease's alias, so the next lease's VM
+        // does not clash with it under the shared name `vm`.
+        format!("-o HostKeyAlias={} -o ProxyCommand=", s.lease),
+        format!("-W %h:%p {}@", s.lease),
         format!("xe ssh-config {}", s.lease),
         "-o ProxyJump=".into(),
         "ssh -A".into(),

@@ -36,7 +36,8 @@ pub(crate) fn active_lease(store: &Store, hash: &LeaseHash) -> Result<LeaseRecor
         LeaseState::Accepted => {}
         LeaseState::Created => return Err(AuthFailure::LeaseNotAccepted),
         LeaseState::Settled => return Err(AuthFailure::LeaseSettled),
-        LeaseState::Cancelled | LeaseState::Declined => return Err(AuthFailure::LeaseCancelled),
+        LeaseState::Cancelled => return Err(AuthFailure::LeaseCancelled),
+        LeaseState::Declined => return Err(AuthFailure::LeaseDeclined),
         LeaseState::Expired => return Err(AuthFailure::LeaseExpired),
     }
     if rec.lease.access_pub_key.0 == [0u8; 32] || !rec.lease.access_pub_key.is_valid_point() {

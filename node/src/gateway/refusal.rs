@@ -58,7 +58,8 @@ pub(crate) fn echo(s: &str) -> String {
     let clean: String = s.chars().filter(|c| !c.is_control()).collect();
     let mut out: String = clean.chars().take(MAX_ECHO).collect();
     if clean.chars().count() > MAX_ECHO {
-        out.push('…');
+        // ASCII: OpenSSH prints other bytes of a disconnect as octal.
+        out.push_str("...");
     }
     out
 }
@@ -80,7 +81,7 @@ pub(crate) fn auth_text(
             .map(String::as_str)
             .collect();
         if keys.len() > MAX_FINGERPRINTS {
-            v.push("…");
+            v.push("...");
         }
         v.join(", ")
     };
@@ -103,6 +104,9 @@ pub(crate) fn auth_text(
         AuthFailure::LeaseCancelled => {
             format!("lease {l} was cancelled and grants no access; create a new lease")
         }
+        AuthFailure::LeaseDeclined => format!(
+            "lease {l} was declined by its provider and grants no access (xe lease show {l} says why); create a new lease"
+        ),
         AuthFailure::LeaseExpired => {
             format!("lease {l} has expired and grants no access; create a new lease")
         }
@@ -265,10 +269,12 @@ pub(crate) fn needs_agent_text(lease: &LeaseHash, what: &str, gateway: SocketAdd
          (ssh -A with the lease key loaded), which this connection did not forward.\n\
          Connect end to end with the VM's sshd instead:\n\
          \x20 xe ssh {hash} --gateway {gateway}\n\
-         \x20 ssh -J {hash}@{gateway} root@vm\n\
+         \x20 ssh -i ~/.xe/wallet.lease_key -o HostKeyAlias={hash} \
+         -o ProxyCommand='ssh -i ~/.xe/wallet.lease_key -p {port} -W %h:%p {hash}@{ip}' root@vm\n\
+         \x20 (HostKeyAlias pins the VM's key under the lease, not under the name vm every lease shares)\n\
          For scp, sftp, rsync and IDEs (scp does not forward an agent), add a host entry:\n\
          \x20 xe ssh-config {hash} --gateway {gateway} >> ~/.ssh/config   (then: scp FILE xe-{short}:, sftp xe-{short})\n\
-         \x20 or pass -o ProxyJump={hash}@{gateway} and use root@vm as the host.\n\
+         \x20 or pass -o ProxyJump={hash}@{gateway} -o HostKeyAlias={hash} and use root@vm as the host.\n\
          Or forward the agent that holds the lease key:\n\
          \x20 ssh -A -p {port} {hash}@{ip}",
         short = lease.short(),
@@ -286,8 +292,8 @@ mod tests {
     fn echo_is_short_and_clean() {
         assert_eq!(echo("ro\x1b[31mot\n"), "ro[31mot");
         let long = echo(&"x".repeat(500));
-        assert_eq!(long.chars().count(), MAX_ECHO + 1);
-        assert!(long.ends_with('…'));
+        assert_eq!(long.chars().count(), MAX_ECHO + 3);
+        assert!(long.ends_with("...") && long.is_ascii());
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub enum AuthFailure {
     LeaseSettled,
     /// The lease was cancelled.
     LeaseCancelled,
+    /// The provider declined the lease.
+    LeaseDeclined,
     /// The lease's time ran out.
     LeaseExpired,
     /// The lease carries no usable access key.
@@ -32,12 +34,13 @@ pub enum AuthFailure {
 
 impl AuthFailure {
     /// Every reason, in label order.
-    pub const ALL: [AuthFailure; 10] = [
+    pub const ALL: [AuthFailure; 11] = [
         AuthFailure::MalformedUsername,
         AuthFailure::UnknownLease,
         AuthFailure::LeaseNotAccepted,
         AuthFailure::LeaseSettled,
         AuthFailure::LeaseCancelled,
+        AuthFailure::LeaseDeclined,
         AuthFailure::LeaseExpired,
         AuthFailure::NoAccessKey,
         AuthFailure::WrongKeyType,
@@ -53,6 +56,7 @@ impl AuthFailure {
             AuthFailure::LeaseNotAccepted => "lease_not_accepted",
             AuthFailure::LeaseSettled => "lease_settled",
             AuthFailure::LeaseCancelled => "lease_cancelled",
+            AuthFailure::LeaseDeclined => "lease_declined",
             AuthFailure::LeaseExpired => "lease_expired",
             AuthFailure::NoAccessKey => "no_access_key",
             AuthFailure::WrongKeyType => "wrong_key_type",

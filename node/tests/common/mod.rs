@@ -191,6 +191,17 @@ impl Ledger {
             .expect("apply cancel");
     }
 
+    pub fn decline(&self, hash: LeaseHash, reason: &str) {
+        self.store
+            .apply_event(&LeaseEvent::decline(
+                &self.provider,
+                hash,
+                now_secs(),
+                reason,
+            ))
+            .expect("apply decline");
+    }
+
     pub fn record(&self, hash: &LeaseHash) -> LeaseRecord {
         self.store.lease(hash).expect("read").expect("lease exists")
     }
