@@ -52,6 +52,7 @@ use xe_store::{AccountAddress, Store};
 
 pub mod auth;
 pub mod client;
+mod conns;
 mod error;
 pub mod limit;
 mod metrics;
@@ -60,6 +61,7 @@ pub mod stats;
 mod tunnel;
 pub mod types;
 
+pub use conns::{ConnLimits, ConnRefusal, Source};
 pub use error::ApiError;
 pub use limit::RateLimit;
 pub use stats::ApiStats;
@@ -68,6 +70,17 @@ pub use stats::ApiStats;
 pub const DEFAULT_MAX_TUNNELS: usize = 100;
 /// Default cap on open HTTP connections (tunnels excluded once upgraded).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default cap on the connections one source (an IPv4 address, an IPv6
+/// /64) may hold: a CLI needs a handful, `xe tunnel` one per session being
+/// set up; one client must never hold them all.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 64;
+/// Of the connection cap, the last this many go only to sources holding
+/// none: with everyone else saturated, a newcomer still gets in.
+pub const DEFAULT_CONNECTION_RESERVE: usize = 64;
+/// How long a client may take to send a request's body, once its headers
+/// are in. Without it a client that sends a byte now and then holds its
+/// connection for ever.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default request body cap. A signed lease event is under 2 KiB; this
 /// matches the overlay's gossip message cap.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024;
@@ -118,9 +131,15 @@ pub struct ApiConfig {
     pub require_fresh: bool,
     /// Concurrent HTTP tunnels; beyond this, 503.
     pub max_tunnels: usize,
-    /// Concurrent HTTP connections; beyond this a new connection is closed
-    /// at once.
+    /// Concurrent HTTP connections; beyond this a new connection gets a
+    /// short 503 and is closed.
     pub max_connections: usize,
+    /// See [`DEFAULT_MAX_CONNECTIONS_PER_SOURCE`].
+    pub max_connections_per_source: usize,
+    /// See [`DEFAULT_CONNECTION_RESERVE`].
+    pub connection_reserve: usize,
+    /// See [`DEFAULT_BODY_READ_TIMEOUT`].
+    pub body_read_timeout: Duration,
     /// Request body cap in bytes; beyond this, 413.
     pub max_body_bytes: usize,
     /// Per-client-IP budget for write requests (anything but GET/HEAD).
@@ -137,6 +156,9 @@ impl Default for ApiConfig {
             require_fresh: false,
             max_tunnels: DEFAULT_MAX_TUNNELS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+            connection_reserve: DEFAULT_CONNECTION_RESERVE,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             write_rate: RateLimit::default(),
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
@@ -152,6 +174,7 @@ pub(crate) struct AppInner {
     pub(crate) api_addr: SocketAddr,
     pub(crate) limiter: limit::RateLimiter,
     pub(crate) tunnels: Arc<Semaphore>,
+    pub(crate) conns: conns::ConnTable,
     pub(crate) stats: Arc<ApiStats>,
     /// Tunnel pipes outlive their request; shutdown waits for them here.
     pub(crate) tracker: TaskTracker,
@@ -202,6 +225,11 @@ pub fn start(
     let app: App = Arc::new(AppInner {
         limiter: limit::RateLimiter::new(config.write_rate),
         tunnels: Arc::new(Semaphore::new(config.max_tunnels)),
+        conns: conns::ConnTable::new(ConnLimits {
+            global: config.max_connections,
+            per_source: config.max_connections_per_source,
+            reserve: config.connection_reserve,
+        }),
         stats: stats.clone(),
         tracker: TaskTracker::new(),
         cancel: cancel.clone(),
@@ -213,9 +241,27 @@ pub fn start(
     Ok((ApiHandle { stats }, fut))
 }
 
+/// Tell a refused client why, in one short answer, then close. Bounded in
+/// time so a refused client cannot hold even this (it need not read).
+fn refuse_connection(tcp: tokio::net::TcpStream, refusal: &ConnRefusal, tracker: &TaskTracker) {
+    let body = format!(
+        "{{\"error\":{}}}\n",
+        serde_json::Value::from(refusal.to_string())
+    );
+    let resp = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 5\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tracker.spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let mut tcp = tcp;
+        let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(resp.as_bytes())).await;
+    });
+}
+
 async fn accept_loop(listener: TcpListener, app: App) {
     let router = routes::router(app.clone());
-    let conns = Arc::new(Semaphore::new(app.config.max_connections));
     let cancel = app.cancel.clone();
     info!(addr = %app.api_addr, require_fresh = app.config.require_fresh, "HTTP API listening");
     let mut backoff = Duration::from_millis(10);
@@ -237,9 +283,14 @@ async fn accept_loop(listener: TcpListener, app: App) {
                 }
             },
         };
-        let Ok(permit) = conns.clone().try_acquire_owned() else {
-            debug!(%peer, "API connection limit reached; closing");
-            continue;
+        let permit = match app.conns.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                app.stats.record_connection_refused();
+                debug!(%peer, "API connection refused: {refusal}");
+                refuse_connection(tcp, &refusal, &app.tracker);
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
         let svc = router

@@ -194,6 +194,24 @@ pub(crate) async fn metrics(State(app): State<App>) -> Result<Response, HttpErro
         "Requests refused with 413.",
         app.stats.bodies_too_large(),
     );
+    o.one(
+        "xe_http_body_timeout_total",
+        "counter",
+        "Requests whose body did not arrive in time (408).",
+        app.stats.bodies_too_slow(),
+    );
+    o.one(
+        "xe_http_connections_refused_total",
+        "counter",
+        "Connections refused by the per-source or global cap.",
+        app.stats.connections_refused(),
+    );
+    o.one(
+        "xe_http_connections_open",
+        "gauge",
+        "HTTP connections open now (upgraded tunnels excluded).",
+        app.conns.open() as u64,
+    );
 
     // ---- ledger
     // One record at a time: a scrape's memory does not grow with the

@@ -37,6 +37,9 @@ pub(crate) fn router(app: App) -> Router {
         .route("/tunnel/{lease}/tcp", post(crate::tunnel::tunnel))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
+        // Outermost last: a client over its write budget is refused before
+        // its body is read.
+        .layer(middleware::from_fn_with_state(app.clone(), body_deadline))
         .layer(middleware::from_fn_with_state(app.clone(), rate_limit))
         .layer(DefaultBodyLimit::max(app.config.max_body_bytes))
         .with_state(app)
@@ -51,6 +54,68 @@ async fn wrong_method(method: Method, uri: axum::http::Uri) -> HttpError {
         StatusCode::METHOD_NOT_ALLOWED,
         format!("{method} is not allowed on {}", uri.path()),
     )
+}
+
+/// A request's body must be in within [`crate::ApiConfig::body_read_timeout`]
+/// of its headers: read here, whole (bodies are small, at most
+/// `max_body_bytes`), so no handler can be held by a client that trickles
+/// bytes. Past the deadline: 408 and the connection is closed.
+async fn body_deadline(State(app): State<App>, req: Request, next: Next) -> Response {
+    if req.method() == Method::GET || req.method() == Method::HEAD {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    // One more byte than allowed, so an oversized body still reaches the
+    // handler's own 413 (and its counter) instead of a second message.
+    let limit = app.config.max_body_bytes.saturating_add(1);
+    let read = tokio::time::timeout(
+        app.config.body_read_timeout,
+        axum::body::to_bytes(body, limit),
+    )
+    .await;
+    match read {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(e)) if !is_length_limit(&e) => {
+            HttpError::bad_request(format!("reading the request body: {e}")).into_response()
+        }
+        Ok(Err(_)) => {
+            app.stats.record_body_too_large();
+            HttpError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "request body is over the {} byte limit",
+                    app.config.max_body_bytes
+                ),
+            )
+            .into_response()
+        }
+        Err(_) => {
+            app.stats.record_body_too_slow();
+            HttpError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s of its headers; send it whole",
+                    app.config.body_read_timeout.as_secs()
+                ),
+            )
+            .with_header(header::CONNECTION, HeaderValue::from_static("close"))
+            .into_response()
+        }
+    }
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// Writes (anything but GET/HEAD) spend one token of the client IP's bucket.

@@ -19,6 +19,8 @@ pub struct ApiStats {
     pub(crate) bytes_vm_to_client: Arc<AtomicU64>,
     rate_limited: AtomicU64,
     bodies_too_large: AtomicU64,
+    bodies_too_slow: AtomicU64,
+    connections_refused: AtomicU64,
 }
 
 /// Keeps `tunnels_active` incremented while alive.
@@ -66,6 +68,25 @@ impl ApiStats {
     }
 
     /// Requests refused with 413.
+    /// Requests whose body did not arrive in time (408), since start.
+    pub fn bodies_too_slow(&self) -> u64 {
+        self.bodies_too_slow.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn record_body_too_slow(&self) {
+        self.bodies_too_slow.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections refused by the per-source or global cap, since start.
+    pub fn connections_refused(&self) -> u64 {
+        self.connections_refused.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn record_connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests refused with 413, since start.
     pub fn bodies_too_large(&self) -> u64 {
         self.bodies_too_large.load(Ordering::Relaxed)
     }

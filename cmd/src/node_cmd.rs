@@ -137,10 +137,16 @@ pub struct NodeArgs {
     /// enables the API on that port (`127.0.0.1:0` picks a free one).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
     pub api_listen: String,
-    /// Refuse the timeless X-Signature form on POST /tunnel/{lease}/tcp:
-    /// require X-Timestamp (signature over lease hash ‖ timestamp, ±60 s).
+    /// Refuse the seed's timeless X-Signature form on POST
+    /// /tunnel/{lease}/tcp: require the fresh form (bound to this node,
+    /// used once, ±60 s; see the README's HTTP API section).
     #[arg(long)]
     pub http_tunnel_require_fresh: bool,
+    /// Most HTTP API connections one client address (an IPv4 address, an
+    /// IPv6 /64) may hold at once (1-1024; all clients together: 1024).
+    #[arg(long, default_value_t = xe_api::DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    pub api_max_connections_per_source: usize,
 }
 
 fn ssh_listen(args: &NodeArgs) -> anyhow::Result<Option<SocketAddr>> {
@@ -342,6 +348,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
                 .context("reading the HTTP API address")?;
             let config = xe_api::ApiConfig {
                 require_fresh: args.http_tunnel_require_fresh,
+                max_connections_per_source: args.api_max_connections_per_source,
                 ..xe_api::ApiConfig::default()
             };
             let ctx = xe_api::ApiContext::from_node(&node);
