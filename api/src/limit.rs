@@ -1,5 +1,6 @@
-//! Per-client-IP token buckets for write requests (every method but GET
-//! and HEAD). A client over its budget gets `429` with `Retry-After`.
+//! Per-source token buckets for write requests (every method but GET and
+//! HEAD); a source is what [`crate::conns::Source`] says (an IPv4 address,
+//! an IPv6 /64). A client over its budget gets `429` with `Retry-After`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -7,6 +8,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::conns::Source;
 
 /// Most client addresses tracked at once. When the table is full, buckets
 /// that have refilled completely are forgotten (they carry no state worth
@@ -45,7 +48,7 @@ struct Bucket {
 #[derive(Debug)]
 pub(crate) struct RateLimiter {
     limit: RateLimit,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    buckets: Mutex<HashMap<Source, Bucket>>,
 }
 
 impl RateLimiter {
@@ -64,6 +67,7 @@ impl RateLimiter {
 
     /// Take one token for `ip`, or say how long until one is available.
     pub(crate) fn check(&self, ip: IpAddr) -> Result<(), Duration> {
+        let ip = Source::of(ip);
         let now = Instant::now();
         let burst = f64::from(self.limit.burst);
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
@@ -123,5 +127,22 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(l.check(ip).is_ok());
         assert!(l.check(ip).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_ipv6_64_is_one_client() {
+        let l = RateLimiter::new(RateLimit {
+            burst: 1,
+            per_second: 1.0,
+        });
+        let a: IpAddr = "2001:db8:5:6::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:5:6:ffff::2".parse().unwrap();
+        let other: IpAddr = "2001:db8:5:7::1".parse().unwrap();
+        assert!(l.check(a).is_ok());
+        assert!(
+            l.check(b).is_err(),
+            "a new address in the same /64 is no new budget"
+        );
+        assert!(l.check(other).is_ok());
     }
 }
