@@ -175,6 +175,8 @@ pub(crate) struct AppInner {
     pub(crate) limiter: limit::RateLimiter,
     pub(crate) tunnels: Arc<Semaphore>,
     pub(crate) conns: conns::ConnTable,
+    /// Nonces of fresh tunnel signatures already used here.
+    pub(crate) seen_nonces: auth::SeenNonces,
     pub(crate) stats: Arc<ApiStats>,
     /// Tunnel pipes outlive their request; shutdown waits for them here.
     pub(crate) tracker: TaskTracker,
@@ -230,6 +232,7 @@ pub fn start(
             per_source: config.max_connections_per_source,
             reserve: config.connection_reserve,
         }),
+        seen_nonces: auth::SeenNonces::default(),
         stats: stats.clone(),
         tracker: TaskTracker::new(),
         cancel: cancel.clone(),

@@ -6,11 +6,13 @@
 //! |---|---|
 //! | path holds a 64-hex lease hash | 400 |
 //! | `X-Signature` present | 401 |
-//! | `X-Signature` is 128 hex, `X-Timestamp` (if any) is unix seconds | 400 |
-//! | `X-Timestamp` present when the node requires the fresh form | 401 |
+//! | `X-Signature` is 128 hex; `X-Timestamp`, `X-Nonce`, `X-Node` (if any) parse | 400 |
+//! | the fresh form when the node requires it; all three of its headers | 401 |
+//! | `X-Node` is this node's peer id | 401 |
 //! | the lease is known | 404 |
 //! | the signature verifies against the lease's access key | 403 |
 //! | the timestamp is within ±60 s of this node's clock | 401 |
+//! | the nonce was not used here before (and the lease's share of the nonce table is not full) | 401 (429) |
 //! | the lease is accepted and not settled, cancelled or expired | 410 |
 //! | `Connection: Upgrade` and `Upgrade: xe-tunnel`, on HTTP/1.1 | 426 |
 //! | fewer than `max_tunnels` HTTP tunnels are open | 503 |
@@ -40,7 +42,8 @@ use xe_store::{LeaseHash, LeaseState, Sig, now_secs};
 
 use crate::App;
 use crate::auth::{
-    SIGNATURE_HEADER, TIMESTAMP_HEADER, TIMESTAMP_WINDOW, UPGRADE_PROTOCOL, signing_message,
+    Freshness, NODE_HEADER, NONCE_HEADER, NonceRefusal, SIGNATURE_HEADER, TIMESTAMP_HEADER,
+    TIMESTAMP_WINDOW, UPGRADE_PROTOCOL, signing_message,
 };
 use crate::error::HttpError;
 
@@ -52,6 +55,51 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>,
             .map(|s| Some(s.trim()))
             .map_err(|_| HttpError::bad_request(format!("{name}: not visible ASCII"))),
     }
+}
+
+/// The fresh form's headers, parsed and checked against this node; `None`
+/// for the seed's timeless form (refused when the node requires fresh).
+fn freshness(app: &App, headers: &HeaderMap) -> Result<Option<Freshness>, HttpError> {
+    let ts = header_str(headers, TIMESTAMP_HEADER)?;
+    let nonce = header_str(headers, NONCE_HEADER)?;
+    let node = header_str(headers, NODE_HEADER)?;
+    let unauthorized = |m: String| HttpError::new(StatusCode::UNAUTHORIZED, m);
+    let (ts, nonce, node) = match (ts, nonce, node) {
+        (None, None, None) if app.config.require_fresh => {
+            return Err(unauthorized(
+                "this node requires the fresh X-Signature form (X-Timestamp, X-Nonce, X-Node: bound to this node, used once); the timeless form is refused".into(),
+            ));
+        }
+        (None, None, None) => return Ok(None),
+        (Some(ts), Some(nonce), Some(node)) => (ts, nonce, node),
+        _ => {
+            return Err(unauthorized(
+                "the fresh X-Signature form needs all of X-Timestamp (unix seconds), X-Nonce (32 hex digits) and X-Node (this node's peer id, from GET /node); an older xe sends X-Timestamp alone: update it".into(),
+            ));
+        }
+    };
+    let timestamp = ts.parse::<u64>().map_err(|_| {
+        HttpError::bad_request(format!("X-Timestamp: expected unix seconds, got {ts:?}"))
+    })?;
+    let mut n = [0u8; 16];
+    hex::decode_to_slice(nonce, &mut n).map_err(|_| {
+        HttpError::bad_request(format!(
+            "X-Nonce: expected 32 hex digits, got {:?}",
+            crate::error::clip(nonce)
+        ))
+    })?;
+    let me = app.ctx.net.peer_id().to_string();
+    if node != me {
+        return Err(unauthorized(format!(
+            "X-Node {:?} is not this node ({me}): a fresh X-Signature opens a tunnel only at the node it was signed for",
+            crate::error::clip(node)
+        )));
+    }
+    Ok(Some(Freshness {
+        timestamp,
+        nonce: n,
+        node: me,
+    }))
 }
 
 /// Whether a comma-separated header lists `token` (case-insensitive).
@@ -99,19 +147,7 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
     let sig: Sig = sig
         .parse()
         .map_err(|e| HttpError::bad_request(format!("X-Signature: {e}")))?;
-    let ts = header_str(headers, TIMESTAMP_HEADER)?
-        .map(|t| {
-            t.parse::<u64>().map_err(|_| {
-                HttpError::bad_request(format!("X-Timestamp: expected unix seconds, got {t:?}"))
-            })
-        })
-        .transpose()?;
-    if ts.is_none() && app.config.require_fresh {
-        return Err(HttpError::new(
-            StatusCode::UNAUTHORIZED,
-            "this node requires X-Timestamp (unix seconds) with X-Signature over lease hash ‖ timestamp (8 bytes big-endian); the timeless form is refused",
-        ));
-    }
+    let fresh = freshness(app, headers)?;
     let rec = app
         .ctx
         .store
@@ -120,33 +156,48 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
     if !rec
         .lease
         .access_pub_key
-        .verify(&signing_message(&lease, ts), &sig)
+        .verify(&signing_message(&lease, fresh.as_ref()), &sig)
     {
         return Err(HttpError::new(
             StatusCode::FORBIDDEN,
-            match ts {
+            match fresh {
                 None => {
                     "X-Signature does not verify against the lease's access key (expected a signature of the 32 lease hash bytes)"
                 }
                 Some(_) => {
-                    "X-Signature does not verify against the lease's access key (expected a signature of the 32 lease hash bytes ‖ X-Timestamp as 8 bytes big-endian)"
+                    "X-Signature does not verify against the lease's access key (expected a signature of \"xe/tunnel/v2\" ‖ lease hash ‖ X-Timestamp u64 big-endian ‖ X-Nonce bytes ‖ X-Node)"
                 }
             },
         ));
     }
-    if let Some(ts) = ts {
+    if let Some(f) = &fresh {
         let now = now_secs();
-        let off = now.abs_diff(ts);
+        let off = now.abs_diff(f.timestamp);
         if off > TIMESTAMP_WINDOW.as_secs() {
-            let dir = if ts < now { "old" } else { "in the future" };
+            let dir = if f.timestamp < now {
+                "old"
+            } else {
+                "in the future"
+            };
             return Err(HttpError::new(
                 StatusCode::UNAUTHORIZED,
                 format!(
-                    "X-Timestamp {ts} is {off} s {dir} by this node's clock (allowed ±{} s); sign a fresh one",
+                    "X-Timestamp {} is {off} s {dir} by this node's clock (allowed ±{} s); sign a fresh one",
+                    f.timestamp,
                     TIMESTAMP_WINDOW.as_secs()
                 ),
             ));
         }
+        // Only a signature that checked out takes a place in the table.
+        app.seen_nonces
+            .remember(&lease, f.nonce, f.timestamp, now)
+            .map_err(|e| {
+                let status = match e {
+                    NonceRefusal::Replayed => StatusCode::UNAUTHORIZED,
+                    NonceRefusal::LeaseBusy | NonceRefusal::Full => StatusCode::TOO_MANY_REQUESTS,
+                };
+                HttpError::new(status, e.to_string())
+            })?;
     }
     match rec.state() {
         LeaseState::Accepted => {}

@@ -430,8 +430,12 @@ async fn tunnel_refusals_have_their_status_codes() {
         .expect("settle");
 
     let sig = |h: &xe_store::LeaseHash| TunnelAuth::timeless(&w.key, h).signature.to_hex();
-    let fresh =
-        |h: &xe_store::LeaseHash, ts: u64| TunnelAuth::fresh(&w.key, h, ts).signature.to_hex();
+    let me = w.node.net.peer_id().to_string();
+    // A fresh signature for this node at `ts`: (X-Signature, its headers).
+    let fresh = |h: &xe_store::LeaseHash, ts: u64| {
+        let a = TunnelAuth::fresh(&w.key, h, &me, ts);
+        (a.signature.to_hex(), fresh_headers(&a))
+    };
     let expect = |r: Resp, status: u16, contains: &str| {
         assert_eq!(r.status.as_u16(), status, "{}", r.text());
         assert!(
@@ -466,7 +470,11 @@ async fn tunnel_refusals_have_their_status_codes() {
         post_tunnel(
             api.addr,
             &active.to_hex(),
-            &tunnel_headers(&sig(&active), Some("yesterday"), true),
+            &tunnel_headers(
+                &sig(&active),
+                Some(&("yesterday".into(), "00".repeat(16), me.clone())),
+                true,
+            ),
         )
         .await,
         400,
@@ -520,36 +528,64 @@ async fn tunnel_refusals_have_their_status_codes() {
         403,
         "does not verify",
     );
-    // A timeless signature sent with a timestamp covers the wrong bytes.
+    // A timeless signature sent with the fresh headers covers the wrong bytes.
+    let (_, fh) = fresh(&active, now);
     expect(
         post_tunnel(
             api.addr,
             &active.to_hex(),
-            &tunnel_headers(&sig(&active), Some(&now.to_string()), true),
+            &tunnel_headers(&sig(&active), Some(&fh), true),
         )
         .await,
         403,
-        "X-Timestamp as 8 bytes big-endian",
+        "X-Timestamp u64 big-endian",
+    );
+    // The older fresh form (X-Timestamp alone) is told what it lacks.
+    let mut old_form = tunnel_headers(&sig(&active), None, true);
+    old_form.push(("x-timestamp", now.to_string()));
+    expect(
+        post_tunnel(api.addr, &active.to_hex(), &old_form).await,
+        401,
+        "needs all of X-Timestamp",
+    );
+    // Signed for another node: refused here, whatever the signature.
+    let elsewhere = TunnelAuth::fresh(
+        &w.key,
+        &active,
+        "12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA",
+        now,
+    );
+    expect(
+        post_tunnel(
+            api.addr,
+            &active.to_hex(),
+            &tunnel_headers(
+                &elsewhere.signature.to_hex(),
+                Some(&fresh_headers(&elsewhere)),
+                true,
+            ),
+        )
+        .await,
+        401,
+        "opens a tunnel only at the node it was signed for",
     );
     // 401: stale and future timestamps, correctly signed.
     let stale = now - 120;
     expect(
-        post_tunnel(
-            api.addr,
-            &active.to_hex(),
-            &tunnel_headers(&fresh(&active, stale), Some(&stale.to_string()), true),
-        )
+        post_tunnel(api.addr, &active.to_hex(), &{
+            let (sg, h) = fresh(&active, stale);
+            tunnel_headers(&sg, Some(&h), true)
+        })
         .await,
         401,
         "s old by this node's clock (allowed ±60 s)",
     );
     let future = now + 120;
     expect(
-        post_tunnel(
-            api.addr,
-            &active.to_hex(),
-            &tunnel_headers(&fresh(&active, future), Some(&future.to_string()), true),
-        )
+        post_tunnel(api.addr, &active.to_hex(), &{
+            let (sg, h) = fresh(&active, future);
+            tunnel_headers(&sg, Some(&h), true)
+        })
         .await,
         401,
         "in the future",
@@ -599,20 +635,19 @@ async fn tunnel_refusals_have_their_status_codes() {
         502,
         "is not in the directory",
     );
-    // A fresh signature within the window gets as far (502, not 401).
+    // A fresh signature within the window gets as far (502, not 401)…
+    let (sg, fh) = fresh(&active, now_secs());
+    let once = tunnel_headers(&sg, Some(&fh), true);
     expect(
-        post_tunnel(
-            api.addr,
-            &active.to_hex(),
-            &tunnel_headers(
-                &fresh(&active, now_secs()),
-                Some(&now_secs().to_string()),
-                true,
-            ),
-        )
-        .await,
+        post_tunnel(api.addr, &active.to_hex(), &once).await,
         502,
         "tunnel to the provider failed",
+    );
+    // …once: the same headers again are a replay, refused before any dial.
+    expect(
+        post_tunnel(api.addr, &active.to_hex(), &once).await,
+        401,
+        "already used at this node",
     );
 
     // 503: a server allowing no tunnels at all refuses before dialling.
@@ -653,7 +688,7 @@ async fn tunnel_refusals_have_their_status_codes() {
         )
         .await,
         401,
-        "requires X-Timestamp",
+        "requires the fresh X-Signature form",
     );
     assert_eq!(
         get(strict.addr, "/node").await.json()["http_tunnel_require_fresh"],
@@ -666,7 +701,8 @@ async fn tunnel_refusals_have_their_status_codes() {
     let m = get(api.addr, "/metrics").await.text();
     for (status, n) in [
         (400, 3),
-        (401, 3),
+        // missing, stale, future, X-Timestamp alone, another node's, a replay
+        (401, 6),
         (403, 3),
         (404, 1),
         (410, 3),

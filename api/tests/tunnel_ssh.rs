@@ -202,9 +202,13 @@ async fn ssh_runs_a_command_through_the_http_tunnel() {
     );
 
     // A fresh signature opens a pipe straight to the VM's sshd.
+    let node_id = main.client().peer_id().await.expect("the node's peer id");
     let mut t = main
         .client()
-        .open_tunnel(&lease, TunnelAuth::fresh(&key, &lease, now_secs()))
+        .open_tunnel(
+            &lease,
+            TunnelAuth::fresh(&key, &lease, &node_id, now_secs()),
+        )
         .await
         .expect("fresh tunnel");
     assert!(banner(&mut t).await.starts_with("SSH-2.0-OpenSSH"));
@@ -212,7 +216,10 @@ async fn ssh_runs_a_command_through_the_http_tunnel() {
     // A stale one is refused, though correctly signed.
     let e = main
         .client()
-        .open_tunnel(&lease, TunnelAuth::fresh(&key, &lease, now_secs() - 300))
+        .open_tunnel(
+            &lease,
+            TunnelAuth::fresh(&key, &lease, &node_id, now_secs() - 300),
+        )
         .await
         .expect_err("stale timestamp");
     assert_eq!(status_of(&e), StatusCode::UNAUTHORIZED, "{e}");
@@ -222,7 +229,7 @@ async fn ssh_runs_a_command_through_the_http_tunnel() {
     let captured = TunnelAuth::timeless(&key, &lease);
     let mut t = main
         .client()
-        .open_tunnel(&lease, captured)
+        .open_tunnel(&lease, captured.clone())
         .await
         .expect("timeless form");
     assert!(banner(&mut t).await.starts_with("SSH-2.0-"));
@@ -233,10 +240,17 @@ async fn ssh_runs_a_command_through_the_http_tunnel() {
         .await
         .expect_err("replay refused");
     assert_eq!(status_of(&e), StatusCode::UNAUTHORIZED, "{e}");
-    assert!(e.to_string().contains("requires X-Timestamp"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("requires the fresh X-Signature form"),
+        "{e}"
+    );
     let mut t = strict
         .client()
-        .open_tunnel(&lease, TunnelAuth::fresh(&key, &lease, now_secs()))
+        .open_tunnel(
+            &lease,
+            TunnelAuth::fresh(&key, &lease, &node_id, now_secs()),
+        )
         .await
         .expect("fresh form under require_fresh");
     assert!(banner(&mut t).await.starts_with("SSH-2.0-"));
@@ -245,13 +259,19 @@ async fn ssh_runs_a_command_through_the_http_tunnel() {
     // 503 while the only allowed tunnel is open.
     let mut held = one
         .client()
-        .open_tunnel(&lease, TunnelAuth::fresh(&key, &lease, now_secs()))
+        .open_tunnel(
+            &lease,
+            TunnelAuth::fresh(&key, &lease, &node_id, now_secs()),
+        )
         .await
         .expect("first tunnel");
     assert!(banner(&mut held).await.starts_with("SSH-2.0-"));
     let e = one
         .client()
-        .open_tunnel(&lease, TunnelAuth::fresh(&key, &lease, now_secs()))
+        .open_tunnel(
+            &lease,
+            TunnelAuth::fresh(&key, &lease, &node_id, now_secs()),
+        )
         .await
         .expect_err("over the limit");
     assert_eq!(status_of(&e), StatusCode::SERVICE_UNAVAILABLE, "{e}");
@@ -299,15 +319,19 @@ async fn ssh_runs_a_command_through_the_http_tunnel() {
     // later requests get 410.
     let mut open = main
         .client()
-        .open_tunnel(&lease, TunnelAuth::fresh(&key, &lease, now_secs()))
+        .open_tunnel(
+            &lease,
+            TunnelAuth::fresh(&key, &lease, &node_id, now_secs()),
+        )
         .await
         .expect("tunnel before settle");
     assert!(banner(&mut open).await.starts_with("SSH-2.0-"));
     // The provider's own API reaches the VM in-process (a peer cannot
     // dial itself over the overlay).
-    let mut local = p_api
-        .client()
-        .open_tunnel(&lease, TunnelAuth::fresh(&key, &lease, now_secs()))
+    let p_client = p_api.client();
+    let p_id = p_client.peer_id().await.expect("the provider's peer id");
+    let mut local = p_client
+        .open_tunnel(&lease, TunnelAuth::fresh(&key, &lease, &p_id, now_secs()))
         .await
         .expect("tunnel through the provider's own API");
     assert!(banner(&mut local).await.starts_with("SSH-2.0-"));
@@ -332,7 +356,10 @@ async fn ssh_runs_a_command_through_the_http_tunnel() {
     }
     let e = main
         .client()
-        .open_tunnel(&lease, TunnelAuth::fresh(&key, &lease, now_secs()))
+        .open_tunnel(
+            &lease,
+            TunnelAuth::fresh(&key, &lease, &node_id, now_secs()),
+        )
         .await
         .expect_err("settled lease");
     assert_eq!(status_of(&e), StatusCode::GONE, "{e}");

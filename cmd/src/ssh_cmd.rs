@@ -125,9 +125,12 @@ impl SshTarget {
         let ciphers = gateway_hop_ciphers(local_ssh_ciphers().as_deref())
             .map(|c| format!("-o Ciphers={c} "))
             .unwrap_or_default();
+        // LogLevel INFO, not ERROR: OpenSSH logs a refused channel open
+        // ("open failed: … provider 1a2b3c4d is unreachable …") at INFO,
+        // and without it a -W hop says only "stdio forwarding failed".
         Ok(format!(
             "ssh -F /dev/null -p {port} -i {key} -o IdentitiesOnly=yes -o BatchMode=yes \
-             {ciphers}-o LogLevel=ERROR -o UserKnownHostsFile={kh} -o StrictHostKeyChecking=accept-new -W %h:%p {lease}@{host}",
+             {ciphers}-o LogLevel=INFO -o UserKnownHostsFile={kh} -o StrictHostKeyChecking=accept-new -W %h:%p {lease}@{host}",
             key = proxy_word(&self.key),
             kh = proxy_word(&self.known_hosts),
             lease = self.lease,

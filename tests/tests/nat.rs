@@ -421,9 +421,16 @@ fn without_the_relay_the_nat_provider_is_unreachable() {
     );
     let glog = plain(&gateway.log_text());
     assert!(!glog.contains("tunnel opened"), "{glog}");
+    let provider_short = &provider.field("account")[..8];
+    let said = format!("provider {provider_short} is unreachable");
     assert!(
-        glog.contains("could not connect to provider peer"),
+        glog.contains(&said),
         "the gateway reports the failed dial:\n{glog}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&said),
+        "and so does the user's ssh: {stderr}"
     );
     let plog = plain(&provider.log_text());
     assert!(!plog.contains("reserving a slot on relay"), "{plog}");

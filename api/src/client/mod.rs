@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 use xe_store::{LeaseEvent, LeaseHash, LeaseKey, LeaseState, now_secs};
 
-use crate::auth::{SIGNATURE_HEADER, TIMESTAMP_HEADER, TunnelAuth, UPGRADE_PROTOCOL};
+use crate::auth::{
+    NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, TunnelAuth, UPGRADE_PROTOCOL,
+};
 use crate::types::{ErrorBody, LeaseView, NodeInfo, ProviderView, SubmitResult, VmView};
 
 mod tls;
@@ -96,6 +98,8 @@ pub enum ClientError {
 pub struct ApiClient {
     url: NodeUrl,
     timeout: Duration,
+    /// The node's peer id, once asked: fresh tunnel signatures name it.
+    peer_id: Arc<tokio::sync::OnceCell<String>>,
 }
 
 /// An open HTTP tunnel: a byte stream to the VM's sshd.
@@ -176,6 +180,7 @@ impl ApiClient {
         ApiClient {
             url,
             timeout: DEFAULT_TIMEOUT,
+            peer_id: Arc::new(tokio::sync::OnceCell::new()),
         }
     }
 
@@ -293,6 +298,15 @@ impl ApiClient {
     /// `GET /node`.
     pub async fn node(&self) -> Result<NodeInfo, ClientError> {
         self.get_json("/node").await
+    }
+
+    /// The node's libp2p peer id (asked once per client, then kept): what
+    /// a fresh tunnel signature is bound to.
+    pub async fn peer_id(&self) -> Result<String, ClientError> {
+        self.peer_id
+            .get_or_try_init(|| async { Ok(self.node().await?.peer_id) })
+            .await
+            .cloned()
     }
 
     /// `GET /leases` with optional filters: every page.
@@ -420,8 +434,10 @@ impl ApiClient {
             ("connection", "Upgrade".to_string()),
             ("upgrade", UPGRADE_PROTOCOL.to_string()),
         ];
-        if let Some(ts) = auth.timestamp {
-            headers.push((TIMESTAMP_HEADER, ts.to_string()));
+        if let Some(f) = &auth.fresh {
+            headers.push((TIMESTAMP_HEADER, f.timestamp.to_string()));
+            headers.push((NONCE_HEADER, hex::encode(f.nonce)));
+            headers.push((NODE_HEADER, f.node.clone()));
         }
         let req = self.build(
             Method::POST,
@@ -497,7 +513,11 @@ pub async fn carry<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
 {
-    let auth = TunnelAuth::fresh(key, lease, now_secs());
+    let node = tokio::select! {
+        r = client.peer_id() => r?,
+        () = cancel.cancelled() => return Err(CarryError::Stopped),
+    };
+    let auth = TunnelAuth::fresh(key, lease, &node, now_secs());
     let mut up = tokio::select! {
         r = client.open_tunnel(lease, auth) => r?,
         () = cancel.cancelled() => return Err(CarryError::Stopped),

@@ -186,12 +186,31 @@ pub async fn post_json(addr: SocketAddr, path: &str, body: &impl serde::Serializ
     .await
 }
 
-/// The headers of a tunnel request: signature, optional timestamp, and
-/// the upgrade pair unless `upgrade` is false.
-pub fn tunnel_headers(sig: &str, ts: Option<&str>, upgrade: bool) -> Vec<(&'static str, String)> {
+/// The fresh form's headers as text: `X-Timestamp`, `X-Nonce`, `X-Node`.
+pub type FreshHeaders = (String, String, String);
+
+/// The fresh form's headers of `auth` (which must be fresh).
+pub fn fresh_headers(auth: &xe_api::auth::TunnelAuth) -> FreshHeaders {
+    let f = auth.fresh.as_ref().expect("a fresh signature");
+    (
+        f.timestamp.to_string(),
+        hex::encode(f.nonce),
+        f.node.clone(),
+    )
+}
+
+/// The headers of a tunnel request: signature, the fresh form's three if
+/// given, and the upgrade pair unless `upgrade` is false.
+pub fn tunnel_headers(
+    sig: &str,
+    fresh: Option<&FreshHeaders>,
+    upgrade: bool,
+) -> Vec<(&'static str, String)> {
     let mut h = vec![("x-signature", sig.to_string())];
-    if let Some(t) = ts {
-        h.push(("x-timestamp", t.to_string()));
+    if let Some((ts, nonce, node)) = fresh {
+        h.push(("x-timestamp", ts.clone()));
+        h.push(("x-nonce", nonce.clone()));
+        h.push(("x-node", node.clone()));
     }
     if upgrade {
         h.push(("connection", "Upgrade".into()));
