@@ -24,7 +24,7 @@
 //! - this file: [`ApiContext`], [`ApiConfig`], [`serve`] (the accept loop).
 //! - [`auth`]: the `X-Signature` / `X-Timestamp` scheme, shared with the client.
 //! - `routes.rs`: the JSON handlers; `tunnel.rs`: the upgrade endpoint;
-//!   `metrics.rs`: the exposition; [`limit`]: token buckets.
+//!   `metrics.rs`: the exposition; per-source connection caps and token buckets live in `xe_node::limits` (the gateway counts clients the same way).
 //! - [`types`]: the JSON bodies, shared by server and client.
 //! - [`client`]: the HTTP client used by the CLI, including [`client::forward`]
 //!   behind `xe tunnel`.
@@ -52,19 +52,16 @@ use xe_store::{AccountAddress, Store};
 
 pub mod auth;
 pub mod client;
-mod conns;
 mod error;
-pub mod limit;
-mod metrics;
+pub mod metrics;
 mod routes;
 pub mod stats;
 mod tunnel;
 pub mod types;
 
-pub use conns::{ConnLimits, ConnRefusal, Source};
 pub use error::ApiError;
-pub use limit::RateLimit;
 pub use stats::ApiStats;
+pub use xe_node::limits::{ConnLimits, ConnRefusal, RateLimit, Source};
 
 /// Default cap on concurrent HTTP tunnels (the seed's maxSSHConnections).
 pub const DEFAULT_MAX_TUNNELS: usize = 100;
@@ -172,9 +169,9 @@ pub(crate) struct AppInner {
     pub(crate) ctx: ApiContext,
     pub(crate) config: ApiConfig,
     pub(crate) api_addr: SocketAddr,
-    pub(crate) limiter: limit::RateLimiter,
+    pub(crate) limiter: xe_node::limits::RateLimiter,
     pub(crate) tunnels: Arc<Semaphore>,
-    pub(crate) conns: conns::ConnTable,
+    pub(crate) conns: xe_node::limits::ConnTable,
     /// Nonces of fresh tunnel signatures already used here.
     pub(crate) seen_nonces: auth::SeenNonces,
     pub(crate) stats: Arc<ApiStats>,
@@ -225,9 +222,9 @@ pub fn start(
     let api_addr = listener.local_addr().map_err(ApiError::Listener)?;
     let stats = Arc::new(ApiStats::default());
     let app: App = Arc::new(AppInner {
-        limiter: limit::RateLimiter::new(config.write_rate),
+        limiter: xe_node::limits::RateLimiter::new(config.write_rate),
         tunnels: Arc::new(Semaphore::new(config.max_tunnels)),
-        conns: conns::ConnTable::new(ConnLimits {
+        conns: xe_node::limits::ConnTable::new(ConnLimits {
             global: config.max_connections,
             per_source: config.max_connections_per_source,
             reserve: config.connection_reserve,

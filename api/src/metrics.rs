@@ -122,6 +122,12 @@ pub(crate) async fn metrics(State(app): State<App>) -> Result<Response, HttpErro
         "SSH gateway tunnel opens that failed (provider unreachable or refusing).",
         g.tunnel_failures,
     );
+    o.one(
+        "xe_ssh_connections_paced_total",
+        "counter",
+        "SSH connections whose key exchange waited for their source's connection rate.",
+        g.paced,
+    );
 
     // ---- tunnels
     o.family(

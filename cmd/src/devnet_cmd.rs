@@ -77,11 +77,7 @@ async fn start_nodes(dir: &Path, args: &DevnetArgs) -> anyhow::Result<Net3> {
     step("starting gateway node (SSH gateway on 127.0.0.1, libp2p on loopback)…");
     let mut g = NodeConfig::new(dir.join("gateway"));
     g.p2p_listen = loopback_listen();
-    g.ssh = Some(SshConfig {
-        listen: "127.0.0.1:0".parse().expect("valid"),
-        max_connections: 100,
-        auth_grace: Duration::from_secs(30),
-    });
+    g.ssh = Some(SshConfig::new("127.0.0.1:0".parse().expect("valid")));
     let gateway = Node::start(g).await.context("starting the gateway node")?;
     let boot = gateway.net.p2p_addrs().await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

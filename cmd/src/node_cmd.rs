@@ -87,9 +87,21 @@ pub struct NodeArgs {
     /// enables the gateway on that port (`127.0.0.1:0` picks a free one).
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0")]
     pub ssh_listen: String,
-    /// Most concurrent SSH connections (the seed's maxSSHConnections).
+    /// Most concurrent authenticated SSH sessions (the seed's
+    /// maxSSHConnections); connections still authenticating are counted
+    /// apart (--ssh-max-startups).
     #[arg(long, default_value_t = 100, value_parser = at_least_one())]
     pub max_ssh_connections: usize,
+    /// Unauthenticated SSH connections, as OpenSSH's MaxStartups
+    /// START:RATE:FULL: beyond START, refuse new ones with RATE % chance,
+    /// rising to 100 % at FULL; those admitted get a 10 s grace.
+    #[arg(long, value_name = "START:RATE:FULL", default_value = "10:30:100")]
+    pub ssh_max_startups: xe_node::gateway::Startups,
+    /// Unauthenticated SSH connections one client address (IPv4, IPv6 /64)
+    /// may hold (1-1000).
+    #[arg(long, default_value_t = xe_node::gateway::DEFAULT_STARTUPS_PER_SOURCE,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    pub ssh_max_startups_per_source: usize,
     /// Seconds an SSH client has to authenticate (1-3600).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub ssh_auth_grace: u64,
@@ -239,6 +251,8 @@ impl NodeArgs {
                 listen,
                 max_connections: self.max_ssh_connections,
                 auth_grace: Duration::from_secs(self.ssh_auth_grace),
+                startups: self.ssh_max_startups,
+                startups_per_source: self.ssh_max_startups_per_source,
             });
         }
         for r in &self.relay {

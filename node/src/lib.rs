@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod gateway;
+pub mod limits;
 pub mod node;
 pub mod provider;
 pub mod wiring;

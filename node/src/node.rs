@@ -69,10 +69,27 @@ pub struct ProvideConfig {
 pub struct SshConfig {
     /// Where to listen.
     pub listen: SocketAddr,
-    /// Concurrent connections (the seed's maxSSHConnections).
+    /// Concurrent authenticated sessions (the seed's maxSSHConnections).
     pub max_connections: usize,
     /// Grace time for unauthenticated connections.
     pub auth_grace: Duration,
+    /// Unauthenticated connections in all (`MaxStartups`).
+    pub startups: crate::gateway::Startups,
+    /// Unauthenticated connections per source address.
+    pub startups_per_source: usize,
+}
+
+impl SshConfig {
+    /// The gateway's defaults, listening on `listen`.
+    pub fn new(listen: SocketAddr) -> Self {
+        SshConfig {
+            listen,
+            max_connections: crate::gateway::DEFAULT_MAX_CONNECTIONS,
+            auth_grace: crate::gateway::DEFAULT_AUTH_GRACE,
+            startups: crate::gateway::DEFAULT_STARTUPS,
+            startups_per_source: crate::gateway::DEFAULT_STARTUPS_PER_SOURCE,
+        }
+    }
 }
 
 /// Everything a node needs to start.

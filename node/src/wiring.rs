@@ -71,6 +71,8 @@ pub(crate) async fn start_gateway(
     let mut gcfg = GatewayConfig::new(&cfg.data_dir);
     gcfg.max_connections = ssh.max_connections;
     gcfg.auth_grace = ssh.auth_grace;
+    gcfg.startups = ssh.startups;
+    gcfg.startups_per_source = ssh.startups_per_source;
     let stats = Arc::new(GatewayStats::new());
     let gateway = Gateway::new(
         gcfg,

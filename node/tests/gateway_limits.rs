@@ -319,6 +319,18 @@ async fn sixth_connection_is_refused_while_five_stay_up() {
         text(&out.stderr)
     );
     assert_eq!(s.gw.stats.refused(ConnectionRefusal::ConnectionLimit), 1);
+    assert!(
+        text(&out.stderr).contains("serves as many sessions as it allows"),
+        "the sixth is told why: {}",
+        text(&out.stderr)
+    );
+    // The sixth authenticated before it was refused (silent connections
+    // no longer take sessions' places), so it was counted while it lived:
+    // wait (bounded) for its teardown.
+    let deadline = Instant::now() + CMD_LIMIT;
+    while s.gw.stats.connections_active() != 5 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(s.gw.stats.connections_active(), 5);
 
     // The five still work, end to end.

@@ -30,6 +30,8 @@ pub(crate) struct AuthInfo {
     pub(crate) expires_at: Option<u64>,
     /// Kept for the connection's life; dropping it unregisters.
     _registration: Registration,
+    /// One of `max_connections`, for the session's life.
+    _session: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The russh handler of one connection.
@@ -221,10 +223,25 @@ impl Handler for ConnHandler {
             Ok(rec) => rec,
             Err(reason) => return Ok(self.reject_key(reason, user, key.public_key).await),
         };
+        // Sessions are capped here, not at accept: connections that never
+        // authenticate must not take a session's place.
+        let Ok(session) = self.shared.sessions.clone().try_acquire_owned() else {
+            self.shared
+                .stats
+                .record_refusal(super::stats::ConnectionRefusal::ConnectionLimit);
+            tracing::warn!(
+                limit = self.shared.config.max_connections,
+                "SSH session limit reached; refusing an authenticated login"
+            );
+            return Ok(self
+                .reject_key(AuthFailure::GatewayFull, user, key.public_key)
+                .await);
+        };
         self.pending = Some(AuthInfo {
             lease: rec.hash,
             expires_at: rec.expires_at(),
             _registration: registration,
+            _session: session,
         });
         self.lease = Some(rec);
         Ok(Auth::Accept)

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use russh::Disconnect;
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, info};
@@ -19,6 +19,7 @@ use super::Shared;
 use super::auth;
 use super::conn::{AuthInfo, ConnHandler};
 use super::pump::Killable;
+use super::startups::Startup;
 use super::stats::ConnectionRefusal;
 
 /// How long a closing connection gets to deliver its disconnect message,
@@ -48,18 +49,19 @@ fn instant_for_unix(secs: u64) -> Instant {
     Instant::now() + wait.min(MAX_EXPIRY_WAIT)
 }
 
-/// Serve one accepted TCP connection until it ends. Holds `permit` (one of
-/// `max_connections`) for its whole life.
+/// Serve one accepted TCP connection until it ends. Holds its `startup`
+/// slot until it authenticates; a session slot (one of `max_connections`)
+/// is taken at authentication and held from then on.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    startup: Startup,
     shutdown: CancellationToken,
 ) {
     let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("ssh", conn = conn_id, %peer, lease = tracing::field::Empty);
-    serve_inner(shared, tcp, peer, permit, shutdown, conn_id, span.clone())
+    serve_inner(shared, tcp, peer, startup, shutdown, conn_id, span.clone())
         .instrument(span)
         .await;
 }
@@ -68,12 +70,13 @@ async fn serve_inner(
     shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    startup: Startup,
     shutdown: CancellationToken,
     conn_id: u64,
     span: Span,
 ) {
-    let _permit = permit;
+    let grace = startup.grace;
+    let mut startup_slot = Some(startup.slot);
     let _active = shared.stats.connection_opened();
     let local = match tcp.local_addr() {
         Ok(a) => a,
@@ -106,7 +109,32 @@ async fn serve_inner(
         handle_slot.clone(),
     );
 
-    let grace_deadline = Instant::now() + shared.config.auth_grace;
+    let grace_deadline = Instant::now() + grace;
+    // A source over its connection rate waits here, before the key
+    // exchange, holding only its startup slot (of which it has few).
+    let mut paced = false;
+    loop {
+        let wait = shared.startups.pace(peer.ip());
+        if wait.is_zero() {
+            break;
+        }
+        if !paced {
+            paced = true;
+            shared.stats.record_paced();
+            debug!(
+                ?wait,
+                "connection rate of this source exceeded; pacing its key exchange"
+            );
+        }
+        if Instant::now() + wait >= grace_deadline {
+            shared.stats.record_refusal(ConnectionRefusal::AuthTimeout);
+            return;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
     let started = tokio::select! {
         _ = shutdown.cancelled() => return,
         r = tokio::time::timeout_at(
@@ -123,7 +151,10 @@ async fn serve_inner(
         }
         Err(_) => {
             shared.stats.record_refusal(ConnectionRefusal::AuthTimeout);
-            info!(grace = ?shared.config.auth_grace, "no SSH version exchange within the grace time; closing");
+            info!(
+                ?grace,
+                "no SSH version exchange within the grace time; closing"
+            );
             return;
         }
     };
@@ -144,6 +175,9 @@ async fn serve_inner(
                 if let Ok(info) = a {
                     expiry = info.expires_at.map(instant_for_unix);
                     authed = Some(info);
+                    // A session now (it holds a session slot): no longer
+                    // one of the unauthenticated.
+                    drop(startup_slot.take());
                 }
             }
             _ = tokio::time::sleep_until(grace_deadline), if authed.is_none() => break End::GraceExpired,
@@ -179,7 +213,7 @@ async fn serve_inner(
         }
         End::GraceExpired => {
             shared.stats.record_refusal(ConnectionRefusal::AuthTimeout);
-            info!(grace = ?shared.config.auth_grace, "not authenticated within the grace time; closing");
+            info!(?grace, "not authenticated within the grace time; closing");
             "authentication timed out".to_string()
         }
         End::LeaseEnded(why) => {

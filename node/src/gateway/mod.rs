@@ -58,7 +58,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use xe_store::Store;
 
 mod agent;
@@ -71,6 +71,7 @@ mod lifecycle;
 mod pump;
 mod refusal;
 mod registry;
+mod startups;
 pub mod stats;
 pub mod tunnel;
 
@@ -78,8 +79,69 @@ pub use hostkey::{HOST_KEY_FILE, host_key_fingerprint, load_or_create_host_key};
 pub use stats::{AuthFailure, ConnectionRefusal, GatewayStats, GatewayStatsSnapshot};
 pub use tunnel::{AsyncReadWrite, TunnelDialError, TunnelDialer, TunnelStream};
 
-/// The seed's `maxSSHConnections`.
+/// The seed's `maxSSHConnections`: authenticated sessions.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100;
+/// OpenSSH's `MaxStartups` default, `10:30:100`.
+pub const DEFAULT_STARTUPS: Startups = Startups {
+    start: 10,
+    rate_percent: 30,
+    full: 100,
+};
+/// OpenSSH's `PerSourceMaxStartups` is off by default; a gateway open to
+/// strangers wants one: ten logins in flight from one address is plenty.
+pub const DEFAULT_STARTUPS_PER_SOURCE: usize = 10;
+/// New connections per source: a burst of 10, then 5 a second. A key
+/// exchange costs the gateway far more than the client.
+pub const DEFAULT_CONNECT_RATE: crate::limits::RateLimit = crate::limits::RateLimit {
+    burst: 10,
+    per_second: 5.0,
+};
+/// Grace for connections accepted while more than `start` are
+/// unauthenticated: an honest client logs in within a second or two.
+pub const DEFAULT_PRESSURE_GRACE: Duration = Duration::from_secs(10);
+
+/// OpenSSH's `MaxStartups start:rate:full`: beyond `start` unauthenticated
+/// connections, refuse new ones with probability `rate_percent` %, rising
+/// linearly to 100 % at `full`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Startups {
+    /// Unauthenticated connections before any is refused.
+    pub start: usize,
+    /// Refusal probability at `start`, in percent.
+    pub rate_percent: u8,
+    /// Unauthenticated connections at which every new one is refused.
+    pub full: usize,
+}
+
+impl std::fmt::Display for Startups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}", self.start, self.rate_percent, self.full)
+    }
+}
+
+impl std::str::FromStr for Startups {
+    type Err = String;
+    fn from_str(v: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "{v:?}: expected START:RATE:FULL like 10:30:100 (1 <= START <= FULL, RATE 0-100)"
+            )
+        };
+        let parts: Vec<&str> = v.split(':').collect();
+        let [start, rate, full] = parts.as_slice() else {
+            return Err(bad());
+        };
+        let st = Startups {
+            start: start.parse().map_err(|_| bad())?,
+            rate_percent: rate.parse().map_err(|_| bad())?,
+            full: full.parse().map_err(|_| bad())?,
+        };
+        if st.start == 0 || st.start > st.full || st.rate_percent > 100 {
+            return Err(bad());
+        }
+        Ok(st)
+    }
+}
 /// OpenSSH's `MaxSessions` default.
 pub const DEFAULT_MAX_CHANNELS_PER_CONNECTION: usize = 10;
 /// Time a connection gets to authenticate (OpenSSH's `LoginGraceTime` is
@@ -111,8 +173,17 @@ pub struct GatewayConfig {
     /// The host key file, `{dataDir}/ssh_host_key`: created on first run,
     /// reused afterwards.
     pub host_key_path: PathBuf,
-    /// Most concurrent connections, authenticated or not.
+    /// Most concurrent authenticated sessions.
     pub max_connections: usize,
+    /// Unauthenticated connections, all sources (see [`Startups`]).
+    pub startups: Startups,
+    /// Unauthenticated connections one source may hold.
+    pub startups_per_source: usize,
+    /// New connections per source (token bucket): beyond it, a connection
+    /// waits for its key exchange.
+    pub connect_rate: crate::limits::RateLimit,
+    /// Grace for connections accepted under pressure (see [`Startups`]).
+    pub pressure_grace: Duration,
     /// Most open channels per connection.
     pub max_channels_per_connection: usize,
     /// Time to authenticate before the connection is dropped.
@@ -135,6 +206,10 @@ impl GatewayConfig {
         GatewayConfig {
             host_key_path: data_dir.join(HOST_KEY_FILE),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            startups: DEFAULT_STARTUPS,
+            startups_per_source: DEFAULT_STARTUPS_PER_SOURCE,
+            connect_rate: DEFAULT_CONNECT_RATE,
+            pressure_grace: DEFAULT_PRESSURE_GRACE,
             max_channels_per_connection: DEFAULT_MAX_CHANNELS_PER_CONNECTION,
             auth_grace: DEFAULT_AUTH_GRACE,
             max_auth_attempts: DEFAULT_MAX_AUTH_ATTEMPTS,
@@ -150,6 +225,15 @@ impl GatewayConfig {
         let bad = |what: &str| Err(GatewayError::Config(what.to_string()));
         if self.max_connections == 0 {
             return bad("max_connections must be at least 1");
+        }
+        if self.startups.start == 0 || self.startups.start > self.startups.full {
+            return bad("startups: need 1 <= start <= full");
+        }
+        if self.startups_per_source == 0 {
+            return bad("startups_per_source must be at least 1");
+        }
+        if self.pressure_grace.is_zero() {
+            return bad("pressure_grace must be more than zero");
         }
         if self.max_channels_per_connection == 0 {
             return bad("max_channels_per_connection must be at least 1");
@@ -216,6 +300,10 @@ pub(crate) struct Shared {
     pub(crate) dialer: Arc<dyn TunnelDialer>,
     pub(crate) stats: Arc<GatewayStats>,
     pub(crate) registry: registry::Registry,
+    /// Authenticated sessions (one permit each, taken at authentication).
+    pub(crate) sessions: Arc<Semaphore>,
+    /// Connections that have not authenticated yet.
+    pub(crate) startups: startups::StartupGate,
     /// Every task the gateway spawns (connections, channels, the watcher).
     pub(crate) tracker: TaskTracker,
     pub(crate) next_conn: AtomicU64,
@@ -256,6 +344,8 @@ impl Gateway {
                 detail: e.to_string(),
             })?;
         let russh = russh_config(&config, key);
+        let sessions = Arc::new(Semaphore::new(config.max_connections));
+        let startups = startups::StartupGate::new(&config);
         Ok(Gateway {
             shared: Arc::new(Shared {
                 config,
@@ -264,6 +354,8 @@ impl Gateway {
                 dialer,
                 stats,
                 registry: registry::Registry::default(),
+                sessions,
+                startups,
                 tracker: TaskTracker::new(),
                 next_conn: AtomicU64::new(1),
             }),
@@ -304,8 +396,6 @@ impl Gateway {
             shutdown.clone(),
         ));
 
-        let max = shared.config.max_connections;
-        let slots = Arc::new(Semaphore::new(max));
         let mut backoff = ACCEPT_BACKOFF_MIN;
         loop {
             let accepted = tokio::select! {
@@ -316,21 +406,26 @@ impl Gateway {
             match accepted {
                 Ok((tcp, peer)) => {
                     backoff = ACCEPT_BACKOFF_MIN;
-                    match slots.clone().try_acquire_owned() {
-                        Ok(permit) => {
+                    match shared.startups.admit(peer.ip(), rand::random::<f64>()) {
+                        Ok(startup) => {
                             shared.tracker.spawn(lifecycle::serve(
                                 shared.clone(),
                                 tcp,
                                 peer,
-                                permit,
+                                startup,
                                 shutdown.clone(),
                             ));
                         }
-                        Err(_) => {
-                            shared
-                                .stats
-                                .record_refusal(ConnectionRefusal::ConnectionLimit);
-                            warn!(%peer, limit = max, "SSH connection limit reached; closing the new connection");
+                        Err(refusal) => {
+                            // As OpenSSH does: close before the version
+                            // exchange; nothing spent on a key exchange.
+                            shared.stats.record_refusal(refusal);
+                            debug!(
+                                %peer,
+                                reason = refusal.as_str(),
+                                unauthenticated = shared.startups.open(),
+                                "new SSH connection refused before the key exchange"
+                            );
                             drop(tcp);
                         }
                     }

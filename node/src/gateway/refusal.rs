@@ -122,6 +122,9 @@ pub(crate) fn auth_text(
         AuthFailure::StoreError => {
             "the gateway could not read its lease ledger; retry in a moment".to_string()
         }
+        AuthFailure::GatewayFull => format!(
+            "lease {l} would be let in, but the gateway serves as many sessions as it allows; retry in a minute, or use another gateway"
+        ),
     };
     format!("xe gateway: {body}")
 }

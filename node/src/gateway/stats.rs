@@ -30,11 +30,13 @@ pub enum AuthFailure {
     WrongKey,
     /// The local store could not be read.
     StoreError,
+    /// Every session slot (`max_connections`) is taken.
+    GatewayFull,
 }
 
 impl AuthFailure {
     /// Every reason, in label order.
-    pub const ALL: [AuthFailure; 11] = [
+    pub const ALL: [AuthFailure; 12] = [
         AuthFailure::MalformedUsername,
         AuthFailure::UnknownLease,
         AuthFailure::LeaseNotAccepted,
@@ -46,6 +48,7 @@ impl AuthFailure {
         AuthFailure::WrongKeyType,
         AuthFailure::WrongKey,
         AuthFailure::StoreError,
+        AuthFailure::GatewayFull,
     ];
 
     /// The metrics label.
@@ -62,6 +65,7 @@ impl AuthFailure {
             AuthFailure::WrongKeyType => "wrong_key_type",
             AuthFailure::WrongKey => "wrong_key",
             AuthFailure::StoreError => "store_error",
+            AuthFailure::GatewayFull => "gateway_full",
         }
     }
 
@@ -79,8 +83,12 @@ impl std::fmt::Display for AuthFailure {
 /// Why a connection was closed without (or before) being served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ConnectionRefusal {
-    /// `max_connections` connections were already open.
+    /// `max_connections` sessions were already authenticated.
     ConnectionLimit,
+    /// Too many unauthenticated connections in all (`MaxStartups`).
+    Startups,
+    /// Too many unauthenticated connections from this source.
+    SourceStartups,
     /// The client did not authenticate within the grace time.
     AuthTimeout,
     /// The SSH version exchange failed (not an SSH client, or it hung up).
@@ -89,8 +97,10 @@ pub enum ConnectionRefusal {
 
 impl ConnectionRefusal {
     /// Every reason, in label order.
-    pub const ALL: [ConnectionRefusal; 3] = [
+    pub const ALL: [ConnectionRefusal; 5] = [
         ConnectionRefusal::ConnectionLimit,
+        ConnectionRefusal::Startups,
+        ConnectionRefusal::SourceStartups,
         ConnectionRefusal::AuthTimeout,
         ConnectionRefusal::Handshake,
     ];
@@ -99,6 +109,8 @@ impl ConnectionRefusal {
     pub fn as_str(&self) -> &'static str {
         match self {
             ConnectionRefusal::ConnectionLimit => "connection_limit",
+            ConnectionRefusal::Startups => "startups",
+            ConnectionRefusal::SourceStartups => "source_startups",
             ConnectionRefusal::AuthTimeout => "auth_timeout",
             ConnectionRefusal::Handshake => "handshake",
         }
@@ -130,6 +142,7 @@ pub struct GatewayStats {
     tunnel_failures: AtomicU64,
     lease_disconnects: AtomicU64,
     accept_errors: AtomicU64,
+    paced: AtomicU64,
     bytes_client_to_vm: AtomicU64,
     bytes_vm_to_client: AtomicU64,
 }
@@ -160,6 +173,8 @@ pub struct GatewayStatsSnapshot {
     pub lease_disconnects: u64,
     /// Errors from `accept()` on the listener (the loop kept going).
     pub accept_errors: u64,
+    /// Connections whose key exchange waited for their source's rate.
+    pub paced: u64,
     /// Payload bytes from SSH clients to VMs.
     pub bytes_client_to_vm: u64,
     /// Payload bytes from VMs to SSH clients.
@@ -250,6 +265,7 @@ impl GatewayStats {
             tunnel_failures: self.tunnel_failures(),
             lease_disconnects: self.lease_disconnects(),
             accept_errors: get(&self.accept_errors),
+            paced: get(&self.paced),
             bytes_client_to_vm: self.bytes_client_to_vm(),
             bytes_vm_to_client: self.bytes_vm_to_client(),
         }
@@ -293,6 +309,10 @@ impl GatewayStats {
 
     pub(crate) fn record_accept_error(&self) {
         inc(&self.accept_errors);
+    }
+
+    pub(crate) fn record_paced(&self) {
+        inc(&self.paced);
     }
 
     pub(crate) fn add_client_to_vm(&self, n: usize) {

@@ -1,5 +1,5 @@
 //! Per-source token buckets for write requests (every method but GET and
-//! HEAD); a source is what [`crate::conns::Source`] says (an IPv4 address,
+//! HEAD); a source is what [`Source`] says (an IPv4 address,
 //! an IPv6 /64). A client over its budget gets `429` with `Retry-After`.
 
 use std::collections::HashMap;
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::conns::Source;
+use super::Source;
 
 /// Most client addresses tracked at once. When the table is full, buckets
 /// that have refilled completely are forgotten (they carry no state worth
@@ -46,13 +46,14 @@ struct Bucket {
 
 /// The table of buckets.
 #[derive(Debug)]
-pub(crate) struct RateLimiter {
+pub struct RateLimiter {
     limit: RateLimit,
     buckets: Mutex<HashMap<Source, Bucket>>,
 }
 
 impl RateLimiter {
-    pub(crate) fn new(limit: RateLimit) -> Self {
+    /// A table of buckets of shape `limit`.
+    pub fn new(limit: RateLimit) -> Self {
         RateLimiter {
             limit,
             buckets: Mutex::new(HashMap::new()),
@@ -66,7 +67,7 @@ impl RateLimiter {
     }
 
     /// Take one token for `ip`, or say how long until one is available.
-    pub(crate) fn check(&self, ip: IpAddr) -> Result<(), Duration> {
+    pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
         let ip = Source::of(ip);
         let now = Instant::now();
         let burst = f64::from(self.limit.burst);

@@ -83,14 +83,14 @@ struct Counts {
 
 /// The live table. Cloning shares it.
 #[derive(Debug, Clone)]
-pub(crate) struct ConnTable {
+pub struct ConnTable {
     limits: ConnLimits,
     counts: Arc<Mutex<Counts>>,
 }
 
 /// A held connection slot, released on drop.
 #[derive(Debug)]
-pub(crate) struct ConnSlot {
+pub struct ConnSlot {
     source: Source,
     counts: Arc<Mutex<Counts>>,
 }
@@ -109,7 +109,8 @@ impl Drop for ConnSlot {
 }
 
 impl ConnTable {
-    pub(crate) fn new(limits: ConnLimits) -> Self {
+    /// A table enforcing `limits`.
+    pub fn new(limits: ConnLimits) -> Self {
         ConnTable {
             limits,
             counts: Arc::new(Mutex::new(Counts::default())),
@@ -117,7 +118,7 @@ impl ConnTable {
     }
 
     /// A slot for a connection from `ip`, or why not.
-    pub(crate) fn admit(&self, ip: IpAddr) -> Result<ConnSlot, ConnRefusal> {
+    pub fn admit(&self, ip: IpAddr) -> Result<ConnSlot, ConnRefusal> {
         let source = Source::of(ip);
         let l = self.limits;
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
@@ -137,8 +138,8 @@ impl ConnTable {
         })
     }
 
-    /// Connections open now (for `/metrics`).
-    pub(crate) fn open(&self) -> usize {
+    /// Connections open now.
+    pub fn open(&self) -> usize {
         self.counts.lock().unwrap_or_else(|p| p.into_inner()).total
     }
 }
