@@ -102,6 +102,14 @@ pub struct NodeArgs {
     #[arg(long, default_value_t = xe_node::gateway::DEFAULT_STARTUPS_PER_SOURCE,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub ssh_max_startups_per_source: usize,
+    /// New SSH connections one client address may make back to back before
+    /// pacing starts (1-100000).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub ssh_connect_burst: u32,
+    /// New SSH connections per second one client address regains after its
+    /// burst; beyond it, key exchanges wait their turn (1-100000).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub ssh_connect_rate: u32,
     /// Seconds an SSH client has to authenticate (1-3600).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub ssh_auth_grace: u64,
@@ -253,6 +261,10 @@ impl NodeArgs {
                 auth_grace: Duration::from_secs(self.ssh_auth_grace),
                 startups: self.ssh_max_startups,
                 startups_per_source: self.ssh_max_startups_per_source,
+                connect_rate: xe_node::limits::RateLimit {
+                    burst: self.ssh_connect_burst,
+                    per_second: f64::from(self.ssh_connect_rate),
+                },
             });
         }
         for r in &self.relay {

@@ -77,6 +77,8 @@ pub struct SshConfig {
     pub startups: crate::gateway::Startups,
     /// Unauthenticated connections per source address.
     pub startups_per_source: usize,
+    /// New connections per source address (token bucket).
+    pub connect_rate: crate::limits::RateLimit,
 }
 
 impl SshConfig {
@@ -88,6 +90,7 @@ impl SshConfig {
             auth_grace: crate::gateway::DEFAULT_AUTH_GRACE,
             startups: crate::gateway::DEFAULT_STARTUPS,
             startups_per_source: crate::gateway::DEFAULT_STARTUPS_PER_SOURCE,
+            connect_rate: crate::gateway::DEFAULT_CONNECT_RATE,
         }
     }
 }

@@ -73,6 +73,7 @@ pub(crate) async fn start_gateway(
     gcfg.auth_grace = ssh.auth_grace;
     gcfg.startups = ssh.startups;
     gcfg.startups_per_source = ssh.startups_per_source;
+    gcfg.connect_rate = ssh.connect_rate;
     let stats = Arc::new(GatewayStats::new());
     let gateway = Gateway::new(
         gcfg,

@@ -35,6 +35,17 @@ impl GatewayProc {
                 "--no-relay-server",
                 "--max-ssh-connections",
                 &max_connections.to_string(),
+                // Every simulated client connects from 127.0.0.1: the
+                // per-source limits (meant for one real client) are lifted
+                // so one address can stand for thousands of clients.
+                "--ssh-max-startups",
+                "1000:30:2000",
+                "--ssh-max-startups-per-source",
+                "1000",
+                "--ssh-connect-burst",
+                "100000",
+                "--ssh-connect-rate",
+                "100000",
             ])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null());
