@@ -171,11 +171,28 @@ impl NetHandle {
 
     /// Apply a lease event locally, then gossip it.
     pub async fn publish_event(&self, event: LeaseEvent) -> Result<Applied, NetError> {
+        self.publish_event_from(event, xe_store::Source::Local).await
+    }
+
+    /// [`NetHandle::publish_event`] for an event from `source` (an API client),
+    /// whose share of the pending store it takes. An event that went
+    /// pending is not gossiped: peers would only hold it pending too (a
+    /// flood through our API would fill theirs under our name). It
+    /// reaches them by reconciliation once its lease arrives here and it
+    /// applies.
+    pub async fn publish_event_from(
+        &self,
+        event: LeaseEvent,
+        source: xe_store::Source,
+    ) -> Result<Applied, NetError> {
         let store = self.store.clone();
         let ev = event.clone();
-        let applied = tokio::task::spawn_blocking(move || store.apply_event(&ev))
+        let applied = tokio::task::spawn_blocking(move || store.apply_event_from(&ev, &source))
             .await
             .map_err(|_| NetError::Shutdown)??;
+        if applied == Applied::Pending {
+            return Ok(applied);
+        }
         self.cmd
             .send(Command::Publish(GossipMessage::Event { event }))
             .await

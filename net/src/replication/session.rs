@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use xe_store::syncset::{Bound, SyncKey};
-use xe_store::{Applied, EventId, LeaseEvent, Store, StoreError, Verified, codec};
+use xe_store::{Applied, EventId, LeaseEvent, Source, Store, StoreError, Verified, codec};
 
 use super::recon::{self, DecodeError, Findings, Message, Role};
 
@@ -173,7 +173,7 @@ fn take_events(p: &[u8]) -> Result<Vec<LeaseEvent>, SessionError> {
             .ok_or_else(|| bad(format!("event {i}: truncated")))?;
         // The wire carries the binary form only (the decoder also reads
         // the JSON of old stores, which has no place here).
-        if !matches!(body.first(), Some(1..=4)) {
+        if !matches!(body.first(), Some(1..=5)) {
             return Err(bad(format!("event {i}: not a binary event")));
         }
         out.push(codec::decode_event(body).map_err(|e| bad(format!("event {i}: {e}")))?);
@@ -270,14 +270,17 @@ struct Conn<'a, S> {
     io: &'a mut S,
     report: Report,
     stats: &'a ReconStats,
+    /// The peer, whose share of our pending store its events take.
+    source: Source,
 }
 
 impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
-    fn new(io: &'a mut S, stats: &'a ReconStats) -> Self {
+    fn new(io: &'a mut S, stats: &'a ReconStats, source: Source) -> Self {
         Conn {
             io,
             report: Report::default(),
             stats,
+            source,
         }
     }
 
@@ -324,7 +327,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
     ) -> Result<usize, SessionError> {
         self.report.received += events.len();
         let store = store.clone();
-        let results = blocking(move || store.apply_events(&events)).await?;
+        let source = self.source.clone();
+        let results = blocking(move || store.apply_events_from(&events, &source)).await?;
         Ok(self.account(&results))
     }
 
@@ -381,7 +385,18 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
     store: &Store,
     stats: &ReconStats,
 ) -> Result<Report, SessionError> {
-    let mut c = Conn::new(io, stats);
+    initiate_with(io, store, stats, Source::Local).await
+}
+
+/// [`initiate`] with a peer whose events take `source`'s share of our
+/// pending store.
+pub async fn initiate_with<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    store: &Store,
+    stats: &ReconStats,
+    source: Source,
+) -> Result<Report, SessionError> {
+    let mut c = Conn::new(io, stats, source);
     let r = run_initiator(&mut c, store).await;
     finish(&mut c, r).await
 }
@@ -482,8 +497,9 @@ async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
                 c.account(&results);
             }
             let s = store.clone();
+            let source = c.source.clone();
             writing = Some(tokio::task::spawn_blocking(move || {
-                s.apply_verified(verified)
+                s.apply_verified_from(verified, &source)
             }));
             if next.is_none() {
                 break;
@@ -561,7 +577,18 @@ pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
     store: &Store,
     stats: &ReconStats,
 ) -> Result<Report, SessionError> {
-    let mut c = Conn::new(io, stats);
+    respond_with(io, store, stats, Source::Local).await
+}
+
+/// [`respond`] to a peer whose events take `source`'s share of our
+/// pending store.
+pub async fn respond_with<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    store: &Store,
+    stats: &ReconStats,
+    source: Source,
+) -> Result<Report, SessionError> {
+    let mut c = Conn::new(io, stats, source);
     let r = run_responder(&mut c, store).await;
     finish(&mut c, r).await
 }
