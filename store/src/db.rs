@@ -392,6 +392,12 @@ impl Store {
         self.inner.n_pending.load(Ordering::Relaxed)
     }
 
+    /// Pending events held from `source` (its use of its share).
+    pub fn pending_from(&self, source: &crate::pending::Source) -> usize {
+        let q = self.inner.quotas.lock().unwrap_or_else(|p| p.into_inner());
+        q.get(&Quota::Source(source.clone())).copied().unwrap_or(0)
+    }
+
     /// Applied events with id greater than `after`, in id order, at most
     /// `limit` (the old sync protocol's page).
     pub fn events_after(
