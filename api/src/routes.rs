@@ -397,7 +397,9 @@ async fn submit_event(
     // write limiter bounds a client's rate, this bounds what it leaves.
     let source = ext
         .get::<ConnectInfo<SocketAddr>>()
-        .map_or(xe_store::Source::Local, |c| xe_store::Source::Client(c.0.ip()));
+        .map_or(xe_store::Source::Local, |c| {
+            xe_store::Source::Client(c.0.ip())
+        });
     let applied = app
         .ctx
         .net

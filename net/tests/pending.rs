@@ -63,12 +63,23 @@ async fn a_gossip_flood_of_orphans_stops_at_the_first_hop_within_the_share() {
     }
     let held = b.store.pending_from(&from_a);
     assert!(held > 0, "B took none of the flood");
-    assert!(held <= MAX_PENDING_PER_PEER, "B holds {held}, over A's share");
+    assert!(
+        held <= MAX_PENDING_PER_PEER,
+        "B holds {held}, over A's share"
+    );
     // Nothing of it went on from B, and nobody was penalised for it.
     let from_b = Source::Peer(b.net.peer_id().to_string());
-    assert_eq!(c.store.pending_from(&from_b), 0, "B forwarded pending events");
+    assert_eq!(
+        c.store.pending_from(&from_b),
+        0,
+        "B forwarded pending events"
+    );
     for n in [&b, &c] {
-        let invalid = n.net.stats().invalid_messages.load(std::sync::atomic::Ordering::Relaxed);
+        let invalid = n
+            .net
+            .stats()
+            .invalid_messages
+            .load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(invalid, 0);
     }
     // Nor do they spread by reconciliation: not in the sync set.

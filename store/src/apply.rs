@@ -75,7 +75,11 @@ impl Store {
 
     /// [`Store::apply_event`] for an event from `source`, whose share of
     /// the pending store it may take (see [`crate::pending`]).
-    pub fn apply_event_from(&self, ev: &LeaseEvent, source: &Source) -> Result<Applied, StoreError> {
+    pub fn apply_event_from(
+        &self,
+        ev: &LeaseEvent,
+        source: &Source,
+    ) -> Result<Applied, StoreError> {
         let mut results = self.apply_events_from(std::slice::from_ref(ev), source)?;
         results.pop().unwrap_or(Ok(Applied::Duplicate))
     }

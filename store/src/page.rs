@@ -188,7 +188,11 @@ impl<'a> Page<'a> {
         drop(ids);
         let mut quotas = self.inner.quotas.lock().unwrap_or_else(|p| p.into_inner());
         for (q, d) in self.quotas {
-            let n = quotas.get(&q).copied().unwrap_or(0).saturating_add_signed(d);
+            let n = quotas
+                .get(&q)
+                .copied()
+                .unwrap_or(0)
+                .saturating_add_signed(d);
             if n == 0 {
                 // A source with nothing pending leaves the map: a flood of
                 // fresh identities must not grow it for ever.

@@ -279,7 +279,11 @@ pub(crate) fn admit(
         });
     }
     let total = page.pending_total();
-    let reserve = if held < LIGHT_SOURCE { LIGHT_RESERVE } else { 0 };
+    let reserve = if held < LIGHT_SOURCE {
+        LIGHT_RESERVE
+    } else {
+        0
+    };
     if total >= MAX_PENDING + reserve {
         return Err(PendingRefused::Full { held: total });
     }

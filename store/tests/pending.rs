@@ -66,7 +66,10 @@ fn a_flooding_peer_hits_its_share_and_a_legitimate_orphan_still_waits_and_applie
         .apply_event_from(&orphan(999_999), &flooder)
         .expect_err("over its share");
     let text = err.to_string();
-    assert!(text.contains("peer flooder") && text.contains("share is 1000"), "{text}");
+    assert!(
+        text.contains("peer flooder") && text.contains("share is 1000"),
+        "{text}"
+    );
     // Pending events are not reconciled: the set holds none of them.
     assert_eq!(s.with_sync_set(|set| set.len()), 0);
 
@@ -76,10 +79,16 @@ fn a_flooding_peer_hits_its_share_and_a_legitimate_orphan_still_waits_and_applie
     let h = create.lease_hash();
     let accept = LeaseEvent::accept(&p, h, now_secs(), HOST_KEY.into());
     let honest = peer("honest");
-    assert_eq!(s.apply_event_from(&accept, &honest).expect("accept"), Applied::Pending);
+    assert_eq!(
+        s.apply_event_from(&accept, &honest).expect("accept"),
+        Applied::Pending
+    );
     assert_eq!(s.pending_from(&honest), 1);
     s.apply_event_from(&create, &peer("other")).expect("create");
-    assert_eq!(s.lease(&h).expect("read").map(|r| r.state()), Some(LeaseState::Accepted));
+    assert_eq!(
+        s.lease(&h).expect("read").map(|r| r.state()),
+        Some(LeaseState::Accepted)
+    );
     assert_eq!(s.pending_from(&honest), 0);
     assert_eq!(s.pending_count(), MAX_PENDING_PER_PEER);
 
@@ -89,9 +98,14 @@ fn a_flooding_peer_hits_its_share_and_a_legitimate_orphan_still_waits_and_applie
     assert_eq!(s.pending_from(&flooder), MAX_PENDING_PER_PEER);
     assert!(matches!(
         s.apply_event_from(&orphan(1_000_001), &flooder),
-        Err(StoreError::PendingRefused(PendingRefused::SourceShare { .. }))
+        Err(StoreError::PendingRefused(
+            PendingRefused::SourceShare { .. }
+        ))
     ));
-    assert_eq!(s.lease(&h).expect("read").map(|r| r.state()), Some(LeaseState::Accepted));
+    assert_eq!(
+        s.lease(&h).expect("read").map(|r| r.state()),
+        Some(LeaseState::Accepted)
+    );
 }
 
 #[test]
@@ -127,7 +141,10 @@ fn a_lease_holds_a_bounded_number_of_pending_events() {
     let t = now_secs();
     for i in 0..MAX_PENDING_PER_LEASE as u64 {
         let ev = LeaseEvent::settle(&c, h, t + i);
-        assert_eq!(s.apply_event_from(&ev, &peer("x")).expect("pending"), Applied::Pending);
+        assert_eq!(
+            s.apply_event_from(&ev, &peer("x")).expect("pending"),
+            Applied::Pending
+        );
     }
     let more = LeaseEvent::settle(&c, h, t + 100);
     assert!(matches!(
@@ -151,10 +168,18 @@ fn orphans_expire_on_arrival_time_and_bound_events_stay() {
     let waiting = LeaseEvent::settle(&c, h, now_secs());
     assert_eq!(s.apply_event(&waiting).expect("settle"), Applied::Pending);
 
-    assert_eq!(s.expire_pending(arrived + PENDING_WINDOW_SECS - 1).expect("sweep"), 0);
+    assert_eq!(
+        s.expire_pending(arrived + PENDING_WINDOW_SECS - 1)
+            .expect("sweep"),
+        0
+    );
     assert_eq!(s.pending_count(), 21);
     // Two seconds of margin: the flood may have arrived a second later.
-    assert_eq!(s.expire_pending(arrived + PENDING_WINDOW_SECS + 2).expect("sweep"), 20);
+    assert_eq!(
+        s.expire_pending(arrived + PENDING_WINDOW_SECS + 2)
+            .expect("sweep"),
+        20
+    );
     assert_eq!(s.pending_count(), 1);
     assert_eq!(s.pending_from(&peer("f")), 0);
     // The flooder's share is free again.
@@ -162,6 +187,9 @@ fn orphans_expire_on_arrival_time_and_bound_events_stay() {
     // The bound settle still applies when its accept comes.
     let accept = LeaseEvent::accept(&p, h, now_secs(), HOST_KEY.into());
     s.apply_event(&accept).expect("accept");
-    assert_eq!(s.lease(&h).expect("read").map(|r| r.state()), Some(LeaseState::Settled));
+    assert_eq!(
+        s.lease(&h).expect("read").map(|r| r.state()),
+        Some(LeaseState::Settled)
+    );
     assert_eq!(s.pending_count(), 1, "the new orphan only");
 }

@@ -182,7 +182,8 @@ impl NetHandle {
 
     /// Apply a lease event locally, then gossip it.
     pub async fn publish_event(&self, event: LeaseEvent) -> Result<Applied, NetError> {
-        self.publish_event_from(event, xe_store::Source::Local).await
+        self.publish_event_from(event, xe_store::Source::Local)
+            .await
     }
 
     /// [`NetHandle::publish_event`] for an event from `source` (an API client),
@@ -244,7 +245,9 @@ impl NetHandle {
                 }
             };
             if let Ok(true) = tokio::time::timeout(PENDING_PUBLISH_WAIT, watch).await {
-                let _ = cmd.send(Command::Publish(GossipMessage::Event { event })).await;
+                let _ = cmd
+                    .send(Command::Publish(GossipMessage::Event { event }))
+                    .await;
             }
         });
     }

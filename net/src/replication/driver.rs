@@ -157,7 +157,8 @@ impl Reconciler {
             .map_err(|e| SessionError::Io(std::io::Error::other(e.to_string())))?;
         let mut io = stream.compat();
         let source = xe_store::Source::Peer(peer.to_string());
-        let report = session::initiate_with(&mut io, &self.store, &self.stats.recon, source).await?;
+        let report =
+            session::initiate_with(&mut io, &self.store, &self.stats.recon, source).await?;
         let _ = io.shutdown().await;
         self.stats
             .events_applied

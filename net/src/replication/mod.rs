@@ -21,7 +21,9 @@ use std::sync::atomic::Ordering;
 use libp2p::{PeerId, StreamProtocol, gossipsub};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
-use xe_store::{Applied, DirectoryEntry, EventId, LeaseEvent, LeaseHash, Source, Store, StoreError};
+use xe_store::{
+    Applied, DirectoryEntry, EventId, LeaseEvent, LeaseHash, Source, Store, StoreError,
+};
 
 use crate::host::NetStats;
 
