@@ -215,41 +215,13 @@ impl NetHandle {
     }
 
     fn publish_when_applied(&self, event: LeaseEvent) {
-        let Ok(permit) = self.pending_publish.clone().try_acquire_owned() else {
-            return;
-        };
-        let (store, cmd) = (self.store.clone(), self.cmd.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let (id, lease) = (event.id(), event.lease_hash());
-            // Subscribed before the first look: a change in between is
-            // not lost.
-            let mut changes = store.subscribe();
-            let watch = async {
-                loop {
-                    match store.event_status(&id) {
-                        Ok(Some(true)) => return true,
-                        Ok(Some(false)) => {}
-                        // Dropped (expired, refused once its lease came).
-                        Ok(None) | Err(_) => return false,
-                    }
-                    loop {
-                        match changes.recv().await {
-                            Ok(c) if c.lease != lease => continue,
-                            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                                break;
-                            }
-                            Err(_) => return false,
-                        }
-                    }
-                }
-            };
-            if let Ok(true) = tokio::time::timeout(PENDING_PUBLISH_WAIT, watch).await {
-                let _ = cmd
-                    .send(Command::Publish(GossipMessage::Event { event }))
-                    .await;
-            }
-        });
+        publish_when_applied(
+            self.store.clone(),
+            &self.pending_publish,
+            event,
+            self.cmd.clone(),
+            Command::Publish,
+        );
     }
 
     /// Store a directory entry locally, then gossip it.
@@ -400,4 +372,46 @@ impl NetHandle {
             r => r,
         }
     }
+}
+
+/// Watch an event that went pending (while a permit of `permits` is
+/// free, for [`PENDING_PUBLISH_WAIT`]) and send `wrap(its gossip)` on `tx`
+/// once it applies: gossiped then, not while it is an orphan.
+pub(super) fn publish_when_applied<M: Send + 'static>(
+    store: Store,
+    permits: &Arc<tokio::sync::Semaphore>,
+    event: LeaseEvent,
+    tx: mpsc::Sender<M>,
+    wrap: fn(GossipMessage) -> M,
+) {
+    let Ok(permit) = permits.clone().try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let _permit = permit;
+        let (id, lease) = (event.id(), event.lease_hash());
+        // Subscribed before the first look: a change in between is not
+        // lost.
+        let mut changes = store.subscribe();
+        let watch = async {
+            loop {
+                match store.event_status(&id) {
+                    Ok(Some(true)) => return true,
+                    Ok(Some(false)) => {}
+                    // Dropped (expired, refused once its lease came).
+                    Ok(None) | Err(_) => return false,
+                }
+                loop {
+                    match changes.recv().await {
+                        Ok(c) if c.lease != lease => continue,
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(_) => return false,
+                    }
+                }
+            }
+        };
+        if let Ok(true) = tokio::time::timeout(PENDING_PUBLISH_WAIT, watch).await {
+            let _ = tx.send(wrap(GossipMessage::Event { event })).await;
+        }
+    });
 }

@@ -23,6 +23,8 @@ use crate::replication::{
 /// Results that background work hands back to the event loop.
 pub(super) enum Internal {
     Validated(gossipsub::MessageId, PeerId, Verdict),
+    /// A pending event that applied after its gossip verdict: publish it.
+    Publish(GossipMessage),
 }
 
 /// Most messages kept for re-publishing when no peer was subscribed yet.
@@ -44,6 +46,8 @@ struct Deferred {
     peer: PeerId,
     event: EventId,
     since: Instant,
+    /// The event, to publish if it applies after its verdict was given.
+    full: Box<xe_store::LeaseEvent>,
 }
 
 fn topic_for(msg: &GossipMessage) -> gossipsub::IdentTopic {
@@ -70,6 +74,9 @@ pub(super) struct Replication {
     /// orphans stops at the first hop.
     deferred: HashMap<LeaseHash, Vec<Deferred>>,
     n_deferred: usize,
+    /// Watches of events ignored while pending, published if they apply
+    /// later (validation of a backlog can outlast gossipsub's wait).
+    late: Arc<tokio::sync::Semaphore>,
     announce: Option<Arc<Wallet>>,
     directory_ttl: Duration,
 }
@@ -93,6 +100,9 @@ impl Replication {
             unsent: VecDeque::new(),
             deferred: HashMap::new(),
             n_deferred: 0,
+            late: Arc::new(tokio::sync::Semaphore::new(
+                super::handle::MAX_PENDING_PUBLISH,
+            )),
             announce,
             directory_ttl,
         }
@@ -185,19 +195,23 @@ impl Replication {
     }
 
     pub(super) fn on_internal(&mut self, swarm: &mut Swarm<Behaviour>, msg: Internal) {
-        let Internal::Validated(id, peer, verdict) = msg;
+        let (id, peer, verdict) = match msg {
+            Internal::Validated(id, peer, verdict) => (id, peer, verdict),
+            Internal::Publish(msg) => return self.publish(swarm, &msg),
+        };
         match verdict {
             Verdict::Now(acceptance) => report(swarm, &self.stats, &id, &peer, acceptance),
             Verdict::Applied(lease) => {
                 report(swarm, &self.stats, &id, &peer, Accept);
                 self.resolve(swarm, &lease, false);
             }
-            Verdict::Pending(lease, event) if self.n_deferred < MAX_DEFERRED => {
+            Verdict::Pending(lease, event, full) if self.n_deferred < MAX_DEFERRED => {
                 self.deferred.entry(lease).or_default().push(Deferred {
                     message: id,
                     peer,
                     event,
                     since: Instant::now(),
+                    full,
                 });
                 self.n_deferred += 1;
             }
@@ -222,6 +236,15 @@ impl Replication {
                 report(swarm, &self.stats, &d.message, &d.peer, Accept);
             } else if all {
                 report(swarm, &self.stats, &d.message, &d.peer, Ignore);
+                // Published by us if it applies later: its create may be
+                // queued behind a flood's validation.
+                super::handle::publish_when_applied(
+                    self.store.clone(),
+                    &self.late,
+                    *d.full,
+                    self.internal_tx.clone(),
+                    Internal::Publish,
+                );
             } else {
                 kept.push(d);
             }

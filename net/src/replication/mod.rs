@@ -119,7 +119,7 @@ pub(crate) enum Verdict {
     /// The event went pending here: it is forwarded only if it applies
     /// while gossipsub still holds it (its create was racing it), else
     /// ignored; see [`crate::host`]'s replication.
-    Pending(LeaseHash, EventId),
+    Pending(LeaseHash, EventId, Box<LeaseEvent>),
 }
 
 /// Apply a gossiped message from `from` (its share of the pending store is
@@ -148,7 +148,7 @@ pub(crate) fn validate_gossip(
                 }
                 Ok(Applied::Pending) => {
                     note_applied(stats, &event);
-                    Verdict::Pending(lease, event.id())
+                    Verdict::Pending(lease, event.id(), Box::new(event))
                 }
                 Ok(Applied::Duplicate) => Verdict::Now(Ignore),
                 Err(StoreError::Rejected(e)) => {
