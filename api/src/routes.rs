@@ -429,6 +429,7 @@ async fn show_lease(
 
 async fn submit_event(
     State(app): State<App>,
+    ext: axum::http::Extensions,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<SubmitResult>), HttpError> {
     let body = body.map_err(|e| {
@@ -456,19 +457,32 @@ async fn submit_event(
     event
         .check_self()
         .map_err(|e| HttpError::bad_request(format!("event refused: {e}")))?;
+    // An event for a lease this node has not seen is kept pending under
+    // the client's IP, whose share is small (`xe_store::pending`): the
+    // write limiter bounds a client's rate, this bounds what it leaves.
+    let source = ext
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(xe_store::Source::Local, |c| {
+            xe_store::Source::Client(c.0.ip())
+        });
     let applied = app
         .ctx
         .net
-        .publish_event(event)
+        .publish_event_from(event, source)
         .await
         .map_err(|e| match e {
             xe_net::NetError::Store(StoreError::Rejected(e)) => {
                 HttpError::bad_request(format!("event refused: {e}"))
             }
-            xe_net::NetError::Store(StoreError::PendingFull) => HttpError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                StoreError::PendingFull.to_string(),
-            ),
+            // Over the client's own share: its doing, so 429.
+            xe_net::NetError::Store(StoreError::PendingRefused(
+                e @ (xe_store::PendingRefused::SourceShare { .. }
+                | xe_store::PendingRefused::SignerShare { .. }
+                | xe_store::PendingRefused::LeaseFull { .. }),
+            )) => HttpError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
+            xe_net::NetError::Store(StoreError::PendingRefused(e)) => {
+                HttpError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
             other => HttpError::internal(other.to_string()),
         })?;
     let (status, applied, state) = match applied {

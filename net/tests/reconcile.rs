@@ -101,7 +101,9 @@ proptest! {
         });
         prop_assert_eq!(fingerprint(&a), fingerprint(&b));
         prop_assert_eq!(a.leases().expect("a"), b.leases().expect("b"));
-        prop_assert_eq!(a.pending_count(), b.pending_count());
+        // Pending events are not reconciled (issue 18.2): each side keeps
+        // only those it was given, until their leases arrive.
+        prop_assert_eq!(a.event_count(), b.event_count());
         let (ra, _) = rt.block_on(reconcile(&a, &b));
         prop_assert_eq!(ra.rounds, 1);
         prop_assert!(ra.bytes_sent + ra.bytes_received <= EQUAL_MAX_BYTES, "{:?}", ra);

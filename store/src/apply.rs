@@ -2,18 +2,14 @@
 //! read-modify-write of its lease's bundle inside one [`Page`], one
 //! `apply_batch` and one flush for the whole page.
 
-use crate::codec::encode_event;
-use crate::db::{Applied, LeaseChange, Store, StoreError, decode_ev};
+use crate::db::{Applied, LeaseChange, Store, StoreError, decode_pending};
 use crate::ids::LeaseHash;
 use crate::layout::{self, Bundle, IndexEntry};
 use crate::lease::{EventError, LeaseEvent};
 use crate::page::Page;
+use crate::pending::{self, PendingEntry, Source};
 use crate::record::{LeaseRecord, Outcome};
 use crate::syncset::SyncKey;
-
-/// Most pending (not yet applicable) events kept, so a peer cannot fill
-/// the disk with events for leases that will never exist.
-pub const MAX_PENDING: usize = 100_000;
 
 /// Signature and terms checks of a page, on two threads when the page is
 /// big enough to pay for one: verification is most of a join's CPU.
@@ -74,7 +70,17 @@ impl Store {
     /// event whose lease (or accept) is not known yet is kept pending and
     /// applied when its dependency lands. Durable when it returns.
     pub fn apply_event(&self, ev: &LeaseEvent) -> Result<Applied, StoreError> {
-        let mut results = self.apply_events(std::slice::from_ref(ev))?;
+        self.apply_event_from(ev, &Source::Local)
+    }
+
+    /// [`Store::apply_event`] for an event from `source`, whose share of
+    /// the pending store it may take (see [`crate::pending`]).
+    pub fn apply_event_from(
+        &self,
+        ev: &LeaseEvent,
+        source: &Source,
+    ) -> Result<Applied, StoreError> {
+        let mut results = self.apply_events_from(std::slice::from_ref(ev), source)?;
         results.pop().unwrap_or(Ok(Applied::Duplicate))
     }
 
@@ -88,10 +94,19 @@ impl Store {
         &self,
         evs: &[LeaseEvent],
     ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+        self.apply_events_from(evs, &Source::Local)
+    }
+
+    /// [`Store::apply_events`] for events from `source`.
+    pub fn apply_events_from(
+        &self,
+        evs: &[LeaseEvent],
+        source: &Source,
+    ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
         // Signatures are checked before taking the lock: that is the
         // expensive part, and it needs no state.
         let checked = check_all(evs);
-        self.apply_checked(evs, checked)
+        self.apply_checked(evs, checked, source)
     }
 
     /// [`Store::apply_events`] for a page already checked with
@@ -101,13 +116,23 @@ impl Store {
         &self,
         page: Verified,
     ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
-        self.apply_checked(&page.events, page.checked)
+        self.apply_verified_from(page, &Source::Local)
+    }
+
+    /// [`Store::apply_verified`] for events from `source`.
+    pub fn apply_verified_from(
+        &self,
+        page: Verified,
+        source: &Source,
+    ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+        self.apply_checked(&page.events, page.checked, source)
     }
 
     fn apply_checked(
         &self,
         evs: &[LeaseEvent],
         checked: Vec<Result<(), EventError>>,
+        source: &Source,
     ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
         let _guard = self.lock();
         let mut page = Page::new(&self.inner);
@@ -116,7 +141,7 @@ impl Store {
         for (ev, ok) in evs.iter().zip(checked) {
             let r = match ok {
                 Err(e) => Err(StoreError::Rejected(e)),
-                Ok(()) => match apply_one(&mut page, ev, &mut changes) {
+                Ok(()) => match apply_one(&mut page, ev, source, &mut changes) {
                     Err(e @ (StoreError::Db(_) | StoreError::Corrupt { .. })) => return Err(e),
                     r => r,
                 },
@@ -138,6 +163,7 @@ impl Store {
 fn apply_one(
     page: &mut Page<'_>,
     ev: &LeaseEvent,
+    source: &Source,
     changes: &mut Vec<LeaseChange>,
 ) -> Result<Applied, StoreError> {
     let hash = ev.lease_hash();
@@ -191,10 +217,13 @@ fn apply_one(
         if was_pending {
             return Ok(Applied::Duplicate);
         }
-        if page.pending_total() >= MAX_PENDING {
-            return Err(StoreError::PendingFull);
-        }
-        page.put(&pkey, encode_event(ev));
+        pending::admit(page, &hash, ev, source)?;
+        let held = PendingEntry {
+            arrived: Some(crate::now_secs()),
+            source: source.clone(),
+            event: ev.clone(),
+        };
+        page.put(&pkey, held.encode());
         let entry = IndexEntry {
             lease: hash,
             ts: skey.ts,
@@ -202,7 +231,8 @@ fn apply_one(
         };
         page.put(&ikey, entry.encode().to_vec());
         page.d_pending += 1;
-        page.set_op(skey, true);
+        // Not in the sync set: see `pending`.
+        page.pending_op(id, pending::charges(source, ev), true);
         return Ok(Applied::Pending);
     }
     match &mut bundle {
@@ -247,8 +277,13 @@ fn apply_one(
     };
     page.put(&ikey, entry.encode().to_vec());
     if was_pending {
+        let held = match page.get(&pkey)? {
+            Some(v) => decode_pending(&pkey, &v)?.source,
+            None => return Err(corrupt(&ikey, "pending index entry without its event")),
+        };
         page.del(&pkey);
         page.d_pending -= 1;
+        page.pending_op(id, pending::charges(&held, ev), false);
     }
     page.d_events += 1;
     page.set_op(skey, true);
@@ -287,14 +322,14 @@ fn retry_pending(
         if !page.contains(&k)? {
             continue;
         }
-        let ev = decode_ev(&k, &v)?;
+        let held = decode_pending(&k, &v)?;
         // Still waiting (a settle whose accept is not here yet) leaves it
         // pending; applying removes it from `P` in the same page.
-        match apply_one(page, &ev, changes) {
+        match apply_one(page, &held.event, &held.source, changes) {
             Ok(_) => {}
             Err(StoreError::Rejected(e)) => {
                 tracing::warn!(lease = %hash.short(), error = %e, "dropping pending event that no longer applies");
-                drop_pending(page, &k, &ev);
+                drop_pending(page, &k, &held);
             }
             Err(e) => return Err(e),
         }
@@ -302,16 +337,10 @@ fn retry_pending(
     Ok(())
 }
 
-pub(crate) fn drop_pending(page: &mut Page<'_>, pkey: &[u8], ev: &LeaseEvent) {
-    let id = ev.id();
+pub(crate) fn drop_pending(page: &mut Page<'_>, pkey: &[u8], held: &PendingEntry) {
+    let id = held.event.id();
     page.del(pkey);
     page.del(&layout::index_key(&id));
     page.d_pending -= 1;
-    page.set_op(
-        SyncKey {
-            ts: ev.timestamp(),
-            id,
-        },
-        false,
-    );
+    page.pending_op(id, pending::charges(&held.source, &held.event), false);
 }

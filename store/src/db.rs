@@ -3,8 +3,8 @@
 //! acknowledged event survives a crash; [`Store::apply_events`] applies a
 //! whole page as one atomic batch under one flush (see [`crate::apply`]).
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -20,7 +20,8 @@ use crate::page::Page;
 use crate::record::{LeaseRecord, LeaseState};
 use crate::syncset::{SyncKey, SyncSet};
 
-pub use crate::apply::MAX_PENDING;
+pub use crate::pending::MAX_PENDING;
+use crate::pending::{PendingEntry, PendingRefused, Quota};
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
@@ -31,9 +32,11 @@ pub enum StoreError {
     /// The directory entry was refused; nothing was written.
     #[error(transparent)]
     Directory(#[from] DirectoryError),
-    /// Too many pending events.
-    #[error("too many pending events ({MAX_PENDING}); refusing more until their leases arrive")]
-    PendingFull,
+    /// The event would wait for its lease, and its source, signer or
+    /// lease (or the node) already holds its share of waiting events;
+    /// nothing was written (see [`crate::pending`]).
+    #[error(transparent)]
+    PendingRefused(#[from] PendingRefused),
     /// Another process holds the store's lock.
     #[error(
         "the ledger in {} is in use by another process (most likely another `xe node` with the same --data): stop that node, or give this one its own --data directory",
@@ -92,6 +95,15 @@ pub(crate) struct Inner {
     /// once made a join quadratic.
     pub(crate) n_events: AtomicUsize,
     pub(crate) n_pending: AtomicUsize,
+    /// Ids of pending events. They are not in the sync set (see
+    /// [`crate::pending`]), and a page must still tell one from an
+    /// unknown event without reading the tree.
+    pub(crate) pending_ids: RwLock<HashSet<EventId>>,
+    /// Pending events per source and per signer (the shares).
+    pub(crate) quotas: Mutex<HashMap<Quota, usize>>,
+    /// When the store was opened: the arrival time given to pending
+    /// entries written before arrival times were stored.
+    pub(crate) opened_at: u64,
     /// The retention window, seconds (see [`crate::retention`]).
     pub(crate) retention: AtomicU64,
     /// Serialises read-modify-write of lease bundles.
@@ -105,6 +117,11 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     v: &[u8],
 ) -> Result<T, StoreError> {
     serde_json::from_slice(v).map_err(|e| corrupt(key, e.to_string()))
+}
+
+/// A pending entry as stored (see [`crate::pending`]).
+pub(crate) fn decode_pending(key: &[u8], v: &[u8]) -> Result<PendingEntry, StoreError> {
+    PendingEntry::decode(v).map_err(|d| corrupt(key, d))
 }
 
 /// An event as stored (see [`crate::codec`]).
@@ -143,18 +160,27 @@ impl Store {
         // The sync set and the counters come from one walk of the index at
         // open; never again afterwards.
         let mut set = SyncSet::new();
-        let (mut n_events, mut n_pending) = (0, 0);
+        let mut pending_ids = HashSet::new();
+        let mut n_events = 0;
         for r in ledger.scan_prefix([layout::INDEX]) {
             let (k, v) = r?;
             let e = IndexEntry::decode(&v).ok_or_else(|| corrupt(&k, "bad index entry"))?;
             let id = EventId::from_slice(&k[1..]).map_err(|e| corrupt(&k, e.to_string()))?;
-            set.insert(SyncKey { ts: e.ts, id });
             if e.pending {
-                n_pending += 1;
+                pending_ids.insert(id);
             } else {
+                set.insert(SyncKey { ts: e.ts, id });
                 n_events += 1;
             }
         }
+        let mut quotas: HashMap<Quota, usize> = HashMap::new();
+        for r in ledger.scan_prefix([layout::PENDING]) {
+            let (k, v) = r?;
+            let p = decode_pending(&k, &v)?;
+            *quotas.entry(Quota::Source(p.source)).or_default() += 1;
+            *quotas.entry(Quota::Signer(p.event.signer())).or_default() += 1;
+        }
+        let n_pending = pending_ids.len();
         let store = Store {
             inner: Arc::new(Inner {
                 directory: db.open_tree("directory")?,
@@ -163,6 +189,9 @@ impl Store {
                 set: RwLock::new(set),
                 n_events: AtomicUsize::new(n_events),
                 n_pending: AtomicUsize::new(n_pending),
+                pending_ids: RwLock::new(pending_ids),
+                quotas: Mutex::new(quotas),
+                opened_at: crate::now_secs(),
                 retention: AtomicU64::new(crate::retention::DEFAULT_RETENTION_SECS),
                 apply_lock: Mutex::new(()),
                 changes,
@@ -235,9 +264,15 @@ impl Store {
     ) -> Result<Option<LeaseEvent>, StoreError> {
         let k = layout::pending_key(lease, id);
         match self.inner.ledger.get(k)? {
-            Some(v) => Ok(Some(decode_ev(&k, &v)?)),
+            Some(v) => Ok(Some(decode_pending(&k, &v)?.event)),
             None => Ok(None),
         }
+    }
+
+    /// Whether an event is held and applied (`Some(true)`), held pending
+    /// (`Some(false)`) or not held (`None`).
+    pub fn event_status(&self, id: &EventId) -> Result<Option<bool>, StoreError> {
+        Ok(self.index(id)?.map(|e| !e.pending))
     }
 
     /// The held events for `ids`, in order, skipping any not held
@@ -342,7 +377,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Whether an event (applied or pending) is known.
+    /// Whether an event (applied or pending) is held.
     pub fn has_event(&self, id: &EventId) -> Result<bool, StoreError> {
         Ok(self.inner.ledger.contains_key(layout::index_key(id))?)
     }
@@ -355,6 +390,12 @@ impl Store {
     /// Number of pending events.
     pub fn pending_count(&self) -> usize {
         self.inner.n_pending.load(Ordering::Relaxed)
+    }
+
+    /// Pending events held from `source` (its use of its share).
+    pub fn pending_from(&self, source: &crate::pending::Source) -> usize {
+        let q = self.inner.quotas.lock().unwrap_or_else(|p| p.into_inner());
+        q.get(&Quota::Source(source.clone())).copied().unwrap_or(0)
     }
 
     /// Applied events with id greater than `after`, in id order, at most

@@ -13,6 +13,8 @@
 //! - [`db`]: sled persistence with flushed writes and a change subscription;
 //!   the keys are in `layout`, a page of events is applied by `apply`.
 //! - [`listing`]: leases newest first, a page at a time.
+//! - [`pending`]: events waiting for their lease: shares per source,
+//!   signer and lease, the arrival window.
 //! - [`retention`]: compaction of leases that ended long ago, tombstones.
 //! - [`syncset`]: the sorted set of held events with range fingerprints,
 //!   which reconciliation between nodes compares.
@@ -29,6 +31,7 @@ pub mod lease;
 pub mod listing;
 mod migrate;
 mod page;
+pub mod pending;
 pub mod record;
 pub mod retention;
 pub mod syncset;
@@ -40,6 +43,7 @@ pub use directory::{DirectoryEntry, DirectoryError};
 pub use ids::{AccessPubKey, AccountAddress, AccountPubKey, EventId, HexError, LeaseHash, Sig};
 pub use lease::{EventError, EventKind, Lease, LeaseEvent};
 pub use listing::LeaseCursor;
+pub use pending::{PendingRefused, Source};
 pub use record::{LeaseRecord, LeaseState};
 pub use retention::{Compacted, DEFAULT_RETENTION_SECS, WindowTooShort};
 pub use syncset::{SyncKey, SyncSet};

@@ -3,11 +3,13 @@
 //! counters) until [`Page::commit`] applies it as one `apply_batch`. A
 //! page that fails half way leaves the store as it was.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::atomic::Ordering;
 
 use crate::db::{Inner, StoreError};
+use crate::ids::EventId;
+use crate::pending::Quota;
 use crate::syncset::SyncKey;
 
 /// A key and its value.
@@ -17,6 +19,9 @@ pub(crate) struct Page<'a> {
     inner: &'a Inner,
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     set: Vec<(SyncKey, bool)>,
+    /// Pending ids joining (`true`) or leaving the in-memory pending set.
+    pending: Vec<(EventId, bool)>,
+    quotas: HashMap<Quota, isize>,
     pub d_events: isize,
     pub d_pending: isize,
 }
@@ -27,6 +32,8 @@ impl<'a> Page<'a> {
             inner,
             writes: BTreeMap::new(),
             set: Vec::new(),
+            pending: Vec::new(),
+            quotas: HashMap::new(),
             d_events: 0,
             d_pending: 0,
         }
@@ -50,6 +57,13 @@ impl<'a> Page<'a> {
         let held = {
             let set = self.inner.set.read().unwrap_or_else(|p| p.into_inner());
             set.contains(key)
+        } || {
+            let p = self
+                .inner
+                .pending_ids
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            p.contains(&key.id)
         };
         if !held {
             return Ok(None);
@@ -103,6 +117,24 @@ impl<'a> Page<'a> {
         self.set.push((key, insert));
     }
 
+    /// A pending event is kept (`true`) or leaves (`false`) at commit:
+    /// its id, and its charge to its source's and signer's shares.
+    pub fn pending_op(&mut self, id: EventId, charges: [Quota; 2], keep: bool) {
+        self.pending.push((id, keep));
+        for q in charges {
+            *self.quotas.entry(q).or_default() += if keep { 1 } else { -1 };
+        }
+    }
+
+    /// Pending events charged to `q`, as this page would leave them.
+    pub fn quota(&self, q: &Quota) -> usize {
+        let base = {
+            let m = self.inner.quotas.lock().unwrap_or_else(|p| p.into_inner());
+            m.get(q).copied().unwrap_or(0)
+        };
+        base.saturating_add_signed(self.quotas.get(q).copied().unwrap_or(0))
+    }
+
     pub fn pending_total(&self) -> usize {
         self.inner
             .n_pending
@@ -140,6 +172,36 @@ impl<'a> Page<'a> {
                 set.remove(&key);
             }
         }
+        drop(set);
+        let mut ids = self
+            .inner
+            .pending_ids
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        for (id, keep) in self.pending {
+            if keep {
+                ids.insert(id);
+            } else {
+                ids.remove(&id);
+            }
+        }
+        drop(ids);
+        let mut quotas = self.inner.quotas.lock().unwrap_or_else(|p| p.into_inner());
+        for (q, d) in self.quotas {
+            let n = quotas
+                .get(&q)
+                .copied()
+                .unwrap_or(0)
+                .saturating_add_signed(d);
+            if n == 0 {
+                // A source with nothing pending leaves the map: a flood of
+                // fresh identities must not grow it for ever.
+                quotas.remove(&q);
+            } else {
+                quotas.insert(q, n);
+            }
+        }
+        drop(quotas);
         add(&self.inner.n_events, self.d_events);
         add(&self.inner.n_pending, self.d_pending);
         Ok(())

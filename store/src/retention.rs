@@ -20,7 +20,8 @@
 //!   expired lease, never one that grants access (see below).
 //!
 //! Created leases whose offer is open and accepted ones have not ended and
-//! are kept; pending events are kept for a window after their own time.
+//! are kept; pending events are kept for a window after their own time, and
+//! an orphan (its lease unknown here) for much less (see [`crate::pending`]).
 //!
 //! # The window
 //!
@@ -56,7 +57,7 @@
 //!   the node compacts it again at its next pass.
 
 use crate::apply::bundle_in;
-use crate::db::{Store, StoreError, decode_ev};
+use crate::db::{Store, StoreError, decode_pending};
 use crate::ids::LeaseHash;
 use crate::layout;
 use crate::lease::Lease;
@@ -148,13 +149,7 @@ impl Store {
         }
         let _guard = self.lock();
         let mut page = Page::new(&self.inner);
-        for (k, v) in page.scan_prefix(&[layout::PENDING])? {
-            let ev = decode_ev(&k, &v)?;
-            if ev.timestamp().saturating_add(window) < now {
-                crate::apply::drop_pending(&mut page, &k, &ev);
-                done.events += 1;
-            }
-        }
+        done.events += expire_in(&mut page, now, self.inner.opened_at, window)?;
         for (k, v) in page.scan_prefix(&[layout::TOMBSTONE])? {
             let stale = <[u8; 8]>::try_from(&v[..]).map(u64::from_be_bytes);
             if stale.is_ok_and(|t| t < now) {
@@ -169,6 +164,41 @@ impl Store {
         }
         Ok(done)
     }
+}
+
+impl Store {
+    /// Drop pending events that waited too long by `now` (see
+    /// [`crate::pending`]: an orphan [`PENDING_WINDOW_SECS`] after it
+    /// arrived, any a retention window after its own time); how many.
+    /// Also part of [`Store::compact`]; cheap enough to run every minute.
+    ///
+    /// [`PENDING_WINDOW_SECS`]: crate::pending::PENDING_WINDOW_SECS
+    pub fn expire_pending(&self, now: u64) -> Result<usize, StoreError> {
+        if self.pending_count() == 0 {
+            return Ok(0);
+        }
+        let _guard = self.lock();
+        let mut page = Page::new(&self.inner);
+        let n = expire_in(&mut page, now, self.inner.opened_at, self.retention())?;
+        if !page.is_empty() {
+            page.commit()?;
+            self.inner.db.flush()?;
+        }
+        Ok(n)
+    }
+}
+
+fn expire_in(page: &mut Page<'_>, now: u64, opened: u64, window: u64) -> Result<usize, StoreError> {
+    let mut n = 0;
+    for (k, v) in page.scan_prefix(&[layout::PENDING])? {
+        let held = decode_pending(&k, &v)?;
+        let bound = page.contains(&layout::lease_key(&held.event.lease_hash()))?;
+        if held.expired(bound, now, opened, window) {
+            crate::apply::drop_pending(page, &k, &held);
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Remove one lease's events, record and index entries and leave its
@@ -206,8 +236,8 @@ fn compact_one(
         removed += 1;
     }
     for (k, v) in page.scan_prefix(&layout::pending_prefix(hash))? {
-        let ev = decode_ev(&k, &v)?;
-        crate::apply::drop_pending(page, &k, &ev);
+        let held = decode_pending(&k, &v)?;
+        crate::apply::drop_pending(page, &k, &held);
         removed += 1;
     }
     page.del(&layout::lease_key(hash));

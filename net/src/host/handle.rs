@@ -28,6 +28,15 @@ const OPEN_RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 pub(super) type Reply<T> = oneshot::Sender<T>;
 
+/// Most events submitted here that went pending and are watched, to be
+/// gossiped once they apply (each watch is a task and a change
+/// subscription). Beyond, such an event spreads by reconciliation only.
+pub(super) const MAX_PENDING_PUBLISH: usize = 256;
+/// How long such an event is watched: its create is in flight to this
+/// node (gossip takes well under a second); later, reconciliation
+/// carries it within one `resync_interval` of it applying.
+const PENDING_PUBLISH_WAIT: Duration = Duration::from_secs(10);
+
 /// What a [`NetHandle`] asks of the event loop.
 pub(super) enum Command {
     ListenAddrs(Reply<Vec<Multiaddr>>),
@@ -55,6 +64,8 @@ pub struct NetHandle {
     pub(super) tunnels: PeerTunnels,
     pub(super) client_handshake_timeout: Duration,
     pub(super) dial_timeout: Duration,
+    /// Watches of submitted events that went pending.
+    pub(super) pending_publish: Arc<tokio::sync::Semaphore>,
 }
 
 impl NetHandle {
@@ -171,16 +182,46 @@ impl NetHandle {
 
     /// Apply a lease event locally, then gossip it.
     pub async fn publish_event(&self, event: LeaseEvent) -> Result<Applied, NetError> {
+        self.publish_event_from(event, xe_store::Source::Local)
+            .await
+    }
+
+    /// [`NetHandle::publish_event`] for an event from `source` (an API client),
+    /// whose share of the pending store it takes. An event that went
+    /// pending is not gossiped now: peers would only hold it pending too
+    /// (a flood through our API would fill theirs under our name). It is
+    /// gossiped if it applies within [`PENDING_PUBLISH_WAIT`] (its create
+    /// was on its way here), else reaches peers by reconciliation once it
+    /// applies.
+    pub async fn publish_event_from(
+        &self,
+        event: LeaseEvent,
+        source: xe_store::Source,
+    ) -> Result<Applied, NetError> {
         let store = self.store.clone();
         let ev = event.clone();
-        let applied = tokio::task::spawn_blocking(move || store.apply_event(&ev))
+        let applied = tokio::task::spawn_blocking(move || store.apply_event_from(&ev, &source))
             .await
             .map_err(|_| NetError::Shutdown)??;
+        if applied == Applied::Pending {
+            self.publish_when_applied(event);
+            return Ok(applied);
+        }
         self.cmd
             .send(Command::Publish(GossipMessage::Event { event }))
             .await
             .map_err(|_| NetError::Shutdown)?;
         Ok(applied)
+    }
+
+    fn publish_when_applied(&self, event: LeaseEvent) {
+        publish_when_applied(
+            self.store.clone(),
+            &self.pending_publish,
+            event,
+            self.cmd.clone(),
+            Command::Publish,
+        );
     }
 
     /// Store a directory entry locally, then gossip it.
@@ -331,4 +372,46 @@ impl NetHandle {
             r => r,
         }
     }
+}
+
+/// Watch an event that went pending (while a permit of `permits` is
+/// free, for [`PENDING_PUBLISH_WAIT`]) and send `wrap(its gossip)` on `tx`
+/// once it applies: gossiped then, not while it is an orphan.
+pub(super) fn publish_when_applied<M: Send + 'static>(
+    store: Store,
+    permits: &Arc<tokio::sync::Semaphore>,
+    event: LeaseEvent,
+    tx: mpsc::Sender<M>,
+    wrap: fn(GossipMessage) -> M,
+) {
+    let Ok(permit) = permits.clone().try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let _permit = permit;
+        let (id, lease) = (event.id(), event.lease_hash());
+        // Subscribed before the first look: a change in between is not
+        // lost.
+        let mut changes = store.subscribe();
+        let watch = async {
+            loop {
+                match store.event_status(&id) {
+                    Ok(Some(true)) => return true,
+                    Ok(Some(false)) => {}
+                    // Dropped (expired, refused once its lease came).
+                    Ok(None) | Err(_) => return false,
+                }
+                loop {
+                    match changes.recv().await {
+                        Ok(c) if c.lease != lease => continue,
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(_) => return false,
+                    }
+                }
+            }
+        };
+        if let Ok(true) = tokio::time::timeout(PENDING_PUBLISH_WAIT, watch).await {
+            let _ = tx.send(wrap(GossipMessage::Event { event })).await;
+        }
+    });
 }

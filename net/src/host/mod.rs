@@ -253,6 +253,7 @@ pub async fn start(
         tunnels: tunnels.clone(),
         client_handshake_timeout: config.client_handshake_timeout,
         dial_timeout: config.dial_timeout,
+        pending_publish: Arc::new(tokio::sync::Semaphore::new(handle::MAX_PENDING_PUBLISH)),
     };
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(driver::serve(

@@ -6,27 +6,49 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libp2p::{PeerId, Swarm, gossipsub, request_response};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
-use xe_store::{DirectoryEntry, Store, Wallet};
+use xe_store::{DirectoryEntry, EventId, LeaseHash, Store, Wallet};
 
 use super::NetStats;
 use crate::behaviour::Behaviour;
 use crate::replication::driver::Reconciler;
 use crate::replication::{
-    self, DIRECTORY_TOPIC, GossipMessage, LEASE_TOPIC, SyncRequest, SyncResponse,
+    self, DIRECTORY_TOPIC, GossipMessage, LEASE_TOPIC, SyncRequest, SyncResponse, Verdict,
 };
 
 /// Results that background work hands back to the event loop.
 pub(super) enum Internal {
-    Validated(gossipsub::MessageId, PeerId, gossipsub::MessageAcceptance),
+    Validated(gossipsub::MessageId, PeerId, Verdict),
+    /// A pending event that applied after its gossip verdict: publish it.
+    Publish(GossipMessage),
 }
 
 /// Most messages kept for re-publishing when no peer was subscribed yet.
 const MAX_UNSENT: usize = 1024;
+
+/// How long a pending gossip event's verdict is held back, waiting for
+/// its create to apply. Gossipsub keeps an unvalidated message for its
+/// history (5 heartbeats of 700 ms, 3.5 s) and forgets it after: an
+/// Accept later than that forwards nothing. A create racing its own
+/// settle through the mesh arrives within milliseconds.
+const DEFER_FOR: Duration = Duration::from_secs(3);
+/// Most verdicts held back at once; beyond, a pending event is ignored at
+/// once (a flood of orphans must not grow this map).
+const MAX_DEFERRED: usize = 4096;
+
+/// A gossip event that went pending here, not yet reported.
+struct Deferred {
+    message: gossipsub::MessageId,
+    peer: PeerId,
+    event: EventId,
+    since: Instant,
+    /// The event, to publish if it applies after its verdict was given.
+    full: Box<xe_store::LeaseEvent>,
+}
 
 fn topic_for(msg: &GossipMessage) -> gossipsub::IdentTopic {
     gossipsub::IdentTopic::new(match msg {
@@ -46,6 +68,15 @@ pub(super) struct Replication {
     recon: Reconciler,
     /// Gossip that found no subscribed peer; re-sent when one subscribes.
     unsent: VecDeque<Vec<u8>>,
+    /// Pending gossip events by lease, reported once they apply (Accept:
+    /// forwarded) or after [`DEFER_FOR`] (Ignore: not forwarded). An event
+    /// whose lease this node has not seen is never passed on: a flood of
+    /// orphans stops at the first hop.
+    deferred: HashMap<LeaseHash, Vec<Deferred>>,
+    n_deferred: usize,
+    /// Watches of events ignored while pending, published if they apply
+    /// later (validation of a backlog can outlast gossipsub's wait).
+    late: Arc<tokio::sync::Semaphore>,
     announce: Option<Arc<Wallet>>,
     directory_ttl: Duration,
 }
@@ -67,6 +98,11 @@ impl Replication {
             sync_requests: HashMap::new(),
             recon,
             unsent: VecDeque::new(),
+            deferred: HashMap::new(),
+            n_deferred: 0,
+            late: Arc::new(tokio::sync::Semaphore::new(
+                super::handle::MAX_PENDING_PUBLISH,
+            )),
             announce,
             directory_ttl,
         }
@@ -159,20 +195,83 @@ impl Replication {
     }
 
     pub(super) fn on_internal(&mut self, swarm: &mut Swarm<Behaviour>, msg: Internal) {
-        match msg {
-            Internal::Validated(id, peer, acceptance) => {
-                if matches!(acceptance, gossipsub::MessageAcceptance::Reject) {
-                    self.stats.invalid_messages.fetch_add(1, Ordering::Relaxed);
-                }
-                let _ = swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .report_message_validation_result(&id, &peer, acceptance);
+        let (id, peer, verdict) = match msg {
+            Internal::Validated(id, peer, verdict) => (id, peer, verdict),
+            Internal::Publish(msg) => return self.publish(swarm, &msg),
+        };
+        match verdict {
+            Verdict::Now(acceptance) => report(swarm, &self.stats, &id, &peer, acceptance),
+            Verdict::Applied(lease) => {
+                report(swarm, &self.stats, &id, &peer, Accept);
+                self.resolve(swarm, &lease, false);
             }
+            Verdict::Pending(lease, event, full) if self.n_deferred < MAX_DEFERRED => {
+                self.deferred.entry(lease).or_default().push(Deferred {
+                    message: id,
+                    peer,
+                    event,
+                    since: Instant::now(),
+                    full,
+                });
+                self.n_deferred += 1;
+            }
+            Verdict::Pending(..) => report(swarm, &self.stats, &id, &peer, Ignore),
+        }
+        self.expire_deferred(swarm);
+    }
+
+    /// Report the held-back events of `lease` that applied (Accept); with
+    /// `all`, also the rest (Ignore).
+    fn resolve(&mut self, swarm: &mut Swarm<Behaviour>, lease: &LeaseHash, all: bool) {
+        let Some(list) = self.deferred.remove(lease) else {
+            return;
+        };
+        let before = list.len();
+        let mut kept = Vec::new();
+        for d in list {
+            // A read of one index entry; the event loop can afford it
+            // for the few events that raced their create.
+            let applied = matches!(self.store.event_status(&d.event), Ok(Some(true)));
+            if applied {
+                report(swarm, &self.stats, &d.message, &d.peer, Accept);
+            } else if all {
+                report(swarm, &self.stats, &d.message, &d.peer, Ignore);
+                // Published by us if it applies later: its create may be
+                // queued behind a flood's validation.
+                super::handle::publish_when_applied(
+                    self.store.clone(),
+                    &self.late,
+                    *d.full,
+                    self.internal_tx.clone(),
+                    Internal::Publish,
+                );
+            } else {
+                kept.push(d);
+            }
+        }
+        self.n_deferred -= before - kept.len();
+        if !kept.is_empty() {
+            self.deferred.insert(*lease, kept);
+        }
+    }
+
+    /// Report every held-back event older than [`DEFER_FOR`].
+    fn expire_deferred(&mut self, swarm: &mut Swarm<Behaviour>) {
+        let old: Vec<LeaseHash> = self
+            .deferred
+            .iter()
+            .filter(|(_, l)| l.iter().any(|d| d.since.elapsed() >= DEFER_FOR))
+            .map(|(h, _)| *h)
+            .collect();
+        for h in old {
+            self.resolve(swarm, &h, true);
         }
     }
 
     pub(super) fn on_gossip(&mut self, swarm: &mut Swarm<Behaviour>, ev: gossipsub::Event) {
+        if self.n_deferred > 0 {
+            self.expire_deferred(swarm);
+        }
         match ev {
             gossipsub::Event::Message {
                 propagation_source,
@@ -184,7 +283,7 @@ impl Replication {
                 let stats = self.stats.clone();
                 // Applying flushes to disk: keep it off the event loop.
                 tokio::task::spawn_blocking(move || {
-                    let acceptance = replication::validate_gossip(
+                    let verdict = replication::validate_gossip(
                         &store,
                         &stats,
                         &message.data,
@@ -193,7 +292,7 @@ impl Replication {
                     let _ = tx.blocking_send(Internal::Validated(
                         message_id,
                         propagation_source,
-                        acceptance,
+                        verdict,
                     ));
                 });
             }
@@ -256,4 +355,23 @@ impl Replication {
             _ => {}
         }
     }
+}
+
+use gossipsub::MessageAcceptance::{Accept, Ignore};
+
+fn report(
+    swarm: &mut Swarm<Behaviour>,
+    stats: &NetStats,
+    id: &gossipsub::MessageId,
+    peer: &PeerId,
+    acceptance: gossipsub::MessageAcceptance,
+) {
+    if matches!(acceptance, gossipsub::MessageAcceptance::Reject) {
+        stats.invalid_messages.fetch_add(1, Ordering::Relaxed);
+    }
+    // False when gossipsub no longer holds the message (a late verdict).
+    let _ = swarm
+        .behaviour_mut()
+        .gossipsub
+        .report_message_validation_result(id, peer, acceptance);
 }

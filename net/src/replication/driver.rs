@@ -42,13 +42,30 @@ const SESSION_TIMEOUT: Duration = Duration::from_secs(600);
 /// leases one of them has compacted and the other not yet.
 pub const COMPACT_INTERVAL: Duration = Duration::from_secs(600);
 
+/// How often pending events past their window are dropped: a small part
+/// of the 15-minute window (`xe_store::pending::PENDING_WINDOW_SECS`), so
+/// an orphan lives at most a minute longer than the rule says.
+pub const EXPIRE_PENDING_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Compact leases that ended more than the store's retention window ago,
-/// now and every [`COMPACT_INTERVAL`], until `cancel`.
+/// now and every [`COMPACT_INTERVAL`], and drop expired pending events
+/// every [`EXPIRE_PENDING_INTERVAL`], until `cancel`.
 pub async fn compact_periodically(store: Store, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(COMPACT_INTERVAL);
+    let mut expire = tokio::time::interval(EXPIRE_PENDING_INTERVAL);
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
+            _ = expire.tick() => {
+                let s = store.clone();
+                match tokio::task::spawn_blocking(move || s.expire_pending(xe_store::now_secs())).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => tracing::info!(events = n, "dropped pending events past their window"),
+                    Ok(Err(e)) => warn!("expiring pending events failed: {e}"),
+                    Err(e) => warn!("expiring pending events: task failed: {e}"),
+                }
+                continue;
+            }
             _ = tick.tick() => {}
         }
         let s = store.clone();
@@ -139,7 +156,9 @@ impl Reconciler {
             .map_err(|_| SessionError::Timeout(OPEN_TIMEOUT))?
             .map_err(|e| SessionError::Io(std::io::Error::other(e.to_string())))?;
         let mut io = stream.compat();
-        let report = session::initiate(&mut io, &self.store, &self.stats.recon).await?;
+        let source = xe_store::Source::Peer(peer.to_string());
+        let report =
+            session::initiate_with(&mut io, &self.store, &self.stats.recon, source).await?;
         let _ = io.shutdown().await;
         self.stats
             .events_applied
@@ -179,7 +198,10 @@ pub async fn serve(
             let mut io = stream.compat();
             let r = tokio::select! {
                 () = cancel.cancelled() => return,
-                r = tokio::time::timeout(SESSION_TIMEOUT, session::respond(&mut io, &store, &stats.recon)) => r,
+                r = tokio::time::timeout(
+                    SESSION_TIMEOUT,
+                    session::respond_with(&mut io, &store, &stats.recon, xe_store::Source::Peer(peer.to_string())),
+                ) => r,
             };
             match r {
                 Ok(Ok(report)) => {

@@ -21,7 +21,9 @@ use std::sync::atomic::Ordering;
 use libp2p::{PeerId, StreamProtocol, gossipsub};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
-use xe_store::{Applied, DirectoryEntry, EventId, LeaseEvent, Store, StoreError};
+use xe_store::{
+    Applied, DirectoryEntry, EventId, LeaseEvent, LeaseHash, Source, Store, StoreError,
+};
 
 use crate::host::NetStats;
 
@@ -106,38 +108,66 @@ pub(crate) fn note_applied(stats: &NetStats, ev: &LeaseEvent) {
         .store(lag, Ordering::Relaxed);
 }
 
-/// Apply a gossiped message; the verdict tells gossipsub whether to
-/// forward it.
+/// What validating one gossip message decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Report this now.
+    Now(gossipsub::MessageAcceptance),
+    /// An event of this lease applied: forward it, and any deferred
+    /// events of the lease that applied with it.
+    Applied(LeaseHash),
+    /// The event went pending here: it is forwarded only if it applies
+    /// while gossipsub still holds it (its create was racing it), else
+    /// ignored; see [`crate::host`]'s replication.
+    Pending(LeaseHash, EventId, Box<LeaseEvent>),
+}
+
+/// Apply a gossiped message from `from` (its share of the pending store is
+/// `Source::Peer(from)`); the verdict tells gossipsub whether to forward it.
 pub(crate) fn validate_gossip(
     store: &Store,
     stats: &NetStats,
     data: &[u8],
     from: &PeerId,
-) -> gossipsub::MessageAcceptance {
+) -> Verdict {
     use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
     let msg: GossipMessage = match serde_json::from_slice(data) {
         Ok(m) => m,
         Err(e) => {
             warn!(peer = %from, "undecodable gossip: {e}");
-            return Reject;
+            return Verdict::Now(Reject);
         }
     };
-    match msg {
-        GossipMessage::Event { event } => match store.apply_event(&event) {
-            Ok(Applied::Changed(_)) | Ok(Applied::Pending) => {
-                note_applied(stats, &event);
-                Accept
-            }
-            Ok(Applied::Duplicate) => Ignore,
-            Err(StoreError::Rejected(e)) => {
-                warn!(peer = %from, lease = %event.lease_hash().short(), "invalid lease event dropped: {e}");
-                Reject
-            }
-            Err(e) => {
-                warn!("store error applying gossip: {e}");
-                Ignore
-            }
-        },
+    let v = match msg {
+        GossipMessage::Event { event } => {
+            let lease = event.lease_hash();
+            return match store.apply_event_from(&event, &Source::Peer(from.to_string())) {
+                Ok(Applied::Changed(_)) => {
+                    note_applied(stats, &event);
+                    Verdict::Applied(lease)
+                }
+                Ok(Applied::Pending) => {
+                    note_applied(stats, &event);
+                    Verdict::Pending(lease, event.id(), Box::new(event))
+                }
+                Ok(Applied::Duplicate) => Verdict::Now(Ignore),
+                Err(StoreError::Rejected(e)) => {
+                    warn!(peer = %from, lease = %lease.short(), "invalid lease event dropped: {e}");
+                    Verdict::Now(Reject)
+                }
+                // Over a share is not proof of malice (an honest peer's
+                // events can race their creates in bulk): not forwarded,
+                // not penalised.
+                Err(StoreError::PendingRefused(e)) => {
+                    debug!(peer = %from, lease = %lease.short(), "pending event refused: {e}");
+                    Verdict::Now(Ignore)
+                }
+                Err(e) => {
+                    warn!("store error applying gossip: {e}");
+                    Verdict::Now(Ignore)
+                }
+            };
+        }
         GossipMessage::Directory { entry } => match store.put_directory(&entry) {
             Ok(true) => Accept,
             Ok(false) => Ignore,
@@ -151,7 +181,8 @@ pub(crate) fn validate_gossip(
                 Ignore
             }
         },
-    }
+    };
+    Verdict::Now(v)
 }
 
 /// The answer to a `/xe/sync/1.0.0` request.
@@ -183,7 +214,9 @@ pub(crate) fn answer_sync(store: &Store, request: SyncRequest) -> SyncResponse {
 /// applied if a peer sends one.
 pub(crate) fn apply_sync(store: &Store, stats: &NetStats, peer: PeerId, response: SyncResponse) {
     match response {
-        SyncResponse::Events { events, .. } => match store.apply_events(&events) {
+        SyncResponse::Events { events, .. } => match store
+            .apply_events_from(&events, &Source::Peer(peer.to_string()))
+        {
             Ok(results) => {
                 for (ev, r) in events.iter().zip(results) {
                     match r {

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use xe_store::syncset::{Bound, SyncKey};
-use xe_store::{Applied, EventId, LeaseEvent, Store, StoreError, Verified, codec};
+use xe_store::{Applied, EventId, LeaseEvent, Source, Store, StoreError, Verified, codec};
 
 use super::recon::{self, DecodeError, Findings, Message, Role};
 
@@ -173,7 +173,7 @@ fn take_events(p: &[u8]) -> Result<Vec<LeaseEvent>, SessionError> {
             .ok_or_else(|| bad(format!("event {i}: truncated")))?;
         // The wire carries the binary form only (the decoder also reads
         // the JSON of old stores, which has no place here).
-        if !matches!(body.first(), Some(1..=4)) {
+        if !matches!(body.first(), Some(1..=5)) {
             return Err(bad(format!("event {i}: not a binary event")));
         }
         out.push(codec::decode_event(body).map_err(|e| bad(format!("event {i}: {e}")))?);
@@ -270,14 +270,30 @@ struct Conn<'a, S> {
     io: &'a mut S,
     report: Report,
     stats: &'a ReconStats,
+    /// The peer, whose share of our pending store its events take.
+    source: Source,
+    /// Events refused as over a pending share, tried again at the end of
+    /// the session (see [`MAX_RETRY`]).
+    retry: Vec<LeaseEvent>,
 }
 
+/// Most events a session keeps to try again at its end. A session moves
+/// events in key order `(ts, id)`: an accept signed in the same second as
+/// its create (or on a clock behind it) can come pages before it, and a
+/// big join can have more such events waiting at once than the peer's
+/// pending share. They are not lost: once the session's other pages are
+/// in, their creates are too. Bounded, so a hostile peer cannot make us
+/// hold more than this (≈ 2 MB) in memory.
+pub const MAX_RETRY: usize = 8 * PAGE_EVENTS;
+
 impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
-    fn new(io: &'a mut S, stats: &'a ReconStats) -> Self {
+    fn new(io: &'a mut S, stats: &'a ReconStats, source: Source) -> Self {
         Conn {
             io,
             report: Report::default(),
             stats,
+            source,
+            retry: Vec::new(),
         }
     }
 
@@ -324,12 +340,32 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
     ) -> Result<usize, SessionError> {
         self.report.received += events.len();
         let store = store.clone();
-        let results = blocking(move || store.apply_events(&events)).await?;
-        Ok(self.account(&results))
+        let source = self.source.clone();
+        let evs = events.clone();
+        let results = blocking(move || store.apply_events_from(&evs, &source)).await?;
+        Ok(self.account(&events, &results))
     }
 
-    /// Count what a page did.
-    fn account(&mut self, results: &[Result<Applied, StoreError>]) -> usize {
+    /// Apply the events kept by [`MAX_RETRY`] once more (their creates
+    /// came later in the session); what is still refused is dropped.
+    async fn retry(&mut self, store: &Store) -> Result<(), SessionError> {
+        let evs = std::mem::take(&mut self.retry);
+        for chunk in evs.chunks(PAGE_EVENTS) {
+            let (s, source, page) = (store.clone(), self.source.clone(), chunk.to_vec());
+            let results = blocking(move || s.apply_events_from(&page, &source)).await?;
+            self.account(&[], &results);
+        }
+        Ok(())
+    }
+
+    /// Count what a page did; keep events over a pending share for
+    /// [`Conn::retry`] (`events`: the page, or empty for no keeping).
+    fn account(&mut self, events: &[LeaseEvent], results: &[Result<Applied, StoreError>]) -> usize {
+        for (ev, r) in events.iter().zip(results) {
+            if matches!(r, Err(StoreError::PendingRefused(_))) && self.retry.len() < MAX_RETRY {
+                self.retry.push(ev.clone());
+            }
+        }
         let applied = results
             .iter()
             .filter(|r| matches!(r, Ok(Applied::Changed(_)) | Ok(Applied::Pending)))
@@ -381,7 +417,18 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
     store: &Store,
     stats: &ReconStats,
 ) -> Result<Report, SessionError> {
-    let mut c = Conn::new(io, stats);
+    initiate_with(io, store, stats, Source::Local).await
+}
+
+/// [`initiate`] with a peer whose events take `source`'s share of our
+/// pending store.
+pub async fn initiate_with<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    store: &Store,
+    stats: &ReconStats,
+    source: Source,
+) -> Result<Report, SessionError> {
+    let mut c = Conn::new(io, stats, source);
     let r = run_initiator(&mut c, store).await;
     finish(&mut c, r).await
 }
@@ -436,6 +483,7 @@ async fn run_initiator<S: AsyncRead + AsyncWrite + Unpin>(
         findings = f;
     }
     pull(c, store, &findings).await?;
+    c.retry(store).await?;
     push(c, store, &findings).await?;
     c.send(&Frame::Done).await
 }
@@ -455,7 +503,7 @@ async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     // A range moves as a pipeline: while page N is written (one thread,
     // under the store's lock), page N+1 is verified (two threads) and page
     // N+2 is read by the responder. Pages are still written in order.
-    let mut writing: Option<Writing> = None;
+    let mut writing: Option<(Writing, Vec<LeaseEvent>)> = None;
     for (lo, hi) in &f.need_ranges {
         let mut cur = *lo;
         c.send(&Frame::GetRange(cur, *hi)).await?;
@@ -474,25 +522,26 @@ async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
                 None => {}
             }
             c.report.received += evs.len();
+            let page = evs.clone();
             let verified = tokio::task::spawn_blocking(move || Verified::check(evs))
                 .await
                 .map_err(|e| SessionError::Frame(format!("verify task failed: {e}")))?;
-            if let Some(w) = writing.take() {
+            if let Some((w, evs)) = writing.take() {
                 let results = written(w).await?;
-                c.account(&results);
+                c.account(&evs, &results);
             }
             let s = store.clone();
-            writing = Some(tokio::task::spawn_blocking(move || {
-                s.apply_verified(verified)
-            }));
+            let source = c.source.clone();
+            let w = tokio::task::spawn_blocking(move || s.apply_verified_from(verified, &source));
+            writing = Some((w, page));
             if next.is_none() {
                 break;
             }
         }
     }
-    if let Some(w) = writing {
+    if let Some((w, evs)) = writing {
         let results = written(w).await?;
-        c.account(&results);
+        c.account(&evs, &results);
     }
     Ok(())
 }
@@ -561,7 +610,18 @@ pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
     store: &Store,
     stats: &ReconStats,
 ) -> Result<Report, SessionError> {
-    let mut c = Conn::new(io, stats);
+    respond_with(io, store, stats, Source::Local).await
+}
+
+/// [`respond`] to a peer whose events take `source`'s share of our
+/// pending store.
+pub async fn respond_with<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    store: &Store,
+    stats: &ReconStats,
+    source: Source,
+) -> Result<Report, SessionError> {
+    let mut c = Conn::new(io, stats, source);
     let r = run_responder(&mut c, store).await;
     finish(&mut c, r).await
 }
@@ -606,7 +666,7 @@ async fn run_responder<S: AsyncRead + AsyncWrite + Unpin>(
                 let n = c.apply(store, evs).await?;
                 c.send(&Frame::Ack(n as u32)).await?;
             }
-            Frame::Done => return Ok(()),
+            Frame::Done => return c.retry(store).await,
             Frame::Events(..) | Frame::Ack(_) | Frame::Error(_) => {
                 return Err(SessionError::Frame(
                     "a responder does not take that frame".into(),
@@ -618,51 +678,4 @@ async fn run_responder<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use xe_store::{AccessPubKey, Lease, Wallet};
-
-    fn events() -> Vec<LeaseEvent> {
-        let c = Wallet::from_seed([1; 32]);
-        let p = Wallet::from_seed([2; 32]);
-        let create = LeaseEvent::create(
-            &c,
-            Lease {
-                consumer: c.public_key(),
-                provider: p.address(),
-                vcpus: 1,
-                memory_mb: 512,
-                disk_gb: 1,
-                duration: 3600,
-                access_pub_key: AccessPubKey(Wallet::from_seed([3; 32]).public_key().0),
-                created_at: 1_700_000_000,
-                nonce: [1; 16],
-            },
-        );
-        let h = create.lease_hash();
-        vec![create, LeaseEvent::settle(&c, h, 1_700_000_009)]
-    }
-
-    #[test]
-    fn event_lists_round_trip_and_hostile_ones_are_named() {
-        let evs = events();
-        let mut b = Vec::new();
-        put_events(&mut b, &evs);
-        assert_eq!(take_events(&b).expect("decodes"), evs);
-        let err = |b: &[u8]| take_events(b).expect_err("refused").to_string();
-        // A count no frame of this size can hold.
-        let mut huge = b.clone();
-        huge[..4].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(err(&huge).contains("cannot fit"), "{}", err(&huge));
-        assert!(err(&b[..b.len() - 1]).contains("truncated"));
-        let mut trailing = b.clone();
-        trailing.push(0);
-        assert!(err(&trailing).contains("after the last event"));
-        // JSON (what the stored form's decoder also reads) is not wire form.
-        let json = serde_json::to_vec(&evs[1]).expect("json");
-        let mut j = 1u32.to_be_bytes().to_vec();
-        j.extend_from_slice(&u16::try_from(json.len()).expect("small").to_be_bytes());
-        j.extend_from_slice(&json);
-        assert!(err(&j).contains("not a binary event"));
-    }
-}
+mod tests;
