@@ -463,7 +463,9 @@ async fn submit_event(
     let source = ext
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(xe_store::Source::Local, |c| {
-            xe_store::Source::Client(c.0.ip())
+            // One client as the connection caps count one: an IPv6 /64
+            // is one share, not 2^64.
+            xe_store::Source::Client(xe_node::limits::Source::of(c.0.ip()).addr())
         });
     let applied = app
         .ctx

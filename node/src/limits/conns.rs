@@ -32,6 +32,14 @@ impl Source {
     }
 }
 
+impl Source {
+    /// The address that stands for the source: the IPv4 address, or the
+    /// IPv6 /64's network address.
+    pub fn addr(&self) -> IpAddr {
+        self.0
+    }
+}
+
 impl std::fmt::Display for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
