@@ -55,19 +55,6 @@ try:
                 held.append(s)
             except OSError:
                 failed += 1
-    # A refused connection gets a 503 at once: see which did.
-    for s in list(held):
-        s.settimeout(0.05)
-        try:
-            first = s.recv(64)
-        except socket.timeout:
-            continue
-        except OSError:
-            first = b""
-        if first.startswith(b"HTTP/1.1 503"):
-            refused += 1
-            held.remove(s)
-            s.close()
 
     ok = bad = 0
     stop = time.time() + HOLD
@@ -84,18 +71,27 @@ try:
             bad += 1
         time.sleep(0.2)
 
-    timed_out = 0
+    # Every attack connection has its answer by now: 503 (refused at
+    # once), 408 (its body never came), or none.
+    timed_out = limited = 0
     for s in held:
         s.settimeout(1)
         try:
-            if s.recv(64).startswith(b"HTTP/1.1 408"):
-                timed_out += 1
+            first = s.recv(64)
         except OSError:
-            pass
+            first = b""
+        if first.startswith(b"HTTP/1.1 408"):
+            timed_out += 1
+        elif first.startswith(b"HTTP/1.1 503"):
+            refused += 1
+        elif first.startswith(b"HTTP/1.1 429"):
+            limited += 1
         s.close()
+    held_count = len(held) - refused - limited
     print(json.dumps({
         "attackers": ATTACKERS, "conns_each": CONNS,
-        "attack_conns_held": len(held), "attack_conns_refused_503": refused,
+        "attack_conns_admitted": held_count, "attack_conns_refused_503": refused,
+        "attack_rate_limited_429": limited,
         "attack_connect_failed": failed, "attack_bodies_408": timed_out,
         "bystander_health_ok": ok, "bystander_health_failed": bad,
         "seconds": round(time.time() - t0, 1),

@@ -254,9 +254,18 @@ fn refuse_connection(tcp: tokio::net::TcpStream, refusal: &ConnRefusal, tracker:
         body.len()
     );
     tracker.spawn(async move {
-        use tokio::io::AsyncWriteExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut tcp = tcp;
-        let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(resp.as_bytes())).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            tcp.write_all(resp.as_bytes()).await?;
+            tcp.shutdown().await?;
+            // Closing with the client's request still unread would send a
+            // reset, and the client would lose the answer: read it away.
+            let mut sink = [0u8; 4096];
+            while tcp.read(&mut sink).await? > 0 {}
+            Ok::<(), std::io::Error>(())
+        })
+        .await;
     });
 }
 
