@@ -16,7 +16,8 @@
 //! - every message is a frame: 2-byte big-endian length, then that many
 //!   bytes (at most 65,535), as in `/noise`;
 //! - handshake `Noise_XX_25519_AESGCM_SHA256`, empty prologue:
-//!   `-> e`, `<- e, ee, s, es, payload`, `-> s, se, payload`;
+//!   `-> e`, `<- e, ee, s, es, payload`, `-> s, se, payload`; the first
+//!   message's payload must be empty (a responder refuses one that is not);
 //! - payload: 2-byte length + the sender's libp2p public key (protobuf),
 //!   2-byte length + its signature over [`STATIC_KEY_DOMAIN`] followed by
 //!   the sender's noise static public key;
@@ -252,7 +253,14 @@ where
         write_frame(&mut io, &msg[..n]).await?;
     } else {
         read_frame(&mut io, &mut inbound).await?;
-        hs.read_message(&inbound, &mut payload)?;
+        // `-> e` carries no payload (libp2p noise spec): nothing in it is
+        // authenticated yet, so a peer that sends one is refused, not
+        // believed or silently ignored.
+        if hs.read_message(&inbound, &mut payload)? != 0 {
+            return Err(SecurityError::Identity(
+                "the first handshake message carries a payload, which the libp2p noise spec forbids",
+            ));
+        }
         let n = hs.write_message(&local.payload, &mut msg)?;
         write_frame(&mut io, &msg[..n]).await?;
         read_frame(&mut io, &mut inbound).await?;

@@ -252,6 +252,31 @@ async fn a_payload_signed_for_another_static_key_is_refused() {
     }
 }
 
+#[tokio::test]
+async fn a_payload_in_the_first_message_is_refused() {
+    let (_, local) = keys();
+    let (a, b, _) = wire(Middle::Pass);
+    let responder = tokio::spawn(async move { handshake(b, &local, false).await.map(|_| ()) });
+    // A hostile initiator: `-> e` with bytes after the ephemeral key.
+    let mut hs = builder()
+        .local_private_key(&keys().1.dh_private)
+        .expect("key")
+        .build_initiator()
+        .expect("initiator");
+    let mut msg = vec![0u8; MAX_FRAME];
+    let n = hs.write_message(b"smuggled", &mut msg).expect("write");
+    let mut a = a;
+    write_frame(&mut a, &msg[..n]).await.expect("send");
+    // Then hang up: a responder that went on would fail reading message 3
+    // (an I/O error), not refuse message 1.
+    drop(a);
+    match responder.await.expect("join") {
+        Err(SecurityError::Identity(m)) => assert!(m.contains("first handshake message"), "{m}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(()) => panic!("a first message with a payload was accepted"),
+    }
+}
+
 #[test]
 fn malformed_payloads_are_refused_with_a_reason() {
     let id = Keypair::generate_ed25519();
