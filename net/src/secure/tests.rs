@@ -324,3 +324,115 @@ fn cipher_names_parse_and_print() {
     let e = "aes".parse::<OverlayCipher>().expect_err("unknown");
     assert!(e.contains("expected aes-gcm or chacha20"), "{e}");
 }
+
+/// Fixed keys for the test vectors: identity seed, noise static private
+/// key, ephemeral private key, per side.
+const VECTOR_KEYS: [([u8; 32], [u8; 32], [u8; 32]); 2] = [
+    ([0x01; 32], [0x11; 32], [0x21; 32]),
+    ([0x02; 32], [0x12; 32], [0x22; 32]),
+];
+
+/// X25519 public key of `private`, through snow's own resolver.
+fn x25519_public(private: &[u8]) -> Vec<u8> {
+    use snow::resolvers::CryptoResolver;
+    let mut dh = DefaultResolver
+        .resolve_dh(&snow::params::DHChoice::Curve25519)
+        .expect("x25519");
+    dh.set(private);
+    dh.pubkey().to_vec()
+}
+
+/// The handshake of `PROTOCOL` with fixed keys, message by message, then
+/// one transport frame from each side: what a second implementation must
+/// produce byte for byte (`vectors.txt`).
+fn vector_transcript() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut sides = Vec::new();
+    for (i, (seed, static_priv, eph)) in VECTOR_KEYS.iter().enumerate() {
+        let id = Keypair::ed25519_from_bytes(*seed).expect("identity");
+        let static_pub = x25519_public(static_priv);
+        let sig = id
+            .sign(&[STATIC_KEY_DOMAIN, &static_pub].concat())
+            .expect("sign");
+        let payload = encode_payload(&id.public().encode_protobuf(), &sig);
+        let name = if i == 0 { "initiator" } else { "responder" };
+        out.push((
+            format!("{name}.peer_id"),
+            id.public().to_peer_id().to_string(),
+        ));
+        out.push((format!("{name}.static_public"), hex::encode(&static_pub)));
+        out.push((format!("{name}.payload"), hex::encode(&payload)));
+        let b = builder()
+            .local_private_key(static_priv)
+            .expect("static")
+            .fixed_ephemeral_key_for_testing_only(eph);
+        let hs = if i == 0 {
+            b.build_initiator()
+        } else {
+            b.build_responder()
+        }
+        .expect("handshake state");
+        sides.push((hs, payload, id.public().to_peer_id()));
+    }
+    let [
+        (mut ini, ini_payload, ini_peer),
+        (mut res, res_payload, res_peer),
+    ]: [_; 2] = sides.try_into().ok().expect("two sides");
+    let mut msg = vec![0u8; MAX_FRAME];
+    let mut got = vec![0u8; MAX_FRAME];
+    let n = ini.write_message(&[], &mut msg).expect("m1");
+    out.push(("message1".into(), hex::encode(&msg[..n])));
+    assert_eq!(res.read_message(&msg[..n], &mut got).expect("read m1"), 0);
+    let n = res.write_message(&res_payload, &mut msg).expect("m2");
+    out.push(("message2".into(), hex::encode(&msg[..n])));
+    let k = ini.read_message(&msg[..n], &mut got).expect("read m2");
+    let static_res = ini.get_remote_static().expect("rs").to_vec();
+    assert_eq!(
+        verify_payload(&got[..k], &static_res).expect("verify"),
+        res_peer
+    );
+    let n = ini.write_message(&ini_payload, &mut msg).expect("m3");
+    out.push(("message3".into(), hex::encode(&msg[..n])));
+    let k = res.read_message(&msg[..n], &mut got).expect("read m3");
+    let static_ini = res.get_remote_static().expect("rs").to_vec();
+    assert_eq!(
+        verify_payload(&got[..k], &static_ini).expect("verify"),
+        ini_peer
+    );
+    let mut ini = ini.into_transport_mode().expect("transport");
+    let mut res = res.into_transport_mode().expect("transport");
+    let n = ini
+        .write_message(b"hello from the initiator", &mut msg)
+        .expect("t1");
+    out.push(("transport.initiator_first".into(), hex::encode(&msg[..n])));
+    assert_eq!(
+        res.read_message(&msg[..n], &mut got).expect("read t1"),
+        b"hello from the initiator".len()
+    );
+    let n = res
+        .write_message(b"hello from the responder", &mut msg)
+        .expect("t2");
+    out.push(("transport.responder_first".into(), hex::encode(&msg[..n])));
+    out
+}
+
+/// Test vectors a second implementation of `PROTOCOL` can check: the keys
+/// are in `VECTOR_KEYS`, the bytes in `vectors.txt` (one `name hex` per
+/// line; a frame on the wire is 2-byte big-endian length ‖ these bytes).
+/// `XE_PRINT_VECTORS=1` prints them instead of checking.
+#[test]
+fn the_handshake_matches_its_test_vectors() {
+    let lines: Vec<String> = vector_transcript()
+        .into_iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    if std::env::var("XE_PRINT_VECTORS").as_deref() == Ok("1") {
+        println!("{}", lines.join("\n"));
+        return;
+    }
+    let want: Vec<&str> = include_str!("vectors.txt")
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .collect();
+    assert_eq!(lines, want);
+}
