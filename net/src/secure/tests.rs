@@ -374,10 +374,9 @@ fn vector_transcript() -> Vec<(String, String)> {
         .expect("handshake state");
         sides.push((hs, payload, id.public().to_peer_id()));
     }
-    let [
-        (mut ini, ini_payload, ini_peer),
-        (mut res, res_payload, res_peer),
-    ]: [_; 2] = sides.try_into().ok().expect("two sides");
+    let mut sides = sides.into_iter();
+    let (mut ini, ini_payload, ini_peer) = sides.next().expect("initiator");
+    let (mut res, res_payload, res_peer) = sides.next().expect("responder");
     let mut msg = vec![0u8; MAX_FRAME];
     let mut got = vec![0u8; MAX_FRAME];
     let n = ini.write_message(&[], &mut msg).expect("m1");
