@@ -37,6 +37,8 @@ pub struct Behaviour {
     pub(crate) dcutr: Toggle<dcutr::Behaviour>,
     /// Are we publicly reachable? (Client and server.)
     pub(crate) autonat: autonat::Behaviour,
+    /// Caps on inbound handshakes in flight, in all and per source.
+    pub(crate) inbound: crate::inbound::InboundLimits,
 }
 
 fn gossipsub(key: &Keypair) -> Result<gossipsub::Behaviour, String> {
@@ -127,6 +129,7 @@ impl Behaviour {
             ),
             dcutr: Toggle::from(nat.hole_punching.then(|| dcutr::Behaviour::new(peer_id))),
             autonat: autonat::Behaviour::new(peer_id, crate::nat::autonat_config()),
+            inbound: crate::inbound::InboundLimits::default(),
         })
     }
 }

@@ -23,10 +23,12 @@ use std::path::PathBuf;
 pub mod behaviour;
 pub mod host;
 pub mod identity;
+pub mod inbound;
 pub mod mux;
 pub mod nat;
 pub mod replication;
 pub mod secure;
+pub mod source;
 pub mod tunnel;
 
 pub use host::{
@@ -38,6 +40,7 @@ pub use libp2p::multiaddr::Protocol as libp2p_protocol;
 pub use libp2p::{Multiaddr, PeerId};
 pub use nat::{NatConfig, NatInfo, Reachability};
 pub use secure::OverlayCipher;
+pub use source::Source;
 pub use tunnel::{TunnelError, TunnelRegistry, TunnelStream, TunnelValidator, VmConn};
 
 /// Errors of the network layer.
