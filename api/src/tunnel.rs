@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 use xe_net::VmConn;
 use xe_net::tunnel::TunnelGuard;
-use xe_store::{LeaseHash, LeaseState, Sig, now_secs};
+use xe_store::{LeaseHash, Sig, now_secs};
 
 use crate::App;
 use crate::auth::{
@@ -199,21 +199,8 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
                 HttpError::new(status, e.to_string())
             })?;
     }
-    match rec.state() {
-        LeaseState::Accepted => {}
-        LeaseState::Created => {
-            return Err(HttpError::new(
-                StatusCode::GONE,
-                "lease is not active: created, not accepted by the provider yet",
-            ));
-        }
-        s => {
-            return Err(HttpError::new(
-                StatusCode::GONE,
-                format!("lease is not active: {s}"),
-            ));
-        }
-    }
+    rec.access()
+        .map_err(|why| HttpError::new(StatusCode::GONE, format!("lease is not active: {why}")))?;
     let headers = req.headers();
     if req.version() != Version::HTTP_11 {
         return Err(upgrade_required(format!(

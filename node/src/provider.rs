@@ -12,7 +12,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, warn};
 use xe_net::{NetHandle, PeerId, TunnelRegistry, TunnelValidator, VmConn};
-use xe_store::{LeaseEvent, LeaseHash, LeaseRecord, LeaseState, Store, Wallet, now_secs};
+use xe_store::{Inactive, LeaseEvent, LeaseHash, LeaseRecord, LeaseState, Store, Wallet, now_secs};
 use xe_vm::{ProvisionRequest, VmManager};
 
 /// What a provider is willing to host at once.
@@ -510,11 +510,10 @@ impl TunnelValidator for Provider {
                 lease.short()
             ));
         }
-        match rec.state() {
-            LeaseState::Accepted => Ok(()),
-            LeaseState::Created => Err("lease is not accepted yet (VM still provisioning)".into()),
-            s => Err(format!("lease is {s}")),
-        }
+        rec.access().map_err(|why| match why {
+            Inactive::NotAccepted => "lease is not accepted yet (VM still provisioning)".into(),
+            why => format!("lease is {why}"),
+        })
     }
 
     async fn dial_ssh(&self, lease: &LeaseHash) -> Result<Box<dyn VmConn>, String> {

@@ -44,7 +44,7 @@ pub use ids::{AccessPubKey, AccountAddress, AccountPubKey, EventId, HexError, Le
 pub use lease::{EventError, EventKind, Lease, LeaseEvent};
 pub use listing::LeaseCursor;
 pub use pending::{PendingRefused, Source};
-pub use record::{LeaseRecord, LeaseState};
+pub use record::{Inactive, LeaseRecord, LeaseState};
 pub use retention::{Compacted, DEFAULT_RETENTION_SECS, WindowTooShort};
 pub use syncset::{SyncKey, SyncSet};
 pub use wallet::{LeaseKey, Wallet, WalletError, lease_key_path};

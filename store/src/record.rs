@@ -84,6 +84,27 @@ impl std::str::FromStr for LeaseState {
     }
 }
 
+/// Why a lease grants no access now: the one answer the gateway, the
+/// provider's tunnel check and the HTTP tunnel all give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Inactive {
+    /// Created, not accepted by its provider (yet).
+    #[error("created, not accepted by its provider yet")]
+    NotAccepted,
+    /// Ended by its consumer or provider.
+    #[error("settled")]
+    Settled,
+    /// Withdrawn before acceptance.
+    #[error("cancelled")]
+    Cancelled,
+    /// Refused by its provider.
+    #[error("declined")]
+    Declined,
+    /// Its time ran out (or its offer lapsed).
+    #[error("expired")]
+    Expired,
+}
+
 /// The provider's acceptance, as recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AcceptFact {
@@ -187,6 +208,24 @@ impl LeaseRecord {
         } else {
             LeaseState::Created
         }
+    }
+
+    /// Does the lease grant access at unix time `now`, and if not, why.
+    /// Only an accepted, unexpired, unsettled lease does.
+    pub fn access_at(&self, now: u64) -> Result<(), Inactive> {
+        match self.state_at(now) {
+            LeaseState::Accepted => Ok(()),
+            LeaseState::Created => Err(Inactive::NotAccepted),
+            LeaseState::Settled => Err(Inactive::Settled),
+            LeaseState::Cancelled => Err(Inactive::Cancelled),
+            LeaseState::Declined => Err(Inactive::Declined),
+            LeaseState::Expired => Err(Inactive::Expired),
+        }
+    }
+
+    /// [`LeaseRecord::access_at`] now.
+    pub fn access(&self) -> Result<(), Inactive> {
+        self.access_at(crate::now_secs())
     }
 
     /// The state now.

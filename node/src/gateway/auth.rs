@@ -4,7 +4,7 @@
 //! `ssh-ed25519` key whose 32 raw bytes are that access key.
 
 use russh::keys::ssh_key::PublicKey;
-use xe_store::{LeaseHash, LeaseRecord, LeaseState, Store};
+use xe_store::{Inactive, LeaseHash, LeaseRecord, Store};
 
 use super::stats::AuthFailure;
 
@@ -32,14 +32,13 @@ pub(crate) fn active_lease(store: &Store, hash: &LeaseHash) -> Result<LeaseRecor
             return Err(AuthFailure::StoreError);
         }
     };
-    match rec.state() {
-        LeaseState::Accepted => {}
-        LeaseState::Created => return Err(AuthFailure::LeaseNotAccepted),
-        LeaseState::Settled => return Err(AuthFailure::LeaseSettled),
-        LeaseState::Cancelled => return Err(AuthFailure::LeaseCancelled),
-        LeaseState::Declined => return Err(AuthFailure::LeaseDeclined),
-        LeaseState::Expired => return Err(AuthFailure::LeaseExpired),
-    }
+    rec.access().map_err(|why| match why {
+        Inactive::NotAccepted => AuthFailure::LeaseNotAccepted,
+        Inactive::Settled => AuthFailure::LeaseSettled,
+        Inactive::Cancelled => AuthFailure::LeaseCancelled,
+        Inactive::Declined => AuthFailure::LeaseDeclined,
+        Inactive::Expired => AuthFailure::LeaseExpired,
+    })?;
     if rec.lease.access_pub_key.0 == [0u8; 32] || !rec.lease.access_pub_key.is_valid_point() {
         return Err(AuthFailure::NoAccessKey);
     }

@@ -129,7 +129,7 @@ pub(crate) async fn watch_leases(
                 );
                 for lease in registry.leases() {
                     let ended = match store.lease(&lease) {
-                        Ok(Some(rec)) => rec.state() != xe_store::LeaseState::Accepted,
+                        Ok(Some(rec)) => rec.access().is_err(),
                         Ok(None) => true,
                         Err(e) => {
                             tracing::error!(lease = %lease.short(), error = %e, "store read failed while re-checking");
