@@ -39,7 +39,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -65,6 +64,9 @@ pub use xe_node::limits::{ConnLimits, ConnRefusal, RateLimit, Source};
 
 /// Default cap on concurrent HTTP tunnels (the seed's maxSSHConnections).
 pub const DEFAULT_MAX_TUNNELS: usize = 100;
+/// Default cap on the HTTP tunnels one source may hold: a consumer's
+/// `xe tunnel` with a few dozen sessions, never the node's whole budget.
+pub const DEFAULT_MAX_TUNNELS_PER_SOURCE: usize = 32;
 /// Default cap on open HTTP connections (tunnels excluded once upgraded).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default cap on the connections one source (an IPv4 address, an IPv6
@@ -128,6 +130,8 @@ pub struct ApiConfig {
     pub require_fresh: bool,
     /// Concurrent HTTP tunnels; beyond this, 503.
     pub max_tunnels: usize,
+    /// Concurrent HTTP tunnels one source may hold; beyond this, 429.
+    pub max_tunnels_per_source: usize,
     /// Concurrent HTTP connections; beyond this a new connection gets a
     /// short 503 and is closed.
     pub max_connections: usize,
@@ -152,6 +156,7 @@ impl Default for ApiConfig {
         ApiConfig {
             require_fresh: false,
             max_tunnels: DEFAULT_MAX_TUNNELS,
+            max_tunnels_per_source: DEFAULT_MAX_TUNNELS_PER_SOURCE,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
             connection_reserve: DEFAULT_CONNECTION_RESERVE,
@@ -170,7 +175,7 @@ pub(crate) struct AppInner {
     pub(crate) config: ApiConfig,
     pub(crate) api_addr: SocketAddr,
     pub(crate) limiter: xe_node::limits::RateLimiter,
-    pub(crate) tunnels: Arc<Semaphore>,
+    pub(crate) tunnels: xe_node::limits::ConnTable,
     pub(crate) conns: xe_node::limits::ConnTable,
     /// Nonces of fresh tunnel signatures already used here.
     pub(crate) seen_nonces: auth::SeenNonces,
@@ -223,7 +228,11 @@ pub fn start(
     let stats = Arc::new(ApiStats::default());
     let app: App = Arc::new(AppInner {
         limiter: xe_node::limits::RateLimiter::new(config.write_rate),
-        tunnels: Arc::new(Semaphore::new(config.max_tunnels)),
+        tunnels: xe_node::limits::ConnTable::new(ConnLimits {
+            global: config.max_tunnels,
+            per_source: config.max_tunnels_per_source,
+            reserve: 0,
+        }),
         conns: xe_node::limits::ConnTable::new(ConnLimits {
             global: config.max_connections,
             per_source: config.max_connections_per_source,

@@ -73,6 +73,14 @@ async fn ssh_runs_a_command_through_the_http_tunnel() {
         },
     )
     .await;
+    let per_source = start_api(
+        ctx.clone(),
+        ApiConfig {
+            max_tunnels_per_source: 1,
+            ..ApiConfig::default()
+        },
+    )
+    .await;
     let p_api = start_api(ApiContext::from_node(&p), ApiConfig::default()).await;
 
     // The consumer submits its lease to the API node; the provider hears
@@ -275,6 +283,30 @@ async fn ssh_runs_a_command_through_the_http_tunnel() {
         .await
         .expect_err("over the limit");
     assert_eq!(status_of(&e), StatusCode::SERVICE_UNAVAILABLE, "{e}");
+    drop(held);
+    // 429 once one client holds its share, with room left in all.
+    let mut held = per_source
+        .client()
+        .open_tunnel(
+            &lease,
+            TunnelAuth::fresh(&key, &lease, &node_id, now_secs()),
+        )
+        .await
+        .expect("first tunnel of this client");
+    assert!(banner(&mut held).await.starts_with("SSH-2.0-"));
+    let e = per_source
+        .client()
+        .open_tunnel(
+            &lease,
+            TunnelAuth::fresh(&key, &lease, &node_id, now_secs()),
+        )
+        .await
+        .expect_err("over this client's share");
+    assert_eq!(status_of(&e), StatusCode::TOO_MANY_REQUESTS, "{e}");
+    assert!(
+        e.to_string().contains("already holds 1 HTTP tunnels"),
+        "{e}"
+    );
     drop(held);
 
     // 502 with the provider's own refusal: a lease whose provider account
