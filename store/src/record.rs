@@ -127,6 +127,13 @@ pub struct EndFact {
     pub event_id: EventId,
 }
 
+impl EndFact {
+    /// Its place among competing facts of its kind.
+    fn key(&self) -> (u64, EventId) {
+        (self.at, self.event_id)
+    }
+}
+
 /// The provider's refusal, as recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeclineFact {
@@ -247,6 +254,26 @@ impl LeaseRecord {
         let provider = self.lease.provider;
         let consumer = self.lease.consumer_address();
         let id = ev.id();
+        let signed_by = |ok: bool, allowed: &'static str| {
+            ok.then_some(()).ok_or(EventError::WrongSigner {
+                kind,
+                lease,
+                signer,
+                allowed,
+            })
+        };
+        let refuse = |reason: &'static str| EventError::BadTransition {
+            kind,
+            lease,
+            reason,
+        };
+        let before_accept = || match self.accept {
+            Some(_) => Err(refuse("the lease is already accepted; settle it instead")),
+            None => Ok(()),
+        };
+        // Competing facts of one kind: the smallest (time, event id) is
+        // the one every node keeps.
+        let replaces = |have: Option<(u64, EventId)>, at: u64| have.is_none_or(|h| (at, id) < h);
         let mut next = self.clone();
         match ev {
             LeaseEvent::Create { .. } => return Ok(Outcome::Unchanged),
@@ -255,123 +282,70 @@ impl LeaseRecord {
                 vm_host_key,
                 ..
             } => {
-                if signer != provider {
-                    return Err(EventError::WrongSigner {
-                        kind,
-                        lease,
-                        signer,
-                        allowed: "the lease's provider",
-                    });
-                }
+                signed_by(signer == provider, "the lease's provider")?;
                 if accepted_at.saturating_add(CLOCK_SKEW_SECS) < self.lease.created_at {
-                    return Err(EventError::BadTransition {
-                        kind,
-                        lease,
-                        reason: "accepted_at is before the lease was created",
-                    });
+                    return Err(refuse("accepted_at is before the lease was created"));
                 }
                 if *accepted_at > self.lease.offer_lapses_at() {
-                    return Err(EventError::BadTransition {
-                        kind,
-                        lease,
-                        reason: "accepted_at is more than a day after the lease was created: the offer had lapsed",
-                    });
+                    return Err(refuse(
+                        "accepted_at is more than a day after the lease was created: the offer had lapsed",
+                    ));
                 }
-                let fact = AcceptFact {
+                let have = self.accept.as_ref().map(|a| (a.accepted_at, a.event_id));
+                if !replaces(have, *accepted_at) {
+                    return Ok(Outcome::Unchanged);
+                }
+                next.accept = Some(AcceptFact {
                     accepted_at: *accepted_at,
                     vm_host_key: vm_host_key.clone(),
                     event_id: id,
-                };
-                match &self.accept {
-                    Some(a) if (a.accepted_at, a.event_id) <= (fact.accepted_at, id) => {
-                        return Ok(Outcome::Unchanged);
-                    }
-                    _ => next.accept = Some(fact),
-                }
+                });
                 // An accept that raced a cancel or a decline wins; they
                 // are void.
                 next.cancel = None;
                 next.decline = None;
             }
             LeaseEvent::Settle { at, .. } => {
-                if signer != provider && signer != consumer {
-                    return Err(EventError::WrongSigner {
-                        kind,
-                        lease,
-                        signer,
-                        allowed: "the lease's consumer or provider",
-                    });
-                }
+                signed_by(
+                    signer == provider || signer == consumer,
+                    "the lease's consumer or provider",
+                )?;
                 if self.accept.is_none() {
                     return Ok(Outcome::Wait("settle waits for the lease's accept"));
                 }
-                let fact = EndFact {
+                if !replaces(self.settle.as_ref().map(EndFact::key), *at) {
+                    return Ok(Outcome::Unchanged);
+                }
+                next.settle = Some(EndFact {
                     by: signer,
                     at: *at,
                     event_id: id,
-                };
-                match &self.settle {
-                    Some(s) if (s.at, s.event_id) <= (fact.at, id) => {
-                        return Ok(Outcome::Unchanged);
-                    }
-                    _ => next.settle = Some(fact),
-                }
+                });
             }
             LeaseEvent::Cancel { at, .. } => {
-                if signer != consumer {
-                    return Err(EventError::WrongSigner {
-                        kind,
-                        lease,
-                        signer,
-                        allowed: "the lease's consumer",
-                    });
+                signed_by(signer == consumer, "the lease's consumer")?;
+                before_accept()?;
+                if !replaces(self.cancel.as_ref().map(EndFact::key), *at) {
+                    return Ok(Outcome::Unchanged);
                 }
-                if self.accept.is_some() {
-                    return Err(EventError::BadTransition {
-                        kind,
-                        lease,
-                        reason: "the lease is already accepted; settle it instead",
-                    });
-                }
-                let fact = EndFact {
+                next.cancel = Some(EndFact {
                     by: signer,
                     at: *at,
                     event_id: id,
-                };
-                match &self.cancel {
-                    Some(c) if (c.at, c.event_id) <= (fact.at, id) => {
-                        return Ok(Outcome::Unchanged);
-                    }
-                    _ => next.cancel = Some(fact),
-                }
+                });
             }
             LeaseEvent::Decline { at, reason, .. } => {
-                if signer != provider {
-                    return Err(EventError::WrongSigner {
-                        kind,
-                        lease,
-                        signer,
-                        allowed: "the lease's provider",
-                    });
+                signed_by(signer == provider, "the lease's provider")?;
+                before_accept()?;
+                let have = self.decline.as_ref().map(|d| (d.at, d.event_id));
+                if !replaces(have, *at) {
+                    return Ok(Outcome::Unchanged);
                 }
-                if self.accept.is_some() {
-                    return Err(EventError::BadTransition {
-                        kind,
-                        lease,
-                        reason: "the lease is already accepted; settle it instead",
-                    });
-                }
-                let fact = DeclineFact {
+                next.decline = Some(DeclineFact {
                     at: *at,
                     reason: reason.clone(),
                     event_id: id,
-                };
-                match &self.decline {
-                    Some(d) if (d.at, d.event_id) <= (fact.at, id) => {
-                        return Ok(Outcome::Unchanged);
-                    }
-                    _ => next.decline = Some(fact),
-                }
+                });
             }
         }
         debug_assert_ne!(kind, EventKind::Create);
