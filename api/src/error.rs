@@ -73,9 +73,3 @@ impl From<xe_store::StoreError> for HttpError {
         HttpError::internal(e.to_string())
     }
 }
-
-/// Client-sent text as it may appear in an error: at most 80 characters,
-/// no control characters.
-pub(crate) fn clip(s: &str) -> String {
-    s.chars().filter(|c| !c.is_control()).take(80).collect()
-}

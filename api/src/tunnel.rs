@@ -85,14 +85,14 @@ fn freshness(app: &App, headers: &HeaderMap) -> Result<Option<Freshness>, HttpEr
     hex::decode_to_slice(nonce, &mut n).map_err(|_| {
         HttpError::bad_request(format!(
             "X-Nonce: expected 32 hex digits, got {:?}",
-            crate::error::clip(nonce)
+            xe_store::human::echo(nonce)
         ))
     })?;
     let me = app.ctx.net.peer_id().to_string();
     if node != me {
         return Err(unauthorized(format!(
             "X-Node {:?} is not this node ({me}): a fresh X-Signature opens a tunnel only at the node it was signed for",
-            crate::error::clip(node)
+            xe_store::human::echo(node)
         )));
     }
     Ok(Some(Freshness {

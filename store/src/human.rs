@@ -2,6 +2,22 @@
 //! every message that says when something happened: the CLI's tables and
 //! the errors a node sends to a consumer ("last announced 3m ago").
 
+/// Most characters of client-chosen text said back to a client.
+pub const MAX_ECHO: usize = 80;
+
+/// Client-chosen text as it may appear in a message to a person: no
+/// control characters (no escape sequences, no line breaks), at most
+/// [`MAX_ECHO`] characters, ASCII `...` where it was cut (OpenSSH prints
+/// other bytes as octal).
+pub fn echo(s: &str) -> String {
+    let clean: String = s.chars().filter(|c| !c.is_control()).collect();
+    let mut out: String = clean.chars().take(MAX_ECHO).collect();
+    if clean.chars().count() > MAX_ECHO {
+        out.push_str("...");
+    }
+    out
+}
+
 /// `in 1h 59m`, `3m 10s ago`, `now`.
 pub fn relative(ts: u64, now: u64) -> String {
     match ts.cmp(&now) {

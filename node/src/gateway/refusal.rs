@@ -22,7 +22,7 @@
 //!
 //! What is said: the lease ledger is public (any node's API lists it), so
 //! a lease's existence and state are no secret. Keys appear only as
-//! fingerprints; client-chosen text is cut to [`MAX_ECHO`] characters with
+//! fingerprints; client-chosen text is cut to `xe_store::human::MAX_ECHO` characters with
 //! control characters removed.
 
 use std::net::SocketAddr;
@@ -34,11 +34,9 @@ use russh::keys::HashAlg;
 use russh::keys::ssh_key::PublicKey;
 use russh::server::{Auth, Handle};
 use xe_store::LeaseHash;
+use xe_store::human::echo;
 
 use super::stats::AuthFailure;
-
-/// Most characters of a client-chosen username echoed back.
-const MAX_ECHO: usize = 80;
 
 /// Most key fingerprints named in one refusal.
 const MAX_FINGERPRINTS: usize = 3;
@@ -51,17 +49,6 @@ const QUEUE_LIMIT: Duration = Duration::from_millis(200);
 /// The first 8 hex digits, as `xe` prints a lease.
 fn short(hash: &LeaseHash) -> String {
     hash.short()
-}
-
-/// `s` without control characters, at most [`MAX_ECHO`] characters.
-pub(crate) fn echo(s: &str) -> String {
-    let clean: String = s.chars().filter(|c| !c.is_control()).collect();
-    let mut out: String = clean.chars().take(MAX_ECHO).collect();
-    if clean.chars().count() > MAX_ECHO {
-        // ASCII: OpenSSH prints other bytes of a disconnect as octal.
-        out.push_str("...");
-    }
-    out
 }
 
 /// The one line for an authentication refusal. `lease` is the parsed
@@ -295,7 +282,7 @@ mod tests {
     fn echo_is_short_and_clean() {
         assert_eq!(echo("ro\x1b[31mot\n"), "ro[31mot");
         let long = echo(&"x".repeat(500));
-        assert_eq!(long.chars().count(), MAX_ECHO + 3);
+        assert_eq!(long.chars().count(), xe_store::human::MAX_ECHO + 3);
         assert!(long.ends_with("...") && long.is_ascii());
     }
 
