@@ -133,19 +133,31 @@ pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("ledger types always serialise")
 }
 
+/// How long [`Store::open`] waits for a lock that is being released.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Store {
     /// Open (or create) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
-            // sled takes an exclusive lock on its file and reports a held
-            // one only as this text in an I/O error (sled 0.34's
-            // `Config::open`); say who holds it and what to do.
-            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                StoreError::InUse(dir.to_path_buf())
+        // A store closed moments ago in this process may still hold its
+        // lock: sled releases it when its background threads let go of the
+        // database, a few hundred ms after the last handle drops. Another
+        // process's lock is held for good; both end as `InUse`.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match sled::Config::new().path(dir).open() {
+                Ok(db) => return Self::from_db(db),
+                // sled reports a held lock only as this text in an I/O
+                // error (sled 0.34's `Config::open`).
+                Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StoreError::InUse(dir.to_path_buf()));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(StoreError::Db(e)),
             }
-            e => StoreError::Db(e),
-        })?;
-        Self::from_db(db)
+        }
     }
 
     /// A throwaway in-memory store (tests).
