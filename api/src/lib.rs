@@ -228,16 +228,22 @@ pub fn start(
     let stats = Arc::new(ApiStats::default());
     let app: App = Arc::new(AppInner {
         limiter: xe_node::limits::RateLimiter::new(config.write_rate),
-        tunnels: xe_node::limits::ConnTable::new(ConnLimits {
-            global: config.max_tunnels,
-            per_source: config.max_tunnels_per_source,
-            reserve: 0,
-        }),
-        conns: xe_node::limits::ConnTable::new(ConnLimits {
-            global: config.max_connections,
-            per_source: config.max_connections_per_source,
-            reserve: config.connection_reserve,
-        }),
+        tunnels: xe_node::limits::ConnTable::new(
+            ConnLimits {
+                global: config.max_tunnels,
+                per_source: config.max_tunnels_per_source,
+                reserve: 0,
+            },
+            "HTTP tunnels",
+        ),
+        conns: xe_node::limits::ConnTable::new(
+            ConnLimits {
+                global: config.max_connections,
+                per_source: config.max_connections_per_source,
+                reserve: config.connection_reserve,
+            },
+            "connections",
+        ),
         seen_nonces: auth::SeenNonces::default(),
         stats: stats.clone(),
         tracker: TaskTracker::new(),

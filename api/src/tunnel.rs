@@ -222,20 +222,12 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |c| c.0.ip());
-    let permit = app.tunnels.admit(client_ip).map_err(|e| match e {
-        xe_node::limits::ConnRefusal::SourceFull { from, held } => HttpError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "{from} already holds {held} HTTP tunnels, the most one client may; close some and try again"
-            ),
-        ),
-        xe_node::limits::ConnRefusal::Full { .. } => HttpError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "over the HTTP tunnel limit ({} open); try again later",
-                app.config.max_tunnels
-            ),
-        ),
+    let permit = app.tunnels.admit(client_ip).map_err(|e| {
+        let status = match e {
+            xe_node::limits::ConnRefusal::SourceFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            xe_node::limits::ConnRefusal::Full { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        HttpError::new(status, e.to_string())
     })?;
     let provider = rec.lease.provider;
     let bad_gateway = |e: String| {

@@ -667,7 +667,7 @@ async fn tunnel_refusals_have_their_status_codes() {
         )
         .await,
         503,
-        "over the HTTP tunnel limit",
+        "at its limit of 0 HTTP tunnels",
     );
 
     // --http-tunnel-require-fresh: the timeless form is refused with 401

@@ -37,7 +37,8 @@ pub struct Behaviour {
     pub(crate) dcutr: Toggle<dcutr::Behaviour>,
     /// Are we publicly reachable? (Client and server.)
     pub(crate) autonat: autonat::Behaviour,
-    /// Caps on inbound handshakes in flight, in all and per source.
+    /// Caps on inbound handshakes in flight and established inbound
+    /// connections, per source and per peer.
     pub(crate) inbound: crate::inbound::InboundLimits,
 }
 
@@ -94,6 +95,7 @@ impl Behaviour {
         key: &Keypair,
         relay_client: relay::client::Behaviour,
         nat: &crate::nat::NatConfig,
+        inbound: crate::inbound::InboundCaps,
     ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let peer_id = key.public().to_peer_id();
         let mut kad = kad::Behaviour::with_config(
@@ -129,7 +131,7 @@ impl Behaviour {
             ),
             dcutr: Toggle::from(nat.hole_punching.then(|| dcutr::Behaviour::new(peer_id))),
             autonat: autonat::Behaviour::new(peer_id, crate::nat::autonat_config()),
-            inbound: crate::inbound::InboundLimits::default(),
+            inbound: crate::inbound::InboundLimits::new(inbound),
         })
     }
 }

@@ -1,11 +1,19 @@
-//! Inbound connections that have not finished their handshake (TCP is up,
-//! the Noise and muxer upgrades are not) are capped, in all and per source.
-//! Each costs memory (≈ 24 KB measured) and a handshake's CPU; libp2p alone
-//! takes any number of them, so one address opening sockets it never speaks
-//! on could pin memory and crowd out honest peers' handshakes.
+//! Caps on inbound connections, so that one address cannot pin this node's
+//! memory or crowd out honest peers; libp2p alone takes any number.
 //!
-//! Relayed connections carry no IP of their own and are not counted here
-//! (the relay server's own limits apply to them).
+//! - Handshakes in flight (TCP is up, the Noise and muxer upgrades are
+//!   not), in all and per source: each costs ≈ 24 KB (measured) and a
+//!   handshake's CPU.
+//! - Established inbound connections per source and per peer: each may
+//!   park streams the node has not read yet, up to
+//!   [`crate::mux::MAX_PARKED_STREAMS`] × 256 KiB (yamux's initial window),
+//!   so the number of them bounds what one address can make the node hold.
+//!   A peer id costs nothing to make, so the per-source cap is the one that
+//!   matters; the per-peer one keeps one identity from using a source's
+//!   whole share.
+//!
+//! Relayed connections carry no IP of their own and are counted only per
+//! peer here (the relay server's own limits apply to them).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -27,6 +35,12 @@ use crate::Source;
 pub const MAX_PENDING_INBOUND: usize = 256;
 /// Inbound handshakes in flight at once from one source.
 pub const MAX_PENDING_INBOUND_PER_SOURCE: usize = 16;
+/// Established inbound connections from one source. A NAT may put several
+/// honest nodes behind one address; each needs one or two.
+pub const MAX_ESTABLISHED_PER_SOURCE: usize = 16;
+/// Established inbound connections from one peer: TCP and QUIC, a
+/// relayed one and its direct upgrade, and a simultaneous dial.
+pub const MAX_ESTABLISHED_PER_PEER: usize = 6;
 
 /// Why an inbound connection was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -37,43 +51,102 @@ pub enum InboundRefusal {
     /// Every slot is taken.
     #[error("{MAX_PENDING_INBOUND} inbound handshakes already in flight")]
     Full,
+    /// The source has its share of established connections.
+    #[error("{0} already has {1} inbound connections")]
+    SourceConnections(Source, usize),
+    /// The peer has its share of established connections.
+    #[error("peer {0} already has {1} inbound connections")]
+    PeerConnections(PeerId, usize),
+}
+
+/// The caps [`InboundLimits`] enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct InboundCaps {
+    /// Handshakes in flight, all sources.
+    pub pending: usize,
+    /// Handshakes in flight from one source.
+    pub pending_per_source: usize,
+    /// Established inbound connections from one source.
+    pub established_per_source: usize,
+    /// Established inbound connections from one peer.
+    pub established_per_peer: usize,
+}
+
+impl Default for InboundCaps {
+    fn default() -> Self {
+        InboundCaps {
+            pending: MAX_PENDING_INBOUND,
+            pending_per_source: MAX_PENDING_INBOUND_PER_SOURCE,
+            established_per_source: MAX_ESTABLISHED_PER_SOURCE,
+            established_per_peer: MAX_ESTABLISHED_PER_PEER,
+        }
+    }
 }
 
 /// The behaviour: counts and refuses; no protocol of its own.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct InboundLimits {
-    global: usize,
-    per_source: usize,
-    pending: HashMap<ConnectionId, Source>,
-    by_source: HashMap<Source, usize>,
+    caps: InboundCaps,
+    pending: Counted<Source>,
+    established_by_source: Counted<Source>,
+    established_by_peer: Counted<PeerId>,
 }
 
-impl Default for InboundLimits {
+/// Connections counted under a key (their source or peer).
+#[derive(Debug)]
+struct Counted<K> {
+    of: HashMap<ConnectionId, K>,
+    count: HashMap<K, usize>,
+}
+
+impl<K> Default for Counted<K> {
     fn default() -> Self {
-        InboundLimits::new(MAX_PENDING_INBOUND, MAX_PENDING_INBOUND_PER_SOURCE)
+        Counted {
+            of: HashMap::new(),
+            count: HashMap::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Copy> Counted<K> {
+    fn len(&self) -> usize {
+        self.of.len()
+    }
+
+    fn count(&self, k: &K) -> usize {
+        self.count.get(k).copied().unwrap_or(0)
+    }
+
+    fn add(&mut self, id: ConnectionId, k: K) {
+        *self.count.entry(k).or_insert(0) += 1;
+        self.of.insert(id, k);
+    }
+
+    fn forget(&mut self, id: ConnectionId) {
+        if let Some(k) = self.of.remove(&id)
+            && let Some(n) = self.count.get_mut(&k)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.count.remove(&k);
+            }
+        }
     }
 }
 
 impl InboundLimits {
-    /// Caps of `global` in all and `per_source` per source.
-    pub fn new(global: usize, per_source: usize) -> Self {
+    /// Enforce `caps`.
+    pub fn new(caps: InboundCaps) -> Self {
         InboundLimits {
-            global,
-            per_source,
-            pending: HashMap::new(),
-            by_source: HashMap::new(),
+            caps,
+            ..InboundLimits::default()
         }
     }
 
     fn forget(&mut self, id: ConnectionId) {
-        if let Some(src) = self.pending.remove(&id)
-            && let Some(n) = self.by_source.get_mut(&src)
-        {
-            *n -= 1;
-            if *n == 0 {
-                self.by_source.remove(&src);
-            }
-        }
+        self.pending.forget(id);
+        self.established_by_source.forget(id);
+        self.established_by_peer.forget(id);
     }
 }
 
@@ -102,26 +175,49 @@ impl NetworkBehaviour for InboundLimits {
             return Ok(());
         };
         let src = Source::of(ip);
-        if self.pending.len() >= self.global {
+        if self.pending.len() >= self.caps.pending {
             return Err(ConnectionDenied::new(InboundRefusal::Full));
         }
-        let n = self.by_source.entry(src).or_insert(0);
-        if *n >= self.per_source {
+        if self.pending.count(&src) >= self.caps.pending_per_source {
             return Err(ConnectionDenied::new(InboundRefusal::SourceBusy(src)));
         }
-        *n += 1;
-        self.pending.insert(id, src);
+        // Refused here already, before the handshake's cost, when the
+        // source has its share of established connections.
+        let cap = self.caps.established_per_source;
+        if self.established_by_source.count(&src) >= cap {
+            return Err(ConnectionDenied::new(InboundRefusal::SourceConnections(
+                src, cap,
+            )));
+        }
+        self.pending.add(id, src);
         Ok(())
     }
 
     fn handle_established_inbound_connection(
         &mut self,
         id: ConnectionId,
-        _peer: PeerId,
+        peer: PeerId,
         _local: &Multiaddr,
-        _remote: &Multiaddr,
+        remote: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.forget(id);
+        self.pending.forget(id);
+        let per_peer = self.caps.established_per_peer;
+        if self.established_by_peer.count(&peer) >= per_peer {
+            return Err(ConnectionDenied::new(InboundRefusal::PeerConnections(
+                peer, per_peer,
+            )));
+        }
+        if let Some(ip) = ip_of(remote) {
+            let src = Source::of(ip);
+            let cap = self.caps.established_per_source;
+            if self.established_by_source.count(&src) >= cap {
+                return Err(ConnectionDenied::new(InboundRefusal::SourceConnections(
+                    src, cap,
+                )));
+            }
+            self.established_by_source.add(id, src);
+        }
+        self.established_by_peer.add(id, peer);
         Ok(dummy::ConnectionHandler)
     }
 
@@ -137,8 +233,11 @@ impl NetworkBehaviour for InboundLimits {
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
-        if let FromSwarm::ListenFailure(f) = event {
-            self.forget(f.connection_id);
+        match event {
+            // Also when another behaviour denied a connection we counted.
+            FromSwarm::ListenFailure(f) => self.forget(f.connection_id),
+            FromSwarm::ConnectionClosed(c) => self.forget(c.connection_id),
+            _ => {}
         }
     }
 

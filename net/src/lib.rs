@@ -28,6 +28,7 @@ pub mod mux;
 pub mod nat;
 pub mod replication;
 pub mod secure;
+pub mod slots;
 pub mod source;
 pub mod tunnel;
 

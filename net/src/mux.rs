@@ -31,9 +31,24 @@ const STREAM_WINDOW: usize = 256 * 1024;
 /// whole: a quarter of the frames, flushes and `send` calls of the default.
 pub const FRAME_SIZE: usize = 60 * 1024;
 
-/// Inbound streams buffered while the swarm is busy elsewhere; more are
-/// reset (yamux's own ACK backlog keeps well-behaved peers below this).
-const MAX_BUFFERED_INBOUND: usize = 256;
+/// Inbound streams parked here while the swarm has
+/// [`MAX_NEGOTIATING_STREAMS`] being negotiated; more are reset (yamux's
+/// own ACK backlog keeps well-behaved peers below this).
+///
+/// What a peer can make a connection hold that nobody reads: yamux gives
+/// every stream 256 KiB of credit the moment it opens (the spec's initial
+/// window; it cannot be smaller), so a parked or negotiating stream may
+/// hold that much. With these caps that is (32 + 32) × 256 KiB = 16 MiB
+/// per connection, however many streams the peer opens; how many
+/// connections one source may hold is [`crate::inbound`]'s cap. Streams a
+/// protocol has taken are read by it (a tunnel's handshake reads 32 bytes
+/// and then pipes to the VM), so they hold at most their window while the
+/// reader catches up.
+pub const MAX_PARKED_STREAMS: usize = 32;
+
+/// Inbound streams being negotiated at once on one connection (libp2p's
+/// default is 128); the rest wait in [`MAX_PARKED_STREAMS`].
+pub const MAX_NEGOTIATING_STREAMS: usize = 32;
 
 /// The upgrade: `/yamux/1.0.0` with our settings.
 #[derive(Clone)]
@@ -156,8 +171,11 @@ where
     ) -> Poll<Result<StreamMuxerEvent, Self::Error>> {
         let this = self.get_mut();
         let s = ready!(this.poll_next(cx))?;
-        if this.inbound.len() >= MAX_BUFFERED_INBOUND {
-            tracing::warn!("yamux: inbound stream buffer full, resetting a new stream");
+        if this.inbound.len() >= MAX_PARKED_STREAMS {
+            tracing::debug!(
+                parked = MAX_PARKED_STREAMS,
+                "yamux: inbound streams parked at the cap, resetting a new one"
+            );
             drop(s);
         } else {
             this.inbound.push_back(s);
@@ -319,5 +337,114 @@ mod tests {
             held.push(s);
         }
         assert_eq!(held.len(), N);
+    }
+}
+
+#[cfg(test)]
+mod parked_tests {
+    use super::*;
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    use libp2p::core::muxing::StreamMuxerExt;
+    use std::future::poll_fn;
+    use tokio::sync::{mpsc, oneshot};
+    use tokio_util::compat::TokioAsyncReadCompatExt;
+
+    /// A hostile client: opens `n` streams, writes a full initial window
+    /// on each and never reads; reports each stream the server reset.
+    async fn open_and_fill(
+        conn: Connection<impl AsyncRead + AsyncWrite + Unpin + Send + 'static>,
+        n: usize,
+    ) -> mpsc::UnboundedReceiver<usize> {
+        let (reset_tx, reset_rx) = mpsc::unbounded_channel();
+        let (open_tx, mut open_rx) = mpsc::unbounded_channel::<oneshot::Sender<yamux::Stream>>();
+        let mut conn = conn;
+        tokio::spawn(async move {
+            let mut want: Option<oneshot::Sender<yamux::Stream>> = None;
+            poll_fn(|cx| {
+                loop {
+                    if want.is_none()
+                        && let Poll::Ready(Some(o)) = open_rx.poll_recv(cx)
+                    {
+                        want = Some(o);
+                    }
+                    let mut progressed = false;
+                    if want.is_some()
+                        && let Poll::Ready(r) = conn.poll_new_outbound(cx)
+                    {
+                        let _ = want.take().map(|o| o.send(r.expect("open")));
+                        progressed = true;
+                    }
+                    match conn.poll_next_inbound(cx) {
+                        Poll::Ready(Some(Ok(_))) => progressed = true,
+                        Poll::Ready(_) => return Poll::Ready(()),
+                        Poll::Pending => {}
+                    }
+                    if !progressed {
+                        return Poll::Pending::<()>;
+                    }
+                }
+            })
+            .await;
+        });
+        for i in 0..n {
+            let (tx, rx) = oneshot::channel();
+            open_tx.send(tx).expect("driver");
+            let mut s = rx.await.expect("opened");
+            let reset = reset_tx.clone();
+            tokio::spawn(async move {
+                // One initial window: yamux lets it all go without the
+                // server reading a byte.
+                let _ = s.write_all(&vec![0x5a; STREAM_WINDOW]).await;
+                let _ = s.flush().await;
+                let mut b = [0u8; 1];
+                // A parked stream never answers; a reset one ends.
+                if s.read(&mut b).await.map_or(true, |n| n == 0) {
+                    let _ = reset.send(i);
+                }
+            });
+        }
+        reset_rx
+    }
+
+    /// Before the cap was 32, 256 streams of 256 KiB each (64 MiB) could
+    /// wait here per connection; a swarm at its negotiation limit takes
+    /// none, which the test plays by never calling `poll_inbound`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_parks_at_most_max_parked_streams_and_resets_the_rest() {
+        const EXTRA: usize = 8;
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let YamuxUpgrade(cfg) = config();
+        let mut server = Muxer::new(Connection::new(b.compat(), cfg.clone(), Mode::Server));
+        let client = Connection::new(a.compat(), cfg, Mode::Client);
+        let mut resets = open_and_fill(client, MAX_PARKED_STREAMS + EXTRA).await;
+        let parked = tokio::spawn(async move {
+            let mut seen = std::collections::HashSet::new();
+            let drive = poll_fn(|cx| {
+                // Only `poll`, as the swarm does while it negotiates others.
+                let _ = server.poll_unpin(cx);
+                Poll::<()>::Pending
+            });
+            tokio::pin!(drive);
+            loop {
+                tokio::select! {
+                    () = &mut drive => unreachable!(),
+                    r = resets.recv() => {
+                        seen.insert(r.expect("client alive"));
+                        if seen.len() == EXTRA {
+                            break;
+                        }
+                    }
+                }
+            }
+            (server.inbound.len(), seen)
+        });
+        let (held, reset) = tokio::time::timeout(std::time::Duration::from_secs(60), parked)
+            .await
+            .expect("the server reset the streams past its cap")
+            .expect("task");
+        assert_eq!(held, MAX_PARKED_STREAMS);
+        // Which ones is the client's to say: each stream's SYN goes with
+        // its first write, and the writers race.
+        assert_eq!(reset.len(), EXTRA);
     }
 }

@@ -24,6 +24,7 @@ use tracing::{Instrument, debug, info, warn};
 use xe_store::LeaseHash;
 
 use crate::host::peers::{self, ConnPath, PeerTunnels};
+use crate::slots::{ConnLimits, SlotTable};
 
 /// The protocol id.
 pub const TUNNEL_PROTOCOL: StreamProtocol = StreamProtocol::new("/xe/tunnel/2.0.0");
@@ -312,15 +313,35 @@ impl TunnelRegistry {
 pub struct TunnelServerConfig {
     /// Deadline for reading the lease hash and answering.
     pub handshake_timeout: Duration,
-    /// Concurrent tunnels; beyond this a stream is refused at once.
+    /// Deadline for the lease hash alone: an honest client sends it with
+    /// the stream, so a stream still short of 32 bytes after this is cut
+    /// well before [`Self::handshake_timeout`] (which also covers dialling
+    /// the VM).
+    pub lease_timeout: Duration,
+    /// Concurrent tunnels; beyond this a stream is refused. A slot is
+    /// taken once the lease is validated, so streams stalled in their
+    /// handshake hold none.
     pub max_tunnels: usize,
+    /// Streams in their handshake at once, all peers together; the last
+    /// [`HANDSHAKE_RESERVE`] go only to peers that have none in flight.
+    pub max_handshakes: usize,
+    /// Streams in their handshake at once from one peer. A gateway opens
+    /// one per SSH login in flight (`--ssh-max-startups` full, 100).
+    pub max_handshakes_per_peer: usize,
 }
+
+/// Of [`TunnelServerConfig::max_handshakes`], the slots kept for peers
+/// with no handshake in flight, so one that holds the rest locks no one out.
+pub const HANDSHAKE_RESERVE: usize = 64;
 
 impl Default for TunnelServerConfig {
     fn default() -> Self {
         TunnelServerConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            lease_timeout: Duration::from_secs(10),
             max_tunnels: 1024,
+            max_handshakes: 512,
+            max_handshakes_per_peer: 128,
         }
     }
 }
@@ -444,6 +465,14 @@ pub(crate) async fn serve(
         }
     };
     let slots = Arc::new(Semaphore::new(config.max_tunnels));
+    let handshakes: SlotTable<PeerId> = SlotTable::new(
+        ConnLimits {
+            global: config.max_handshakes,
+            per_source: config.max_handshakes_per_peer,
+            reserve: HANDSHAKE_RESERVE.min(config.max_handshakes / 2),
+        },
+        "tunnel handshakes in flight",
+    );
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         // The inbound queue has no capacity: only spawn here, never work.
@@ -455,7 +484,8 @@ pub(crate) async fn serve(
         };
         let Some((peer, stream)) = next else { break };
         let mut stream = stream.compat();
-        let permit = slots.clone().try_acquire_owned();
+        let handshake = handshakes.admit_key(peer);
+        let slots = slots.clone();
         let validator = validator.clone();
         let registry = registry.clone();
         let cfg = config.clone();
@@ -464,16 +494,23 @@ pub(crate) async fn serve(
         tasks.spawn(
             async move {
                 let _guard = guard;
-                let Ok(_permit) = permit else {
-                    warn!("refused: too many tunnels");
-                    refuse(
-                        &mut stream,
-                        "provider is at its tunnel limit; try again later",
-                    )
-                    .await;
-                    return;
+                let handshake = match handshake {
+                    Ok(h) => h,
+                    Err(e) => {
+                        debug!("refused: {e}");
+                        refuse(&mut stream, &e.to_string()).await;
+                        return;
+                    }
                 };
-                handle_stream(stream, peer, validator, registry, cfg, cancel).await;
+                let served = Served {
+                    peer,
+                    validator,
+                    registry,
+                    slots,
+                    cfg,
+                    cancel,
+                };
+                handle_stream(stream, handshake, served).await;
             }
             .instrument(tracing::info_span!("tunnel", %peer)),
         );
@@ -496,26 +533,50 @@ async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, msg: &str) {
     .await;
 }
 
-async fn handle_stream(
-    mut stream: Compat<libp2p::Stream>,
+/// What serving one inbound tunnel needs besides its stream.
+struct Served {
     peer: PeerId,
     validator: Arc<dyn TunnelValidator>,
     registry: TunnelRegistry,
+    /// [`TunnelServerConfig::max_tunnels`].
+    slots: Arc<Semaphore>,
     cfg: TunnelServerConfig,
     cancel: CancellationToken,
+}
+
+const AT_TUNNEL_LIMIT: &str = "provider is at its tunnel limit; try again later";
+
+async fn handle_stream(
+    mut stream: Compat<libp2p::Stream>,
+    handshake_slot: crate::slots::Slot<PeerId>,
+    served: Served,
 ) {
+    let Served {
+        peer,
+        validator,
+        registry,
+        slots,
+        cfg,
+        cancel,
+    } = served;
     let handshake = async {
         let mut raw = [0u8; 32];
-        stream
-            .read_exact(&mut raw)
-            .await
-            .map_err(|e| format!("reading the 32-byte lease hash: {e}"))?;
+        match tokio::time::timeout(cfg.lease_timeout, stream.read_exact(&mut raw)).await {
+            Err(_) => return Err("handshake timed out".to_string()),
+            Ok(r) => r.map_err(|e| format!("reading the 32-byte lease hash: {e}"))?,
+        };
         let lease = LeaseHash(raw);
         validator.validate_tunnel_lease(&lease, &peer).await?;
+        let Ok(permit) = slots.try_acquire_owned() else {
+            warn!("refused: too many tunnels");
+            return Err(AT_TUNNEL_LIMIT.to_string());
+        };
         let vm = validator.dial_ssh(&lease).await?;
-        Ok::<_, String>((lease, vm))
+        Ok::<_, String>((lease, vm, permit))
     };
-    let (lease, mut vm) = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
+    let outcome = tokio::time::timeout(cfg.handshake_timeout, handshake).await;
+    drop(handshake_slot);
+    let (lease, mut vm, _permit) = match outcome {
         Ok(Ok(v)) => v,
         Ok(Err(msg)) => {
             warn!(error = %msg, "tunnel refused");

@@ -94,6 +94,9 @@ pub struct NetConfig {
     /// one is refused here ([`crate::TunnelError::TooManyTunnels`]). Kept between
     /// 1 and [`MAX_TUNNELS_PER_PEER`].
     pub max_tunnels_per_peer: usize,
+    /// Caps on inbound connections, per source and per peer
+    /// ([`crate::inbound`]).
+    pub inbound: crate::inbound::InboundCaps,
 }
 
 impl NetConfig {
@@ -121,6 +124,7 @@ impl NetConfig {
             nat: NatConfig::default(),
             overlay_cipher: OverlayCipher::default(),
             max_tunnels_per_peer: MAX_TUNNELS_PER_PEER,
+            inbound: crate::inbound::InboundCaps::default(),
         }
     }
 }
@@ -181,10 +185,14 @@ pub async fn start(
         .map_err(|e| NetError::Transport(e.to_string()))?
         .with_relay_client(security(), crate::mux::config)
         .map_err(|e| NetError::Transport(e.to_string()))?
-        .with_behaviour(|key, relay_client| Behaviour::new(key, relay_client, &nat))
+        .with_behaviour(|key, relay_client| Behaviour::new(key, relay_client, &nat, config.inbound))
         .map_err(|e| NetError::Transport(e.to_string()))?
         // Tunnels and gossip keep connections busy; an idle one is cheap to keep.
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(Duration::from_secs(3600))
+                // Streams being negotiated hold what their peer sent.
+                .with_max_negotiating_inbound_streams(crate::mux::MAX_NEGOTIATING_STREAMS)
+        })
         .build();
     for addr in &config.listen {
         refuse_if_taken(addr)?;

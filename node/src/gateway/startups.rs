@@ -44,11 +44,14 @@ pub(crate) struct Startup {
 impl StartupGate {
     pub(crate) fn new(c: &GatewayConfig) -> Self {
         StartupGate {
-            table: ConnTable::new(ConnLimits {
-                global: c.startups.full,
-                per_source: c.startups_per_source,
-                reserve: 0,
-            }),
+            table: ConnTable::new(
+                ConnLimits {
+                    global: c.startups.full,
+                    per_source: c.startups_per_source,
+                    reserve: 0,
+                },
+                "unauthenticated connections",
+            ),
             pace: RateLimiter::new(c.connect_rate),
             startups: c.startups,
             grace: c.auth_grace,
