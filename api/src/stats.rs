@@ -25,9 +25,9 @@ pub struct ApiStats {
 
 /// Keeps `tunnels_active` incremented while alive.
 #[derive(Debug)]
-pub(crate) struct TunnelGuard(Arc<ApiStats>);
+pub(crate) struct OpenTunnelGauge(Arc<ApiStats>);
 
-impl Drop for TunnelGuard {
+impl Drop for OpenTunnelGauge {
     fn drop(&mut self) {
         self.0.tunnels_active.fetch_sub(1, Ordering::Relaxed);
     }
@@ -91,10 +91,10 @@ impl ApiStats {
         self.bodies_too_large.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn tunnel_opened(self: &Arc<Self>) -> TunnelGuard {
+    pub(crate) fn tunnel_opened(self: &Arc<Self>) -> OpenTunnelGauge {
         self.tunnels_total.fetch_add(1, Ordering::Relaxed);
         self.tunnels_active.fetch_add(1, Ordering::Relaxed);
-        TunnelGuard(self.clone())
+        OpenTunnelGauge(self.clone())
     }
 
     pub(crate) fn record_tunnel_refusal(&self, status: u16) {

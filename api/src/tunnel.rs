@@ -37,7 +37,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 use xe_net::VmConn;
-use xe_net::tunnel::TunnelGuard;
+use xe_net::tunnel::RegisteredTunnel;
 use xe_store::{LeaseHash, Sig, now_secs};
 
 use crate::App;
@@ -239,7 +239,7 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
     // When this node is the lease's provider, the overlay cannot help (a
     // peer does not dial itself): validate and dial the VM in-process, and
     // register the tunnel where settlement tears provider tunnels down.
-    let (vm, token, registered): (Box<dyn VmConn>, CancellationToken, Option<TunnelGuard>) =
+    let (vm, token, registered): (Box<dyn VmConn>, CancellationToken, Option<RegisteredTunnel>) =
         match app
             .ctx
             .provider

@@ -48,14 +48,14 @@ pub const PIPE_BUFFER: usize = 256 * 1024;
 pub struct TunnelStream {
     inner: Compat<libp2p::Stream>,
     path: ConnPath,
-    _guard: Option<peers::TunnelGuard>,
+    _guard: Option<peers::PeerTunnelSlot>,
 }
 
 impl TunnelStream {
     pub(crate) fn new(
         inner: Compat<libp2p::Stream>,
         path: ConnPath,
-        guard: Option<peers::TunnelGuard>,
+        guard: Option<peers::PeerTunnelSlot>,
     ) -> Self {
         TunnelStream {
             inner,
@@ -231,7 +231,7 @@ pub struct TunnelRegistry {
 }
 
 /// Removes a tunnel from the registry when dropped.
-pub struct TunnelGuard {
+pub struct RegisteredTunnel {
     registry: TunnelRegistry,
     lease: LeaseHash,
     id: u64,
@@ -239,7 +239,7 @@ pub struct TunnelGuard {
     pub token: CancellationToken,
 }
 
-impl Drop for TunnelGuard {
+impl Drop for RegisteredTunnel {
     fn drop(&mut self) {
         let mut m = self
             .registry
@@ -257,7 +257,7 @@ impl Drop for TunnelGuard {
 
 impl TunnelRegistry {
     /// Register a tunnel for `lease`, as a child of `parent`.
-    pub fn register(&self, lease: LeaseHash, parent: &CancellationToken) -> TunnelGuard {
+    pub fn register(&self, lease: LeaseHash, parent: &CancellationToken) -> RegisteredTunnel {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let token = parent.child_token();
         self.inner
@@ -266,7 +266,7 @@ impl TunnelRegistry {
             .entry(lease)
             .or_default()
             .insert(id, token.clone());
-        TunnelGuard {
+        RegisteredTunnel {
             registry: self.clone(),
             lease,
             id,

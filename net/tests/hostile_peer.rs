@@ -239,3 +239,133 @@ async fn one_address_holds_only_its_share_of_connections() {
     wait_peers(&honest, 1).await;
     drop(held);
 }
+
+/// This process's resident memory, in MiB.
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb / 1024.0
+}
+
+/// The attack BENCHMARKS.md measures: from 127.0.0.2, `CONNS` connections,
+/// each opening streams that stall negotiation (one byte of a 19-byte
+/// header) until the node negotiates no more, then streams that each
+/// send a full initial window (256 KiB) and are never read. Prints what
+/// the node (this process) holds. Bounded: `CONNS` × 600 streams, 20 s.
+///
+/// `cargo test --release -p xe-net --test hostile_peer -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints memory, asserts nothing"]
+async fn bench_memory_a_peer_pins_with_unread_streams() {
+    use libp2p::core::Transport;
+    use libp2p::core::muxing::StreamMuxerExt;
+    const CONNS: usize = 32;
+    const SILENT: usize = 130;
+    const FILLED: usize = 470;
+    let target = node(vec![]).await;
+    let addr = target
+        .net
+        .p2p_addrs()
+        .await
+        .expect("addrs")
+        .into_iter()
+        .find(|a| {
+            !a.iter()
+                .any(|p| matches!(p, xe_net::libp2p_protocol::QuicV1))
+        })
+        .expect("a TCP address");
+    let before = rss_mib();
+    let started = std::time::Instant::now();
+    let mut held = Vec::new();
+    let (mut kept, mut refused) = (0, 0);
+    for _ in 0..CONNS {
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let mut t = FromSecondAddress
+            .upgrade(libp2p::core::upgrade::Version::V1)
+            .authenticate(libp2p::noise::Config::new(&key).expect("noise"))
+            .multiplex(xe_net::mux::config());
+        let dial = t
+            .dial(
+                addr.clone(),
+                libp2p::core::transport::DialOpts {
+                    role: libp2p::core::Endpoint::Dialer,
+                    port_use: libp2p::core::transport::PortUse::New,
+                },
+            )
+            .expect("dial");
+        let Ok(Ok((_, mut muxer))) = tokio::time::timeout(Duration::from_secs(5), dial).await
+        else {
+            refused += 1;
+            continue;
+        };
+        let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        held.push(tokio::spawn(async move {
+            let mut opened = 0;
+            std::future::poll_fn(|cx| {
+                loop {
+                    if let std::task::Poll::Ready(Err(_)) = muxer.poll_unpin(cx) {
+                        return std::task::Poll::Ready(());
+                    }
+                    if opened == SILENT + FILLED {
+                        return std::task::Poll::Pending;
+                    }
+                    let std::task::Poll::Ready(r) = muxer.poll_outbound_unpin(cx) else {
+                        return std::task::Poll::Pending;
+                    };
+                    let Ok(mut s) = r else {
+                        return std::task::Poll::Ready(());
+                    };
+                    // One buffer for all: what the attacker holds is not
+                    // what the node holds.
+                    static WINDOW: [u8; 256 * 1024] = [0x5a; 256 * 1024];
+                    let body: &'static [u8] = if opened < SILENT { &[19u8] } else { &WINDOW };
+                    let sent = sent_tx.clone();
+                    tokio::spawn(async move {
+                        use futures::AsyncWriteExt;
+                        if s.write_all(body).await.is_ok() && s.flush().await.is_ok() {
+                            let _ = sent.send(());
+                        }
+                        // Hold the stream; never read.
+                        std::future::pending::<()>().await;
+                    });
+                    opened += 1;
+                }
+            })
+            .await;
+        }));
+        // Until this connection's writes went out or it was closed.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut n = 0;
+            while sent_rx.recv().await.is_some() {
+                n += 1;
+                if n == SILENT + FILLED {
+                    break;
+                }
+            }
+        })
+        .await;
+        if started.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+    }
+    let after = rss_mib();
+    for h in &held {
+        if h.is_finished() {
+            refused += 1;
+        } else {
+            kept += 1;
+        }
+    }
+    println!(
+        "connections from one address: {kept} kept, {refused} refused; node RSS {before:.1} → {after:.1} MiB (+{:.1} MiB) in {:.1} s",
+        after - before,
+        started.elapsed().as_secs_f64()
+    );
+    for h in held {
+        h.abort();
+    }
+}

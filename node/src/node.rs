@@ -172,7 +172,7 @@ pub enum NodeError {
     },
     /// Gateway failure.
     #[error("ssh gateway: {0}")]
-    Gateway(String),
+    Gateway(#[from] crate::gateway::GatewayError),
     /// The ledger retention window cannot be used.
     #[error(transparent)]
     Retention(#[from] xe_store::WindowTooShort),

@@ -28,6 +28,15 @@ pub struct Capacity {
     pub max_disk_gb: u64,
 }
 
+/// Why [`Provider::reserve`] did not reserve.
+#[derive(Debug)]
+enum Unreserved {
+    /// This node holds the lease already.
+    AlreadyHeld,
+    /// It does not fit; the public reason.
+    OverCapacity(String),
+}
+
 impl Default for Capacity {
     fn default() -> Self {
         Capacity {
@@ -197,11 +206,23 @@ impl Provider {
     }
 
     /// Reserve capacity for `req`, or say why not.
-    fn reserve(&self, req: &ProvisionRequest) -> Result<(), String> {
+    fn reserve(&self, req: &ProvisionRequest) -> Result<(), Unreserved> {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         if held.contains_key(&req.lease) {
-            return Err("already held".into());
+            return Err(Unreserved::AlreadyHeld);
         }
+        self.fits(&held, req).map_err(Unreserved::OverCapacity)?;
+        held.insert(req.lease, req.clone());
+        Ok(())
+    }
+
+    /// Whether `req` fits beside `held`; the reason is public (it goes
+    /// into the decline).
+    fn fits(
+        &self,
+        held: &HashMap<LeaseHash, ProvisionRequest>,
+        req: &ProvisionRequest,
+    ) -> Result<(), String> {
         let c = &self.capacity;
         let vcpus: u32 = held.values().map(|r| r.vcpus).sum::<u32>() + req.vcpus;
         let mem: u64 =
@@ -233,7 +254,6 @@ impl Provider {
                 c.max_disk_gb
             ));
         }
-        held.insert(req.lease, req.clone());
         Ok(())
     }
 
@@ -248,11 +268,14 @@ impl Provider {
     /// Provision the VM for a created lease and publish the accept.
     async fn take(self: &Arc<Self>, net: &NetHandle, rec: LeaseRecord) {
         let req = Self::request(&rec);
-        if let Err(reason) = self.reserve(&req) {
-            if reason != "already held" {
+        match self.reserve(&req) {
+            Ok(()) => {}
+            // Taken already (a repeated change): nothing to do.
+            Err(Unreserved::AlreadyHeld) => return,
+            Err(Unreserved::OverCapacity(reason)) => {
                 self.decline(net, &rec.hash, &reason, reason.clone()).await;
+                return;
             }
-            return;
         }
         self.declined
             .lock()

@@ -10,7 +10,7 @@ use xe_net::{NetHandle, TunnelError};
 use xe_store::{LeaseRecord, Store};
 
 use crate::gateway::{
-    Gateway, GatewayConfig, GatewayStats, TunnelDialError, TunnelDialer, TunnelStream,
+    Gateway, GatewayConfig, GatewayStats, TunnelDialError, TunnelDialer, VmStream,
 };
 use crate::node::{NodeConfig, NodeError, SshConfig};
 
@@ -31,7 +31,7 @@ impl NetDialer {
 
 #[async_trait::async_trait]
 impl TunnelDialer for NetDialer {
-    async fn open(&self, lease: &LeaseRecord) -> Result<TunnelStream, TunnelDialError> {
+    async fn open(&self, lease: &LeaseRecord) -> Result<VmStream, TunnelDialError> {
         let provider = lease.lease.provider;
         if let Some(p) = self.local.as_ref().filter(|p| p.address() == provider) {
             let s = p
@@ -80,8 +80,7 @@ pub(crate) async fn start_gateway(
         store.clone(),
         Arc::new(NetDialer::new(net.clone(), local)),
         stats.clone(),
-    )
-    .map_err(|e| NodeError::Gateway(e.to_string()))?;
+    )?;
     let listener = tokio::net::TcpListener::bind(ssh.listen)
         .await
         .map_err(|source| NodeError::Io {

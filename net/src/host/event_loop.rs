@@ -25,7 +25,7 @@ use crate::nat::RELAY_RETRY_INTERVAL;
 pub(super) struct EventLoop {
     pub(super) swarm: Swarm<Behaviour>,
     pub(super) cmd_rx: mpsc::Receiver<Command>,
-    /// Peers whose last tunnel ended (see [`super::peers::TunnelGuard`]).
+    /// Peers whose last tunnel ended (see [`super::peers::PeerTunnelSlot`]).
     pub(super) idle_rx: mpsc::Receiver<PeerId>,
     pub(super) peers: Peers,
     pub(super) dial: Dialer,

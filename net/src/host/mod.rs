@@ -240,7 +240,7 @@ pub async fn start(
         relay_addrs: Vec::new(),
     });
     let (conn_tx, conn_rx) = watch::channel(0u64);
-    // Peers whose last tunnel ended, from `TunnelGuard`s; as deep as the
+    // Peers whose last tunnel ended, from `PeerTunnelSlot`s; as deep as the
     // command queue this once shared. When it is full the relay tick
     // catches up.
     let (idle_tx, idle_rx) = mpsc::channel(256);

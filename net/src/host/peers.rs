@@ -118,14 +118,14 @@ impl PeerTunnels {
     }
 
     /// Count an inbound tunnel: its stream exists already.
-    pub(crate) fn enter(&self, peer: PeerId) -> TunnelGuard {
+    pub(crate) fn enter(&self, peer: PeerId) -> PeerTunnelSlot {
         *self
             .counts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(peer)
             .or_default() += 1;
-        TunnelGuard {
+        PeerTunnelSlot {
             tunnels: self.clone(),
             peer,
         }
@@ -133,7 +133,7 @@ impl PeerTunnels {
 
     /// Count an outbound tunnel, unless `peer` is at the limit; checked and
     /// counted under one lock, so a burst of opens cannot overshoot it.
-    pub(super) fn try_enter(&self, peer: PeerId) -> Result<TunnelGuard, TooManyTunnels> {
+    pub(super) fn try_enter(&self, peer: PeerId) -> Result<PeerTunnelSlot, TooManyTunnels> {
         let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(peer).or_default();
         if *n >= self.limit {
@@ -143,7 +143,7 @@ impl PeerTunnels {
             });
         }
         *n += 1;
-        Ok(TunnelGuard {
+        Ok(PeerTunnelSlot {
             tunnels: self.clone(),
             peer,
         })
@@ -152,12 +152,12 @@ impl PeerTunnels {
 
 /// One tunnel with `peer`; when the last one ends the event loop is told,
 /// so it can close connections that a better one made redundant.
-pub(crate) struct TunnelGuard {
+pub(crate) struct PeerTunnelSlot {
     tunnels: PeerTunnels,
     peer: PeerId,
 }
 
-impl Drop for TunnelGuard {
+impl Drop for PeerTunnelSlot {
     fn drop(&mut self) {
         let mut m = self
             .tunnels
@@ -200,7 +200,7 @@ pub(super) struct Conn {
 pub(super) struct Peers {
     /// Open connections per peer.
     connections: HashMap<PeerId, HashMap<ConnectionId, Conn>>,
-    /// Tunnels with each peer, either direction (see [`TunnelGuard`]).
+    /// Tunnels with each peer, either direction (see [`PeerTunnelSlot`]).
     tunnels: PeerTunnels,
     /// Peers whose relayed connections are to be closed once their last
     /// tunnel ends (DCUtR found a direct path).

@@ -26,7 +26,7 @@ use super::Shared;
 use super::auth;
 use super::pump::{Prelude, PumpEnd, pump};
 use super::stats::ActiveGuard;
-use super::tunnel::TunnelStream;
+use super::tunnel::VmStream;
 
 /// Most `env` requests kept per session; more are ignored.
 const MAX_ENV_VARS: usize = 64;
@@ -74,7 +74,7 @@ impl ChannelCtx {
 
 /// Open the lease's tunnel, bounded by the configured timeout. The error is
 /// the one-line reason.
-pub(crate) async fn open_tunnel(ctx: &ChannelCtx) -> Result<(TunnelStream, ActiveGuard), String> {
+pub(crate) async fn open_tunnel(ctx: &ChannelCtx) -> Result<(VmStream, ActiveGuard), String> {
     let limit = ctx.shared.config.tunnel_open_timeout;
     let res = tokio::time::timeout(limit, ctx.shared.dialer.open(&ctx.lease)).await;
     let reason = match res {

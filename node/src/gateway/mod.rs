@@ -77,7 +77,7 @@ pub mod tunnel;
 
 pub use hostkey::{HOST_KEY_FILE, host_key_fingerprint, load_or_create_host_key};
 pub use stats::{AuthFailure, ConnectionRefusal, GatewayStats, GatewayStatsSnapshot};
-pub use tunnel::{AsyncReadWrite, TunnelDialError, TunnelDialer, TunnelStream};
+pub use tunnel::{TunnelDialError, TunnelDialer, VmStream};
 
 /// The seed's `maxSSHConnections`: authenticated sessions.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100;
@@ -552,18 +552,3 @@ const GATEWAY_CIPHERS: &[russh::cipher::Name] = &[
     russh::cipher::AES_256_CTR,
     russh::cipher::AES_128_CTR,
 ];
-
-/// Run a gateway on `listener` until `shutdown` is cancelled (see
-/// [`Gateway::run`]).
-pub async fn run(
-    listener: TcpListener,
-    config: GatewayConfig,
-    store: Store,
-    dialer: Arc<dyn TunnelDialer>,
-    stats: Arc<GatewayStats>,
-    shutdown: CancellationToken,
-) -> Result<(), GatewayError> {
-    Gateway::new(config, store, dialer, stats)?
-        .run(listener, shutdown)
-        .await
-}

@@ -15,7 +15,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use xe_net::tunnel::AdaptiveBuffer;
 
 use super::stats::GatewayStats;
-use super::tunnel::TunnelStream;
+use super::tunnel::VmStream;
 
 /// Copy buffer for tunnel → channel at its largest. russh cuts a write into
 /// packets of the client's maximum size (32 KiB for OpenSSH) and its
@@ -171,7 +171,7 @@ async fn wait_opt(rd: &mut Option<ChannelReadHalf>) -> Option<ChannelMsg> {
 /// the caller can send an exit status and close it.
 pub(crate) async fn pump(
     channel: russh::Channel<Msg>,
-    tunnel: TunnelStream,
+    tunnel: VmStream,
     prelude: Prelude,
     stats: Arc<GatewayStats>,
     token: &CancellationToken,

@@ -3,17 +3,11 @@
 //! wraps `xe-net`'s `/xe/tunnel/2.0.0` client); tests connect to a local
 //! `sshd` over TCP.
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use xe_store::LeaseRecord;
 
-/// Any tokio byte stream. Blanket-implemented; exists so that
-/// [`TunnelStream`] can be a single trait object.
-pub trait AsyncReadWrite: AsyncRead + AsyncWrite {}
-
-impl<T: AsyncRead + AsyncWrite + ?Sized> AsyncReadWrite for T {}
-
-/// A byte pipe to a lease's VM sshd, already past any tunnel handshake.
-pub type TunnelStream = Box<dyn AsyncReadWrite + Send + Unpin>;
+/// A byte pipe to a lease's VM sshd, already past any tunnel handshake:
+/// the provider's own [`xe_net::VmConn`], boxed.
+pub type VmStream = Box<dyn xe_net::VmConn>;
 
 /// Why a tunnel could not be opened: a one-line reason meant for the
 /// consumer's terminal and the gateway log, e.g. `provider 1a2b3c4d not
@@ -63,7 +57,7 @@ pub trait TunnelDialer: Send + Sync + 'static {
     /// Open a byte pipe to the lease's VM sshd (via the provider). The
     /// error carries a one-line human reason, e.g. `provider 1a2b3c4d not
     /// found in directory` or `provider refused: lease settled`.
-    async fn open(&self, lease: &LeaseRecord) -> Result<TunnelStream, TunnelDialError>;
+    async fn open(&self, lease: &LeaseRecord) -> Result<VmStream, TunnelDialError>;
 }
 
 #[cfg(test)]

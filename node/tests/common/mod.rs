@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio_util::sync::CancellationToken;
 use xe_node::gateway::{
-    Gateway, GatewayConfig, GatewayError, GatewayStats, TunnelDialError, TunnelDialer, TunnelStream,
+    Gateway, GatewayConfig, GatewayError, GatewayStats, TunnelDialError, TunnelDialer, VmStream,
 };
 use xe_store::{
     AccessPubKey, Lease, LeaseEvent, LeaseHash, LeaseKey, LeaseRecord, Store, Wallet, now_secs,
@@ -218,10 +218,10 @@ pub struct TcpDialer(pub SocketAddr);
 
 #[async_trait::async_trait]
 impl TunnelDialer for TcpDialer {
-    async fn open(&self, _lease: &LeaseRecord) -> Result<TunnelStream, TunnelDialError> {
+    async fn open(&self, _lease: &LeaseRecord) -> Result<VmStream, TunnelDialError> {
         TcpStream::connect(self.0)
             .await
-            .map(|s| Box::new(s) as TunnelStream)
+            .map(|s| Box::new(s) as VmStream)
             .map_err(|e| TunnelDialError::new(format!("vm sshd at {}: {e}", self.0)))
     }
 }
@@ -231,7 +231,7 @@ pub struct FailingDialer(pub &'static str);
 
 #[async_trait::async_trait]
 impl TunnelDialer for FailingDialer {
-    async fn open(&self, _lease: &LeaseRecord) -> Result<TunnelStream, TunnelDialError> {
+    async fn open(&self, _lease: &LeaseRecord) -> Result<VmStream, TunnelDialError> {
         Err(TunnelDialError::new(self.0))
     }
 }
