@@ -74,6 +74,12 @@ pub struct NodeArgs {
     /// Most tunnels (SSH sessions) served at once across all leases.
     #[arg(long, default_value_t = 1024, value_parser = at_least_one())]
     pub max_tunnels: usize,
+    /// Most p2p connections one address (an IPv4 address, an IPv6 /64)
+    /// may hold to this node (1-4096). Raise it when many nodes share one
+    /// NAT address and all connect here.
+    #[arg(long, default_value_t = xe_net::inbound::MAX_ESTABLISHED_PER_SOURCE,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    pub p2p_max_connections_per_source: usize,
     /// Cipher of the overlay's TCP and relayed connections: `aes-gcm`
     /// (offered first, standard ChaCha20 noise for peers without it) or
     /// `chacha20` (standard libp2p noise only).
@@ -231,6 +237,7 @@ impl NodeArgs {
         cfg.handshake_timeout = Duration::from_secs(self.handshake_timeout);
         cfg.announce_interval = Duration::from_secs(self.announce_interval);
         cfg.max_tunnels = self.max_tunnels;
+        cfg.p2p_inbound.established_per_source = self.p2p_max_connections_per_source;
         cfg.ledger_retention = Duration::from_secs(self.ledger_retention_days * 86_400);
         cfg.overlay_cipher = self.overlay_cipher;
         if self.provide {

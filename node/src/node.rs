@@ -122,6 +122,8 @@ pub struct NodeConfig {
     pub overlay_cipher: xe_net::OverlayCipher,
     /// How long an ended lease stays in the store (see `xe_store::retention`).
     pub ledger_retention: Duration,
+    /// Caps on inbound p2p connections, per source and per peer.
+    pub p2p_inbound: xe_net::inbound::InboundCaps,
 }
 
 impl NodeConfig {
@@ -143,6 +145,7 @@ impl NodeConfig {
             max_tunnels: xe_net::tunnel::TunnelServerConfig::default().max_tunnels,
             overlay_cipher: xe_net::OverlayCipher::default(),
             ledger_retention: Duration::from_secs(xe_store::DEFAULT_RETENTION_SECS),
+            p2p_inbound: xe_net::inbound::InboundCaps::default(),
         }
     }
 }
@@ -262,6 +265,7 @@ impl Node {
         net_cfg.announce_interval = cfg.announce_interval;
         net_cfg.nat = cfg.nat.clone();
         net_cfg.overlay_cipher = cfg.overlay_cipher;
+        net_cfg.inbound = cfg.p2p_inbound;
         if let Some(p) = &provider {
             net_cfg.announce = Some(wallet.clone());
             net_cfg.validator = Some(p.clone() as Arc<dyn xe_net::TunnelValidator>);
