@@ -266,6 +266,7 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
         };
 
     let guard = app.stats.tunnel_opened();
+    let store = app.ctx.store.clone();
     let up = app.stats.bytes_client_to_vm.clone();
     let down = app.stats.bytes_vm_to_client.clone();
     let span =
@@ -291,9 +292,18 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
             };
             // The same copy loop as provider tunnels: buffers grow only
             // while bulk data flows, so idle tunnels stay small.
-            let copied = xe_net::tunnel::pipe(&mut client, &mut vm, &token).await;
+            // The lease's end closes the tunnel here too, whichever path
+            // it took (the provider closes its side; this one must not wait
+            // for that).
+            let copied = tokio::select! {
+                r = xe_net::tunnel::pipe(&mut client, &mut vm, &token) => r,
+                why = store.until_inactive(&lease) => {
+                    info!(lease_is = %why, "HTTP tunnel closed: the lease ended");
+                    return;
+                }
+            };
             if token.is_cancelled() {
-                info!("HTTP tunnel closed: the lease ended or the node is stopping");
+                info!("HTTP tunnel closed: the node is stopping");
                 return;
             }
             match copied {

@@ -223,7 +223,9 @@ pub trait TunnelValidator: Send + Sync + 'static {
     async fn dial_ssh(&self, lease: &LeaseHash) -> Result<Box<dyn VmConn>, String>;
 }
 
-/// Active tunnels per lease, so settlement can tear them down.
+/// Open tunnels per lease (what `/metrics` and tests count). Each tunnel
+/// ends itself when its lease does (`Store::until_inactive`); its token
+/// is a child of the node's, so shutdown ends it too.
 #[derive(Default, Clone)]
 pub struct TunnelRegistry {
     inner: Arc<Mutex<HashMap<LeaseHash, HashMap<u64, CancellationToken>>>>,
@@ -272,20 +274,6 @@ impl TunnelRegistry {
             id,
             token,
         }
-    }
-
-    /// Close every tunnel of `lease`; returns how many were open.
-    pub fn close_tunnels_for_lease(&self, lease: &LeaseHash) -> usize {
-        let set = self
-            .inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(lease);
-        let n = set.as_ref().map_or(0, HashMap::len);
-        for t in set.into_iter().flat_map(HashMap::into_values) {
-            t.cancel();
-        }
-        n
     }
 
     /// Open tunnels for one lease.
@@ -453,6 +441,7 @@ pub(crate) async fn serve(
     mut control: libp2p_stream::Control,
     validator: Arc<dyn TunnelValidator>,
     registry: TunnelRegistry,
+    store: xe_store::Store,
     config: TunnelServerConfig,
     tunnels: PeerTunnels,
     cancel: CancellationToken,
@@ -488,6 +477,7 @@ pub(crate) async fn serve(
         let slots = slots.clone();
         let validator = validator.clone();
         let registry = registry.clone();
+        let store = store.clone();
         let cfg = config.clone();
         let cancel = cancel.clone();
         let guard = tunnels.enter(peer);
@@ -506,6 +496,7 @@ pub(crate) async fn serve(
                     peer,
                     validator,
                     registry,
+                    store,
                     slots,
                     cfg,
                     cancel,
@@ -538,6 +529,8 @@ struct Served {
     peer: PeerId,
     validator: Arc<dyn TunnelValidator>,
     registry: TunnelRegistry,
+    /// Whose [`xe_store::Store::until_inactive`] ends the tunnel.
+    store: xe_store::Store,
     /// [`TunnelServerConfig::max_tunnels`].
     slots: Arc<Semaphore>,
     cfg: TunnelServerConfig,
@@ -555,6 +548,7 @@ async fn handle_stream(
         peer,
         validator,
         registry,
+        store,
         slots,
         cfg,
         cancel,
@@ -597,15 +591,23 @@ async fn handle_stream(
         }
         let guard = registry.register(lease, &cancel);
         info!("tunnel open");
-        let r = pipe(&mut stream, &mut vm, &guard.token).await;
-        if guard.token.is_cancelled() {
-            // Closed by settlement or shutdown: end the stream cleanly so the
-            // client sees EOF rather than a reset.
+        // The lease's end closes the tunnel: the store wakes this when a
+        // settle, cancel or decline is written, and at the expiry time.
+        let (r, ended) = tokio::select! {
+            r = pipe(&mut stream, &mut vm, &guard.token) => (r, None),
+            why = store.until_inactive(&lease) => (Ok((0, 0)), Some(why)),
+        };
+        if ended.is_some() || guard.token.is_cancelled() {
+            // Closed by the lease's end or shutdown: end the stream cleanly
+            // so the client sees EOF rather than a reset.
             let _ = tokio::time::timeout(Duration::from_secs(2), stream.shutdown()).await;
         }
-        match r {
-            Ok((up, down)) => info!(bytes_to_vm = up, bytes_from_vm = down, "tunnel closed"),
-            Err(e) => info!("tunnel ended: {e}"),
+        match (r, ended) {
+            (_, Some(why)) => info!(lease_is = %why, "lease ended; tunnel closed"),
+            (Ok((up, down)), None) => {
+                info!(bytes_to_vm = up, bytes_from_vm = down, "tunnel closed")
+            }
+            (Err(e), None) => info!("tunnel ended: {e}"),
         }
     }
     .instrument(span)

@@ -259,7 +259,7 @@ async fn silent_and_short_handshakes_are_cut_at_the_deadline() {
 }
 
 #[tokio::test]
-async fn close_tunnels_for_lease_gives_the_client_eof() {
+async fn settling_the_lease_gives_the_client_eof() {
     let p = pair(echo_backend().await, Duration::from_secs(30)).await;
     let lease = accepted_lease(&p.provider.store, &p.consumer, &p.provider_wallet, 5);
     let mut t = p.open(&lease).await.expect("tunnel");
@@ -267,7 +267,14 @@ async fn close_tunnels_for_lease_gives_the_client_eof() {
     let mut buf = [0u8; 4];
     t.read_exact(&mut buf).await.expect("echo");
     assert_eq!(p.provider.net.registry().count_for(&lease), 1);
-    assert_eq!(p.provider.net.registry().close_tunnels_for_lease(&lease), 1);
+    p.provider
+        .store
+        .apply_event(&xe_store::LeaseEvent::settle(
+            &p.consumer,
+            lease,
+            xe_store::now_secs(),
+        ))
+        .expect("settle");
     let mut rest = Vec::new();
     let n = tokio::time::timeout(Duration::from_secs(10), t.read_to_end(&mut rest))
         .await

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, warn};
-use xe_net::{NetHandle, PeerId, TunnelRegistry, TunnelValidator, VmConn};
+use xe_net::{NetHandle, PeerId, TunnelValidator, VmConn};
 use xe_store::{Inactive, LeaseEvent, LeaseHash, LeaseRecord, LeaseState, Store, Wallet, now_secs};
 use xe_vm::{ProvisionRequest, VmManager};
 
@@ -66,7 +66,6 @@ pub struct Provider {
     /// Leases we hold resources for (provisioning or running).
     held: Mutex<HashMap<LeaseHash, ProvisionRequest>>,
     declined: Mutex<HashMap<LeaseHash, String>>,
-    registry: Mutex<Option<TunnelRegistry>>,
     /// Becomes true once start-up recovery has run. The network serves
     /// tunnels before that (so a restart is not held up by a slow backend),
     /// and a tunnel that arrives meanwhile must wait rather than be told
@@ -96,7 +95,6 @@ impl Provider {
             capacity,
             held: Mutex::new(HashMap::new()),
             declined: Mutex::new(HashMap::new()),
-            registry: Mutex::new(None),
             recovered: tokio::sync::watch::Sender::new(false),
         })
     }
@@ -341,17 +339,11 @@ impl Provider {
         }
     }
 
-    /// Close tunnels and tear the VM down for a lease that ended.
+    /// Tear the VM down for a lease that ended. Its tunnels close on
+    /// their own (each waits on `Store::until_inactive`).
     async fn end(&self, lease: &LeaseHash, state: LeaseState) {
-        let closed = self
-            .registry
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map_or(0, |r| r.close_tunnels_for_lease(lease));
-        let held = self.release(lease);
-        if held || closed > 0 {
-            info!(%state, tunnels_closed = closed, "lease ended; tearing VM down");
+        if self.release(lease) {
+            info!(%state, "lease ended; tearing VM down");
         }
         if let Err(e) = self.vm.teardown(lease).await {
             warn!("teardown failed: {e}");
@@ -361,7 +353,6 @@ impl Provider {
     /// Run the provider until `cancel`: recover VMs, take pending leases,
     /// react to every lease change, and expire leases on time.
     pub async fn run(self: Arc<Self>, net: NetHandle, cancel: CancellationToken) {
-        *self.registry.lock().unwrap_or_else(|p| p.into_inner()) = Some(net.registry().clone());
         // Subscribe before scanning so nothing is missed in between.
         let mut changes = self.store.subscribe();
         let mine = self.my_leases();

@@ -153,6 +153,7 @@ impl Store {
             self.inner.db.flush()?;
         }
         for c in changes {
+            self.inner.watchers.changed(&c.lease);
             // No receivers is fine.
             let _ = self.inner.changes.send(c);
         }

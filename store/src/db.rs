@@ -110,6 +110,8 @@ pub(crate) struct Inner {
     pub(crate) apply_lock: Mutex<()>,
     pub(crate) changes: broadcast::Sender<LeaseChange>,
     directory_changes: broadcast::Sender<AccountAddress>,
+    /// Who waits for which lease to end ([`Store::until_inactive`]).
+    pub(crate) watchers: crate::watch::Watchers,
 }
 
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(
@@ -208,6 +210,7 @@ impl Store {
                 apply_lock: Mutex::new(()),
                 changes,
                 directory_changes,
+                watchers: Default::default(),
             }),
         };
         crate::migrate::from_trees(&store)?;

@@ -36,6 +36,7 @@ pub mod record;
 pub mod retention;
 pub mod syncset;
 pub mod wallet;
+mod watch;
 
 pub use apply::Verified;
 pub use db::{Applied, LeaseChange, Store, StoreError};

@@ -278,6 +278,7 @@ pub async fn start(
             control.clone(),
             validator,
             registry,
+            store.clone(),
             config.tunnel.clone(),
             tunnels.clone(),
             cancel.clone(),

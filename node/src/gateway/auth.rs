@@ -22,6 +22,17 @@ pub(crate) fn ed25519_bytes(key: &PublicKey) -> Result<[u8; 32], AuthFailure> {
         .ok_or(AuthFailure::WrongKeyType)
 }
 
+/// The refusal a lease that grants no access gets.
+pub(crate) fn failure_of(why: Inactive) -> AuthFailure {
+    match why {
+        Inactive::NotAccepted => AuthFailure::LeaseNotAccepted,
+        Inactive::Settled => AuthFailure::LeaseSettled,
+        Inactive::Cancelled => AuthFailure::LeaseCancelled,
+        Inactive::Declined => AuthFailure::LeaseDeclined,
+        Inactive::Expired => AuthFailure::LeaseExpired,
+    }
+}
+
 /// The lease behind `hash`, if it grants access now.
 pub(crate) fn active_lease(store: &Store, hash: &LeaseHash) -> Result<LeaseRecord, AuthFailure> {
     let rec = match store.lease(hash) {
@@ -32,13 +43,7 @@ pub(crate) fn active_lease(store: &Store, hash: &LeaseHash) -> Result<LeaseRecor
             return Err(AuthFailure::StoreError);
         }
     };
-    rec.access().map_err(|why| match why {
-        Inactive::NotAccepted => AuthFailure::LeaseNotAccepted,
-        Inactive::Settled => AuthFailure::LeaseSettled,
-        Inactive::Cancelled => AuthFailure::LeaseCancelled,
-        Inactive::Declined => AuthFailure::LeaseDeclined,
-        Inactive::Expired => AuthFailure::LeaseExpired,
-    })?;
+    rec.access().map_err(failure_of)?;
     if rec.lease.access_pub_key.0 == [0u8; 32] || !rec.lease.access_pub_key.is_valid_point() {
         return Err(AuthFailure::NoAccessKey);
     }

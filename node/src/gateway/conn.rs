@@ -21,15 +21,11 @@ use super::Shared;
 use super::auth::{self, loggable};
 use super::channel::{self, ChannelCtx, ChannelSlot};
 use super::refusal::{Refusals, Verdict};
-use super::registry::Registration;
 use super::stats::AuthFailure;
 
 /// What the handler tells the connection task when authentication succeeds.
 pub(crate) struct AuthInfo {
     pub(crate) lease: LeaseHash,
-    pub(crate) expires_at: Option<u64>,
-    /// Kept for the connection's life; dropping it unregisters.
-    _registration: Registration,
     /// One of `max_connections`, for the session's life.
     _session: tokio::sync::OwnedSemaphorePermit,
 }
@@ -37,12 +33,9 @@ pub(crate) struct AuthInfo {
 /// The russh handler of one connection.
 pub(crate) struct ConnHandler {
     shared: Arc<Shared>,
-    conn_id: u64,
     peer: SocketAddr,
     local: SocketAddr,
     span: Span,
-    /// Cancelled by the registry when the lease ends.
-    kill: CancellationToken,
     /// Parent of every channel task of this connection.
     channels_token: CancellationToken,
     auth_tx: Option<oneshot::Sender<AuthInfo>>,
@@ -61,11 +54,9 @@ impl ConnHandler {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         shared: Arc<Shared>,
-        conn_id: u64,
         peer: SocketAddr,
         local: SocketAddr,
         span: Span,
-        kill: CancellationToken,
         channels_token: CancellationToken,
         auth_tx: oneshot::Sender<AuthInfo>,
         handle_slot: Arc<OnceLock<russh::server::Handle>>,
@@ -73,11 +64,9 @@ impl ConnHandler {
         let max_keys = shared.config.max_auth_attempts;
         ConnHandler {
             shared,
-            conn_id,
             peer,
             local,
             span,
-            kill,
             channels_token,
             auth_tx: Some(auth_tx),
             pending: None,
@@ -213,16 +202,8 @@ impl Handler for ConnHandler {
             Ok(rec) => rec,
             Err(reason) => return Ok(self.reject_key(reason, user, key.public_key).await),
         };
-        // Register, then look again: a lease that ends before this line is
-        // caught by the second read, one that ends after it by the watcher.
-        let registration = self
-            .shared
-            .registry
-            .register(rec.hash, self.conn_id, self.kill.clone());
-        let rec = match auth::active_lease(&self.shared.store, &rec.hash) {
-            Ok(rec) => rec,
-            Err(reason) => return Ok(self.reject_key(reason, user, key.public_key).await),
-        };
+        // A lease that ends from here on is seen by the connection task's
+        // `Store::until_inactive`, whose first read is after this one.
         // Sessions are capped here, not at accept: connections that never
         // authenticate must not take a session's place.
         let Ok(session) = self.shared.sessions.clone().try_acquire_owned() else {
@@ -239,8 +220,6 @@ impl Handler for ConnHandler {
         };
         self.pending = Some(AuthInfo {
             lease: rec.hash,
-            expires_at: rec.expires_at(),
-            _registration: registration,
             _session: session,
         });
         self.lease = Some(rec);

@@ -3,10 +3,12 @@
 //! time without authentication, the lease ending or expiring, shutdown —
 //! and closing the connection with a reason.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use russh::Disconnect;
 use tokio::net::TcpStream;
@@ -14,6 +16,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, info};
+use xe_store::Inactive;
 
 use super::Shared;
 use super::auth;
@@ -27,10 +30,6 @@ use super::stats::ConnectionRefusal;
 /// inside the promise that an ended lease's connections close within 1 s.
 const DISCONNECT_GRACE: Duration = Duration::from_millis(250);
 
-/// Longest wait armed for a lease's expiry; re-armed when reached. Keeps
-/// `Instant` arithmetic far from overflow for absurd expiry times.
-const MAX_EXPIRY_WAIT: Duration = Duration::from_secs(24 * 3600);
-
 /// Why the connection task ended the connection.
 #[derive(Debug)]
 enum End {
@@ -38,15 +37,6 @@ enum End {
     GraceExpired,
     LeaseEnded(&'static str),
     Shutdown,
-}
-
-/// An `Instant` for a unix time in seconds (now, if it has passed).
-fn instant_for_unix(secs: u64) -> Instant {
-    let target = UNIX_EPOCH + Duration::from_secs(secs);
-    let wait = target
-        .duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO);
-    Instant::now() + wait.min(MAX_EXPIRY_WAIT)
 }
 
 /// Serve one accepted TCP connection until it ends. Holds its `startup`
@@ -61,7 +51,7 @@ pub(crate) async fn serve(
 ) {
     let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("ssh", conn = conn_id, %peer, lease = tracing::field::Empty);
-    serve_inner(shared, tcp, peer, startup, shutdown, conn_id, span.clone())
+    serve_inner(shared, tcp, peer, startup, shutdown, span.clone())
         .instrument(span)
         .await;
 }
@@ -72,7 +62,6 @@ async fn serve_inner(
     peer: SocketAddr,
     startup: Startup,
     shutdown: CancellationToken,
-    conn_id: u64,
     span: Span,
 ) {
     let grace = startup.grace;
@@ -92,18 +81,15 @@ async fn serve_inner(
     // session task; the guard does it whenever this function returns.
     let transport = CancellationToken::new();
     let _transport_guard = transport.clone().drop_guard();
-    let kill = CancellationToken::new();
     let channels_token = shutdown.child_token();
     let _channels_guard = channels_token.clone().drop_guard();
     let (auth_tx, mut auth_rx) = oneshot::channel();
     let handle_slot = Arc::new(OnceLock::new());
     let handler = ConnHandler::new(
         shared.clone(),
-        conn_id,
         peer,
         local,
         span,
-        kill.clone(),
         channels_token.clone(),
         auth_tx,
         handle_slot.clone(),
@@ -166,14 +152,18 @@ async fn serve_inner(
 
     let mut authed: Option<AuthInfo> = None;
     let mut auth_pending = true;
-    let mut expiry: Option<Instant> = None;
+    // Once authenticated: ends when the lease stops granting access
+    // (settled, cancelled, declined, or its time is up).
+    let mut lease_end: Option<Pin<Box<dyn Future<Output = Inactive> + Send>>> = None;
     let end = loop {
         tokio::select! {
             r = &mut session => break End::Closed(r.err().map(|e| e.to_string())),
             a = &mut auth_rx, if auth_pending => {
                 auth_pending = false;
                 if let Ok(info) = a {
-                    expiry = info.expires_at.map(instant_for_unix);
+                    let store = shared.store.clone();
+                    let lease = info.lease;
+                    lease_end = Some(Box::pin(async move { store.until_inactive(&lease).await }));
                     authed = Some(info);
                     // A session now (it holds a session slot): no longer
                     // one of the unauthenticated.
@@ -181,26 +171,8 @@ async fn serve_inner(
                 }
             }
             _ = tokio::time::sleep_until(grace_deadline), if authed.is_none() => break End::GraceExpired,
-            _ = tokio::time::sleep_until(expiry.unwrap_or(grace_deadline)), if expiry.is_some() => {
-                // Look again rather than trust the timer: the state decides.
-                let Some(info) = &authed else { break End::LeaseEnded("expired") };
-                match auth::active_lease(&shared.store, &info.lease) {
-                    Ok(rec) => {
-                        let next = rec.expires_at().map(instant_for_unix);
-                        // Never spin: re-arm at least a little in the future.
-                        let floor = Instant::now() + Duration::from_millis(100);
-                        expiry = next.map(|t| t.max(floor));
-                    }
-                    Err(reason) => break End::LeaseEnded(reason.as_str()),
-                }
-            }
-            _ = kill.cancelled() => {
-                let why = authed
-                    .as_ref()
-                    .and_then(|i| auth::active_lease(&shared.store, &i.lease).err())
-                    .map(|r| r.as_str())
-                    .unwrap_or("lease_ended");
-                break End::LeaseEnded(why);
+            why = async { lease_end.as_mut().expect("guarded").await }, if lease_end.is_some() => {
+                break End::LeaseEnded(auth::failure_of(why).as_str());
             }
             _ = shutdown.cancelled() => break End::Shutdown,
         }

@@ -34,7 +34,8 @@
 //! channels each, [`GatewayConfig::max_auth_attempts`] authentication
 //! attempts, and [`GatewayConfig::auth_grace`] to authenticate. When a lease
 //! is settled, cancelled or expires, its connections are closed (within
-//! 1 s: the store's change feed, plus a timer at the expiry time).
+//! 1 s: each connection waits on `Store::until_inactive`, which the
+//! store's writes wake and which sleeps until the expiry time).
 //!
 //! # Layout
 //! - this file: configuration, [`Gateway`], the accept loop.
@@ -44,7 +45,7 @@
 //!   `agent.rs`: that agent passed on into the VM.
 //! - `refusal.rs`: what a refused user is told, and how it reaches them.
 //! - `pump.rs`: channel ↔ tunnel copy with half-close; a cuttable stream.
-//! - `auth.rs`, `registry.rs`: who may log in; lease → connections.
+//! - `auth.rs`: who may log in.
 //! - [`hostkey`], [`stats`], [`tunnel`]: public parts.
 
 use std::path::{Path, PathBuf};
@@ -70,7 +71,6 @@ mod join;
 mod lifecycle;
 mod pump;
 mod refusal;
-mod registry;
 mod startups;
 pub mod stats;
 pub mod tunnel;
@@ -299,7 +299,6 @@ pub(crate) struct Shared {
     pub(crate) store: Store,
     pub(crate) dialer: Arc<dyn TunnelDialer>,
     pub(crate) stats: Arc<GatewayStats>,
-    pub(crate) registry: registry::Registry,
     /// Authenticated sessions (one permit each, taken at authentication).
     pub(crate) sessions: Arc<Semaphore>,
     /// Connections that have not authenticated yet.
@@ -353,7 +352,6 @@ impl Gateway {
                 store,
                 dialer,
                 stats,
-                registry: registry::Registry::default(),
                 sessions,
                 startups,
                 tracker: TaskTracker::new(),
@@ -386,15 +384,6 @@ impl Gateway {
         let shared = self.shared;
         let local = listener.local_addr().map_err(GatewayError::Listener)?;
         info!(%local, fingerprint = %self.fingerprint, "SSH gateway listening");
-
-        // Subscribe before the first connection can authenticate.
-        let changes = shared.store.subscribe();
-        shared.tracker.spawn(registry::watch_leases(
-            shared.store.clone(),
-            changes,
-            shared.registry.clone(),
-            shutdown.clone(),
-        ));
 
         let mut backoff = ACCEPT_BACKOFF_MIN;
         loop {
