@@ -106,6 +106,8 @@ pub struct ApiContext {
     pub ssh_addr: Option<SocketAddr>,
     /// The SSH gateway's counters, if enabled (`GET /metrics`).
     pub gateway_stats: Option<Arc<GatewayStats>>,
+    /// How the node reaches a lease's VM (the HTTP tunnel's way too).
+    pub vm_dialer: Arc<xe_node::vm_dialer::VmDialer>,
 }
 
 impl ApiContext {
@@ -118,6 +120,7 @@ impl ApiContext {
             provider: node.provider.clone(),
             ssh_addr: node.ssh_addr,
             gateway_stats: node.gateway_stats.clone(),
+            vm_dialer: node.vm_dialer.clone(),
         }
     }
 }

@@ -34,10 +34,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
-use xe_net::VmConn;
-use xe_net::tunnel::RegisteredTunnel;
+use xe_node::gateway::TunnelDialer;
 use xe_store::{LeaseHash, Sig, now_secs};
 
 use crate::App;
@@ -236,34 +234,15 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
             format!("tunnel to the provider failed: {e}"),
         )
     };
-    // When this node is the lease's provider, the overlay cannot help (a
-    // peer does not dial itself): validate and dial the VM in-process, and
-    // register the tunnel where settlement tears provider tunnels down.
-    let (vm, token, registered): (Box<dyn VmConn>, CancellationToken, Option<RegisteredTunnel>) =
-        match app
-            .ctx
-            .provider
-            .as_ref()
-            .filter(|_| provider == app.ctx.account)
-        {
-            Some(p) => {
-                let s = p
-                    .open_local(&lease, &app.ctx.net.peer_id())
-                    .await
-                    .map_err(|m| bad_gateway(format!("provider refused: {m}")))?;
-                let guard = app.ctx.net.registry().register(lease, &app.cancel);
-                (s, guard.token.clone(), Some(guard))
-            }
-            None => {
-                let s = app
-                    .ctx
-                    .net
-                    .open_tunnel_to_account(&provider, &lease)
-                    .await
-                    .map_err(|e| bad_gateway(e.to_string()))?;
-                (Box::new(s), app.cancel.child_token(), None)
-            }
-        };
+    // The gateway's way to the VM: in-process when this node is the
+    // provider, else the overlay.
+    let mut vm = app
+        .ctx
+        .vm_dialer
+        .open(&rec)
+        .await
+        .map_err(|e| bad_gateway(e.to_string()))?;
+    let token = app.cancel.child_token();
 
     let guard = app.stats.tunnel_opened();
     let store = app.ctx.store.clone();
@@ -275,8 +254,6 @@ async fn open(app: &App, raw: &str, mut req: Request) -> Result<Response, HttpEr
         async move {
             let _permit = permit;
             let _guard = guard;
-            let _registered = registered;
-            let mut vm = vm;
             let upgraded = tokio::select! {
                 u = on_upgrade => match u {
                     Ok(u) => u,

@@ -6,14 +6,15 @@
 //! - [`provider`]: auto-accept, provisioning, the tunnel validator,
 //!   teardown on settle / cancel / expiry.
 //! - [`gateway`]: the russh SSH gateway.
-//! - [`wiring`]: the libp2p `TunnelDialer` and gateway start-up.
+//! - [`vm_dialer`]: the one way this node reaches a lease's VM (in-process
+//!   when it is the provider, else the overlay).
 #![forbid(unsafe_code)]
 
 pub mod gateway;
 pub mod limits;
 pub mod node;
 pub mod provider;
-pub mod wiring;
+pub mod vm_dialer;
 
 pub use node::{Node, NodeConfig, NodeError, ProvideConfig, SshConfig, VmBackend};
 pub use provider::{Capacity, Provider};

@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use xe_net::{Multiaddr, NetConfig, NetHandle};
 use xe_store::{Store, Wallet};
 use xe_vm::VmManager;
 
+use crate::gateway::{Gateway, GatewayConfig, GatewayStats};
 use crate::provider::{Capacity, Provider};
+use crate::vm_dialer::VmDialer;
 
 /// Which VM backend a provider uses.
 #[derive(Clone)]
@@ -201,6 +203,8 @@ pub struct Node {
     pub ssh_addr: Option<SocketAddr>,
     /// SSH gateway counters, if enabled.
     pub gateway_stats: Option<Arc<crate::gateway::GatewayStats>>,
+    /// How this node reaches a lease's VM (gateway and HTTP tunnel alike).
+    pub vm_dialer: Arc<VmDialer>,
     cancel: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
 }
@@ -277,18 +281,12 @@ impl Node {
         if let Some(p) = &provider {
             tasks.spawn(p.clone().run(handle.clone(), cancel.child_token()));
         }
+        let vm_dialer = Arc::new(VmDialer::new(handle.clone(), provider.clone()));
         let (ssh_addr, gateway_stats) = match &cfg.ssh {
             Some(ssh) => {
-                let (addr, stats) = crate::wiring::start_gateway(
-                    &cfg,
-                    provider.clone(),
-                    ssh,
-                    &store,
-                    &handle,
-                    &cancel,
-                    &mut tasks,
-                )
-                .await?;
+                let (addr, stats) =
+                    start_gateway(&cfg, vm_dialer.clone(), ssh, &store, &cancel, &mut tasks)
+                        .await?;
                 (Some(addr), Some(stats))
             }
             None => (None, None),
@@ -301,6 +299,7 @@ impl Node {
             provider,
             ssh_addr,
             gateway_stats,
+            vm_dialer,
             cancel,
             tasks,
         })
@@ -325,4 +324,41 @@ impl Node {
         }
         info!("node stopped");
     }
+}
+
+/// Bind and spawn the SSH gateway; returns its bound address and counters.
+async fn start_gateway(
+    cfg: &NodeConfig,
+    dialer: Arc<VmDialer>,
+    ssh: &SshConfig,
+    store: &Store,
+    cancel: &CancellationToken,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Result<(SocketAddr, Arc<GatewayStats>), NodeError> {
+    let mut gcfg = GatewayConfig::new(&cfg.data_dir);
+    gcfg.max_connections = ssh.max_connections;
+    gcfg.auth_grace = ssh.auth_grace;
+    gcfg.startups = ssh.startups;
+    gcfg.startups_per_source = ssh.startups_per_source;
+    gcfg.connect_rate = ssh.connect_rate;
+    let stats = Arc::new(GatewayStats::new());
+    let gateway = Gateway::new(gcfg, store.clone(), dialer, stats.clone())?;
+    let listener = tokio::net::TcpListener::bind(ssh.listen)
+        .await
+        .map_err(|source| NodeError::Io {
+            what: format!("binding the SSH gateway to {}", ssh.listen),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| NodeError::Io {
+        what: "reading the SSH gateway address".into(),
+        source,
+    })?;
+    info!(%addr, fingerprint = %gateway.host_key_fingerprint(), "SSH gateway enabled");
+    let token = cancel.child_token();
+    tasks.spawn(async move {
+        if let Err(e) = gateway.run(listener, token).await {
+            error!("SSH gateway stopped: {e}");
+        }
+    });
+    Ok((addr, stats))
 }
