@@ -184,7 +184,10 @@ pub(crate) async fn write_nocloud(
         .stdout(Stdio::from(stdout))
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .output();
+        // Not `output()`: tokio's sets stdout to a pipe, over the file.
+        .spawn()
+        .map_err(VmError::io(format!("running {}", iso_tool.display())))?
+        .wait_with_output();
     let out = tokio::time::timeout(ISO_TIMEOUT, out)
         .await
         .map_err(|_| VmError::Timeout {
