@@ -502,10 +502,11 @@ async fn tunnel_refusals_have_their_status_codes() {
         ("upgrade", "xe-tunnel".to_string()),
     ];
     let a = active.to_hex();
+    type Headers = Vec<(&'static str, String)>;
     // (case, server, lease, headers, status, what the error says). Run in
     // order: the replay row must follow the row that used `once` first.
     #[rustfmt::skip]
-    let cases: Vec<(&str, SocketAddr, String, Vec<(&'static str, String)>, u16, &str)> = vec![
+    let cases: Vec<(&str, SocketAddr, String, Headers, u16, &str)> = vec![
         ("malformed lease hash", api.addr, "not-a-hash".into(), timeless(&active), 400,
             "lease hash: invalid character 'n' at position 0"),
         ("malformed signature", api.addr, a.clone(), tunnel_headers("abcd", None, true), 400,

@@ -212,9 +212,10 @@ fn wrong_signer_or_step_is_refused_and_changes_nothing() {
     let t = now_secs;
     let accept = |by: &Wallet| LeaseEvent::accept(by, f.hash, t(), HOST_KEY.into());
     type Refusal = fn(&StoreError) -> bool;
+    type FollowUp = Option<(LeaseEvent, LeaseState)>;
     // (case, accepted first, event, refusal, allowed follow-up and its state)
     #[rustfmt::skip]
-    let cases: Vec<(&str, bool, LeaseEvent, Refusal, Option<(LeaseEvent, LeaseState)>)> = vec![
+    let cases: Vec<(&str, bool, LeaseEvent, Refusal, FollowUp)> = vec![
         ("accept by a stranger", false, accept(&f.stranger),
             |e| e.to_string().contains("only the lease's provider may sign it"), None),
         ("accept by the consumer", false, accept(&f.consumer),
