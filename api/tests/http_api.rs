@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::net::SocketAddr;
+
 use axum::http::{Method, StatusCode};
 use common::*;
 use xe_api::auth::{TunnelAuth, signing_message};
@@ -445,169 +447,7 @@ async fn tunnel_refusals_have_their_status_codes() {
         );
     };
 
-    // 400: malformed lease hash, signature, timestamp.
-    expect(
-        post_tunnel(
-            api.addr,
-            "not-a-hash",
-            &tunnel_headers(&sig(&active), None, true),
-        )
-        .await,
-        400,
-        "lease hash: invalid character 'n' at position 0",
-    );
-    expect(
-        post_tunnel(
-            api.addr,
-            &active.to_hex(),
-            &tunnel_headers("abcd", None, true),
-        )
-        .await,
-        400,
-        "X-Signature: signature: expected 128 hex characters, got 4",
-    );
-    expect(
-        post_tunnel(
-            api.addr,
-            &active.to_hex(),
-            &tunnel_headers(
-                &sig(&active),
-                Some(&("yesterday".into(), "00".repeat(16), me.clone())),
-                true,
-            ),
-        )
-        .await,
-        400,
-        "X-Timestamp: expected unix seconds",
-    );
-    // 401: no signature.
-    let r = http(
-        api.addr,
-        Method::POST,
-        &format!("/tunnel/{active}/tcp"),
-        &[("connection", "Upgrade"), ("upgrade", "xe-tunnel")],
-        None,
-    )
-    .await;
-    expect(r, 401, "missing X-Signature");
-    // 404: unknown lease.
-    let unknown = "cd".repeat(32);
-    expect(
-        post_tunnel(
-            api.addr,
-            &unknown,
-            &tunnel_headers(&sig(&active), None, true),
-        )
-        .await,
-        404,
-        "unknown lease",
-    );
-    // 403: a signature by another key, and the right key over other bytes.
-    let other = LeaseKey::load_or_create(&w._dir.path().join("other.lease_key")).expect("key");
-    expect(
-        post_tunnel(
-            api.addr,
-            &active.to_hex(),
-            &tunnel_headers(
-                &TunnelAuth::timeless(&other, &active).signature.to_hex(),
-                None,
-                true,
-            ),
-        )
-        .await,
-        403,
-        "does not verify",
-    );
-    expect(
-        post_tunnel(
-            api.addr,
-            &active.to_hex(),
-            &tunnel_headers(&sig(&created), None, true),
-        )
-        .await,
-        403,
-        "does not verify",
-    );
-    // A timeless signature sent with the fresh headers covers the wrong bytes.
-    let (_, fh) = fresh(&active, now);
-    expect(
-        post_tunnel(
-            api.addr,
-            &active.to_hex(),
-            &tunnel_headers(&sig(&active), Some(&fh), true),
-        )
-        .await,
-        403,
-        "X-Timestamp u64 big-endian",
-    );
-    // The older fresh form (X-Timestamp alone) is told what it lacks.
-    let mut old_form = tunnel_headers(&sig(&active), None, true);
-    old_form.push(("x-timestamp", now.to_string()));
-    expect(
-        post_tunnel(api.addr, &active.to_hex(), &old_form).await,
-        401,
-        "needs all of X-Timestamp",
-    );
-    // Signed for another node: refused here, whatever the signature.
-    let elsewhere = TunnelAuth::fresh(
-        &w.key,
-        &active,
-        "12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA",
-        now,
-    );
-    expect(
-        post_tunnel(
-            api.addr,
-            &active.to_hex(),
-            &tunnel_headers(
-                &elsewhere.signature.to_hex(),
-                Some(&fresh_headers(&elsewhere)),
-                true,
-            ),
-        )
-        .await,
-        401,
-        "opens a tunnel only at the node it was signed for",
-    );
-    // 401: stale and future timestamps, correctly signed.
-    let stale = now - 120;
-    expect(
-        post_tunnel(api.addr, &active.to_hex(), &{
-            let (sg, h) = fresh(&active, stale);
-            tunnel_headers(&sg, Some(&h), true)
-        })
-        .await,
-        401,
-        "s old by this node's clock (allowed ±60 s)",
-    );
-    let future = now + 120;
-    expect(
-        post_tunnel(api.addr, &active.to_hex(), &{
-            let (sg, h) = fresh(&active, future);
-            tunnel_headers(&sg, Some(&h), true)
-        })
-        .await,
-        401,
-        "in the future",
-    );
-    // 410: created, expired, settled.
-    for (lease, why) in [
-        (created, "created"),
-        (expired, "expired"),
-        (settled, "settled"),
-    ] {
-        expect(
-            post_tunnel(
-                api.addr,
-                &lease.to_hex(),
-                &tunnel_headers(&sig(&lease), None, true),
-            )
-            .await,
-            410,
-            why,
-        );
-    }
-    // 426: authenticated, active, but no upgrade headers.
+    // 426 first, on its own: its answer also names the upgrade to ask for.
     let r = post_tunnel(
         api.addr,
         &active.to_hex(),
@@ -616,39 +456,6 @@ async fn tunnel_refusals_have_their_status_codes() {
     .await;
     assert_eq!(r.headers["upgrade"], "xe-tunnel");
     expect(r, 426, "Upgrade: xe-tunnel");
-    let mut wrong = tunnel_headers(&sig(&active), None, false);
-    wrong.push(("connection", "Upgrade".into()));
-    wrong.push(("upgrade", "websocket".into()));
-    expect(
-        post_tunnel(api.addr, &active.to_hex(), &wrong).await,
-        426,
-        "Upgrade: xe-tunnel",
-    );
-    // 502: everything checks out but the provider is nowhere to be found.
-    expect(
-        post_tunnel(
-            api.addr,
-            &active.to_hex(),
-            &tunnel_headers(&sig(&active), None, true),
-        )
-        .await,
-        502,
-        "is not in the directory",
-    );
-    // A fresh signature within the window gets as far (502, not 401)…
-    let (sg, fh) = fresh(&active, now_secs());
-    let once = tunnel_headers(&sg, Some(&fh), true);
-    expect(
-        post_tunnel(api.addr, &active.to_hex(), &once).await,
-        502,
-        "tunnel to the provider failed",
-    );
-    // …once: the same headers again are a replay, refused before any dial.
-    expect(
-        post_tunnel(api.addr, &active.to_hex(), &once).await,
-        401,
-        "already used at this node",
-    );
 
     // 503: a server allowing no tunnels at all refuses before dialling.
     let none = start_api(
@@ -659,19 +466,8 @@ async fn tunnel_refusals_have_their_status_codes() {
         },
     )
     .await;
-    expect(
-        post_tunnel(
-            none.addr,
-            &active.to_hex(),
-            &tunnel_headers(&sig(&active), None, true),
-        )
-        .await,
-        503,
-        "at its limit of 0 HTTP tunnels",
-    );
-
     // --http-tunnel-require-fresh: the timeless form is refused with 401
-    // (the same signature got as far as 502 above).
+    // (the same signature gets as far as 502 on the default server).
     let strict = start_api(
         ctx,
         ApiConfig {
@@ -680,16 +476,86 @@ async fn tunnel_refusals_have_their_status_codes() {
         },
     )
     .await;
-    expect(
-        post_tunnel(
-            strict.addr,
-            &active.to_hex(),
-            &tunnel_headers(&sig(&active), None, true),
-        )
-        .await,
-        401,
-        "requires the fresh X-Signature form",
+
+    let timeless = |h: &xe_store::LeaseHash| tunnel_headers(&sig(h), None, true);
+    let signed_fresh = |ts: u64| {
+        let (sg, h) = fresh(&active, ts);
+        tunnel_headers(&sg, Some(&h), true)
+    };
+    let other = LeaseKey::load_or_create(&w._dir.path().join("other.lease_key")).expect("key");
+    let (_, fh) = fresh(&active, now);
+    let mut old_form = timeless(&active);
+    old_form.push(("x-timestamp", now.to_string()));
+    let elsewhere = TunnelAuth::fresh(
+        &w.key,
+        &active,
+        "12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA",
+        now,
     );
+    let mut wrong_upgrade = tunnel_headers(&sig(&active), None, false);
+    wrong_upgrade.push(("connection", "Upgrade".into()));
+    wrong_upgrade.push(("upgrade", "websocket".into()));
+    let once = signed_fresh(now);
+    let bad_ts = Some(("yesterday".into(), "00".repeat(16), me.clone()));
+    let upgrade_only = vec![
+        ("connection", "Upgrade".to_string()),
+        ("upgrade", "xe-tunnel".to_string()),
+    ];
+    let a = active.to_hex();
+    type Headers = Vec<(&'static str, String)>;
+    // (case, server, lease, headers, status, what the error says). Run in
+    // order: the replay row must follow the row that used `once` first.
+    #[rustfmt::skip]
+    let cases: Vec<(&str, SocketAddr, String, Headers, u16, &str)> = vec![
+        ("malformed lease hash", api.addr, "not-a-hash".into(), timeless(&active), 400,
+            "lease hash: invalid character 'n' at position 0"),
+        ("malformed signature", api.addr, a.clone(), tunnel_headers("abcd", None, true), 400,
+            "X-Signature: signature: expected 128 hex characters, got 4"),
+        ("malformed timestamp", api.addr, a.clone(), tunnel_headers(&sig(&active), bad_ts.as_ref(), true), 400,
+            "X-Timestamp: expected unix seconds"),
+        ("no signature", api.addr, a.clone(), upgrade_only, 401, "missing X-Signature"),
+        ("unknown lease", api.addr, "cd".repeat(32), timeless(&active), 404, "unknown lease"),
+        ("signed by another key", api.addr, a.clone(),
+            tunnel_headers(&TunnelAuth::timeless(&other, &active).signature.to_hex(), None, true),
+            403, "does not verify"),
+        ("signature over other bytes", api.addr, a.clone(), tunnel_headers(&sig(&created), None, true),
+            403, "does not verify"),
+        ("timeless signature with the fresh headers", api.addr, a.clone(),
+            tunnel_headers(&sig(&active), Some(&fh), true), 403, "X-Timestamp u64 big-endian"),
+        ("the older fresh form, X-Timestamp alone", api.addr, a.clone(), old_form, 401,
+            "needs all of X-Timestamp"),
+        ("signed for another node", api.addr, a.clone(),
+            tunnel_headers(&elsewhere.signature.to_hex(), Some(&fresh_headers(&elsewhere)), true),
+            401, "opens a tunnel only at the node it was signed for"),
+        ("stale timestamp", api.addr, a.clone(), signed_fresh(now - 120), 401,
+            "s old by this node's clock (allowed ±60 s)"),
+        ("future timestamp", api.addr, a.clone(), signed_fresh(now + 120), 401, "in the future"),
+        ("created lease", api.addr, created.to_hex(), timeless(&created), 410, "created"),
+        ("expired lease", api.addr, expired.to_hex(), timeless(&expired), 410, "expired"),
+        ("settled lease", api.addr, settled.to_hex(), timeless(&settled), 410, "settled"),
+        ("upgrade to another protocol", api.addr, a.clone(), wrong_upgrade, 426, "Upgrade: xe-tunnel"),
+        // Everything checks out but the provider is nowhere to be found.
+        ("provider not in the directory", api.addr, a.clone(), timeless(&active), 502,
+            "is not in the directory"),
+        // A fresh signature within the window gets as far (502, not 401)…
+        ("fresh signature, first use", api.addr, a.clone(), once.clone(), 502,
+            "tunnel to the provider failed"),
+        // …once: the same headers again are a replay, refused before any dial.
+        ("fresh signature, replayed", api.addr, a.clone(), once, 401, "already used at this node"),
+        ("server allowing no tunnels", none.addr, a.clone(), timeless(&active), 503,
+            "at its limit of 0 HTTP tunnels"),
+        ("timeless form where fresh is required", strict.addr, a.clone(), timeless(&active), 401,
+            "requires the fresh X-Signature form"),
+    ];
+    for (case, addr, lease, headers, status, contains) in cases {
+        let r = post_tunnel(addr, &lease, &headers).await;
+        assert_eq!(r.status.as_u16(), status, "{case}: {}", r.text());
+        assert!(
+            r.error().contains(contains),
+            "{case}: {status}: {:?} lacks {contains:?}",
+            r.error()
+        );
+    }
     assert_eq!(
         get(strict.addr, "/node").await.json()["http_tunnel_require_fresh"],
         true

@@ -55,6 +55,10 @@ pub enum NetError {
         /// What went wrong.
         detail: String,
     },
+    /// The identity file could not be read or written (permissions, a
+    /// link, I/O); the error names the file and the fix.
+    #[error("p2p identity: {0}")]
+    IdentityFile(#[source] xe_store::secret_file::SecretFileError),
     /// Building transports failed.
     #[error("p2p transport: {0}")]
     Transport(String),

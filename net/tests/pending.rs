@@ -45,7 +45,7 @@ async fn a_gossip_flood_of_orphans_stops_at_the_first_hop_within_the_share() {
     // must still be forwarded once the create applies.
     let create = LeaseEvent::create(&consumer, lease_for(&consumer, &provider, 21));
     let hash = create.lease_hash();
-    let accept = LeaseEvent::accept(&provider, hash, now_secs(), HOST_KEY.into());
+    let accept = LeaseEvent::accept(&provider, hash, now_secs(), UNUSED_VM_HOST_KEY.into());
     a.net.publish_event(create).await.expect("create");
     a.net.publish_event(accept).await.expect("accept");
     for n in [&a, &b, &c] {

@@ -27,7 +27,12 @@ fn ledger(first: u32, n: u32) -> Vec<LeaseEvent> {
         let create = LeaseEvent::create(&consumer, l);
         let h = create.lease_hash();
         out.push(create);
-        out.push(LeaseEvent::accept(&provider, h, t, HOST_KEY.into()));
+        out.push(LeaseEvent::accept(
+            &provider,
+            h,
+            t,
+            UNUSED_VM_HOST_KEY.into(),
+        ));
         if i % 2 == 0 {
             out.push(LeaseEvent::settle(&consumer, h, t + 1));
         }
@@ -63,8 +68,8 @@ fn event_pool() -> Vec<LeaseEvent> {
         let h = create.lease_hash();
         out.extend([
             create,
-            LeaseEvent::accept(&provider, h, t, HOST_KEY.into()),
-            LeaseEvent::accept(&provider, h, t + 5, HOST_KEY.into()),
+            LeaseEvent::accept(&provider, h, t, UNUSED_VM_HOST_KEY.into()),
+            LeaseEvent::accept(&provider, h, t + 5, UNUSED_VM_HOST_KEY.into()),
             LeaseEvent::settle(&consumer, h, t + 100),
             LeaseEvent::settle(&provider, h, t + 100),
             LeaseEvent::cancel(&consumer, h, t - 1),
@@ -238,7 +243,7 @@ async fn a_compacted_lease_pushed_back_by_a_peer_is_not_revived() {
     let h = create.lease_hash();
     let old = vec![
         create,
-        LeaseEvent::accept(&provider, h, t + 1, HOST_KEY.into()),
+        LeaseEvent::accept(&provider, h, t + 1, UNUSED_VM_HOST_KEY.into()),
         LeaseEvent::settle(&consumer, h, t + 2),
     ];
     a.store.apply_events(&old).expect("a");

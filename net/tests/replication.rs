@@ -34,7 +34,7 @@ async fn events_from_different_nodes_reach_everyone() {
     for n in &nodes {
         wait_state(&n.store, &hash, LeaseState::Created).await;
     }
-    let accept = LeaseEvent::accept(&provider, hash, now_secs(), HOST_KEY.into());
+    let accept = LeaseEvent::accept(&provider, hash, now_secs(), UNUSED_VM_HOST_KEY.into());
     nodes[3]
         .net
         .publish_event(accept)
@@ -49,7 +49,7 @@ async fn events_from_different_nodes_reach_everyone() {
     let create2 = LeaseEvent::create(&consumer, lease_for(&consumer, &provider, 2));
     let hash2 = create2.lease_hash();
     nodes[4].store.apply_event(&create2).expect("local only");
-    let accept2 = LeaseEvent::accept(&provider, hash2, now_secs(), HOST_KEY.into());
+    let accept2 = LeaseEvent::accept(&provider, hash2, now_secs(), UNUSED_VM_HOST_KEY.into());
     nodes[2]
         .net
         .publish_event(accept2)

@@ -1,7 +1,6 @@
 //! The SSH gateway's paths, driven by the real OpenSSH client, with a real
 //! `sshd` as the VM behind the tunnel.
 
-#[macro_use]
 mod common;
 
 use std::process::Stdio;
@@ -11,6 +10,7 @@ use common::{Agent, Backend, CMD_LIMIT, Scene, run, text};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
+use xe_testkit::require_openssh;
 
 /// The seed's `xe ssh`: `ProxyCommand="ssh -W %h:%p LEASE@gw"`, end to end
 /// with the VM's sshd (its host key checked against the published one).

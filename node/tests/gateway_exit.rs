@@ -3,7 +3,6 @@
 //! sees EOF (PuTTY's plink does: it lost `exit 21` in 4 runs of 20 when the
 //! gateway passed the VM's EOF on before the VM's exit status).
 
-#[macro_use]
 mod common;
 
 use std::path::PathBuf;
@@ -13,6 +12,7 @@ use common::{Agent, Backend, CMD_LIMIT, Scene, run, text};
 use russh::keys::PrivateKeyWithHashAlg;
 use russh::{ChannelMsg, client};
 use tokio::process::Command;
+use xe_testkit::require_openssh;
 
 /// A command whose output ends well before it exits: sshd sends EOF, then,
 /// after the pause, the exit status. The pause is the scenario (a process

@@ -3,7 +3,6 @@
 //! restart with the same host key, shutdown. Real OpenSSH client; a real
 //! `sshd` as the VM where a session must actually run.
 
-#[macro_use]
 mod common;
 
 use std::process::Stdio;
@@ -18,6 +17,7 @@ use xe_node::gateway::{
     AuthFailure, ConnectionRefusal, GatewayStats, host_key_fingerprint, load_or_create_host_key,
 };
 use xe_store::{LeaseKey, now_secs};
+use xe_testkit::require_openssh;
 
 /// Bound for "the connection is closed within 1 s": generous, so a loaded
 /// machine does not fail the test; the log prints the real time.

@@ -3,13 +3,13 @@
 //! — and what a client without an agent is told instead. Real OpenSSH
 //! client tools, a real `sshd` as the VM.
 
-#[macro_use]
 mod common;
 
 use std::path::Path;
 
 use common::{Agent, Backend, CMD_LIMIT, Scene, run, text};
 use tokio::process::Command;
+use xe_testkit::require_openssh;
 
 /// `ssh -A [extra] LEASE@gw [command]` with `agent` as the only key source.
 fn agent_ssh(s: &Scene, agent: &Agent, extra: &[&str], command: Option<&str>) -> Command {

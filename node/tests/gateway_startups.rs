@@ -4,7 +4,6 @@
 //! login from another (127.0.0.1) meanwhile, and pacing of one source's
 //! key exchanges.
 
-#[macro_use]
 mod common;
 
 use std::net::SocketAddr;
@@ -14,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use xe_node::gateway::{ConnectionRefusal, Startups};
 use xe_node::limits::RateLimit;
+use xe_testkit::require_openssh;
 
 async fn connect_from(src: &str, to: SocketAddr) -> TcpStream {
     let s = TcpSocket::new_v4().expect("socket");

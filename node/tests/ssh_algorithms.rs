@@ -2,7 +2,6 @@
 //! algorithms ssh-audit flagged are refused, probed with the real OpenSSH
 //! client one at a time; OpenSSH's defaults still work against both.
 
-#[macro_use]
 mod common;
 
 use std::path::Path;
@@ -11,6 +10,7 @@ use std::sync::Arc;
 use common::{Backend, CMD_LIMIT, Scene, run, text};
 use tokio::process::Command;
 use xe_store::{LeaseHash, LeaseKey};
+use xe_testkit::require_openssh;
 use xe_vm::sshd::{SshdConfig, SshdManager};
 use xe_vm::{ProvisionRequest, VmManager, default_vm_user};
 

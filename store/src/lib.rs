@@ -5,6 +5,8 @@
 //!
 //! # Layout
 //! - [`ids`]: hex newtypes (`LeaseHash`, `AccountAddress`, `AccessPubKey`, …).
+//! - [`secret_file`]: the one way a key file is written (atomic, 0600) and
+//!   read (refused when group/others may read it).
 //! - [`wallet`]: account seed files and the per-wallet SSH lease key.
 //! - [`lease`]: lease terms, signed events, the canonical encoding.
 //! - [`record`]: a lease's state derived from its facts; the transition rules.
@@ -34,6 +36,7 @@ mod page;
 pub mod pending;
 pub mod record;
 pub mod retention;
+pub mod secret_file;
 pub mod syncset;
 pub mod wallet;
 mod watch;

@@ -1,9 +1,7 @@
 //! Wallets: an account's ed25519 seed on disk, and the per-wallet SSH
 //! lease key (`wallet.seed` → `wallet.lease_key`).
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::{Signer, SigningKey};
@@ -11,6 +9,7 @@ use rand::RngCore;
 use russh::keys::ssh_key::{self, LineEnding, private::Ed25519Keypair};
 
 use crate::ids::{AccessPubKey, AccountAddress, AccountPubKey, Sig};
+use crate::secret_file::{self, SecretFileError};
 
 /// Why a wallet or lease key could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +23,7 @@ pub enum WalletError {
     #[error("no wallet at {0}; create one with `xe wallet create` (or pass --wallet PATH)")]
     Missing(PathBuf),
     /// A secret readable by others is refused.
-    #[error("{path} is readable by group/others (mode {mode:o}); run `chmod 600 {path}` and retry")]
+    #[error("{}", secret_file::wrong_mode(.path, *.mode))]
     Permissions {
         /// The file.
         path: PathBuf,
@@ -39,6 +38,10 @@ pub enum WalletError {
         /// What was wrong.
         detail: String,
     },
+    /// The seed or key file could not be read or written (a link, not a
+    /// regular file, an I/O error).
+    #[error(transparent)]
+    Secret(SecretFileError),
     /// An I/O error.
     #[error("{path}: {source}")]
     Io {
@@ -56,49 +59,25 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WalletError + '_ {
     }
 }
 
-/// Write `contents` to a new file with mode 0600, refusing to overwrite.
+/// Write a new secret file (see [`secret_file`]), refusing to overwrite.
 fn write_secret(path: &Path, contents: &[u8]) -> Result<(), WalletError> {
-    if let Some(dir) = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
-    {
-        fs::create_dir_all(dir).map_err(io(dir))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
-    }
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => WalletError::Exists(path.to_path_buf()),
-            _ => WalletError::Io {
-                path: path.to_path_buf(),
-                source: e,
-            },
-        })?;
-    f.write_all(contents).map_err(io(path))?;
-    f.sync_all().map_err(io(path))?;
-    Ok(())
+    secret_file::create_new(path, contents).map_err(WalletError::from)
 }
 
 /// Read a secret file, refusing one that group or others can read.
 fn read_secret(path: &Path) -> Result<String, WalletError> {
-    let meta = fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => WalletError::Missing(path.to_path_buf()),
-        _ => WalletError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        },
-    })?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(WalletError::Permissions {
-            path: path.to_path_buf(),
-            mode,
-        });
+    secret_file::read_to_string(path).map_err(WalletError::from)
+}
+
+impl From<SecretFileError> for WalletError {
+    fn from(e: SecretFileError) -> Self {
+        match e {
+            SecretFileError::Exists { path } => WalletError::Exists(path),
+            SecretFileError::Missing { path } => WalletError::Missing(path),
+            SecretFileError::Permissions { path, mode } => WalletError::Permissions { path, mode },
+            other => WalletError::Secret(other),
+        }
     }
-    fs::read_to_string(path).map_err(io(path))
 }
 
 /// An account: an ed25519 signing key kept as a hex seed file (mode 0600).
@@ -317,6 +296,7 @@ impl LeaseKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn lease_key_path_follows_the_seed_table() {

@@ -203,89 +203,50 @@ fn tampered_terms_break_the_signature() {
     assert_eq!(s.leases().expect("leases").len(), 0);
 }
 
+/// An event signed by the wrong party, or at the wrong point of the
+/// lease's life, is refused with its reason and changes nothing; where the
+/// right party may do it, a follow-up shows that it works.
 #[test]
-fn accept_by_non_provider_is_refused() {
+fn wrong_signer_or_step_is_refused_and_changes_nothing() {
     let f = fixture();
-    let s = store();
-    s.apply_event(&f.create).expect("create");
-    let before = snapshot(&s);
-    let e = s
-        .apply_event(&LeaseEvent::accept(
-            &f.stranger,
-            f.hash,
-            now_secs(),
-            HOST_KEY.into(),
-        ))
-        .unwrap_err();
-    assert!(
-        e.to_string()
-            .contains("only the lease's provider may sign it"),
-        "{e}"
-    );
-    // The consumer cannot accept its own lease either.
-    let e = s
-        .apply_event(&LeaseEvent::accept(
-            &f.consumer,
-            f.hash,
-            now_secs(),
-            HOST_KEY.into(),
-        ))
-        .unwrap_err();
-    assert!(
-        matches!(e, StoreError::Rejected(EventError::WrongSigner { .. })),
-        "{e}"
-    );
-    assert_eq!(snapshot(&s), before);
-}
-
-#[test]
-fn settle_by_stranger_is_refused() {
-    let f = fixture();
-    let s = store();
-    s.apply_event(&f.create).expect("create");
-    s.apply_event(&LeaseEvent::accept(
-        &f.provider,
-        f.hash,
-        now_secs(),
-        HOST_KEY.into(),
-    ))
-    .expect("accept");
-    let before = snapshot(&s);
-    let e = s
-        .apply_event(&LeaseEvent::settle(&f.stranger, f.hash, now_secs()))
-        .unwrap_err();
-    assert!(e.to_string().contains("consumer or provider"), "{e}");
-    assert_eq!(snapshot(&s), before);
-    // The provider may settle.
-    assert_eq!(
-        s.apply_event(&LeaseEvent::settle(&f.provider, f.hash, now_secs()))
-            .expect("settle"),
-        Applied::Changed(LeaseState::Settled)
-    );
-}
-
-#[test]
-fn cancel_after_accept_is_refused() {
-    let f = fixture();
-    let s = store();
-    s.apply_event(&f.create).expect("create");
-    s.apply_event(&LeaseEvent::accept(
-        &f.provider,
-        f.hash,
-        now_secs(),
-        HOST_KEY.into(),
-    ))
-    .expect("accept");
-    let before = snapshot(&s);
-    let e = s
-        .apply_event(&LeaseEvent::cancel(&f.consumer, f.hash, now_secs()))
-        .unwrap_err();
-    assert!(
-        e.to_string()
-            .contains("already accepted; settle it instead"),
-        "{e}"
-    );
-    assert_eq!(snapshot(&s), before);
+    let t = now_secs;
+    let accept = |by: &Wallet| LeaseEvent::accept(by, f.hash, t(), HOST_KEY.into());
+    type Refusal = fn(&StoreError) -> bool;
+    type FollowUp = Option<(LeaseEvent, LeaseState)>;
+    // (case, accepted first, event, refusal, allowed follow-up and its state)
+    #[rustfmt::skip]
+    let cases: Vec<(&str, bool, LeaseEvent, Refusal, FollowUp)> = vec![
+        ("accept by a stranger", false, accept(&f.stranger),
+            |e| e.to_string().contains("only the lease's provider may sign it"), None),
+        ("accept by the consumer", false, accept(&f.consumer),
+            |e| matches!(e, StoreError::Rejected(EventError::WrongSigner { .. })), None),
+        ("settle by a stranger", true, LeaseEvent::settle(&f.stranger, f.hash, t()),
+            |e| e.to_string().contains("consumer or provider"),
+            Some((LeaseEvent::settle(&f.provider, f.hash, t()), LeaseState::Settled))),
+        ("cancel after accept", true, LeaseEvent::cancel(&f.consumer, f.hash, t()),
+            |e| e.to_string().contains("already accepted; settle it instead"), None),
+        ("cancel by the provider", false, LeaseEvent::cancel(&f.provider, f.hash, t()),
+            |e| e.to_string().contains("only the lease's consumer"),
+            Some((LeaseEvent::cancel(&f.consumer, f.hash, t()), LeaseState::Cancelled))),
+    ];
+    for (case, accepted, event, refused, then) in cases {
+        let s = store();
+        s.apply_event(&f.create).expect("create");
+        if accepted {
+            s.apply_event(&accept(&f.provider)).expect("accept");
+        }
+        let before = snapshot(&s);
+        let e = s.apply_event(&event).unwrap_err();
+        assert!(refused(&e), "{case}: {e}");
+        assert_eq!(snapshot(&s), before, "{case}: changed the store");
+        if let Some((allowed, state)) = then {
+            assert_eq!(
+                s.apply_event(&allowed).expect(case),
+                Applied::Changed(state),
+                "{case}: the allowed follow-up"
+            );
+        }
+    }
 }
 
 /// An accept signed more than the offer lifetime after the lease's
@@ -313,22 +274,6 @@ fn an_accept_after_the_offer_lapsed_is_refused() {
     assert_eq!(
         s.apply_event(&in_time).expect("accept"),
         Applied::Changed(LeaseState::Accepted)
-    );
-}
-
-#[test]
-fn cancel_by_provider_is_refused_cancel_by_consumer_works() {
-    let f = fixture();
-    let s = store();
-    s.apply_event(&f.create).expect("create");
-    let e = s
-        .apply_event(&LeaseEvent::cancel(&f.provider, f.hash, now_secs()))
-        .unwrap_err();
-    assert!(e.to_string().contains("only the lease's consumer"), "{e}");
-    assert_eq!(
-        s.apply_event(&LeaseEvent::cancel(&f.consumer, f.hash, now_secs()))
-            .expect("cancel"),
-        Applied::Changed(LeaseState::Cancelled)
     );
 }
 

@@ -47,7 +47,7 @@ fn devnet_once_runs_a_command_in_the_dev_vm() {
 
 #[test]
 fn devnet_once_runs_a_command_in_an_sshd_vm() {
-    if !sshd_available("devnet_once_runs_a_command_in_an_sshd_vm") {
+    if !openssh_available("devnet_once_runs_a_command_in_an_sshd_vm") {
         return;
     }
     let out = devnet_once("sshd", "echo via real sshd; test -n \"$SSH_CONNECTION\"");

@@ -258,7 +258,7 @@ fn big_file(dir: &Path) -> (PathBuf, String) {
 #[test]
 fn nat_provider_is_reached_through_the_relay_with_real_ssh() {
     const TEST: &str = "nat_provider_is_reached_through_the_relay_with_real_ssh";
-    if !sshd_available(TEST) || !netns::available(TEST) {
+    if !openssh_available(TEST) || !netns::available(TEST) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -388,7 +388,7 @@ fn nat_provider_is_reached_through_the_relay_with_real_ssh() {
 #[test]
 fn without_the_relay_the_nat_provider_is_unreachable() {
     const TEST: &str = "without_the_relay_the_nat_provider_is_unreachable";
-    if !sshd_available(TEST) || !netns::available(TEST) {
+    if !openssh_available(TEST) || !netns::available(TEST) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

@@ -210,7 +210,7 @@ fn text(b: &[u8]) -> String {
 
 #[test]
 fn every_access_path_reaches_the_vm() {
-    if !sshd_available("every_access_path_reaches_the_vm") {
+    if !openssh_available("every_access_path_reaches_the_vm") {
         return;
     }
     let n = Net::start();
@@ -519,7 +519,7 @@ fn sha256_file(p: &Path) -> String {
 
 #[test]
 fn scp_50_mib_in_and_out_byte_exact() {
-    if !sshd_available("scp_50_mib_in_and_out_byte_exact") {
+    if !openssh_available("scp_50_mib_in_and_out_byte_exact") {
         return;
     }
     let n = Net::start();
@@ -612,7 +612,7 @@ fn assert_vm_torn_down(n: &Net) {
 
 #[test]
 fn settling_kills_open_sessions_and_refuses_new_ones() {
-    if !sshd_available("settling_kills_open_sessions_and_refuses_new_ones") {
+    if !openssh_available("settling_kills_open_sessions_and_refuses_new_ones") {
         return;
     }
     let n = Net::start();
@@ -650,7 +650,7 @@ fn settling_kills_open_sessions_and_refuses_new_ones() {
 /// open sessions, refuses new ones and tears the VM down, like a settle.
 #[test]
 fn expiry_kills_open_sessions_and_tears_the_vm_down() {
-    if !sshd_available("expiry_kills_open_sessions_and_tears_the_vm_down") {
+    if !openssh_available("expiry_kills_open_sessions_and_tears_the_vm_down") {
         return;
     }
     let n = Net::start_with_duration(60);
@@ -668,7 +668,7 @@ fn expiry_kills_open_sessions_and_tears_the_vm_down() {
 
 #[test]
 fn restarts_and_a_second_gateway_serve_the_same_lease() {
-    if !sshd_available("restarts_and_a_second_gateway_serve_the_same_lease") {
+    if !openssh_available("restarts_and_a_second_gateway_serve_the_same_lease") {
         return;
     }
     let mut n = Net::start();

@@ -232,7 +232,7 @@ fn leased_vms_are_real_isolated_and_survive_a_provider_kill() {
     let Some(img) = qemu_image("leased_vms_are_real_isolated_and_survive_a_provider_kill") else {
         return;
     };
-    if !sshd_available("leased_vms_are_real_isolated_and_survive_a_provider_kill") {
+    if !openssh_available("leased_vms_are_real_isolated_and_survive_a_provider_kill") {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

@@ -176,6 +176,10 @@ pub enum VmError {
         /// Why, with the tail of the relevant log.
         detail: String,
     },
+    /// A key or first-boot file could not be written or read as a secret
+    /// (wider bits than 0600, a link, I/O); the error names the file.
+    #[error(transparent)]
+    SecretFile(#[from] xe_store::secret_file::SecretFileError),
     /// A local I/O error.
     #[error("{what}: {source}")]
     Io {

@@ -2,9 +2,8 @@
 //! log tails, waiting for a port, process trees and the local user.
 
 use std::collections::HashMap;
-use std::fs::{self, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,6 +11,7 @@ use rand::RngCore;
 use russh::keys::ssh_key::{self, LineEnding, PrivateKey, private::Ed25519Keypair};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use xe_store::secret_file::{self, SecretFileError};
 use xe_store::{AccessPubKey, LeaseHash};
 
 use crate::VmError;
@@ -85,14 +85,15 @@ pub(crate) fn authorized_key_line(
 }
 
 /// Load the ed25519 host key at `path`, or create it (mode 0600) if absent.
-/// Keeping it on disk is what lets `recover` restart with the same key.
+/// Keeping it on disk is what lets `recover` restart with the same key. A
+/// [`secret_file`]: a key group or others may read is refused, as sshd does.
 pub(crate) fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, VmError> {
-    match fs::read_to_string(path) {
+    match secret_file::read_to_string(path) {
         Ok(text) => PrivateKey::from_openssh(&text).map_err(|e| VmError::Failed {
             what: format!("reading host key {}", path.display()),
             detail: e.to_string(),
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        Err(SecretFileError::Missing { .. }) => {
             let mut seed = [0u8; 32];
             rand::rngs::OsRng.fill_bytes(&mut seed);
             let key = PrivateKey::new(Ed25519Keypair::from_seed(&seed).into(), "xe-vm-host")
@@ -106,7 +107,12 @@ pub(crate) fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, VmError
                     what: "encoding host key".into(),
                     detail: e.to_string(),
                 })?;
-            write_private(path, text.as_bytes())?;
+            match secret_file::create_new(path, text.as_bytes()) {
+                Ok(()) => {}
+                // Created meanwhile by another caller: use that one.
+                Err(SecretFileError::Exists { .. }) => return load_or_create_host_key(path),
+                Err(e) => return Err(e.into()),
+            }
             let public = host_key_line(&key)?;
             write_private(
                 &path.with_extension("pub"),
@@ -114,10 +120,7 @@ pub(crate) fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, VmError
             )?;
             Ok(key)
         }
-        Err(e) => Err(VmError::Io {
-            what: format!("reading host key {}", path.display()),
-            source: e,
-        }),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -188,28 +191,10 @@ fn clip(s: &str, max: usize) -> &str {
     }
 }
 
-/// Create or replace `path` with mode 0600 (host keys, authorized_keys).
+/// Create or replace `path` with mode 0600 (authorized_keys, configs, pid
+/// files, first-boot data), atomically: see [`secret_file::replace`].
 pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), VmError> {
-    let what = || format!("writing {}", path.display());
-    // Remove first so a file created earlier with looser bits is not reused.
-    match fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(VmError::Io {
-                what: what(),
-                source: e,
-            });
-        }
-    }
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(VmError::io(what()))?;
-    f.write_all(contents).map_err(VmError::io(what()))?;
-    f.sync_all().map_err(VmError::io(what()))
+    Ok(secret_file::replace(path, contents)?)
 }
 
 /// Create `dir` (and parents) with mode 0700 for its last component.
@@ -559,6 +544,17 @@ pub(crate) mod tests {
             fs::metadata(&p).expect("meta").permissions().mode() & 0o777,
             0o600
         );
+    }
+
+    #[test]
+    fn host_key_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("host_key");
+        load_or_create_host_key(&p).expect("create");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = load_or_create_host_key(&p).unwrap_err();
+        assert!(e.to_string().contains("chmod 600"), "{e}");
     }
 
     #[test]

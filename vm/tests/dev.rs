@@ -8,8 +8,6 @@ use common::*;
 use xe_vm::dev::DevManager;
 use xe_vm::{VmError, VmManager, VmStatus};
 
-const SSH: &str = "/usr/bin/ssh";
-
 /// The dev server's listener lives in this test process, and a process
 /// forked by a concurrent test holds a copy of every fd until it execs, so
 /// "the port is free after teardown" would race with other tests' spawns.
@@ -21,7 +19,7 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 #[tokio::test]
 async fn exec_pty_and_refusal_with_real_ssh() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    if !have_tool(SSH) {
+    if !openssh_available("exec_pty_and_refusal_with_real_ssh") {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -120,7 +118,7 @@ async fn exec_pty_and_refusal_with_real_ssh() {
 #[tokio::test]
 async fn recover_after_shutdown_keeps_the_host_key() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    if !have_tool(SSH) {
+    if !openssh_available("recover_after_shutdown_keeps_the_host_key") {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");

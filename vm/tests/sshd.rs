@@ -9,9 +9,6 @@ use tokio::io::AsyncReadExt;
 use xe_vm::sshd::{SshdConfig, SshdManager};
 use xe_vm::{VmError, VmManager, VmStatus, default_vm_user};
 
-const SSHD: &str = "/usr/sbin/sshd";
-const SSH: &str = "/usr/bin/ssh";
-
 fn manager(state: &Path) -> SshdManager {
     SshdManager::new(SshdConfig {
         state_dir: state.to_path_buf(),
@@ -33,7 +30,7 @@ fn sshd_pid(state: &Path, lease: &xe_store::LeaseHash) -> u32 {
 /// teardown kills sshd, frees the port and removes the state.
 #[tokio::test]
 async fn lease_key_logs_in_and_teardown_frees_everything() {
-    if !have_tool(SSHD) || !have_tool(SSH) {
+    if !openssh_available("lease_key_logs_in_and_teardown_frees_everything") {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -118,7 +115,7 @@ async fn lease_key_logs_in_and_teardown_frees_everything() {
 /// reports a kept lease without state as Error instead of inventing a key.
 #[tokio::test]
 async fn recover_after_shutdown_keeps_the_host_key() {
-    if !have_tool(SSHD) || !have_tool(SSH) {
+    if !openssh_available("recover_after_shutdown_keeps_the_host_key") {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -201,7 +198,7 @@ async fn recover_after_shutdown_keeps_the_host_key() {
 /// start-up's recover finds it by its pid file and kills it.
 #[tokio::test]
 async fn recover_kills_an_sshd_left_by_a_crashed_node() {
-    if !have_tool(SSHD) {
+    if !openssh_available("recover_kills_an_sshd_left_by_a_crashed_node") {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -227,7 +224,7 @@ async fn recover_kills_an_sshd_left_by_a_crashed_node() {
 
 #[tokio::test]
 async fn invalid_key_changes_nothing() {
-    if !have_tool(SSHD) {
+    if !openssh_available("invalid_key_changes_nothing") {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -16,44 +15,12 @@ use tokio_util::sync::CancellationToken;
 use xe_api::{ApiConfig, ApiContext, ApiHandle};
 use xe_net::Multiaddr;
 use xe_node::{Capacity, Node, NodeConfig, ProvideConfig, VmBackend};
-use xe_store::{
-    AccessPubKey, AccountAddress, Lease, LeaseEvent, LeaseHash, LeaseState, Store, Wallet, now_secs,
+use xe_store::{AccessPubKey, AccountAddress, LeaseHash, Store, Wallet};
+
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use xe_testkit::{
+    LIMIT, SSH, SSHD, UNUSED_VM_HOST_KEY, init_tracing, openssh_available, terms, wait_state,
 };
-
-/// Bound on every wait in these tests.
-pub const LIMIT: Duration = Duration::from_secs(60);
-
-pub const SSHD: &str = "/usr/sbin/sshd";
-pub const SSH: &str = "/usr/bin/ssh";
-
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-/// Whether real OpenSSH (client and server) is installed. Without it the
-/// calling test is skipped loudly, or fails when `XE_REQUIRE_SSHD=1`.
-pub fn openssh_available(test: &str) -> bool {
-    let missing: Vec<&str> = [SSHD, SSH]
-        .into_iter()
-        .filter(|b| !Path::new(b).is_file())
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("XE_REQUIRE_SSHD").as_deref() == Ok("1") {
-        panic!("{test}: XE_REQUIRE_SSHD=1 but OpenSSH is missing: {missing:?}");
-    }
-    eprintln!(
-        "SKIPPED {test}: OpenSSH missing ({missing:?}); set XE_REQUIRE_SSHD=1 to make this a failure"
-    );
-    false
-}
 
 /// A node on loopback TCP; a provider on the sshd backend if `provide`.
 pub async fn start_node(dir: &Path, provide: bool, bootstrap: Vec<Multiaddr>) -> Node {
@@ -235,31 +202,6 @@ pub async fn post_tunnel(
     .await
 }
 
-/// Lease terms for `consumer` at `provider`, created at `created_at`.
-pub fn terms(
-    consumer: &Wallet,
-    provider: AccountAddress,
-    access: AccessPubKey,
-    created_at: u64,
-    duration: u64,
-) -> Lease {
-    Lease {
-        consumer: consumer.public_key(),
-        provider,
-        vcpus: 1,
-        memory_mb: 512,
-        disk_gb: 1,
-        duration,
-        access_pub_key: access,
-        created_at,
-        nonce: rand::random(),
-    }
-}
-
-/// A host key line for leases whose VM is never contacted.
-pub const UNUSED_VM_HOST_KEY: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOZkcJ0O9Yl3MY5Wa7sObHRBuqoN2Ig0tGuo6dU2dQmD";
-
 /// Apply create (and accept by `provider`, if given) to `store` only.
 pub fn local_lease(
     store: &Store,
@@ -269,46 +211,15 @@ pub fn local_lease(
     accepted_at: Option<u64>,
     duration: u64,
 ) -> LeaseHash {
-    let created = accepted_at.unwrap_or_else(now_secs);
-    let ev = LeaseEvent::create(
+    xe_testkit::apply_lease(
+        store,
         consumer,
-        terms(consumer, provider.address(), access, created, duration),
-    );
-    let hash = ev.lease_hash();
-    store.apply_event(&ev).expect("apply create");
-    if let Some(at) = accepted_at {
-        store
-            .apply_event(&LeaseEvent::accept(
-                provider,
-                hash,
-                at,
-                UNUSED_VM_HOST_KEY.into(),
-            ))
-            .expect("apply accept");
-    }
-    hash
-}
-
-/// Wait until `store` holds `lease` in `state`.
-pub async fn wait_state(store: &Store, lease: &LeaseHash, state: LeaseState) {
-    let mut rx = store.subscribe();
-    let work = async {
-        loop {
-            if let Ok(Some(r)) = store.lease(lease)
-                && r.state() == state
-            {
-                return;
-            }
-            // Any change (or a lag) is a reason to look again.
-            let _ = rx.recv().await;
-        }
-    };
-    tokio::time::timeout(LIMIT, work).await.unwrap_or_else(|_| {
-        panic!(
-            "lease {} did not reach {state} within {LIMIT:?}",
-            lease.short()
-        )
-    });
+        provider,
+        access,
+        accepted_at,
+        duration,
+        UNUSED_VM_HOST_KEY,
+    )
 }
 
 /// Wait until `store` has an unexpired directory entry for `account`.
@@ -332,9 +243,5 @@ pub async fn wait_directory(store: &Store, account: &AccountAddress) {
 
 /// Wait until `node` has at least `n` connected peers.
 pub async fn wait_peers(node: &Node, n: usize) {
-    let mut rx = node.net.peer_count();
-    tokio::time::timeout(LIMIT, rx.wait_for(|c| *c >= n))
-        .await
-        .expect("peers did not connect in time")
-        .expect("peer watch closed");
+    xe_testkit::wait_peers(node.net.peer_count(), n).await;
 }

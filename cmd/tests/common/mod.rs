@@ -11,27 +11,12 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
 
 pub const XE: &str = env!("CARGO_BIN_EXE_xe");
-pub const SSHD: &str = "/usr/sbin/sshd";
-pub const SSH: &str = "/usr/bin/ssh";
-/// Bound on every wait.
+/// Bound on every wait for an `xe` process (longer than the kit's
+/// [`xe_testkit::LIMIT`]: a CLI run starts a whole node).
 pub const LIMIT: Duration = Duration::from_secs(90);
 
-pub fn openssh_available(test: &str) -> bool {
-    let missing: Vec<&str> = [SSHD, SSH]
-        .into_iter()
-        .filter(|b| !Path::new(b).is_file())
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("XE_REQUIRE_SSHD").as_deref() == Ok("1") {
-        panic!("{test}: XE_REQUIRE_SSHD=1 but OpenSSH is missing: {missing:?}");
-    }
-    eprintln!(
-        "SKIPPED {test}: OpenSSH missing ({missing:?}); set XE_REQUIRE_SSHD=1 to make this a failure"
-    );
-    false
-}
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use xe_testkit::{SSH, SSHD, openssh_available};
 
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

@@ -2,7 +2,6 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -11,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 use xe_net::{Multiaddr, NetConfig, NetHandle, PeerId, TunnelValidator, VmConn};
 use xe_store::{Lease, LeaseEvent, LeaseHash, LeaseState, Store, Wallet};
 
-pub const HOST_KEY: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOZkcJ0O9Yl3MY5Wa7sObHRBuqoN2Ig0tGuo6dU2dQmD vm";
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use xe_testkit::{UNUSED_VM_HOST_KEY, wait_state};
 
 pub struct TestNode {
     pub net: NetHandle,
@@ -64,45 +63,22 @@ pub async fn node(bootstrap: Vec<Multiaddr>) -> TestNode {
 
 /// Wait (bounded) until `node` is connected to at least `n` peers.
 pub async fn wait_peers(node: &TestNode, n: usize) {
-    let mut w = node.net.peer_count();
-    tokio::time::timeout(Duration::from_secs(20), w.wait_for(|c| *c >= n))
-        .await
-        .expect("peers connected in time")
-        .expect("host alive");
+    xe_testkit::wait_peers(node.net.peer_count(), n).await;
 }
 
-/// Wait (bounded) until `store` holds `lease` in `state`, driven by the
-/// store's change notifications rather than polling.
-pub async fn wait_state(store: &Store, lease: &LeaseHash, state: LeaseState) {
-    let mut rx = store.subscribe();
-    let check = |s: &Store| s.lease(lease).expect("read").map(|r| r.state()) == Some(state);
-    let fut = async {
-        loop {
-            if check(store) {
-                return;
-            }
-            match rx.recv().await {
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(e) => panic!("store closed: {e}"),
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), fut)
-        .await
-        .unwrap_or_else(|_| panic!("lease {} did not reach {state} in time", lease.short()));
-}
-
+/// Terms whose hash depends only on the wallets and `n` (created now): the
+/// same lease can be created in several stores.
 pub fn lease_for(consumer: &Wallet, provider: &Wallet, n: u8) -> Lease {
+    let access = xe_store::AccessPubKey(Wallet::from_seed([3; 32]).public_key().0);
     Lease {
-        consumer: consumer.public_key(),
-        provider: provider.address(),
-        vcpus: 1,
-        memory_mb: 512,
-        disk_gb: 1,
-        duration: 3600,
-        access_pub_key: xe_store::AccessPubKey(Wallet::from_seed([3; 32]).public_key().0),
-        created_at: xe_store::now_secs(),
         nonce: [n; 16],
+        ..xe_testkit::terms(
+            consumer,
+            provider.address(),
+            access,
+            xe_store::now_secs(),
+            3600,
+        )
     }
 }
 
@@ -115,7 +91,7 @@ pub fn accepted_lease(store: &Store, consumer: &Wallet, provider: &Wallet, n: u8
             provider,
             hash,
             xe_store::now_secs(),
-            HOST_KEY.into(),
+            UNUSED_VM_HOST_KEY.into(),
         ))
         .expect("accept");
     hash

@@ -2,23 +2,26 @@
 //! OpenSSH format, mode 0600, created on first run and reused so the
 //! fingerprint clients pin stays the same across restarts.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use rand::RngCore;
 use russh::keys::ssh_key::{HashAlg, LineEnding, PrivateKey, private::Ed25519Keypair};
+use xe_store::secret_file::{self, SecretFileError};
 
 use super::GatewayError;
 
 /// File name of the host key inside the data directory.
 pub const HOST_KEY_FILE: &str = "ssh_host_key";
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> GatewayError + '_ {
-    move |source| GatewayError::Io {
-        path: path.to_path_buf(),
-        source,
+impl From<SecretFileError> for GatewayError {
+    fn from(e: SecretFileError) -> Self {
+        match e {
+            SecretFileError::Permissions { path, mode } => {
+                GatewayError::HostKeyPermissions { path, mode }
+            }
+            other => GatewayError::HostKeyFile(other),
+        }
     }
 }
 
@@ -27,10 +30,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> GatewayError + '_ {
 /// refused, as sshd does; so is an encrypted one (the gateway starts
 /// unattended).
 pub fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, GatewayError> {
-    match fs::metadata(path) {
-        Ok(_) => load(path),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(path),
-        Err(e) => Err(io_err(path)(e)),
+    match secret_file::read_to_string(path) {
+        Ok(text) => parse(path, &text),
+        Err(SecretFileError::Missing { .. }) => create(path),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -39,16 +42,7 @@ pub fn host_key_fingerprint(key: &PrivateKey) -> String {
     key.public_key().fingerprint(HashAlg::Sha256).to_string()
 }
 
-fn load(path: &Path) -> Result<PrivateKey, GatewayError> {
-    let meta = fs::metadata(path).map_err(io_err(path))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(GatewayError::HostKeyPermissions {
-            path: path.to_path_buf(),
-            mode,
-        });
-    }
-    let text = fs::read_to_string(path).map_err(io_err(path))?;
+fn parse(path: &Path, text: &str) -> Result<PrivateKey, GatewayError> {
     let key = PrivateKey::from_openssh(text.as_bytes()).map_err(|e| GatewayError::HostKey {
         path: path.to_path_buf(),
         detail: format!("not an OpenSSH private key: {e}"),
@@ -68,12 +62,6 @@ fn create(path: &Path) -> Result<PrivateKey, GatewayError> {
         path: path.to_path_buf(),
         detail,
     };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.exists()
-    {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
-    }
     let mut seed = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut seed);
     let key = PrivateKey::new(Ed25519Keypair::from_seed(&seed).into(), "xe-gateway")
@@ -82,30 +70,12 @@ fn create(path: &Path) -> Result<PrivateKey, GatewayError> {
     let text = key
         .to_openssh(LineEnding::LF)
         .map_err(|e| bad(e.to_string()))?;
-
-    // Write a private temporary file, then hard-link it into place: the key
-    // appears complete or not at all, and a concurrent creator's key is
-    // never overwritten (link fails with AlreadyExists; we load theirs).
-    let tmp = temp_path(path);
-    let written = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_err(&tmp)(e));
-    }
-    let linked = fs::hard_link(&tmp, path);
-    let _ = fs::remove_file(&tmp);
-    match linked {
+    // The key appears complete or not at all, and a concurrent creator's
+    // key is never overwritten: we load theirs.
+    match secret_file::create_new(path, text.as_bytes()) {
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return load(path),
-        Err(e) => return Err(io_err(path)(e)),
+        Err(SecretFileError::Exists { .. }) => return load_or_create_host_key(path),
+        Err(e) => return Err(e.into()),
     }
     // The .pub is a convenience for operators (`ssh-keygen -lf`); failing to
     // write it does not stop the gateway.
@@ -123,12 +93,6 @@ fn create(path: &Path) -> Result<PrivateKey, GatewayError> {
     Ok(key)
 }
 
-fn temp_path(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(format!(".tmp{}", std::process::id()));
-    PathBuf::from(s)
-}
-
 fn pub_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".pub");
@@ -138,6 +102,7 @@ fn pub_path(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn created_once_then_reused_with_0600() {
@@ -172,13 +137,7 @@ mod tests {
     fn garbage_is_named() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join(HOST_KEY_FILE);
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&p)
-            .and_then(|mut f| f.write_all(b"nope"))
-            .expect("write");
+        secret_file::create_new(&p, b"nope").expect("write");
         let e = load_or_create_host_key(&p).unwrap_err();
         assert!(e.to_string().contains("not an OpenSSH private key"), "{e}");
     }

@@ -272,21 +272,17 @@ pub enum GatewayError {
         detail: String,
     },
     /// The host key is readable by group or others.
-    #[error("SSH host key {path} is readable by group/others (mode {mode:o}); run `chmod 600 {path}` and retry", path = .path.display())]
+    #[error("SSH host key {}", xe_store::secret_file::wrong_mode(.path, *.mode))]
     HostKeyPermissions {
         /// The file.
         path: PathBuf,
         /// Its permission bits.
         mode: u32,
     },
-    /// Reading or writing a file failed.
-    #[error("{path}: {source}", path = .path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
+    /// The host key file could not be read or written (a link, not a
+    /// regular file, I/O); the error names the file.
+    #[error("SSH host key: {0}")]
+    HostKeyFile(#[source] xe_store::secret_file::SecretFileError),
     /// The listener is unusable.
     #[error("SSH gateway listener: {0}")]
     Listener(std::io::Error),

@@ -20,64 +20,14 @@ use xe_node::gateway::{
     Gateway, GatewayConfig, GatewayError, GatewayStats, TunnelDialError, TunnelDialer, VmStream,
 };
 use xe_store::{
-    AccessPubKey, Lease, LeaseEvent, LeaseHash, LeaseKey, LeaseRecord, Store, Wallet, now_secs,
+    AccessPubKey, LeaseEvent, LeaseHash, LeaseKey, LeaseRecord, Store, Wallet, now_secs,
 };
 
-pub const SSHD: &str = "/usr/sbin/sshd";
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use xe_testkit::{SSHD, init_tracing, openssh_available};
 
 /// Generous bound for one OpenSSH command in a test.
 pub const CMD_LIMIT: Duration = Duration::from_secs(60);
-
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-fn on_path(bin: &str) -> bool {
-    if bin.starts_with('/') {
-        return Path::new(bin).is_file();
-    }
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-        .unwrap_or(false)
-}
-
-/// Whether the OpenSSH programs the tests drive are installed. Without
-/// them a test is skipped loudly, or fails when `XE_REQUIRE_SSHD=1`.
-pub fn openssh_available(test: &str) -> bool {
-    let missing: Vec<&str> = [SSHD, "ssh", "ssh-keygen", "ssh-agent", "ssh-add"]
-        .into_iter()
-        .filter(|b| !on_path(b))
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("XE_REQUIRE_SSHD").as_deref() == Ok("1") {
-        panic!("{test}: XE_REQUIRE_SSHD=1 but OpenSSH programs are missing: {missing:?}");
-    }
-    // Straight to the process's stderr: the test harness captures
-    // `eprintln!` of passing tests, and a skip must be seen.
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {test}: OpenSSH programs missing ({missing:?}); set XE_REQUIRE_SSHD=1 to make this a failure"
-    );
-    false
-}
-
-/// Skip the calling test when OpenSSH is missing.
-macro_rules! require_openssh {
-    ($name:expr) => {
-        if !common::openssh_available($name) {
-            return;
-        }
-    };
-}
 
 /// Run a command to completion within `limit`, killing it on timeout.
 pub async fn run(cmd: &mut Command, limit: Duration) -> std::process::Output {
@@ -152,26 +102,15 @@ impl Ledger {
         duration: u64,
         vm_host_key: &str,
     ) -> LeaseHash {
-        let created_at = accepted_at.unwrap_or_else(now_secs);
-        let lease = Lease {
-            consumer: self.consumer.public_key(),
-            provider: self.provider.address(),
-            vcpus: 1,
-            memory_mb: 512,
-            disk_gb: 1,
+        xe_testkit::apply_lease(
+            &self.store,
+            &self.consumer,
+            &self.provider,
+            access,
+            accepted_at,
             duration,
-            access_pub_key: access,
-            created_at,
-            nonce: rand::random(),
-        };
-        let create = LeaseEvent::create(&self.consumer, lease);
-        let hash = create.lease_hash();
-        self.store.apply_event(&create).expect("apply create");
-        if let Some(at) = accepted_at {
-            let accept = LeaseEvent::accept(&self.provider, hash, at, vm_host_key.to_string());
-            self.store.apply_event(&accept).expect("apply accept");
-        }
-        hash
+            vm_host_key,
+        )
     }
 
     /// An active one-hour lease.
@@ -207,9 +146,8 @@ impl Ledger {
     }
 }
 
-/// A host key line for leases whose VM is never contacted.
-pub const UNUSED_VM_HOST_KEY: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOZkcJ0O9Yl3MY5Wa7sObHRBuqoN2Ig0tGuo6dU2dQmD unused";
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use xe_testkit::UNUSED_VM_HOST_KEY;
 
 // ---------------------------------------------------------------- dialers
 

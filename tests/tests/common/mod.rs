@@ -11,22 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-/// The `xe` binary built alongside this test (target/<profile>/xe), or `XE_BIN`.
-pub fn xe_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("XE_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/xe
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("xe");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (`cargo build -p xe`, or run the suite with `cargo nextest run --workspace`)",
-        bin.display()
-    );
-    bin
-}
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use xe_testkit::xe_bin;
 
 /// `xe ARGS…`, waited for.
 pub fn xe(args: &[&str]) -> Output {
@@ -69,24 +55,8 @@ pub fn http_get(addr: &str, path: &str) -> (u16, serde_json::Value) {
     )
 }
 
-/// Whether OpenSSH's sshd is installed. When it is not, tests that need it
-/// skip loudly — unless `XE_REQUIRE_SSHD=1` (CI), where that is a failure.
-pub fn sshd_available(test: &str) -> bool {
-    let found = ["/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd"]
-        .iter()
-        .any(|p| Path::new(p).exists());
-    if !found {
-        if std::env::var("XE_REQUIRE_SSHD").as_deref() == Ok("1") {
-            panic!(
-                "{test}: sshd is not installed but XE_REQUIRE_SSHD=1 (apt-get install openssh-server)"
-            );
-        }
-        eprintln!(
-            "\n!!! SKIPPING {test}: OpenSSH sshd is not installed (apt-get install openssh-server) !!!\n"
-        );
-    }
-    found
-}
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use xe_testkit::openssh_available;
 
 /// A running `xe node` process; SIGTERM on drop.
 pub struct NodeProc {

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use tokio::process::Command;
 use xe_store::LeaseHash;
+use xe_store::secret_file;
 
 use crate::{VmError, VmHostKey, util};
 
@@ -167,18 +168,26 @@ pub(crate) async fn write_nocloud(
     util::create_private_dir(&src)?;
     util::write_private(&src.join("user-data"), user_data(boot).as_bytes())?;
     util::write_private(&src.join("meta-data"), meta_data(boot).as_bytes())?;
+    // The ISO holds the host key: the tool writes it to its stdout, a
+    // private temporary file that becomes seed.iso only when complete.
+    let iso = secret_file::Staged::begin(&dir.join(SEED_ISO))?;
+    let stdout = iso.file().try_clone().map_err(VmError::io(format!(
+        "opening {SEED_ISO} for {}",
+        iso_tool.display()
+    )))?;
     let out = Command::new(iso_tool)
         .current_dir(dir)
-        .args([
-            "-quiet", "-output", SEED_ISO, "-volid", "cidata", "-joliet", "-rock",
-        ])
+        .args(["-quiet", "-volid", "cidata", "-joliet", "-rock"])
         .arg(src.join("user-data"))
         .arg(src.join("meta-data"))
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::from(stdout))
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .output();
+        // Not `output()`: tokio's sets stdout to a pipe, over the file.
+        .spawn()
+        .map_err(VmError::io(format!("running {}", iso_tool.display())))?
+        .wait_with_output();
     let out = tokio::time::timeout(ISO_TIMEOUT, out)
         .await
         .map_err(|_| VmError::Timeout {
@@ -189,7 +198,7 @@ pub(crate) async fn write_nocloud(
             detail: String::new(),
         })?
         .map_err(VmError::io(format!("running {}", iso_tool.display())))?;
-    // The ISO holds the host key: only the ISO keeps a copy, mode 0600.
+    // Only the ISO keeps a copy of the host key.
     let _ = std::fs::remove_dir_all(&src);
     if !out.status.success() {
         return Err(VmError::Failed {
@@ -202,17 +211,11 @@ pub(crate) async fn write_nocloud(
             ),
         });
     }
-    restrict(&dir.join(SEED_ISO))?;
+    iso.commit_replace()?;
     Ok(vec![
         "-drive".into(),
         format!("file={SEED_ISO},if=virtio,format=raw,readonly=on").into(),
     ])
-}
-
-fn restrict(path: &Path) -> Result<(), VmError> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(VmError::io(format!("restricting {}", path.display())))
 }
 
 /// genisoimage or mkisofs, whichever is installed.
@@ -313,6 +316,9 @@ mod tests {
             "plain seed files left behind"
         );
         let iso = dir.path().join(SEED_ISO);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&iso).expect("iso").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the ISO holds the host key");
         let info = |args: &[&str]| {
             let out = std::process::Command::new("isoinfo")
                 .args(args)

@@ -2,7 +2,6 @@
 //! real OpenSSH client with a pinned host key.
 #![allow(dead_code)]
 
-use std::io::Write;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -15,26 +14,8 @@ use xe_vm::ProvisionRequest;
 /// Upper bound for one `ssh` run; a hang is a failure, not a wait.
 pub const SSH_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Whether `path` exists. If not: a loud skip message, or a panic when
-/// `XE_REQUIRE_SSHD=1` (CI sets it so a missing OpenSSH cannot pass silently).
-pub fn have_tool(path: &str) -> bool {
-    if Path::new(path).exists() {
-        return true;
-    }
-    if std::env::var("XE_REQUIRE_SSHD").as_deref() == Ok("1") {
-        panic!(
-            "{path} is required (XE_REQUIRE_SSHD=1) but not installed: apt-get install openssh-server openssh-client"
-        );
-    }
-    // Written to the stderr handle directly: libtest captures eprintln!,
-    // and a skip must be visible in a passing run.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n!!!!!!!! SKIPPED: {path} is not installed (apt-get install openssh-server openssh-client); \
-         set XE_REQUIRE_SSHD=1 to make this a failure !!!!!!!!\n"
-    );
-    false
-}
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use xe_testkit::{SSH, SSHD, openssh_available};
 
 pub fn random_lease() -> LeaseHash {
     let mut b = [0u8; 32];
