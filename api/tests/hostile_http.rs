@@ -59,7 +59,7 @@ async fn health_from(src: &str, api: SocketAddr) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_bodies_from_some_sources_lock_out_no_one() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = start_node(&dir.path().join("node"), false, vec![]).await;
+    let mut node = start_node(&dir.path().join("node"), false, vec![]).await;
     let config = ApiConfig {
         max_connections: 12,
         max_connections_per_source: 4,

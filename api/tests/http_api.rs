@@ -36,7 +36,7 @@ async fn world() -> World {
 
 #[tokio::test]
 async fn read_routes_answer_json() {
-    let w = world().await;
+    let mut w = world().await;
     let api = start_api(ApiContext::from_node(&w.node), ApiConfig::default()).await;
     let store = &w.node.store;
     let active = local_lease(
@@ -218,7 +218,7 @@ async fn read_routes_answer_json() {
 
 #[tokio::test]
 async fn post_leases_applies_or_names_the_failed_check() {
-    let w = world().await;
+    let mut w = world().await;
     let api = start_api(ApiContext::from_node(&w.node), ApiConfig::default()).await;
     let ev = LeaseEvent::create(
         &w.consumer,
@@ -338,7 +338,7 @@ async fn post_leases_applies_or_names_the_failed_check() {
 
 #[tokio::test]
 async fn writes_are_rate_limited_per_client() {
-    let w = world().await;
+    let mut w = world().await;
     let config = ApiConfig {
         // Two writes, then (practically) never again within the test.
         write_rate: RateLimit {
@@ -410,7 +410,7 @@ async fn writes_are_rate_limited_per_client() {
 
 #[tokio::test]
 async fn tunnel_refusals_have_their_status_codes() {
-    let w = world().await;
+    let mut w = world().await;
     let ctx = ApiContext::from_node(&w.node);
     let api = start_api(ctx.clone(), ApiConfig::default()).await;
     let store = &w.node.store;

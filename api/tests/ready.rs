@@ -55,7 +55,7 @@ async fn dead_port_bootstrap_is_503_naming_the_address_and_refused() {
     )
     .parse()
     .expect("addr");
-    let node = start_node(dir.path(), false, vec![addr.clone()]).await;
+    let mut node = start_node(dir.path(), false, vec![addr.clone()]).await;
     let api = start_api(ApiContext::from_node(&node), ApiConfig::default()).await;
     let r = ready_until(&node, api.addr, failed).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -80,14 +80,14 @@ async fn dead_port_bootstrap_is_503_naming_the_address_and_refused() {
 async fn wrong_peer_id_bootstrap_is_503_naming_the_mismatch() {
     init_tracing();
     let a_dir = tempfile::tempdir().expect("tempdir");
-    let a = start_node(a_dir.path(), false, vec![]).await;
+    let mut a = start_node(a_dir.path(), false, vec![]).await;
     let mut addr = a.net.p2p_addrs().await.expect("addrs")[0].clone();
     addr.pop();
     let claimed = PeerId::random();
     let addr = addr.with(xe_net::libp2p_protocol::P2p(claimed));
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = start_node(dir.path(), false, vec![addr.clone()]).await;
+    let mut node = start_node(dir.path(), false, vec![addr.clone()]).await;
     let api = start_api(ApiContext::from_node(&node), ApiConfig::default()).await;
     let r = ready_until(&node, api.addr, failed).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -107,7 +107,7 @@ async fn wrong_peer_id_bootstrap_is_503_naming_the_mismatch() {
 async fn first_node_is_ready_and_a_bootstrapped_one_once_connected() {
     init_tracing();
     let a_dir = tempfile::tempdir().expect("tempdir");
-    let a = start_node(a_dir.path(), false, vec![]).await;
+    let mut a = start_node(a_dir.path(), false, vec![]).await;
     let a_api = start_api(ApiContext::from_node(&a), ApiConfig::default()).await;
     let r = get(a_api.addr, "/ready").await;
     assert_eq!(
@@ -120,7 +120,7 @@ async fn first_node_is_ready_and_a_bootstrapped_one_once_connected() {
 
     let boot = a.net.p2p_addrs().await.expect("addrs");
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = start_node(dir.path(), false, boot.clone()).await;
+    let mut node = start_node(dir.path(), false, boot.clone()).await;
     let api = start_api(ApiContext::from_node(&node), ApiConfig::default()).await;
     let r = ready_until(&node, api.addr, |r| r.status == StatusCode::OK).await;
     let body = r.json();

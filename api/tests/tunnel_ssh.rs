@@ -49,9 +49,9 @@ async fn ssh_runs_a_command_through_the_http_tunnel() {
     }
     init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");
-    let p = start_node(&dir.path().join("provider"), true, vec![]).await;
+    let mut p = start_node(&dir.path().join("provider"), true, vec![]).await;
     let boot = p.net.p2p_addrs().await.expect("provider addrs");
-    let a = start_node(&dir.path().join("api"), false, boot).await;
+    let mut a = start_node(&dir.path().join("api"), false, boot).await;
     wait_peers(&a, 1).await;
     wait_directory(&a.store, &p.wallet.address()).await;
 

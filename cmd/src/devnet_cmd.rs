@@ -56,16 +56,13 @@ struct Net3 {
     gateway: Node,
     provider: Node,
     consumer: Node,
-    /// The gateway's HTTP API (for `xe tunnel`), and its task.
+    /// The gateway's HTTP API (for `xe tunnel`); a door of the gateway node.
     api_addr: std::net::SocketAddr,
-    api: tokio::task::JoinHandle<Result<(), xe_api::ApiError>>,
 }
 
 impl Net3 {
-    async fn shutdown(self) {
+    async fn shutdown(mut self) {
         // Consumer and gateway first so sessions end before VMs stop.
-        self.gateway.cancel_token().cancel();
-        let _ = self.api.await;
         self.consumer.shutdown().await;
         self.gateway.shutdown().await;
         self.provider.shutdown().await;
@@ -78,18 +75,16 @@ async fn start_nodes(dir: &Path, args: &DevnetArgs) -> anyhow::Result<Net3> {
     let mut g = NodeConfig::new(dir.join("gateway"));
     g.p2p_listen = loopback_listen();
     g.ssh = Some(SshConfig::new("127.0.0.1:0".parse().expect("valid")));
-    let gateway = Node::start(g).await.context("starting the gateway node")?;
+    let mut gateway = Node::start(g).await.context("starting the gateway node")?;
     let boot = gateway.net.p2p_addrs().await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .context("binding the gateway's HTTP API")?;
     let api_addr = listener.local_addr()?;
-    let api = tokio::spawn(xe_api::serve(
-        listener,
-        xe_api::ApiContext::from_node(&gateway),
-        xe_api::ApiConfig::default(),
-        gateway.cancel_token().child_token(),
-    ));
+    let ctx = xe_api::ApiContext::from_node(&gateway);
+    gateway.attach("HTTP API", move |cancel| {
+        xe_api::serve(listener, ctx, xe_api::ApiConfig::default(), cancel)
+    });
     step(&format!(
         "  gateway peer {} ssh {}",
         gateway.net.peer_id(),
@@ -130,7 +125,6 @@ async fn start_nodes(dir: &Path, args: &DevnetArgs) -> anyhow::Result<Net3> {
         provider,
         consumer,
         api_addr,
-        api,
     })
 }
 

@@ -367,11 +367,10 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
     let cfg = args.to_config()?;
     let api = api_listen(&args)?;
     let data = cfg.data_dir.clone();
-    let node = Node::start(cfg)
+    let mut node = Node::start(cfg)
         .await
         .with_context(|| format!("starting the node in {}", data.display()))?;
-    let api_cancel = node.cancel_token().child_token();
-    let (api_addr, api_task) = match api {
+    let api_addr = match api {
         Some(listen) => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
@@ -385,27 +384,32 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
                 ..xe_api::ApiConfig::default()
             };
             let ctx = xe_api::ApiContext::from_node(&node);
-            let task = tokio::spawn(xe_api::serve(listener, ctx, config, api_cancel.clone()));
-            (Some(addr), Some(task))
+            node.attach("HTTP API", move |cancel| {
+                xe_api::serve(listener, ctx, config, cancel)
+            });
+            Some(addr)
         }
-        None => (None, None),
+        None => None,
     };
     let info = ready_info(&node, api_addr).await;
     let line = serde_json::to_string(&info)?;
     std::fs::write(data.join("node.json"), format!("{line}\n")).context("writing node.json")?;
     println!("{line}");
     let nat_events = tokio::spawn(print_nat_events(node.net.nat()));
-    signals.recv().await;
+    // A part that stops on its own (or panics) ends the process too: a
+    // node without its gateway or host must not look alive.
+    let failed = tokio::select! {
+        _ = signals.recv() => None,
+        end = node.failed() => Some(end),
+    };
     nat_events.abort();
-    tracing::info!("signal received; shutting down");
-    api_cancel.cancel();
-    if let Some(task) = api_task {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("HTTP API: {e}"),
-            Err(e) => tracing::warn!("HTTP API task failed: {e}"),
-        }
+    match &failed {
+        None => tracing::info!("signal received; shutting down"),
+        Some(end) => tracing::error!("{end}; shutting down (the log above says why)"),
     }
-    node.shutdown().await;
+    let panicked = node.shutdown().await;
+    if failed.is_some() || !panicked.is_empty() {
+        return Ok(std::process::ExitCode::FAILURE);
+    }
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -1,6 +1,7 @@
 //! A `Node` owns its parts — store, p2p host, provider role, SSH gateway —
 //! and one cancellation token that stops them all.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use xe_vm::VmManager;
 
 use crate::gateway::{Gateway, GatewayConfig, GatewayStats};
 use crate::provider::{Capacity, Provider};
+use crate::stages::{Stage, Stages, TaskEnd};
 use crate::vm_dialer::VmDialer;
 
 /// Which VM backend a provider uses.
@@ -183,12 +185,6 @@ pub enum NodeError {
     Retention(#[from] xe_store::WindowTooShort),
 }
 
-/// How long a stopping node waits for its tasks before aborting them. A
-/// provider powers its VMs down in that time (qemu: at most 15 s, all at
-/// once); a VM still running when its task is aborted is killed. Below the
-/// README's `TimeoutStopSec=30`.
-const SHUTDOWN_DRAIN: Duration = Duration::from_secs(25);
-
 /// A running node.
 pub struct Node {
     /// The ledger.
@@ -205,8 +201,7 @@ pub struct Node {
     pub gateway_stats: Option<Arc<crate::gateway::GatewayStats>>,
     /// How this node reaches a lease's VM (gateway and HTTP tunnel alike).
     pub vm_dialer: Arc<VmDialer>,
-    cancel: CancellationToken,
-    tasks: tokio::task::JoinSet<()>,
+    stages: Stages,
 }
 
 fn build_vm(
@@ -245,8 +240,7 @@ impl Node {
         store.set_retention(cfg.ledger_retention.as_secs())?;
         let wallet = Arc::new(Wallet::load_or_create(&cfg.wallet)?);
         let keypair = xe_net::load_or_create_keypair(&cfg.data_dir.join("p2p_key"))?;
-        let cancel = CancellationToken::new();
-        let mut tasks = tokio::task::JoinSet::new();
+        let mut stages = Stages::new();
 
         let provider = match &cfg.provide {
             Some(p) => {
@@ -274,19 +268,30 @@ impl Node {
             net_cfg.announce = Some(wallet.clone());
             net_cfg.validator = Some(p.clone() as Arc<dyn xe_net::TunnelValidator>);
         }
-        let net = xe_net::start(net_cfg, store.clone(), cancel.child_token()).await?;
+        let net = xe_net::start(net_cfg, store.clone(), stages.network.token()).await?;
         let handle = net.handle.clone();
         let mut net_tasks = net.tasks;
-        tasks.spawn(async move { while net_tasks.join_next().await.is_some() {} });
+        stages.network.spawn("p2p host", async move {
+            while let Some(r) = net_tasks.join_next().await {
+                // Passed on, so the stage reports the host's panic.
+                if let Err(e) = r
+                    && e.is_panic()
+                {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+        });
         if let Some(p) = &provider {
-            tasks.spawn(p.clone().run(handle.clone(), cancel.child_token()));
+            let token = stages.roles.token();
+            stages
+                .roles
+                .spawn("provider", p.clone().run(handle.clone(), token));
         }
         let vm_dialer = Arc::new(VmDialer::new(handle.clone(), provider.clone()));
         let (ssh_addr, gateway_stats) = match &cfg.ssh {
             Some(ssh) => {
                 let (addr, stats) =
-                    start_gateway(&cfg, vm_dialer.clone(), ssh, &store, &cancel, &mut tasks)
-                        .await?;
+                    start_gateway(&cfg, vm_dialer.clone(), ssh, &store, &mut stages.doors).await?;
                 (Some(addr), Some(stats))
             }
             None => (None, None),
@@ -300,29 +305,55 @@ impl Node {
             ssh_addr,
             gateway_stats,
             vm_dialer,
-            cancel,
-            tasks,
+            stages,
         })
     }
 
-    /// The node's cancellation token (cancel to begin shutdown).
-    pub fn cancel_token(&self) -> CancellationToken {
-        self.cancel.clone()
+    /// Run `serve` as one of the node's doors (the HTTP API): it gets the
+    /// token it must stop on, stops first at shutdown (while the network
+    /// still carries what it drains), and its error is logged.
+    pub fn attach<F, Fut, E>(&mut self, name: &'static str, serve: F)
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+    {
+        let fut = serve(self.stages.doors.token());
+        self.stages.doors.spawn(name, async move {
+            if let Err(e) = fut.await {
+                error!("{name}: {e}");
+            }
+        });
     }
 
-    /// Stop accepting, close sessions and tunnels, stop VMs' processes,
-    /// flush the store. Bounded: tasks that do not finish in 10 s are aborted.
-    pub async fn shutdown(mut self) {
-        self.cancel.cancel();
-        let drain = async { while self.tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(SHUTDOWN_DRAIN, drain).await.is_err() {
-            warn!("some tasks did not stop in {SHUTDOWN_DRAIN:?}; aborting them");
-            self.tasks.abort_all();
+    /// Whether shutdown has begun.
+    pub fn is_shutdown(&self) -> bool {
+        self.stages.stopping.is_cancelled()
+    }
+
+    /// The first part of the node that stops on its own (or panics) while
+    /// the node runs; pending while all run. A node without it is not the
+    /// node that was started: shut down and exit.
+    pub async fn failed(&mut self) -> TaskEnd {
+        self.stages.failed().await
+    }
+
+    /// Stop in stages — the doors (gateway and API stop accepting, their
+    /// sessions end), then the network, then the roles (the provider stops
+    /// its VMs' processes; their state stays for the next start) — and
+    /// flush the store. Bounded (25 s in all); a stage's tasks that do not
+    /// finish in its time are aborted. Returns the parts that panicked; a
+    /// second call does nothing.
+    pub async fn shutdown(&mut self) -> Vec<TaskEnd> {
+        if self.is_shutdown() {
+            return Vec::new();
         }
+        let panicked = self.stages.stop().await;
         if let Err(e) = self.store.flush() {
             warn!("final store flush failed: {e}");
         }
         info!("node stopped");
+        panicked
     }
 }
 
@@ -332,8 +363,7 @@ async fn start_gateway(
     dialer: Arc<VmDialer>,
     ssh: &SshConfig,
     store: &Store,
-    cancel: &CancellationToken,
-    tasks: &mut tokio::task::JoinSet<()>,
+    doors: &mut Stage,
 ) -> Result<(SocketAddr, Arc<GatewayStats>), NodeError> {
     let mut gcfg = GatewayConfig::new(&cfg.data_dir);
     gcfg.max_connections = ssh.max_connections;
@@ -354,8 +384,8 @@ async fn start_gateway(
         source,
     })?;
     info!(%addr, fingerprint = %gateway.host_key_fingerprint(), "SSH gateway enabled");
-    let token = cancel.child_token();
-    tasks.spawn(async move {
+    let token = doors.token();
+    doors.spawn("SSH gateway", async move {
         if let Err(e) = gateway.run(listener, token).await {
             error!("SSH gateway stopped: {e}");
         }

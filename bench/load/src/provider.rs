@@ -53,7 +53,7 @@ pub async fn serve(args: ProviderArgs) -> anyhow::Result<()> {
         backend: VmBackend::Custom(vms),
         capacity: Capacity::default(),
     });
-    let node = Node::start(cfg).await?;
+    let mut node = Node::start(cfg).await?;
     println!(
         "{}",
         serde_json::json!({"account": node.wallet.address().to_string(), "pid": std::process::id()})
