@@ -102,6 +102,20 @@ async fn stalled_handshakes_hold_no_tunnel_slot_and_only_their_peers_share() {
     drop(stalled);
 }
 
+/// `node`'s TCP listen address.
+async fn tcp_addr(node: &TestNode) -> Multiaddr {
+    node.net
+        .p2p_addrs()
+        .await
+        .expect("addrs")
+        .into_iter()
+        .find(|a| {
+            !a.iter()
+                .any(|p| matches!(p, xe_net::libp2p_protocol::QuicV1))
+        })
+        .expect("a TCP address")
+}
+
 /// How one dial from 127.0.0.2 ended.
 #[derive(Debug, PartialEq)]
 enum Dialled {
@@ -213,17 +227,7 @@ async fn dial_from_second_address(
 async fn one_address_holds_only_its_share_of_connections() {
     const SHARE: usize = 3;
     let target = node_with(vec![], |c| c.inbound.established_per_source = SHARE).await;
-    let addr = target
-        .net
-        .p2p_addrs()
-        .await
-        .expect("addrs")
-        .into_iter()
-        .find(|a| {
-            !a.iter()
-                .any(|p| matches!(p, xe_net::libp2p_protocol::QuicV1))
-        })
-        .expect("a TCP address");
+    let addr = tcp_addr(&target).await;
     let mut held = Vec::new();
     let mut verdicts = Vec::new();
     for _ in 0..SHARE + 2 {
@@ -267,17 +271,7 @@ async fn bench_memory_a_peer_pins_with_unread_streams() {
     const SILENT: usize = 130;
     const FILLED: usize = 470;
     let target = node(vec![]).await;
-    let addr = target
-        .net
-        .p2p_addrs()
-        .await
-        .expect("addrs")
-        .into_iter()
-        .find(|a| {
-            !a.iter()
-                .any(|p| matches!(p, xe_net::libp2p_protocol::QuicV1))
-        })
-        .expect("a TCP address");
+    let addr = tcp_addr(&target).await;
     let before = rss_mib();
     let started = std::time::Instant::now();
     let mut held = Vec::new();
