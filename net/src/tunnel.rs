@@ -496,14 +496,23 @@ async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, msg: &str) {
     .await;
 }
 
-async fn handle_stream(
-    mut stream: Compat<libp2p::Stream>,
+/// The provider side of one tunnel stream, after it was accepted: read the
+/// 32-byte lease hash, ask `validator` about the lease and for a connection
+/// to its VM, answer `0x00` and pipe until either side ends (or `cancel`,
+/// or the lease's entry in `registry`, fires); or answer `0x01` and a
+/// message. The provider's accept loop runs it for each inbound `/xe/tunnel/2.0.0` stream;
+/// it takes any byte stream so the handshake can also be driven over an
+/// in-memory pipe (the tunnel fuzz target does).
+pub async fn handle_stream<S>(
+    mut stream: S,
     peer: PeerId,
     validator: Arc<dyn TunnelValidator>,
     registry: TunnelRegistry,
     cfg: TunnelServerConfig,
     cancel: CancellationToken,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let handshake = async {
         let mut raw = [0u8; 32];
         stream
