@@ -11,8 +11,7 @@ use libp2p::{
 use sha2::{Digest, Sha256};
 
 use crate::replication::{
-    DIRECTORY_TOPIC, LEASE_TOPIC, MAX_GOSSIP_MESSAGE,
-    SYNC_PROTOCOL, SyncRequest, SyncResponse,
+    DIRECTORY_TOPIC, LEASE_TOPIC, MAX_GOSSIP_MESSAGE, SYNC_PROTOCOL, SyncRequest, SyncResponse,
 };
 
 /// Our own Kademlia protocol name, so we never join a foreign DHT.

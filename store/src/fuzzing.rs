@@ -45,7 +45,10 @@ pub fn stored_forms(data: &[u8]) {
 /// Real encodings of the private stored forms, for the seed corpus: the
 /// bundle of `create` with `others`, an index entry and a pending entry
 /// of each event.
-pub fn stored_seeds(create: &crate::lease::LeaseEvent, others: &[crate::lease::LeaseEvent]) -> Vec<Vec<u8>> {
+pub fn stored_seeds(
+    create: &crate::lease::LeaseEvent,
+    others: &[crate::lease::LeaseEvent],
+) -> Vec<Vec<u8>> {
     let mut bundle = Bundle::new(create.clone());
     bundle.others = others.to_vec();
     let mut out = vec![bundle.encode()];

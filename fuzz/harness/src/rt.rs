@@ -39,7 +39,11 @@ pub(crate) fn block_on<F: Future>(fut: F) -> F::Output {
 /// Send `data` to `addr` over a fresh loopback TCP connection, half-close,
 /// and read until the server closes. Resets are fine; a server that keeps
 /// the connection open `limit` after the client's EOF is a hang.
-pub(crate) fn exchange(addr: std::net::SocketAddr, data: &[u8], limit: std::time::Duration) -> Vec<u8> {
+pub(crate) fn exchange(
+    addr: std::net::SocketAddr,
+    data: &[u8],
+    limit: std::time::Duration,
+) -> Vec<u8> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     block_on(async {
         tokio::time::timeout(limit, async {
@@ -56,6 +60,8 @@ pub(crate) fn exchange(addr: std::net::SocketAddr, data: &[u8], limit: std::time
             answer
         })
         .await
-        .unwrap_or_else(|_| panic!("{addr} still had the connection open {limit:?} after the client's EOF"))
+        .unwrap_or_else(|_| {
+            panic!("{addr} still had the connection open {limit:?} after the client's EOF")
+        })
     })
 }

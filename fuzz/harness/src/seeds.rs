@@ -50,7 +50,10 @@ fn record_json() -> Vec<u8> {
 
 fn lease_json() -> Seeds {
     let evs = ledger_events();
-    let mut out: Vec<Vec<u8>> = evs.iter().map(|e| serde_json::to_vec(e).expect("json")).collect();
+    let mut out: Vec<Vec<u8>> = evs
+        .iter()
+        .map(|e| serde_json::to_vec(e).expect("json"))
+        .collect();
     if let LeaseEvent::Create { lease, .. } = &evs[0] {
         out.push(serde_json::to_vec(lease).expect("json"));
     }
@@ -343,7 +346,12 @@ fn ssh() -> Seeds {
             version.clone(),
             [version.clone(), packet(&kexinit)].concat(),
             [version.clone(), packet(&kexinit), packet(&ecdh)].concat(),
-            [b"banner line\r\n".to_vec(), version, packet(&[2, 0, 0, 0, 0])].concat(),
+            [
+                b"banner line\r\n".to_vec(),
+                version,
+                packet(&[2, 0, 0, 0, 0]),
+            ]
+            .concat(),
         ],
     )
 }

@@ -96,7 +96,8 @@ pub(crate) fn ledger_events() -> &'static [LeaseEvent] {
         let ha = a.lease_hash();
         let b = LeaseEvent::create(&consumer, terms(8, &other));
         let hb = b.lease_hash();
-        const HOST_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOZkcJ0O9Yl3MY5Wa7sObHRBuqoN2Ig0tGuo6dU2dQmD vm";
+        const HOST_KEY: &str =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOZkcJ0O9Yl3MY5Wa7sObHRBuqoN2Ig0tGuo6dU2dQmD vm";
         vec![
             a,
             LeaseEvent::accept(&provider, ha, t, HOST_KEY.into()),
@@ -143,11 +144,19 @@ fn ledger_after(events: &[&LeaseEvent]) -> Ledger {
 /// events and reconciliation keys.
 pub fn ledger_order(data: &[u8]) {
     let all = ledger_events();
-    let picked: Vec<&LeaseEvent> = data.iter().take(48).map(|b| &all[*b as usize % all.len()]).collect();
+    let picked: Vec<&LeaseEvent> = data
+        .iter()
+        .take(48)
+        .map(|b| &all[*b as usize % all.len()])
+        .collect();
     if picked.is_empty() {
         return;
     }
-    let mut canonical: Vec<usize> = data.iter().take(48).map(|b| *b as usize % all.len()).collect();
+    let mut canonical: Vec<usize> = data
+        .iter()
+        .take(48)
+        .map(|b| *b as usize % all.len())
+        .collect();
     canonical.sort_unstable();
     canonical.dedup();
     let canonical: Vec<&LeaseEvent> = canonical.into_iter().map(|i| &all[i]).collect();

@@ -123,7 +123,12 @@ pub fn fuzz_gossip(store: &Store, data: &[u8], from: &PeerId) -> bool {
 /// A decoded sync request answered from `store`, and a decoded response
 /// applied to it, as the host does; for the fuzz targets.
 #[doc(hidden)]
-pub fn fuzz_sync(store: &Store, request: Option<SyncRequest>, response: Option<SyncResponse>, from: PeerId) -> Option<SyncResponse> {
+pub fn fuzz_sync(
+    store: &Store,
+    request: Option<SyncRequest>,
+    response: Option<SyncResponse>,
+    from: PeerId,
+) -> Option<SyncResponse> {
     let answer = request.map(|r| answer_sync(store, r));
     if let Some(r) = response {
         apply_sync(store, &NetStats::default(), from, r);
