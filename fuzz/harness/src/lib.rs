@@ -26,9 +26,12 @@ pub mod seeds;
 pub mod ssh;
 pub mod store;
 
+/// One target's body: libFuzzer's bytes in, a panic on a finding.
+pub type Body = fn(&[u8]);
+
 /// Every target: its name (the file in `fuzz/fuzz_targets/` and the
 /// folder in `fuzz/corpus/`) and its body.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Body)] = &[
     ("lease_json", store::lease_json),
     ("ids", store::ids),
     ("stored_forms", store::stored_forms),
