@@ -21,7 +21,13 @@ pub fn stored_forms(data: &[u8]) {
         let _ = (ev.lease_hash(), ev.id(), ev.check_self());
     }
     if let Some(ix) = IndexEntry::decode(data) {
-        assert_eq!(ix.encode().as_slice(), data, "index entry round trip");
+        // Any non-zero flag byte reads as pending and is written back as 1,
+        // so compare the values, not the bytes.
+        assert_eq!(
+            IndexEntry::decode(&ix.encode()),
+            Some(ix),
+            "index entry round trip"
+        );
     }
     let hash = match data.get(..32) {
         Some(h) => LeaseHash(h.try_into().expect("32 bytes")),
