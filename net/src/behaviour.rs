@@ -11,8 +11,7 @@ use libp2p::{
 use sha2::{Digest, Sha256};
 
 use crate::replication::{
-    DIRECTORY_TOPIC, LEASE_TOPIC, MAX_GOSSIP_MESSAGE, MAX_SYNC_REQUEST, MAX_SYNC_RESPONSE,
-    SYNC_PROTOCOL, SyncRequest, SyncResponse,
+    DIRECTORY_TOPIC, LEASE_TOPIC, MAX_GOSSIP_MESSAGE, SYNC_PROTOCOL, SyncRequest, SyncResponse,
 };
 
 /// Our own Kademlia protocol name, so we never join a foreign DHT.
@@ -107,9 +106,7 @@ impl Behaviour {
         // loopback and LAN networks work; a node found to be behind NAT
         // switches to client mode (host.rs, `apply_reachability`).
         kad.set_mode(Some(kad::Mode::Server));
-        let codec = request_response::cbor::codec::Codec::default()
-            .set_request_size_maximum(MAX_SYNC_REQUEST)
-            .set_response_size_maximum(MAX_SYNC_RESPONSE);
+        let codec = crate::replication::sync_codec();
         Ok(Behaviour {
             identify: identify::Behaviour::new(
                 identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())

@@ -221,6 +221,9 @@ pub trait TunnelValidator: Send + Sync + 'static {
     async fn validate_tunnel_lease(&self, lease: &LeaseHash, peer: &PeerId) -> Result<(), String>;
     /// A connection to the lease VM's sshd.
     async fn dial_ssh(&self, lease: &LeaseHash) -> Result<Box<dyn VmConn>, String>;
+    /// Resolves once a validated lease stops granting access; its tunnels
+    /// then close. A node answers with `Store::until_inactive`.
+    async fn until_inactive(&self, lease: &LeaseHash) -> xe_store::Inactive;
 }
 
 /// Open tunnels per lease (what `/metrics` and tests count). Each tunnel
@@ -441,7 +444,6 @@ pub(crate) async fn serve(
     mut control: libp2p_stream::Control,
     validator: Arc<dyn TunnelValidator>,
     registry: TunnelRegistry,
-    store: xe_store::Store,
     config: TunnelServerConfig,
     tunnels: PeerTunnels,
     cancel: CancellationToken,
@@ -477,7 +479,6 @@ pub(crate) async fn serve(
         let slots = slots.clone();
         let validator = validator.clone();
         let registry = registry.clone();
-        let store = store.clone();
         let cfg = config.clone();
         let cancel = cancel.clone();
         let guard = tunnels.enter(peer);
@@ -496,12 +497,11 @@ pub(crate) async fn serve(
                     peer,
                     validator,
                     registry,
-                    store,
                     slots,
                     cfg,
                     cancel,
                 };
-                handle_stream(stream, handshake, served).await;
+                serve_stream(stream, handshake, served).await;
             }
             .instrument(tracing::info_span!("tunnel", %peer)),
         );
@@ -529,8 +529,6 @@ struct Served {
     peer: PeerId,
     validator: Arc<dyn TunnelValidator>,
     registry: TunnelRegistry,
-    /// Whose [`xe_store::Store::until_inactive`] ends the tunnel.
-    store: xe_store::Store,
     /// [`TunnelServerConfig::max_tunnels`].
     slots: Arc<Semaphore>,
     cfg: TunnelServerConfig,
@@ -539,16 +537,53 @@ struct Served {
 
 const AT_TUNNEL_LIMIT: &str = "provider is at its tunnel limit; try again later";
 
-async fn handle_stream(
-    mut stream: Compat<libp2p::Stream>,
-    handshake_slot: crate::slots::Slot<PeerId>,
-    served: Served,
-) {
+/// The provider side of one tunnel stream, outside the accept loop: read
+/// the 32-byte lease hash, ask `validator` about the lease and for a
+/// connection to its VM, answer `0x00` and pipe until either side ends,
+/// the validator says the lease ended, or `cancel` fires; or answer `0x01` and a
+/// message. It takes any byte stream so the handshake can be driven over
+/// an in-memory pipe (the tunnel fuzz target does); the accept loop runs
+/// the same code with its shared slot tables.
+pub async fn handle_stream<S>(
+    stream: S,
+    peer: PeerId,
+    validator: Arc<dyn TunnelValidator>,
+    registry: TunnelRegistry,
+    cfg: TunnelServerConfig,
+    cancel: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let handshakes: SlotTable<PeerId> = SlotTable::new(
+        ConnLimits {
+            global: 1,
+            per_source: 1,
+            reserve: 0,
+        },
+        "tunnel handshakes in flight",
+    );
+    let Ok(slot) = handshakes.admit_key(peer) else {
+        return;
+    };
+    let served = Served {
+        peer,
+        validator,
+        registry,
+        slots: Arc::new(Semaphore::new(cfg.max_tunnels)),
+        cfg,
+        cancel,
+    };
+    serve_stream(stream, slot, served).await;
+}
+
+async fn serve_stream<S>(mut stream: S, handshake_slot: crate::slots::Slot<PeerId>, served: Served)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let Served {
         peer,
         validator,
         registry,
-        store,
         slots,
         cfg,
         cancel,
@@ -591,11 +626,12 @@ async fn handle_stream(
         }
         let guard = registry.register(lease, &cancel);
         info!("tunnel open");
-        // The lease's end closes the tunnel: the store wakes this when a
-        // settle, cancel or decline is written, and at the expiry time.
+        // The lease's end closes the tunnel (a node's validator waits on
+        // `Store::until_inactive`: a settle, cancel or decline written, or
+        // the expiry time).
         let (r, ended) = tokio::select! {
             r = pipe(&mut stream, &mut vm, &guard.token) => (r, None),
-            why = store.until_inactive(&lease) => (Ok((0, 0)), Some(why)),
+            why = validator.until_inactive(&lease) => (Ok((0, 0)), Some(why)),
         };
         if ended.is_some() || guard.token.is_cancelled() {
             // Closed by the lease's end or shutdown: end the stream cleanly

@@ -530,6 +530,10 @@ impl TunnelValidator for Provider {
         })
     }
 
+    async fn until_inactive(&self, lease: &LeaseHash) -> Inactive {
+        self.store.until_inactive(lease).await
+    }
+
     async fn dial_ssh(&self, lease: &LeaseHash) -> Result<Box<dyn VmConn>, String> {
         self.await_recovery().await?;
         let s = self

@@ -26,6 +26,9 @@ mod apply;
 pub mod codec;
 pub mod db;
 pub mod directory;
+// The fuzz targets' way into private stored forms (fuzz/, FUZZING.md).
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod human;
 pub mod ids;
 mod layout;

@@ -278,7 +278,6 @@ pub async fn start(
             control.clone(),
             validator,
             registry,
-            store.clone(),
             config.tunnel.clone(),
             tunnels.clone(),
             cancel.clone(),

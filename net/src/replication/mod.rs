@@ -100,6 +100,42 @@ pub enum SyncResponse {
     },
 }
 
+/// The `/xe/sync/1.0.0` codec: CBOR, with the request and response caps.
+pub fn sync_codec() -> libp2p::request_response::cbor::codec::Codec<SyncRequest, SyncResponse> {
+    libp2p::request_response::cbor::codec::Codec::default()
+        .set_request_size_maximum(MAX_SYNC_REQUEST)
+        .set_response_size_maximum(MAX_SYNC_RESPONSE)
+}
+
+/// A gossip message from `from` validated and applied to `store` exactly
+/// as the host does with one gossipsub delivered, and the response to a
+/// sync request likewise; for the fuzz targets (`fuzz/`), which have no
+/// swarm. Returns whether the gossip message would be forwarded.
+#[doc(hidden)]
+pub fn fuzz_gossip(store: &Store, data: &[u8], from: &PeerId) -> bool {
+    let stats = NetStats::default();
+    !matches!(
+        validate_gossip(store, &stats, data, from),
+        Verdict::Now(gossipsub::MessageAcceptance::Reject | gossipsub::MessageAcceptance::Ignore)
+    )
+}
+
+/// A decoded sync request answered from `store`, and a decoded response
+/// applied to it, as the host does; for the fuzz targets.
+#[doc(hidden)]
+pub fn fuzz_sync(
+    store: &Store,
+    request: Option<SyncRequest>,
+    response: Option<SyncResponse>,
+    from: PeerId,
+) -> Option<SyncResponse> {
+    let answer = request.map(|r| answer_sync(store, r));
+    if let Some(r) = response {
+        apply_sync(store, &NetStats::default(), from, r);
+    }
+    answer
+}
+
 pub(crate) fn note_applied(stats: &NetStats, ev: &LeaseEvent) {
     stats.events_applied.fetch_add(1, Ordering::Relaxed);
     let lag = xe_store::now_secs().saturating_sub(ev.timestamp());

@@ -125,6 +125,9 @@ impl TunnelValidator for Provider {
             s => Err(format!("lease is {s}")),
         }
     }
+    async fn until_inactive(&self, lease: &LeaseHash) -> xe_store::Inactive {
+        self.store.until_inactive(lease).await
+    }
     async fn dial_ssh(&self, _lease: &LeaseHash) -> Result<Box<dyn VmConn>, String> {
         let s = tokio::net::TcpStream::connect(self.backend)
             .await
