@@ -254,6 +254,7 @@ impl From<MuxError> for io::Error {
 mod tests {
     use super::*;
     use futures::{AsyncReadExt, AsyncWriteExt};
+    use libp2p::core::muxing::StreamMuxerExt;
     use std::future::poll_fn;
     use tokio::sync::{mpsc, oneshot};
     use tokio_util::compat::TokioAsyncReadCompatExt;
@@ -338,54 +339,20 @@ mod tests {
         }
         assert_eq!(held.len(), N);
     }
-}
 
-#[cfg(test)]
-mod parked_tests {
-    use super::*;
-    use futures::{AsyncReadExt, AsyncWriteExt};
-    use libp2p::core::muxing::StreamMuxerExt;
-    use std::future::poll_fn;
-    use tokio::sync::{mpsc, oneshot};
-    use tokio_util::compat::TokioAsyncReadCompatExt;
-
-    /// A hostile client: opens `n` streams, writes a full initial window
-    /// on each and never reads; reports each stream the server reset.
-    async fn open_and_fill(
-        conn: Connection<impl AsyncRead + AsyncWrite + Unpin + Send + 'static>,
+    /// A hostile client on `conn`: opens `n` streams, writes a full
+    /// initial window on each and never reads; reports each stream the
+    /// server reset. Keep the returned sender: dropping it stops `drive`.
+    async fn open_and_fill<C>(
+        conn: Connection<C>,
         n: usize,
-    ) -> mpsc::UnboundedReceiver<usize> {
+    ) -> (mpsc::UnboundedReceiver<usize>, mpsc::UnboundedSender<Open>)
+    where
+        C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (reset_tx, reset_rx) = mpsc::unbounded_channel();
-        let (open_tx, mut open_rx) = mpsc::unbounded_channel::<oneshot::Sender<yamux::Stream>>();
-        let mut conn = conn;
-        tokio::spawn(async move {
-            let mut want: Option<oneshot::Sender<yamux::Stream>> = None;
-            poll_fn(|cx| {
-                loop {
-                    if want.is_none()
-                        && let Poll::Ready(Some(o)) = open_rx.poll_recv(cx)
-                    {
-                        want = Some(o);
-                    }
-                    let mut progressed = false;
-                    if want.is_some()
-                        && let Poll::Ready(r) = conn.poll_new_outbound(cx)
-                    {
-                        let _ = want.take().map(|o| o.send(r.expect("open")));
-                        progressed = true;
-                    }
-                    match conn.poll_next_inbound(cx) {
-                        Poll::Ready(Some(Ok(_))) => progressed = true,
-                        Poll::Ready(_) => return Poll::Ready(()),
-                        Poll::Pending => {}
-                    }
-                    if !progressed {
-                        return Poll::Pending::<()>;
-                    }
-                }
-            })
-            .await;
-        });
+        let (open_tx, open_rx) = mpsc::unbounded_channel();
+        tokio::spawn(drive(conn, open_rx));
         for i in 0..n {
             let (tx, rx) = oneshot::channel();
             open_tx.send(tx).expect("driver");
@@ -403,7 +370,7 @@ mod parked_tests {
                 }
             });
         }
-        reset_rx
+        (reset_rx, open_tx)
     }
 
     /// Before the cap was 32, 256 streams of 256 KiB each (64 MiB) could
@@ -416,7 +383,7 @@ mod parked_tests {
         let YamuxUpgrade(cfg) = config();
         let mut server = Muxer::new(Connection::new(b.compat(), cfg.clone(), Mode::Server));
         let client = Connection::new(a.compat(), cfg, Mode::Client);
-        let mut resets = open_and_fill(client, MAX_PARKED_STREAMS + EXTRA).await;
+        let (mut resets, _opens) = open_and_fill(client, MAX_PARKED_STREAMS + EXTRA).await;
         let parked = tokio::spawn(async move {
             let mut seen = std::collections::HashSet::new();
             let drive = poll_fn(|cx| {
