@@ -143,6 +143,17 @@ impl InboundLimits {
         }
     }
 
+    /// Refused when `src` holds its share of established connections.
+    fn source_has_room(&self, src: Source) -> Result<(), ConnectionDenied> {
+        let cap = self.caps.established_per_source;
+        if self.established_by_source.count(&src) >= cap {
+            return Err(ConnectionDenied::new(InboundRefusal::SourceConnections(
+                src, cap,
+            )));
+        }
+        Ok(())
+    }
+
     fn forget(&mut self, id: ConnectionId) {
         self.pending.forget(id);
         self.established_by_source.forget(id);
@@ -183,12 +194,7 @@ impl NetworkBehaviour for InboundLimits {
         }
         // Refused here already, before the handshake's cost, when the
         // source has its share of established connections.
-        let cap = self.caps.established_per_source;
-        if self.established_by_source.count(&src) >= cap {
-            return Err(ConnectionDenied::new(InboundRefusal::SourceConnections(
-                src, cap,
-            )));
-        }
+        self.source_has_room(src)?;
         self.pending.add(id, src);
         Ok(())
     }
@@ -209,12 +215,7 @@ impl NetworkBehaviour for InboundLimits {
         }
         if let Some(ip) = ip_of(remote) {
             let src = Source::of(ip);
-            let cap = self.caps.established_per_source;
-            if self.established_by_source.count(&src) >= cap {
-                return Err(ConnectionDenied::new(InboundRefusal::SourceConnections(
-                    src, cap,
-                )));
-            }
+            self.source_has_room(src)?;
             self.established_by_source.add(id, src);
         }
         self.established_by_peer.add(id, peer);

@@ -501,7 +501,7 @@ pub(crate) async fn serve(
                     cfg,
                     cancel,
                 };
-                serve_stream(stream, handshake, served).await;
+                serve_stream(stream, Some(handshake), served).await;
             }
             .instrument(tracing::info_span!("tunnel", %peer)),
         );
@@ -554,17 +554,6 @@ pub async fn handle_stream<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let handshakes: SlotTable<PeerId> = SlotTable::new(
-        ConnLimits {
-            global: 1,
-            per_source: 1,
-            reserve: 0,
-        },
-        "tunnel handshakes in flight",
-    );
-    let Ok(slot) = handshakes.admit_key(peer) else {
-        return;
-    };
     let served = Served {
         peer,
         validator,
@@ -573,11 +562,16 @@ pub async fn handle_stream<S>(
         cfg,
         cancel,
     };
-    serve_stream(stream, slot, served).await;
+    serve_stream(stream, None, served).await;
 }
 
-async fn serve_stream<S>(mut stream: S, handshake_slot: crate::slots::Slot<PeerId>, served: Served)
-where
+/// `handshake_slot` (the accept loop's share of its handshake table) is
+/// given back as soon as the handshake is over.
+async fn serve_stream<S>(
+    mut stream: S,
+    handshake_slot: Option<crate::slots::Slot<PeerId>>,
+    served: Served,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let Served {
