@@ -81,17 +81,7 @@ async fn body_deadline(State(app): State<App>, req: Request, next: Next) -> Resp
         Ok(Err(e)) if !is_length_limit(&e) => {
             HttpError::bad_request(format!("reading the request body: {e}")).into_response()
         }
-        Ok(Err(_)) => {
-            app.stats.record_body_too_large();
-            HttpError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "request body is over the {} byte limit",
-                    app.config.max_body_bytes
-                ),
-            )
-            .into_response()
-        }
+        Ok(Err(_)) => body_too_large(&app).into_response(),
         Err(_) => {
             app.stats.record_body_too_slow();
             HttpError::new(
@@ -434,14 +424,7 @@ async fn submit_event(
 ) -> Result<(StatusCode, Json<SubmitResult>), HttpError> {
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            app.stats.record_body_too_large();
-            HttpError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "request body is over the {} byte limit",
-                    app.config.max_body_bytes
-                ),
-            )
+            body_too_large(&app)
         } else {
             HttpError::bad_request(format!("reading the request body: {}", e.body_text()))
         }
@@ -589,4 +572,17 @@ async fn show_vm(
     Err(HttpError::not_found(format!(
         "no VM for lease {lease} on this provider (not a lease for this provider, not seen yet, or already torn down)"
     )))
+}
+
+/// A body over `--max-body-bytes`, counted: the one answer both the body
+/// deadline layer and the extractor give.
+fn body_too_large(app: &App) -> HttpError {
+    app.stats.record_body_too_large();
+    HttpError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "request body is over the {} byte limit",
+            app.config.max_body_bytes
+        ),
+    )
 }
