@@ -259,7 +259,7 @@ impl Handler for ConnHandler {
         };
         self.sessions.insert(channel.id());
         reply.accept().await;
-        self.spawn(channel::session(channel, ctx));
+        self.spawn(super::session::session(channel, ctx));
         Ok(())
     }
 

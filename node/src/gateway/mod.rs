@@ -71,6 +71,7 @@ mod join;
 mod lifecycle;
 mod pump;
 mod refusal;
+mod session;
 mod startups;
 pub mod stats;
 pub mod tunnel;
