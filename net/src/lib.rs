@@ -30,11 +30,12 @@ pub mod replication;
 pub mod secure;
 pub mod slots;
 pub mod source;
+pub mod stats;
 pub mod tunnel;
 
 pub use host::{
     BootstrapError, BootstrapStatus, ConnPath, MAX_TUNNELS_PER_PEER, Net, NetConfig, NetHandle,
-    NetStats, PeerInfo, Readiness, start,
+    PeerInfo, Readiness, start,
 };
 pub use identity::load_or_create_keypair;
 pub use libp2p::multiaddr::Protocol as libp2p_protocol;
@@ -42,6 +43,7 @@ pub use libp2p::{Multiaddr, PeerId};
 pub use nat::{NatConfig, NatInfo, Reachability};
 pub use secure::OverlayCipher;
 pub use source::Source;
+pub use stats::NetStats;
 pub use tunnel::{TunnelError, TunnelRegistry, TunnelStream, TunnelValidator, VmConn};
 
 /// Errors of the network layer.

@@ -17,7 +17,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::dial::BOOTSTRAP_REDIAL_INTERVAL;
+use super::addr::peer_of;
+
+/// How often bootstrap peers we lost are dialled again. A node whose only
+/// peer restarted (a provider behind NAT and its relay, say) must find its
+/// way back by itself; a failed dial is one TCP connect, cheap at this rate.
+pub(super) const BOOTSTRAP_REDIAL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long after start a node given bootstrap peers waits for one of them
 /// before it warns, naming each address and its cause. Long enough for a
@@ -230,7 +235,7 @@ impl Bootstrap {
         let entries: Vec<BootstrapStatus> = addrs
             .iter()
             .map(|addr| {
-                let peer = super::dial::peer_of(addr);
+                let peer = peer_of(addr);
                 BootstrapStatus {
                     addr: addr.clone(),
                     peer,

@@ -3,36 +3,18 @@
 //! address is known), and the bootstrap peers, redialled when lost.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
-use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError};
 use libp2p::{Multiaddr, PeerId, Swarm, kad};
 use tokio::sync::watch;
 use tracing::debug;
 
+use super::addr::{dial_rank, peer_of};
 use super::bootstrap::{Bootstrap, BootstrapStatus};
 use super::handle::Reply;
 use crate::behaviour::Behaviour;
 use crate::tunnel::TunnelError;
-
-/// The peer a multiaddr ends in (`…/p2p/<peer id>`).
-pub(super) fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
-    match addr.iter().last() {
-        Some(Protocol::P2p(p)) => Some(p),
-        _ => None,
-    }
-}
-
-/// Dial order: TCP, then QUIC, then relayed circuits.
-fn dial_rank(addr: &Multiaddr) -> u8 {
-    if addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
-        2
-    } else {
-        u8::from(is_quic(addr))
-    }
-}
 
 /// A dial to `peer` in [`dial_rank`] order. With no circuit among `addrs`
 /// (a peer that says it is reachable) one address at a time, so the
@@ -57,30 +39,6 @@ fn preferred_dial(
         opts.override_dial_concurrency_factor(std::num::NonZeroU8::MIN)
     }
 }
-
-/// Whether `addr` is a QUIC address.
-pub(super) fn is_quic(addr: &Multiaddr) -> bool {
-    addr.iter()
-        .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
-}
-
-/// Whether `addr` is a loopback address.
-pub(super) fn is_loopback(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| match p {
-        Protocol::Ip4(ip) => ip.is_loopback(),
-        Protocol::Ip6(ip) => ip.is_loopback(),
-        _ => false,
-    })
-}
-
-pub(super) fn is_circuit(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| p == Protocol::P2pCircuit)
-}
-
-/// How often bootstrap peers we lost are dialled again. A node whose only
-/// peer restarted (a provider behind NAT and its relay, say) must find its
-/// way back by itself; a failed dial is one TCP connect, cheap at this rate.
-pub(super) const BOOTSTRAP_REDIAL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Tunnel opens waiting for a connection to one peer.
 struct PeerDial {

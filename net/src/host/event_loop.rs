@@ -12,7 +12,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::dial::{BOOTSTRAP_REDIAL_INTERVAL, Dialer, is_quic};
+use super::addr::is_quic;
+use super::bootstrap::BOOTSTRAP_REDIAL_INTERVAL;
+use super::dial::Dialer;
 use super::handle::Command;
 use super::nat::{self, ANNOUNCE_DEBOUNCE, Nat};
 use super::peers::{Conn, Peers};

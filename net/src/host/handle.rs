@@ -11,12 +11,12 @@ use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 use tracing::debug;
 use xe_store::{AccountAddress, Applied, DirectoryEntry, LeaseEvent, LeaseHash, Store};
 
-use super::NetStats;
 use super::bootstrap::{BootstrapStatus, Readiness};
 use super::peers::{ConnPath, PeerInfo, PeerTunnels, TooManyTunnels};
 use crate::NetError;
 use crate::nat::{NatInfo, Reachability};
 use crate::replication::GossipMessage;
+use crate::stats::NetStats;
 use crate::tunnel::{self, TUNNEL_PROTOCOL, TunnelError, TunnelRegistry, TunnelStream};
 
 /// Tries at opening a tunnel stream whose handshake was cut before any

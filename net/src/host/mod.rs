@@ -16,6 +16,7 @@
 //! - `replication`: gossip, sync and the directory entry (the protocols
 //!   are in [`crate::replication`]).
 
+mod addr;
 mod bootstrap;
 mod dial;
 mod event_loop;
@@ -30,7 +31,6 @@ pub use peers::{ConnPath, MAX_STREAMS_PER_CONNECTION, MAX_TUNNELS_PER_PEER, Peer
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -45,7 +45,8 @@ use crate::NetError;
 use crate::behaviour::Behaviour;
 use crate::nat::{NatConfig, NatInfo, Reachability};
 use crate::replication::driver::{self, Reconciler};
-use crate::secure::{HandshakeCounts, OverlayCipher, SecurityUpgrade};
+use crate::secure::{OverlayCipher, SecurityUpgrade};
+use crate::stats::NetStats;
 use crate::tunnel::{
     self, DEFAULT_HANDSHAKE_TIMEOUT, TunnelRegistry, TunnelServerConfig, TunnelValidator,
 };
@@ -127,21 +128,6 @@ impl NetConfig {
             inbound: crate::inbound::InboundCaps::default(),
         }
     }
-}
-
-/// Counters for metrics.
-#[derive(Debug, Default)]
-pub struct NetStats {
-    /// Gossip messages rejected by validation.
-    pub invalid_messages: AtomicU64,
-    /// Lease events applied from the network (gossip or sync).
-    pub events_applied: AtomicU64,
-    /// Seconds between an applied event's own timestamp and its arrival.
-    pub last_replication_lag_secs: AtomicU64,
-    /// Connections secured, by cipher.
-    pub handshakes: Arc<HandshakeCounts>,
-    /// Reconciliation sessions and their bytes.
-    pub recon: crate::replication::session::ReconStats,
 }
 
 /// A running host.

@@ -11,7 +11,7 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, autonat, dcutr, kad, rela
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::dial::{is_circuit, is_loopback, peer_of};
+use super::addr::{is_circuit, is_loopback, peer_of};
 use crate::behaviour::Behaviour;
 use crate::nat::{MAX_RELAYS, NatConfig, NatInfo, RELAY_RETRY_INTERVAL, Reachability};
 

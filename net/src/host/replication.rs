@@ -13,12 +13,12 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 use xe_store::{DirectoryEntry, EventId, LeaseHash, Store, Wallet};
 
-use super::NetStats;
 use crate::behaviour::Behaviour;
 use crate::replication::driver::Reconciler;
 use crate::replication::{
     self, DIRECTORY_TOPIC, GossipMessage, LEASE_TOPIC, SyncRequest, SyncResponse, Verdict,
 };
+use crate::stats::NetStats;
 
 /// Results that background work hands back to the event loop.
 pub(super) enum Internal {

@@ -27,7 +27,7 @@ use xe_store::Store;
 
 use super::RECON_PROTOCOL;
 use super::session::{self, Report, SessionError};
-use crate::host::NetStats;
+use crate::stats::NetStats;
 
 /// Incoming sessions answered at once.
 pub const MAX_INBOUND_SESSIONS: usize = 8;

@@ -25,7 +25,7 @@ use xe_store::{
     Applied, DirectoryEntry, EventId, LeaseEvent, LeaseHash, Source, Store, StoreError,
 };
 
-use crate::host::NetStats;
+use crate::stats::NetStats;
 
 pub mod driver;
 pub mod recon;
