@@ -54,7 +54,7 @@ async fn a_vm_asked_for_during_recovery_is_503_with_retry_after_then_404() {
     let dir = tempfile::tempdir().expect("tempdir");
     let backend = Arc::new(HeldRecovery::default());
     let mut cfg = NodeConfig::new(dir.path().join("node"));
-    cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
+    cfg.net.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
     cfg.provide = Some(ProvideConfig {
         backend: VmBackend::Custom(backend.clone()),
         capacity: Capacity::default(),

@@ -73,8 +73,11 @@ async fn start_nodes(dir: &Path, args: &DevnetArgs) -> anyhow::Result<Net3> {
     let backend = args.vm_backend;
     step("starting gateway node (SSH gateway on 127.0.0.1, libp2p on loopback)…");
     let mut g = NodeConfig::new(dir.join("gateway"));
-    g.p2p_listen = loopback_listen();
-    g.ssh = Some(SshConfig::new("127.0.0.1:0".parse().expect("valid")));
+    g.net.listen = loopback_listen();
+    g.ssh = Some(SshConfig::new(
+        "127.0.0.1:0".parse().expect("valid"),
+        &dir.join("gateway"),
+    ));
     let mut gateway = Node::start(g).await.context("starting the gateway node")?;
     let boot = gateway.net.p2p_addrs().await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -95,8 +98,8 @@ async fn start_nodes(dir: &Path, args: &DevnetArgs) -> anyhow::Result<Net3> {
         "starting provider node (vm backend: {backend:?})…"
     ));
     let mut p = NodeConfig::new(dir.join("provider"));
-    p.p2p_listen = loopback_listen();
-    p.bootstrap = boot.clone();
+    p.net.listen = loopback_listen();
+    p.net.bootstrap = boot.clone();
     p.provide = Some(ProvideConfig {
         backend: match backend {
             Backend::Dev => VmBackend::Dev,
@@ -117,8 +120,8 @@ async fn start_nodes(dir: &Path, args: &DevnetArgs) -> anyhow::Result<Net3> {
 
     step("starting consumer node…");
     let mut c = NodeConfig::new(dir.join("consumer"));
-    c.p2p_listen = loopback_listen();
-    c.bootstrap = boot;
+    c.net.listen = loopback_listen();
+    c.net.bootstrap = boot;
     let consumer = Node::start(c).await.context("starting the consumer node")?;
     Ok(Net3 {
         gateway,

@@ -222,9 +222,9 @@ impl NodeArgs {
         if let Some(w) = &self.wallet {
             cfg.wallet = w.clone();
         }
-        cfg.p2p_listen = self.p2p_listen.clone();
-        cfg.bootstrap = self.bootstrap.clone();
-        for b in &cfg.bootstrap {
+        cfg.net.listen = self.p2p_listen.clone();
+        cfg.net.bootstrap = self.bootstrap.clone();
+        for b in &cfg.net.bootstrap {
             if !b
                 .iter()
                 .any(|p| matches!(p, xe_net::libp2p_protocol::P2p(_)))
@@ -234,12 +234,14 @@ impl NodeArgs {
                 );
             }
         }
-        cfg.handshake_timeout = Duration::from_secs(self.handshake_timeout);
-        cfg.announce_interval = Duration::from_secs(self.announce_interval);
-        cfg.max_tunnels = self.max_tunnels;
-        cfg.p2p_inbound.established_per_source = self.p2p_max_connections_per_source;
+        // One flag for both ends of a tunnel's handshake.
+        cfg.net.client_handshake_timeout = Duration::from_secs(self.handshake_timeout);
+        cfg.net.tunnel.handshake_timeout = cfg.net.client_handshake_timeout;
+        cfg.net.announce_interval = Duration::from_secs(self.announce_interval);
+        cfg.net.tunnel.max_tunnels = self.max_tunnels;
+        cfg.net.inbound.established_per_source = self.p2p_max_connections_per_source;
         cfg.ledger_retention = Duration::from_secs(self.ledger_retention_days * 86_400);
-        cfg.overlay_cipher = self.overlay_cipher;
+        cfg.net.overlay_cipher = self.overlay_cipher;
         if self.provide {
             cfg.provide = Some(ProvideConfig {
                 backend: match self.vm_backend {
@@ -262,17 +264,16 @@ impl NodeArgs {
             });
         }
         if let Some(listen) = ssh_listen(self)? {
-            cfg.ssh = Some(SshConfig {
-                listen,
-                max_connections: self.max_ssh_connections,
-                auth_grace: Duration::from_secs(self.ssh_auth_grace),
-                startups: self.ssh_max_startups,
-                startups_per_source: self.ssh_max_startups_per_source,
-                connect_rate: xe_node::limits::RateLimit {
-                    burst: self.ssh_connect_burst,
-                    per_second: f64::from(self.ssh_connect_rate),
-                },
-            });
+            let mut ssh = SshConfig::new(listen, &data);
+            ssh.gateway.max_connections = self.max_ssh_connections;
+            ssh.gateway.auth_grace = Duration::from_secs(self.ssh_auth_grace);
+            ssh.gateway.startups = self.ssh_max_startups;
+            ssh.gateway.startups_per_source = self.ssh_max_startups_per_source;
+            ssh.gateway.connect_rate = xe_node::limits::RateLimit {
+                burst: self.ssh_connect_burst,
+                per_second: f64::from(self.ssh_connect_rate),
+            };
+            cfg.ssh = Some(ssh);
         }
         for r in &self.relay {
             if !r
@@ -282,7 +283,7 @@ impl NodeArgs {
                 anyhow::bail!("--relay {r}: must end in /p2p/<peer id> (the relay's p2p_addrs)");
             }
         }
-        cfg.nat = xe_net::NatConfig {
+        cfg.net.nat = xe_net::NatConfig {
             relay_server: !self.no_relay_server && (self.relay_server || cfg.ssh.is_some()),
             external_addrs: self.external_addr.clone(),
             relays: self.relay.clone(),

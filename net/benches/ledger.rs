@@ -18,7 +18,7 @@ use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 use xe_net::replication::RECON_PROTOCOL;
 use xe_net::replication::session::{self, ReconStats};
-use xe_net::{Multiaddr, NetConfig, NetHandle};
+use xe_net::{Multiaddr, NetConfig, NetHandle, NetRoles};
 use xe_store::{AccessPubKey, Lease, LeaseEvent, Store, Wallet, now_secs};
 
 const HOST_KEY: &str =
@@ -99,13 +99,14 @@ struct Host {
 }
 
 async fn host(store: &Store, key: libp2p::identity::Keypair, boot: Vec<Multiaddr>) -> Host {
-    let mut cfg = NetConfig::new(key);
+    let mut cfg = NetConfig::default();
+    let roles = NetRoles::new(key);
     cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
     cfg.bootstrap = boot;
     // Only the sessions this bench starts or that connecting starts.
     cfg.resync_interval = Duration::from_secs(3600);
     let cancel = CancellationToken::new();
-    let net = xe_net::start(cfg, store.clone(), cancel.clone())
+    let net = xe_net::start(roles, cfg, store.clone(), cancel.clone())
         .await
         .expect("start");
     Host {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use xe_net::{ConnPath, Multiaddr, NetConfig};
+use xe_net::{ConnPath, Multiaddr, NetConfig, NetRoles};
 use xe_store::{LeaseHash, Store};
 
 mod support;
@@ -27,10 +27,11 @@ async fn main() {
     let key = libp2p::identity::Keypair::generate_ed25519;
 
     // The relay.
-    let mut rcfg = NetConfig::new(key());
+    let mut rcfg = NetConfig::default();
+    let relay_roles = NetRoles::new(key());
     rcfg.listen = loopback_tcp();
     rcfg.nat.relay_server = true;
-    let relay = xe_net::start(rcfg, store(), cancel.clone())
+    let relay = xe_net::start(relay_roles, rcfg, store(), cancel.clone())
         .await
         .expect("relay");
     let relay_addrs = relay.handle.p2p_addrs().await.expect("addrs");
@@ -38,13 +39,14 @@ async fn main() {
     // The provider: listens on loopback (for the direct run) and reserves
     // on the relay. No hole punching anywhere, so the relayed run stays
     // relayed.
-    let mut pcfg = NetConfig::new(key());
+    let mut pcfg = NetConfig::default();
+    let mut provider_roles = NetRoles::new(key());
     pcfg.listen = loopback_tcp();
     pcfg.bootstrap = relay_addrs;
     pcfg.nat.behind_nat = true;
     pcfg.nat.hole_punching = false;
-    pcfg.validator = Some(Arc::new(AnyLease(sink().await)));
-    let provider = xe_net::start(pcfg, store(), cancel.clone())
+    provider_roles.validator = Some(Arc::new(AnyLease(sink().await)));
+    let provider = xe_net::start(provider_roles, pcfg, store(), cancel.clone())
         .await
         .expect("provider");
     let pid = provider.handle.peer_id();
@@ -66,10 +68,11 @@ async fn main() {
         ("direct", direct, ConnPath::Direct),
         ("relayed", circuit, ConnPath::Relayed),
     ] {
-        let mut c = NetConfig::new(key());
+        let mut c = NetConfig::default();
+        let client_roles = NetRoles::new(key());
         c.listen = vec![];
         c.nat.hole_punching = false;
-        let client = xe_net::start(c, store(), cancel.clone())
+        let client = xe_net::start(client_roles, c, store(), cancel.clone())
             .await
             .expect("client");
         let mut runs = Vec::new();

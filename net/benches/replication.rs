@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use xe_net::{NetConfig, NetHandle};
+use xe_net::{NetConfig, NetHandle, NetRoles};
 use xe_store::{Lease, LeaseEvent, LeaseHash, Store, Wallet, now_secs};
 
 const NODES: usize = 20;
@@ -22,10 +22,11 @@ struct N {
 
 async fn start(boot: Vec<xe_net::Multiaddr>, cancel: &CancellationToken) -> N {
     let store = Store::temporary().expect("store");
-    let mut cfg = NetConfig::new(libp2p::identity::Keypair::generate_ed25519());
+    let mut cfg = NetConfig::default();
+    let roles = NetRoles::new(libp2p::identity::Keypair::generate_ed25519());
     cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
     cfg.bootstrap = boot;
-    let net = xe_net::start(cfg, store.clone(), cancel.child_token())
+    let net = xe_net::start(roles, cfg, store.clone(), cancel.child_token())
         .await
         .expect("start");
     N {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use xe_net::NetConfig;
+use xe_net::{NetConfig, NetRoles};
 use xe_store::{LeaseHash, Store};
 
 mod support;
@@ -19,24 +19,36 @@ use support::{AnyLease, RUNS, median, mibs, push, sink};
 async fn main() {
     let backend = sink().await;
     let cancel = CancellationToken::new();
-    let mut pcfg = NetConfig::new(libp2p::identity::Keypair::generate_ed25519());
+    let mut pcfg = NetConfig::default();
+    let mut provider_roles = NetRoles::new(libp2p::identity::Keypair::generate_ed25519());
     pcfg.listen = vec![
         "/ip4/127.0.0.1/tcp/0".parse().expect("addr"),
         "/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("addr"),
     ];
-    pcfg.validator = Some(Arc::new(AnyLease(backend)));
-    let provider = xe_net::start(pcfg, Store::temporary().expect("store"), cancel.clone())
-        .await
-        .expect("start");
+    provider_roles.validator = Some(Arc::new(AnyLease(backend)));
+    let provider = xe_net::start(
+        provider_roles,
+        pcfg,
+        Store::temporary().expect("store"),
+        cancel.clone(),
+    )
+    .await
+    .expect("start");
     let paddrs = provider.handle.p2p_addrs().await.expect("addrs");
     let pid = provider.handle.peer_id();
 
     for (label, proto) in [("TCP+noise+yamux", "/tcp/"), ("QUIC", "/quic-v1")] {
-        let mut c = NetConfig::new(libp2p::identity::Keypair::generate_ed25519());
+        let mut c = NetConfig::default();
+        let client_roles = NetRoles::new(libp2p::identity::Keypair::generate_ed25519());
         c.listen = vec![];
-        let client = xe_net::start(c, Store::temporary().expect("store"), cancel.clone())
-            .await
-            .expect("start");
+        let client = xe_net::start(
+            client_roles,
+            c,
+            Store::temporary().expect("store"),
+            cancel.clone(),
+        )
+        .await
+        .expect("start");
         let addr: Vec<_> = paddrs
             .iter()
             .filter(|a| a.to_string().contains(proto))

@@ -35,7 +35,7 @@ pub mod tunnel;
 
 pub use host::{
     BootstrapError, BootstrapStatus, ConnPath, MAX_TUNNELS_PER_PEER, Net, NetConfig, NetHandle,
-    PeerInfo, Readiness, start,
+    NetRoles, PeerInfo, Readiness, start,
 };
 pub use identity::load_or_create_keypair;
 pub use libp2p::multiaddr::Protocol as libp2p_protocol;
@@ -44,7 +44,9 @@ pub use nat::{NatConfig, NatInfo, Reachability};
 pub use secure::OverlayCipher;
 pub use source::Source;
 pub use stats::NetStats;
-pub use tunnel::{TunnelError, TunnelRegistry, TunnelStream, TunnelValidator, VmConn};
+pub use tunnel::{
+    TunnelError, TunnelRefusal, TunnelRegistry, TunnelStream, TunnelValidator, VmConn,
+};
 
 /// Errors of the network layer.
 #[derive(Debug, thiserror::Error)]

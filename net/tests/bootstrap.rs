@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use tokio_util::sync::CancellationToken;
-use xe_net::{BootstrapError, BootstrapStatus, Multiaddr, NetConfig, PeerId};
+use xe_net::{BootstrapError, BootstrapStatus, Multiaddr, NetConfig, NetRoles, PeerId};
 
 /// Bound on every wait here: several redial rounds (5 s each).
 const LIMIT: Duration = Duration::from_secs(30);
@@ -132,10 +132,11 @@ async fn bootstrap_peer_started_later_is_reached_on_a_redial() {
     .await;
 
     let store = xe_store::Store::open(&dir.path().join("db")).expect("store");
-    let mut cfg = NetConfig::new(key);
+    let mut cfg = NetConfig::default();
+    let roles = NetRoles::new(key);
     cfg.listen = vec![listen];
     let cancel = CancellationToken::new();
-    let _late = xe_net::start(cfg, store, cancel.clone())
+    let _late = xe_net::start(roles, cfg, store, cancel.clone())
         .await
         .expect("start");
     let st = wait_bootstrap(&b, "connected after a redial", |s| s.connected).await;

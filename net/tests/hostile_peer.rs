@@ -35,9 +35,9 @@ async fn stalled_handshakes_hold_no_tunnel_slot_and_only_their_peers_share() {
     let provider_wallet = Wallet::from_seed([2; 32]);
     let consumer = Wallet::from_seed([1; 32]);
     let me = provider_wallet.address();
-    let provider = node_with_store(|store, cfg| {
+    let provider = node_with_store(|store, cfg, roles| {
         cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
-        cfg.validator = Some(arc(Provider {
+        roles.validator = Some(arc(Provider {
             store: store.clone(),
             me,
             backend,

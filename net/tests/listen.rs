@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use tokio_util::sync::CancellationToken;
-use xe_net::{Multiaddr, NetConfig, NetError};
+use xe_net::{Multiaddr, NetConfig, NetError, NetRoles};
 use xe_store::Store;
 
 #[tokio::test]
@@ -24,10 +24,11 @@ async fn a_taken_listen_port_fails_the_start_with_address_in_use() {
         let dir = tempfile::tempdir().expect("tmp");
         let store = Store::open(&dir.path().join("db")).expect("store");
         let key = xe_net::load_or_create_keypair(&dir.path().join("p2p_key")).expect("key");
-        let mut cfg = NetConfig::new(key);
+        let mut cfg = NetConfig::default();
+        let roles = NetRoles::new(key);
         cfg.listen = vec![addr.clone()];
         let cancel = CancellationToken::new();
-        let r = xe_net::start(cfg, store, cancel.clone()).await;
+        let r = xe_net::start(roles, cfg, store, cancel.clone()).await;
         cancel.cancel();
         match r {
             Err(NetError::Listen(a, why)) => {

@@ -29,16 +29,16 @@ async fn provider(
 ) -> TestNode {
     let bootstrap = relay.net.p2p_addrs().await.expect("addrs");
     let wallet = Arc::new(Wallet::from_seed(seed));
-    node_with_store(|store, cfg| {
+    node_with_store(|store, cfg, roles| {
         cfg.listen = listen;
         cfg.bootstrap = bootstrap;
         cfg.nat.behind_nat = true;
-        cfg.validator = Some(Arc::new(Provider {
+        roles.validator = Some(Arc::new(Provider {
             store: store.clone(),
             me: wallet.address(),
             backend,
         }));
-        cfg.announce = Some(wallet);
+        roles.announce = Some(wallet);
     })
     .await
 }

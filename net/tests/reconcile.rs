@@ -188,12 +188,13 @@ async fn offline_node_catches_up_exchanging_only_the_difference() {
     a.store.apply_events(&new).expect("new");
 
     let key = xe_net::load_or_create_keypair(&b._dir.path().join("p2p_key")).expect("key");
-    let mut cfg = xe_net::NetConfig::new(key);
+    let mut cfg = xe_net::NetConfig::default();
+    let roles = xe_net::NetRoles::new(key);
     cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
     cfg.bootstrap = addrs;
     cfg.resync_interval = Duration::from_secs(3600);
     let cancel = tokio_util::sync::CancellationToken::new();
-    let back = xe_net::start(cfg, b_store.clone(), cancel.clone())
+    let back = xe_net::start(roles, cfg, b_store.clone(), cancel.clone())
         .await
         .expect("restart");
     wait_events(&b_store, old.len() + d).await;

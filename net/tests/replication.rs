@@ -182,7 +182,11 @@ async fn invalid_event_does_not_spread() {
 #[tokio::test]
 async fn provider_announces_directory_entry() {
     let provider = Arc::new(Wallet::from_seed([2; 32]));
-    let p = node_with(vec![], |c| c.announce = Some(provider.clone())).await;
+    let p = node_with_store(|_, c, roles| {
+        c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
+        roles.announce = Some(provider.clone());
+    })
+    .await;
     let g = node(p.net.p2p_addrs().await.expect("addrs")).await;
     wait_peers(&g, 1).await;
     let want = p.net.peer_id().to_string();
@@ -217,10 +221,11 @@ async fn lost_bootstrap_peer_is_redialled_after_it_restarts() {
     let start_b = |port: u16, store: xe_store::Store| {
         let key = key.clone();
         async move {
-            let mut cfg = xe_net::NetConfig::new(key);
+            let mut cfg = xe_net::NetConfig::default();
+            let roles = xe_net::NetRoles::new(key);
             cfg.listen = vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().expect("addr")];
             let cancel = tokio_util::sync::CancellationToken::new();
-            let net = xe_net::start(cfg, store, cancel.clone())
+            let net = xe_net::start(roles, cfg, store, cancel.clone())
                 .await
                 .expect("start");
             (net, cancel)

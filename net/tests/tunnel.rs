@@ -54,15 +54,16 @@ async fn pair_with(
     });
     let dir = tempfile::tempdir().expect("tempdir");
     let key = xe_net::load_or_create_keypair(&dir.path().join("k")).expect("key");
-    let mut cfg = xe_net::NetConfig::new(key);
+    let mut cfg = xe_net::NetConfig::default();
     cfg.listen = provider_listen
         .iter()
         .map(|a| a.parse().expect("addr"))
         .collect();
-    cfg.validator = Some(validator);
+    let mut roles = xe_net::NetRoles::new(key);
+    roles.validator = Some(validator);
     cfg.tunnel.handshake_timeout = handshake;
     let cancel = tokio_util::sync::CancellationToken::new();
-    let net = xe_net::start(cfg, store.clone(), cancel.clone())
+    let net = xe_net::start(roles, cfg, store.clone(), cancel.clone())
         .await
         .expect("start");
     let provider = TestNode {
@@ -140,7 +141,7 @@ async fn each_refusal_surfaces_the_providers_message() {
     let foreign = accepted_lease(&p.provider.store, &p.consumer, &other, 3);
     let e = p.open(&foreign).await.unwrap_err();
     assert!(
-        matches!(&e, TunnelError::Refused(m) if m.contains("not the lease's provider")),
+        matches!(&e, TunnelError::Refused(m) if m.contains("not the provider of lease")),
         "{e}"
     );
     // Backend down: the dial error is reported.

@@ -3,13 +3,13 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
-use xe_net::{Multiaddr, NetConfig, NetHandle};
+use xe_net::{NetConfig, NetHandle, NetRoles};
 use xe_store::{Store, Wallet};
 use xe_vm::VmManager;
 
@@ -68,33 +68,22 @@ pub struct ProvideConfig {
     pub capacity: Capacity,
 }
 
-/// SSH gateway settings.
+/// SSH gateway settings: where it listens, and the gateway's own settings.
 #[derive(Debug, Clone)]
 pub struct SshConfig {
     /// Where to listen.
     pub listen: SocketAddr,
-    /// Concurrent authenticated sessions (the seed's maxSSHConnections).
-    pub max_connections: usize,
-    /// Grace time for unauthenticated connections.
-    pub auth_grace: Duration,
-    /// Unauthenticated connections in all (`MaxStartups`).
-    pub startups: crate::gateway::Startups,
-    /// Unauthenticated connections per source address.
-    pub startups_per_source: usize,
-    /// New connections per source address (token bucket).
-    pub connect_rate: crate::limits::RateLimit,
+    /// Limits, timeouts and the host key file (see [`GatewayConfig`]).
+    pub gateway: GatewayConfig,
 }
 
 impl SshConfig {
-    /// The gateway's defaults, listening on `listen`.
-    pub fn new(listen: SocketAddr) -> Self {
+    /// The gateway's defaults, listening on `listen`, its host key in
+    /// `data_dir`.
+    pub fn new(listen: SocketAddr, data_dir: &Path) -> Self {
         SshConfig {
             listen,
-            max_connections: crate::gateway::DEFAULT_MAX_CONNECTIONS,
-            auth_grace: crate::gateway::DEFAULT_AUTH_GRACE,
-            startups: crate::gateway::DEFAULT_STARTUPS,
-            startups_per_source: crate::gateway::DEFAULT_STARTUPS_PER_SOURCE,
-            connect_rate: crate::gateway::DEFAULT_CONNECT_RATE,
+            gateway: GatewayConfig::new(data_dir),
         }
     }
 }
@@ -106,28 +95,15 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// The node's account wallet (created on first run).
     pub wallet: PathBuf,
-    /// libp2p listen addresses.
-    pub p2p_listen: Vec<Multiaddr>,
-    /// Peers to dial at start.
-    pub bootstrap: Vec<Multiaddr>,
+    /// The overlay: listen addresses, bootstrap peers, NAT traversal,
+    /// tunnel limits and deadlines, cipher, inbound caps.
+    pub net: NetConfig,
     /// Provider role, if enabled.
     pub provide: Option<ProvideConfig>,
     /// SSH gateway, if enabled.
     pub ssh: Option<SshConfig>,
-    /// Tunnel handshake deadline (both sides).
-    pub handshake_timeout: Duration,
-    /// How often the provider re-announces its directory entry.
-    pub announce_interval: Duration,
-    /// NAT traversal: relay server, relays to reserve on, hole punching.
-    pub nat: xe_net::NatConfig,
-    /// Most tunnels a provider serves at once; more are refused.
-    pub max_tunnels: usize,
-    /// Cipher of the overlay's TCP and relayed connections.
-    pub overlay_cipher: xe_net::OverlayCipher,
     /// How long an ended lease stays in the store (see `xe_store::retention`).
     pub ledger_retention: Duration,
-    /// Caps on inbound p2p connections, per source and per peer.
-    pub p2p_inbound: xe_net::inbound::InboundCaps,
 }
 
 impl NodeConfig {
@@ -136,20 +112,18 @@ impl NodeConfig {
         NodeConfig {
             wallet: data_dir.join("wallet.seed"),
             data_dir,
-            p2p_listen: vec![
-                "/ip4/0.0.0.0/tcp/0".parse().expect("valid"),
-                "/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("valid"),
-            ],
-            bootstrap: Vec::new(),
+            // A node is reached from other machines; a bare host (tests,
+            // benches) listens on loopback.
+            net: NetConfig {
+                listen: vec![
+                    "/ip4/0.0.0.0/tcp/0".parse().expect("valid"),
+                    "/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("valid"),
+                ],
+                ..NetConfig::default()
+            },
             provide: None,
             ssh: None,
-            handshake_timeout: xe_net::tunnel::DEFAULT_HANDSHAKE_TIMEOUT,
-            announce_interval: Duration::from_secs(300),
-            nat: xe_net::NatConfig::default(),
-            max_tunnels: xe_net::tunnel::TunnelServerConfig::default().max_tunnels,
-            overlay_cipher: xe_net::OverlayCipher::default(),
             ledger_retention: Duration::from_secs(xe_store::DEFAULT_RETENTION_SECS),
-            p2p_inbound: xe_net::inbound::InboundCaps::default(),
         }
     }
 }
@@ -254,21 +228,18 @@ impl Node {
             }
             None => None,
         };
-        let mut net_cfg = NetConfig::new(keypair);
-        net_cfg.listen = cfg.p2p_listen.clone();
-        net_cfg.bootstrap = cfg.bootstrap.clone();
-        net_cfg.client_handshake_timeout = cfg.handshake_timeout;
-        net_cfg.tunnel.handshake_timeout = cfg.handshake_timeout;
-        net_cfg.tunnel.max_tunnels = cfg.max_tunnels;
-        net_cfg.announce_interval = cfg.announce_interval;
-        net_cfg.nat = cfg.nat.clone();
-        net_cfg.overlay_cipher = cfg.overlay_cipher;
-        net_cfg.inbound = cfg.p2p_inbound;
+        let mut roles = NetRoles::new(keypair);
         if let Some(p) = &provider {
-            net_cfg.announce = Some(wallet.clone());
-            net_cfg.validator = Some(p.clone() as Arc<dyn xe_net::TunnelValidator>);
+            roles.announce = Some(wallet.clone());
+            roles.validator = Some(p.clone() as Arc<dyn xe_net::TunnelValidator>);
         }
-        let net = xe_net::start(net_cfg, store.clone(), stages.network.token()).await?;
+        let net = xe_net::start(
+            roles,
+            cfg.net.clone(),
+            store.clone(),
+            stages.network.token(),
+        )
+        .await?;
         let handle = net.handle.clone();
         let mut net_tasks = net.tasks;
         stages.network.spawn("p2p host", async move {
@@ -291,7 +262,7 @@ impl Node {
         let (ssh_addr, gateway_stats) = match &cfg.ssh {
             Some(ssh) => {
                 let (addr, stats) =
-                    start_gateway(&cfg, vm_dialer.clone(), ssh, &store, &mut stages.doors).await?;
+                    start_gateway(vm_dialer.clone(), ssh, &store, &mut stages.doors).await?;
                 (Some(addr), Some(stats))
             }
             None => (None, None),
@@ -359,20 +330,13 @@ impl Node {
 
 /// Bind and spawn the SSH gateway; returns its bound address and counters.
 async fn start_gateway(
-    cfg: &NodeConfig,
     dialer: Arc<VmDialer>,
     ssh: &SshConfig,
     store: &Store,
     doors: &mut Stage,
 ) -> Result<(SocketAddr, Arc<GatewayStats>), NodeError> {
-    let mut gcfg = GatewayConfig::new(&cfg.data_dir);
-    gcfg.max_connections = ssh.max_connections;
-    gcfg.auth_grace = ssh.auth_grace;
-    gcfg.startups = ssh.startups;
-    gcfg.startups_per_source = ssh.startups_per_source;
-    gcfg.connect_rate = ssh.connect_rate;
     let stats = Arc::new(GatewayStats::new());
-    let gateway = Gateway::new(gcfg, store.clone(), dialer, stats.clone())?;
+    let gateway = Gateway::new(ssh.gateway.clone(), store.clone(), dialer, stats.clone())?;
     let listener = tokio::net::TcpListener::bind(ssh.listen)
         .await
         .map_err(|source| NodeError::Io {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, warn};
-use xe_net::{NetHandle, PeerId, TunnelValidator, VmConn};
+use xe_net::{NetHandle, PeerId, TunnelRefusal, TunnelValidator, VmConn};
 use xe_store::{Inactive, LeaseEvent, LeaseHash, LeaseRecord, LeaseState, Store, Wallet, now_secs};
 use xe_vm::{ProvisionRequest, VmManager};
 
@@ -111,7 +111,7 @@ impl Provider {
         &self,
         lease: &LeaseHash,
         me: &PeerId,
-    ) -> Result<Box<dyn VmConn>, String> {
+    ) -> Result<Box<dyn VmConn>, TunnelRefusal> {
         self.validate_tunnel_lease(lease, me).await?;
         self.dial_ssh(lease).await
     }
@@ -415,17 +415,14 @@ impl Provider {
         self.recovered.send_replace(true);
     }
 
-    async fn await_recovery(&self) -> Result<(), String> {
+    async fn await_recovery(&self) -> Result<(), TunnelRefusal> {
         // Every tunnel passes here; after start-up this is one load.
         if !self.recovering() {
             return Ok(());
         }
         match tokio::time::timeout(RECOVERY_WAIT, self.recovered()).await {
             Ok(_) => Ok(()),
-            Err(_) => Err(format!(
-                "the provider is still recovering its VMs after a restart (waited {} s); try again in a minute",
-                RECOVERY_WAIT.as_secs()
-            )),
+            Err(_) => Err(TunnelRefusal::Recovering(RECOVERY_WAIT)),
         }
     }
 
@@ -512,35 +509,33 @@ impl Provider {
 
 #[async_trait::async_trait]
 impl TunnelValidator for Provider {
-    async fn validate_tunnel_lease(&self, lease: &LeaseHash, _peer: &PeerId) -> Result<(), String> {
+    async fn validate_tunnel_lease(
+        &self,
+        lease: &LeaseHash,
+        _peer: &PeerId,
+    ) -> Result<(), TunnelRefusal> {
         let rec = self
             .store
             .lease(lease)
-            .map_err(|e| format!("store error: {e}"))?
-            .ok_or_else(|| format!("unknown lease {lease}"))?;
+            .map_err(|e| TunnelRefusal::Store(e.to_string()))?
+            .ok_or(TunnelRefusal::UnknownLease(*lease))?;
         if !self.names_me(&rec) {
-            return Err(format!(
-                "this node is not the provider of lease {}",
-                lease.short()
-            ));
+            return Err(TunnelRefusal::NotProvider(*lease));
         }
-        rec.access().map_err(|why| match why {
-            Inactive::NotAccepted => "lease is not accepted yet (VM still provisioning)".into(),
-            why => format!("lease is {why}"),
-        })
+        rec.access().map_err(TunnelRefusal::Inactive)
     }
 
     async fn until_inactive(&self, lease: &LeaseHash) -> Inactive {
         self.store.until_inactive(lease).await
     }
 
-    async fn dial_ssh(&self, lease: &LeaseHash) -> Result<Box<dyn VmConn>, String> {
+    async fn dial_ssh(&self, lease: &LeaseHash) -> Result<Box<dyn VmConn>, TunnelRefusal> {
         self.await_recovery().await?;
         let s = self
             .vm
             .dial_ssh(lease)
             .await
-            .map_err(|e| format!("cannot reach the VM's sshd: {e}"))?;
+            .map_err(|e| TunnelRefusal::VmUnreachable(e.to_string()))?;
         let _ = s.set_nodelay(true);
         Ok(Box::new(s))
     }

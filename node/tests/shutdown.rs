@@ -10,7 +10,7 @@ const BOUND: Duration = Duration::from_secs(30);
 
 async fn start(dir: &std::path::Path) -> Node {
     let mut cfg = NodeConfig::new(dir.to_path_buf());
-    cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
+    cfg.net.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
     Node::start(cfg).await.expect("start node")
 }
 

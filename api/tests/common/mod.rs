@@ -25,8 +25,8 @@ pub use xe_testkit::{
 /// A node on loopback TCP; a provider on the sshd backend if `provide`.
 pub async fn start_node(dir: &Path, provide: bool, bootstrap: Vec<Multiaddr>) -> Node {
     let mut cfg = NodeConfig::new(dir.to_path_buf());
-    cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
-    cfg.bootstrap = bootstrap;
+    cfg.net.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
+    cfg.net.bootstrap = bootstrap;
     if provide {
         cfg.provide = Some(ProvideConfig {
             backend: VmBackend::Sshd {

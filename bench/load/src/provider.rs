@@ -46,9 +46,9 @@ pub async fn serve(args: ProviderArgs) -> anyhow::Result<()> {
     };
     let vms = Arc::new(EchoVms::start(host_key, cancel.child_token()).await?);
     let mut cfg = NodeConfig::new(args.data.clone());
-    cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
-    cfg.bootstrap = args.bootstrap;
-    cfg.max_tunnels = args.max_tunnels;
+    cfg.net.listen = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
+    cfg.net.bootstrap = args.bootstrap;
+    cfg.net.tunnel.max_tunnels = args.max_tunnels;
     cfg.provide = Some(ProvideConfig {
         backend: VmBackend::Custom(vms),
         capacity: Capacity::default(),

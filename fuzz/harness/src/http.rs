@@ -22,7 +22,7 @@ fn fixture() -> &'static Fixture {
         rt::block_on(async {
             let dir = tempfile::tempdir().expect("temp dir");
             let mut cfg = NodeConfig::new(dir.path().to_path_buf());
-            cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
+            cfg.net.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
             let node = Node::start(cfg).await.expect("start node");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await

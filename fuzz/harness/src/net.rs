@@ -17,8 +17,8 @@ use xe_net::replication::recon::{self, Findings, Role};
 use xe_net::replication::{SYNC_PROTOCOL, sync_codec as node_sync_codec};
 use xe_net::secure::{HandshakeCounts, PROTOCOL, SecureStream, SecurityUpgrade};
 use xe_net::tunnel::{
-    MAX_ERROR_LEN, STATUS_ERR, STATUS_OK, TunnelError, TunnelRegistry, TunnelServerConfig,
-    TunnelValidator, VmConn, client_handshake, handle_stream,
+    MAX_ERROR_LEN, STATUS_ERR, STATUS_OK, TunnelError, TunnelRefusal, TunnelRegistry,
+    TunnelServerConfig, TunnelValidator, VmConn, client_handshake, handle_stream,
 };
 use xe_store::{EventId, LeaseHash, Store, SyncKey, SyncSet};
 
@@ -188,17 +188,21 @@ struct FakeNode;
 
 #[async_trait::async_trait]
 impl TunnelValidator for FakeNode {
-    async fn validate_tunnel_lease(&self, lease: &LeaseHash, _peer: &PeerId) -> Result<(), String> {
+    async fn validate_tunnel_lease(
+        &self,
+        lease: &LeaseHash,
+        _peer: &PeerId,
+    ) -> Result<(), TunnelRefusal> {
         match plan(lease.0[0]) {
-            Plan::Refused => Err(long_message(lease)),
+            Plan::Refused => Err(TunnelRefusal::Store(long_message(lease))),
             Plan::Hangs => std::future::pending().await,
             _ => Ok(()),
         }
     }
 
-    async fn dial_ssh(&self, lease: &LeaseHash) -> Result<Box<dyn VmConn>, String> {
+    async fn dial_ssh(&self, lease: &LeaseHash) -> Result<Box<dyn VmConn>, TunnelRefusal> {
         if plan(lease.0[0]) == Plan::DialFails {
-            return Err(long_message(lease));
+            return Err(TunnelRefusal::VmUnreachable(long_message(lease)));
         }
         let (vm, mut far) = tokio::io::duplex(64 * 1024);
         tokio::spawn(async move {

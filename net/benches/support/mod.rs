@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use xe_net::{PeerId, TunnelValidator, VmConn};
+use xe_net::{PeerId, TunnelRefusal, TunnelValidator, VmConn};
 use xe_store::LeaseHash;
 
 /// Bytes pushed per run.
@@ -43,16 +43,16 @@ pub struct AnyLease(pub std::net::SocketAddr);
 
 #[async_trait::async_trait]
 impl TunnelValidator for AnyLease {
-    async fn validate_tunnel_lease(&self, _: &LeaseHash, _: &PeerId) -> Result<(), String> {
+    async fn validate_tunnel_lease(&self, _: &LeaseHash, _: &PeerId) -> Result<(), TunnelRefusal> {
         Ok(())
     }
     async fn until_inactive(&self, _: &LeaseHash) -> xe_store::Inactive {
         std::future::pending().await
     }
-    async fn dial_ssh(&self, _: &LeaseHash) -> Result<Box<dyn VmConn>, String> {
+    async fn dial_ssh(&self, _: &LeaseHash) -> Result<Box<dyn VmConn>, TunnelRefusal> {
         let s = TcpStream::connect(self.0)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| TunnelRefusal::VmUnreachable(e.to_string()))?;
         let _ = s.set_nodelay(true);
         Ok(Box::new(s))
     }

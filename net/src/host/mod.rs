@@ -56,10 +56,9 @@ use nat::Nat;
 use peers::{PeerTunnels, Peers};
 use replication::Replication;
 
-/// How a node joins the overlay.
+/// How a host joins the overlay: its settings, all with defaults.
+#[derive(Debug, Clone)]
 pub struct NetConfig {
-    /// Identity (see [`crate::load_or_create_keypair`]).
-    pub keypair: libp2p::identity::Keypair,
     /// Addresses to listen on (`/ip4/0.0.0.0/tcp/0`, `/ip4/…/udp/0/quic-v1`).
     pub listen: Vec<Multiaddr>,
     /// Peers to dial at start (each must end in `/p2p/<peer id>`).
@@ -67,8 +66,6 @@ pub struct NetConfig {
     /// When to warn that no bootstrap peer connected yet
     /// ([`BOOTSTRAP_WARN_AFTER`]; tests shorten it).
     pub bootstrap_warn_after: Duration,
-    /// If set, sign and publish this account's directory entry.
-    pub announce: Option<Arc<Wallet>>,
     /// How often the directory entry is re-published.
     pub announce_interval: Duration,
     /// Validity of a published directory entry.
@@ -79,8 +76,6 @@ pub struct NetConfig {
     /// than the store's retention window ago leave it (see
     /// `xe_store::retention`; the window is `Store::set_retention`).
     pub compact: bool,
-    /// Provider role: validates and serves inbound tunnels.
-    pub validator: Option<Arc<dyn TunnelValidator>>,
     /// Provider-side tunnel limits.
     pub tunnel: TunnelServerConfig,
     /// Client-side handshake deadline.
@@ -100,11 +95,10 @@ pub struct NetConfig {
     pub inbound: crate::inbound::InboundCaps,
 }
 
-impl NetConfig {
-    /// Defaults for `keypair`: loopback TCP+QUIC on random ports.
-    pub fn new(keypair: libp2p::identity::Keypair) -> Self {
+impl Default for NetConfig {
+    /// Loopback TCP+QUIC on random ports, no bootstrap peers.
+    fn default() -> Self {
         NetConfig {
-            keypair,
             listen: vec![
                 "/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr"),
                 "/ip4/127.0.0.1/udp/0/quic-v1"
@@ -113,12 +107,10 @@ impl NetConfig {
             ],
             bootstrap: Vec::new(),
             bootstrap_warn_after: BOOTSTRAP_WARN_AFTER,
-            announce: None,
             announce_interval: Duration::from_secs(300),
             directory_ttl: Duration::from_secs(1800),
             resync_interval: Duration::from_secs(60),
             compact: true,
-            validator: None,
             tunnel: TunnelServerConfig::default(),
             client_handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             dial_timeout: Duration::from_secs(20),
@@ -126,6 +118,30 @@ impl NetConfig {
             overlay_cipher: OverlayCipher::default(),
             max_tunnels_per_peer: MAX_TUNNELS_PER_PEER,
             inbound: crate::inbound::InboundCaps::default(),
+        }
+    }
+}
+
+/// What a host is and does beyond its settings: the identity it dials
+/// and answers with, and the roles the node gives it. Apart from
+/// [`NetConfig`] so that settings can be defaulted, copied and embedded
+/// (a node's config holds a `NetConfig`) without a key or a store in hand.
+pub struct NetRoles {
+    /// Identity (see [`crate::load_or_create_keypair`]).
+    pub keypair: libp2p::identity::Keypair,
+    /// If set, sign and publish this account's directory entry.
+    pub announce: Option<Arc<Wallet>>,
+    /// Provider role: validates and serves inbound tunnels.
+    pub validator: Option<Arc<dyn TunnelValidator>>,
+}
+
+impl NetRoles {
+    /// A host with `keypair` that neither announces nor serves tunnels.
+    pub fn new(keypair: libp2p::identity::Keypair) -> Self {
+        NetRoles {
+            keypair,
+            announce: None,
+            validator: None,
         }
     }
 }
@@ -141,11 +157,12 @@ pub struct Net {
 /// Build the swarm, start listening and dialling, and spawn the event loop.
 /// Returns once every listen address is bound.
 pub async fn start(
+    roles: NetRoles,
     config: NetConfig,
     store: Store,
     cancel: CancellationToken,
 ) -> Result<Net, NetError> {
-    let peer_id = config.keypair.public().to_peer_id();
+    let peer_id = roles.keypair.public().to_peer_id();
     let nat = config.nat.clone();
     let stats = Arc::new(NetStats::default());
     let cipher = config.overlay_cipher;
@@ -153,7 +170,7 @@ pub async fn start(
         let counts = stats.handshakes.clone();
         move |k: &libp2p::identity::Keypair| SecurityUpgrade::new(k, cipher, counts)
     };
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(roles.keypair.clone())
         .with_tokio()
         // Noise with AES-GCM, not TLS: libp2p-tls puts ChaCha20-Poly1305
         // first and measured 20 % more CPU per GiB than noise (BENCHMARKS.md).
@@ -259,7 +276,7 @@ pub async fn start(
     if config.compact {
         tasks.spawn(driver::compact_periodically(store.clone(), cancel.clone()));
     }
-    if let Some(validator) = config.validator.clone() {
+    if let Some(validator) = roles.validator.clone() {
         tasks.spawn(tunnel::serve(
             control.clone(),
             validator,
@@ -294,7 +311,7 @@ pub async fn start(
         peers: Peers::new(tunnels, peer_tx, conn_tx),
         dial,
         nat,
-        replication: Replication::new(store, stats, recon, config.announce, config.directory_ttl),
+        replication: Replication::new(store, stats, recon, roles.announce, config.directory_ttl),
         announce_interval: config.announce_interval,
         resync_interval: config.resync_interval,
     };

@@ -7,8 +7,10 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use xe_net::{Multiaddr, NetConfig, NetHandle, PeerId, TunnelValidator, VmConn};
-use xe_store::{Lease, LeaseEvent, LeaseHash, LeaseState, Store, Wallet};
+use xe_net::{
+    Multiaddr, NetConfig, NetHandle, NetRoles, PeerId, TunnelRefusal, TunnelValidator, VmConn,
+};
+use xe_store::{Lease, LeaseEvent, LeaseHash, Store, Wallet};
 
 #[allow(unused_imports)] // each test binary uses a different subset
 pub use xe_testkit::{UNUSED_VM_HOST_KEY, wait_state};
@@ -28,7 +30,7 @@ impl Drop for TestNode {
 }
 
 pub async fn node_with(bootstrap: Vec<Multiaddr>, tweak: impl FnOnce(&mut NetConfig)) -> TestNode {
-    node_with_store(|_, cfg| {
+    node_with_store(|_, cfg, _| {
         cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
         cfg.bootstrap = bootstrap;
         tweak(cfg);
@@ -38,14 +40,17 @@ pub async fn node_with(bootstrap: Vec<Multiaddr>, tweak: impl FnOnce(&mut NetCon
 
 /// A node with a fresh store and key, configured by `setup`, which also
 /// sees the store (a provider's validator reads it).
-pub async fn node_with_store(setup: impl FnOnce(&Store, &mut NetConfig)) -> TestNode {
+pub async fn node_with_store(
+    setup: impl FnOnce(&Store, &mut NetConfig, &mut NetRoles),
+) -> TestNode {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&dir.path().join("db")).expect("store");
     let key = xe_net::load_or_create_keypair(&dir.path().join("p2p_key")).expect("key");
-    let mut cfg = NetConfig::new(key);
-    setup(&store, &mut cfg);
+    let mut cfg = NetConfig::default();
+    let mut roles = NetRoles::new(key);
+    setup(&store, &mut cfg, &mut roles);
     let cancel = CancellationToken::new();
-    let net = xe_net::start(cfg, store.clone(), cancel.clone())
+    let net = xe_net::start(roles, cfg, store.clone(), cancel.clone())
         .await
         .expect("start");
     TestNode {
@@ -111,27 +116,28 @@ pub struct Provider {
 
 #[async_trait::async_trait]
 impl TunnelValidator for Provider {
-    async fn validate_tunnel_lease(&self, lease: &LeaseHash, _peer: &PeerId) -> Result<(), String> {
+    async fn validate_tunnel_lease(
+        &self,
+        lease: &LeaseHash,
+        _peer: &PeerId,
+    ) -> Result<(), TunnelRefusal> {
         let rec = self
             .store
             .lease(lease)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("unknown lease {}", lease.short()))?;
+            .map_err(|e| TunnelRefusal::Store(e.to_string()))?
+            .ok_or(TunnelRefusal::UnknownLease(*lease))?;
         if rec.lease.provider != self.me {
-            return Err("this node is not the lease's provider".into());
+            return Err(TunnelRefusal::NotProvider(*lease));
         }
-        match rec.state() {
-            LeaseState::Accepted => Ok(()),
-            s => Err(format!("lease is {s}")),
-        }
+        rec.access().map_err(TunnelRefusal::Inactive)
     }
     async fn until_inactive(&self, lease: &LeaseHash) -> xe_store::Inactive {
         self.store.until_inactive(lease).await
     }
-    async fn dial_ssh(&self, _lease: &LeaseHash) -> Result<Box<dyn VmConn>, String> {
+    async fn dial_ssh(&self, _lease: &LeaseHash) -> Result<Box<dyn VmConn>, TunnelRefusal> {
         let s = tokio::net::TcpStream::connect(self.backend)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| TunnelRefusal::VmUnreachable(e.to_string()))?;
         Ok(Box::new(s))
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::Source;
+use xe_net::Source;
 
 /// Most client addresses tracked at once. When the table is full, buckets
 /// that have refilled completely are forgotten (they carry no state worth

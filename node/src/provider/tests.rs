@@ -118,9 +118,10 @@ async fn a_tunnel_that_arrives_during_recovery_waits_for_it() {
 async fn a_recovery_that_never_ends_refuses_tunnels_with_advice() {
     let w = world().await;
     let _recovery = w.recovery_started().await;
-    let Err(msg) = w.provider.dial_ssh(&LEASE).await.map(drop) else {
+    let Err(refusal) = w.provider.dial_ssh(&LEASE).await.map(drop) else {
         panic!("a tunnel got through before recovery ended");
     };
+    let msg = refusal.to_string();
     assert!(
         msg.contains("still recovering") && msg.contains("try again"),
         "{msg}"

@@ -26,6 +26,9 @@ use xe_store::LeaseHash;
 use crate::host::peers::{self, ConnPath, PeerTunnels};
 use crate::slots::{ConnLimits, SlotTable};
 
+mod refusal;
+pub use refusal::TunnelRefusal;
+
 /// The protocol id.
 pub const TUNNEL_PROTOCOL: StreamProtocol = StreamProtocol::new("/xe/tunnel/2.0.0");
 /// Status byte: tunnel established.
@@ -214,13 +217,17 @@ pub trait VmConn: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> VmConn for T {}
 
 /// What the provider handler needs from the node (the seed's
-/// `TunnelValidator`). Errors are one-line messages sent to the client.
+/// `TunnelValidator`). A refusal's text is what the client reads.
 #[async_trait::async_trait]
 pub trait TunnelValidator: Send + Sync + 'static {
     /// The lease exists, is active, and this node is its provider.
-    async fn validate_tunnel_lease(&self, lease: &LeaseHash, peer: &PeerId) -> Result<(), String>;
+    async fn validate_tunnel_lease(
+        &self,
+        lease: &LeaseHash,
+        peer: &PeerId,
+    ) -> Result<(), TunnelRefusal>;
     /// A connection to the lease VM's sshd.
-    async fn dial_ssh(&self, lease: &LeaseHash) -> Result<Box<dyn VmConn>, String>;
+    async fn dial_ssh(&self, lease: &LeaseHash) -> Result<Box<dyn VmConn>, TunnelRefusal>;
     /// Resolves once a validated lease stops granting access; its tunnels
     /// then close. A node answers with `Store::until_inactive`.
     async fn until_inactive(&self, lease: &LeaseHash) -> xe_store::Inactive;
@@ -535,8 +542,6 @@ struct Served {
     cancel: CancellationToken,
 }
 
-const AT_TUNNEL_LIMIT: &str = "provider is at its tunnel limit; try again later";
-
 /// The provider side of one tunnel stream, outside the accept loop: read
 /// the 32-byte lease hash, ask `validator` about the lease and for a
 /// connection to its VM, answer `0x00` and pipe until either side ends,
@@ -585,30 +590,30 @@ async fn serve_stream<S>(
     let handshake = async {
         let mut raw = [0u8; 32];
         match tokio::time::timeout(cfg.lease_timeout, stream.read_exact(&mut raw)).await {
-            Err(_) => return Err("handshake timed out".to_string()),
-            Ok(r) => r.map_err(|e| format!("reading the 32-byte lease hash: {e}"))?,
+            Err(_) => return Err(TunnelRefusal::HandshakeTimeout),
+            Ok(r) => r.map_err(|e| TunnelRefusal::ReadingLease(e.to_string()))?,
         };
         let lease = LeaseHash(raw);
         validator.validate_tunnel_lease(&lease, &peer).await?;
         let Ok(permit) = slots.try_acquire_owned() else {
             warn!("refused: too many tunnels");
-            return Err(AT_TUNNEL_LIMIT.to_string());
+            return Err(TunnelRefusal::AtTunnelLimit);
         };
         let vm = validator.dial_ssh(&lease).await?;
-        Ok::<_, String>((lease, vm, permit))
+        Ok::<_, TunnelRefusal>((lease, vm, permit))
     };
     let outcome = tokio::time::timeout(cfg.handshake_timeout, handshake).await;
     drop(handshake_slot);
     let (lease, mut vm, _permit) = match outcome {
         Ok(Ok(v)) => v,
-        Ok(Err(msg)) => {
-            warn!(error = %msg, "tunnel refused");
-            refuse(&mut stream, &msg).await;
+        Ok(Err(refusal)) => {
+            warn!(error = %refusal, "tunnel refused");
+            refuse(&mut stream, &refusal.to_string()).await;
             return;
         }
         Err(_) => {
             warn!(timeout = ?cfg.handshake_timeout, "tunnel handshake timed out");
-            refuse(&mut stream, "handshake timed out").await;
+            refuse(&mut stream, &TunnelRefusal::HandshakeTimeout.to_string()).await;
             return;
         }
     };
