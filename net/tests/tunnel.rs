@@ -54,14 +54,16 @@ async fn pair_with(
     });
     let dir = tempfile::tempdir().expect("tempdir");
     let key = xe_net::load_or_create_keypair(&dir.path().join("k")).expect("key");
-    let mut cfg = xe_net::NetConfig::default();
-    cfg.listen = provider_listen
-        .iter()
-        .map(|a| a.parse().expect("addr"))
-        .collect();
+    let mut cfg = xe_net::NetConfig {
+        listen: provider_listen
+            .iter()
+            .map(|a| a.parse().expect("addr"))
+            .collect(),
+        ..Default::default()
+    };
+    cfg.tunnel.handshake_timeout = handshake;
     let mut roles = xe_net::NetRoles::new(key);
     roles.validator = Some(validator);
-    cfg.tunnel.handshake_timeout = handshake;
     let cancel = tokio_util::sync::CancellationToken::new();
     let net = xe_net::start(roles, cfg, store.clone(), cancel.clone())
         .await
