@@ -8,8 +8,9 @@ use std::ops::Bound;
 use std::sync::atomic::Ordering;
 
 use crate::db::{Inner, StoreError};
-use crate::ids::EventId;
-use crate::pending::Quota;
+use crate::ids::{EventId, LeaseHash};
+use crate::layout;
+use crate::pending::{Held, Quota};
 use crate::syncset::SyncKey;
 
 /// A key and its value.
@@ -126,15 +127,6 @@ impl<'a> Page<'a> {
         }
     }
 
-    /// Pending events charged to `q`, as this page would leave them.
-    pub fn quota(&self, q: &Quota) -> usize {
-        let base = {
-            let m = self.inner.quotas.lock().unwrap_or_else(|p| p.into_inner());
-            m.get(q).copied().unwrap_or(0)
-        };
-        base.saturating_add_signed(self.quotas.get(q).copied().unwrap_or(0))
-    }
-
     pub fn pending_total(&self) -> usize {
         self.inner
             .n_pending
@@ -205,6 +197,26 @@ impl<'a> Page<'a> {
         add(&self.inner.n_events, self.d_events);
         add(&self.inner.n_pending, self.d_pending);
         Ok(())
+    }
+}
+
+impl Held for Page<'_> {
+    fn of_lease(&self, lease: &LeaseHash) -> Option<usize> {
+        self.scan_prefix(&layout::pending_prefix(lease))
+            .ok()
+            .map(|v| v.len())
+    }
+
+    fn charged(&self, q: &Quota) -> usize {
+        let base = {
+            let m = self.inner.quotas.lock().unwrap_or_else(|p| p.into_inner());
+            m.get(q).copied().unwrap_or(0)
+        };
+        base.saturating_add_signed(self.quotas.get(q).copied().unwrap_or(0))
+    }
+
+    fn total(&self) -> usize {
+        self.pending_total()
     }
 }
 
