@@ -2,7 +2,8 @@
 //! read-modify-write of its lease's bundle inside one [`Page`], one
 //! `apply_batch` and one flush for the whole page.
 
-use crate::db::{Applied, LeaseChange, Store, StoreError, decode_pending};
+use crate::db::{Applied, LeaseChange, Store};
+use crate::error::{StoreError, corrupt, decode_pending};
 use crate::ids::LeaseHash;
 use crate::layout::{self, Bundle, IndexEntry};
 use crate::lease::{EventError, LeaseEvent};
@@ -40,13 +41,6 @@ impl Verified {
     pub fn check(events: Vec<LeaseEvent>) -> Self {
         let checked = check_all(&events);
         Verified { events, checked }
-    }
-}
-
-pub(crate) fn corrupt(key: &[u8], detail: impl Into<String>) -> StoreError {
-    StoreError::Corrupt {
-        key: hex::encode(key),
-        detail: detail.into(),
     }
 }
 

@@ -26,6 +26,7 @@ mod apply;
 pub mod codec;
 pub mod db;
 pub mod directory;
+mod error;
 // The fuzz targets' way into private stored forms (fuzz/, FUZZING.md).
 #[doc(hidden)]
 pub mod fuzzing;

@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::atomic::Ordering;
 
-use crate::db::{Inner, StoreError};
+use crate::db::Inner;
+use crate::error::StoreError;
 use crate::ids::{EventId, LeaseHash};
 use crate::layout;
 use crate::pending::{Held, Quota};

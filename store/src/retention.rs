@@ -57,7 +57,8 @@
 //!   the node compacts it again at its next pass.
 
 use crate::apply::bundle_in;
-use crate::db::{Store, StoreError, decode_pending};
+use crate::db::Store;
+use crate::error::{StoreError, corrupt, decode_pending};
 use crate::ids::LeaseHash;
 use crate::layout;
 use crate::lease::Lease;
@@ -217,7 +218,7 @@ fn compact_one(
     };
     let rec = bundle
         .record()
-        .map_err(|d| crate::apply::corrupt(&layout::lease_key(hash), d))?;
+        .map_err(|d| corrupt(&layout::lease_key(hash), d))?;
     if ended_at(&rec, now).is_none_or(|e| e != end || e.saturating_add(window) >= now) {
         return Ok(0);
     }
