@@ -19,7 +19,7 @@ use crate::ids::{AccountAddress, EventId, LeaseHash};
 use crate::layout::{self, Bundle, IndexEntry};
 use crate::lease::LeaseEvent;
 use crate::page::Page;
-use crate::record::{LeaseRecord, LeaseState};
+use crate::record::{Inactive, LeaseRecord, LeaseState};
 use crate::syncset::{SyncKey, SyncSet};
 
 pub use crate::pending::MAX_PENDING;
@@ -436,5 +436,22 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Resolves once `lease` no longer grants access (at once if it does
+    /// not now), with the reason. A lease the store does not hold (never
+    /// seen, or forgotten long after it ended) counts as expired. A failed
+    /// store read is logged and retried: a session is not cut for a
+    /// read error.
+    pub async fn until_inactive(&self, lease: &LeaseHash) -> Inactive {
+        self.inner
+            .watchers
+            .until_inactive(lease, || self.lease(lease))
+            .await
+    }
+
+    /// Leases someone waits on with [`Store::until_inactive`].
+    pub fn leases_waited_on(&self) -> usize {
+        self.inner.watchers.waiting()
     }
 }
