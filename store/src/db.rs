@@ -16,6 +16,8 @@ use crate::directory::DirectoryEntry;
 pub use crate::error::StoreError;
 use crate::error::{corrupt, decode, decode_pending, encode};
 use crate::ids::{AccountAddress, EventId, LeaseHash};
+use crate::inner::Inner;
+pub use crate::inner::LeaseChange;
 use crate::layout::{self, Bundle, IndexEntry};
 use crate::lease::LeaseEvent;
 use crate::page::Page;
@@ -36,51 +38,10 @@ pub enum Applied {
     Pending,
 }
 
-/// A lease changed state (sent after the write is durable).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeaseChange {
-    /// Which lease.
-    pub lease: LeaseHash,
-    /// State before (None if the lease was new).
-    pub old: Option<LeaseState>,
-    /// State now.
-    pub new: LeaseState,
-}
-
 /// The ledger and directory on disk.
 #[derive(Clone)]
 pub struct Store {
     pub(crate) inner: Arc<Inner>,
-}
-
-pub(crate) struct Inner {
-    pub(crate) db: sled::Db,
-    pub(crate) ledger: sled::Tree,
-    pub(crate) directory: sled::Tree,
-    /// Every held event as a sync key, with its running fingerprint.
-    pub(crate) set: RwLock<SyncSet>,
-    /// Counts kept beside the tree: sled's `len()` walks the whole tree,
-    /// and a pending-limit check that called it on every pending insert
-    /// once made a join quadratic.
-    pub(crate) n_events: AtomicUsize,
-    pub(crate) n_pending: AtomicUsize,
-    /// Ids of pending events. They are not in the sync set (see
-    /// [`crate::pending`]), and a page must still tell one from an
-    /// unknown event without reading the tree.
-    pub(crate) pending_ids: RwLock<HashSet<EventId>>,
-    /// Pending events per source and per signer (the shares).
-    pub(crate) quotas: Mutex<HashMap<Quota, usize>>,
-    /// When the store was opened: the arrival time given to pending
-    /// entries written before arrival times were stored.
-    pub(crate) opened_at: u64,
-    /// The retention window, seconds (see [`crate::retention`]).
-    pub(crate) retention: AtomicU64,
-    /// Serialises read-modify-write of lease bundles.
-    pub(crate) apply_lock: Mutex<()>,
-    pub(crate) changes: broadcast::Sender<LeaseChange>,
-    directory_changes: broadcast::Sender<AccountAddress>,
-    /// Who waits for which lease to end ([`Store::until_inactive`]).
-    pub(crate) watchers: crate::watch::Watchers,
 }
 
 /// How long [`Store::open`] waits for a lock that is being released.

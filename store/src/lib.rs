@@ -27,6 +27,7 @@ pub mod codec;
 pub mod db;
 pub mod directory;
 mod error;
+mod inner;
 // The fuzz targets' way into private stored forms (fuzz/, FUZZING.md).
 #[doc(hidden)]
 pub mod fuzzing;

@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::atomic::Ordering;
 
-use crate::db::Inner;
 use crate::error::StoreError;
 use crate::ids::{EventId, LeaseHash};
+use crate::inner::Inner;
 use crate::layout;
 use crate::pending::{Held, Quota};
 use crate::syncset::SyncKey;
