@@ -7,7 +7,7 @@ use crate::error::{StoreError, corrupt, decode_pending};
 use crate::ids::LeaseHash;
 use crate::layout::{self, Bundle, IndexEntry};
 use crate::lease::{EventError, LeaseEvent};
-use crate::page::Page;
+use crate::page::{Page, bundle_in, drop_pending};
 use crate::pending::{self, PendingEntry, Source};
 use crate::record::{LeaseRecord, Outcome};
 use crate::syncset::SyncKey;
@@ -41,17 +41,6 @@ impl Verified {
     pub fn check(events: Vec<LeaseEvent>) -> Self {
         let checked = check_all(&events);
         Verified { events, checked }
-    }
-}
-
-/// The bundle of a lease as the page sees it.
-pub(crate) fn bundle_in(page: &Page<'_>, hash: &LeaseHash) -> Result<Option<Bundle>, StoreError> {
-    let k = layout::lease_key(hash);
-    match page.get(&k)? {
-        Some(v) => Bundle::decode(hash, &v)
-            .map(Some)
-            .map_err(|d| corrupt(&k, d)),
-        None => Ok(None),
     }
 }
 
@@ -330,12 +319,4 @@ fn retry_pending(
         }
     }
     Ok(())
-}
-
-pub(crate) fn drop_pending(page: &mut Page<'_>, pkey: &[u8], held: &PendingEntry) {
-    let id = held.event.id();
-    page.del(pkey);
-    page.del(&layout::index_key(&id));
-    page.d_pending -= 1;
-    page.pending_op(id, pending::charges(&held.source, &held.event), false);
 }

@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use tokio::sync::broadcast;
 
-use crate::apply::bundle_in;
 use crate::directory::DirectoryEntry;
 pub use crate::error::StoreError;
 use crate::error::{corrupt, decode, decode_pending, encode};
@@ -20,7 +19,7 @@ use crate::inner::Inner;
 pub use crate::inner::LeaseChange;
 use crate::layout::{self, Bundle, IndexEntry};
 use crate::lease::LeaseEvent;
-use crate::page::Page;
+use crate::page::{Page, bundle_in};
 use crate::record::{Inactive, LeaseRecord, LeaseState};
 use crate::syncset::{SyncKey, SyncSet};
 

@@ -7,11 +7,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::atomic::Ordering;
 
-use crate::error::StoreError;
+use crate::error::{StoreError, corrupt};
 use crate::ids::{EventId, LeaseHash};
 use crate::inner::Inner;
-use crate::layout;
-use crate::pending::{Held, Quota};
+use crate::layout::{self, Bundle};
+use crate::pending::{self, Held, PendingEntry, Quota};
 use crate::syncset::SyncKey;
 
 /// A key and its value.
@@ -199,6 +199,27 @@ impl<'a> Page<'a> {
         add(&self.inner.n_pending, self.d_pending);
         Ok(())
     }
+}
+
+/// The bundle of a lease as the page sees it.
+pub(crate) fn bundle_in(page: &Page<'_>, hash: &LeaseHash) -> Result<Option<Bundle>, StoreError> {
+    let k = layout::lease_key(hash);
+    match page.get(&k)? {
+        Some(v) => Bundle::decode(hash, &v)
+            .map(Some)
+            .map_err(|d| corrupt(&k, d)),
+        None => Ok(None),
+    }
+}
+
+/// A pending event leaves with its index entry and its charges: one that
+/// no longer applies, one past its window, one of a compacted lease.
+pub(crate) fn drop_pending(page: &mut Page<'_>, pkey: &[u8], held: &PendingEntry) {
+    let id = held.event.id();
+    page.del(pkey);
+    page.del(&layout::index_key(&id));
+    page.d_pending -= 1;
+    page.pending_op(id, pending::charges(&held.source, &held.event), false);
 }
 
 impl Held for Page<'_> {

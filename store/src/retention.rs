@@ -56,13 +56,12 @@
 //!   until its expiry. It grants nothing, no provider can accept it, and
 //!   the node compacts it again at its next pass.
 
-use crate::apply::bundle_in;
 use crate::db::Store;
 use crate::error::{StoreError, corrupt, decode_pending};
 use crate::ids::LeaseHash;
 use crate::layout;
 use crate::lease::Lease;
-use crate::page::Page;
+use crate::page::{Page, bundle_in, drop_pending};
 use crate::record::{LeaseRecord, LeaseState, OFFER_LIFETIME_SECS};
 use crate::syncset::SyncKey;
 
@@ -195,7 +194,7 @@ fn expire_in(page: &mut Page<'_>, now: u64, opened: u64, window: u64) -> Result<
         let held = decode_pending(&k, &v)?;
         let bound = page.contains(&layout::lease_key(&held.event.lease_hash()))?;
         if held.expired(bound, now, opened, window) {
-            crate::apply::drop_pending(page, &k, &held);
+            drop_pending(page, &k, &held);
             n += 1;
         }
     }
@@ -238,7 +237,7 @@ fn compact_one(
     }
     for (k, v) in page.scan_prefix(&layout::pending_prefix(hash))? {
         let held = decode_pending(&k, &v)?;
-        crate::apply::drop_pending(page, &k, &held);
+        drop_pending(page, &k, &held);
         removed += 1;
     }
     page.del(&layout::lease_key(hash));
