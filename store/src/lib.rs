@@ -37,6 +37,7 @@ mod layout;
 pub mod lease;
 pub mod listing;
 mod migrate;
+mod open;
 mod page;
 pub mod pending;
 pub mod record;
