@@ -43,21 +43,6 @@ pub struct Store {
 }
 
 impl Store {
-    /// The retention window in seconds: how long an ended lease is kept,
-    /// and (with its terms) when its create is refused as stale.
-    pub fn retention(&self) -> u64 {
-        self.inner.retention.load(Ordering::Relaxed)
-    }
-
-    /// Set the retention window (default three days, at least one).
-    pub fn set_retention(&self, secs: u64) -> Result<(), crate::retention::WindowTooShort> {
-        if secs < crate::retention::MIN_RETENTION_SECS {
-            return Err(crate::retention::WindowTooShort(secs));
-        }
-        self.inner.retention.store(secs, Ordering::Relaxed);
-        Ok(())
-    }
-
     pub(crate) fn lock(&self) -> MutexGuard<'_, ()> {
         self.inner
             .apply_lock

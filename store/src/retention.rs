@@ -56,6 +56,8 @@
 //!   until its expiry. It grants nothing, no provider can accept it, and
 //!   the node compacts it again at its next pass.
 
+use std::sync::atomic::Ordering;
+
 use crate::db::Store;
 use crate::error::{StoreError, corrupt, decode_pending};
 use crate::ids::LeaseHash;
@@ -108,6 +110,21 @@ pub struct Compacted {
 }
 
 impl Store {
+    /// The retention window in seconds: how long an ended lease is kept,
+    /// and (with its terms) when its create is refused as stale.
+    pub fn retention(&self) -> u64 {
+        self.inner.retention.load(Ordering::Relaxed)
+    }
+
+    /// Set the retention window (default three days, at least one).
+    pub fn set_retention(&self, secs: u64) -> Result<(), WindowTooShort> {
+        if secs < MIN_RETENTION_SECS {
+            return Err(WindowTooShort(secs));
+        }
+        self.inner.retention.store(secs, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Whether this lease was compacted and its tombstone is still kept
     /// (its events are refused).
     pub fn is_compacted(&self, hash: &LeaseHash) -> Result<bool, StoreError> {
