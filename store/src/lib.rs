@@ -13,7 +13,10 @@
 //! - [`directory`]: signed account → PeerId entries.
 //! - [`codec`]: the compact stored form of events.
 //! - [`db`]: sled persistence with flushed writes and a change subscription;
-//!   the keys are in `layout`, a page of events is applied by `apply`.
+//!   the keys are in `layout`, a page of events is applied by `apply`, a
+//!   store is opened (and an older layout carried over) by `open`. They
+//!   share `error`, `inner` (the state behind a handle) and `page` (one
+//!   atomic write), which import none of them.
 //! - [`listing`]: leases newest first, a page at a time.
 //! - [`pending`]: events waiting for their lease: shares per source,
 //!   signer and lease, the arrival window.
