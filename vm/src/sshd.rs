@@ -22,6 +22,7 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tracing::{info, warn};
+use xe_store::secret_file;
 
 use crate::local::LocalBackend;
 use crate::registry::Registry;
@@ -310,7 +311,7 @@ impl LocalBackend for SshdManager {
         util::create_private_dir(&dir)?;
         kill_stale(&dir).await;
         let host_key = util::host_key_line(&util::load_or_create_host_key(&key_path)?)?;
-        util::write_private(
+        secret_file::replace(
             &dir.join(AUTHORIZED_KEYS),
             format!("{key_line}\n").as_bytes(),
         )?;
@@ -323,7 +324,7 @@ impl LocalBackend for SshdManager {
             attempt += 1;
             let port = util::free_local_port()?;
             let config = render_config(port, &dir, &self.user.name);
-            util::write_private(&dir.join(CONFIG), config.as_bytes())?;
+            secret_file::replace(&dir.join(CONFIG), config.as_bytes())?;
             let log_path = dir.join(LOG);
             let log = fs::File::create(&log_path)
                 .map_err(VmError::io(format!("creating {}", log_path.display())))?;
@@ -345,7 +346,7 @@ impl LocalBackend for SshdManager {
                 dir: dir.clone(),
             };
             if let Some(pid) = proc.child.id() {
-                util::write_private(&dir.join(PID), format!("{pid}\n").as_bytes())?;
+                secret_file::replace(&dir.join(PID), format!("{pid}\n").as_bytes())?;
             }
             match wait_ready(&mut proc.child, &log_path, port).await {
                 Ok(()) => {

@@ -114,7 +114,7 @@ pub(crate) fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, VmError
                 Err(e) => return Err(e.into()),
             }
             let public = host_key_line(&key)?;
-            write_private(
+            secret_file::replace(
                 &path.with_extension("pub"),
                 format!("{public}\n").as_bytes(),
             )?;
@@ -189,12 +189,6 @@ fn clip(s: &str, max: usize) -> &str {
         Some((i, _)) => &s[..i],
         None => s,
     }
-}
-
-/// Create or replace `path` with mode 0600 (authorized_keys, configs, pid
-/// files, first-boot data), atomically: see [`secret_file::replace`].
-pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), VmError> {
-    Ok(secret_file::replace(path, contents)?)
 }
 
 /// Create `dir` (and parents) with mode 0700 for its last component.

@@ -39,6 +39,7 @@ use tokio::process::Command;
 use tokio::time::Instant;
 use tracing::{info, warn};
 use xe_store::LeaseHash;
+use xe_store::secret_file;
 
 use crate::registry::{Begin, Registry};
 use crate::util;
@@ -341,7 +342,7 @@ impl LimaManager {
             util::create_private_dir(parent)?;
         }
         // It holds the VM's private host key.
-        util::write_private(&path, yaml.as_bytes())?;
+        secret_file::replace(&path, yaml.as_bytes())?;
         let path_arg = path.to_string_lossy().into_owned();
         let name_arg = format!("--name={name}");
         let result = async {

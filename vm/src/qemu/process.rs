@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tracing::{info, warn};
+use xe_store::secret_file;
 
 use super::{DEFAULT_APPEND, DISK, PID, QemuManager, boot, qmp};
 use crate::{ProvisionRequest, VmError, util};
@@ -145,7 +146,7 @@ impl QemuManager {
             let args = self.qemu_args(req, port, boot_args);
             let mut child = self.spawn(dir, &args)?;
             if let Some(pid) = child.id() {
-                util::write_private(&dir.join(PID), format!("{pid}\n").as_bytes())?;
+                secret_file::replace(&dir.join(PID), format!("{pid}\n").as_bytes())?;
             }
             let (Some(stdin), Some(stdout), Some(stderr)) =
                 (child.stdin.take(), child.stdout.take(), child.stderr.take())

@@ -91,11 +91,11 @@ pub(crate) fn write_fw_cfg(
     boot: &FirstBoot<'_>,
     host_key_file: &str,
 ) -> Result<Vec<OsString>, VmError> {
-    util::write_private(
+    secret_file::replace(
         &dir.join(AUTHORIZED_KEYS),
         format!("{}\n", boot.key_line).as_bytes(),
     )?;
-    util::write_private(
+    secret_file::replace(
         &dir.join(HOSTNAME),
         format!("{}\n", boot.hostname()).as_bytes(),
     )?;
@@ -166,8 +166,8 @@ pub(crate) async fn write_nocloud(
 ) -> Result<Vec<OsString>, VmError> {
     let src = dir.join(SEED_DIR);
     util::create_private_dir(&src)?;
-    util::write_private(&src.join("user-data"), user_data(boot).as_bytes())?;
-    util::write_private(&src.join("meta-data"), meta_data(boot).as_bytes())?;
+    secret_file::replace(&src.join("user-data"), user_data(boot).as_bytes())?;
+    secret_file::replace(&src.join("meta-data"), meta_data(boot).as_bytes())?;
     // The ISO holds the host key: the tool writes it to its stdout, a
     // private temporary file that becomes seed.iso only when complete.
     let iso = secret_file::Staged::begin(&dir.join(SEED_ISO))?;
