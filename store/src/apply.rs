@@ -2,11 +2,12 @@
 //! read-modify-write of its lease's bundle inside one [`Page`], one
 //! `apply_batch` and one flush for the whole page.
 
-use crate::db::{Applied, LeaseChange, Store, StoreError, decode_pending};
+use crate::db::{Applied, LeaseChange, Store};
+use crate::error::{StoreError, corrupt, decode_pending};
 use crate::ids::LeaseHash;
 use crate::layout::{self, Bundle, IndexEntry};
 use crate::lease::{EventError, LeaseEvent};
-use crate::page::Page;
+use crate::page::{Page, bundle_in, drop_pending};
 use crate::pending::{self, PendingEntry, Source};
 use crate::record::{LeaseRecord, Outcome};
 use crate::syncset::SyncKey;
@@ -40,24 +41,6 @@ impl Verified {
     pub fn check(events: Vec<LeaseEvent>) -> Self {
         let checked = check_all(&events);
         Verified { events, checked }
-    }
-}
-
-pub(crate) fn corrupt(key: &[u8], detail: impl Into<String>) -> StoreError {
-    StoreError::Corrupt {
-        key: hex::encode(key),
-        detail: detail.into(),
-    }
-}
-
-/// The bundle of a lease as the page sees it.
-pub(crate) fn bundle_in(page: &Page<'_>, hash: &LeaseHash) -> Result<Option<Bundle>, StoreError> {
-    let k = layout::lease_key(hash);
-    match page.get(&k)? {
-        Some(v) => Bundle::decode(hash, &v)
-            .map(Some)
-            .map_err(|d| corrupt(&k, d)),
-        None => Ok(None),
     }
 }
 
@@ -336,12 +319,4 @@ fn retry_pending(
         }
     }
     Ok(())
-}
-
-pub(crate) fn drop_pending(page: &mut Page<'_>, pkey: &[u8], held: &PendingEntry) {
-    let id = held.event.id();
-    page.del(pkey);
-    page.del(&layout::index_key(&id));
-    page.d_pending -= 1;
-    page.pending_op(id, pending::charges(&held.source, &held.event), false);
 }

@@ -3,58 +3,27 @@
 //! acknowledged event survives a crash; [`Store::apply_events`] applies a
 //! whole page as one atomic batch under one flush (see [`crate::apply`]).
 
+use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, MutexGuard};
 
 use tokio::sync::broadcast;
 
-use crate::apply::{bundle_in, corrupt};
-use crate::directory::{DirectoryEntry, DirectoryError};
+use crate::directory::DirectoryEntry;
+pub use crate::error::StoreError;
+use crate::error::{corrupt, decode, decode_pending, encode};
 use crate::ids::{AccountAddress, EventId, LeaseHash};
+use crate::inner::Inner;
+pub use crate::inner::LeaseChange;
 use crate::layout::{self, Bundle, IndexEntry};
-use crate::lease::{EventError, LeaseEvent};
-use crate::page::Page;
-use crate::record::{LeaseRecord, LeaseState};
-use crate::syncset::{SyncKey, SyncSet};
+use crate::lease::LeaseEvent;
+use crate::page::{Page, bundle_in};
+use crate::record::{Inactive, LeaseRecord, LeaseState};
+use crate::syncset::SyncSet;
 
 pub use crate::pending::MAX_PENDING;
-use crate::pending::{PendingEntry, PendingRefused, Quota};
-
-/// Store errors.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The event was refused; nothing was written.
-    #[error(transparent)]
-    Rejected(#[from] EventError),
-    /// The directory entry was refused; nothing was written.
-    #[error(transparent)]
-    Directory(#[from] DirectoryError),
-    /// The event would wait for its lease, and its source, signer or
-    /// lease (or the node) already holds its share of waiting events;
-    /// nothing was written (see [`crate::pending`]).
-    #[error(transparent)]
-    PendingRefused(#[from] PendingRefused),
-    /// Another process holds the store's lock.
-    #[error(
-        "the ledger in {} is in use by another process (most likely another `xe node` with the same --data): stop that node, or give this one its own --data directory",
-        .0.display()
-    )]
-    InUse(std::path::PathBuf),
-    /// sled failed.
-    #[error("store: {0}")]
-    Db(#[from] sled::Error),
-    /// A stored value did not decode (corruption or a format change).
-    #[error("store: corrupt record under {key}: {detail}")]
-    Corrupt {
-        /// The key.
-        key: String,
-        /// Decode error.
-        detail: String,
-    },
-}
+use crate::pending::Quota;
 
 /// What `apply_event` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,171 +36,13 @@ pub enum Applied {
     Pending,
 }
 
-/// A lease changed state (sent after the write is durable).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeaseChange {
-    /// Which lease.
-    pub lease: LeaseHash,
-    /// State before (None if the lease was new).
-    pub old: Option<LeaseState>,
-    /// State now.
-    pub new: LeaseState,
-}
-
 /// The ledger and directory on disk.
 #[derive(Clone)]
 pub struct Store {
     pub(crate) inner: Arc<Inner>,
 }
 
-pub(crate) struct Inner {
-    pub(crate) db: sled::Db,
-    pub(crate) ledger: sled::Tree,
-    pub(crate) directory: sled::Tree,
-    /// Every held event as a sync key, with its running fingerprint.
-    pub(crate) set: RwLock<SyncSet>,
-    /// Counts kept beside the tree: sled's `len()` walks the whole tree,
-    /// and a pending-limit check that called it on every pending insert
-    /// once made a join quadratic.
-    pub(crate) n_events: AtomicUsize,
-    pub(crate) n_pending: AtomicUsize,
-    /// Ids of pending events. They are not in the sync set (see
-    /// [`crate::pending`]), and a page must still tell one from an
-    /// unknown event without reading the tree.
-    pub(crate) pending_ids: RwLock<HashSet<EventId>>,
-    /// Pending events per source and per signer (the shares).
-    pub(crate) quotas: Mutex<HashMap<Quota, usize>>,
-    /// When the store was opened: the arrival time given to pending
-    /// entries written before arrival times were stored.
-    pub(crate) opened_at: u64,
-    /// The retention window, seconds (see [`crate::retention`]).
-    pub(crate) retention: AtomicU64,
-    /// Serialises read-modify-write of lease bundles.
-    pub(crate) apply_lock: Mutex<()>,
-    pub(crate) changes: broadcast::Sender<LeaseChange>,
-    directory_changes: broadcast::Sender<AccountAddress>,
-    /// Who waits for which lease to end ([`Store::until_inactive`]).
-    pub(crate) watchers: crate::watch::Watchers,
-}
-
-pub(crate) fn decode<T: serde::de::DeserializeOwned>(
-    key: &[u8],
-    v: &[u8],
-) -> Result<T, StoreError> {
-    serde_json::from_slice(v).map_err(|e| corrupt(key, e.to_string()))
-}
-
-/// A pending entry as stored (see [`crate::pending`]).
-pub(crate) fn decode_pending(key: &[u8], v: &[u8]) -> Result<PendingEntry, StoreError> {
-    PendingEntry::decode(v).map_err(|d| corrupt(key, d))
-}
-
-/// An event as stored (see [`crate::codec`]).
-pub(crate) fn decode_ev(key: &[u8], v: &[u8]) -> Result<LeaseEvent, StoreError> {
-    crate::codec::decode_event(v).map_err(|d| corrupt(key, d))
-}
-
-pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).expect("ledger types always serialise")
-}
-
-/// How long [`Store::open`] waits for a lock that is being released.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
 impl Store {
-    /// Open (or create) the store in `dir`.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        // A store closed moments ago in this process may still hold its
-        // lock: sled releases it when its background threads let go of the
-        // database, a few hundred ms after the last handle drops. Another
-        // process's lock is held for good; both end as `InUse`.
-        let deadline = std::time::Instant::now() + LOCK_WAIT;
-        loop {
-            match sled::Config::new().path(dir).open() {
-                Ok(db) => return Self::from_db(db),
-                // sled reports a held lock only as this text in an I/O
-                // error (sled 0.34's `Config::open`).
-                Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
-                    if std::time::Instant::now() >= deadline {
-                        return Err(StoreError::InUse(dir.to_path_buf()));
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => return Err(StoreError::Db(e)),
-            }
-        }
-    }
-
-    /// A throwaway in-memory store (tests).
-    pub fn temporary() -> Result<Self, StoreError> {
-        Self::from_db(sled::Config::new().temporary(true).open()?)
-    }
-
-    fn from_db(db: sled::Db) -> Result<Self, StoreError> {
-        let (changes, _) = broadcast::channel(1024);
-        let (directory_changes, _) = broadcast::channel(256);
-        let ledger = db.open_tree("ledger")?;
-        // The sync set and the counters come from one walk of the index at
-        // open; never again afterwards.
-        let mut set = SyncSet::new();
-        let mut pending_ids = HashSet::new();
-        let mut n_events = 0;
-        for r in ledger.scan_prefix([layout::INDEX]) {
-            let (k, v) = r?;
-            let e = IndexEntry::decode(&v).ok_or_else(|| corrupt(&k, "bad index entry"))?;
-            let id = EventId::from_slice(&k[1..]).map_err(|e| corrupt(&k, e.to_string()))?;
-            if e.pending {
-                pending_ids.insert(id);
-            } else {
-                set.insert(SyncKey { ts: e.ts, id });
-                n_events += 1;
-            }
-        }
-        let mut quotas: HashMap<Quota, usize> = HashMap::new();
-        for r in ledger.scan_prefix([layout::PENDING]) {
-            let (k, v) = r?;
-            let p = decode_pending(&k, &v)?;
-            *quotas.entry(Quota::Source(p.source)).or_default() += 1;
-            *quotas.entry(Quota::Signer(p.event.signer())).or_default() += 1;
-        }
-        let n_pending = pending_ids.len();
-        let store = Store {
-            inner: Arc::new(Inner {
-                directory: db.open_tree("directory")?,
-                ledger,
-                db,
-                set: RwLock::new(set),
-                n_events: AtomicUsize::new(n_events),
-                n_pending: AtomicUsize::new(n_pending),
-                pending_ids: RwLock::new(pending_ids),
-                quotas: Mutex::new(quotas),
-                opened_at: crate::now_secs(),
-                retention: AtomicU64::new(crate::retention::DEFAULT_RETENTION_SECS),
-                apply_lock: Mutex::new(()),
-                changes,
-                directory_changes,
-                watchers: Default::default(),
-            }),
-        };
-        crate::migrate::from_trees(&store)?;
-        Ok(store)
-    }
-
-    /// The retention window in seconds: how long an ended lease is kept,
-    /// and (with its terms) when its create is refused as stale.
-    pub fn retention(&self) -> u64 {
-        self.inner.retention.load(Ordering::Relaxed)
-    }
-
-    /// Set the retention window (default three days, at least one).
-    pub fn set_retention(&self, secs: u64) -> Result<(), crate::retention::WindowTooShort> {
-        if secs < crate::retention::MIN_RETENTION_SECS {
-            return Err(crate::retention::WindowTooShort(secs));
-        }
-        self.inner.retention.store(secs, Ordering::Relaxed);
-        Ok(())
-    }
-
     pub(crate) fn lock(&self) -> MutexGuard<'_, ()> {
         self.inner
             .apply_lock
@@ -488,5 +299,22 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Resolves once `lease` no longer grants access (at once if it does
+    /// not now), with the reason. A lease the store does not hold (never
+    /// seen, or forgotten long after it ended) counts as expired. A failed
+    /// store read is logged and retried: a session is not cut for a
+    /// read error.
+    pub async fn until_inactive(&self, lease: &LeaseHash) -> Inactive {
+        self.inner
+            .watchers
+            .until_inactive(lease, || self.lease(lease))
+            .await
+    }
+
+    /// Leases someone waits on with [`Store::until_inactive`].
+    pub fn leases_waited_on(&self) -> usize {
+        self.inner.watchers.waiting()
     }
 }

@@ -13,7 +13,10 @@
 //! - [`directory`]: signed account → PeerId entries.
 //! - [`codec`]: the compact stored form of events.
 //! - [`db`]: sled persistence with flushed writes and a change subscription;
-//!   the keys are in `layout`, a page of events is applied by `apply`.
+//!   the keys are in `layout`, a page of events is applied by `apply`, a
+//!   store is opened (and an older layout carried over) by `open`. They
+//!   share `error`, `inner` (the state behind a handle) and `page` (one
+//!   atomic write), which import none of them.
 //! - [`listing`]: leases newest first, a page at a time.
 //! - [`pending`]: events waiting for their lease: shares per source,
 //!   signer and lease, the arrival window.
@@ -26,6 +29,8 @@ mod apply;
 pub mod codec;
 pub mod db;
 pub mod directory;
+mod error;
+mod inner;
 // The fuzz targets' way into private stored forms (fuzz/, FUZZING.md).
 #[doc(hidden)]
 pub mod fuzzing;
@@ -35,6 +40,7 @@ mod layout;
 pub mod lease;
 pub mod listing;
 mod migrate;
+mod open;
 mod page;
 pub mod pending;
 pub mod record;

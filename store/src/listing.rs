@@ -9,7 +9,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::db::{Store, StoreError};
+use crate::db::Store;
+use crate::error::StoreError;
 use crate::ids::LeaseHash;
 use crate::layout;
 use crate::record::LeaseRecord;

@@ -5,7 +5,8 @@
 //! are dropped. A crash half way is safe: the old trees are dropped only
 //! after the new layout is flushed, and applying an event twice is a no-op.
 
-use crate::db::{Store, StoreError, decode_ev};
+use crate::db::Store;
+use crate::error::{StoreError, decode_ev};
 use crate::layout;
 use crate::lease::{LeaseEvent, limits};
 use crate::record::OFFER_LIFETIME_SECS;

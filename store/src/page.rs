@@ -7,9 +7,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::atomic::Ordering;
 
-use crate::db::{Inner, StoreError};
-use crate::ids::EventId;
-use crate::pending::Quota;
+use crate::error::{StoreError, corrupt};
+use crate::ids::{EventId, LeaseHash};
+use crate::inner::Inner;
+use crate::layout::{self, Bundle};
+use crate::pending::{self, Held, PendingEntry, Quota};
 use crate::syncset::SyncKey;
 
 /// A key and its value.
@@ -126,15 +128,6 @@ impl<'a> Page<'a> {
         }
     }
 
-    /// Pending events charged to `q`, as this page would leave them.
-    pub fn quota(&self, q: &Quota) -> usize {
-        let base = {
-            let m = self.inner.quotas.lock().unwrap_or_else(|p| p.into_inner());
-            m.get(q).copied().unwrap_or(0)
-        };
-        base.saturating_add_signed(self.quotas.get(q).copied().unwrap_or(0))
-    }
-
     pub fn pending_total(&self) -> usize {
         self.inner
             .n_pending
@@ -205,6 +198,47 @@ impl<'a> Page<'a> {
         add(&self.inner.n_events, self.d_events);
         add(&self.inner.n_pending, self.d_pending);
         Ok(())
+    }
+}
+
+/// The bundle of a lease as the page sees it.
+pub(crate) fn bundle_in(page: &Page<'_>, hash: &LeaseHash) -> Result<Option<Bundle>, StoreError> {
+    let k = layout::lease_key(hash);
+    match page.get(&k)? {
+        Some(v) => Bundle::decode(hash, &v)
+            .map(Some)
+            .map_err(|d| corrupt(&k, d)),
+        None => Ok(None),
+    }
+}
+
+/// A pending event leaves with its index entry and its charges: one that
+/// no longer applies, one past its window, one of a compacted lease.
+pub(crate) fn drop_pending(page: &mut Page<'_>, pkey: &[u8], held: &PendingEntry) {
+    let id = held.event.id();
+    page.del(pkey);
+    page.del(&layout::index_key(&id));
+    page.d_pending -= 1;
+    page.pending_op(id, pending::charges(&held.source, &held.event), false);
+}
+
+impl Held for Page<'_> {
+    fn of_lease(&self, lease: &LeaseHash) -> Option<usize> {
+        self.scan_prefix(&layout::pending_prefix(lease))
+            .ok()
+            .map(|v| v.len())
+    }
+
+    fn charged(&self, q: &Quota) -> usize {
+        let base = {
+            let m = self.inner.quotas.lock().unwrap_or_else(|p| p.into_inner());
+            m.get(q).copied().unwrap_or(0)
+        };
+        base.saturating_add_signed(self.quotas.get(q).copied().unwrap_or(0))
+    }
+
+    fn total(&self) -> usize {
+        self.pending_total()
     }
 }
 

@@ -42,9 +42,7 @@ use std::net::IpAddr;
 
 use crate::codec::{decode_event, encode_event};
 use crate::ids::{AccountPubKey, LeaseHash};
-use crate::layout;
 use crate::lease::LeaseEvent;
-use crate::page::Page;
 
 /// Most pending events held, all sources together (the disk bound).
 pub const MAX_PENDING: usize = 100_000;
@@ -245,24 +243,36 @@ impl PendingEntry {
     }
 }
 
+/// The pending events held, as the page being written would leave them:
+/// what [`admit`] weighs a new one against. The page implements it; it is
+/// a trait because the page's counters are kept by [`Quota`], so the page
+/// sits above this module and cannot be named here.
+pub(crate) trait Held {
+    /// Pending events of `lease`; `None` if they could not be read.
+    fn of_lease(&self, lease: &LeaseHash) -> Option<usize>;
+    /// Pending events charged to `q`.
+    fn charged(&self, q: &Quota) -> usize;
+    /// Pending events in all.
+    fn total(&self) -> usize;
+}
+
 /// Whether one more pending event for `lease` from `source` fits its
 /// shares (checked in this order: lease, signer, source, node). Callers
 /// hold the apply lock; `page` sees the page's own earlier writes.
 pub(crate) fn admit(
-    page: &Page<'_>,
+    page: &impl Held,
     lease: &LeaseHash,
     ev: &LeaseEvent,
     source: &Source,
 ) -> Result<(), PendingRefused> {
-    let here = page
-        .scan_prefix(&layout::pending_prefix(lease))
-        .map_or(usize::MAX, |v| v.len());
+    // Unreadable counts as full: refusing is safe, admitting unbounded is not.
+    let here = page.of_lease(lease).unwrap_or(usize::MAX);
     if here >= MAX_PENDING_PER_LEASE {
         return Err(PendingRefused::LeaseFull { lease: *lease });
     }
     let local = matches!(source, Source::Local);
     let signer = ev.signer();
-    let signed = page.quota(&Quota::Signer(signer));
+    let signed = page.charged(&Quota::Signer(signer));
     if !local && signed >= MAX_PENDING_PER_SIGNER {
         return Err(PendingRefused::SignerShare {
             signer,
@@ -270,7 +280,7 @@ pub(crate) fn admit(
             max: MAX_PENDING_PER_SIGNER,
         });
     }
-    let held = page.quota(&Quota::Source(source.clone()));
+    let held = page.charged(&Quota::Source(source.clone()));
     if held >= source.share() {
         return Err(PendingRefused::SourceShare {
             from: source.clone(),
@@ -278,7 +288,7 @@ pub(crate) fn admit(
             max: source.share(),
         });
     }
-    let total = page.pending_total();
+    let total = page.total();
     let reserve = if held < LIGHT_SOURCE {
         LIGHT_RESERVE
     } else {

@@ -56,12 +56,14 @@
 //!   until its expiry. It grants nothing, no provider can accept it, and
 //!   the node compacts it again at its next pass.
 
-use crate::apply::bundle_in;
-use crate::db::{Store, StoreError, decode_pending};
+use std::sync::atomic::Ordering;
+
+use crate::db::Store;
+use crate::error::{StoreError, corrupt, decode_pending};
 use crate::ids::LeaseHash;
 use crate::layout;
 use crate::lease::Lease;
-use crate::page::Page;
+use crate::page::{Page, bundle_in, drop_pending};
 use crate::record::{LeaseRecord, LeaseState, OFFER_LIFETIME_SECS};
 use crate::syncset::SyncKey;
 
@@ -108,6 +110,21 @@ pub struct Compacted {
 }
 
 impl Store {
+    /// The retention window in seconds: how long an ended lease is kept,
+    /// and (with its terms) when its create is refused as stale.
+    pub fn retention(&self) -> u64 {
+        self.inner.retention.load(Ordering::Relaxed)
+    }
+
+    /// Set the retention window (default three days, at least one).
+    pub fn set_retention(&self, secs: u64) -> Result<(), WindowTooShort> {
+        if secs < MIN_RETENTION_SECS {
+            return Err(WindowTooShort(secs));
+        }
+        self.inner.retention.store(secs, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Whether this lease was compacted and its tombstone is still kept
     /// (its events are refused).
     pub fn is_compacted(&self, hash: &LeaseHash) -> Result<bool, StoreError> {
@@ -194,7 +211,7 @@ fn expire_in(page: &mut Page<'_>, now: u64, opened: u64, window: u64) -> Result<
         let held = decode_pending(&k, &v)?;
         let bound = page.contains(&layout::lease_key(&held.event.lease_hash()))?;
         if held.expired(bound, now, opened, window) {
-            crate::apply::drop_pending(page, &k, &held);
+            drop_pending(page, &k, &held);
             n += 1;
         }
     }
@@ -217,7 +234,7 @@ fn compact_one(
     };
     let rec = bundle
         .record()
-        .map_err(|d| crate::apply::corrupt(&layout::lease_key(hash), d))?;
+        .map_err(|d| corrupt(&layout::lease_key(hash), d))?;
     if ended_at(&rec, now).is_none_or(|e| e != end || e.saturating_add(window) >= now) {
         return Ok(0);
     }
@@ -237,7 +254,7 @@ fn compact_one(
     }
     for (k, v) in page.scan_prefix(&layout::pending_prefix(hash))? {
         let held = decode_pending(&k, &v)?;
-        crate::apply::drop_pending(page, &k, &held);
+        drop_pending(page, &k, &held);
         removed += 1;
     }
     page.del(&layout::lease_key(hash));

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::{Inactive, LeaseHash, Store};
+use crate::error::StoreError;
+use crate::ids::LeaseHash;
+use crate::record::{Inactive, LeaseRecord};
 
 /// The longest single sleep towards an expiry; the state is looked at again
 /// after it. Keeps `Instant` arithmetic far from overflow for absurd times.
@@ -93,23 +95,22 @@ impl Watchers {
     pub(crate) fn waiting(&self) -> usize {
         self.lock().len()
     }
-}
 
-impl Store {
-    /// Resolves once `lease` no longer grants access (at once if it does
-    /// not now), with the reason. A lease the store does not hold (never
-    /// seen, or forgotten long after it ended) counts as expired. A failed
-    /// store read is logged and retried: a session is not cut for a
-    /// read error.
-    pub async fn until_inactive(&self, lease: &LeaseHash) -> Inactive {
-        let watch = self.inner.watchers.watch(*lease);
+    /// The wait behind [`Store::until_inactive`](crate::Store::until_inactive):
+    /// `read` reads `lease` as stored.
+    pub(crate) async fn until_inactive(
+        &self,
+        lease: &LeaseHash,
+        read: impl Fn() -> Result<Option<LeaseRecord>, StoreError>,
+    ) -> Inactive {
+        let watch = self.watch(*lease);
         loop {
             // Armed before the state is read, so a write that lands in
             // between still wakes it.
             let notified = watch.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let wake = match self.lease(lease) {
+            let wake = match read() {
                 Ok(None) => return Inactive::Expired,
                 Ok(Some(rec)) => match rec.access() {
                     Err(why) => return why,
@@ -125,10 +126,5 @@ impl Store {
                 () = tokio::time::sleep(wake) => {}
             }
         }
-    }
-
-    /// Leases someone waits on with [`Store::until_inactive`].
-    pub fn leases_waited_on(&self) -> usize {
-        self.inner.watchers.waiting()
     }
 }

@@ -30,8 +30,10 @@
 //! - [`dev`]: the embedded SSH server; `dev/session.rs` bridges SSH channels
 //!   to local processes (PTY or pipes).
 //! - `registry.rs`: the in-memory lease → VM table shared by the backends.
-//! - `util.rs`: host keys, log tails, port waits, process trees (and the
-//!   pid records of a crashed node's processes), the local user.
+//! - shared by the backends: `keys.rs` (access-key checks, host keys),
+//!   `process.rs` (programs, process trees and the pid records of a crashed
+//!   node's processes), `local_port.rs` (port waits), `logs.rs` (log
+//!   tails), `private_dir.rs` (0700 state directories), `local_user.rs`.
 #![forbid(unsafe_code)]
 
 use std::fmt;
@@ -40,14 +42,20 @@ use serde::{Deserialize, Serialize};
 use xe_store::{AccessPubKey, LeaseHash};
 
 pub mod dev;
+mod keys;
 pub mod lima;
 mod local;
+mod local_port;
+mod local_user;
+mod logs;
+mod private_dir;
+mod process;
 pub mod qemu;
 mod registry;
 pub mod sshd;
-mod util;
 
-pub use util::{LocalUser, VmHostKey, parse_access_key};
+pub use keys::{VmHostKey, parse_access_key};
+pub use local_user::LocalUser;
 
 /// What a provider asks of a backend for one lease.
 #[derive(Clone, Debug, PartialEq, Eq)]

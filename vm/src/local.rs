@@ -13,8 +13,7 @@ use tracing::{info, warn};
 use xe_store::LeaseHash;
 
 use crate::registry::{Begin, Registry};
-use crate::util;
-use crate::{ProvisionRequest, VmError, VmInfo, VmManager, VmStatus};
+use crate::{ProvisionRequest, VmError, VmInfo, VmManager, VmStatus, keys, local_port};
 
 /// One local backend: how a lease's process starts and stops.
 #[async_trait::async_trait]
@@ -71,11 +70,13 @@ impl<B: LocalBackend + 'static> VmManager for B {
 
     async fn dial_ssh(&self, lease: &LeaseHash) -> Result<tokio::net::TcpStream, VmError> {
         let port = self.registry().running_port(lease)?;
-        util::connect_local(port).await.map_err(VmError::io(format!(
-            "connecting to the {} of lease {}",
-            B::RUNTIME,
-            lease.short()
-        )))
+        local_port::connect_local(port)
+            .await
+            .map_err(VmError::io(format!(
+                "connecting to the {} of lease {}",
+                B::RUNTIME,
+                lease.short()
+            )))
     }
 
     async fn get(&self, lease: &LeaseHash) -> Option<VmInfo> {
@@ -96,7 +97,7 @@ impl<B: LocalBackend + 'static> VmManager for B {
 }
 
 async fn provision<B: LocalBackend>(b: &B, req: &ProvisionRequest) -> Result<VmInfo, VmError> {
-    util::validate_access_key(&req.access_pub_key)?;
+    keys::validate_access_key(&req.access_pub_key)?;
     let (begin, old) = b.registry().begin(&req.lease)?;
     if let Some(old) = old {
         b.stop(old).await;

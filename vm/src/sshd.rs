@@ -22,11 +22,14 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tracing::{info, warn};
+use xe_store::secret_file;
 
 use crate::local::LocalBackend;
+use crate::local_user::LocalUser;
 use crate::registry::Registry;
-use crate::util::{self, LocalUser};
-use crate::{ProvisionRequest, VmError, VmInfo, VmStatus};
+use crate::{
+    ProvisionRequest, VmError, VmInfo, VmStatus, keys, local_port, logs, private_dir, process,
+};
 
 /// How long a fresh sshd may take to log "Server listening". It needs a few
 /// milliseconds; the margin covers a loaded CI machine.
@@ -77,7 +80,7 @@ impl SshdManager {
     /// Find sshd and prepare `state_dir`. [`VmError::ToolMissing`] if sshd
     /// is not installed.
     pub fn new(config: SshdConfig) -> Result<Self, VmError> {
-        let sshd = util::find_program(
+        let sshd = process::find_program(
             config.sshd_path.as_deref(),
             "sshd",
             &["/usr/sbin", "/usr/local/sbin", "/sbin"],
@@ -89,7 +92,7 @@ impl SshdManager {
                 None => "install OpenSSH server (`apt-get install openssh-server` on Debian/Ubuntu), or give its path".into(),
             },
         })?;
-        util::create_private_dir(&config.state_dir)?;
+        private_dir::create(&config.state_dir)?;
         // sshd re-executes itself and resolves config paths from `/`, so
         // every path we hand it must be absolute.
         let state_dir = fs::canonicalize(&config.state_dir).map_err(VmError::io(format!(
@@ -130,18 +133,18 @@ async fn wait_ready(child: &mut Child, log: &Path, port: u16) -> Result<(), Read
             }
             return Err(Ready::Error(VmError::Failed {
                 what: "starting sshd".into(),
-                detail: format!("sshd exited with {status}: {}", util::log_tail(log)),
+                detail: format!("sshd exited with {status}: {}", logs::log_tail(log)),
             }));
         }
         if fs::read_to_string(log)
             .unwrap_or_default()
             .contains(&listening)
         {
-            return match util::connect_local(port).await {
+            return match local_port::connect_local(port).await {
                 Ok(_) => Ok(()),
                 Err(e) => Err(Ready::Error(VmError::Failed {
                     what: "connecting to the new sshd".into(),
-                    detail: format!("127.0.0.1:{port}: {e}; {}", util::log_tail(log)),
+                    detail: format!("127.0.0.1:{port}: {e}; {}", logs::log_tail(log)),
                 })),
             };
         }
@@ -150,7 +153,7 @@ async fn wait_ready(child: &mut Child, log: &Path, port: u16) -> Result<(), Read
                 what: format!(
                     "sshd did not listen on 127.0.0.1:{port} within {SSHD_READY_TIMEOUT:?}"
                 ),
-                detail: util::log_tail(log),
+                detail: logs::log_tail(log),
             }));
         }
         tokio::time::sleep(SSHD_READY_POLL).await;
@@ -160,7 +163,7 @@ async fn wait_ready(child: &mut Child, log: &Path, port: u16) -> Result<(), Read
 /// Kill an sshd with its sessions and reap it.
 async fn stop(mut proc: SshdProc) {
     if let Some(pid) = proc.child.id() {
-        util::kill_tree(pid);
+        process::kill_tree(pid);
     }
     // kill_tree already sent SIGKILL; this covers a pid we could not read.
     let _ = proc.child.start_kill();
@@ -177,8 +180,8 @@ async fn stop(mut proc: SshdProc) {
 /// runs our config.
 async fn kill_stale(dir: &Path) {
     let config = dir.join(CONFIG);
-    util::kill_recorded(&dir.join(PID), "an sshd", |pid| {
-        util::proc_cmdline(pid).is_some_and(|c| c.contains(&*config.to_string_lossy()))
+    process::kill_recorded(&dir.join(PID), "an sshd", |pid| {
+        process::proc_cmdline(pid).is_some_and(|c| c.contains(&*config.to_string_lossy()))
     })
     .await;
 }
@@ -306,11 +309,11 @@ impl LocalBackend for SshdManager {
                 ),
             });
         }
-        let key_line = util::authorized_key_line(&req.lease, &req.access_pub_key)?;
-        util::create_private_dir(&dir)?;
+        let key_line = keys::authorized_key_line(&req.lease, &req.access_pub_key)?;
+        private_dir::create(&dir)?;
         kill_stale(&dir).await;
-        let host_key = util::host_key_line(&util::load_or_create_host_key(&key_path)?)?;
-        util::write_private(
+        let host_key = keys::host_key_line(&keys::load_or_create_host_key(&key_path)?)?;
+        secret_file::replace(
             &dir.join(AUTHORIZED_KEYS),
             format!("{key_line}\n").as_bytes(),
         )?;
@@ -321,9 +324,9 @@ impl LocalBackend for SshdManager {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let port = util::free_local_port()?;
+            let port = local_port::free_local_port()?;
             let config = render_config(port, &dir, &self.user.name);
-            util::write_private(&dir.join(CONFIG), config.as_bytes())?;
+            secret_file::replace(&dir.join(CONFIG), config.as_bytes())?;
             let log_path = dir.join(LOG);
             let log = fs::File::create(&log_path)
                 .map_err(VmError::io(format!("creating {}", log_path.display())))?;
@@ -345,7 +348,7 @@ impl LocalBackend for SshdManager {
                 dir: dir.clone(),
             };
             if let Some(pid) = proc.child.id() {
-                util::write_private(&dir.join(PID), format!("{pid}\n").as_bytes())?;
+                secret_file::replace(&dir.join(PID), format!("{pid}\n").as_bytes())?;
             }
             match wait_ready(&mut proc.child, &log_path, port).await {
                 Ok(()) => {
@@ -360,7 +363,7 @@ impl LocalBackend for SshdManager {
                     stop(proc).await;
                 }
                 Err(Ready::BindRace) => {
-                    let detail = util::log_tail(&log_path);
+                    let detail = logs::log_tail(&log_path);
                     stop(proc).await;
                     return Err(VmError::Failed {
                         what: format!("starting sshd ({BIND_ATTEMPTS} ports tried)"),

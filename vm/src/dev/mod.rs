@@ -25,9 +25,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::local::LocalBackend;
+use crate::local_user::LocalUser;
 use crate::registry::Registry;
-use crate::util::{self, LocalUser};
-use crate::{ProvisionRequest, VmError, VmInfo, VmStatus};
+use crate::{ProvisionRequest, VmError, VmInfo, VmStatus, keys, private_dir};
 
 /// Concurrent SSH connections per lease. A development shell needs a few;
 /// the cap keeps a runaway client from exhausting the provider.
@@ -165,7 +165,7 @@ impl LocalBackend for DevManager {
         req: &ProvisionRequest,
         recovering: bool,
     ) -> Result<(VmInfo, DevServer), VmError> {
-        util::validate_access_key(&req.access_pub_key)?;
+        keys::validate_access_key(&req.access_pub_key)?;
         let dir = self.lease_dir(&req.lease);
         let key_path = dir.join(HOST_KEY);
         if recovering && !key_path.exists() {
@@ -177,9 +177,9 @@ impl LocalBackend for DevManager {
                 ),
             });
         }
-        util::create_private_dir(&dir)?;
-        let key = util::load_or_create_host_key(&key_path)?;
-        let host_key = util::host_key_line(&key)?;
+        private_dir::create(&dir)?;
+        let key = keys::load_or_create_host_key(&key_path)?;
+        let host_key = keys::host_key_line(&key)?;
         // Bound before the port is reported: it accepts from this moment.
         let listener = TcpListener::bind(("127.0.0.1", 0))
             .await

@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 use xe_store::{AccessPubKey, LeaseHash};
 
-use crate::util::LocalUser;
+use crate::local_user::LocalUser;
 
 /// A client must send its SSH identification within this time; the
 /// handshake runs in the connection's task, never in the accept loop.

@@ -39,10 +39,13 @@ use tokio::process::Command;
 use tokio::time::Instant;
 use tracing::{info, warn};
 use xe_store::LeaseHash;
+use xe_store::secret_file;
 
 use crate::registry::{Begin, Registry};
-use crate::util;
-use crate::{ProvisionRequest, VmError, VmInfo, VmManager, VmStatus};
+use crate::{
+    ProvisionRequest, VmError, VmInfo, VmManager, VmStatus, keys, local_port, logs, private_dir,
+    process,
+};
 use template::instance_name;
 
 /// Time limit of the quick `limactl` commands (list, shell, stop, delete).
@@ -126,7 +129,7 @@ impl LimaManager {
     /// if absent). Runs no `limactl` command.
     pub fn new(mut config: LimaConfig) -> Result<Self, VmError> {
         let limactl =
-            util::find_program(Some(&config.limactl), "limactl", &[]).ok_or_else(|| {
+            process::find_program(Some(&config.limactl), "limactl", &[]).ok_or_else(|| {
                 VmError::ToolMissing {
                     tool: config.limactl.display().to_string(),
                     hint:
@@ -152,7 +155,7 @@ impl LimaManager {
                 "minimum cpus, memory and disk must be above zero".into(),
             ));
         }
-        util::create_private_dir(&config.lima_home)?;
+        private_dir::create(&config.lima_home)?;
         config.lima_home = fs::canonicalize(&config.lima_home).map_err(VmError::io(format!(
             "resolving {}",
             config.lima_home.display()
@@ -230,10 +233,10 @@ impl LimaManager {
             .filter(|d| !d.is_empty())
             .map(PathBuf::from)
             .unwrap_or_else(|| self.instance_dir(name));
-        util::join_tails(&[
-            util::log_tail(&dir.join("ha.stderr.log")),
-            util::log_tail(&dir.join("serial.log")),
-            util::log_tail(&dir.join("serialp.log")),
+        logs::join_tails(&[
+            logs::log_tail(&dir.join("ha.stderr.log")),
+            logs::log_tail(&dir.join("serial.log")),
+            logs::log_tail(&dir.join("serialp.log")),
         ])
     }
 
@@ -265,7 +268,7 @@ impl LimaManager {
                 QUICK_TIMEOUT,
             )
             .await?;
-        util::normalize_host_key_line(&out)
+        keys::normalize_host_key_line(&out)
     }
 
     /// From a listed, running instance to a `Running` VmInfo.
@@ -280,7 +283,7 @@ impl LimaManager {
             });
         }
         let port = inst.ssh_local_port;
-        util::wait_for_port(
+        local_port::wait_for_port(
             port,
             Instant::now() + PORT_TIMEOUT,
             &format!("SSH of {}", inst.name),
@@ -291,7 +294,7 @@ impl LimaManager {
         // whatever the guest made, as it always was for them.
         if let Ok(expected) =
             fs::read_to_string(self.host_key_path(&inst.name).with_extension("pub"))
-            && util::normalize_host_key_line(&expected)? != host_key
+            && keys::normalize_host_key_line(&expected)? != host_key
         {
             return Err(VmError::Failed {
                 what: format!("checking the host key of {}", inst.name),
@@ -325,12 +328,12 @@ impl LimaManager {
         let name = instance_name(&req.lease);
         // The key is checked first: an invalid one stops here, before any
         // file or command.
-        util::authorized_key_line(&req.lease, &req.access_pub_key)?;
+        keys::authorized_key_line(&req.lease, &req.access_pub_key)?;
         let key_path = self.host_key_path(&name);
         if let Some(parent) = key_path.parent() {
-            util::create_private_dir(parent)?;
+            private_dir::create(parent)?;
         }
-        let host_key = util::load_or_create_vm_host_key(&key_path)?;
+        let host_key = keys::load_or_create_vm_host_key(&key_path)?;
         let yaml = template::render(&self.config, req, &host_key)?;
         if self.instance_dir(&name).exists() {
             // Left by an earlier failed attempt or a crash: start clean.
@@ -338,10 +341,10 @@ impl LimaManager {
         }
         let path = self.template_path(&name);
         if let Some(parent) = path.parent() {
-            util::create_private_dir(parent)?;
+            private_dir::create(parent)?;
         }
         // It holds the VM's private host key.
-        util::write_private(&path, yaml.as_bytes())?;
+        secret_file::replace(&path, yaml.as_bytes())?;
         let path_arg = path.to_string_lossy().into_owned();
         let name_arg = format!("--name={name}");
         let result = async {
@@ -383,11 +386,11 @@ fn with_tails(e: VmError, tails: String) -> VmError {
     match e {
         VmError::Failed { what, detail } => VmError::Failed {
             what,
-            detail: util::join_tails(&[detail, tails]),
+            detail: logs::join_tails(&[detail, tails]),
         },
         VmError::Timeout { what, detail } => VmError::Timeout {
             what,
-            detail: util::join_tails(&[detail, tails]),
+            detail: logs::join_tails(&[detail, tails]),
         },
         other => VmError::Failed {
             what: other.to_string(),
@@ -433,7 +436,7 @@ impl VmManager for LimaManager {
     async fn provision(&self, req: &ProvisionRequest) -> Result<VmInfo, VmError> {
         // The key is checked before the registry, the template or limactl
         // see anything.
-        util::validate_access_key(&req.access_pub_key)?;
+        keys::validate_access_key(&req.access_pub_key)?;
         let (begin, _) = self.registry.begin(&req.lease)?;
         let generation = match begin {
             Begin::AlreadyRunning(info) => return Ok(info),
@@ -480,10 +483,12 @@ impl VmManager for LimaManager {
 
     async fn dial_ssh(&self, lease: &LeaseHash) -> Result<tokio::net::TcpStream, VmError> {
         let port = self.registry.running_port(lease)?;
-        util::connect_local(port).await.map_err(VmError::io(format!(
-            "connecting to the VM of lease {}",
-            lease.short()
-        )))
+        local_port::connect_local(port)
+            .await
+            .map_err(VmError::io(format!(
+                "connecting to the VM of lease {}",
+                lease.short()
+            )))
     }
 
     async fn get(&self, lease: &LeaseHash) -> Option<VmInfo> {

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use xe_store::LeaseHash;
 
 use super::LimaConfig;
-use crate::{ProvisionRequest, VmError, util};
+use crate::{ProvisionRequest, VmError, keys};
 
 /// The Lima instance name of a lease: `xe-` and the first 16 hex digits.
 /// The `xe-` prefix marks instances this backend owns (orphan cleanup).
@@ -45,7 +45,7 @@ pub fn render(
     // between fixed markers: nothing that could end the heredoc early).
     let parsed = russh::keys::ssh_key::PrivateKey::from_openssh(&host_key.private);
     if parsed.is_err()
-        || util::normalize_host_key_line(&host_key.public)
+        || keys::normalize_host_key_line(&host_key.public)
             .ok()
             .as_deref()
             != Some(host_key.public.as_str())
@@ -55,7 +55,7 @@ pub fn render(
             detail: "the host key is not one OpenSSH ed25519 key".into(),
         });
     }
-    let key_line = util::authorized_key_line(&req.lease, &req.access_pub_key)?;
+    let key_line = keys::authorized_key_line(&req.lease, &req.access_pub_key)?;
     let arch = config.arch.as_deref().unwrap_or(host_arch());
     let cpus = req.vcpus.max(config.min_cpus);
     let memory_mb = req.memory_mb.max(config.min_memory_mb);
@@ -110,7 +110,7 @@ pub fn render(
 /// The guest script (Lima `mode: system`, run as root on every boot, so
 /// idempotent): make sure sshd is there and enabled, authorise exactly the
 /// lease's key for root, turn password logins off. `key_line` comes from
-/// [`util::authorized_key_line`], so it holds no quote.
+/// [`keys::authorized_key_line`], so it holds no quote.
 fn provision_script(lease: &LeaseHash, key_line: &str, host_key: &HostKey) -> String {
     format!(
         r#"#!/bin/sh
@@ -170,7 +170,7 @@ mod tests {
 
     fn host_key() -> HostKey {
         let dir = tempfile::tempdir().expect("tempdir");
-        util::load_or_create_vm_host_key(&dir.path().join("host_key")).expect("key")
+        keys::load_or_create_vm_host_key(&dir.path().join("host_key")).expect("key")
     }
 
     #[test]
@@ -249,7 +249,7 @@ mod tests {
     #[test]
     fn invalid_key_renders_nothing() {
         let mut r = req();
-        r.access_pub_key = crate::util::tests::not_a_point();
+        r.access_pub_key = crate::keys::tests::not_a_point();
         assert!(matches!(
             render(&LimaConfig::new("/l", "/l", "i"), &r, &host_key()),
             Err(VmError::InvalidKey)

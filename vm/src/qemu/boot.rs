@@ -18,7 +18,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, ChildStderr};
 use tokio::time::Instant;
 
-use crate::{VmError, util};
+use crate::{VmError, local_port, logs};
 
 /// The console log (QEMU's stderr and the guest's serial port).
 pub(crate) const CONSOLE_LOG: &str = "console.log";
@@ -74,9 +74,9 @@ pub(crate) async fn copy_console(mut stderr: ChildStderr, dir: PathBuf) {
 /// The last lines of the console log (the rotated copy if the live one is
 /// still empty).
 pub(crate) fn console_tail(dir: &Path) -> String {
-    let live = util::log_tail(&dir.join(CONSOLE_LOG));
+    let live = logs::log_tail(&dir.join(CONSOLE_LOG));
     if live.is_empty() {
-        util::log_tail(&dir.join(format!("{CONSOLE_LOG}.1")))
+        logs::log_tail(&dir.join(format!("{CONSOLE_LOG}.1")))
     } else {
         live
     }
@@ -102,7 +102,9 @@ impl client::Handler for RecordKey {
 /// One SSH key exchange with `127.0.0.1:port`, offering only ed25519 host
 /// keys; the key the server proved it holds.
 async fn probe_host_key(port: u16) -> Result<PublicKey, String> {
-    let stream = util::connect_local(port).await.map_err(|e| e.to_string())?;
+    let stream = local_port::connect_local(port)
+        .await
+        .map_err(|e| e.to_string())?;
     let seen = Arc::new(Mutex::new(None));
     let config = client::Config {
         preferred: russh::Preferred {
@@ -168,7 +170,7 @@ pub(crate) async fn wait_for_sshd(
                         "the VM's sshd did not answer with its host key within {limit:?} \
                          (raise --qemu-boot-timeout if the guest is just slow)"
                     ),
-                    detail: util::join_tails(&[format!("last attempt: {last}"), console_tail(dir)]),
+                    detail: logs::join_tails(&[format!("last attempt: {last}"), console_tail(dir)]),
                 });
             }
             Err(_) => {}

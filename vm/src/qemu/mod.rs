@@ -50,7 +50,7 @@ use process::{kill_stale, stop};
 
 use crate::local::LocalBackend;
 use crate::registry::Registry;
-use crate::{ProvisionRequest, VmError, VmInfo, VmStatus, util};
+use crate::{ProvisionRequest, VmError, VmInfo, VmStatus, keys, private_dir};
 
 const HOST_KEY: &str = "host_key";
 const DISK: &str = "disk.qcow2";
@@ -171,16 +171,16 @@ impl QemuManager {
     /// Find QEMU and its tools, check the image and the boot options, and
     /// choose the accelerator (logged; TCG loudly). Starts no VM.
     pub fn new(mut config: QemuConfig) -> Result<Self, VmError> {
-        let qemu =
-            util::find_program(Some(&config.qemu), "qemu-system-x86_64", &[]).ok_or_else(|| {
+        let qemu = crate::process::find_program(Some(&config.qemu), "qemu-system-x86_64", &[])
+            .ok_or_else(|| {
                 tool_missing(
                     "qemu-system-x86_64",
                     &config.qemu,
                     "install QEMU (`apt-get install qemu-system-x86`) or pass --qemu-binary PATH",
                 )
             })?;
-        let qemu_img =
-            util::find_program(Some(&config.qemu_img), "qemu-img", &[]).ok_or_else(|| {
+        let qemu_img = crate::process::find_program(Some(&config.qemu_img), "qemu-img", &[])
+            .ok_or_else(|| {
                 tool_missing(
                     "qemu-img",
                     &config.qemu_img,
@@ -242,13 +242,13 @@ impl QemuManager {
                  emulation, 20-50x slower than KVM (boot 30-130 s, SSH throughput a few MiB/s)"
             ),
         }
-        let setpriv = util::find_program(None, "setpriv", &["/usr/bin", "/bin"]);
+        let setpriv = crate::process::find_program(None, "setpriv", &["/usr/bin", "/bin"]);
         if setpriv.is_none() {
             warn!(
                 "setpriv (util-linux) not found: a QEMU process will outlive a provider killed by SIGKILL until the next start"
             );
         }
-        util::create_private_dir(&config.state_dir)?;
+        private_dir::create(&config.state_dir)?;
         config.state_dir = fs::canonicalize(&config.state_dir).map_err(VmError::io(format!(
             "resolving {}",
             config.state_dir.display()
@@ -369,10 +369,10 @@ impl LocalBackend for QemuManager {
                 }
             }
         }
-        let key_line = util::authorized_key_line(&req.lease, &req.access_pub_key)?;
-        util::create_private_dir(&dir)?;
+        let key_line = keys::authorized_key_line(&req.lease, &req.access_pub_key)?;
+        private_dir::create(&dir)?;
         kill_stale(&dir).await;
-        let key = util::load_or_create_vm_host_key(&key_path)?;
+        let key = keys::load_or_create_vm_host_key(&key_path)?;
         if !recovering {
             self.create_overlay(&dir, req.disk_gb).await?;
         }

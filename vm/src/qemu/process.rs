@@ -12,9 +12,10 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tracing::{info, warn};
+use xe_store::secret_file;
 
 use super::{DEFAULT_APPEND, DISK, PID, QemuManager, boot, qmp};
-use crate::{ProvisionRequest, VmError, util};
+use crate::{ProvisionRequest, VmError, local_port, logs};
 
 /// The free port is chosen before QEMU binds it; if another process takes
 /// it in between, QEMU exits at once and we try another, this many times.
@@ -141,11 +142,11 @@ impl QemuManager {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let port = util::free_local_port()?;
+            let port = local_port::free_local_port()?;
             let args = self.qemu_args(req, port, boot_args);
             let mut child = self.spawn(dir, &args)?;
             if let Some(pid) = child.id() {
-                util::write_private(&dir.join(PID), format!("{pid}\n").as_bytes())?;
+                secret_file::replace(&dir.join(PID), format!("{pid}\n").as_bytes())?;
             }
             let (Some(stdin), Some(stdout), Some(stderr)) =
                 (child.stdin.take(), child.stdout.take(), child.stderr.take())
@@ -211,7 +212,7 @@ impl QemuManager {
                     };
                     return Err(VmError::Failed {
                         what: "starting QEMU".into(),
-                        detail: util::join_tails(&[why, tail]),
+                        detail: logs::join_tails(&[why, tail]),
                     });
                 }
             };
@@ -265,7 +266,7 @@ pub(super) async fn stop(mut vm: QemuVm, graceful: bool) {
     {
         warn!(?pid, "QEMU did not quit; killing it");
         if let Some(pid) = pid {
-            util::kill_tree(pid);
+            crate::process::kill_tree(pid);
         }
         let _ = vm.child.start_kill();
         let _ = tokio::time::timeout(QUIT_TIMEOUT, vm.child.wait()).await;
@@ -278,9 +279,9 @@ pub(super) async fn stop(mut vm: QemuVm, graceful: bool) {
 /// Kill a QEMU left by an earlier run, if that process still runs in this
 /// lease's directory.
 pub(super) async fn kill_stale(dir: &Path) {
-    util::kill_recorded(&dir.join(PID), "a QEMU", |pid| {
+    crate::process::kill_recorded(&dir.join(PID), "a QEMU", |pid| {
         fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir)
-            && util::proc_cmdline(pid).is_some_and(|c| c.contains("qemu"))
+            && crate::process::proc_cmdline(pid).is_some_and(|c| c.contains("qemu"))
     })
     .await;
 }

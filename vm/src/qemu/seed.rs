@@ -22,7 +22,7 @@ use tokio::process::Command;
 use xe_store::LeaseHash;
 use xe_store::secret_file;
 
-use crate::{VmError, VmHostKey, util};
+use crate::{VmError, VmHostKey, private_dir, process};
 
 /// Files in the lease directory (QEMU runs with it as its working
 /// directory, so these names are all it sees).
@@ -72,7 +72,7 @@ impl SeedMode {
 /// What goes into the guest for one lease.
 pub(crate) struct FirstBoot<'a> {
     pub lease: &'a LeaseHash,
-    /// From [`util::authorized_key_line`].
+    /// From [`authorized_key_line`](crate::keys::authorized_key_line).
     pub key_line: &'a str,
     /// The host key generated for the VM.
     pub host_key: &'a VmHostKey,
@@ -91,11 +91,11 @@ pub(crate) fn write_fw_cfg(
     boot: &FirstBoot<'_>,
     host_key_file: &str,
 ) -> Result<Vec<OsString>, VmError> {
-    util::write_private(
+    secret_file::replace(
         &dir.join(AUTHORIZED_KEYS),
         format!("{}\n", boot.key_line).as_bytes(),
     )?;
-    util::write_private(
+    secret_file::replace(
         &dir.join(HOSTNAME),
         format!("{}\n", boot.hostname()).as_bytes(),
     )?;
@@ -165,9 +165,9 @@ pub(crate) async fn write_nocloud(
     iso_tool: &Path,
 ) -> Result<Vec<OsString>, VmError> {
     let src = dir.join(SEED_DIR);
-    util::create_private_dir(&src)?;
-    util::write_private(&src.join("user-data"), user_data(boot).as_bytes())?;
-    util::write_private(&src.join("meta-data"), meta_data(boot).as_bytes())?;
+    private_dir::create(&src)?;
+    secret_file::replace(&src.join("user-data"), user_data(boot).as_bytes())?;
+    secret_file::replace(&src.join("meta-data"), meta_data(boot).as_bytes())?;
     // The ISO holds the host key: the tool writes it to its stdout, a
     // private temporary file that becomes seed.iso only when complete.
     let iso = secret_file::Staged::begin(&dir.join(SEED_ISO))?;
@@ -222,12 +222,13 @@ pub(crate) async fn write_nocloud(
 pub(crate) fn find_iso_tool() -> Option<PathBuf> {
     ["genisoimage", "mkisofs"]
         .iter()
-        .find_map(|name| util::find_program(None, name, &["/usr/bin", "/usr/local/bin"]))
+        .find_map(|name| process::find_program(None, name, &["/usr/bin", "/usr/local/bin"]))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys;
     use xe_store::AccessPubKey;
 
     struct Parts(LeaseHash, String, VmHostKey);
@@ -245,9 +246,9 @@ mod tests {
     fn boot_parts() -> Parts {
         let kp = russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[7; 32]);
         let lease = LeaseHash([0xc3; 32]);
-        let key_line = util::authorized_key_line(&lease, &AccessPubKey(kp.public.0)).expect("line");
+        let key_line = keys::authorized_key_line(&lease, &AccessPubKey(kp.public.0)).expect("line");
         let dir = tempfile::tempdir().expect("tempdir");
-        let hk = util::load_or_create_vm_host_key(&dir.path().join("host_key")).expect("key");
+        let hk = keys::load_or_create_vm_host_key(&dir.path().join("host_key")).expect("key");
         Parts(lease, key_line, hk)
     }
 
