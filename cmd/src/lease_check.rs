@@ -33,6 +33,13 @@ pub async fn usable_lease(
         }
         Err(e) => return Err(e.into()),
     };
+    admits(view, key)
+}
+
+/// `view`, refused with a reason a person acts on unless the lease is
+/// accepted and its access key is `key` (however the view was obtained:
+/// from a node, or from the overlay by `--p2p`).
+pub fn admits(view: LeaseView, key: &LeaseKey) -> anyhow::Result<LeaseView> {
     let s = view.lease_hash.short();
     match view.state {
         LeaseState::Accepted => {}

@@ -7,6 +7,7 @@ mod devnet_cmd;
 mod lease_check;
 mod lease_cmd;
 mod node_cmd;
+mod p2p_tunnel;
 mod paths;
 mod qemu_args;
 mod ssh_cmd;
@@ -90,15 +91,11 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // devnet prints its own progress; a ProxyCommand's stderr is the ssh
     // user's terminal.
-    init_tracing(
-        if matches!(cli.command, Command::Devnet(_))
-            || matches!(&cli.command, Command::Tunnel(t) if t.stdio)
-        {
-            "warn"
-        } else {
-            "info"
-        },
-    );
+    init_tracing(match &cli.command {
+        Command::Tunnel(t) if t.stdio && t.p2p.verbose => "warn,xe::p2p=info",
+        Command::Devnet(_) | Command::Tunnel(tunnel_cmd::TunnelArgs { stdio: true, .. }) => "warn",
+        _ => "info",
+    });
     if matches!(
         cli.command,
         Command::Wallet(_) | Command::Lease(_) | Command::Providers(_) | Command::SshConfig(_)

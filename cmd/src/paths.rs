@@ -46,6 +46,9 @@ pub struct Config {
     pub node: Option<String>,
     /// Default `--gateway HOST:PORT`.
     pub gateway: Option<String>,
+    /// Overlay peers `--p2p` starts from (`/ip4/…/tcp/…/p2p/<peer id>`).
+    #[serde(default)]
+    pub bootstrap: Vec<xe_net::Multiaddr>,
 }
 
 impl Config {

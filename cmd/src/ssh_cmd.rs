@@ -32,6 +32,22 @@ pub enum Via {
         /// The wallet whose lease key signs the tunnel request.
         wallet: PathBuf,
     },
+    /// Straight to the provider over the overlay (`xe tunnel --p2p
+    /// --stdio`, run as `xe`): no gateway in the path.
+    P2p {
+        /// The `xe` binary to run.
+        xe: PathBuf,
+        /// Where the ProxyCommand looks the lease up: a node's API URL, or
+        /// (when `bootstrap` is set) the overlay itself.
+        node: Option<String>,
+        /// Overlay peers to start from.
+        bootstrap: Vec<xe_net::Multiaddr>,
+        /// The provider, when already looked up (`xe ssh`, which runs ssh
+        /// at once; not a config block, whose addresses would go stale).
+        provider: Option<crate::p2p_tunnel::ProviderAt>,
+        /// Log the ProxyCommand's steps on ssh's standard error.
+        verbose: bool,
+    },
 }
 
 /// Everything needed to reach one lease's VM.
@@ -111,6 +127,32 @@ impl SshTarget {
     pub fn proxy_command(&self) -> anyhow::Result<String> {
         let gateway = match &self.via {
             Via::Gateway(g) => g,
+            Via::P2p {
+                xe,
+                node,
+                bootstrap,
+                provider,
+                verbose,
+            } => {
+                let word = |s: String| proxy_word(Path::new(&s));
+                let mut cmd = format!("{} tunnel --p2p --stdio", proxy_word(xe));
+                if *verbose {
+                    cmd.push_str(" -v");
+                }
+                if let Some(n) = node {
+                    cmd.push_str(&format!(" --node {}", word(n.clone())));
+                }
+                for b in bootstrap {
+                    cmd.push_str(&format!(" --bootstrap {}", word(b.to_string())));
+                }
+                if let Some(p) = provider {
+                    cmd.push_str(&format!(" --provider-peer {}", p.peer));
+                    for a in &p.addrs {
+                        cmd.push_str(&format!(" --provider-addr {}", word(a.to_string())));
+                    }
+                }
+                return Ok(format!("{cmd} {}", self.lease));
+            }
             Via::Http { xe, node, wallet } => {
                 return Ok(format!(
                     "{xe} tunnel --stdio --node {node} --wallet {wallet} {lease}",
@@ -238,8 +280,10 @@ pub struct TargetArgs {
     /// Go through the --node's HTTP tunnel (`xe tunnel --stdio`) instead of
     /// an SSH gateway: only the node's HTTP port needs to be reachable
     /// (--gateway is then not used).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "p2p")]
     pub http: bool,
+    #[command(flatten)]
+    pub p2p: crate::p2p_tunnel::P2pArgs,
     /// User on the VM.
     #[arg(long, default_value = "root")]
     pub user: String,
@@ -317,7 +361,9 @@ impl TargetArgs {
         Ok(gateway)
     }
 
-    fn target(&self) -> anyhow::Result<SshTarget> {
+    /// `want_provider`: look the provider up now for `--p2p` (true when
+    /// ssh runs at once; a config block must not hold addresses).
+    fn target(&self, want_provider: bool) -> anyhow::Result<SshTarget> {
         let typed = crate::lease_cmd::lease_arg(&self.lease)?;
         let wallet = self.wallet.path();
         let key = LeaseKey::load(&lease_key_path(&wallet))
@@ -326,6 +372,28 @@ impl TargetArgs {
             .known_hosts
             .clone()
             .unwrap_or_else(crate::paths::default_known_hosts);
+        let bootstrap = if self.p2p.p2p {
+            self.p2p.bootstrap()?
+        } else {
+            Vec::new()
+        };
+        if !bootstrap.is_empty() {
+            // The overlay alone: no node is asked anything.
+            let found = crate::p2p_tunnel::lookup_in_overlay(
+                &typed,
+                &key,
+                bootstrap.clone(),
+                want_provider,
+            )?;
+            let via = Via::P2p {
+                xe: std::env::current_exe().context("locating the xe binary")?,
+                node: None,
+                bootstrap,
+                provider: found.provider,
+                verbose: self.p2p.verbose,
+            };
+            return self.finish(found.lease, found.vm_host_key, via, key, known_hosts);
+        }
         // The node resolves a prefix and says whether the lease lets this
         // key in now, before ssh turns any refusal into "Permission denied".
         let checked = ask_node(&self.node, "checking the lease", async |c| {
@@ -353,7 +421,23 @@ impl TargetArgs {
             }
             Err(e) => return Err(e),
         };
-        let via = if self.http {
+        let via = if self.p2p.p2p {
+            let provider = match want_provider {
+                true => Some(ask_node(
+                    &self.node,
+                    "looking up the provider",
+                    async |c| crate::p2p_tunnel::provider_from_node(&c, &lease).await,
+                )?),
+                false => None,
+            };
+            Via::P2p {
+                xe: std::env::current_exe().context("locating the xe binary")?,
+                node: Some(self.node.url()?),
+                bootstrap: Vec::new(),
+                provider,
+                verbose: self.p2p.verbose,
+            }
+        } else if self.http {
             Via::Http {
                 xe: std::env::current_exe().context("locating the xe binary")?,
                 node: self.node.url()?,
@@ -363,6 +447,18 @@ impl TargetArgs {
         } else {
             Via::Gateway(self.gateway()?)
         };
+        self.finish(lease, vm_host_key, via, key, known_hosts)
+    }
+
+    /// Pin the VM's host key (given, or the lease's) and assemble the target.
+    fn finish(
+        &self,
+        lease: LeaseHash,
+        vm_host_key: Option<String>,
+        via: Via,
+        key: LeaseKey,
+        known_hosts: PathBuf,
+    ) -> anyhow::Result<SshTarget> {
         if let Some(hk) = &self.host_key {
             pin_host_key(&known_hosts, &lease, hk)?;
         }
@@ -405,7 +501,7 @@ pub struct SshConfigArgs {
 }
 
 pub fn run_ssh(args: SshArgs) -> anyhow::Result<ExitCode> {
-    let t = args.target.target()?;
+    let t = args.target.target(true)?;
     let argv = t.ssh_args(&args.ssh_args)?;
     if args.print {
         let quoted: Vec<String> = argv.iter().map(|a| shell_quote(Path::new(a))).collect();
@@ -422,7 +518,7 @@ pub fn run_ssh(args: SshArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn run_config(args: SshConfigArgs) -> anyhow::Result<ExitCode> {
-    let t = args.target.target()?;
+    let t = args.target.target(false)?;
     let alias = args
         .alias
         .unwrap_or_else(|| format!("xe-{}", t.lease.short()));

@@ -41,6 +41,8 @@ pub struct TunnelArgs {
     #[arg(long, value_name = "PATH", conflicts_with = "stdio")]
     pub known_hosts: Option<PathBuf>,
     #[command(flatten)]
+    pub p2p: crate::p2p_tunnel::P2pArgs,
+    #[command(flatten)]
     pub node: NodeUrlArg,
     #[command(flatten)]
     pub wallet: WalletArg,
@@ -49,6 +51,17 @@ pub struct TunnelArgs {
 pub async fn run(args: TunnelArgs) -> anyhow::Result<ExitCode> {
     let mut signals = crate::node_cmd::ShutdownSignal::install()?;
     let typed = crate::lease_cmd::lease_arg(&args.lease)?;
+    if args.p2p.p2p {
+        if !args.stdio {
+            anyhow::bail!(
+                "xe tunnel --p2p carries one session on standard input and output: add --stdio \
+                 (as ssh's ProxyCommand; `xe ssh --p2p LEASE` runs it for you)"
+            );
+        }
+        // No wallet: the provider checks only the lease, and the VM's sshd
+        // authenticates the lease key end to end.
+        return crate::p2p_tunnel::run_stdio(&typed, &args.p2p, &args.node, signals).await;
+    }
     let wallet_path = args.wallet.path();
     let wallet = Wallet::load(&wallet_path)
         .with_context(|| format!("loading the wallet {}", wallet_path.display()))?;

@@ -144,6 +144,13 @@ impl NetRoles {
             validator: None,
         }
     }
+
+    /// As [`NetRoles::new`] with a fresh ed25519 identity, for a host that
+    /// lives for one task (`xe tunnel --p2p`) and should not be linkable
+    /// across runs.
+    pub fn ephemeral() -> Self {
+        NetRoles::new(libp2p::identity::Keypair::generate_ed25519())
+    }
 }
 
 /// A running host.

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod netns;
+pub mod three_nodes;
 
 use std::io::{BufRead, BufReader};
 use std::io::{Read, Write};
