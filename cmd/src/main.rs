@@ -93,6 +93,10 @@ fn main() -> std::process::ExitCode {
     // user's terminal.
     init_tracing(match &cli.command {
         Command::Tunnel(t) if t.stdio && t.p2p.verbose => "warn,xe::p2p=info",
+        Command::Ssh(s) if s.target.p2p.verbose => "warn,xe::p2p=info",
+        Command::SshConfig(s) if s.target.p2p.verbose => "warn,xe::p2p=info",
+        // The overlay lookup of --p2p must not fill the user's terminal.
+        Command::Ssh(_) | Command::SshConfig(_) => "warn",
         Command::Devnet(_) | Command::Tunnel(tunnel_cmd::TunnelArgs { stdio: true, .. }) => "warn",
         _ => "info",
     });

@@ -54,6 +54,16 @@ pub struct P2pArgs {
     /// path) on standard error.
     #[arg(short, long, requires = "p2p")]
     pub verbose: bool,
+    /// With --p2p: where the in-process host listens, comma-separated
+    /// multiaddrs [default: every interface, TCP and QUIC, ports chosen by
+    /// the kernel: what hole punching needs].
+    #[arg(
+        long,
+        env = "XE_P2P_LISTEN",
+        value_name = "MULTIADDR",
+        value_delimiter = ','
+    )]
+    pub p2p_listen: Vec<Multiaddr>,
     /// The provider's peer id, when already known (skips the lookup).
     #[arg(long, value_name = "PEER_ID", requires = "p2p", hide = true)]
     pub provider_peer: Option<PeerId>,
@@ -143,14 +153,22 @@ pub struct ConsumerHost {
 }
 
 impl ConsumerHost {
-    pub async fn start(bootstrap: Vec<Multiaddr>) -> anyhow::Result<ConsumerHost> {
+    pub async fn start(
+        listen: &[Multiaddr],
+        bootstrap: Vec<Multiaddr>,
+    ) -> anyhow::Result<ConsumerHost> {
         let t = Instant::now();
         let store = Store::temporary().context("creating the in-memory ledger")?;
-        let cfg = NetConfig {
-            listen: vec![
+        let listen = if listen.is_empty() {
+            vec![
                 "/ip4/0.0.0.0/tcp/0".parse().expect("valid"),
                 "/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("valid"),
-            ],
+            ]
+        } else {
+            listen.to_vec()
+        };
+        let cfg = NetConfig {
+            listen,
             bootstrap,
             compact: false,
             ..NetConfig::default()
@@ -292,12 +310,12 @@ pub async fn run_stdio(
     };
     let (lease, host, at) = if let Some(peer) = p2p.provider_peer {
         let lease = full()?;
-        let host = ConsumerHost::start(Vec::new()).await?;
+        let host = ConsumerHost::start(&p2p.p2p_listen, Vec::new()).await?;
         let addrs = p2p.provider_addr.clone();
         (lease, host, ProviderAt { peer, addrs })
     } else if !bootstrap.is_empty() {
         let lease = full()?;
-        let host = ConsumerHost::start(bootstrap).await?;
+        let host = ConsumerHost::start(&p2p.p2p_listen, bootstrap).await?;
         let at = host.find_in_overlay(&lease).await?;
         (lease, host, at)
     } else {
@@ -317,7 +335,7 @@ pub async fn run_stdio(
             info!(target: STEPS, ms = t.elapsed().as_millis(), node = %client.url(), "provider looked up");
             anyhow::Ok((lease, at))
         };
-        let (found, host) = tokio::join!(lookup, ConsumerHost::start(Vec::new()));
+        let (found, host) = tokio::join!(lookup, ConsumerHost::start(&p2p.p2p_listen, Vec::new()));
         let host = host?;
         let (lease, at) = match found {
             Ok(f) => f,
@@ -366,6 +384,7 @@ pub struct SshLookup {
 pub fn lookup_in_overlay(
     typed: &str,
     key: &xe_store::LeaseKey,
+    p2p: &P2pArgs,
     bootstrap: Vec<Multiaddr>,
     want_provider: bool,
 ) -> anyhow::Result<SshLookup> {
@@ -378,7 +397,7 @@ pub fn lookup_in_overlay(
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let host = ConsumerHost::start(bootstrap).await?;
+        let host = ConsumerHost::start(&p2p.p2p_listen, bootstrap).await?;
         let found = host.find_in_overlay(&lease).await;
         let rec = host.store.lease(&lease);
         host.stop().await;

@@ -382,6 +382,7 @@ impl TargetArgs {
             let found = crate::p2p_tunnel::lookup_in_overlay(
                 &typed,
                 &key,
+                &self.p2p,
                 bootstrap.clone(),
                 want_provider,
             )?;

@@ -16,6 +16,13 @@ use common::*;
 /// would fail.
 const NO_GATEWAY: &str = "127.0.0.1:1";
 
+/// The in-process host listens on loopback only (its default is every
+/// interface); ssh hands the variable on to the ProxyCommand.
+const LISTEN: (&str, &str) = (
+    "XE_P2P_LISTEN",
+    "/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1",
+);
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }
@@ -31,6 +38,7 @@ impl Net {
         c.args(args)
             .env("XE_CONFIG", self.path("no-config.json"))
             .env("XE_GATEWAY", NO_GATEWAY)
+            .env(LISTEN.0, LISTEN.1)
             .env_remove("SSH_AUTH_SOCK")
             .env_remove("XE_NODE")
             .stdin(Stdio::null());
@@ -133,6 +141,7 @@ fn xe_ssh_p2p_reaches_the_vm_with_no_gateway_in_the_path() {
     );
     // -v reports each step and the path the tunnel took.
     let log = stderr(&out);
+    eprintln!("xe ssh --p2p -v said:\n{log}");
     assert!(log.contains("tunnel open"), "{log}");
     assert!(log.contains("path=direct"), "{log}");
 
@@ -206,6 +215,7 @@ fn scp_50_mib_both_ways_through_the_ssh_config_p2p_block() {
             .args(["-o", "BatchMode=yes", from, to])
             .env("XE_CONFIG", n.path("no-config.json"))
             .env("XE_GATEWAY", NO_GATEWAY)
+            .env(LISTEN.0, LISTEN.1)
             .env_remove("SSH_AUTH_SOCK")
             .output()
             .expect("scp")
