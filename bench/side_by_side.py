@@ -24,6 +24,9 @@ client->gateway hop of path 3 uses --gw-cipher, default the same):
              path with three relaying processes (paths 4 and 7: xe tunnel, gateway, provider)
   9 bastion+ ssh -J through the bastion, whose hop to the target goes through path 6's socat:
              path 3's shape (ssh -W, a hop that ends SSH, one more relay) with OpenSSH and socat
+ 10 xe p2p   `xe tunnel --p2p --stdio` as ssh's ProxyCommand, told the provider's peer and
+             address (what `xe ssh --p2p` runs): the consumer's own libp2p host dials the
+             provider, no gateway in the path; its CPU is read with bash's `times`
 
 Bulk: `head -c 1G /dev/zero | ssh HOST 'cat > /dev/null'` (up) and
 `ssh HOST 'head -c 1G /dev/zero' | wc -c` (down; wc checks the byte count),
@@ -514,8 +517,15 @@ def bench_paths(a, d, t_start, ck, p_direct, p_bastion, p_socat, hk_target, hk_b
     r5 = xe.get("r5") if xe else None
     xe_url = xe["url"] if xe else "none"
     xe_wallet = xe["wallet"] if xe else "none"
-    # path 7's ProxyCommand writes its CPU (bash `times`) here when it exits
+    # paths 7's and 10's ProxyCommands write their CPU (bash `times`) here when they exit
     stdio_times = os.path.join(d, "stdio.times")
+    p2p_times = os.path.join(d, "p2p.times")
+    times_file = {"7": stdio_times, "10": p2p_times}
+    if xe:
+        p_peer = xe["prov"].ready["peer_id"]
+        p_addr = next(x for x in xe["prov"].ready["p2p_addrs"] if "/tcp/" in x)
+    else:
+        p_peer = p_addr = "none"
     kh = os.path.join(d, "known_hosts")
     with open(kh, "w") as f:
         f.write(f"target {hk_target}\nbastion {hk_bastion}\n{lease} {vm_hk}\n")
@@ -576,6 +586,10 @@ Host xestdio
   ProxyCommand bash -c 'trap "" HUP; "$0" tunnel --stdio --node {xe_url} --wallet {xe_wallet} {lease}; times > {stdio_times}' {XE}
   HostKeyAlias {lease}
   IdentityFile {lease_key}
+Host xep2p
+  ProxyCommand bash -c 'trap "" HUP; XE_P2P_LISTEN=/ip4/127.0.0.1/tcp/0 "$0" tunnel --p2p --stdio --provider-peer {p_peer} --provider-addr {p_addr} {lease}; times > {p2p_times}' {XE}
+  HostKeyAlias {lease}
+  IdentityFile {lease_key}
 Host xegw5
   HostName 127.0.0.1
   Port {r5["gw_port"] if r5 else 1}
@@ -612,15 +626,16 @@ Host *
         ("7", "xe tunnel --stdio as ProxyCommand (HTTP upgrade)", "xestdio"),
         ("8", "3 socat TCP relays in a row (floor for 3 relaying processes)", "socat3"),
         ("9", "ssh -J bastion, then a socat relay (floor for path 3's extra hop)", "bastionsocat"),
+        ("10", "xe tunnel --p2p --stdio as ProxyCommand (xe ssh --p2p, no gateway)", "xep2p"),
     ]
     if not xe:
-        paths = [p for p in paths if p[0] not in ("3", "4", "7")]
+        paths = [p for p in paths if p[0] not in ("3", "4", "7", "10")]
     if not r5:
         paths = [p for p in paths if p[0] != "5"]
     # whose CPU is read around each transfer: (gateway, provider) per xe path
     xe_pids = {}
     if xe:
-        xe_pids["3"] = xe_pids["4"] = xe_pids["7"] = (gw.pid, prov.pid)
+        xe_pids["3"] = xe_pids["4"] = xe_pids["7"] = xe_pids["10"] = (gw.pid, prov.pid)
     if r5:
         xe_pids["5"] = (r5["gw"].pid, r5["prov"].pid)
     # a third process on the path whose CPU is reported too: path 4's `xe tunnel`, path 5's relay
@@ -711,8 +726,8 @@ Host *
                 pids = xe_pids.get(pid_)
                 g0, p0 = (cpu_secs(pids[0]), cpu_secs(pids[1])) if pids else (0, 0)
                 q0 = cpu_secs(extra_pid[pid_]) if pid_ in extra_pid else 0
-                if pid_ == "7" and os.path.exists(stdio_times):
-                    os.unlink(stdio_times)
+                if pid_ in times_file and os.path.exists(times_file[pid_]):
+                    os.unlink(times_file[pid_])
                 t0 = time.monotonic()
                 pr = subprocess.Popen(["bash", "-o", "pipefail", "-c", tmpl % host], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
@@ -728,8 +743,8 @@ Host *
                 dt = time.monotonic() - t0
                 g1, p1 = (cpu_secs(pids[0]), cpu_secs(pids[1])) if pids else (0, 0)
                 q1 = cpu_secs(extra_pid[pid_]) if pid_ in extra_pid else 0
-                if pid_ == "7":
-                    q0, q1 = 0, bash_times_children(stdio_times, time.monotonic() + 10)
+                if pid_ in times_file:
+                    q0, q1 = 0, bash_times_children(times_file[pid_], time.monotonic() + 10)
                 if pr.returncode != 0 or (dr == "down" and int(out.split()[0] or 0) != nbytes):
                     failures.append(f"path {pid_} {dr}: rc {pr.returncode} {out[:40]!r} {err[-300:]!r}")
                     continue
@@ -737,7 +752,7 @@ Host *
                 cpu[(pid_, dr)].append((g1 - g0) * GIB / nbytes)
                 pcpu[(pid_, dr)].append((p1 - p0) * GIB / nbytes)
                 extra = ""
-                if pid_ in extra_pid or pid_ == "7":
+                if pid_ in extra_pid or pid_ in times_file:
                     extra_cpu[(pid_, dr)].append((q1 - q0) * GIB / nbytes)
                     extra = f", {'relay' if pid_ == '5' else 'xe tunnel'} cpu {q1 - q0:.2f}s"
                 log(f"round {rounds + 1} path {pid_} {dr}: {nbytes / dt / 1e6:.0f} MB/s "
@@ -819,7 +834,7 @@ def report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbyte
             m = med(xs)
             r1 = m / med(thr[("1", dr)]) if thr.get(("1", dr)) else float("nan")
             r2 = m / med(thr[("2", dr)]) if thr.get(("2", dr)) else float("nan")
-            xe = pid_ in ("3", "4", "5", "7")
+            xe = pid_ in ("3", "4", "5", "7", "10")
             gc = f"{med(cpu[(pid_, dr)]):.2f}" if xe else "–"
             pc = f"{med(pcpu[(pid_, dr)]):.2f}" if xe else "–"
             w(f"| {pid_} {name} | {dr} | {m / 1e6:.0f} | {min(xs) / 1e6:.0f} | {max(xs) / 1e6:.0f} | {len(xs)} "
@@ -839,6 +854,10 @@ def report(a, paths, lat, thr, cpu, pcpu, checks, failures, rounds, total, nbyte
         w("")
         w(f"Path 7: the `xe tunnel --stdio` ProxyCommand's CPU: {med(extra_cpu[('7', 'up')]):.2f} s/GiB up, "
           f"{med(extra_cpu[('7', 'down')]):.2f} s/GiB down (median).")
+    if extra_cpu.get(("10", "up")) or extra_cpu.get(("10", "down")):
+        w("")
+        w(f"Path 10: the `xe tunnel --p2p --stdio` ProxyCommand's CPU (the consumer's own libp2p host): "
+          f"{med(extra_cpu[('10', 'up')]):.2f} s/GiB up, {med(extra_cpu[('10', 'down')]):.2f} s/GiB down (median).")
     if idle:
         w("")
         w(f"Memory per idle session ({a.idle} sessions held at once; `ssh HOST 'echo up; sleep'`), "

@@ -46,8 +46,8 @@ pub struct P2pArgs {
     pub p2p: bool,
     /// With --p2p: an overlay peer to start from (`…/p2p/<peer id>`,
     /// repeatable); the lease and its provider are then found in the
-    /// overlay and --node is not asked [default: "bootstrap" in
-    /// ~/.xe/config.json].
+    /// overlay and no node is asked [default: "bootstrap" in
+    /// ~/.xe/config.json, unless --node is given].
     #[arg(long = "bootstrap", value_name = "MULTIADDR", requires = "p2p")]
     pub bootstrap: Vec<Multiaddr>,
     /// With --p2p: log each step and its time (lookup, dial, the tunnel's
@@ -78,13 +78,20 @@ pub struct P2pArgs {
 }
 
 impl P2pArgs {
-    /// `--bootstrap`, else the config file's `bootstrap`; each must name
-    /// its peer.
-    pub fn bootstrap(&self) -> anyhow::Result<Vec<Multiaddr>> {
-        let list = if self.bootstrap.is_empty() {
-            crate::paths::Config::load()?.bootstrap
-        } else {
+    /// The peers to find the lease through in the overlay, or none to ask
+    /// a node: `--bootstrap`; else nothing when `--node`/`XE_NODE` was
+    /// given (an explicit node wins over the config file); else the config
+    /// file's `bootstrap`. Each must name its peer.
+    pub fn overlay_bootstrap(
+        &self,
+        node: &crate::lease_cmd::NodeUrlArg,
+    ) -> anyhow::Result<Vec<Multiaddr>> {
+        let list = if !self.bootstrap.is_empty() {
             self.bootstrap.clone()
+        } else if node.node.is_some() {
+            Vec::new()
+        } else {
+            crate::paths::Config::load()?.bootstrap
         };
         for b in &list {
             if peer_of(b).is_none() {
@@ -300,7 +307,7 @@ pub async fn run_stdio(
     mut signals: crate::node_cmd::ShutdownSignal,
 ) -> anyhow::Result<std::process::ExitCode> {
     let total = Instant::now();
-    let bootstrap = p2p.bootstrap()?;
+    let bootstrap = p2p.overlay_bootstrap(node)?;
     let full = || -> anyhow::Result<LeaseHash> {
         typed.parse().map_err(|e| {
             anyhow::anyhow!(

@@ -373,7 +373,7 @@ impl TargetArgs {
             .clone()
             .unwrap_or_else(crate::paths::default_known_hosts);
         let bootstrap = if self.p2p.p2p {
-            self.p2p.bootstrap()?
+            self.p2p.overlay_bootstrap(&self.node)?
         } else {
             Vec::new()
         };

@@ -383,6 +383,46 @@ fn nat_provider_is_reached_through_the_relay_with_real_ssh() {
         opened > closed,
         "a circuit is still open ({opened} opened, {closed} closed):\n{rlog}"
     );
+
+    // `xe ssh --p2p` from behind the other NAT, with only the relay as its
+    // bootstrap peer: no gateway and no node is asked; the consumer's own
+    // host finds the lease in the overlay and reaches the provider through
+    // the relay, and -v says the tunnel is relayed.
+    let wallet = consumer.wallet.to_str().expect("utf-8 path");
+    let boot = addr_facing(&relay, netns::PUB_TO_G);
+    let kh = dir.path().join("p2p_known_hosts");
+    let out = output_within(
+        in_netns(
+            &t.g,
+            &xe_bin(),
+            &[
+                "ssh",
+                "--p2p",
+                "-v",
+                "--bootstrap",
+                &boot,
+                "--wallet",
+                wallet,
+                "--known-hosts",
+                kh.to_str().expect("utf-8 path"),
+                &lease,
+                "--",
+                "echo via-p2p",
+            ],
+        ),
+        None,
+        Duration::from_secs(120),
+    );
+    let log = plain(&String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout) == "via-p2p\n",
+        "xe ssh --p2p through the relay: {log}"
+    );
+    assert!(
+        log.contains("tunnel open") && log.contains("path=relayed"),
+        "{log}"
+    );
+    eprintln!("xe ssh --p2p -v behind NAT said:\n{log}");
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::three_nodes::{Net, sha256_file};
+use common::three_nodes::{Net, random_file, sha256_file};
 use common::*;
 
 fn text(b: &[u8]) -> String {
@@ -328,15 +328,7 @@ fn scp_50_mib_in_and_out_byte_exact() {
     }
     let n = Net::start();
     let src = n.path("src.bin");
-    let mut data = vec![0u8; 50 * 1024 * 1024];
-    let mut x = 0x2545F4914F6CDD1Du64;
-    for c in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-    }
-    std::fs::write(&src, &data).expect("write");
+    random_file(&src, 50 << 20, 0x2545F4914F6CDD1D);
     let remote = format!(
         "/tmp/xe-e2e-{}-{}.bin",
         std::process::id(),

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::three_nodes::{Net, sha256_file};
+use common::three_nodes::{Net, random_file, sha256_file};
 use common::*;
 
 /// A gateway address nobody listens on: a session that needed a gateway
@@ -64,6 +64,23 @@ impl Net {
         self.xe_cmd(&args).output().expect("xe ssh --p2p")
     }
 
+    /// `xe SUB --p2p --node NODE --wallet … --known-hosts KH EXTRA… LEASE`.
+    fn p2p_target(&self, sub: &str, node: &str, kh: &Path, extra: &[&str]) -> Output {
+        let mut args = vec![
+            sub,
+            "--p2p",
+            "--node",
+            node,
+            "--wallet",
+            self.wallet.to_str().expect("utf8"),
+            "--known-hosts",
+            kh.to_str().expect("utf8"),
+        ];
+        args.extend(extra);
+        args.push(&self.lease);
+        self.xe_cmd(&args).output().expect(sub)
+    }
+
     /// `xe tunnel --p2p --stdio ARGS…` with nothing on stdin.
     fn p2p_tunnel(&self, args: &[&str]) -> Output {
         let mut all = vec!["tunnel", "--p2p", "--stdio"];
@@ -100,21 +117,7 @@ fn xe_ssh_p2p_reaches_the_vm_with_no_gateway_in_the_path() {
         "{pinned}"
     );
     // What it runs: the overlay ProxyCommand, already told the provider.
-    let print = n
-        .xe_cmd(&[
-            "ssh",
-            "--p2p",
-            "--node",
-            &consumer,
-            "--wallet",
-            n.wallet.to_str().expect("utf8"),
-            "--known-hosts",
-            kh.to_str().expect("utf8"),
-            "--print",
-            &n.lease,
-        ])
-        .output()
-        .expect("print");
+    let print = n.p2p_target("ssh", &consumer, &kh, &["--print"]);
     let printed = ok(&print, "xe ssh --p2p --print");
     assert!(printed.contains("tunnel --p2p --stdio"), "{printed}");
     assert!(printed.contains("--provider-peer"), "{printed}");
@@ -175,21 +178,7 @@ fn scp_50_mib_both_ways_through_the_ssh_config_p2p_block() {
     let kh = n.path("xe_known_hosts");
     // A config block looks the provider up in its ProxyCommand, each time.
     let block = ok(
-        &n.xe_cmd(&[
-            "ssh-config",
-            "--p2p",
-            "--node",
-            &consumer,
-            "--wallet",
-            n.wallet.to_str().expect("utf8"),
-            "--known-hosts",
-            kh.to_str().expect("utf8"),
-            "--alias",
-            "leased",
-            &n.lease,
-        ])
-        .output()
-        .expect("ssh-config"),
+        &n.p2p_target("ssh-config", &consumer, &kh, &["--alias", "leased"]),
         "xe ssh-config --p2p",
     );
     assert!(block.contains("tunnel --p2p --stdio"), "{block}");
@@ -198,15 +187,7 @@ fn scp_50_mib_both_ways_through_the_ssh_config_p2p_block() {
     std::fs::write(&cfg, block).expect("write config");
 
     let src = n.path("src.bin");
-    let mut data = vec![0u8; 50 * 1024 * 1024];
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    for c in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-    }
-    std::fs::write(&src, &data).expect("write");
+    random_file(&src, 50 << 20, 0x9E37_79B9_7F4A_7C15);
     let remote = format!("/tmp/xe-p2p-{}.bin", std::process::id());
     let scp = |from: &str, to: &str| {
         Command::new("scp")

@@ -206,3 +206,17 @@ pub fn sha256_file(p: &Path) -> String {
     h.update(std::fs::read(p).expect("read"));
     hex::encode(h.finalize())
 }
+
+/// `len` bytes of xorshift64 from `seed` written to `path`: incompressible,
+/// so nothing on the path can shortcut it.
+pub fn random_file(path: &Path, len: usize, seed: u64) {
+    let mut data = vec![0u8; len];
+    let mut x = seed;
+    for c in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    }
+    std::fs::write(path, &data).expect("write");
+}
