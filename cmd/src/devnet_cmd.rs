@@ -12,8 +12,9 @@ use clap::Args;
 use xe_node::{Capacity, Node, NodeConfig, ProvideConfig, SshConfig, VmBackend};
 use xe_store::{Lease, LeaseEvent, LeaseKey, LeaseState, Wallet, lease_key_path, now_secs};
 
+use crate::known_hosts::pin_host_key;
 use crate::node_cmd::{Backend, ShutdownSignal};
-use crate::ssh_cmd::{SshTarget, pin_host_key};
+use crate::ssh_target::SshTarget;
 
 /// `xe devnet` flags.
 #[derive(Args, Debug)]
@@ -269,7 +270,7 @@ async fn drive(
     };
     let target = SshTarget {
         lease,
-        via: crate::ssh_cmd::Via::Gateway(gateway.to_string()),
+        via: crate::ssh_target::Via::Gateway(gateway.to_string()),
         key: key.path().to_path_buf(),
         known_hosts: known_hosts.clone(),
         user,

@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod devnet_cmd;
+mod known_hosts;
 mod lease_check;
 mod lease_cmd;
 mod node_cmd;
@@ -11,6 +12,7 @@ mod p2p_tunnel;
 mod paths;
 mod qemu_args;
 mod ssh_cmd;
+mod ssh_target;
 mod stdio;
 mod tunnel_cmd;
 mod wallet_cmd;

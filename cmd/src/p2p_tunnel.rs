@@ -364,9 +364,17 @@ pub async fn run_stdio(
     info!(target: STEPS, ms = total.elapsed().as_millis(), "connected; carrying stdin/stdout");
     host.watch_path(peer, tunnel.path());
     let mut stdio = crate::stdio::stdio().context("standard input and output")?;
-    let carried = tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut stdio, &mut tunnel) => r.map(drop),
-        _ = signals.recv() => Ok(()),
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        signals.recv().await;
+        stop.cancel();
+    });
+    // The tunnels' own copy loop (buffers that grow to 256 KiB under bulk
+    // data), as `xe tunnel --stdio` uses.
+    let carried = match xe_net::tunnel::pipe(&mut stdio, &mut tunnel, &cancel).await {
+        Err(_) if cancel.is_cancelled() => Ok(()),
+        r => r.map(drop),
     };
     drop(tunnel);
     host.stop().await;

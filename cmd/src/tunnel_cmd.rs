@@ -89,7 +89,7 @@ pub async fn run(args: TunnelArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(crate::paths::default_known_hosts);
     let known_hosts = match &view.vm_host_key {
         Some(k) => {
-            crate::ssh_cmd::pin_host_key(&known_hosts, &lease, k)?;
+            crate::known_hosts::pin_host_key(&known_hosts, &lease, k)?;
             Some(known_hosts)
         }
         None => None,
