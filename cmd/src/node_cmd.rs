@@ -361,6 +361,17 @@ impl ShutdownSignal {
             _ = self.term.recv() => {}
         }
     }
+
+    /// A token cancelled by the first SIGINT or SIGTERM.
+    pub fn into_token(mut self) -> tokio_util::sync::CancellationToken {
+        let token = tokio_util::sync::CancellationToken::new();
+        let stop = token.clone();
+        tokio::spawn(async move {
+            self.recv().await;
+            stop.cancel();
+        });
+        token
+    }
 }
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {

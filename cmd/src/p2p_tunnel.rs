@@ -304,7 +304,7 @@ pub async fn run_stdio(
     typed: &str,
     p2p: &P2pArgs,
     node: &crate::lease_cmd::NodeUrlArg,
-    mut signals: crate::node_cmd::ShutdownSignal,
+    signals: crate::node_cmd::ShutdownSignal,
 ) -> anyhow::Result<std::process::ExitCode> {
     let total = Instant::now();
     let bootstrap = p2p.overlay_bootstrap(node)?;
@@ -364,12 +364,7 @@ pub async fn run_stdio(
     info!(target: STEPS, ms = total.elapsed().as_millis(), "connected; carrying stdin/stdout");
     host.watch_path(peer, tunnel.path());
     let mut stdio = crate::stdio::stdio().context("standard input and output")?;
-    let cancel = CancellationToken::new();
-    let stop = cancel.clone();
-    tokio::spawn(async move {
-        signals.recv().await;
-        stop.cancel();
-    });
+    let cancel = signals.into_token();
     // The tunnels' own copy loop (buffers that grow to 256 KiB under bulk
     // data), as `xe tunnel --stdio` uses.
     let carried = match xe_net::tunnel::pipe(&mut stdio, &mut tunnel, &cancel).await {

@@ -132,7 +132,7 @@ async fn run_stdio(
     client: xe_api::client::ApiClient,
     lease: LeaseHash,
     key: LeaseKey,
-    mut signals: crate::node_cmd::ShutdownSignal,
+    signals: crate::node_cmd::ShutdownSignal,
 ) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
     use xe_api::client::{CarryError, carry};
@@ -143,12 +143,7 @@ async fn run_stdio(
         );
     }
     let mut stdio = crate::stdio::stdio().context("standard input and output")?;
-    let cancel = CancellationToken::new();
-    let stop = cancel.clone();
-    tokio::spawn(async move {
-        signals.recv().await;
-        stop.cancel();
-    });
+    let cancel = signals.into_token();
     match carry(&client, &lease, &key, &mut stdio, &cancel).await {
         Ok(_) | Err(CarryError::Stopped) => Ok(ExitCode::SUCCESS),
         // A refusal about the lease (4xx) points at the lease's state; a

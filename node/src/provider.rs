@@ -514,15 +514,7 @@ impl TunnelValidator for Provider {
         lease: &LeaseHash,
         _peer: &PeerId,
     ) -> Result<(), TunnelRefusal> {
-        let rec = self
-            .store
-            .lease(lease)
-            .map_err(|e| TunnelRefusal::Store(e.to_string()))?
-            .ok_or(TunnelRefusal::UnknownLease(*lease))?;
-        if !self.names_me(&rec) {
-            return Err(TunnelRefusal::NotProvider(*lease));
-        }
-        rec.access().map_err(TunnelRefusal::Inactive)
+        xe_net::tunnel::lease_for_tunnel(&self.store, lease, &self.wallet.address()).map(drop)
     }
 
     async fn until_inactive(&self, lease: &LeaseHash) -> Inactive {

@@ -27,7 +27,7 @@ use crate::host::peers::{self, ConnPath, PeerTunnels};
 use crate::slots::{ConnLimits, SlotTable};
 
 mod refusal;
-pub use refusal::TunnelRefusal;
+pub use refusal::{TunnelRefusal, lease_for_tunnel};
 
 /// The protocol id.
 pub const TUNNEL_PROTOCOL: StreamProtocol = StreamProtocol::new("/xe/tunnel/2.0.0");

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use xe_store::{Inactive, LeaseHash};
+use xe_store::{AccountAddress, Inactive, LeaseHash, LeaseRecord, Store};
 
 /// A refused tunnel handshake. Its `Display` is the one-line message the
 /// client receives (at most [`super::MAX_ERROR_LEN`] bytes are sent).
@@ -42,6 +42,25 @@ pub enum TunnelRefusal {
     /// The stream failed before the lease hash was read.
     #[error("reading the 32-byte lease hash: {0}")]
     ReadingLease(String),
+}
+
+/// The provider's check of a lease before it opens a tunnel: known here,
+/// names `me` as its provider, grants access now. One rule for every
+/// validator (a node's provider role, the tests' stand-ins).
+pub fn lease_for_tunnel(
+    store: &Store,
+    lease: &LeaseHash,
+    me: &AccountAddress,
+) -> Result<LeaseRecord, TunnelRefusal> {
+    let rec = store
+        .lease(lease)
+        .map_err(|e| TunnelRefusal::Store(e.to_string()))?
+        .ok_or(TunnelRefusal::UnknownLease(*lease))?;
+    if rec.lease.provider != *me {
+        return Err(TunnelRefusal::NotProvider(*lease));
+    }
+    rec.access().map_err(TunnelRefusal::Inactive)?;
+    Ok(rec)
 }
 
 fn inactive_text(why: Inactive) -> String {

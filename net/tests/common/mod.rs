@@ -121,15 +121,7 @@ impl TunnelValidator for Provider {
         lease: &LeaseHash,
         _peer: &PeerId,
     ) -> Result<(), TunnelRefusal> {
-        let rec = self
-            .store
-            .lease(lease)
-            .map_err(|e| TunnelRefusal::Store(e.to_string()))?
-            .ok_or(TunnelRefusal::UnknownLease(*lease))?;
-        if rec.lease.provider != self.me {
-            return Err(TunnelRefusal::NotProvider(*lease));
-        }
-        rec.access().map_err(TunnelRefusal::Inactive)
+        xe_net::tunnel::lease_for_tunnel(&self.store, lease, &self.me).map(drop)
     }
     async fn until_inactive(&self, lease: &LeaseHash) -> xe_store::Inactive {
         self.store.until_inactive(lease).await
