@@ -160,6 +160,9 @@ pub struct ConsumerHost {
 }
 
 impl ConsumerHost {
+    /// `bootstrap` empty: the provider is already known, so the host does
+    /// not replicate (see `NetConfig::replicate`); else it must, to find
+    /// the lease in the overlay.
     pub async fn start(
         listen: &[Multiaddr],
         bootstrap: Vec<Multiaddr>,
@@ -176,6 +179,7 @@ impl ConsumerHost {
         };
         let cfg = NetConfig {
             listen,
+            replicate: !bootstrap.is_empty(),
             bootstrap,
             compact: false,
             ..NetConfig::default()

@@ -270,3 +270,45 @@ async fn a_compacted_lease_pushed_back_by_a_peer_is_not_revived() {
     assert_eq!(a.store.pending_count(), 0);
     assert_eq!(fingerprint(&a.store), before);
 }
+
+/// A host with `replicate` off (a one-tunnel consumer) does not answer
+/// reconciliation: a peer's session is refused as an unsupported protocol,
+/// so no provider streams its ledger into it.
+#[tokio::test]
+async fn a_host_that_does_not_replicate_refuses_reconciliation() {
+    let a = node(vec![]).await;
+    let b = node_with(a.net.p2p_addrs().await.expect("addrs"), |c| {
+        c.replicate = false;
+    })
+    .await;
+    wait_peers(&a, 1).await;
+    let mut control = a.net.control();
+    let opened = tokio::time::timeout(
+        Duration::from_secs(20),
+        control.open_stream(b.net.peer_id(), RECON_PROTOCOL),
+    )
+    .await
+    .expect("the open is answered");
+    assert!(
+        matches!(
+            opened,
+            Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))
+        ),
+        "reconciliation with a non-replicating host: {:?}",
+        opened.map(drop)
+    );
+    // A replicating host answers the same open.
+    let c = node(a.net.p2p_addrs().await.expect("addrs")).await;
+    wait_peers(&a, 2).await;
+    let opened = tokio::time::timeout(
+        Duration::from_secs(20),
+        control.open_stream(c.net.peer_id(), RECON_PROTOCOL),
+    )
+    .await
+    .expect("the open is answered");
+    assert!(
+        opened.is_ok(),
+        "a replicating host answers: {:?}",
+        opened.map(drop)
+    );
+}

@@ -72,6 +72,14 @@ pub struct NetConfig {
     pub directory_ttl: Duration,
     /// How often to re-sync with one connected peer (anti-entropy).
     pub resync_interval: Duration,
+    /// Take part in replication: answer and start reconciliation, and ask
+    /// peers for their directory, on every connection (the default). A host
+    /// that lives for one tunnel and already knows where its provider is
+    /// (`xe tunnel --p2p` given the provider, or looking it up through a
+    /// node) turns it off: no provider then streams its ledger into a
+    /// session's throwaway store, and inbound reconciliation is refused
+    /// as an unsupported protocol.
+    pub replicate: bool,
     /// Compact the store every `COMPACT_INTERVAL`: leases that ended more
     /// than the store's retention window ago leave it (see
     /// `xe_store::retention`; the window is `Store::set_retention`).
@@ -111,6 +119,7 @@ impl Default for NetConfig {
             directory_ttl: Duration::from_secs(1800),
             resync_interval: Duration::from_secs(60),
             compact: true,
+            replicate: true,
             tunnel: TunnelServerConfig::default(),
             client_handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             dial_timeout: Duration::from_secs(20),
@@ -274,12 +283,14 @@ pub async fn start(
         pending_publish: Arc::new(tokio::sync::Semaphore::new(handle::MAX_PENDING_PUBLISH)),
     };
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(driver::serve(
-        control.clone(),
-        store.clone(),
-        stats.clone(),
-        cancel.clone(),
-    ));
+    if config.replicate {
+        tasks.spawn(driver::serve(
+            control.clone(),
+            store.clone(),
+            stats.clone(),
+            cancel.clone(),
+        ));
+    }
     if config.compact {
         tasks.spawn(driver::compact_periodically(store.clone(), cancel.clone()));
     }
@@ -318,7 +329,14 @@ pub async fn start(
         peers: Peers::new(tunnels, peer_tx, conn_tx),
         dial,
         nat,
-        replication: Replication::new(store, stats, recon, roles.announce, config.directory_ttl),
+        replication: Replication::new(
+            store,
+            stats,
+            recon,
+            roles.announce,
+            config.directory_ttl,
+            config.replicate,
+        ),
         announce_interval: config.announce_interval,
         resync_interval: config.resync_interval,
     };

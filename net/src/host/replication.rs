@@ -79,6 +79,9 @@ pub(super) struct Replication {
     late: Arc<tokio::sync::Semaphore>,
     announce: Option<Arc<Wallet>>,
     directory_ttl: Duration,
+    /// [`crate::NetConfig::replicate`]: off, this host starts no
+    /// reconciliation or directory sync of its own.
+    replicate: bool,
 }
 
 impl Replication {
@@ -88,6 +91,7 @@ impl Replication {
         recon: Reconciler,
         announce: Option<Arc<Wallet>>,
         directory_ttl: Duration,
+        replicate: bool,
     ) -> Self {
         let (internal_tx, internal_rx) = mpsc::channel(1024);
         Replication {
@@ -105,6 +109,7 @@ impl Replication {
             )),
             announce,
             directory_ttl,
+            replicate,
         }
     }
 
@@ -184,6 +189,9 @@ impl Replication {
         peer: PeerId,
         either_end: bool,
     ) {
+        if !self.replicate {
+            return;
+        }
         if either_end || *swarm.local_peer_id() < peer {
             self.recon.start(peer);
         }
