@@ -24,9 +24,11 @@ use crate::auth::{
 };
 use crate::types::{ErrorBody, LeaseView, NodeInfo, ProviderView, SubmitResult, VmView};
 
+mod error;
 mod tls;
 mod url;
 
+pub use error::ClientError;
 pub use url::NodeUrl;
 
 /// Default node URL of the CLI.
@@ -36,62 +38,6 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest response body the client reads; a node never sends more than a
 /// lease list, so a bigger one is a wrong URL or a broken server.
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
-
-/// Why a request failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// The node URL cannot be used.
-    #[error("node URL {url:?}: {detail}")]
-    Url {
-        /// The URL as given.
-        url: String,
-        /// What is wrong with it.
-        detail: String,
-    },
-    /// TCP connect failed.
-    #[error(
-        "cannot connect to the node at {addr}: {source} (is `xe node --api-port` running there? set --node or XE_NODE)"
-    )]
-    Connect {
-        /// host:port.
-        addr: String,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// TLS to an `https://` node failed.
-    #[error("TLS with {addr} failed: {detail}")]
-    Tls {
-        /// host:port.
-        addr: String,
-        /// What failed and what to do.
-        detail: String,
-    },
-    /// The HTTP exchange failed.
-    #[error("HTTP exchange with {addr} failed: {detail}")]
-    Http {
-        /// host:port.
-        addr: String,
-        /// What failed.
-        detail: String,
-    },
-    /// The node answered with an error status.
-    #[error("node answered {status}: {message}")]
-    Status {
-        /// The status.
-        status: StatusCode,
-        /// The node's `error` text (or the raw body).
-        message: String,
-        /// Seconds from `Retry-After`, on 429.
-        retry_after: Option<u64>,
-    },
-    /// The body was not what the API sends.
-    #[error("unexpected response from the node: {0}")]
-    Decode(String),
-    /// The deadline passed.
-    #[error("no answer from the node within {0:?}")]
-    Timeout(Duration),
-}
 
 /// A client of one node's API.
 #[derive(Debug, Clone)]

@@ -1,6 +1,6 @@
 //! The node URL the CLI is given: `http://` or `https://`, host, port, no path.
 
-use super::ClientError;
+use super::error::ClientError;
 
 /// A parsed `http[s]://host[:port]` node URL.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use rand::RngCore;
 use russh::keys::ssh_key::{HashAlg, LineEnding, PrivateKey, private::Ed25519Keypair};
 use xe_store::secret_file::{self, SecretFileError};
 
-use super::GatewayError;
+use super::error::GatewayError;
 
 /// File name of the host key inside the data directory.
 pub const HOST_KEY_FILE: &str = "ssh_host_key";

@@ -66,6 +66,7 @@ mod agent;
 mod auth;
 mod channel;
 mod conn;
+mod error;
 pub mod hostkey;
 mod join;
 mod lifecycle;
@@ -76,6 +77,7 @@ mod startups;
 pub mod stats;
 pub mod tunnel;
 
+pub use error::GatewayError;
 pub use hostkey::{HOST_KEY_FILE, host_key_fingerprint, load_or_create_host_key};
 pub use stats::{AuthFailure, ConnectionRefusal, GatewayStats, GatewayStatsSnapshot};
 pub use tunnel::{TunnelDialError, TunnelDialer, VmStream};
@@ -256,37 +258,6 @@ impl GatewayConfig {
         }
         Ok(())
     }
-}
-
-/// Why the gateway could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum GatewayError {
-    /// A setting is out of range.
-    #[error("invalid gateway configuration: {0}")]
-    Config(String),
-    /// The host key file exists but cannot be used.
-    #[error("SSH host key {path}: {detail}", path = .path.display())]
-    HostKey {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong with it.
-        detail: String,
-    },
-    /// The host key is readable by group or others.
-    #[error("SSH host key {}", xe_store::secret_file::wrong_mode(.path, *.mode))]
-    HostKeyPermissions {
-        /// The file.
-        path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
-    },
-    /// The host key file could not be read or written (a link, not a
-    /// regular file, I/O); the error names the file.
-    #[error("SSH host key: {0}")]
-    HostKeyFile(#[source] xe_store::secret_file::SecretFileError),
-    /// The listener is unusable.
-    #[error("SSH gateway listener: {0}")]
-    Listener(std::io::Error),
 }
 
 /// State shared by the accept loop, connections and channels.

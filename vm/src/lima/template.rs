@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 
 use xe_store::LeaseHash;
 
-use super::LimaConfig;
+use super::config::LimaConfig;
 use crate::{ProvisionRequest, VmError, keys};
 
 /// The Lima instance name of a lease: `xe-` and the first 16 hex digits.
