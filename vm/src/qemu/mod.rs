@@ -30,6 +30,7 @@
 
 mod accel;
 mod boot;
+mod launch;
 mod process;
 mod qmp;
 mod seed;
@@ -54,7 +55,6 @@ use crate::{ProvisionRequest, VmError, VmInfo, VmStatus, keys, private_dir};
 
 const HOST_KEY: &str = "host_key";
 const DISK: &str = "disk.qcow2";
-const PID: &str = "qemu.pid";
 
 /// `qemu-img` creates an overlay in milliseconds; this bounds a wedged one.
 const QEMU_IMG_TIMEOUT: Duration = Duration::from_secs(60);
