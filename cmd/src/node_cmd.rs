@@ -225,14 +225,7 @@ impl NodeArgs {
         cfg.net.listen = self.p2p_listen.clone();
         cfg.net.bootstrap = self.bootstrap.clone();
         for b in &cfg.net.bootstrap {
-            if !b
-                .iter()
-                .any(|p| matches!(p, xe_net::libp2p_protocol::P2p(_)))
-            {
-                anyhow::bail!(
-                    "--bootstrap {b}: must end in /p2p/<peer id> (see `listen_addrs` in the peer's GET /node)"
-                );
-            }
+            crate::paths::require_peer_id(b, format_args!("--bootstrap {b}"), BOOTSTRAP_HINT)?;
         }
         // One flag for both ends of a tunnel's handshake.
         cfg.net.client_handshake_timeout = Duration::from_secs(self.handshake_timeout);
@@ -276,12 +269,7 @@ impl NodeArgs {
             cfg.ssh = Some(ssh);
         }
         for r in &self.relay {
-            if !r
-                .iter()
-                .any(|p| matches!(p, xe_net::libp2p_protocol::P2p(_)))
-            {
-                anyhow::bail!("--relay {r}: must end in /p2p/<peer id> (the relay's p2p_addrs)");
-            }
+            crate::paths::require_peer_id(r, format_args!("--relay {r}"), "the relay's p2p_addrs")?;
         }
         cfg.net.nat = xe_net::NatConfig {
             relay_server: !self.no_relay_server && (self.relay_server || cfg.ssh.is_some()),
@@ -336,6 +324,9 @@ async fn print_nat_events(mut nat: tokio::sync::watch::Receiver<xe_net::NatInfo>
         }
     }
 }
+
+/// Where a bootstrap address's peer id is found.
+pub const BOOTSTRAP_HINT: &str = "see `listen_addrs` in the peer's GET /node";
 
 /// SIGINT/SIGTERM handlers, installed when created: a signal that arrives
 /// while the node is still starting is delivered here, not fatal.

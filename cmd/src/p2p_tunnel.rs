@@ -27,7 +27,7 @@ use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 use xe_net::{ConnPath, Multiaddr, NetConfig, NetHandle, NetRoles, PeerId, TunnelError};
-use xe_store::{LeaseHash, Store};
+use xe_store::{AccountAddress, LeaseHash, Store};
 
 /// How long the overlay lookup waits for the lease and the provider's
 /// directory entry to arrive by sync.
@@ -94,20 +94,13 @@ impl P2pArgs {
             crate::paths::Config::load()?.bootstrap
         };
         for b in &list {
-            if peer_of(b).is_none() {
-                bail!(
-                    "bootstrap address {b}: must end in /p2p/<peer id> (see `listen_addrs` in the peer's GET /node)"
-                );
-            }
+            crate::paths::require_peer_id(
+                b,
+                format_args!("bootstrap address {b}"),
+                crate::node_cmd::BOOTSTRAP_HINT,
+            )?;
         }
         Ok(list)
-    }
-}
-
-fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
-    match addr.iter().last() {
-        Some(xe_net::libp2p_protocol::P2p(p)) => Some(p),
-        _ => None,
     }
 }
 
@@ -120,32 +113,51 @@ pub struct ProviderAt {
     pub addrs: Vec<Multiaddr>,
 }
 
-/// The provider of `lease` as `--node`'s API knows it.
+impl ProviderAt {
+    /// From `account`'s directory entry, however it was obtained (a node's
+    /// API, this host's own store).
+    fn from_entry(
+        account: &AccountAddress,
+        peer_id: &str,
+        addrs: &[String],
+    ) -> anyhow::Result<Self> {
+        Ok(ProviderAt {
+            peer: peer_id
+                .parse()
+                .with_context(|| format!("provider {account} announced an invalid peer id"))?,
+            addrs: addrs.iter().filter_map(|a| a.parse().ok()).collect(),
+        })
+    }
+}
+
+/// Where `--node`'s directory says `provider` (of `lease`) is.
 pub async fn provider_from_node(
     client: &xe_api::client::ApiClient,
     lease: &LeaseHash,
+    provider: &AccountAddress,
 ) -> anyhow::Result<ProviderAt> {
-    let view = client.lease(lease).await?;
     let providers = client.providers().await?;
     let entry = providers
         .into_iter()
-        .find(|p| p.address == view.provider)
+        .find(|p| p.address == *provider)
         .with_context(|| {
             format!(
                 "provider {} of lease {} is not in the directory of the node at {} \
                  (not announced, or its entry expired): is the provider's node running?",
-                view.provider.short(),
+                provider.short(),
                 lease.short(),
                 client.url()
             )
         })?;
-    let peer = entry
-        .peer_id
-        .parse()
-        .with_context(|| format!("provider {} announced an invalid peer id", view.provider))?;
-    Ok(ProviderAt {
-        peer,
-        addrs: entry.addrs.iter().filter_map(|a| a.parse().ok()).collect(),
+    ProviderAt::from_entry(provider, &entry.peer_id, &entry.addrs)
+}
+
+/// `typed` as a whole lease hash: only a node resolves a prefix.
+fn full_hash(typed: &str) -> anyhow::Result<LeaseHash> {
+    typed.parse().map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: without --node the full 64-hex lease hash is needed (`xe lease list --mine`)"
+        )
     })
 }
 
@@ -170,10 +182,7 @@ impl ConsumerHost {
         let t = Instant::now();
         let store = Store::temporary().context("creating the in-memory ledger")?;
         let listen = if listen.is_empty() {
-            vec![
-                "/ip4/0.0.0.0/tcp/0".parse().expect("valid"),
-                "/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("valid"),
-            ]
+            NetConfig::every_interface()
         } else {
             listen.to_vec()
         };
@@ -207,8 +216,11 @@ impl ConsumerHost {
     }
 
     /// Wait until the overlay has delivered `lease` and its provider's
-    /// directory entry into this host's store.
-    pub async fn find_in_overlay(&self, lease: &LeaseHash) -> anyhow::Result<ProviderAt> {
+    /// directory entry into this host's store; the record comes back too.
+    pub async fn find_in_overlay(
+        &self,
+        lease: &LeaseHash,
+    ) -> anyhow::Result<(ProviderAt, xe_store::LeaseRecord)> {
         let t = Instant::now();
         let deadline = tokio::time::Instant::now() + OVERLAY_LOOKUP_TIMEOUT;
         let mut leases = self.store.subscribe();
@@ -224,15 +236,8 @@ impl ConsumerHost {
             };
             if let Some((rec, entry)) = found {
                 info!(target: STEPS, ms = t.elapsed().as_millis(), "lease and provider found in the overlay");
-                return Ok(ProviderAt {
-                    peer: entry.peer_id.parse().with_context(|| {
-                        format!(
-                            "provider {} announced an invalid peer id",
-                            rec.lease.provider
-                        )
-                    })?,
-                    addrs: entry.addrs.iter().filter_map(|a| a.parse().ok()).collect(),
-                });
+                let at = ProviderAt::from_entry(&rec.lease.provider, &entry.peer_id, &entry.addrs)?;
+                return Ok((at, rec));
             }
             tokio::select! {
                 _ = leases.recv() => {}
@@ -312,22 +317,15 @@ pub async fn run_stdio(
 ) -> anyhow::Result<std::process::ExitCode> {
     let total = Instant::now();
     let bootstrap = p2p.overlay_bootstrap(node)?;
-    let full = || -> anyhow::Result<LeaseHash> {
-        typed.parse().map_err(|e| {
-            anyhow::anyhow!(
-                "{e}: without --node the full 64-hex lease hash is needed (`xe lease list --mine`)"
-            )
-        })
-    };
     let (lease, host, at) = if let Some(peer) = p2p.provider_peer {
-        let lease = full()?;
+        let lease = full_hash(typed)?;
         let host = ConsumerHost::start(&p2p.p2p_listen, Vec::new()).await?;
         let addrs = p2p.provider_addr.clone();
         (lease, host, ProviderAt { peer, addrs })
     } else if !bootstrap.is_empty() {
-        let lease = full()?;
+        let lease = full_hash(typed)?;
         let host = ConsumerHost::start(&p2p.p2p_listen, bootstrap).await?;
-        let at = host.find_in_overlay(&lease).await?;
+        let (at, _) = host.find_in_overlay(&lease).await?;
         (lease, host, at)
     } else {
         // The host starts while the node is asked: neither waits on the
@@ -335,14 +333,13 @@ pub async fn run_stdio(
         let client = node.client()?;
         let lookup = async {
             let t = Instant::now();
-            let lease = if typed.len() == 64 {
-                full()?
-            } else {
-                client.lease_by_prefix(typed).await?.lease_hash
-            };
-            let at = provider_from_node(&client, &lease).await.with_context(|| {
-                format!("looking up lease {} at {}", lease.short(), client.url())
-            })?;
+            let view = client.lease_by_prefix(typed).await?;
+            let lease = view.lease_hash;
+            let at = provider_from_node(&client, &lease, &view.provider)
+                .await
+                .with_context(|| {
+                    format!("looking up lease {} at {}", lease.short(), client.url())
+                })?;
             info!(target: STEPS, ms = t.elapsed().as_millis(), node = %client.url(), "provider looked up");
             anyhow::Ok((lease, at))
         };
@@ -402,21 +399,15 @@ pub fn lookup_in_overlay(
     bootstrap: Vec<Multiaddr>,
     want_provider: bool,
 ) -> anyhow::Result<SshLookup> {
-    let lease: LeaseHash = typed.parse().map_err(|e| {
-        anyhow::anyhow!(
-            "{e}: with --bootstrap and no --node the full 64-hex lease hash is needed (`xe lease list --mine`)"
-        )
-    })?;
+    let lease = full_hash(typed)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         let host = ConsumerHost::start(&p2p.p2p_listen, bootstrap).await?;
         let found = host.find_in_overlay(&lease).await;
-        let rec = host.store.lease(&lease);
         host.stop().await;
-        let at = found?;
-        let rec = rec?.context("the lease left the in-memory ledger")?;
+        let (at, rec) = found?;
         let view = xe_api::types::LeaseView::from_record(&rec, xe_store::now_secs());
         let view = crate::lease_check::admits(view, key)?;
         Ok(SshLookup {

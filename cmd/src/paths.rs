@@ -36,6 +36,19 @@ impl WalletArg {
     }
 }
 
+/// `addr` must end in `/p2p/<peer id>` (bootstrap peers, relays): the
+/// error names it as `what` and says where to find one (`hint`).
+pub fn require_peer_id(
+    addr: &xe_net::Multiaddr,
+    what: std::fmt::Arguments<'_>,
+    hint: &str,
+) -> anyhow::Result<()> {
+    if xe_net::peer_of(addr).is_none() {
+        anyhow::bail!("{what}: must end in /p2p/<peer id> ({hint})");
+    }
+    Ok(())
+}
+
 /// Defaults a user can set once in `~/.xe/config.json` (or the file named by
 /// `XE_CONFIG`), e.g. `{"node": "http://127.0.0.1:8080", "gateway": "gw.example.net:2222"}`.
 /// Flags and environment variables win over it.

@@ -158,8 +158,10 @@ impl TargetArgs {
         let checked = ask_node(&self.node, "checking the lease", async |c| {
             crate::lease_check::usable_lease(&c, &typed, &key).await
         });
-        let (lease, vm_host_key): (LeaseHash, Option<String>) = match checked {
-            Ok(v) => (v.lease_hash, v.vm_host_key),
+        // The provider's account comes with the node's view; without it
+        // (the node is down) a --p2p ProxyCommand looks it up itself.
+        let (lease, vm_host_key, provider) = match checked {
+            Ok(v) => (v.lease_hash, v.vm_host_key, Some(v.provider)),
             // Everything ssh needs is at hand: a node that is down must not
             // keep the consumer from a VM the gateway would let them into.
             Err(e)
@@ -176,18 +178,19 @@ impl TargetArgs {
                 (
                     typed.parse().with_context(|| format!("lease {typed:?}"))?,
                     None,
+                    None,
                 )
             }
             Err(e) => return Err(e),
         };
         let via = if self.p2p.p2p {
-            let provider = match want_provider {
-                true => Some(ask_node(
+            let provider = match provider.filter(|_| want_provider) {
+                Some(account) => Some(ask_node(
                     &self.node,
                     "looking up the provider",
-                    async |c| crate::p2p_tunnel::provider_from_node(&c, &lease).await,
+                    async |c| crate::p2p_tunnel::provider_from_node(&c, &lease, &account).await,
                 )?),
-                false => None,
+                None => None,
             };
             Via::P2p {
                 xe: std::env::current_exe().context("locating the xe binary")?,

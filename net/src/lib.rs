@@ -35,7 +35,7 @@ pub mod tunnel;
 
 pub use host::{
     BootstrapError, BootstrapStatus, ConnPath, MAX_TUNNELS_PER_PEER, Net, NetConfig, NetHandle,
-    NetRoles, PeerInfo, Readiness, start,
+    NetRoles, PeerInfo, Readiness, peer_of, start,
 };
 pub use identity::load_or_create_keypair;
 pub use libp2p::multiaddr::Protocol as libp2p_protocol;

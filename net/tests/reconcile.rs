@@ -282,13 +282,19 @@ async fn a_host_that_does_not_replicate_refuses_reconciliation() {
     })
     .await;
     wait_peers(&a, 1).await;
-    let mut control = a.net.control();
-    let opened = tokio::time::timeout(
-        Duration::from_secs(20),
-        control.open_stream(b.net.peer_id(), RECON_PROTOCOL),
-    )
-    .await
-    .expect("the open is answered");
+    let control = a.net.control();
+    let open_recon = |peer| {
+        let mut control = control.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                control.open_stream(peer, RECON_PROTOCOL),
+            )
+            .await
+            .expect("the open is answered")
+        }
+    };
+    let opened = open_recon(b.net.peer_id()).await;
     assert!(
         matches!(
             opened,
@@ -300,12 +306,7 @@ async fn a_host_that_does_not_replicate_refuses_reconciliation() {
     // A replicating host answers the same open.
     let c = node(a.net.p2p_addrs().await.expect("addrs")).await;
     wait_peers(&a, 2).await;
-    let opened = tokio::time::timeout(
-        Duration::from_secs(20),
-        control.open_stream(c.net.peer_id(), RECON_PROTOCOL),
-    )
-    .await
-    .expect("the open is answered");
+    let opened = open_recon(c.net.peer_id()).await;
     assert!(
         opened.is_ok(),
         "a replicating host answers: {:?}",

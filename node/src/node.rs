@@ -115,10 +115,7 @@ impl NodeConfig {
             // A node is reached from other machines; a bare host (tests,
             // benches) listens on loopback.
             net: NetConfig {
-                listen: vec![
-                    "/ip4/0.0.0.0/tcp/0".parse().expect("valid"),
-                    "/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("valid"),
-                ],
+                listen: NetConfig::every_interface(),
                 ..NetConfig::default()
             },
             provide: None,

@@ -514,7 +514,7 @@ impl TunnelValidator for Provider {
         lease: &LeaseHash,
         _peer: &PeerId,
     ) -> Result<(), TunnelRefusal> {
-        xe_net::tunnel::lease_for_tunnel(&self.store, lease, &self.wallet.address()).map(drop)
+        xe_net::tunnel::lease_for_tunnel(&self.store, lease, &self.wallet.address())
     }
 
     async fn until_inactive(&self, lease: &LeaseHash) -> Inactive {

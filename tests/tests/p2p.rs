@@ -16,6 +16,9 @@ use common::*;
 /// would fail.
 const NO_GATEWAY: &str = "127.0.0.1:1";
 
+/// A node URL nobody answers at: a lookup that needed a node would fail.
+const NO_NODE: &str = "http://127.0.0.1:1";
+
 /// The in-process host listens on loopback only (its default is every
 /// interface); ssh hands the variable on to the ProxyCommand.
 const LISTEN: (&str, &str) = (
@@ -32,15 +35,16 @@ impl Net {
         format!("http://{}", node.field("api_addr"))
     }
 
-    /// `xe ARGS…` with no config file, no gateway and no agent.
+    /// `xe ARGS…` with no config file, no gateway, no agent, and a default
+    /// node that refuses connections: whatever must ask a node names one.
     fn xe_cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(xe_bin());
         c.args(args)
             .env("XE_CONFIG", self.path("no-config.json"))
             .env("XE_GATEWAY", NO_GATEWAY)
             .env(LISTEN.0, LISTEN.1)
+            .env("XE_NODE", NO_NODE)
             .env_remove("SSH_AUTH_SOCK")
-            .env_remove("XE_NODE")
             .stdin(Stdio::null());
         c
     }
@@ -126,16 +130,7 @@ fn xe_ssh_p2p_reaches_the_vm_with_no_gateway_in_the_path() {
     // The overlay alone: no node is asked (XE_NODE points nowhere).
     let gw_boot = n.gw.bootstrap_args();
     let overlay = ["--bootstrap", gw_boot[1].as_str(), "-v"];
-    let out = {
-        let mut args = vec!["ssh", "--p2p", "--wallet", n.wallet.to_str().expect("utf8")];
-        args.extend(overlay);
-        args.extend(["--known-hosts", kh.to_str().expect("utf8"), &n.lease, "--"]);
-        args.push("echo via-overlay");
-        n.xe_cmd(&args)
-            .env("XE_NODE", "http://127.0.0.1:1")
-            .output()
-            .expect("xe ssh --p2p --bootstrap")
-    };
+    let out = n.xe_ssh_p2p(&overlay, &kh, &["echo via-overlay"]);
     assert_eq!(
         ok(&out, "xe ssh --p2p --bootstrap"),
         "via-overlay\n",

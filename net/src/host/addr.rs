@@ -5,8 +5,9 @@
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
-/// The peer a multiaddr ends in (`…/p2p/<peer id>`).
-pub(super) fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+/// The peer a multiaddr ends in (`…/p2p/<peer id>`): what a bootstrap
+/// or relay address must name.
+pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
     match addr.iter().last() {
         Some(Protocol::P2p(p)) => Some(p),
         _ => None,

@@ -25,6 +25,7 @@ mod nat;
 pub(crate) mod peers;
 mod replication;
 
+pub use addr::peer_of;
 pub use bootstrap::{BOOTSTRAP_WARN_AFTER, BootstrapError, BootstrapStatus, Readiness};
 pub use handle::NetHandle;
 pub use peers::{ConnPath, MAX_STREAMS_PER_CONNECTION, MAX_TUNNELS_PER_PEER, PeerInfo};
@@ -101,6 +102,20 @@ pub struct NetConfig {
     /// Caps on inbound connections, per source and per peer
     /// ([`crate::inbound`]).
     pub inbound: crate::inbound::InboundCaps,
+}
+
+impl NetConfig {
+    /// TCP and QUIC on every interface, ports chosen by the kernel: what a
+    /// node reachable from other machines listens on, and what hole
+    /// punching needs.
+    pub fn every_interface() -> Vec<Multiaddr> {
+        vec![
+            "/ip4/0.0.0.0/tcp/0".parse().expect("valid multiaddr"),
+            "/ip4/0.0.0.0/udp/0/quic-v1"
+                .parse()
+                .expect("valid multiaddr"),
+        ]
+    }
 }
 
 impl Default for NetConfig {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use xe_store::{AccountAddress, Inactive, LeaseHash, LeaseRecord, Store};
+use xe_store::{AccountAddress, Inactive, LeaseHash, Store};
 
 /// A refused tunnel handshake. Its `Display` is the one-line message the
 /// client receives (at most [`super::MAX_ERROR_LEN`] bytes are sent).
@@ -51,7 +51,7 @@ pub fn lease_for_tunnel(
     store: &Store,
     lease: &LeaseHash,
     me: &AccountAddress,
-) -> Result<LeaseRecord, TunnelRefusal> {
+) -> Result<(), TunnelRefusal> {
     let rec = store
         .lease(lease)
         .map_err(|e| TunnelRefusal::Store(e.to_string()))?
@@ -59,8 +59,7 @@ pub fn lease_for_tunnel(
     if rec.lease.provider != *me {
         return Err(TunnelRefusal::NotProvider(*lease));
     }
-    rec.access().map_err(TunnelRefusal::Inactive)?;
-    Ok(rec)
+    rec.access().map_err(TunnelRefusal::Inactive)
 }
 
 fn inactive_text(why: Inactive) -> String {

@@ -121,7 +121,7 @@ impl TunnelValidator for Provider {
         lease: &LeaseHash,
         _peer: &PeerId,
     ) -> Result<(), TunnelRefusal> {
-        xe_net::tunnel::lease_for_tunnel(&self.store, lease, &self.me).map(drop)
+        xe_net::tunnel::lease_for_tunnel(&self.store, lease, &self.me)
     }
     async fn until_inactive(&self, lease: &LeaseHash) -> xe_store::Inactive {
         self.store.until_inactive(lease).await
